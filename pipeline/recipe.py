@@ -1,0 +1,152 @@
+"""A recipe: the model source, calibration and evaluation settings, and the ordered stages.
+
+Plain data, TOML on disk. Loading validates everything it can without weights; `check_for(n)`
+validates what needs the model's depth (protected layers) once the model config is known.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from evals.suite import EvalConfig
+
+from .calibration import CalibrationConfig
+from .config import RecipeError, from_dict, require, to_dict
+from .stages import stage_kind
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str = "default"  # "default", an HF folder, a .gguf file or a hub id
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        require(self.dtype in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+                f"unknown dtype {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kind: str
+    config: Any  # the stage module's Config instance
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    def params(self) -> dict:
+        return self.config.to_dict() if hasattr(self.config, "to_dict") else to_dict(self.config)
+
+
+@dataclass
+class Recipe:
+    name: str = "untitled"
+    description: str = ""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    stages: list[StageSpec] = field(default_factory=list)
+
+    # -- reading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        data = dict(data)
+        known = {"name", "description", "model", "calibration", "evaluation", "stages"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecipeError(f"recipe: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        model = data.get("model", {})
+        if isinstance(model, str):
+            model = {"source": model}
+        try:
+            evaluation = from_dict(EvalConfig, data.get("evaluation"), "evaluation")
+        except ValueError as exc:
+            raise RecipeError(str(exc) if str(exc).startswith("evaluation") else f"evaluation: {exc}") from None
+        stages = []
+        raw_stages = data.get("stages", [])
+        if not isinstance(raw_stages, list):
+            raise RecipeError("stages must be a list of tables ([[stages]] in TOML)")
+        for i, raw in enumerate(raw_stages, 1):
+            if not isinstance(raw, dict) or "kind" not in raw:
+                raise RecipeError(f"stage {i}: every stage needs a kind (one of depth, width, lora, gptq, eora)")
+            raw = dict(raw)
+            kind, name = raw.pop("kind"), raw.pop("name", "")
+            module = stage_kind(kind).load()
+            stages.append(StageSpec(kind, from_dict(module.Config, raw, f"stage {i} ({kind})"), name))
+        return cls(name=str(data.get("name", "untitled")), description=str(data.get("description", "")),
+                   model=from_dict(ModelSpec, model, "model"),
+                   calibration=from_dict(CalibrationConfig, data.get("calibration"), "calibration"),
+                   evaluation=evaluation, stages=stages)
+
+    @classmethod
+    def loads(cls, text: str) -> "Recipe":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise RecipeError(f"not valid TOML: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        if not p.is_file() and (RECIPES_DIR / f"{path}.toml").is_file():
+            p = RECIPES_DIR / f"{path}.toml"  # a bundled recipe by name
+        if not p.is_file():
+            raise RecipeError(f"recipe file {path} does not exist (bundled recipes: {', '.join(bundled_recipes())})")
+        try:
+            return cls.loads(p.read_text())
+        except RecipeError as exc:
+            raise RecipeError(f"{p}: {exc}") from None
+
+    # -- writing ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "model": to_dict(self.model),
+            "calibration": to_dict(self.calibration),
+            "evaluation": to_dict(self.evaluation),
+            "stages": [{"kind": s.kind, **({"name": s.name} if s.name else {}), **s.params()} for s in self.stages],
+        }
+
+    def dumps(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(self.dumps())
+        tmp.replace(p)
+        return p
+
+    # -- checks that need the model ---------------------------------------------------------------
+    def check_for(self, n_layers: int) -> None:
+        """Validate stage parameters against the model's depth, following the stages in order."""
+        for i, s in enumerate(self.stages, 1):
+            check = getattr(s.config, "check_for", None)
+            if check:
+                try:
+                    check(n_layers)
+                except (RecipeError, ValueError) as exc:
+                    raise RecipeError(f"stage {i} ({s.kind}): {exc}") from None
+            if s.kind == "depth":
+                c = s.config
+                if c.plan is not None:
+                    from .plans import LayerPlan
+                    n_layers = len(LayerPlan.parse(c.plan, n_layers))
+                else:
+                    n_layers -= len(c.layers) if c.layers is not None else c.k
+
+
+def bundled_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))

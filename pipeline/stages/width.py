@@ -1,0 +1,194 @@
+"""Width pruning: WANDA (Sun et al. 2023) with structured N:M, unstructured, or plain magnitude.
+
+Thesis notation: "N:M" prunes N of every M consecutive input weights of each output row, so
+1:8 removes 12.5 % and 2:4 removes 50 % (the pattern NVIDIA sparse tensor cores accelerate).
+Score: |W_ij| * ||X_j||_2, with X the inputs of the layer collected over calibration text. As in
+the WANDA paper, layers are pruned in order and layer l sees the outputs of the already-pruned
+layers before it. The tensor math is in the pure functions at the top; `run` is the stage.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import RecipeError, require
+from ..context import StageContext, StageResult
+from ..layerwise import capture_inputs, linear_modules, run_layer
+from ..models import count_parameters, decoder_layers
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("wanda", "magnitude")
+
+
+# -- pure tensor math ------------------------------------------------------------------------------
+def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask (out, in): in every group of m consecutive inputs of a row, drop the n lowest scores."""
+    out_f, in_f = scores.shape
+    groups = scores.reshape(out_f, in_f // m, m)  # (out, in/m, m)
+    drop = torch.topk(groups, n, dim=-1, largest=False).indices  # (out, in/m, n)
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, drop, False)
+    return keep.reshape(out_f, in_f)
+
+
+def unstructured_prune_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep-mask dropping the `ratio` lowest scores of each output row (WANDA's per-row comparison group)."""
+    k = int(scores.shape[1] * ratio)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k:
+        drop = torch.topk(scores, k, dim=1, largest=False).indices
+        keep.scatter_(1, drop, False)
+    return keep
+
+
+def wanda_scores(weight: torch.Tensor, act_sq_sum: torch.Tensor | None) -> torch.Tensor:
+    """|W| * ||X_j||_2 (WANDA), or |W| alone when no activation norms are given (magnitude)."""
+    w = weight.detach().abs().float()  # (out, in)
+    if act_sq_sum is None:
+        return w
+    return w * act_sq_sum.float().sqrt().unsqueeze(0)  # (1, in) broadcast over rows
+
+
+def satisfies_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of m consecutive inputs of every row holds at least n zeros."""
+    out_f, in_f = weight.shape
+    zeros = (weight.reshape(out_f, in_f // m, m) == 0).sum(-1)
+    return bool((zeros >= n).all())
+
+
+# -- config ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """`pattern = "2:4"` (or n, m) for structured N:M; `ratio` for unstructured sparsity instead."""
+
+    pattern: str | None = None  # "N:M", prunes N of every M
+    n: int | None = None
+    m: int | None = None
+    ratio: float | None = None  # unstructured: fraction of each row pruned
+    method: str = "wanda"  # wanda | magnitude
+    targets: tuple[str, ...] = ALL_PROJECTIONS
+    batch_size: int = 8
+
+    def __post_init__(self):
+        n, m = self.n, self.m
+        if self.pattern is not None:
+            match = re.fullmatch(r"\s*(-?\d+)\s*:\s*(-?\d+)\s*", str(self.pattern))
+            require(match is not None, f"pattern {self.pattern!r} is not of the form N:M (e.g. 2:4, 1:8)")
+            n, m = int(match.group(1)), int(match.group(2))
+            object.__setattr__(self, "n", n)
+            object.__setattr__(self, "m", m)
+            object.__setattr__(self, "pattern", None)
+        if self.ratio is not None:
+            require(n is None and m is None, "give either an N:M pattern or an unstructured ratio, not both")
+            require(0.0 < self.ratio < 1.0, f"ratio must be between 0 and 1 (exclusive), got {self.ratio}")
+        else:
+            require(n is not None and m is not None, "width pruning needs a pattern N:M (e.g. 2:4) or a ratio")
+            require(m >= 1, f"M must be a positive integer, got {m}")
+            require(n >= 1, f"N must be at least 1 (N:M prunes N of every M weights), got {n}")
+            require(n < m, f"N must be smaller than M: {n}:{m} would prune every weight "
+                           f"(thesis notation: N:M prunes N of every M)")
+        require(self.method in METHODS, f"unknown width method {self.method!r}; choose one of {', '.join(METHODS)}")
+        bad = [t for t in self.targets if t not in ALL_PROJECTIONS]
+        require(not bad, f"unknown target projection(s) {bad}; choose from {', '.join(ALL_PROJECTIONS)}")
+        require(len(self.targets) > 0, "targets must name at least one projection")
+        require(self.batch_size >= 1, "batch_size must be at least 1")
+
+    @property
+    def structured(self) -> bool:
+        return self.ratio is None
+
+    @property
+    def pruned_fraction(self) -> float:
+        return self.n / self.m if self.structured else self.ratio
+
+    @property
+    def label(self) -> str:
+        if self.structured:
+            return f"{self.n}:{self.m} (prunes {self.n} of every {self.m}, {self.pruned_fraction:.1%})"
+        return f"unstructured {self.ratio:.1%}"
+
+    def to_dict(self) -> dict:
+        d = {"method": self.method, "targets": list(self.targets), "batch_size": self.batch_size}
+        if self.structured:
+            d["pattern"] = f"{self.n}:{self.m}"
+        else:
+            d["ratio"] = self.ratio
+        return d
+
+
+def check_dimensions(model: nn.Module, config: Config) -> None:
+    if not config.structured:
+        return
+    for li, layer in enumerate(decoder_layers(model)):
+        for name, lin in linear_modules(layer, config.targets).items():
+            if lin.in_features % config.m:
+                raise RecipeError(f"layer {li} {name}: {lin.in_features} inputs are not a multiple of M={config.m}; "
+                                  "choose an M that divides the hidden and intermediate sizes")
+
+
+# -- stage -----------------------------------------------------------------------------------------
+def _mask_for(scores: torch.Tensor, config: Config) -> torch.Tensor:
+    if config.structured:
+        return nm_prune_mask(scores, config.n, config.m)
+    return unstructured_prune_mask(scores, config.ratio)
+
+
+def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
+    check_dimensions(model, config)
+    layers = decoder_layers(model)
+    use_acts = config.method == "wanda"
+    inputs = capture_inputs(model, ctx.calibration_ids(), config.batch_size) if use_acts else None
+    per_target: dict[str, list[int]] = {t: [0, 0] for t in config.targets}  # short name -> [nonzero, total]
+    for li, layer in enumerate(layers):
+        ctx.check_cancel()
+        linears = linear_modules(layer, config.targets)
+        sq_sums: dict[str, torch.Tensor] = {}
+        if use_acts:
+            handles = []
+            for name, lin in linears.items():
+                sq_sums[name] = torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
+
+                def hook(_mod, args, _out, name=name):
+                    x = args[0].detach().float()  # (B, T, in)
+                    sq_sums[name] += x.pow(2).sum(dim=(0, 1))
+
+                handles.append(lin.register_forward_hook(hook))
+            try:
+                run_layer(layer, inputs)  # statistics of this layer's inputs
+            finally:
+                for h in handles:
+                    h.remove()
+        with torch.no_grad():
+            for name, lin in linears.items():
+                keep = _mask_for(wanda_scores(lin.weight, sq_sums.get(name)), config)
+                lin.weight.mul_(keep.to(lin.weight.dtype))
+                short = name.split(".")[-1]
+                per_target[short][0] += int(torch.count_nonzero(lin.weight))
+                per_target[short][1] += lin.weight.numel()
+        if use_acts:
+            inputs = run_layer(layer, inputs)  # the pruned layer's outputs feed the next layer
+        ctx.progress((li + 1) / len(layers), f"layer {li + 1}/{len(layers)} pruned ({config.label})")
+    nonzero = sum(v[0] for v in per_target.values())
+    total = sum(v[1] for v in per_target.values())
+    report = {
+        "pattern": config.label,
+        "notation": "N:M prunes N of every M consecutive weights in each output row (thesis notation)",
+        "method": config.method,
+        "targeted_density": nonzero / total,
+        "density_by_projection": {k: v[0] / v[1] for k, v in per_target.items()},
+        "pattern_holds": verify(model, config),
+        "params_nonzero": count_parameters(model, nonzero=True),
+    }
+    ctx.log(f"width {config.label}: targeted density {report['targeted_density']:.4f}")
+    return StageResult(model, report)
+
+
+def verify(model: nn.Module, config: Config) -> bool:
+    """Every targeted matrix satisfies the N:M pattern (always True for unstructured)."""
+    if not config.structured:
+        return True
+    return all(satisfies_nm(lin.weight, config.n, config.m)
+               for layer in decoder_layers(model) for lin in linear_modules(layer, config.targets).values())

@@ -1,0 +1,34 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import build_tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("FRANKENLAB_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = shared_data_dir()
+    if not d.is_dir():
+        pytest.fail(f"evaluation data not found at {d}: set FRANKENLAB_DATA_DIR to the shared data folder")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny random LLaMA (8 layers, hidden 64) with a BPE tokenizer and a chat template."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    """A fresh LoadedModel of the tiny LLaMA on CPU (fp32), safe to modify."""
+    from pipeline.models import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")

@@ -1,0 +1,64 @@
+"""The `frankenlab` command: the lab (no subcommand) or a headless subcommand.
+
+Each subcommand lives in its own module under `tui/commands/` with `register(subparsers)`; the
+lab itself is imported only when it opens, so headless commands never import Textual widgets.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+from tui import commands
+
+
+def _quiet_libraries() -> None:
+    """Third-party progress bars and warnings would tear a TUI and clutter logs."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="frankenlab",
+        description="A terminal lab for compressing small LLaMA-architecture language models. "
+                    "With no subcommand, opens the lab.")
+    parser.add_argument("--model", default=None,
+                        help="model to open: an HF folder, a .gguf file, a hub id, or omit for the bundled "
+                             "SmolLM2-135M-Instruct")
+    parser.add_argument("--session", default=None, help="reopen a saved session file in the lab")
+    parser.add_argument("--recipe", default=None, help="start the lab with this recipe (TOML file or bundled name)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    parser.add_argument("--data-dir", default=None, help="folder with evaluation data (or $FRANKENLAB_DATA_DIR)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"tui.commands.{info.name}")
+        if hasattr(module, "register"):
+            module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        from tui.app import run_lab
+
+        return run_lab(args) or 0
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Headless subcommands of `frankenlab`; each module defines `register(subparsers)`."""

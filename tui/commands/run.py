@@ -1,0 +1,125 @@
+"""`frankenlab run RECIPE --out DIR`: run a recipe headless with rich progress bars.
+
+Ctrl-C once asks the runner to stop after the current batch (the session keeps every finished
+stage); Ctrl-C twice stops at once, still writing the session.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline import events as ev
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run a recipe headless and write DIR/session.json",
+                       description="Run a recipe (TOML file, or a bundled recipe name such as depth2) headless.")
+    p.add_argument("recipe", help="recipe TOML file, or the name of a bundled recipe (see `frankenlab recipes`)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>-<time>)")
+    p.add_argument("--model", dest="run_model", default=None, help="override the recipe's model source")
+    p.add_argument("--no-save-models", action="store_true", help="do not save each stage's model")
+    p.add_argument("--data-dir", dest="run_data_dir", default=None, help="evaluation/calibration data folder")
+    p.set_defaults(func=main)
+    r = sub.add_parser("recipes", help="list the bundled example recipes")
+    r.set_defaults(func=list_recipes)
+
+
+def list_recipes(args) -> int:
+    from pipeline.recipe import Recipe, bundled_recipes
+
+    console = Console()
+    table = Table("name", "stages", "description")
+    for name in bundled_recipes():
+        r = Recipe.load(name)
+        table.add_row(name, " + ".join(s.kind for s in r.stages) or "-", r.description)
+    console.print(table)
+    return 0
+
+
+def default_out(recipe_name: str) -> Path:
+    import time
+
+    return Path("runs") / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class ProgressView:
+    """Turns runner events into rich progress bars and log lines."""
+
+    def __init__(self, console: Console, progress: Progress):
+        self.console, self.progress = console, progress
+        self.tasks: dict[int, int] = {}
+
+    def __call__(self, e: ev.Event) -> None:
+        if isinstance(e, ev.StageStarted):
+            self.tasks[e.stage] = self.progress.add_task(f"[{e.stage}] {e.kind}", total=1.0)
+        elif isinstance(e, ev.Progress) and e.stage in self.tasks:
+            self.progress.update(self.tasks[e.stage], completed=e.fraction,
+                                 description=f"[{e.stage}] {e.message[:60]}")
+        elif isinstance(e, ev.MetricMeasured) and e.step is None:
+            self.console.print(f"  [{e.stage}] {e.name} = {e.value:.4g}  [dim]({e.protocol})[/dim]")
+        elif isinstance(e, ev.LogLine):
+            style = "red" if e.level == "error" else "dim"
+            if e.level == "error" and "Traceback" in e.message:
+                self.console.print(f"[{style}]{e.message.strip().splitlines()[-1]}[/{style}]")
+            else:
+                self.console.print(f"[{style}]{e.message}[/{style}]")
+        elif isinstance(e, ev.StageFinished) and e.stage in self.tasks:
+            self.progress.update(self.tasks[e.stage], completed=1.0, description=f"[{e.stage}] {e.kind} done "
+                                                                                  f"({e.seconds:.1f}s)")
+        elif isinstance(e, ev.RunFailed):
+            self.console.print(f"[bold red]{e.error_type}: {e.message}[/bold red]")
+
+
+def results_table(session) -> Table:
+    table = Table(title=f"session {session.id} ({session.status})")
+    for col in ("#", "stage", "status", "layers", "params (nonzero)", "metrics", "seconds"):
+        table.add_column(col)
+    for st in session.stages:
+        metrics = ", ".join(f"{m['name']} {m['value']:.3f} ({m.get('protocol', '')})" for m in st.metrics)
+        params = f"{st.params_count:,} ({st.params_nonzero:,})" if st.params_count else "-"
+        table.add_row(str(st.index), st.name or st.kind, st.status, str(st.num_layers or "-"), params,
+                      metrics or "-", f"{st.seconds:.1f}" if st.seconds else "-")
+    return table
+
+
+def main(args) -> int:
+    from pipeline.config import RecipeError
+    from pipeline.recipe import Recipe
+    from pipeline.runner import run_recipe
+
+    console = Console()
+    try:
+        recipe = Recipe.load(args.recipe)
+    except RecipeError as exc:
+        console.print(f"[bold red]recipe error:[/bold red] {exc}")
+        return 2
+    if args.run_model or args.model:
+        from dataclasses import replace
+
+        recipe.model = replace(recipe.model, source=args.run_model or args.model)
+    out = Path(args.out) if args.out else default_out(recipe.name)
+    cancel = threading.Event()
+
+    def on_sigint(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        console.print("[yellow]cancelling after the current batch (Ctrl-C again to stop now)...[/yellow]")
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            session = run_recipe(recipe, out, listener=ProgressView(console, progress), cancel=cancel,
+                                 save_models=not args.no_save_models,
+                                 data_dir=args.run_data_dir or args.data_dir)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    console.print(results_table(session))
+    console.print(f"session written to [bold]{out / 'session.json'}[/bold]")
+    return {"done": 0, "cancelled": 130}.get(session.status, 1)
