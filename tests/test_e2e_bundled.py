@@ -51,4 +51,5 @@ def test_frankenlab_run_on_bundled_model(tmp_path, data_dir):
         for name in ALL_PROJECTIONS:
             mod = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
             assert satisfies_nm(mod.weight, 2, 4)
-    assert width["report"]["targeted_density"] == pytest.approx(0.5)
+    # a few weights are exactly zero already in the dequantized GGUF, so density can sit just under 0.5
+    assert width["report"]["targeted_density"] == pytest.approx(0.5, abs=1e-4)
