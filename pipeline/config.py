@@ -24,6 +24,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if len(args) == 1:
+            return _coerce(value, args[0], where)
         for a in args:
             try:
                 return _coerce(value, a, where)

@@ -12,7 +12,7 @@ import platform
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -128,6 +128,9 @@ class Runner:
         self.session.model_source = {"ref": rec.model.source}
         self.session.stages = [StageRecord(0, "baseline", "baseline")] + [
             StageRecord(i, s.kind, s.label, s.params()) for i, s in enumerate(rec.stages, 1)]
+        for st in self.session.stages[1:self.opt.start_stage]:
+            st.status = "skipped"  # resuming (replay --from-stage): earlier stages are not run again
+        remaining = replace(rec, stages=rec.stages[self.opt.start_stage - 1:])  # what depth checks apply to
         (self.out / "recipe.toml").write_text(rec.dumps())
         self.save()
         index = -1
@@ -136,13 +139,14 @@ class Runner:
             if self.loaded is None:
                 depth = model_depth(rec.model.source)
                 if depth is not None:
-                    rec.check_for(depth)
+                    remaining.check_for(depth)
                 self.emit(LogLine(-1, f"loading model {rec.model.source!r}"))
                 self.loaded = load_model(rec.model.source, device=rec.model.device, dtype=rec.model.dtype,
                                          trust_remote_code=rec.model.trust_remote_code)
             lm = self.loaded
-            rec.check_for(len(decoder_layers(lm.model)))
+            remaining.check_for(len(decoder_layers(lm.model)))
             self.session.model_source = {"ref": rec.model.source, **lm.source.to_dict()}
+            self.session.model_source["weights"] = self._weights_digest(lm.source.path)
             self.session.environment = environment(lm, rec)
             self.emit(LogLine(-1, f"loaded {lm.source.name} ({count_parameters(lm.model):,} params) "
                                   f"on {lm.device} as {str(lm.dtype).replace('torch.', '')} in {lm.load_seconds:.1f}s"))
@@ -170,7 +174,19 @@ class Runner:
         self.emit(RunFinished(index, self.session.status, str(self.session_path)))
         return self.session
 
+    def _weights_digest(self, path: str | None) -> dict | None:
+        """sha256 of the weight files (cached per file), so a replay can tell it ran on the same model."""
+        from sessions.hashing import weights_digest
+
+        try:
+            return weights_digest(path)
+        except OSError as exc:
+            self.emit(LogLine(-1, f"could not hash the model weights ({exc}); the session records none", "warning"))
+            return None
+
     def _close(self, index: int, status: str, message: str) -> None:
+        # a failure before the baseline (data, model, recipe checks) is recorded on the baseline row
+        index = max(index, 0)
         self.session.status = status
         for st in self.session.stages:
             if st.status == "running" or (st.index == index and st.status == "pending"):

@@ -1,20 +1,42 @@
 """The session record: what was asked, what happened, what was measured. JSON, versioned.
 
-Saved atomically (write a temporary file, fsync, rename) after every stage so that a crash, a
-kill or a cancel leaves a valid file holding everything measured so far.
+Saved atomically (write a temporary file, fsync, rename, fsync the folder) after every stage, so
+a crash, a kill -9 or a cancel leaves either the previous complete file or the new complete file,
+never half of one. Loading reads plain JSON only (no pickle, no object hooks, nothing executed),
+checks it against `sessions.schema.SESSION_SCHEMA` and turns every problem into a `SessionError`
+whose message a user can act on. The format is documented in sessions/SCHEMA.md.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from .schema import FORMAT, SCHEMA_VERSION, SESSION_SCHEMA, validate
+
+STATUSES = ("running", "done", "failed", "cancelled")
+STAGE_STATUSES = ("pending", "running", "done", "failed", "cancelled", "skipped")
+SESSION_FILE = "session.json"
+
+
+class SessionError(ValueError):
+    """A session file that cannot be used; the message says which file, what is wrong and what to do."""
+
+
+def _writer() -> dict:
+    try:
+        from importlib.metadata import version
+
+        v = version("frankenlab")
+    except Exception:  # noqa: BLE001 - running from a source tree without an install
+        v = "unknown"
+    return {"program": "frankenlab", "version": v}
 
 
 @dataclass
@@ -30,13 +52,27 @@ class StageRecord:
     num_layers: int | None = None
     footprint: dict | None = None
     seconds: float | None = None
-    artifact: str | None = None
+    artifact: str | None = None  # folder of the model saved after this stage
     report: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
     error: str | None = None
+    reused_from: str | None = None  # id of the session this record was copied from (replay --from-stage)
+    extra: dict = field(default_factory=dict)  # keys this version does not know, kept for the round trip
 
-    def metric(self, name: str) -> dict | None:
-        return next((m for m in self.metrics if m["name"] == name), None)
+    def metric(self, name: str, protocol: str | None = None) -> dict | None:
+        return next((m for m in self.metrics
+                     if m["name"] == name and (protocol is None or m.get("protocol", "") == protocol)), None)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        extra = d.pop("extra")
+        return {**extra, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageRecord":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in d.items() if k in known},
+                   extra={k: v for k, v in d.items() if k not in known})
 
 
 @dataclass
@@ -48,41 +84,108 @@ class Session:
     events: list[dict] = field(default_factory=list)
     status: str = "running"  # running | done | failed | cancelled
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    name: str = ""  # a user's label; empty = the recipe's name
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     schema_version: int = SCHEMA_VERSION
-    path: str | None = None  # where it was last saved (not serialized)
+    writer: dict = field(default_factory=_writer)
+    replay_of: dict | None = None  # {"session_id", "path", "from_stage"} when this run replays another
+    extra: dict = field(default_factory=dict)  # unknown keys from a file, written back unchanged
+    path: str | None = None  # where it was last saved or loaded from (not serialized)
 
+    # -- convenience ---------------------------------------------------------------------------
+    @property
+    def title(self) -> str:
+        return self.name or str(self.recipe.get("name") or "untitled")
+
+    def final_stage(self) -> StageRecord | None:
+        """The last stage that finished: the model the session ends with."""
+        done = [s for s in self.stages if s.status == "done"]
+        return done[-1] if done else None
+
+    def stage(self, index: int) -> StageRecord:
+        found = next((s for s in self.stages if s.index == index), None)
+        if found is None:
+            raise KeyError(f"session {self.id} has no stage {index}")
+        return found
+
+    def artifact_path(self, index: int) -> Path | None:
+        """The saved model folder of stage `index`, found even when the run folder has moved."""
+        st = self.stage(index)
+        if not st.artifact:
+            return None
+        p = Path(st.artifact).expanduser()
+        candidates = [p] if p.is_absolute() else [Path.cwd() / p]
+        if self.path:
+            here = Path(self.path).parent
+            if not p.is_absolute():
+                candidates.append(here / p)
+            candidates.append(here / "stages" / p.name)
+        return next((c for c in candidates if (c / "config.json").exists()), None)
+
+    # -- (de)serialization ---------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("path")
+        d = {"format": FORMAT}
+        d.update(self.extra)
+        for f in fields(self):
+            if f.name in ("path", "extra", "stages"):
+                continue
+            d[f.name] = _plain(getattr(self, f.name))
+        d["stages"] = [_plain(s.to_dict()) for s in self.stages]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Session":
+        """Build from a dict already validated (`load_session` does that) or trusted (from `to_dict`)."""
         d = dict(d)
-        stages = [StageRecord(**s) for s in d.pop("stages", [])]
-        return cls(stages=stages, **d)
+        d.pop("format", None)
+        d.setdefault("writer", {})  # a file without one was not written by this frankenlab
+        stages = [StageRecord.from_dict(s) for s in d.pop("stages", [])]
+        known = {f.name for f in fields(cls)} - {"extra", "path", "stages"}
+        return cls(stages=stages, **{k: v for k, v in d.items() if k in known},
+                   extra={k: v for k, v in d.items() if k not in known})
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_json_default)
 
     def save(self, path: str | Path) -> Path:
+        """Write atomically to `path` (a file, or a folder that gets session.json)."""
         self.updated = time.time()
         p = Path(path)
-        atomic_write_text(p, json.dumps(self.to_dict(), indent=2, default=_json_default))
+        if p.is_dir():
+            p = p / SESSION_FILE
+        atomic_write_text(p, self.dumps())
         self.path = str(p)
         return p
 
 
+def _plain(value: Any) -> Any:
+    """A deep copy made of JSON types only (tuples -> lists, Paths -> str, tensors -> numbers)."""
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, str) else k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    return _plain(_json_default(value))
+
+
 def _json_default(o: Any):
+    """Last resort for values stages put in reports: never let one odd value lose a session."""
     if isinstance(o, Path):
         return str(o)
+    if hasattr(o, "tolist"):  # numpy / torch scalars and arrays
+        return o.tolist()
     if hasattr(o, "item"):
         return o.item()
     if isinstance(o, (set, tuple)):
         return list(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+    return str(o)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` so that `path` is at every instant either the old complete file or the new one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -97,3 +200,122 @@ def atomic_write_text(path: Path, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
+    try:  # make the rename itself durable (POSIX); not possible on every platform
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def session_file(path: str | Path) -> Path:
+    """`path` itself, or `path`/session.json when a run folder is given."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p / SESSION_FILE
+    return p
+
+
+def _constant(name: str):
+    return float(name)  # NaN / Infinity as Python writes them (e.g. a diverged perplexity)
+
+
+def loads_session(text: str, where: str = "session") -> Session:
+    """Parse and validate session JSON text; raises SessionError."""
+    if not text.strip():
+        raise SessionError(f"{where} is empty: the file was created but never written (a crash before the "
+                           "first save?). Delete it, or re-run the recipe.")
+    try:
+        data = json.loads(text, parse_constant=_constant)
+    except json.JSONDecodeError as exc:
+        hint = ("it ends early: the file was truncated (copied while being written, or the disk filled up)"
+                if _ends_early(text) else "it is corrupted")
+        raise SessionError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
+                           f"{hint}. If the run folder holds a session.json.*.tmp file, that is an unfinished "
+                           "save and can be deleted.") from None
+    except RecursionError:
+        raise SessionError(f"{where} is nested too deeply to be a frankenlab session") from None
+    return session_from_data(data, where)
+
+
+def _ends_early(text: str) -> bool:
+    """True when brackets or a string are still open at the end: the tell-tale of a cut-off file."""
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    return in_string or depth > 0
+
+
+def session_from_data(data: Any, where: str = "session") -> Session:
+    if not isinstance(data, dict):
+        raise SessionError(f"{where} is JSON but not a frankenlab session (expected an object, "
+                           f"got {type(data).__name__})")
+    fmt = data.get("format")
+    if fmt is not None and fmt != FORMAT:
+        raise SessionError(f"{where} is a {fmt!r} file, not a frankenlab session")
+    if fmt is None and not {"schema_version", "recipe", "stages"} <= set(data):
+        raise SessionError(f"{where} is JSON but not a frankenlab session (no \"format\": \"{FORMAT}\" field)")
+    version = data.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise SessionError(f"{where}: schema_version must be a whole number, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise SessionError(f"{where} was written by a newer frankenlab (session schema version {version}; this "
+                           f"frankenlab reads versions up to {SCHEMA_VERSION}). Upgrade frankenlab to open it.")
+    if version < 1:
+        raise SessionError(f"{where}: schema_version {version} does not exist (versions start at 1)")
+    data = migrate(data)
+    problems = validate(data, SESSION_SCHEMA)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise SessionError(f"{where} does not match the session schema (version {version}): {shown}")
+    return Session.from_dict(data)
+
+
+def migrate(data: dict) -> dict:
+    """Bring an older schema version up to SCHEMA_VERSION (version 1 is the first: nothing to do yet)."""
+    return data
+
+
+def load_session(path: str | Path) -> Session:
+    """Load and validate a session (a session.json file or the run folder holding one).
+
+    Raises SessionError with a user-facing message for every problem: missing, unreadable,
+    empty, truncated, corrupted, not a session, from a newer frankenlab, or not matching the schema.
+    """
+    p = session_file(path)
+    if not p.exists():
+        hint = " (the folder holds no session.json)" if Path(path).expanduser().is_dir() else ""
+        raise SessionError(f"{path}: no such session file{hint}")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise SessionError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SessionError(f"{p} is not a text file (not UTF-8): it is corrupted or not a session") from None
+    session = loads_session(text, str(p))
+    session.path = str(p)
+    return session
+
+
+def finite(value: Any) -> float | None:
+    """A metric value as a finite float, or None (missing, NaN, inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None

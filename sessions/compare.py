@@ -1,0 +1,290 @@
+"""Many sessions as one table, like the thesis' appendix tables, derived from the data alone.
+
+A row is one session's final model (or, with `all_stages`, every finished stage). Columns:
+configuration (depth/width stages in order, "Depth 2 + Width 1:8", thesis N:M notation: N of
+every M weights pruned), LoRA, quantization (GPTQ, EoRA), TriviaQA closed/open accuracy, one
+perplexity column per protocol seen, any other metric by name and protocol, parameters, size
+(from the memory footprint when the session has one), seconds. Values stay raw numbers in the
+rows; `format_table` renders Markdown, CSV or JSON.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+
+from .record import Session, StageRecord, finite
+
+NM_NOTE = "N:M = N of every M consecutive weights pruned (thesis notation: 1:8 removes 12.5 %)"
+ADAPTER_KINDS = ("lora",)
+QUANT_KINDS = ("gptq", "eora")
+QA_METRICS = {"triviaqa_closed": "TriviaQA closed", "triviaqa_open": "TriviaQA open"}
+
+
+# -- describing stages ------------------------------------------------------------------------------
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def describe_stage(kind: str, params: dict) -> str:
+    """Short human text for one stage, e.g. "Depth 2", "Width 1:8", "LoRA r8 wikitext2", "GPTQ 4-bit g128"."""
+    p = params or {}
+    if kind == "depth":
+        if p.get("plan"):
+            return f"Plan {p['plan']}"
+        if p.get("layers") is not None:
+            return f"Depth -[{','.join(map(str, p['layers']))}]"
+        text = f"Depth {p.get('k', '?')}"
+        return text + (f" ({p['metric']})" if p.get("metric") not in (None, "perplexity") else "")
+    if kind == "width":
+        if p.get("ratio") is not None:
+            text = f"Width {100 * float(p['ratio']):g}% unstructured"
+        elif p.get("pattern"):
+            text = f"Width {p['pattern']}"
+        else:
+            text = f"Width {p.get('n', '?')}:{p.get('m', '?')}"
+        return text + (f" ({p['method']})" if p.get("method") not in (None, "wanda") else "")
+    if kind == "lora":
+        rank = p.get("rank", p.get("r"))
+        data = p.get("dataset", p.get("data"))
+        parts = ["LoRA"] + ([f"r{rank}"] if rank is not None else []) + ([str(data)] if data else [])
+        return " ".join(parts)
+    if kind == "gptq":
+        bits, group = p.get("bits", 4), p.get("group_size", 128)
+        return f"GPTQ {bits}-bit" + (f" g{group}" if group not in (None, -1, 0) else "")
+    if kind == "eora":
+        rank = p.get("rank", p.get("r"))
+        return "EoRA" + (f" r{rank}" if rank is not None else "")
+    shown = ", ".join(f"{k}={_num(v)}" for k, v in p.items() if isinstance(v, (int, float, str)))[:40]
+    return kind.capitalize() + (f" ({shown})" if shown else "")
+
+
+def configuration(stages: list[StageRecord]) -> str:
+    """The structural part (depth, width and unknown kinds): "Base" when there is none."""
+    parts = [describe_stage(s.kind, s.params) for s in stages
+             if s.index > 0 and s.kind not in ADAPTER_KINDS + QUANT_KINDS]
+    return " + ".join(parts) or "Base"
+
+
+def _join(stages: list[StageRecord], kinds: tuple[str, ...]) -> str | None:
+    parts = [describe_stage(s.kind, s.params) for s in stages if s.kind in kinds]
+    return " + ".join(parts) or None
+
+
+SIZE_KEYS = {"weights": ("weights_bytes", "weights", "bytes", "total_bytes", "total"),
+             "total": ("total_bytes", "total", "bytes")}
+
+
+def footprint_bytes(footprint, which: str = "weights") -> int | None:
+    """Bytes from a footprint record (pipeline.memory.footprint_summary or an older shape):
+    `weights` = the model's stored weights, `total` = weights + KV cache + activations."""
+    if footprint is None:
+        return None
+    if isinstance(footprint, (int, float)) and not isinstance(footprint, bool):
+        return int(footprint)
+    if isinstance(footprint, dict):
+        for key in SIZE_KEYS[which]:
+            v = footprint.get(key)
+            if isinstance(v, dict):
+                v = footprint_bytes(v, which)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return int(v)
+    return None
+
+
+# -- the table --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Column:
+    key: str
+    title: str
+    kind: str = "text"  # text | int | float | pct | bytes | seconds
+
+
+@dataclass
+class CompareTable:
+    columns: list[Column]
+    rows: list[dict] = field(default_factory=list)  # column key -> raw value (str, number or None)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dicts(self) -> list[dict]:
+        """Rows keyed by column title, in column order (what JSON and the TUI show)."""
+        return [{c.title: r.get(c.key) for c in self.columns} for r in self.rows]
+
+
+def _row(session: Session, stage: StageRecord, upto: list[StageRecord]) -> dict:
+    row = {
+        "session": session.title,
+        "id": session.id,
+        "stage": stage.index,
+        "status": session.status if stage is session.final_stage() else stage.status,
+        "configuration": configuration(upto),
+        "lora": _join(upto, ADAPTER_KINDS),
+        "quantization": _join(upto, QUANT_KINDS),
+        "params": stage.params_count,
+        "params_nonzero": stage.params_nonzero,
+        "layers": stage.num_layers,
+        "size": footprint_bytes(stage.footprint, "weights"),
+        "memory": footprint_bytes(stage.footprint, "total"),
+        "seconds": sum(s.seconds or 0.0 for s in upto if s.reused_from is None) or None,
+    }
+    for m in stage.metrics:
+        row[_metric_key(m)] = m.get("value")
+        if m["name"] in QA_METRICS and m.get("exact_match") is not None:
+            row[_metric_key(m, "_em")] = m["exact_match"]
+    return row
+
+
+def _metric_key(m: dict, suffix: str = "") -> str:
+    proto = m.get("protocol", "")
+    return f"{m['name']}{suffix}[{proto}]" if proto else m["name"] + suffix
+
+
+def compare_table(sessions: list[Session], *, all_stages: bool = False) -> CompareTable:
+    """One row per session (its last finished stage), or per finished stage with `all_stages`."""
+    rows, metric_cols = [], {}
+    for s in sessions:
+        done = [st for st in s.stages if st.status == "done"]
+        targets = done if all_stages else done[-1:]
+        if not targets:  # nothing finished: still show the session and why
+            targets = []
+            rows.append({"session": s.title, "id": s.id, "stage": None, "status": s.status,
+                         "configuration": configuration([st for st in s.stages if st.index > 0])})
+        for st in targets:
+            upto = [x for x in s.stages if x.index <= st.index and x.status == "done"]
+            rows.append(_row(s, st, upto))
+            for m in st.metrics:
+                metric_cols.setdefault(_metric_key(m), m)
+    present = {k for r in rows for k, v in r.items() if v is not None}
+    cols = [Column("session", "session"), Column("id", "id")]
+    if all_stages:
+        cols.append(Column("stage", "stage", "int"))
+    cols += [Column("status", "status"), Column("configuration", "configuration"),
+             Column("lora", "LoRA"), Column("quantization", "quantization")]
+    # TriviaQA closed/open are always shown (as in the thesis' tables), one column per protocol seen:
+    # numbers over different question sets are not comparable, so they never share a column.
+    for name, title in QA_METRICS.items():
+        seen = [(k, m) for k, m in metric_cols.items() if m["name"] == name]
+        if not seen:
+            cols.append(Column(name, f"{title} (acc)", "pct"))
+        for key, m in seen:
+            proto = f" [{m['protocol']}]" if m.get("protocol") else ""
+            cols.append(Column(key, f"{title} (acc){proto}", "pct"))
+            if _metric_key(m, "_em") in present:
+                cols.append(Column(_metric_key(m, "_em"), f"{title} (exact match){proto}", "pct"))
+    others = [(k, m) for k, m in metric_cols.items() if m["name"] not in QA_METRICS]
+    for key, m in sorted(others, key=lambda kv: (kv[1]["name"] != "perplexity", kv[0])):
+        if m["name"] == "perplexity":
+            cols.append(Column(key, f"PPL [{m.get('protocol', '')}]", "float"))
+        else:
+            cols.append(Column(key, key, "float"))
+    cols += [Column("params", "params", "int"), Column("params_nonzero", "nonzero params", "int"),
+             Column("layers", "layers", "int"), Column("size", "size (weights)", "bytes"),
+             Column("memory", "memory (total)", "bytes"),
+             Column("seconds", "seconds", "seconds")]
+    notes = [NM_NOTE] if any(":" in (r.get("configuration") or "") for r in rows) else []
+    if "size" not in present:
+        notes.append("size: no memory footprint recorded in these sessions")
+    return CompareTable(cols, rows, notes)
+
+
+def compare_rows(sessions: list[Session], *, all_stages: bool = False) -> list[dict]:
+    """Rows keyed by column title with raw values: the data behind `frankenlab compare`."""
+    return compare_table(sessions, all_stages=all_stages).as_dicts()
+
+
+# -- rendering --------------------------------------------------------------------------------------
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def format_value(value, kind: str) -> str:
+    """Human text for one cell (Markdown and the terminal table)."""
+    if value is None:
+        return "-"
+    if kind == "pct" and isinstance(value, (int, float)):
+        return f"{100 * value:.1f} %" if finite(value) is not None and abs(value) <= 1 else f"{value:.4g}"
+    if kind == "float" and isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.2f}" if abs(value) < 1e5 else f"{value:.3g}"
+    if kind == "int" and isinstance(value, (int, float)):
+        return f"{int(value):,}"
+    if kind == "bytes" and isinstance(value, (int, float)):
+        return format_bytes(int(value))
+    if kind == "seconds" and isinstance(value, (int, float)):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(table: CompareTable) -> str:
+    lines = ["| " + " | ".join(_md_cell(c.title) for c in table.columns) + " |",
+             "|" + "|".join("---:" if c.kind != "text" else "---" for c in table.columns) + "|"]
+    for r in table.rows:
+        lines.append("| " + " | ".join(_md_cell(format_value(r.get(c.key), c.kind)) for c in table.columns) + " |")
+    if table.notes:
+        lines += [""] + [f"*{n}*" for n in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: CompareTable) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([c.title for c in table.columns])
+    for r in table.rows:
+        w.writerow(["" if r.get(c.key) is None else r.get(c.key) for c in table.columns])
+    return buf.getvalue()
+
+
+def _json_safe(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def to_json(table: CompareTable) -> str:
+    rows = [{k: _json_safe(v) for k, v in r.items()} for r in table.as_dicts()]
+    return json.dumps({"columns": [c.title for c in table.columns], "rows": rows, "notes": table.notes},
+                      indent=2) + "\n"
+
+
+FORMATS = {"md": to_markdown, "csv": to_csv, "json": to_json}
+
+
+def format_table(table: CompareTable, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return FORMATS[fmt](table)
+
+
+def headline(session: Session) -> dict:
+    """The few numbers a session list shows: configuration, first perplexity, TriviaQA, params, size."""
+    final = session.final_stage()
+    measured = next((s for s in reversed(session.stages) if s.status == "done" and s.metrics), None)
+    ppl = measured.metric("perplexity") if measured else None
+    out = {
+        "configuration": configuration([s for s in session.stages if s.status == "done"]),
+        "lora": _join([s for s in session.stages if s.status == "done"], ADAPTER_KINDS),
+        "quantization": _join([s for s in session.stages if s.status == "done"], QUANT_KINDS),
+        "stages_done": sum(1 for s in session.stages if s.index > 0 and s.status == "done"),
+        "stages": sum(1 for s in session.stages if s.index > 0),
+        "measured_stage": measured.index if measured else None,
+        "perplexity": ppl.get("value") if ppl else None,
+        "protocol": ppl.get("protocol", "") if ppl else None,
+        "params": final.params_count if final else None,
+        "params_nonzero": final.params_nonzero if final else None,
+        "size": footprint_bytes(final.footprint, "weights") if final else None,
+        "memory": footprint_bytes(final.footprint, "total") if final else None,
+    }
+    for name in QA_METRICS:
+        m = measured.metric(name) if measured else None
+        out[name] = m.get("value") if m else None
+    return out
