@@ -10,7 +10,6 @@ layer grid) or explicit `layers` replaces the ranking with the user's choice.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +17,9 @@ from torch import nn
 
 from ..config import RecipeError, require
 from ..context import StageContext, StageResult
-from ..layerwise import capture_inputs, head_nll, linear_modules, run_layer
 from ..models import count_parameters, decoder_layers
 from ..plans import LayerPlan, materialize
+from ..whatif import WhatIfEstimator
 
 METRICS = ("perplexity", "l1", "taylor")
 
@@ -98,25 +97,18 @@ def taylor_scores(model: nn.Module, ids: torch.Tensor, candidates: list[int], ct
         model.train(was_training)
 
 
-@torch.inference_mode()
 def perplexity_scores(model: nn.Module, ids: torch.Tensor, candidates: list[int], ctx: StageContext) -> dict[int, float]:
     """Perplexity with each candidate layer alone removed.
 
-    Reuses the baseline pass: the hidden states entering layer i are computed once, so removing
-    layer i only reruns layers i+1.. (about half the work of a naive full pass per layer).
+    This is the what-if estimator's leave-one-out scan on `ids`, so the layer grid's heat colours
+    and this ranking agree by construction. It reuses the baseline pass: the hidden states entering
+    layer i are computed once, so removing layer i only reruns layers i+1.. (unbounded cache here,
+    as before: one (samples, seq_len, hidden) tensor per layer).
     """
-    layers = decoder_layers(model)
-    entering = [capture_inputs(model, ids)]  # entering[i] = inputs of layer i
-    for layer in layers:
-        entering.append(run_layer(layer, entering[-1]))
+    estimator = WhatIfEstimator(model, ctx.tokenizer, ids=ids, max_cache_bytes=None)
     scores = {}
-    for done, i in enumerate(candidates):
-        ctx.check_cancel()
-        x = entering[i]
-        for j in range(i + 1, len(layers)):
-            x = run_layer(layers[j], x)
-        nll, n = head_nll(model, x, ids)
-        scores[i] = math.exp(nll / n)
+    for done, (i, est) in enumerate(estimator.scan(lambda: ctx.cancelled, layers=candidates)):
+        scores[i] = est.ppl
         ctx.progress((done + 1) / len(candidates), f"importance of layer {i}: ppl without it {scores[i]:.2f}")
     return scores
 

@@ -1,0 +1,129 @@
+"""What-if estimator benchmark: toggle latency cached vs naive, and a full leave-one-out scan.
+
+    FRANKENLAB_DATA_DIR=/work/shared/data .venv/bin/python benchmarks/bench_whatif.py
+
+Printed, not asserted (timings depend on the machine and its load; the load average is printed).
+For every layer i, "skip layer i" is estimated twice, interleaved so background load hits both
+alike: through the cache (restart at layer i) and as a naive full recompute (embedding, every
+kept layer, head, through the evaluation code). Then a fresh estimator runs a full scan.
+Wall seconds are what a user waits; process CPU seconds (all threads) are printed beside them
+because on a shared, loaded machine they move much less with other people's work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from pipeline.models import load_model  # noqa: E402
+from pipeline.plans import LayerPlan  # noqa: E402
+from pipeline.whatif import WhatIfEstimator  # noqa: E402
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model reference (default: the bundled SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", default="wikitext2")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--layers", default=None, help="only these layers, e.g. 0,10,20,29 (default: all)")
+    ap.add_argument("--no-scan", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+
+    lm = load_model(args.model)
+    print(f"model {lm.source.name}, {lm.device}, {lm.dtype}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, {platform.processor() or platform.machine()}")
+    print(f"load average at start: {load_average()}")
+    kw = dict(data=args.data, samples=args.samples, seq_len=args.seq_len)
+    est = WhatIfEstimator(lm.model, lm.tokenizer, **kw)
+    t0 = time.perf_counter()
+    est.prepare()
+    prepare_s = time.perf_counter() - t0
+    n = est.n_layers
+    print(f"slice {est.protocol} ({est.tokens} scored tokens); baseline ppl {est.baseline_ppl:.3f}; "
+          f"prepare {prepare_s:.2f} s; cache {est.cache_bytes / 2**20:.1f} MiB "
+          f"(budget {est.max_cache_bytes / 2**20:.0f} MiB, stride {est.cache_report()['stride']})")
+
+    layers = range(n) if not args.layers else [int(x) for x in args.layers.split(",")]
+    rows, cpu = [], []
+    for i in layers:
+        plan = LayerPlan.without(n, [i])
+        c0 = time.process_time()
+        fast = est.estimate(plan, use_memo=False, record=False)
+        c1 = time.process_time()
+        naive = est.estimate_uncached(plan)
+        c2 = time.process_time()
+        rows.append((i, fast.seconds, naive.seconds, fast.ppl, naive.ppl))
+        cpu.append((c1 - c0, c2 - c1))
+        print(f"  skip {i:2d}: cached {fast.seconds:6.2f} s (restart {fast.restarted_at:2d}, "
+              f"{fast.layers_run:2d} layers)  naive {naive.seconds:6.2f} s  ppl {fast.ppl:9.3f} "
+              f"(naive {naive.ppl:9.3f}, delta {fast.delta:+.3f})  cpu {c1 - c0:5.2f} / {c2 - c1:5.2f} s",
+              flush=True)
+    cached_s = [r[1] for r in rows]
+    naive_s = [r[2] for r in rows]
+    cpu_c, cpu_n = statistics.median(c for c, _ in cpu), statistics.median(n_ for _, n_ in cpu)
+    worst = max(abs(r[3] - r[4]) / r[4] for r in rows)
+    med_c, med_n = statistics.median(cached_s), statistics.median(naive_s)
+    figures = {
+        "protocol": est.protocol, "tokens": est.tokens, "layers": len(rows),
+        "prepare_s": prepare_s, "cache_bytes": est.cache_bytes,
+        "median_cached_s": med_c, "median_naive_s": med_n, "ratio_of_medians": med_n / med_c,
+        "ratio_of_totals": sum(naive_s) / sum(cached_s),
+        "mean_of_per_layer_ratios": statistics.mean(n_ / c for c, n_ in zip(cached_s, naive_s)),
+        "max_relative_ppl_difference": worst,
+        "median_cached_cpu_s": cpu_c, "median_naive_cpu_s": cpu_n, "cpu_ratio_of_medians": cpu_n / cpu_c,
+        "threads": torch.get_num_threads(),
+    }
+    print(f"toggle estimate over {len(rows)} layers: median cached {med_c:.2f} s, median naive {med_n:.2f} s, "
+          f"ratio {med_n / med_c:.2f}x (totals {figures['ratio_of_totals']:.2f}x, mean per-layer "
+          f"{figures['mean_of_per_layer_ratios']:.2f}x); max relative ppl difference {worst:.1e}")
+    print(f"process CPU time (all {torch.get_num_threads()} threads): median cached {cpu_c:.2f} s, "
+          f"naive {cpu_n:.2f} s, ratio {cpu_n / cpu_c:.2f}x")
+
+    # interactive editing: each toggle extends the previous plan further down the stack
+    edits, skipped = [], []
+    for i in (8, 14, 20, 26):
+        skipped.append(i)
+        e = est.estimate(LayerPlan.without(n, skipped), use_memo=False)
+        edits.append((tuple(skipped), e.seconds, e.restarted_at))
+        print(f"  edit: skip {skipped} -> {e.seconds:.2f} s (restart at position {e.restarted_at})")
+    figures["edit_sequence"] = [{"skipped": list(s), "seconds": t, "restarted_at": r} for s, t, r in edits]
+    figures["cache_bytes_after_edits"] = est.cache_bytes
+
+    if not args.no_scan:
+        fresh = WhatIfEstimator(lm.model, lm.tokenizer, **kw)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fresh.prepare()
+        t1, c1 = time.perf_counter(), time.process_time()
+        scores = dict((i, e.ppl) for i, e in fresh.scan())
+        t2, c2 = time.perf_counter(), time.process_time()
+        figures.update(scan_prepare_s=t1 - t0, scan_s=t2 - t1, scan_total_s=t2 - t0, scan_cpu_s=c2 - c1)
+        least = sorted(scores, key=scores.get)[:5]
+        print(f"full scan of {n} layers: {t2 - t1:.1f} s (+ {t1 - t0:.1f} s prepare; {c2 - c1:.1f} CPU s); "
+              f"least important: {least}")
+    print(f"load average at end: {load_average()}")
+    figures["load_average_end"] = load_average()
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
