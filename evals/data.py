@@ -2,9 +2,9 @@
 
 Resolution order, for every dataset: an explicit file path, then a data directory
 (`--data-dir` or `FRANKENLAB_DATA_DIR`, laid out like the shared data folder), then the Hugging
-Face hub or its local cache. When none works the error names all three and what file is
-expected where. Local files are read directly (JSONL, JSONL.gz, or plain text one record per line);
-the hub path goes through `datasets.load_dataset`.
+Face hub, or its local `datasets` cache when the hub cannot be reached. When none works the error
+names all three and what file is expected where. Local files are read directly (JSONL, JSONL.gz,
+or plain text one record per line); the hub path goes through `datasets.load_dataset`.
 """
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ DATASETS: dict[str, DatasetInfo] = {
     "triviaqa": DatasetInfo("triviaqa", "triviaqa/triviaqa_validation_2000.jsonl",
                             "TriviaQA validation questions with aliases",
                             ("mandarjoshi/trivia_qa", "rc.nocontext", "validation")),
+    "triviaqa-rc": DatasetInfo("triviaqa-rc", "triviaqa/triviaqa_rc_validation.jsonl",
+                               "TriviaQA validation questions with evidence documents (open book)",
+                               ("mandarjoshi/trivia_qa", "rc", "validation")),
     "nq-open": DatasetInfo("nq-open", "nq_open/nq-open-oracle.jsonl.gz",
                            "NQ-open questions with gold passages (open book)", None),
     "wiki": DatasetInfo("wiki", "wiki/wiki_articles.txt", "Wikipedia articles (LoRA training text)",
@@ -98,6 +101,32 @@ def _from_hub(info: DatasetInfo, limit: int | None) -> list[dict]:
     return [dict(r) for r in ds]
 
 
+def _hub_cache_path(info: DatasetInfo) -> Path | None:
+    """The `datasets` cache folder of a hub dataset, if an earlier online run filled it."""
+    try:
+        from datasets import config
+        from datasets.utils.py_utils import camelcase_to_snakecase
+    except ImportError:
+        return None
+    parts = info.hub[0].split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])
+    root = Path(config.HF_DATASETS_CACHE).expanduser() / "___".join(parts)
+    return root if any(p.is_dir() for p in root.glob("*/*/*")) else None
+
+
+def _from_cache(info: DatasetInfo, limit: int | None) -> list[dict]:
+    """Load from the local `datasets` cache with the hub switched off, so nothing waits on the network."""
+    import huggingface_hub.constants as hub_constants
+    from datasets import config
+
+    saved = config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        return _from_hub(info, limit)
+    finally:
+        config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
 def load_dataset_records(name: str, *, path: str | os.PathLike | None = None,
                          data_dir: str | os.PathLike | None = None, limit: int | None = None) -> tuple[list[dict], str]:
     """Records of dataset `name` and a label saying where they came from."""
@@ -125,7 +154,15 @@ def load_dataset_records(name: str, *, path: str | os.PathLike | None = None,
             except Exception as exc:  # noqa: BLE001 - any hub failure becomes a listed attempt
                 tried.append(f"Hugging Face hub: {info.hub[0]} failed ({exc.__class__.__name__}: {exc})")
         else:
-            tried.append(f"Hugging Face hub: {info.hub[0]} cannot be reached (offline)")
+            cached = _hub_cache_path(info)
+            if cached is not None:
+                try:
+                    return _from_cache(info, limit), f"hf-cache:{info.hub[0]}"
+                except Exception as exc:  # noqa: BLE001 - a broken cache becomes a listed attempt
+                    tried.append(f"Hugging Face cache: {cached} could not be read ({exc.__class__.__name__}: {exc})")
+            else:
+                tried.append(f"Hugging Face hub: {info.hub[0]} cannot be reached (offline) and is not in the "
+                             "local datasets cache")
     else:
         tried.append("Hugging Face hub: this dataset has no hub source")
     raise DataNotFound(

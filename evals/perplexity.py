@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from .data import load_texts
 
-PROTOCOL_RE = re.compile(r"^(?P<data>.+)-(?P<mode>rows|concat)-(?P<length>\d+)$")
+PROTOCOL_RE = re.compile(r"^(?P<data>.+)-(?P<mode>rows|concat)-(?P<length>\d+)"
+                         r"(?:-stride(?P<stride>\d+))?(?::first(?P<limit>\d+))?$")
 
 
 class Cancelled(Exception):
@@ -43,7 +44,16 @@ class Protocol:
         if not m:
             raise ValueError(f"unknown perplexity protocol {name!r}: use <data>-rows-<len> or <data>-concat-<len>, "
                              "e.g. wikitext2-rows-512 or wikitext2-concat-512")
-        return cls(m["data"], m["mode"], int(m["length"]), stride, limit)
+        length = int(m["length"])
+        stride = stride or (int(m["stride"]) if m["stride"] else None)
+        limit = limit or (int(m["limit"]) if m["limit"] else None)
+        if length < 2:
+            raise ValueError(f"{name}: the sequence length must be at least 2 tokens")
+        if stride is not None and not 1 <= stride <= length:
+            raise ValueError(f"{name}: the stride must be between 1 and the sequence length ({length})")
+        if m["mode"] == "rows" and stride not in (None, length):
+            raise ValueError(f"{name}: a stride applies to concat protocols only")
+        return cls(m["data"], m["mode"], length, stride, limit)
 
     @property
     def name(self) -> str:
@@ -78,8 +88,8 @@ class PerplexityResult:
 def concat_windows(tokenizer, texts: list[str], seq_len: int, stride: int | None = None,
                    limit: int | None = None) -> list[tuple[torch.Tensor, int]]:
     """(window ids, number of leading tokens not to score) for the joined text."""
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
     stride = stride or seq_len
+    ids = _tokenize_prefix(tokenizer, "\n\n".join(texts), (limit - 1) * stride + seq_len if limit else None)
     out = []
     if stride == seq_len:
         for start in range(0, ids.numel() - seq_len + 1, seq_len):
@@ -100,6 +110,29 @@ def concat_windows(tokenizer, texts: list[str], seq_len: int, stride: int | None
     return out
 
 
+def _tokenize_prefix(tokenizer, text: str, needed: int | None) -> torch.Tensor:
+    """Token ids of `text`, or of a prefix of it holding at least `needed` tokens.
+
+    A sample limit scores only the first windows, so tokenizing the whole split (1.3 M characters
+    for WikiText-2) would be wasted. The prefix is cut at a blank line and kept only if it yields a
+    margin of tokens past `needed`: the ids we use are then exactly those of the full tokenization.
+    """
+    def encode(t: str) -> torch.Tensor:
+        return tokenizer(t, return_tensors="pt", verbose=False).input_ids[0]
+
+    if needed is None:
+        return encode(text)
+    chars = max(4096, needed * 8)
+    while chars < len(text):
+        cut = text.rfind("\n\n", 0, chars)
+        cut = cut if cut > 0 else chars
+        ids = encode(text[:cut])
+        if ids.numel() >= needed + 64:
+            return ids
+        chars *= 2
+    return encode(text)
+
+
 def row_sequences(tokenizer, texts: list[str], seq_len: int, limit: int | None = None) -> list[torch.Tensor]:
     out = []
     for t in texts:
@@ -113,43 +146,60 @@ def row_sequences(tokenizer, texts: list[str], seq_len: int, limit: int | None =
     return out
 
 
-def _batches(seqs: list[tuple[torch.Tensor, int]], batch_size: int, pad_id: int
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Length-sorted batches (little padding), right padded; labels -100 where not scored."""
+def _batches(seqs: list[tuple[torch.Tensor, int]], batch_size: int, max_len: int, pad_id: int
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Length-sorted, right-padded batches under a token budget of batch_size full-length sequences.
+
+    Sorting keeps padding to a few tokens per row; the budget lets many short rows (WikiText-2 has
+    lots of headings) share one forward pass while memory stays that of `batch_size` long ones.
+    Yields (ids, labels) with labels -100 where a token is padding or not scored.
+    """
+    budget = batch_size * max_len
     order = sorted(range(len(seqs)), key=lambda i: -seqs[i][0].numel())
-    for b in range(0, len(order), batch_size):
-        chunk = [seqs[i] for i in order[b:b + batch_size]]
-        width = max(s.numel() for s, _ in chunk)
+    b = 0
+    while b < len(order):
+        width = seqs[order[b]][0].numel()  # the longest in this batch: sorted descending
+        rows = max(1, min(len(order) - b, budget // width))
+        chunk = [seqs[i] for i in order[b:b + rows]]
+        b += rows
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         for r, (s, skip) in enumerate(chunk):
             n = s.numel()
-            ids[r, :n], mask[r, :n] = s, 1
+            ids[r, :n] = s
             labels[r, max(skip, 1):n] = s[max(skip, 1):]  # the first token is never predicted
-        yield ids, mask, labels
+        yield ids, labels
 
 
 @torch.inference_mode()
-def nll_sum(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL over labelled positions and their count. ids/mask/labels: (B, T)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V) predicts tokens 1..T-1
-    shift_labels = labels[:, 1:].to(logits.device)
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    return float(loss), int((shift_labels != -100).sum())
+def nll_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL over labelled positions and their count. ids/labels: (B, T), right padded.
+
+    No attention mask is passed: with right padding and a causal model, no scored token can see a
+    pad, so the result equals the masked one while attention keeps its fused causal path. Only the
+    scored positions' logits are upcast and fed to the loss.
+    """
+    logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+    shift_labels = labels[:, 1:].to(logits.device)  # position t predicts token t+1
+    keep = shift_labels != -100  # (B, T-1)
+    scored = logits[:, :-1][keep].float()  # (N, V)
+    loss = F.cross_entropy(scored, shift_labels[keep], reduction="sum")
+    return float(loss), int(keep.sum())
 
 
 def score_sequences(model, seqs: list[tuple[torch.Tensor, int]], *, batch_size: int = 4, pad_id: int = 0,
                     progress: Callable[[float], None] | None = None,
                     cancelled: Callable[[], bool] | None = None) -> tuple[float, int]:
+    """Summed NLL and scored-token count of (ids, skip) sequences; cancel is checked between batches."""
+    if not seqs:
+        return 0.0, 0
     device = next(model.parameters()).device
+    max_len = max(s.numel() for s, _ in seqs)
     total_nll, total_tok, done = 0.0, 0, 0
-    for ids, mask, labels in _batches(seqs, batch_size, pad_id):
+    for ids, labels in _batches(seqs, batch_size, max_len, pad_id):
         if cancelled and cancelled():
             raise Cancelled("perplexity cancelled")
-        nll, n = nll_sum(model, ids.to(device), mask.to(device), labels)
+        nll, n = nll_sum(model, ids.to(device), labels)
         total_nll += nll
         total_tok += n
         done += ids.shape[0]
@@ -158,10 +208,20 @@ def score_sequences(model, seqs: list[tuple[torch.Tensor, int]], *, batch_size: 
     return total_nll, total_tok
 
 
+def is_file_protocol(data: str) -> bool:
+    return Path(data).suffix in (".txt", ".jsonl", ".gz", ".json", ".md", ".text") or Path(data).is_file()
+
+
 def sequences_for(protocol: Protocol, tokenizer, *, data_dir=None) -> tuple[list[tuple[torch.Tensor, int]], str]:
-    is_file = Path(protocol.data).suffix in (".txt", ".jsonl", ".gz", ".json")
-    texts, source = load_texts(protocol.data if not is_file else "file",
-                               path=protocol.data if is_file else None, data_dir=data_dir)
+    if is_file_protocol(protocol.data):
+        path = Path(protocol.data).expanduser()
+        if protocol.mode == "concat" and ".json" not in path.suffixes and path.suffix != ".gz" and path.is_file():
+            # a plain text file is scored as written; joining its lines with "\n\n" would change it
+            return concat_windows(tokenizer, [path.read_text(encoding="utf-8")], protocol.seq_len,
+                                  protocol.stride, protocol.limit), str(path)
+        texts, source = load_texts("file", path=path)
+    else:
+        texts, source = load_texts(protocol.data, data_dir=data_dir)
     if protocol.mode == "concat":
         return concat_windows(tokenizer, texts, protocol.seq_len, protocol.stride, protocol.limit), source
     return [(s, 0) for s in row_sequences(tokenizer, texts, protocol.seq_len, protocol.limit)], source

@@ -4,9 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pipeline.config import require
+from pipeline.config import RecipeError, require
 
-from .perplexity import Protocol, perplexity
+from .perplexity import Cancelled, Protocol, perplexity
+from .qa import OPEN_SOURCES, run_qa
+from .samples import generation_samples
 
 WHEN = ("each", "last", "none")
 
@@ -15,25 +17,37 @@ WHEN = ("each", "last", "none")
 class EvalConfig:
     perplexity: tuple[str, ...] = ("wikitext2-concat-512",)  # protocol names
     ppl_limit: int | None = 32  # rows/windows per protocol; None or 0 = the whole split
+    ppl_stride: int | None = None  # concat protocols: window stride; None = the length (no overlap)
     batch_size: int = 4
     triviaqa_closed: int = 0  # questions; 0 = skip
     triviaqa_open: int = 0
     qa_seed: int = 0
+    open_book: str = "nq-open"  # open-book source: "nq-open" (gold passages, local) or "triviaqa-rc" (hub)
     qa_batch_size: int = 8
     chat_template: bool = False  # wrap QA prompts in the model's chat template
     samples: bool = True  # greedy generation samples on fixed prompts
     after: str = "each"  # evaluate after each stage, only the last, or never
 
     def __post_init__(self):
+        require(self.ppl_limit is None or self.ppl_limit >= 0, "ppl_limit cannot be negative")
         for p in self.perplexity:
             try:
-                Protocol.parse(p)
+                self.protocol(p)
             except ValueError as exc:
-                raise ValueError(str(exc)) from None
+                raise RecipeError(str(exc)) from None
         require(self.after in WHEN, f"evaluation.after must be one of {', '.join(WHEN)}")
         require(self.batch_size >= 1 and self.qa_batch_size >= 1, "batch sizes must be at least 1")
         require(self.triviaqa_closed >= 0 and self.triviaqa_open >= 0, "question counts cannot be negative")
         require(self.ppl_limit is None or self.ppl_limit >= 0, "ppl_limit cannot be negative")
+        require(self.open_book in OPEN_SOURCES, f"open_book must be one of {', '.join(OPEN_SOURCES)}")
+        require(self.ppl_stride is None or self.ppl_stride >= 1, "ppl_stride must be at least 1")
+
+    def protocol(self, name: str) -> Protocol:
+        """A protocol name with this config's limit and (for concat protocols) stride applied."""
+        proto = Protocol.parse(name, limit=self.ppl_limit or None)
+        if self.ppl_stride and proto.mode == "concat":
+            proto = Protocol.parse(name, limit=self.ppl_limit or None, stride=self.ppl_stride)
+        return proto
 
 
 @dataclass
@@ -49,17 +63,56 @@ def evaluate(model, tokenizer, config: EvalConfig, *, data_dir=None,
              progress: Callable[[float, str], None] | None = None,
              cancelled: Callable[[], bool] | None = None,
              on_metric: Callable[[dict], None] | None = None) -> EvalResult:
+    """Perplexity under each protocol, then TriviaQA closed / open book, then generation samples.
+
+    Metrics: {"name": "perplexity" | "triviaqa_closed" | "triviaqa_open", "value", "protocol", ...};
+    QA metrics carry the strict `exact_match`, the question count `n` and how many questions each
+    matching rule decided. Per-question records and samples go to `details`.
+    """
     result = EvalResult()
-    jobs = len(config.perplexity)
-    for j, proto in enumerate(config.perplexity):
-        def prog(f, j=j, proto=proto):
+    jobs: list[tuple[str, Callable]] = []
+    for proto in config.perplexity:
+        jobs.append((f"perplexity {proto}", lambda prog, proto=proto: _perplexity(
+            model, tokenizer, config, proto, data_dir, prog, cancelled)))
+    for task, n, name in (("closed", config.triviaqa_closed, "triviaqa_closed"),
+                          ("open", config.triviaqa_open, "triviaqa_open")):
+        if n:
+            jobs.append((f"{name} ({n} questions)", lambda prog, task=task, n=n, name=name: _qa(
+                model, tokenizer, config, task, n, name, data_dir, prog, cancelled, result)))
+    if config.samples:
+        jobs.append(("generation samples", lambda prog: _samples(model, tokenizer, config, prog, cancelled, result)))
+    for j, (label, job) in enumerate(jobs):
+        def prog(f, j=j, label=label):
             if progress:
-                progress((j + f) / jobs, f"perplexity {proto}")
-        r = perplexity(model, tokenizer, Protocol.parse(proto, limit=config.ppl_limit or None), data_dir=data_dir,
-                       batch_size=config.batch_size, progress=prog, cancelled=cancelled)
-        m = {"name": "perplexity", "value": r.value, "protocol": r.protocol, "tokens": r.tokens,
-             "seconds": r.seconds}
-        result.metrics.append(m)
-        if on_metric:
-            on_metric(m)
+                progress((j + f) / len(jobs), label)
+        if cancelled and cancelled():
+            raise Cancelled("evaluation cancelled")
+        prog(0.0)
+        metric = job(prog)
+        if metric is not None:
+            result.metrics.append(metric)
+            if on_metric:
+                on_metric(metric)
     return result
+
+
+def _perplexity(model, tokenizer, config, proto, data_dir, prog, cancelled) -> dict:
+    r = perplexity(model, tokenizer, config.protocol(proto), data_dir=data_dir,
+                   batch_size=config.batch_size, progress=prog, cancelled=cancelled)
+    return {"name": "perplexity", "value": r.value, "protocol": r.protocol, "tokens": r.tokens,
+            "sequences": r.sequences, "seconds": r.seconds, "source": r.source}
+
+
+def _qa(model, tokenizer, config, task, n, name, data_dir, prog, cancelled, result) -> dict:
+    r = run_qa(model, tokenizer, task, n, seed=config.qa_seed, batch_size=config.qa_batch_size,
+               chat=config.chat_template, data_dir=data_dir, open_source=config.open_book, progress=prog,
+               cancelled=cancelled)
+    result.details[name] = {"protocol": r.protocol, "source": r.source, "accuracy": r.accuracy,
+                            "exact_match": r.exact_match, "records": r.records}
+    return {**r.metric(name), "source": r.source}
+
+
+def _samples(model, tokenizer, config, prog, cancelled, result) -> None:
+    result.details["samples"] = generation_samples(model, tokenizer, batch_size=config.qa_batch_size,
+                                                   progress=prog, cancelled=cancelled)
+    return None
