@@ -82,6 +82,12 @@ class Recipe:
             kind, name = raw.pop("kind"), raw.pop("name", "")
             module = stage_kind(kind).load()
             stages.append(StageSpec(kind, from_dict(module.Config, raw, f"stage {i} ({kind})"), name))
+            check_order = getattr(module, "check_order", None)  # e.g. eora needs a gptq stage before it
+            if check_order:
+                try:
+                    check_order([s.kind for s in stages[:-1]])
+                except RecipeError as exc:
+                    raise RecipeError(f"stage {i} ({kind}): {exc}") from None
         return cls(name=str(data.get("name", "untitled")), description=str(data.get("description", "")),
                    model=from_dict(ModelSpec, model, "model"),
                    calibration=from_dict(CalibrationConfig, data.get("calibration"), "calibration"),

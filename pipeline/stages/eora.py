@@ -1,0 +1,99 @@
+"""EoRA (Liu et al. 2024): training-free low-rank compensation of the quantization error.
+
+For every quantized linear, the error W - Q(W) is projected into the eigenspace of the layer's
+input activations (from calibration text) and truncated to `rank`, giving a LoRA pair applied
+beside the quantized weight at run time. gptqmodel does the work; this stage feeds it the
+pre-quantization folder and the quantized folder the preceding gptq stage left on the model
+(`model.frankenlab_quant`), saves the adapter in `<stage>/eora` and returns the quantized model
+reloaded with the adapter applied. `<stage>/frankenlab-quant.json` names both folders so a
+session can reload the pair with `pipeline.quant.load_quantized(quantized, adapter=..., rank=...)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .. import quant
+from ..config import RecipeError, require
+from ..context import StageContext, StageResult
+
+NEEDS_GPTQ = ("eora needs a gptq stage before it in the same recipe (it compensates that stage's quantization "
+              "error): add [[stages]] kind = \"gptq\" before the eora stage")
+
+
+@dataclass(frozen=True)
+class Config:
+    rank: int = 32
+    samples: int = 64
+    dataset: str = "c4"  # calibration text (EoRA paper: C4)
+    seq_len: int | None = None  # default: the recipe's calibration.seq_len
+    batch_size: int = 4
+
+    def __post_init__(self):
+        require(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
+        require(self.samples >= 1, f"samples must be at least 1, got {self.samples}")
+        from evals.data import DATASETS
+
+        require(self.dataset in DATASETS or self.dataset.endswith((".txt", ".jsonl", ".json", ".gz")),
+                f"unknown calibration dataset {self.dataset!r}: use c4, wikitext2, wiki, or a .txt/.jsonl file path")
+        require(self.seq_len is None or self.seq_len >= 8, "seq_len must be at least 8 tokens")
+        require(self.batch_size >= 1, "batch_size must be at least 1")
+
+
+def check_order(kinds_before: list[str]) -> None:
+    require("gptq" in kinds_before, NEEDS_GPTQ)
+    require("eora" not in kinds_before, "only one eora stage per recipe")
+
+
+def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
+    info = getattr(model, "frankenlab_quant", None)
+    if not info or not Path(info.get("prequant", "")).is_dir():
+        raise RecipeError(NEEDS_GPTQ)
+    if ctx.work_dir is None:
+        raise RecipeError("the eora stage needs a work folder (run it through the runner)")
+    smallest = min(min(m.in_features, m.out_features) for m in quant.quantized_linears(model).values())
+    require(config.rank <= smallest, f"rank {config.rank} is larger than the smallest quantized matrix "
+                                     f"dimension ({smallest}); choose rank <= {smallest}")
+    work = Path(ctx.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    cal = dataclasses.replace(ctx.calibration, dataset=config.dataset, samples=config.samples,
+                              seq_len=config.seq_len or ctx.calibration.seq_len)
+    ids = ctx.calibration_ids(cal)
+    ctx.check_cancel()
+    adapter = work / "eora"
+    qdir = Path(info["quantized"])
+    ctx.progress(0.05, f"EoRA rank {config.rank}: {ids.shape[0]} x {ids.shape[1]} calibration tokens")
+    seconds = quant.generate_eora(Path(info["prequant"]), qdir, adapter, ids, rank=config.rank,
+                                  batch_size=config.batch_size, device=ctx.device, work_dir=work,
+                                  tokenizer=ctx.tokenizer)
+    ctx.check_cancel()
+    ctx.progress(0.9, "reloading the quantized model with the EoRA adapter")
+    wrapper = quant.load_quantized(qdir, device=ctx.device, adapter=adapter, rank=config.rank,
+                                   dims_fit_groups=info.get("dims_fit_groups"))
+    qmodel = wrapper.model
+    qmodel.eval()
+    if getattr(model, "generation_config", None) is not None:
+        qmodel.generation_config = model.generation_config  # gptqmodel's loader turns do_sample on
+    applied = sum(1 for m in quant.quantized_linears(qmodel).values() if getattr(m, "adapter", None) is not None)
+    if not applied:
+        raise RecipeError(f"the EoRA adapter in {adapter} was not applied to any quantized layer")
+    qmodel.frankenlab_quant = {**info, "adapter": str(adapter), "rank": config.rank}
+    manifest = {"format": "gptqmodel", "quantized": str(qdir), "adapter": str(adapter), "adapter_type": "eora",
+                "rank": config.rank}
+    (work / "frankenlab-quant.json").write_text(json.dumps(manifest, indent=2))
+    report = {
+        "rank": config.rank,
+        "calibration": {"dataset": cal.dataset, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
+        "seconds_generate": seconds,
+        "adapter_path": str(adapter),
+        "adapter_bytes": quant.folder_bytes(adapter),
+        "quantized_path": str(qdir),
+        "layers_with_adapter": applied,
+    }
+    ctx.log(f"eora: rank {config.rank} adapter on {applied} layers in {seconds:.0f}s "
+            f"({report['adapter_bytes'] / 2**20:.1f} MiB)")
+    return StageResult(qmodel, report, {"model": str(qdir), "adapter": str(adapter)})

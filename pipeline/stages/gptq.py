@@ -1,0 +1,174 @@
+"""GPTQ weight quantization through gptqmodel: 4-bit, group size 128 by default.
+
+The in-memory model (perhaps depth-pruned, width-pruned, LoRA-merged) is saved as a plain HF
+folder `<stage>/prequant` (EoRA needs it later), quantized with calibration windows into
+`<stage>/quantized` (gptqmodel's format, loadable with `pipeline.quant.load_quantized`), and
+reloaded so the runner evaluates what was saved. On CPU the torch kernel runs it in bfloat16.
+
+Sparse weights: GPTQ gives every weight a `bits`-bit code and spreads each column's rounding
+error over the columns not yet quantized, so a pruned (zero) weight stays zero only when its
+code lands exactly on the group's zero point. gptqmodel has no option to keep a mask. The report
+measures it on the dequantized weights: density after, and the share of former zeros still zero.
+
+Handing over to EoRA: the returned model carries `frankenlab_quant` (a dict with the quantized
+and pre-quantization folders and the settings), which the eora stage reads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import quant
+from ..config import RecipeError, require
+from ..context import StageContext, StageResult
+from ..models import decoder_layers
+
+
+@dataclass(frozen=True)
+class Config:
+    bits: int = 4
+    group_size: int = 128  # -1 = one group per row (per-channel scales)
+    desc_act: bool = False  # quantize columns in order of activation size (slower, sometimes better)
+    sym: bool = True
+    damp_percent: float = 0.05
+    samples: int | None = None  # calibration windows; default: the recipe's calibration.samples
+    seq_len: int | None = None  # default: the recipe's calibration.seq_len
+    batch_size: int = 4
+
+    def __post_init__(self):
+        require(self.bits in quant.QUANT_BITS,
+                f"bits must be one of {', '.join(map(str, quant.QUANT_BITS))}, got {self.bits}")
+        g = self.group_size
+        require(g == -1 or (g > 0 and g & (g - 1) == 0),
+                f"group_size must be -1 (per row) or a positive power of 2 (32, 64, 128...), got {g}")
+        require(0.0 < self.damp_percent < 1.0, f"damp_percent must be between 0 and 1, got {self.damp_percent}")
+        require(self.samples is None or self.samples >= 1, "samples must be at least 1")
+        require(self.seq_len is None or self.seq_len >= 8, "seq_len must be at least 8 tokens")
+        require(self.batch_size >= 1, "batch_size must be at least 1")
+
+
+def check_order(kinds_before: list[str]) -> None:
+    require("gptq" not in kinds_before, "the model is already quantized by an earlier gptq stage; keep one")
+
+
+def calibration_for(ctx: StageContext, samples: int | None, seq_len: int | None):
+    cal = ctx.calibration
+    cal = dataclasses.replace(cal, samples=samples or cal.samples, seq_len=seq_len or cal.seq_len)
+    return ctx.calibration_ids(cal), cal
+
+
+def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Where the decoder's linear weights are zero now (only for matrices that have zeros)."""
+    out = {}
+    for li, layer in enumerate(decoder_layers(model)):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear):
+                zero = mod.weight.detach() == 0
+                if bool(zero.any()):
+                    out[f"model.layers.{li}.{name}"] = zero.cpu()
+    return out
+
+
+def _linear_count(model: nn.Module) -> int:
+    return sum(mod.weight.numel() for layer in decoder_layers(model)
+               for mod in layer.modules() if isinstance(mod, nn.Linear))
+
+
+def sparsity_after(qmodel: nn.Module, zeros_before: dict[str, torch.Tensor]) -> dict:
+    """Density of the dequantized weights and how many former zeros survived quantization."""
+    nz = total = kept = 0
+    for name, mod in quant.quantized_linears(qmodel).items():
+        w = quant.dequantized_weight(mod)  # (out, in)
+        zero = w == 0
+        nz += int((~zero).sum())
+        total += w.numel()
+        before = zeros_before.get(name)
+        if before is not None and before.shape == zero.shape:
+            kept += int((zero & before).sum())
+    was = sum(int(z.sum()) for z in zeros_before.values())
+    return {"density_after": nz / total if total else 1.0,
+            "zeros_before": was,
+            "zeros_kept_fraction": kept / was if was else None}
+
+
+def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
+    from .lora import is_peft, merge_keeping_mask
+
+    if ctx.work_dir is None:
+        raise RecipeError("the gptq stage needs a work folder (run it through the runner)")
+    work = Path(ctx.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    notes = []
+    if is_peft(model):
+        model, remasked = merge_keeping_mask(model)
+        notes.append(f"unmerged LoRA adapter merged before quantizing (mask re-applied on {remasked} matrices)")
+    ctx.check_cancel()
+    zeros_before = _zero_masks(model)
+    total_before = _linear_count(model)
+    density_before = 1 - sum(int(z.sum()) for z in zeros_before.values()) / total_before
+    ids, cal = calibration_for(ctx, config.samples, config.seq_len)
+    hidden = model.config.hidden_size
+    inter = getattr(model.config, "intermediate_size", hidden)
+    g = config.group_size
+    dims_fit = g == -1 or (hidden % g == 0 and inter % g == 0)
+    if not dims_fit and ctx.device.type == "cuda":
+        notes.append(f"hidden {hidden} / intermediate {inter} not multiples of group size {g}: torch kernel")
+
+    ctx.progress(0.02, "saving the model for gptqmodel")
+    prequant = work / "prequant"
+    model.save_pretrained(prequant)
+    ctx.tokenizer.save_pretrained(prequant)
+    ctx.check_cancel()
+    qdir = work / "quantized"
+    ctx.progress(0.05, f"GPTQ {config.bits}-bit, group {g}: {ids.shape[0]} x {ids.shape[1]} calibration tokens")
+    seconds = quant.quantize(prequant, qdir, ids, bits=config.bits, group_size=g, desc_act=config.desc_act,
+                             sym=config.sym, damp_percent=config.damp_percent, batch_size=config.batch_size,
+                             device=ctx.device, work_dir=work,
+                             on_layer=lambda i, n: ctx.progress(0.05 + 0.8 * i / n, f"GPTQ layer {i + 1}/{n}"))
+    (work / "README.md").write_text(
+        f"# GPTQ {config.bits}-bit, group size {g}\n\n- `quantized/`: gptqmodel format; load with "
+        "`pipeline.quant.load_quantized(path)` (torch kernel, bfloat16 on CPU) or `GPTQModel.load(path)`.\n"
+        "- `prequant/`: the model as it entered this stage (plain HF folder; EoRA's input).\n"
+        "- `logs/`: gptqmodel's per-module quantization log.\n")
+    ctx.check_cancel()
+    ctx.progress(0.9, "reloading the quantized model")
+    wrapper = quant.load_quantized(qdir, device=ctx.device, dims_fit_groups=dims_fit)
+    qmodel = wrapper.model
+    qmodel.eval()
+    if getattr(model, "generation_config", None) is not None:
+        qmodel.generation_config = model.generation_config  # gptqmodel's loader turns do_sample on
+    sparse = sparsity_after(qmodel, zeros_before)
+    qmodel.frankenlab_quant = {"quantized": str(qdir), "prequant": str(prequant), "bits": config.bits,
+                               "group_size": g, "dims_fit_groups": dims_fit}
+    report = {
+        "bits": config.bits,
+        "group_size": g,
+        "desc_act": config.desc_act,
+        "sym": config.sym,
+        "calibration": {"dataset": cal.dataset, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
+        "kernel": "torch (TorchLinear, bfloat16)" if ctx.device.type != "cuda" or not dims_fit else "auto",
+        "seconds_quantize": seconds,
+        "disk_bytes": quant.folder_bytes(qdir),
+        "prequant_disk_bytes": quant.folder_bytes(prequant),
+        "quantized_path": str(qdir),
+        "prequant_path": str(prequant),
+        "quantized_linears": len(quant.quantized_linears(qmodel)),
+        "density_before": density_before,
+        **sparse,
+        "sparsity_note": ("GPTQ re-codes every weight and spreads rounding error over later columns; a pruned "
+                          "weight stays zero only when its code equals the group's zero point. Densities are "
+                          "measured on the dequantized weights of the decoder's linear layers."),
+        "notes": notes,
+    }
+    kept = sparse["zeros_kept_fraction"]
+    ctx.log(f"gptq: {config.bits}-bit g{g} in {seconds:.0f}s, {report['disk_bytes'] / 2**20:.1f} MiB on disk; "
+            f"density {density_before:.4f} -> {sparse['density_after']:.4f}"
+            + (f" ({kept:.1%} of zeros kept)" if kept is not None else ""))
+    if not math.isfinite(sparse["density_after"]):
+        raise RecipeError("quantized weights could not be read back")
+    return StageResult(qmodel, report, {"model": str(qdir), "prequant": str(prequant)})

@@ -1,0 +1,336 @@
+"""LoRA recovery fine-tuning (PEFT): win back what pruning cost, on plain text.
+
+Thesis defaults: rank 8, dropout 0.1, on q,k,v,o, trained on WikiText-style articles (8192 samples
+in batches of 8), or on TriviaQA question/answer pairs for a "task" adapter. Text is packed into
+`seq_len`-token windows (documents joined with the EOS token) and the loss is the plain LM loss.
+
+Sparsity: merging an adapter (B @ A is dense) fills the zeros width pruning left. With
+`merge = true` (default) the zero mask of every targeted matrix is captured before training and
+re-applied after merging, so the pattern still holds; with `merge = false` the adapter stays a
+separate PEFT module and the base weights keep their zeros. Either way the report states which,
+with the measured density. The adapter is always saved in PEFT's format under `<stage>/adapter`.
+
+Cancelling stops between optimizer steps: the adapter of the last completed step is saved and
+recorded, then the run ends as cancelled.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from evals.data import DATASETS, load_dataset_records
+from evals.perplexity import Cancelled
+
+from ..config import RecipeError, require
+from ..context import StageContext, StageResult
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".gz")
+
+
+@dataclass(frozen=True)
+class Config:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    dataset: str = "wiki"  # wiki (WikiText-style articles), triviaqa, or a .txt / .jsonl file
+    samples: int = 8192  # training sequences in all (thesis: 8192 in batches of 8)
+    steps: int | None = None  # optimizer steps; when given it replaces `samples`
+    batch_size: int = 8
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    seq_len: int = 256
+    mixed_precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | no | bf16 | fp16
+    merge: bool = True  # merge into the weights and re-apply the sparsity mask; false keeps it separate
+    seed: int = 0
+
+    def __post_init__(self):
+        require(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
+        require(self.alpha > 0, f"alpha must be positive, got {self.alpha}")
+        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.targets if t not in PROJECTIONS]
+        require(not bad, f"unknown target projection(s) {bad}; choose from {', '.join(PROJECTIONS)}")
+        require(len(self.targets) > 0, "targets must name at least one projection (e.g. q_proj, v_proj)")
+        is_file = self.dataset.endswith(FILE_SUFFIXES)
+        require(is_file or self.dataset in DATASETS,
+                f"unknown training dataset {self.dataset!r}: use wiki, triviaqa, or a .txt/.jsonl file path")
+        require(self.samples >= 1, f"samples must be at least 1, got {self.samples}")
+        require(self.steps is None or self.steps >= 1, f"steps must be at least 1, got {self.steps}")
+        require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        require(self.grad_accum >= 1, f"grad_accum must be at least 1, got {self.grad_accum}")
+        require(self.lr > 0, f"lr (learning rate) must be positive, got {self.lr}")
+        require(self.warmup_steps >= 0, "warmup_steps cannot be negative")
+        require(self.seq_len >= 8, f"seq_len must be at least 8 tokens, got {self.seq_len}")
+        require(self.mixed_precision in PRECISIONS,
+                f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps or max(1, math.ceil(self.samples / (self.batch_size * self.grad_accum)))
+
+
+def check_order(kinds_before: list[str]) -> None:
+    """Called by the recipe with the kinds of the stages before this one."""
+    require("gptq" not in kinds_before, "LoRA after GPTQ is not supported: put the lora stage before gptq "
+                                        "(EoRA is the training-free way to recover after quantizing)")
+
+
+# -- data ------------------------------------------------------------------------------------------
+def record_text(record: dict) -> str:
+    """Training text of one record: plain text, or a question/answer pair (TriviaQA-style)."""
+    if record.get("text"):
+        return record["text"]
+    answer = record.get("answer") or (record.get("answers") or [""])[0]
+    if record.get("context"):  # TriviaQA here: context = "Question: ...\nAnswer:"
+        return f"{record['context']} {answer}".strip()
+    if record.get("question"):
+        return f"Question: {record['question']}\nAnswer: {answer}".strip()
+    return ""
+
+
+def training_windows(tokenizer, config: Config, data_dir=None, needed: int | None = None) -> tuple[torch.Tensor, str]:
+    """(windows, seq_len) token ids from the dataset, documents joined with EOS, shuffled per seed."""
+    is_file = config.dataset.endswith(FILE_SUFFIXES)
+    records, source = load_dataset_records("file" if is_file else config.dataset,
+                                           path=config.dataset if is_file else None, data_dir=data_dir)
+    texts = [t for t in (record_text(r) for r in records) if t.strip()]
+    if not texts:
+        raise RecipeError(f"LoRA training data {source} holds no text (expected 'text' or question/answer fields)")
+    random.Random(config.seed).shuffle(texts)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    want = (needed or len(texts) * 10 ** 6) * config.seq_len
+    ids: list[int] = []
+    for t in texts:  # tokenize only as much as the run can use
+        ids.extend(tokenizer(t).input_ids + [eos])
+        if len(ids) >= want:
+            break
+    n = len(ids) // config.seq_len
+    if n < 1:
+        raise RecipeError(f"LoRA training data {source} has {len(ids)} tokens, fewer than seq_len={config.seq_len}")
+    return torch.tensor(ids[: n * config.seq_len]).view(n, config.seq_len), source
+
+
+# -- sparsity --------------------------------------------------------------------------------------
+def sparse_masks(model: nn.Module, targets: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Keep-masks (weight != 0) of targeted linears that hold zeros; dense ones need none."""
+    masks = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.split(".")[-1] in targets:
+            keep = mod.weight.detach() != 0
+            if not bool(keep.all()):
+                masks[name] = keep
+    return masks
+
+
+def targeted_density(model: nn.Module, targets: tuple[str, ...]) -> float:
+    nz = total = 0
+    for name, mod in model.named_modules():
+        parts = name.split(".")
+        short = parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]
+        if isinstance(mod, nn.Linear) and short in targets and "lora_" not in name:
+            w = mod.weight.detach()
+            nz += int(torch.count_nonzero(w))
+            total += w.numel()
+    return nz / total if total else 1.0
+
+
+@torch.no_grad()
+def merge_keeping_mask(peft_model) -> tuple[nn.Module, int]:
+    """Merge a PEFT LoRA model into its base weights and re-zero what was zero before.
+
+    The base weights of an unmerged adapter still hold the pruning zeros, so the masks are read
+    from them just before merging. Returns the plain model and how many matrices were re-masked.
+    """
+    masks = {}
+    for name, mod in peft_model.named_modules():
+        base = getattr(mod, "base_layer", None)
+        if isinstance(base, nn.Linear) and hasattr(mod, "lora_A"):
+            keep = base.weight != 0
+            if not bool(keep.all()):
+                masks[name] = keep
+    model = peft_model.merge_and_unload()
+    modules = dict(model.named_modules())
+    for name, keep in masks.items():
+        short = name.removeprefix("base_model.model.")
+        modules[short].weight.mul_(keep.to(modules[short].weight.dtype))
+    return model, len(masks)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+# -- training --------------------------------------------------------------------------------------
+def _peft():
+    """peft's LoraConfig and get_peft_model, usable when gptqmodel is installed without optimum.
+
+    peft 0.17+ refuses to build any LoRA layer when gptqmodel is installed but optimum is not: a
+    version gate only (nothing imports optimum). Our LoRA never wraps quantized layers (the recipe
+    forbids lora after gptq), so where the probe fails we answer "gptqmodel not available" to peft.
+    """
+    import sys
+
+    import peft.import_utils as iu
+    from peft import LoraConfig, get_peft_model
+
+    try:
+        iu.is_gptqmodel_available()
+    except ImportError:
+        probe = iu.is_gptqmodel_available
+        for name, mod in list(sys.modules.items()):
+            if name.startswith("peft") and getattr(mod, "is_gptqmodel_available", None) is probe:
+                mod.is_gptqmodel_available = lambda: False
+    return LoraConfig, get_peft_model
+
+
+def _autocast(device: torch.device, setting: str):
+    if device.type != "cuda" or setting == "no":
+        return None
+    if setting == "fp16" or (setting == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def _point_adapter_at_input(peft_model, ctx: StageContext) -> None:
+    """adapter_config.json names the model the adapter was trained on: the previous stage's
+    saved folder when there is one (a pruned model, not the original checkpoint)."""
+    if not ctx.work_dir or ctx.index < 2:
+        return
+    before = sorted(Path(ctx.work_dir).parent.glob(f"{ctx.index - 1:02d}-*/config.json"))
+    if before:
+        for cfg in peft_model.peft_config.values():
+            cfg.base_model_name_or_path = str(before[0].parent)
+
+
+def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
+    LoraConfig, get_peft_model = _peft()
+    if is_peft(model):
+        raise RecipeError("the model already carries an unmerged LoRA adapter: use merge = true in the first "
+                          "lora stage, or only one lora stage")
+    work = Path(ctx.work_dir) if ctx.work_dir else None
+    steps = config.total_steps
+    per_step = config.batch_size * config.grad_accum
+    windows, source = training_windows(ctx.tokenizer, config, ctx.data_dir, needed=steps * per_step)
+    ctx.log(f"lora: {windows.shape[0]} windows of {config.seq_len} tokens from {source}; "
+            f"{steps} steps x {per_step} sequences")
+    density_before = targeted_density(model, config.targets)
+    masks_before = len(sparse_masks(model, config.targets))
+
+    torch.manual_seed(config.seed)
+    peft_model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha,
+                                                  lora_dropout=config.dropout, target_modules=list(config.targets),
+                                                  task_type="CAUSAL_LM"))
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    optim = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    warm = config.warmup_steps
+
+    def lr_at(step: int) -> float:  # linear warm-up, then linear decay to 10 % of lr
+        if warm and step < warm:
+            return config.lr * (step + 1) / warm
+        frac = (step - warm) / max(1, steps - warm)
+        return config.lr * (1.0 - 0.9 * frac)
+
+    amp = _autocast(ctx.device, config.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    cursor = 0
+    losses: list[float] = []
+    tokens_total = 0
+    adapter_dir = work / "adapter" if work else None
+    peft_model.train()
+    t_start = time.perf_counter()
+    done = 0
+    try:
+        for step in range(steps):
+            t0 = time.perf_counter()
+            for g in optim.param_groups:
+                g["lr"] = lr_at(step)
+            step_loss = 0.0
+            for _ in range(config.grad_accum):
+                if ctx.cancelled:
+                    raise Cancelled("cancelled by the user")
+                idx = [order[(cursor + i) % len(order)] for i in range(config.batch_size)]
+                cursor += config.batch_size
+                batch = windows[torch.stack(idx)].to(ctx.device)  # (B, T)
+                with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
+                    loss = peft_model(input_ids=batch, labels=batch).loss / config.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                step_loss += float(loss.detach())
+            if scaler:
+                scaler.step(optim)
+                scaler.update()
+            else:
+                optim.step()
+            optim.zero_grad(set_to_none=True)
+            done = step + 1
+            dt = time.perf_counter() - t0
+            tokens = per_step * config.seq_len
+            tokens_total += tokens
+            losses.append(step_loss)
+            ctx.metric("lora_loss", step_loss, "train", step=done)
+            ctx.metric("lora_tokens_per_second", tokens / dt if dt else 0.0, "train", step=done)
+            ctx.progress(done / steps, f"LoRA step {done}/{steps}: loss {step_loss:.4f}, {tokens / dt:.0f} tok/s")
+    except Cancelled:
+        optim.zero_grad(set_to_none=True)
+        if adapter_dir is not None and done:
+            _point_adapter_at_input(peft_model, ctx)
+            peft_model.save_pretrained(str(adapter_dir))
+            ctx.log(f"lora: cancelled after {done} completed steps; their adapter is saved in {adapter_dir}")
+        else:
+            ctx.log(f"lora: cancelled after {done} completed steps; nothing to keep", "warning")
+        raise
+    finally:
+        peft_model.eval()
+    seconds = time.perf_counter() - t_start
+
+    if adapter_dir is not None:
+        _point_adapter_at_input(peft_model, ctx)
+        peft_model.save_pretrained(str(adapter_dir))
+    artifacts = {"adapter": str(adapter_dir)} if adapter_dir is not None else {}
+    if config.merge:
+        out, remasked = merge_keeping_mask(peft_model)
+        if masks_before:
+            sparsity = f"mask re-applied after merge ({remasked} sparse matrices)"
+        else:
+            sparsity = "merged; the targeted matrices had no zeros to keep"
+    else:
+        out = peft_model
+        sparsity = "adapter kept separate (not merged): base weights keep their zeros"
+        if adapter_dir is not None:
+            artifacts["model"] = str(adapter_dir)
+    report = {
+        "rank": config.rank,
+        "alpha": config.alpha,
+        "dropout": config.dropout,
+        "targets": list(config.targets),
+        "dataset": source,
+        "steps": done,
+        "samples": done * per_step,
+        "tokens": tokens_total,
+        "trainable_params": n_trainable,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "loss_curve": losses if len(losses) <= 512 else losses[:: math.ceil(len(losses) / 512)],
+        "seconds_training": seconds,
+        "seconds_per_step": seconds / max(1, done),
+        "tokens_per_second": tokens_total / seconds if seconds else 0.0,
+        "mixed_precision": str(amp).replace("torch.", "") if amp else "fp32" if ctx.device.type == "cpu" else "off",
+        "merged": config.merge,
+        "sparsity": sparsity,
+        "density_before": density_before,
+        "density_after": targeted_density(out, config.targets),
+        "adapter": str(adapter_dir) if adapter_dir is not None else None,
+    }
+    ctx.log(f"lora: loss {report['first_loss']:.4f} -> {report['final_loss']:.4f} in {done} steps; {sparsity}; "
+            f"targeted density {report['density_after']:.4f}")
+    return StageResult(out, report, artifacts)
