@@ -176,11 +176,10 @@ def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 @torch.no_grad()
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     """The (out, in) float weight a quantized linear computes with (int codes * scale, minus zero)."""
-    w = module.dequantize_weight()
-    out_f, in_f = module.out_features, module.in_features
-    if w.shape[0] != out_f or w.shape[1] != in_f:
-        w = w.t()  # gptqmodel stores (in, out)
-    return w[:out_f, :in_f].float()
+    # gptqmodel's dequantize_weight() is always (in, out); guessing from the shape would leave
+    # square matrices (q_proj, o_proj) transposed.
+    w = module.dequantize_weight().t()
+    return w[: module.out_features, : module.in_features].float()
 
 
 def _dims_fit_groups(path: Path) -> bool:

@@ -80,7 +80,7 @@ def preflight(recipe: Recipe, data_dir: Path | None) -> None:
         if recipe.evaluation.triviaqa_closed:
             needed.add(("triviaqa", None))
         if recipe.evaluation.triviaqa_open:
-            needed.add(("nq-open", None))
+            needed.add((recipe.evaluation.open_book, None))
     if any(s.kind in CALIBRATED_STAGES for s in recipe.stages):
         ds = recipe.calibration.dataset
         needed.add(("file", ds) if Path(ds).suffix else (ds, None))

@@ -146,3 +146,28 @@ def test_eora_without_quantized_model_fails_clearly(tiny):
 
     with pytest.raises(RecipeError, match="eora needs a gptq stage"):
         eora.run(tiny.model, StageContext(tiny.tokenizer, torch.device("cpu")), eora.Config())
+
+
+def test_dequantized_weights_match_prequant_weights(chain):
+    """Square projections (q_proj, o_proj) must not come back transposed."""
+    from safetensors.torch import load_file
+
+    from pipeline import quant
+
+    session, out, _ = chain
+    st = next(s for s in session.stages if s.kind == "gptq")
+    pre = Path(st.report["quantized_path"]).parent / "prequant"
+    original = {}
+    for f in pre.glob("*.safetensors"):
+        original.update(load_file(str(f)))
+    loaded = quant.load_quantized(st.report["quantized_path"])
+    checked = 0
+    for name, mod in loaded.model.named_modules():
+        if hasattr(mod, "qweight") and name.endswith(("q_proj", "o_proj")):
+            w = quant.dequantized_weight(mod)
+            ref = original[name + ".weight"].float()
+            assert w.shape == ref.shape
+            err = (w - ref).norm() / ref.norm()
+            assert err < 0.25, f"{name}: relative error {err:.3f} (transposed?)"
+            checked += 1
+    assert checked == 2 * 7
