@@ -1,0 +1,273 @@
+"""Pilot tests of the lab on the tiny model: layers, N:M, a short run, cancel, sessions, chat."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from tui.cli import _quiet_libraries
+
+_quiet_libraries()
+torch.set_num_threads(1)  # the tiny model gains nothing from threads; a busy CI box loses a lot
+
+SIZE = (100, 40)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    from pipeline.models import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def short_recipe(**evaluation):
+    from evals.suite import EvalConfig
+    from pipeline.calibration import CalibrationConfig
+    from pipeline.recipe import Recipe, StageSpec
+    from pipeline.stages import depth, width
+
+    ev = dict(perplexity=("wikitext2-concat-64",), ppl_limit=2, samples=False)
+    ev.update(evaluation)
+    return Recipe(name="short", calibration=CalibrationConfig("c4", samples=4, seq_len=32),
+                  evaluation=EvalConfig(**ev),
+                  stages=[StageSpec("depth", depth.Config(k=1, metric="l1", protected_first=1, protected_last=1)),
+                          StageSpec("width", width.Config(pattern="2:4"))])
+
+
+def make_app(loaded, tmp_path, data_dir, **kw):
+    from tui.app import create_app
+
+    kw.setdefault("whatif", False)
+    return create_app(loaded=loaded, model_ref=loaded.source.ref, data_dir=data_dir, runs_dir=tmp_path / "runs",
+                      save_models=True, chat_tokens=8, **kw)
+
+
+async def wait_for(pilot, cond, timeout=60.0):
+    for _ in range(int(timeout / 0.05)):
+        if cond():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_toggle_layers_and_use_plan(loaded, tmp_path, data_dir):
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        grid = app.query_one("#grid")
+        await pilot.pause()
+        assert app.focused is grid
+        await pilot.press("right", "right", "space")  # skip layer 2
+        await pilot.press("right", "plus")  # repeat layer 3
+        assert grid.counts[:4] == [1, 1, 0, 2]
+        await pilot.click("#grid", offset=(7 * 5 + 2, 0))  # a click on cell 5 skips it
+        assert grid.counts[5] == 0
+        await pilot.pause()
+        text = str(app.query_one("#plan-text").render())
+        assert "0-1,3,3-4,6-7" in text and "skipped [2, 5]" in text
+        await pilot.press("u")
+        recipe = app.query_one("#form").build()
+        assert recipe.stages[0].kind == "depth" and recipe.stages[0].config.plan == "0-1,3,3-4,6-7"
+        assert "baseline + plan 0-1,3,3-4,6-7" in [t.label for t in app.chat_targets().values()]
+        await pilot.press("0")
+        assert grid.counts == [1] * 8
+
+
+async def test_width_nm_and_refusals(loaded, tmp_path, data_dir):
+    from textual.widgets import Checkbox, Input, Select
+
+    from pipeline.config import RecipeError
+
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        form = app.query_one("#form")
+        form.query_one("#width-on", Checkbox).value = True
+        form.query_one("#width-ratio", Select).value = "12:16"
+        await pilot.pause()
+        assert "prunes 12 of every 16 weights (75.0% removed)" in str(form.query_one("#width-says").render())
+        assert form.build().stages[0].config.n == 12
+        form.query_one("#width-ratio", Select).value = "custom"
+        await pilot.pause()
+        custom = form.query_one("#width-custom", Input)
+        custom.focus()
+        custom.value = "5:4"  # typed keys can race focus on a loaded machine; the value path is the same
+        await pilot.pause()
+        field = form.query_one("#width-custom-field")
+        await wait_for(pilot, lambda: "N must be smaller than M" in str(field.query_one(".field-error").render()),
+                       timeout=10)
+        assert field.has_class("invalid")
+        with pytest.raises(RecipeError):
+            form.build()
+        custom.value = "3:8"
+        await wait_for(pilot, lambda: not field.has_class("invalid"), timeout=10)
+        assert form.build().stages[0].config.label.startswith("3:8 (prunes 3 of every 8")
+        k = form.query_one("#depth-k", Input)
+        k.value = "-1"
+        await wait_for(pilot, lambda: form.query_one("#depth-k-field").has_class("invalid"), timeout=10)
+
+
+async def test_run_results_save_and_reopen(loaded, tmp_path, data_dir):
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app._show_recipe(short_recipe())
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.session is not None and not app.running, timeout=90)
+        s = app.session
+        assert s.status == "done", s.stages
+        rows = app.query_one("#resultspanel").rows
+        assert set(rows) == {0, 1, 2}
+        assert all("perplexity" in r.metrics for r in rows.values())
+        assert rows[1].layers == 7
+        table = app.query_one("#results-table")
+        assert table.row_count == 3
+        assert "wikitext2-concat-64" in str(table.get_row_at(0)[3])
+        log = "\n".join(str(line.text) for line in app.query_one("#run-log").lines)
+        assert "event loop during the run" in log
+        labels = [t.label for t in app.chat_targets().values()]
+        assert "stage 1 depth" in labels and "stage 2 width" in labels
+        # save the session as a new file
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        inp = app.screen.query_one("#prompt-input")
+        inp.value = str(tmp_path / "saved.json")
+        await pilot.press("enter")
+        await pilot.pause()
+    saved = tmp_path / "saved.json"
+    assert json.loads(saved.read_text())["status"] == "done"
+    # reopen it in a fresh lab
+    app2 = make_app(loaded, tmp_path, data_dir, session_path=saved)
+    async with app2.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert app2.session is not None and app2.session.id == s.id
+        assert app2.query_one("#results-table").row_count == 3
+        assert app2.query_one("#tabs").active == "results"
+        assert app2.query_one("#form").query_one("#width-ratio").value == "2:4"
+
+
+async def test_cancel_leaves_a_valid_session(loaded, tmp_path, data_dir):
+    from pipeline import events as ev
+    from pipeline.runner import run_recipe
+
+    reached, gate = threading.Event(), threading.Event()
+
+    def runner(recipe, out, *, listener, **kw):
+        def hold(e):
+            listener(e)
+            if isinstance(e, ev.StageStarted) and e.stage == 1:
+                reached.set()
+                gate.wait(30)  # the test presses x meanwhile
+        return run_recipe(recipe, out, listener=hold, **kw)
+
+    app = make_app(loaded, tmp_path, data_dir, runner=runner)
+    async with app.run_test(size=SIZE) as pilot:
+        app._show_recipe(short_recipe())
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, reached.is_set)
+        await pilot.press("3", "ctrl+x")  # the lab stays interactive while the run holds
+        assert app.cancel_event.is_set()
+        gate.set()
+        await wait_for(pilot, lambda: not app.running, timeout=60)
+        s = app.session
+        assert s.status == "cancelled"
+        assert s.stages[0].status == "done" and s.stages[0].metric("perplexity")
+        on_disk = json.loads(Path(s.path).read_text())
+        assert on_disk["status"] == "cancelled"
+
+
+async def test_chat_streams_and_ab(loaded, tmp_path, data_dir, monkeypatch):
+    import tui.widgets.chat_panel as chat_panel
+
+    pieces = []
+    real_stream = chat_panel.stream_reply
+
+    def counting_stream(*args, **kwargs):  # every piece the worker forwards to the screen
+        for piece in real_stream(*args, **kwargs):
+            pieces.append(piece)
+            yield piece
+
+    monkeypatch.setattr(chat_panel, "stream_reply", counting_stream)
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await pilot.pause()
+        chat = app.query_one("#chatpanel")
+        chat.query_one("#chat-input").focus()
+        await pilot.pause()
+        await pilot.press(*"hello", "enter")
+        await wait_for(pilot, lambda: chat.query(".msg.stats") or chat.query(".msg.error"), timeout=120)
+        assert not chat.query(".msg.error")
+        assert len(pieces) >= 2, "the reply must arrive piece by piece"
+        reply = chat.query("#transcript-a .assistant").last()
+        assert "".join(pieces).strip() and "".join(pieces).strip()[:5] in str(reply.render())
+        tr = chat.query_one("#transcript-a")
+        assert [m["role"] for m in tr.history] == ["user", "assistant"]
+        # A/B: baseline against the grid's plan, side by side
+        app.query_one("#grid").toggle(0)  # (digits would go into the focused chat input)
+        await pilot.pause()
+        chat.select(a="base", b="plan", ab=True)
+        await pilot.pause()
+        chat.query_one("#chat-input").focus()
+        await pilot.press(*"hi", "enter")
+        await wait_for(pilot, lambda: len(chat.query("#transcript-b .msg.stats")) == 1
+                       and len(chat.query("#transcript-a .msg.stats")) == 2, timeout=120)
+        assert chat.query_one("#transcript-b").display
+
+
+async def test_model_that_cannot_load_keeps_the_app(tmp_path, data_dir):
+    from tui.app import create_app
+
+    app = create_app(model_ref=str(tmp_path / "missing-model"), data_dir=data_dir, runs_dir=tmp_path, whatif=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: any(n.severity == "error" for n in app._notifications), timeout=30)
+        assert app.loaded is None
+        await pilot.press("ctrl+r")  # refused with a notification, nothing crashes
+        await pilot.pause()
+        assert "could not be loaded" in str(app.query_one("#model-info").render())
+
+
+async def test_failing_stage_and_missing_data_are_reported(loaded, tmp_path):
+    app = make_app(loaded, tmp_path, tmp_path / "no-data")
+    async with app.run_test(size=SIZE) as pilot:
+        app._show_recipe(short_recipe())
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.session is not None and not app.running, timeout=60)
+        assert app.session.status == "failed"
+        assert any(n.severity == "error" for n in app._notifications)
+        app.action_tab("layers")  # still interactive
+        await pilot.pause()
+        app.query_one("#grid").focus()
+        await pilot.press("space")
+        await wait_for(pilot, lambda: app.query_one("#grid").counts[0] == 0, timeout=10)
+
+
+async def test_help_palette_and_sessions_compare(loaded, tmp_path, data_dir):
+    from sessions.record import Session, StageRecord
+
+    for i, ppl in enumerate((20.0, 30.0)):
+        s = Session(recipe={"name": f"r{i}"}, status="done",
+                    stages=[StageRecord(0, "baseline", "baseline", status="done",
+                                        metrics=[{"name": "perplexity", "value": ppl, "protocol": "p"}])])
+        s.save(tmp_path / "runs" / f"r{i}" / "session.json")
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f1")
+        assert type(app.screen).__name__ == "HelpScreen"
+        await pilot.press("escape")
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        for t in ("Run the recipe", "Cancel the run", "Save the session as", "Open a session", "Chat A/B",
+                  "Load a recipe", "Write the recipe", "Importance scan"):
+            assert t in titles
+        await pilot.press("6")
+        await pilot.pause()
+        sl = app.query_one("#sessions-list")
+        assert sl.option_count == 2
+        sl.select_all()
+        await pilot.click("#sess-compare")
+        await pilot.pause()
+        assert type(app.screen).__name__ == "CompareScreen"
+        assert app.screen.query_one("#compare-table").row_count == 2

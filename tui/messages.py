@@ -1,0 +1,48 @@
+"""Messages thread workers send to the app (past tense: something happened)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.message import Message
+
+from pipeline import events as ev
+
+
+class ModelLoaded(Message):
+    def __init__(self, loaded):
+        super().__init__()
+        self.loaded = loaded
+
+
+class ModelLoadFailed(Message):
+    def __init__(self, error: str):
+        super().__init__()
+        self.error = error
+
+
+class RunEventArrived(Message):
+    """One runner event, forwarded from the run worker's thread."""
+
+    def __init__(self, event: ev.Event):
+        super().__init__()
+        self.event = event
+
+
+class RunEnded(Message):
+    def __init__(self, session, out_dir: Path, error: str | None = None):
+        super().__init__()
+        self.session, self.out_dir, self.error = session, out_dir, error
+
+
+class LogWritten(Message):
+    """A line from Python logging (any thread)."""
+
+    def __init__(self, text: str, level: str):
+        super().__init__()
+        self.text, self.level = text, level
+
+
+class EstimateReady(Message):
+    def __init__(self, text: str, scores: dict[int, float] | None = None):
+        super().__init__()
+        self.text, self.scores = text, scores

@@ -1,0 +1,1 @@
+"""Modal screens: help, a path prompt, the session compare view."""

@@ -1,0 +1,46 @@
+"""The help screen: what each pane does and every key."""
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+HELP = """\
+# frankenlab
+
+Compress a small LLaMA model and see what each step costs and buys.
+Switch panes with **1-6** (**alt+1-6** while typing, or click the tabs); **ctrl+p** opens the command palette with every action.
+
+| pane | what it does |
+|---|---|
+| 1 Layers | the model, and every decoder layer as a cell: **space**/click keep or skip, **+**/**-** repeat, **0** reset, **u** use the plan as the recipe's depth stage, **e** estimate the plan's perplexity again, **i** importance scan (heat colours) |
+| 2 Recipe | depth (k, metric, or the grid's plan), width **N:M = prunes N of every M**, LoRA, GPTQ, EoRA, evaluation, calibration; a refused value says why under the field |
+| 3 Run | per-stage progress and the log; **ctrl+r** runs, **ctrl+x** cancels after the current batch (finished stages are kept) |
+| 4 Results | stages with perplexity (and its protocol), TriviaQA, parameters, footprint, seconds; perplexity and LoRA loss plots; memory bars against a hardware target |
+| 5 Chat | chat with the baseline, the grid's plan or any finished stage; A/B answers one prompt with two models; **esc** stops a reply |
+| 6 Sessions | saved runs: open, compare several, replay; **ctrl+s** save the session as, **ctrl+o** open a session file |
+
+| key | action |
+|---|---|
+| ctrl+r | run the recipe |
+| ctrl+x | cancel the run |
+| ctrl+s / ctrl+o | save / open a session |
+| ctrl+l / ctrl+w | load / write a recipe TOML |
+| ctrl+t | dark / light theme |
+| f1 or ? | this help |
+| ctrl+q | quit |
+
+Perplexity is always printed with its protocol: `wikitext2-rows-512` is the thesis protocol (each row
+on its own), `wikitext2-concat-512` the GPTQ/WANDA one (rows joined, non-overlapping windows);
+`:first32` means only the first 32 rows or windows were scored.
+"""
+
+
+class HelpScreen(ModalScreen):
+    BINDINGS = [Binding("escape,q,f1,question_mark", "dismiss", "Close help")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-body"):
+            yield Markdown(HELP)

@@ -1,0 +1,184 @@
+"""The layer grid: every decoder layer as a cell; keep, skip or repeat it, Franken-LLaMA style.
+
+The grid holds per-layer run counts (0 = skip, 1 = keep, 2+ = repeat) and posts `PlanChanged`
+with the resulting `LayerPlan` whenever they change. It is drawn as one widget (one line of text
+per grid row) so 30 or 100 layers cost the same; clicks are mapped back to cells by offset.
+Importance scores, when known, colour each cell from green (cheap to remove) to red (important).
+"""
+from __future__ import annotations
+
+import math
+
+from rich.style import Style
+from rich.text import Text
+from textual.binding import Binding
+from textual.geometry import Size
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from pipeline.plans import LayerPlan
+
+CELL_W = 7
+MAX_REPEAT = 9
+
+
+def heat(value: float) -> str:
+    """0 -> green (removable), 1 -> red (important), as a hex colour readable in dark and light themes."""
+    v = max(0.0, min(1.0, value))
+    r, g = (int(60 + 160 * v), int(170 - 110 * v))
+    return f"#{r:02x}{g:02x}40"
+
+
+class LayerGrid(Widget, can_focus=True):
+    """Arrow keys move, space cycles keep/skip, + and - set repeats, 0 resets, mouse clicks cycle."""
+
+    BINDINGS = [
+        Binding("left", "move(-1, 0)", "Left", show=False),
+        Binding("right", "move(1, 0)", "Right", show=False),
+        Binding("up", "move(0, -1)", "Up", show=False),
+        Binding("down", "move(0, 1)", "Down", show=False),
+        Binding("space,enter", "toggle", "Keep/skip"),
+        Binding("plus,equals_sign", "repeat(1)", "Repeat +"),
+        Binding("minus", "repeat(-1)", "Repeat -"),
+        Binding("0", "reset", "Reset plan"),
+        Binding("u", "app.use_plan", "Plan→depth stage"),
+        Binding("e", "app.estimate", "Estimate", show=False),
+        Binding("i", "app.scan", "Importance scan"),
+    ]
+
+    cursor = reactive(0)
+
+    class PlanChanged(Message):
+        def __init__(self, grid: "LayerGrid", plan: LayerPlan | None):
+            super().__init__()
+            self.grid = grid
+            self.plan = plan  # None when every layer would be skipped
+
+        @property
+        def control(self) -> "LayerGrid":
+            return self.grid
+
+    def __init__(self, n_layers: int = 0, *, id: str | None = None, classes: str | None = None):
+        super().__init__(id=id, classes=classes)
+        self.counts: list[int] = [1] * n_layers
+        self.protected: set[int] = set()
+        self.scores: dict[int, float] = {}
+
+    # -- attributes down ----------------------------------------------------------------------
+    def set_layers(self, n: int, protected: set[int] | None = None) -> None:
+        self.counts = [1] * n
+        self.protected = protected or set()
+        self.scores = {}
+        self.cursor = 0
+        self.refresh(layout=True)
+        self._changed()
+
+    def set_protected(self, protected: set[int]) -> None:
+        self.protected = protected
+        self.refresh()
+
+    def set_scores(self, scores: dict[int, float]) -> None:
+        """Importance per layer (higher = more important); shown as a heat colour."""
+        self.scores = dict(scores)
+        self.refresh()
+
+    def set_plan(self, plan: LayerPlan) -> None:
+        self.counts = plan.counts()
+        self.refresh()
+        self._changed()
+
+    @property
+    def plan(self) -> LayerPlan | None:
+        if not self.counts or not any(self.counts):
+            return None
+        return LayerPlan.from_counts(self.counts)
+
+    # -- actions ------------------------------------------------------------------------------
+    def _cols(self) -> int:
+        return max(1, self.size.width // CELL_W) if self.size.width else 10
+
+    def action_move(self, dx: int, dy: int) -> None:
+        if not self.counts:
+            return
+        self.cursor = max(0, min(len(self.counts) - 1, self.cursor + dx + dy * self._cols()))
+
+    def action_toggle(self) -> None:
+        if self.counts:
+            self.toggle(self.cursor)
+
+    def toggle(self, i: int) -> None:
+        self.counts[i] = 0 if self.counts[i] else 1
+        self.refresh()
+        self._changed()
+
+    def action_repeat(self, delta: int) -> None:
+        if not self.counts:
+            return
+        i = self.cursor
+        self.counts[i] = max(0, min(MAX_REPEAT, self.counts[i] + delta))
+        self.refresh()
+        self._changed()
+
+    def action_reset(self) -> None:
+        self.counts = [1] * len(self.counts)
+        self.refresh()
+        self._changed()
+
+    def _changed(self) -> None:
+        self.post_message(self.PlanChanged(self, self.plan))
+
+    def watch_cursor(self) -> None:
+        self.refresh()
+
+    # -- mouse --------------------------------------------------------------------------------
+    def on_click(self, event) -> None:
+        col, row = event.x // CELL_W, event.y
+        i = row * self._cols() + col
+        if 0 <= col < self._cols() and 0 <= i < len(self.counts):
+            self.cursor = i
+            self.toggle(i)
+
+    # -- drawing ------------------------------------------------------------------------------
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        cols = max(1, width // CELL_W)
+        return max(1, math.ceil(len(self.counts) / cols))
+
+    def _cell(self, i: int) -> Text:
+        c = self.counts[i]
+        mark = "✓ " if c == 1 else ("✗ " if c == 0 else f"×{c}")
+        label = f"{i:>3} {mark} "
+        style = Style()
+        if self.scores and i in self.scores:
+            # by rank, not value: one very important layer would otherwise paint every other one green
+            ranked = sorted(self.scores, key=self.scores.get)
+            style += Style(color="#ffffff", bgcolor=heat(ranked.index(i) / max(1, len(ranked) - 1)))
+        if c == 0:
+            style += Style(dim=True, strike=True)
+        elif c > 1:
+            style += Style(bold=True)
+        if i in self.protected:
+            style += Style(underline=True)
+        if i == self.cursor and self.has_focus:
+            style += Style(reverse=True)
+        elif i == self.cursor:
+            style += Style(italic=True)
+        return Text(label, style=style)
+
+    def render(self) -> Text:
+        if not self.counts:
+            return Text("no model loaded", style="dim")
+        cols = self._cols()
+        out = Text()
+        for start in range(0, len(self.counts), cols):
+            if start:
+                out.append("\n")
+            for i in range(start, min(start + cols, len(self.counts))):
+                out.append_text(self._cell(i))
+        return out
+
+    def on_focus(self) -> None:
+        self.refresh()
+
+    def on_blur(self) -> None:
+        self.refresh()

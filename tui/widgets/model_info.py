@@ -1,0 +1,48 @@
+"""The model card at the top of the Layers pane: name, source, parameters, layers, dtype, device."""
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import Static
+
+from pipeline.plans import LayerPlan
+
+
+def describe_plan(plan: LayerPlan | None, n: int) -> Text:
+    if plan is None:
+        return Text("plan: every layer skipped: the model needs at least one layer", style="bold red")
+    t = Text("plan: ", style="bold")
+    t.append(plan.to_text())
+    if plan.is_identity:
+        t.append(f"  (all {n} layers, unchanged)", style="dim")
+    else:
+        t.append(f"  ({len(plan)} of {n} positions", style="dim")
+        if plan.skipped:
+            t.append(f"; skipped {plan.skipped}", style="dim")
+        if plan.repeated:
+            t.append(f"; repeated {plan.repeated}", style="dim")
+        t.append(")", style="dim")
+    return t
+
+
+class ModelInfo(Static):
+    def loading(self, ref: str) -> None:
+        self.update(Text(f"loading model {ref!r}…", style="italic"))
+
+    def failed(self, ref: str, error: str) -> None:
+        t = Text(f"model {ref!r} could not be loaded\n", style="bold red")
+        t.append(error)
+        self.update(t)
+
+    def show(self, lm) -> None:
+        from pipeline.models import count_parameters, decoder_layers
+
+        cfg = lm.model.config
+        t = Text()
+        t.append(lm.source.name or lm.source.ref, style="bold")
+        kind = {"default": "bundled default", "folder": "HF folder", "gguf": "GGUF file", "hub": "hub"}.get(
+            lm.source.kind, lm.source.kind)
+        t.append(f"  ({kind}: {lm.source.ref})\n", style="dim")
+        t.append(f"{count_parameters(lm.model) / 1e6:.1f}M parameters · {len(decoder_layers(lm.model))} layers · "
+                 f"hidden {getattr(cfg, 'hidden_size', '?')} · vocab {getattr(cfg, 'vocab_size', '?')} · "
+                 f"{str(lm.dtype).replace('torch.', '')} · {lm.device}")
+        self.update(t)

@@ -1,0 +1,177 @@
+"""Live results: the stage table, perplexity per stage and the LoRA loss curve.
+
+Rows are fed from runner events during a run (`handle`) and from a session record when one is
+opened or a run ends (`show_session`). Every perplexity is printed with its protocol.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Static
+
+from pipeline import events as ev
+
+try:  # textual-plotext is a dependency, but the table alone still works without it
+    from textual_plotext import PlotextPlot
+except ImportError:  # pragma: no cover
+    PlotextPlot = None
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def fmt_params(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+
+@dataclass
+class Row:
+    index: int
+    kind: str
+    status: str = "pending"
+    metrics: dict = field(default_factory=dict)  # name -> (value, protocol)
+    params: int | None = None
+    nonzero: int | None = None
+    layers: int | None = None
+    footprint: float | None = None
+    seconds: float | None = None
+
+
+def footprint_total(fp: dict | None) -> float | None:
+    if not fp:
+        return None
+    for key in ("total_bytes", "total", "bytes"):
+        v = fp.get(key)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
+class ResultsPanel(Vertical):
+    COLUMNS = ("#", "stage", "status", "perplexity (protocol)", "TQA closed", "TQA open", "params", "nonzero",
+               "layers", "footprint", "s")
+
+    def __init__(self, *, id: str | None = None):
+        super().__init__(id=id)
+        self.rows: dict[int, Row] = {}
+        self.loss: list[tuple[int, float]] = []
+
+    def compose(self) -> ComposeResult:
+        yield DataTable(id="results-table", zebra_stripes=True, cursor_type="row")
+        with Horizontal(id="plots"):
+            if PlotextPlot is not None:
+                yield PlotextPlot(id="ppl-plot")
+                yield PlotextPlot(id="loss-plot")
+            else:
+                yield Static("plots need textual-plotext", classes="hint")
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns(*self.COLUMNS)
+        self.redraw()
+
+    # -- feeding ------------------------------------------------------------------------------
+    def clear(self) -> None:
+        self.rows, self.loss = {}, []
+        self.redraw()
+
+    def handle(self, e: ev.Event) -> None:
+        if e.stage < 0:
+            return
+        row = self.rows.setdefault(e.stage, Row(e.stage, getattr(e, "kind", "?")))
+        if isinstance(e, ev.StageStarted):
+            row.kind, row.status = e.kind, "running"
+        elif isinstance(e, ev.MetricMeasured):
+            if e.name == "lora_loss" and e.step is not None:
+                self.loss.append((e.step, e.value))
+                self._plot_loss()
+                return
+            if e.step is None:
+                row.metrics[e.name] = (e.value, e.protocol)
+        elif isinstance(e, ev.StageFinished):
+            row.status, row.seconds = e.status, e.seconds
+            row.params = e.summary.get("params") or row.params
+            row.nonzero = e.summary.get("params_nonzero") or row.nonzero
+            row.layers = e.summary.get("layers") or row.layers
+            fp = e.summary.get("footprint")
+            row.footprint = footprint_total(fp) if isinstance(fp, dict) else (fp if isinstance(fp, (int, float)) else row.footprint)
+        elif isinstance(e, ev.RunFailed):
+            for r in self.rows.values():
+                if r.status in ("running", "pending"):
+                    r.status = e.error_type or "failed"
+        else:
+            return
+        self.redraw()
+
+    def show_session(self, session) -> None:
+        """Fill from a session record (keeps the loss curve collected live, or rebuilds it from events)."""
+        self.rows = {}
+        for st in session.stages:
+            r = Row(st.index, st.name or st.kind, st.status, params=st.params_count, nonzero=st.params_nonzero,
+                    layers=st.num_layers, footprint=footprint_total(st.footprint), seconds=st.seconds)
+            for m in st.metrics:
+                r.metrics[m["name"]] = (m["value"], m.get("protocol", ""))
+            self.rows[st.index] = r
+        loss = [(e["step"], e["value"]) for e in session.events
+                if e.get("event") == "MetricMeasured" and e.get("name") == "lora_loss" and e.get("step") is not None]
+        if loss:
+            self.loss = loss
+        self.redraw()
+
+    # -- drawing ------------------------------------------------------------------------------
+    def redraw(self) -> None:
+        if not self.is_mounted:
+            return
+        table = self.query_one(DataTable)
+        table.clear()
+        for i in sorted(self.rows):
+            r = self.rows[i]
+            ppl = r.metrics.get("perplexity")
+            tc, to = r.metrics.get("triviaqa_closed"), r.metrics.get("triviaqa_open")
+            table.add_row(
+                str(i), r.kind, r.status,
+                f"{ppl[0]:.2f} ({ppl[1]})" if ppl else "-",
+                f"{tc[0]:.1%}" if tc else "-", f"{to[0]:.1%}" if to else "-",
+                fmt_params(r.params), fmt_params(r.nonzero), str(r.layers or "-"), fmt_bytes(r.footprint),
+                f"{r.seconds:.1f}" if r.seconds is not None else "-", key=str(i))
+        self._plot_ppl()
+        self._plot_loss()
+
+    def _plot_ppl(self) -> None:
+        plots = self.query("#ppl-plot")
+        if not plots:
+            return
+        w = plots.first()
+        plt = w.plt
+        plt.clear_data()
+        plt.clear_figure()
+        pts = [(str(i), r.metrics["perplexity"][0]) for i, r in sorted(self.rows.items()) if "perplexity" in r.metrics]
+        protos = {r.metrics["perplexity"][1] for r in self.rows.values() if "perplexity" in r.metrics}
+        plt.title("ppl " + (", ".join(sorted(protos)) if protos else "per stage"))
+        if pts:
+            plt.bar([p[0] for p in pts], [p[1] for p in pts])
+        w.refresh()
+
+    def _plot_loss(self) -> None:
+        plots = self.query("#loss-plot")
+        if not plots:
+            return
+        w = plots.first()
+        plt = w.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title("LoRA loss" if self.loss else "LoRA loss (no LoRA stage yet)")
+        if self.loss:
+            plt.plot([s for s, _ in self.loss], [v for _, v in self.loss])
+        w.refresh()

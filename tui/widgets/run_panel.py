@@ -1,0 +1,104 @@
+"""The run pane: one progress bar per stage and the run's log.
+
+The app forwards runner events here (attributes down); the panel never touches the runner itself.
+"""
+from __future__ import annotations
+
+from rich.text import Text
+from textual import events
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Label, ProgressBar, RichLog, Static
+
+from pipeline import events as ev
+
+
+class StageRow(Horizontal):
+    def __init__(self, index: int, kind: str):
+        super().__init__(classes="stage-row", id=f"stage-row-{index}")
+        self.index, self.kind = index, kind
+        # made here, not in compose, so events arriving before the mount completes can update them
+        self.bar = ProgressBar(total=1.0, show_eta=False, classes="stage-bar")
+        self.label = Label("running", classes="stage-status")
+        self.done = False
+
+    def compose(self) -> ComposeResult:
+        yield Label(f"[{self.index}] {self.kind}", classes="stage-name")
+        yield self.bar
+        yield self.label
+
+    def progress(self, fraction: float, message: str) -> None:
+        self.bar.update(progress=fraction)
+        if message:
+            self.label.update(message[:48])
+
+    def finish(self, status: str, seconds: float | None = None) -> None:
+        if status == "done":
+            self.bar.update(progress=1.0)
+        self.label.update(status if seconds is None else f"{status} in {seconds:.1f}s")
+        self.add_class(status)
+        self.done = True
+
+
+class RunLog(RichLog):
+    """The log; also receives captured prints from worker threads and libraries."""
+
+    def on_print(self, event: events.Print) -> None:
+        if event.text.strip():
+            self.write(Text(event.text.rstrip("\n"), style="dim"))
+
+
+class RunPanel(Vertical):
+    def compose(self) -> ComposeResult:
+        yield Static("no run yet: build a recipe (tab 2) and press ctrl+r", id="run-status")
+        yield VerticalScroll(id="stage-rows")
+        yield RunLog(id="run-log", markup=False, wrap=True, max_lines=5000, highlight=False)
+
+    @property
+    def log_widget(self) -> RunLog:
+        return self.query_one(RunLog)
+
+    def write(self, message: str, style: str = "") -> None:
+        self.log_widget.write(Text(message, style=style))
+
+    def reset(self, title: str) -> None:
+        self.query_one("#stage-rows").remove_children()
+        self.query_one("#run-status", Static).update(title)
+
+    def status(self, text: str) -> None:
+        self.query_one("#run-status", Static).update(text)
+
+    def _row(self, index: int) -> StageRow | None:
+        rows = self.query(f"#stage-row-{index}")
+        return rows.first(StageRow) if rows else None
+
+    def handle(self, e: ev.Event) -> None:
+        if isinstance(e, ev.StageStarted):
+            if self._row(e.stage) is None:
+                self.query_one("#stage-rows").mount(StageRow(e.stage, e.kind))
+            self.write(f"[{e.stage}] {e.kind} started {e.params or ''}", "bold")
+        elif isinstance(e, ev.Progress):
+            row = self._row(e.stage)
+            if row is not None:
+                row.progress(e.fraction, e.message)
+        elif isinstance(e, ev.MetricMeasured):
+            if e.step is None:
+                self.write(f"  [{e.stage}] {e.name} = {e.value:.4g} ({e.protocol})")
+        elif isinstance(e, ev.LogLine):
+            msg = e.message.rstrip()
+            if e.level == "error" and "Traceback" in msg:
+                self.write(msg, "red dim")
+            else:
+                self.write(msg, "red" if e.level == "error" else ("yellow" if e.level == "warning" else "dim"))
+        elif isinstance(e, ev.StageFinished):
+            row = self._row(e.stage)
+            if row is not None:
+                row.finish(e.status, e.seconds)
+            self.write(f"[{e.stage}] {e.kind} {e.status} in {e.seconds:.1f}s", "green")
+        elif isinstance(e, ev.RunFailed):
+            for row in self.query(StageRow):
+                if not row.done:
+                    row.finish(e.error_type or "failed")
+            self.write(f"{e.error_type or 'failed'}: {e.message}", "bold red")
+        elif isinstance(e, ev.RunFinished):
+            self.status(f"run {e.status}: {e.session_path}")

@@ -1,0 +1,101 @@
+"""What-if line under the layer grid: perplexity of the grid's plan on a small fixed slice.
+
+Backed by `pipeline.whatif` (latest toggle wins through its `EstimateScheduler`); absent when that
+module is not installed. Estimates and the importance scan run in thread workers.
+"""
+from __future__ import annotations
+
+from rich.text import Text
+from textual import work
+from textual.widgets import Static
+from textual.worker import get_current_worker
+
+from pipeline.plans import LayerPlan
+from tui.messages import EstimateReady
+
+try:
+    from pipeline import whatif as _whatif
+except ImportError:  # the backend has not landed here
+    _whatif = None
+
+
+class WhatIf(Static):
+    def __init__(self, *, id: str | None = None, factory=None, enabled: bool = True):
+        super().__init__("", id=id)
+        self.factory = factory
+        self.enabled = enabled and _whatif is not None
+        self.scheduler = None
+        self.plan: LayerPlan | None = None
+        self.scores: dict[int, float] = {}
+
+    def on_mount(self) -> None:
+        if not self.enabled:
+            self.update(Text("what-if estimates: not available here", style="dim"))
+
+    def set_model(self, lm, data_dir) -> None:
+        if not self.enabled:
+            return
+        make = self.factory or (lambda lm, d: _whatif.WhatIfEstimator(lm.model, lm.tokenizer, data_dir=d))
+        try:
+            estimator = make(lm, data_dir)
+        except Exception as exc:  # noqa: BLE001
+            self.update(Text(f"what-if estimates unavailable: {exc}", style="dim"))
+            return
+        self.scheduler = _whatif.EstimateScheduler(estimator) if _whatif else estimator
+        self.update(Text("what-if: toggle a layer (or press e) to estimate the plan's perplexity; "
+                         "i scans every layer's importance", style="dim"))
+
+    def plan_changed(self, plan: LayerPlan | None) -> None:
+        self.plan = plan
+        if self.scheduler is not None and plan is not None and not plan.is_identity:
+            self._estimate(plan)
+
+    def estimate_now(self) -> None:
+        if self.scheduler is None:
+            self.app.notify("what-if estimates are not available", severity="warning")
+        elif self.plan is not None:
+            self._estimate(self.plan)
+
+    @work(thread=True, group="whatif", exit_on_error=False)
+    def _estimate(self, plan: LayerPlan) -> None:
+        from evals.perplexity import Cancelled
+
+        worker = get_current_worker()
+        self.app.call_from_thread(self.update, Text(f"what-if: estimating {plan.to_text()}…", style="italic"))
+        try:
+            est = self.scheduler.submit(plan, lambda: worker.is_cancelled)
+        except Cancelled:
+            return  # a newer toggle took over
+        except Exception as exc:  # noqa: BLE001 - e.g. the data set is missing
+            self.app.call_from_thread(self.update, Text(f"what-if failed: {exc}", style="red"))
+            return
+        t = Text("what-if ", style="bold")
+        t.append(f"ppl {est.ppl:.2f} ({est.delta:+.2f} vs {est.baseline:.2f}, {est.relative:+.1%}) ")
+        t.append(f"[{est.protocol}] {est.seconds:.2f}s, restarted at position {est.restarted_at}", style="dim")
+        self.app.call_from_thread(self.update, t)
+
+    def scan(self) -> None:
+        if self.scheduler is None:
+            self.app.notify("the importance scan needs the what-if backend", severity="warning")
+            return
+        self._scan()
+
+    @work(thread=True, group="whatif-scan", exclusive=True, exit_on_error=False)
+    def _scan(self) -> None:
+        from evals.perplexity import Cancelled
+
+        worker = get_current_worker()
+        scores: dict[int, float] = {}
+        try:
+            for i, est in self.scheduler.scan(lambda: worker.is_cancelled):
+                scores[i] = est.ppl
+                self.post_message(EstimateReady(f"layer {i}: ppl without it {est.ppl:.2f}", dict(scores)))
+                self.app.call_from_thread(self.update, Text(f"importance scan: layer {i} without it: ppl "
+                                                            f"{est.ppl:.2f} [{est.protocol}]", style="dim"))
+        except Cancelled:
+            return
+        except Exception as exc:  # noqa: BLE001
+            self.app.call_from_thread(self.update, Text(f"importance scan failed: {exc}", style="red"))
+            return
+        self.app.call_from_thread(self.update, Text(f"importance scan done: {len(scores)} layers (green = "
+                                                    "cheapest to remove)", style="dim"))
