@@ -9,8 +9,6 @@ With no task named it scores both WikiText-2 protocols. Every number is printed 
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +16,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tui.commands.common import ctrl_c_cancels
+
 DEFAULT_PPL = ("wikitext2-rows-512", "wikitext2-concat-512")
+
 
 
 def register(sub) -> None:
@@ -98,15 +99,7 @@ def main(args) -> int:
         console.print(f"[bold red]model error:[/bold red] {exc}")
         return 2
     console.print(f"[dim]{lm.source.name} on {lm.device} as {str(lm.dtype).replace('torch.', '')}[/dim]")
-    cancel = threading.Event()
-
-    def on_sigint(signum, frame):
-        if cancel.is_set():
-            raise KeyboardInterrupt
-        cancel.set()
-        console.print("[yellow]stopping after the current batch (Ctrl-C again to stop now)...[/yellow]")
-
-    old = signal.signal(signal.SIGINT, on_sigint)
+    cancel, restore_sigint = ctrl_c_cancels(console, "stopping")
     t0 = time.perf_counter()
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
@@ -123,7 +116,7 @@ def main(args) -> int:
         console.print("[yellow]cancelled[/yellow]")
         return 130
     finally:
-        signal.signal(signal.SIGINT, old)
+        restore_sigint()
     console.print(results_table(result.metrics))
     for name in ("triviaqa_closed", "triviaqa_open"):
         wrong = [r for r in result.details.get(name, {}).get("records", []) if not r["correct"]]

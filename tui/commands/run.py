@@ -5,8 +5,6 @@ stage); Ctrl-C twice stops at once, still writing the session.
 """
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 
 from rich.console import Console
@@ -14,6 +12,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from pipeline import events as ev
+
+from tui.commands.common import ctrl_c_cancels
 
 
 def register(sub) -> None:
@@ -103,15 +103,7 @@ def main(args) -> int:
 
         recipe.model = replace(recipe.model, source=args.run_model or args.model)
     out = Path(args.out) if args.out else default_out(recipe.name)
-    cancel = threading.Event()
-
-    def on_sigint(signum, frame):
-        if cancel.is_set():
-            raise KeyboardInterrupt
-        cancel.set()
-        console.print("[yellow]cancelling after the current batch (Ctrl-C again to stop now)...[/yellow]")
-
-    old = signal.signal(signal.SIGINT, on_sigint)
+    cancel, restore_sigint = ctrl_c_cancels(console, "cancelling")
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                       console=console) as progress:
@@ -119,7 +111,7 @@ def main(args) -> int:
                                  save_models=not args.no_save_models,
                                  data_dir=args.run_data_dir or args.data_dir)
     finally:
-        signal.signal(signal.SIGINT, old)
+        restore_sigint()
     console.print(results_table(session))
     console.print(f"session written to [bold]{out / 'session.json'}[/bold]")
     return {"done": 0, "cancelled": 130}.get(session.status, 1)

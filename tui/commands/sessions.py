@@ -12,9 +12,7 @@ Exit codes: 0 fine, 1 a replay number out of tolerance (or the replay did not fi
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +20,8 @@ from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from tui.commands.common import ctrl_c_cancels
 
 
 def register(sub) -> None:
@@ -147,17 +147,9 @@ def replay_main(args) -> int:
                                                           f"{time.strftime('%Y%m%d-%H%M%S')}"
     top_device = args.device if getattr(args, "device", "auto") != "auto" else None
     top_dtype = args.dtype if getattr(args, "dtype", "auto") != "auto" else None
-    cancel = threading.Event()
-
-    def on_sigint(signum, frame):
-        if cancel.is_set():
-            raise KeyboardInterrupt
-        cancel.set()
-        console.print("[yellow]cancelling after the current batch (Ctrl-C again to stop now)...[/yellow]")
-
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-    old = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    cancel, restore_sigint = ctrl_c_cancels(console, "cancelling")
     console.print(f"replaying [bold]{escape(saved.title)}[/bold] ({saved.id}) from stage {args.from_stage} "
                   f"into {escape(str(out))}")
     try:
@@ -174,8 +166,7 @@ def replay_main(args) -> int:
         console.print(f"[bold red]cannot replay:[/bold red] {escape(str(exc))}")
         return 2
     finally:
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
+        restore_sigint()
     console.print(diff_table(result))
     for note in result.notes:
         console.print(f"[dim]note: {escape(note)}[/dim]")
