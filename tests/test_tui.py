@@ -132,18 +132,19 @@ async def test_run_results_save_and_reopen(loaded, tmp_path, data_dir):
         assert "stage 1 depth" in labels and "stage 2 width" in labels
         # save the session as a new file
         await pilot.press("ctrl+s")
-        await pilot.pause()
+        await wait_for(pilot, lambda: app.screen.query("#prompt-input"), timeout=10)
         inp = app.screen.query_one("#prompt-input")
         inp.value = str(tmp_path / "saved.json")
         await pilot.press("enter")
-        await pilot.pause()
+        await wait_for(pilot, lambda: (tmp_path / "saved.json").exists(), timeout=10)
     saved = tmp_path / "saved.json"
     assert json.loads(saved.read_text())["status"] == "done"
     # reopen it in a fresh lab
     app2 = make_app(loaded, tmp_path, data_dir, session_path=saved)
     async with app2.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        assert app2.session is not None and app2.session.id == s.id
+        await wait_for(pilot, lambda: app2.session is not None and app2.query("#results-table")
+                       and app2.query_one("#results-table").row_count == 3, timeout=20)
+        assert app2.session.id == s.id
         assert app2.query_one("#results-table").row_count == 3
         assert app2.query_one("#tabs").active == "results"
         assert app2.query_one("#form").query_one("#width-ratio").value == "2:4"
@@ -240,9 +241,11 @@ async def test_failing_stage_and_missing_data_are_reported(loaded, tmp_path):
         assert any(n.severity == "error" for n in app._notifications)
         app.action_tab("layers")  # still interactive
         await pilot.pause()
-        app.query_one("#grid").focus()
+        grid = app.query_one("#grid")
+        grid.focus()
+        await wait_for(pilot, lambda: app.focused is grid, timeout=10)
         await pilot.press("space")
-        await wait_for(pilot, lambda: app.query_one("#grid").counts[0] == 0, timeout=10)
+        await wait_for(pilot, lambda: sum(grid.counts) == len(grid.counts) - 1, timeout=10)
 
 
 async def test_help_palette_and_sessions_compare(loaded, tmp_path, data_dir):

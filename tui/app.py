@@ -19,6 +19,7 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
@@ -161,6 +162,14 @@ class FrankenLab(App):
         if target:
             self.call_after_refresh(lambda: self.query_one(target).focus())
 
+    def _handle_exception(self, error: Exception) -> None:
+        # Worker results and widget messages can still be delivered while the app tears its screen
+        # down; a handler that looks for a widget already removed is harmless then, not a crash.
+        tearing_down = not self.screen_stack or not self.screen_stack[0].children
+        if isinstance(error, NoMatches) and tearing_down:
+            return
+        super()._handle_exception(error)
+
     def on_unmount(self) -> None:
         logging.getLogger().removeHandler(self._log_handler)
         self.cancel_event.set()
@@ -230,6 +239,8 @@ class FrankenLab(App):
     # -- layer grid ----------------------------------------------------------------------------
     @on(LayerGrid.PlanChanged)
     def _plan_changed(self, event: LayerGrid.PlanChanged) -> None:
+        if not self.query("#plan-text"):  # a late message while the screen tears down
+            return
         plan = event.plan
         self.query_one("#plan-text", Static).update(describe_plan(plan, len(event.grid.counts)))
         text = plan.to_text() if plan is not None and not plan.is_identity else None
@@ -239,7 +250,10 @@ class FrankenLab(App):
 
     @on(RecipeForm.Changed)
     def _form_changed(self) -> None:
-        grid = self.query_one(LayerGrid)
+        grids = self.query(LayerGrid)  # the form can report changes while the screen mounts or tears down
+        if not grids:
+            return
+        grid = grids.first()
         if grid.counts:
             grid.set_protected(self._protected(len(grid.counts)))
 
@@ -253,8 +267,9 @@ class FrankenLab(App):
 
     @on(EstimateReady)
     def _estimate_ready(self, message: EstimateReady) -> None:
-        if message.scores:
-            self.query_one(LayerGrid).set_scores(message.scores)
+        grids = self.query(LayerGrid)
+        if message.scores and grids:
+            grids.first().set_scores(message.scores)
 
     def _show_scores_from_session(self, session) -> None:
         for st in session.stages:
@@ -432,7 +447,9 @@ class FrankenLab(App):
         return get
 
     def _refresh_chat_targets(self) -> None:
-        self.query_one(ChatPanel).set_targets(self.chat_targets())
+        panels = self.query(ChatPanel)  # absent while the screen mounts or tears down
+        if panels:
+            panels.first().set_targets(self.chat_targets())
 
     # -- recipes and sessions --------------------------------------------------------------------
     def action_load_recipe(self) -> None:
