@@ -148,30 +148,32 @@ class ResultsPanel(Vertical):
         self._plot_ppl()
         self._plot_loss()
 
-    def _plot_ppl(self) -> None:
-        plots = self.query("#ppl-plot")
+    def _redraw(self, selector: str, draw) -> None:
+        """Clear the plot at `selector` (if mounted), let `draw(plt)` fill it, then repaint."""
+        plots = self.query(selector)
         if not plots:
             return
         w = plots.first()
-        plt = w.plt
-        plt.clear_data()
-        plt.clear_figure()
-        pts = [(str(i), r.metrics["perplexity"][0]) for i, r in sorted(self.rows.items()) if "perplexity" in r.metrics]
-        protos = {r.metrics["perplexity"][1] for r in self.rows.values() if "perplexity" in r.metrics}
-        plt.title("ppl " + (", ".join(sorted(protos)) if protos else "per stage"))
-        if pts:
-            plt.bar([p[0] for p in pts], [p[1] for p in pts])
+        w.plt.clear_data()
+        w.plt.clear_figure()
+        draw(w.plt)
         w.refresh()
 
+    def _plot_ppl(self) -> None:
+        def draw(plt):
+            pts = [(str(i), r.metrics["perplexity"][0]) for i, r in sorted(self.rows.items())
+                   if "perplexity" in r.metrics]
+            protos = {r.metrics["perplexity"][1] for r in self.rows.values() if "perplexity" in r.metrics}
+            plt.title("ppl " + (", ".join(sorted(protos)) if protos else "per stage"))
+            if pts:
+                plt.bar([p[0] for p in pts], [p[1] for p in pts])
+
+        self._redraw("#ppl-plot", draw)
+
     def _plot_loss(self) -> None:
-        plots = self.query("#loss-plot")
-        if not plots:
-            return
-        w = plots.first()
-        plt = w.plt
-        plt.clear_data()
-        plt.clear_figure()
-        plt.title("LoRA loss" if self.loss else "LoRA loss (no LoRA stage yet)")
-        if self.loss:
-            plt.plot([s for s, _ in self.loss], [v for _, v in self.loss])
-        w.refresh()
+        def draw(plt):
+            plt.title("LoRA loss" if self.loss else "LoRA loss (no LoRA stage yet)")
+            if self.loss:
+                plt.plot([s for s, _ in self.loss], [v for _, v in self.loss])
+
+        self._redraw("#loss-plot", draw)
