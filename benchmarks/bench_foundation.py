@@ -3,7 +3,9 @@
 Each step runs in its own process so its peak RSS is its own:
   convert  GGUF -> HF folder conversion into a fresh cache (plus one reload of the cached folder)
   load     loading the cached HF folder
-  wanda    WANDA 2:4 on all decoder projections, calibration 32 x 128 C4 tokens included
+  wanda    WANDA 2:4 on all decoder projections, calibration 32 x 128 C4 tokens included (default:
+           true-sequential statistics, one pass per layer)
+  wanda-reference  the same with sequential = "layer" (the WANDA reference code, two passes per layer)
   rank     depth importance by perplexity (each unprotected layer removed alone), 8 x 128 tokens
 Usage: python benchmarks/bench_foundation.py [--data-dir DIR]
 """
@@ -50,12 +52,13 @@ def step(name: str, data_dir: str | None) -> dict:
         out["seconds"] = time.perf_counter() - t0
     else:
         lm = load_model()
-        if name == "wanda":
+        if name.startswith("wanda"):
             from pipeline.stages import width
 
             ctx = StageContext(lm.tokenizer, lm.device, CalibrationConfig(samples=32, seq_len=128), data_dir)
             t0 = time.perf_counter()
-            r = width.run(lm.model, ctx, width.Config(pattern="2:4"))
+            sequential = "layer" if name == "wanda-reference" else "projection"
+            r = width.run(lm.model, ctx, width.Config(pattern="2:4", sequential=sequential))
             out["seconds"] = time.perf_counter() - t0
             out["density"] = r.report["targeted_density"]
         elif name == "rank":
@@ -80,17 +83,17 @@ def main() -> None:
         print(json.dumps(step(args.step, args.data_dir)))
         return
     rows = []
-    for name in ("convert", "load", "wanda", "rank"):
+    for name in ("convert", "load", "wanda", "wanda-reference", "rank"):
         p = subprocess.run([sys.executable, __file__, "--step", name, "--data-dir", args.data_dir],
                            capture_output=True, text=True, cwd=ROOT)
         if p.returncode:
             print(f"{name}: failed\n{p.stderr[-2000:]}")
             continue
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    print(f"{'step':8} {'seconds':>8} {'peak RSS GiB':>13}  notes")
+    print(f"{'step':16} {'seconds':>8} {'peak RSS GiB':>13}  notes")
     for r in rows:
         notes = {k: v for k, v in r.items() if k not in ("step", "seconds", "peak_rss_gib")}
-        print(f"{r['step']:8} {r['seconds']:8.2f} {r['peak_rss_gib']:13.2f}  {notes}")
+        print(f"{r['step']:16} {r['seconds']:8.2f} {r['peak_rss_gib']:13.2f}  {notes}")
 
 
 if __name__ == "__main__":

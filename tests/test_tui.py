@@ -90,6 +90,10 @@ async def test_width_nm_and_refusals(loaded, tmp_path, data_dir):
         await pilot.pause()
         assert "prunes 12 of every 16 weights (75.0% removed)" in str(form.query_one("#width-says").render())
         assert form.build().stages[0].config.n == 12
+        assert form.build().stages[0].config.sequential == "projection"
+        form.query_one("#width-sequential", Select).value = "layer"
+        await pilot.pause()
+        assert form.build().stages[0].config.sequential == "layer"
         form.query_one("#width-ratio", Select).value = "custom"
         await pilot.pause()
         custom = form.query_one("#width-custom", Input)

@@ -89,3 +89,92 @@ def test_width_config_errors(data, message):
 def test_m_must_divide_the_layer_widths(tiny, data_dir):
     with pytest.raises(RecipeError, match="not a multiple of M=48"):
         width.run(tiny.model, _ctx(tiny, data_dir), Config(pattern="1:48"))
+
+
+def _reference_wanda(model, ids, n, m):
+    """WANDA as in the paper's code: per layer, a full forward with hooks, prune, a second forward."""
+    from pipeline.layerwise import capture_inputs, run_layer
+
+    inputs = capture_inputs(model, ids, batch_size=4)
+    for layer in decoder_layers(model):
+        linears = linear_modules(layer, width.ALL_PROJECTIONS)
+        sums = {name: torch.zeros(lin.in_features) for name, lin in linears.items()}
+
+        def hook(_mod, args, _out, name):
+            sums[name] += args[0].float().pow(2).sum(dim=(0, 1))
+
+        handles = [lin.register_forward_hook(lambda *a, name=name: hook(*a, name)) for name, lin in linears.items()]
+        run_layer(layer, inputs)
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for name, lin in linears.items():
+                lin.weight.mul_(nm_prune_mask(lin.weight.abs() * sums[name].sqrt(), n, m))
+        inputs = run_layer(layer, inputs)
+
+
+def test_stage_matches_the_reference_two_pass_wanda(tiny, tiny_model_dir, data_dir):
+    from pipeline.models import load_model
+
+    ctx = _ctx(tiny, data_dir)
+    reference = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    _reference_wanda(reference.model, ctx.calibration_ids(), 2, 4)
+    width.run(tiny.model, ctx, Config(pattern="2:4", batch_size=4, sequential="layer"))
+    for ours, ref in zip(decoder_layers(tiny.model), decoder_layers(reference.model)):
+        for (name, a), b in zip(linear_modules(ours, width.ALL_PROJECTIONS).items(),
+                                linear_modules(ref, width.ALL_PROJECTIONS).values()):
+            assert torch.equal(a.weight == 0, b.weight == 0), f"{name}: mask differs from reference WANDA"
+
+
+def test_input_statistics_stop_before_the_work_they_do_not_need(tiny, data_dir):
+    from pipeline.layerwise import capture_inputs, input_square_sums
+
+    layer = decoder_layers(tiny.model)[2]
+    inputs = capture_inputs(tiny.model, _ctx(tiny, data_dir).calibration_ids(), batch_size=4)
+    calls = []
+    handle = layer.mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        sums = input_square_sums(layer, linear_modules(layer, width.ALL_PROJECTIONS), inputs)
+        assert not calls, "the statistics pass should stop at the down projection's input"
+        only_q = input_square_sums(layer, linear_modules(layer, ("q_proj",)), inputs)
+    finally:
+        handle.remove()
+    assert set(sums) == {f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")} | \
+        {f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert torch.equal(sums["self_attn.q_proj"], sums["self_attn.v_proj"])
+    assert torch.equal(only_q["self_attn.q_proj"], sums["self_attn.q_proj"])
+    assert all(bool((s > 0).all()) for s in sums.values())
+
+
+def test_true_sequential_scores_each_projection_on_the_inputs_it_receives(tiny, tiny_model_dir, data_dir):
+    from pipeline.models import load_model
+
+    ctx = _ctx(tiny, data_dir)
+    reference = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    width.run(reference.model, ctx, Config(pattern="2:4", sequential="layer"))
+    result = width.run(tiny.model, ctx, Config(pattern="2:4"))  # projection is the default
+    assert result.report["pattern_holds"] and "true-sequential" in result.report["statistics"]
+    ours, ref = decoder_layers(tiny.model)[0], decoder_layers(reference.model)[0]
+    for proj in ("q_proj", "k_proj", "v_proj"):  # first in the layer: the same inputs either way
+        assert torch.equal(getattr(ours.self_attn, proj).weight == 0, getattr(ref.self_attn, proj).weight == 0)
+    # later projections see the outputs of the pruned ones before them, so some choices differ
+    assert not torch.equal(ours.mlp.down_proj.weight == 0, ref.mlp.down_proj.weight == 0)
+
+
+def test_one_pass_output_is_the_edited_layers_output(tiny, data_dir):
+    from pipeline.layerwise import capture_inputs, edit_as_it_runs, run_layer
+
+    layer = decoder_layers(tiny.model)[1]
+    ids = _ctx(tiny, data_dir).calibration_ids()
+    x = capture_inputs(tiny.model, ids, batch_size=ids.shape[0])[0]
+    order = []
+
+    def edit(name, lin, sq_sum):
+        order.append(name)
+        with torch.no_grad():
+            lin.weight.mul_(nm_prune_mask(wanda_scores(lin.weight, sq_sum), 1, 4))
+
+    out = edit_as_it_runs(layer, linear_modules(layer, width.ALL_PROJECTIONS), x, edit)
+    assert [n.split(".")[-1] for n in order] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"]
+    assert torch.allclose(out.hidden, run_layer(layer, [x])[0].hidden, atol=1e-6)

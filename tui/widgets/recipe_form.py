@@ -166,6 +166,12 @@ class RecipeForm(VerticalScroll):
                 yield Label("method", classes="field-label")
                 yield Select([("wanda", "wanda"), ("magnitude", "magnitude")], value="wanda", allow_blank=False, compact=True,
                              id="width-method")
+            with Horizontal(classes="field-row"):
+                yield Label("statistics", classes="field-label")
+                yield Select([("per projection (1 pass)", "projection"), ("per layer (reference)", "layer")],
+                             value="projection", allow_blank=False, compact=True, id="width-sequential",
+                             tooltip="projection: each projection scored on the inputs it receives after the ones "
+                                     "before it are pruned; layer: the WANDA reference code (two passes per layer)")
         for kind, title in (("lora", "LoRA recovery"), ("gptq", "GPTQ quantization"), ("eora", "EoRA compensation")):
             with Vertical(classes="section", id=f"sec-{kind}") as sec:
                 sec.border_title = title
@@ -299,7 +305,8 @@ class RecipeForm(VerticalScroll):
             ratio = self.query_one("#width-ratio", Select).value
             pattern = self._val("width-custom") if ratio == "custom" else ratio
             stages.append(StageSpec("width", from_dict(width.Config, {
-                "pattern": pattern, "method": self.query_one("#width-method", Select).value}, "width")))
+                "pattern": pattern, "method": self.query_one("#width-method", Select).value,
+                "sequential": self.query_one("#width-sequential", Select).value}, "width")))
         for kind, module in self.available.items():
             if not self.query_one(f"#{kind}-on", Checkbox).value:
                 continue
@@ -357,6 +364,7 @@ class RecipeForm(VerticalScroll):
                 else:
                     notes.append(f"width: unstructured ratio {c.ratio} is not editable in the form")
                 self.query_one("#width-method", Select).value = c.method
+                self.query_one("#width-sequential", Select).value = c.sequential
             elif spec.kind in self.available:
                 self.query_one(f"#{spec.kind}-on", Checkbox).value = True
                 for f in dataclasses.fields(c):
