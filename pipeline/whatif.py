@@ -319,6 +319,7 @@ class WhatIfEstimator:
                 self._trails.pop(order, None)
         return nll, count, start, reused
 
+    @torch.inference_mode()
     def _head(self, hidden: list[torch.Tensor], cancelled: CancelFn) -> tuple[float, int]:
         """Summed next-token NLL from the last layer's output, a few rows at a time (bounded logits)."""
         model, ids = self.model, self.ids
@@ -328,14 +329,25 @@ class WhatIfEstimator:
         for h in hidden:
             for r in range(0, h.shape[0], rows_per_chunk):
                 self._check(cancelled)
-                part = h[r:r + rows_per_chunk]  # (b, T, H)
-                logits = model.lm_head(model.model.norm(part))[:, :-1].float()  # (b, T-1, V)
+                part = h[r:r + rows_per_chunk, :-1]  # (b, T-1, H): the last position predicts nothing
+                # logits of the scored positions only, contiguous so the loss reads them without a copy
+                logits = model.lm_head(model.model.norm(part)).float()  # (b, T-1, V)
                 labels = ids[row:row + part.shape[0], 1:].to(device)  # (b, T-1)
                 row += part.shape[0]
                 total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                                reduction="sum"))
                 count += labels.numel()
         return total, count
+
+    def _head_seconds(self) -> float:
+        """Seconds the output head and loss take on the slice's final states (benchmarks print it)."""
+        with self._lock:
+            self.prepare()
+            base = self._trails[tuple(range(len(self._layers)))]
+            x = base.states.get(len(self._layers) - 1) or base.states[max(base.states)]
+            t0 = time.perf_counter()
+            self._head(x, None)
+            return time.perf_counter() - t0
 
     def _remember(self, order: tuple[int, ...], est: Estimate) -> None:
         with self._memo_lock:
