@@ -287,7 +287,25 @@ def session_from_data(data: Any, where: str = "session") -> Session:
 
 
 def migrate(data: dict) -> dict:
-    """Bring an older schema version up to SCHEMA_VERSION (version 1 is the first: nothing to do yet)."""
+    """Bring an older schema version up to SCHEMA_VERSION, so a replay reruns what really ran.
+
+    1 -> 2: width stages gained `sequential`, whose default became "projection"; a version-1
+    WANDA stage without it ran the reference statistics, "layer".
+    """
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version < 2:
+        def pin(params):
+            if isinstance(params, dict) and params.get("method", "wanda") == "wanda":
+                params.setdefault("sequential", "layer")
+
+        recipe = data.get("recipe")
+        for spec in (recipe.get("stages") or []) if isinstance(recipe, dict) else []:
+            if isinstance(spec, dict) and spec.get("kind") == "width":
+                pin(spec)
+        for rec in data.get("stages") or []:
+            if isinstance(rec, dict) and rec.get("kind") == "width":
+                pin(rec.get("params"))
+        data = {**data, "schema_version": 2}
     return data
 
 

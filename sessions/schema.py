@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 FORMAT = "frankenlab-session"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _NUM = {"type": ["number", "null"]}
 _INT = {"type": ["integer", "null"]}
@@ -64,8 +64,8 @@ EVENT_SCHEMA = {
 
 SESSION_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": "https://frankenlab.invalid/session-v1.schema.json",
-    "title": "frankenlab session, schema version 1",
+    "$id": f"https://frankenlab.invalid/session-v{SCHEMA_VERSION}.schema.json",
+    "title": f"frankenlab session, schema version {SCHEMA_VERSION}",
     "type": "object",
     "required": ["schema_version", "recipe", "stages"],
     "properties": {

@@ -357,3 +357,22 @@ def test_core_imports_no_textual_and_no_torch():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('textual', 'torch')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_version_1_wanda_stages_keep_the_statistics_they_ran_with():
+    from pipeline.recipe import Recipe
+
+    d = full_session().to_dict()
+    d["schema_version"] = 1
+    d["recipe"]["stages"] = [{"kind": "width", "pattern": "2:4"}, {"kind": "width", "pattern": "1:8",
+                                                                    "method": "magnitude"}]
+    d["stages"][1]["kind"] = "width"
+    d["stages"][1]["params"] = {"pattern": "2:4"}
+    s = loads_session(json.dumps(d))
+    assert s.schema_version == SCHEMA_VERSION
+    assert s.recipe["stages"][0]["sequential"] == "layer"  # what version 1 ran
+    assert "sequential" not in s.recipe["stages"][1]  # magnitude pruning has no statistics
+    assert s.stages[1].params["sequential"] == "layer"
+    assert Recipe.from_dict(s.recipe).stages[0].config.sequential == "layer"
+    current = full_session().to_dict()  # a current session without the key means today's default
+    assert "sequential" not in loads_session(json.dumps(current)).recipe["stages"][0]

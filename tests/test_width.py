@@ -178,3 +178,13 @@ def test_one_pass_output_is_the_edited_layers_output(tiny, data_dir):
     assert [n.split(".")[-1] for n in order] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                  "down_proj"]
     assert torch.allclose(out.hidden, run_layer(layer, [x])[0].hidden, atol=1e-6)
+
+
+def test_one_batch_out_of_memory_says_what_to_change(tiny, data_dir, monkeypatch):
+    def no_memory(*_a, **_k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 81604378624 bytes")
+
+    monkeypatch.setattr(width, "edit_as_it_runs", no_memory)
+    with pytest.raises(RecipeError, match="sequential = 'layer' with a smaller batch_size"):
+        width.run(tiny.model, _ctx(tiny, data_dir), Config(pattern="2:4"))
