@@ -7,14 +7,12 @@ batches); a cancelled or failed run still leaves a valid session with all finish
 from __future__ import annotations
 
 import json
-import os
 import platform
 import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -2,9 +2,7 @@ import json
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
-import pytest
 from transformers import AutoModelForCausalLM
 
 from pipeline import events as ev

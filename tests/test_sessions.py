@@ -22,7 +22,7 @@ import pytest
 from sessions import (Session, SessionError, StageRecord, list_sessions, load_session, save_to_user_dir,
                       user_sessions_dir)
 from sessions.hashing import weights_digest
-from sessions.record import SCHEMA_VERSION, atomic_write_text, loads_session
+from sessions.record import SCHEMA_VERSION, loads_session
 from sessions.schema import SESSION_SCHEMA, STAGE_SCHEMA, validate
 
 ROOT = Path(__file__).resolve().parent.parent

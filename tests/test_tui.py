@@ -1,7 +1,6 @@
 """Pilot tests of the lab on the tiny model: layers, N:M, a short run, cancel, sessions, chat."""
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from pathlib import Path
