@@ -249,3 +249,18 @@ def test_default_slice_is_the_named_concat_protocol(tiny, data_dir):
     assert ref.protocol == est.protocol
     assert est.baseline_ppl == pytest.approx(ref.value, rel=1e-5)
     assert est.tokens == ref.tokens
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_blocked_loss_equals_cross_entropy(bias):
+    import torch.nn.functional as F
+
+    from pipeline.whatif import blocked_nll
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(37, 16, generator=g), torch.randn(1000, 16, generator=g) * 3  # 6 blocks of 150 and one of 100
+    b = torch.randn(1000, generator=g) if bias else None
+    labels = torch.randint(0, 1000, (37,), generator=g)
+    want = float(F.cross_entropy(F.linear(x, w, b), labels, reduction="sum"))
+    assert blocked_nll(x, w, b, labels, block=150) == pytest.approx(want, rel=1e-6)
+    assert blocked_nll(x, w, b, labels, block=4096) == pytest.approx(want, rel=1e-6)
