@@ -169,7 +169,9 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     def prune(name: str, lin: nn.Linear, sq_sum: torch.Tensor | None) -> None:
         with torch.no_grad():
             keep = _mask_for(wanda_scores(lin.weight, sq_sum), config)
-            lin.weight.mul_(keep.to(lin.weight.dtype))
+            # a new tensor, not mul_: weights loaded from safetensors are memory-mapped, and the first
+            # write to each page is a copy-on-write fault (11 ms vs 1 ms per 576x1536 matrix here)
+            lin.weight.data = lin.weight.data * keep.to(lin.weight.dtype)
         short = name.split(".")[-1]
         per_target[short][0] += int(torch.count_nonzero(lin.weight))
         per_target[short][1] += lin.weight.numel()
