@@ -62,7 +62,9 @@ async def test_toggle_layers_and_use_plan(loaded, tmp_path, data_dir):
         await pilot.press("right", "right", "space")  # skip layer 2
         await pilot.press("right", "plus")  # repeat layer 3
         assert grid.counts[:4] == [1, 1, 0, 2]
-        await pilot.click("#grid", offset=(7 * 5 + 2, 0))  # a click on cell 5 skips it
+        from tui.widgets.layer_grid import CELL_W
+
+        await pilot.click("#grid", offset=(CELL_W * 5 + 2, 0))  # a click on cell 5 skips it
         assert grid.counts[5] == 0
         await pilot.pause()
         text = str(app.query_one("#plan-text").render())
@@ -73,6 +75,42 @@ async def test_toggle_layers_and_use_plan(loaded, tmp_path, data_dir):
         assert "baseline + plan 0-1,3,3-4,6-7" in [t.label for t in app.chat_targets().values()]
         await pilot.press("0")
         assert grid.counts == [1] * 8
+
+
+async def test_whatif_in_the_lab(loaded, tmp_path, data_dir):
+    """Toggle -> estimate on the what-if line and its delta beside the cell; latest toggle wins; scan."""
+    from pipeline.plans import LayerPlan
+    from pipeline.whatif import WhatIfEstimator
+    from tui.widgets.layer_grid import format_delta
+
+    app = make_app(loaded, tmp_path, data_dir, whatif=True, estimator_factory=lambda lm, d: WhatIfEstimator(
+        lm.model, lm.tokenizer, data_dir=d, samples=2, seq_len=64))
+    async with app.run_test(size=SIZE) as pilot:
+        grid, line = app.query_one("#grid"), app.query_one("#whatif")
+        await wait_for(pilot, lambda: line.scheduler is not None)
+        est = line.scheduler.estimator
+        await wait_for(pilot, lambda: est.ready)  # the baseline pass warms up before any toggle
+        assert not est._memo.keys() - {tuple(range(8))}, "the warm-up estimates nothing but the baseline"
+
+        await pilot.press("right", "space")  # skip layer 1
+        plan1 = LayerPlan.without(8, [1])
+        await wait_for(pilot, lambda: 1 in grid.tried)
+        known = est.known(plan1)
+        assert grid.tried[1] == known.delta
+        assert f"ppl {known.ppl:.2f}" in str(line.render())
+        assert format_delta(known.delta) in str(grid.render())
+
+        await pilot.press("right", "space", "right", "space")  # skip 2, then at once 3
+        final = LayerPlan.without(8, [1, 2, 3])
+        await wait_for(pilot, lambda: 3 in grid.tried)
+        assert grid.tried[3] == est.known(final).delta
+        await wait_for(pilot, lambda: f"ppl {est.known(final).ppl:.2f}" in str(line.render()))
+
+        await pilot.press("0", "i")  # back to the full model, then the importance scan
+        await wait_for(pilot, lambda: len(grid.scores) == 8 and "scan done" in str(line.render()))
+        for i in range(8):
+            assert grid.tried[i] == est.known(LayerPlan.without(8, [i])).delta
+            assert grid.scores[i] == est.known(LayerPlan.without(8, [i])).ppl
 
 
 async def test_width_nm_and_refusals(loaded, tmp_path, data_dir):

@@ -120,7 +120,7 @@ class FrankenLab(App):
                     yield WhatIf(id="whatif", factory=self.estimator_factory, enabled=self.whatif_enabled)
                     yield Static("space/click keep·skip  +/- repeat  0 reset  u plan→depth stage  e estimate  "
                                  "i importance scan · underlined = protected · colour = importance rank "
-                                 "(green = cheapest to remove)",
+                                 "(green = cheapest to remove) · +3.31 = ppl delta when the cell was tried",
                                  id="grid-legend", classes="hint")
             with TabPane("2 Recipe", id="recipe"):
                 yield RecipeForm(id="form")
@@ -245,7 +245,7 @@ class FrankenLab(App):
         self.query_one("#plan-text", Static).update(describe_plan(plan, len(event.grid.counts)))
         text = plan.to_text() if plan is not None and not plan.is_identity else None
         self.query_one(RecipeForm).set_grid_plan(text)
-        self.query_one(WhatIf).plan_changed(plan)
+        self.query_one(WhatIf).plan_changed(plan, event.cell)
         self._refresh_chat_targets()
 
     @on(RecipeForm.Changed)
@@ -270,6 +270,8 @@ class FrankenLab(App):
         grids = self.query(LayerGrid)
         if message.scores and grids:
             grids.first().set_scores(message.scores)
+        if message.tried and grids:
+            grids.first().set_tried(message.tried)
 
     def _show_scores_from_session(self, session) -> None:
         for st in session.stages:

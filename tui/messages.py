@@ -43,6 +43,8 @@ class LogWritten(Message):
 
 
 class EstimateReady(Message):
-    def __init__(self, text: str, scores: dict[int, float] | None = None):
+    """A what-if result: scan scores (importance per layer) and/or deltas of tried cells."""
+
+    def __init__(self, text: str, scores: dict[int, float] | None = None, tried: dict[int, float] | None = None):
         super().__init__()
-        self.text, self.scores = text, scores
+        self.text, self.scores, self.tried = text, scores, tried

@@ -15,7 +15,7 @@ Switch panes with **1-6** (**alt+1-6** while typing, or click the tabs); **ctrl+
 
 | pane | what it does |
 |---|---|
-| 1 Layers | the model, and every decoder layer as a cell: **space**/click keep or skip, **+**/**-** repeat, **0** reset, **u** use the plan as the recipe's depth stage, **e** estimate the plan's perplexity again, **i** importance scan (heat colours) |
+| 1 Layers | the model, and every decoder layer as a cell: **space**/click keep or skip, **+**/**-** repeat, **0** reset, **u** use the plan as the recipe's depth stage, **e** estimate the plan's perplexity again, **i** importance scan (heat colours); a cell you changed (or the scan tried) shows the perplexity delta of the plan it produced, against the unmodified model |
 | 2 Recipe | depth (k, metric, or the grid's plan), width **N:M = prunes N of every M**, LoRA, GPTQ, EoRA, evaluation, calibration; a refused value says why under the field |
 | 3 Run | per-stage progress and the log; **ctrl+r** runs, **ctrl+x** cancels after the current batch (finished stages are kept) |
 | 4 Results | stages with perplexity (and its protocol), TriviaQA, parameters, footprint, seconds; perplexity and LoRA loss plots; memory bars against a hardware target |

@@ -4,6 +4,8 @@ The grid holds per-layer run counts (0 = skip, 1 = keep, 2+ = repeat) and posts 
 with the resulting `LayerPlan` whenever they change. It is drawn as one widget (one line of text
 per grid row) so 30 or 100 layers cost the same; clicks are mapped back to cells by offset.
 Importance scores, when known, colour each cell from green (cheap to remove) to red (important).
+A cell that has been tried (changed, then estimated by the what-if line, or scanned) shows the
+perplexity delta against the unmodified model of the plan it produced.
 """
 from __future__ import annotations
 
@@ -19,8 +21,22 @@ from textual.widget import Widget
 
 from pipeline.plans import LayerPlan
 
-CELL_W = 7
+CELL_W = 14  # " 14 ✗ +3.31  ": index, mark, the tried delta
 MAX_REPEAT = 9
+
+
+def format_delta(delta: float) -> str:
+    """A perplexity delta in at most 6 characters: +3.31, -0.42, +52.9, +607, +63k."""
+    a = abs(delta)
+    if a < 10:
+        return f"{delta:+.2f}"
+    if a < 100:
+        return f"{delta:+.1f}"
+    if a < 10_000:
+        return f"{delta:+.0f}"
+    if a < 1e6:
+        return f"{delta / 1000:+.0f}k"
+    return "+>1M" if delta > 0 else "-<1M"
 
 
 def heat(value: float) -> str:
@@ -50,10 +66,11 @@ class LayerGrid(Widget, can_focus=True):
     cursor = reactive(0)
 
     class PlanChanged(Message):
-        def __init__(self, grid: "LayerGrid", plan: LayerPlan | None):
+        def __init__(self, grid: "LayerGrid", plan: LayerPlan | None, cell: int | None = None):
             super().__init__()
             self.grid = grid
             self.plan = plan  # None when every layer would be skipped
+            self.cell = cell  # the cell whose change made this plan (None: reset, loaded plan, new model)
 
         @property
         def control(self) -> "LayerGrid":
@@ -64,12 +81,14 @@ class LayerGrid(Widget, can_focus=True):
         self.counts: list[int] = [1] * n_layers
         self.protected: set[int] = set()
         self.scores: dict[int, float] = {}
+        self.tried: dict[int, float] = {}  # cell -> ppl delta of the plan its last change produced
 
     # -- attributes down ----------------------------------------------------------------------
     def set_layers(self, n: int, protected: set[int] | None = None) -> None:
         self.counts = [1] * n
         self.protected = protected or set()
         self.scores = {}
+        self.tried = {}
         self.cursor = 0
         self.refresh(layout=True)
         self._changed()
@@ -81,6 +100,11 @@ class LayerGrid(Widget, can_focus=True):
     def set_scores(self, scores: dict[int, float]) -> None:
         """Importance per layer (higher = more important); shown as a heat colour."""
         self.scores = dict(scores)
+        self.refresh()
+
+    def set_tried(self, deltas: dict[int, float]) -> None:
+        """Perplexity deltas of tried cells (what-if estimates, scan results), shown beside them."""
+        self.tried.update({i: d for i, d in deltas.items() if 0 <= i < len(self.counts)})
         self.refresh()
 
     def set_plan(self, plan: LayerPlan) -> None:
@@ -110,7 +134,7 @@ class LayerGrid(Widget, can_focus=True):
     def toggle(self, i: int) -> None:
         self.counts[i] = 0 if self.counts[i] else 1
         self.refresh()
-        self._changed()
+        self._changed(i)
 
     def action_repeat(self, delta: int) -> None:
         if not self.counts:
@@ -118,15 +142,15 @@ class LayerGrid(Widget, can_focus=True):
         i = self.cursor
         self.counts[i] = max(0, min(MAX_REPEAT, self.counts[i] + delta))
         self.refresh()
-        self._changed()
+        self._changed(i)
 
     def action_reset(self) -> None:
         self.counts = [1] * len(self.counts)
         self.refresh()
         self._changed()
 
-    def _changed(self) -> None:
-        self.post_message(self.PlanChanged(self, self.plan))
+    def _changed(self, cell: int | None = None) -> None:
+        self.post_message(self.PlanChanged(self, self.plan, cell))
 
     def watch_cursor(self) -> None:
         self.refresh()
@@ -147,7 +171,7 @@ class LayerGrid(Widget, can_focus=True):
     def _cell(self, i: int) -> Text:
         c = self.counts[i]
         mark = "✓ " if c == 1 else ("✗ " if c == 0 else f"×{c}")
-        label = f"{i:>3} {mark} "
+        label = f"{i:>3} {mark}{format_delta(self.tried[i]) if i in self.tried else '':>6}  "  # CELL_W wide
         style = Style()
         if self.scores and i in self.scores:
             # by rank, not value: one very important layer would otherwise paint every other one green

@@ -44,11 +44,29 @@ class WhatIf(Static):
         self.scheduler = _whatif.EstimateScheduler(estimator) if _whatif else estimator
         self.update(Text("what-if: toggle a layer (or press e) to estimate the plan's perplexity; "
                          "i scans every layer's importance", style="dim"))
+        self._warm_up(estimator)
 
-    def plan_changed(self, plan: LayerPlan | None) -> None:
+    @work(thread=True, group="whatif-warm", exclusive=True, exit_on_error=False)
+    def _warm_up(self, estimator) -> None:
+        """The baseline pass in the background, so the first toggle costs what every other one does.
+
+        Silent: a failure here (say the data set is missing) is reported by the first estimate, with
+        the user looking. A toggle during the warm-up waits for it, it does not start a second one.
+        """
+        prepare = getattr(estimator, "prepare", None)
+        if prepare is None:
+            return
+        worker = get_current_worker()
+        try:
+            prepare(lambda: worker.is_cancelled)
+        except Exception:  # noqa: BLE001 - see the docstring
+            pass
+
+    def plan_changed(self, plan: LayerPlan | None, cell: int | None = None) -> None:
+        """The grid's plan changed (by `cell`, if one cell's change made it): estimate it."""
         self.plan = plan
         if self.scheduler is not None and plan is not None and not plan.is_identity:
-            self._estimate(plan)
+            self._estimate(plan, cell)
 
     def estimate_now(self) -> None:
         if self.scheduler is None:
@@ -57,7 +75,7 @@ class WhatIf(Static):
             self._estimate(self.plan)
 
     @work(thread=True, group="whatif", exit_on_error=False)
-    def _estimate(self, plan: LayerPlan) -> None:
+    def _estimate(self, plan: LayerPlan, cell: int | None = None) -> None:
         from evals.perplexity import Cancelled
 
         worker = get_current_worker()
@@ -73,6 +91,8 @@ class WhatIf(Static):
         t.append(f"ppl {est.ppl:.2f} ({est.delta:+.2f} vs {est.baseline:.2f}, {est.relative:+.1%}) ")
         t.append(f"[{est.protocol}] {est.seconds:.2f}s, restarted at position {est.restarted_at}", style="dim")
         self.app.call_from_thread(self.update, t)
+        if cell is not None:
+            self.post_message(EstimateReady(f"layer {cell} tried: {est.delta:+.2f}", tried={cell: est.delta}))
 
     def scan(self) -> None:
         if self.scheduler is None:
@@ -89,7 +109,8 @@ class WhatIf(Static):
         try:
             for i, est in self.scheduler.scan(lambda: worker.is_cancelled):
                 scores[i] = est.ppl
-                self.post_message(EstimateReady(f"layer {i}: ppl without it {est.ppl:.2f}", dict(scores)))
+                self.post_message(EstimateReady(f"layer {i}: ppl without it {est.ppl:.2f}", dict(scores),
+                                                tried={i: est.delta}))
                 self.app.call_from_thread(self.update, Text(f"importance scan: layer {i} without it: ppl "
                                                             f"{est.ppl:.2f} [{est.protocol}]", style="dim"))
         except Cancelled:

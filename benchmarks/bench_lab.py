@@ -1,0 +1,111 @@
+"""What a user waits for in the lab: toggle a layer, see its what-if perplexity (printed, never asserted).
+
+    FRANKENLAB_DATA_DIR=/work/shared/data .venv/bin/python benchmarks/bench_lab.py [--layers 0,10,20]
+
+Drives the real Textual app headless (Pilot) on the bundled model, exactly as keys would: for each
+layer, move the grid cursor, press space (skip it), wait until the what-if line shows that plan's
+estimate, press space again (back to the unmodified model, answered without an estimate). The time
+from the key press to the text on screen includes the thread worker, the estimate and the redraw.
+An event-loop probe (a 50 ms timer) runs throughout: its extra delays say whether the screen stayed
+responsive while torch computed. The first toggle also pays for the baseline pass; it is reported
+apart from the median.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+async def drive(app, layers: list[int], timeout: float) -> tuple[list[tuple[int, float, str]], list[float]]:
+    from tui.widgets.whatif import WhatIf
+
+    gaps: list[float] = []
+    rows: list[tuple[int, float, str]] = []
+    async with app.run_test(size=(160, 48)) as pilot:
+        while app.query_one("#whatif", WhatIf).scheduler is None:  # the model is handed over at mount
+            await pilot.pause(0.1)
+        last = [time.perf_counter()]
+
+        def tick() -> None:
+            now = time.perf_counter()
+            gaps.append(now - last[0] - 0.05)
+            last[0] = now
+
+        app.set_interval(0.05, tick)
+        app.query_one("#grid").focus()
+        await pilot.pause(0.2)
+        line = app.query_one("#whatif", WhatIf)
+        cursor = 0
+        for i in layers:
+            for _ in range(i - cursor):
+                await pilot.press("right")
+            for _ in range(cursor - i):
+                await pilot.press("left")
+            cursor = i
+            before = str(line.render())
+            t0 = time.perf_counter()
+            await pilot.press("space")
+            while True:
+                text = str(line.render())
+                if text.startswith("what-if ppl") and text != before:
+                    break
+                if text.startswith("what-if failed") or time.perf_counter() - t0 > timeout:
+                    raise SystemExit(f"layer {i}: no estimate on screen ({text!r})")
+                await asyncio.sleep(0.01)
+            rows.append((i, time.perf_counter() - t0, text))
+            print(f"  skip {i:2d}: {rows[-1][1]:5.2f} s to screen  | {text}", flush=True)
+            await pilot.press("space")  # back to the unmodified model
+            await pilot.pause(0.05)
+    return rows, gaps
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", default=None, help="layers to toggle, e.g. 0,10,20 (default: all)")
+    ap.add_argument("--timeout", type=float, default=120.0)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from pipeline.models import decoder_layers, load_model
+    from tui.app import create_app
+    from tui.cli import _quiet_libraries
+
+    _quiet_libraries()
+    lm = load_model()
+    n = len(decoder_layers(lm.model))
+    layers = list(range(n)) if not args.layers else [int(x) for x in args.layers.split(",")]
+    data_dir = os.environ.get("FRANKENLAB_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    print(f"lab on {lm.source.name}: {torch.get_num_threads()} torch threads, {os.cpu_count()} cpus; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    app = create_app(loaded=lm, data_dir=data_dir, runs_dir=str(ROOT / "runs" / "bench-lab"))
+    rows, gaps = asyncio.run(drive(app, layers, args.timeout))
+    first, rest = rows[0], [r[1] for r in rows[1:]]
+    gaps.sort()
+    figures = {
+        "first_toggle_s": first[1],
+        "median_toggle_s": statistics.median(rest) if rest else None,
+        "max_toggle_s": max(rest) if rest else None,
+        "event_loop_max_extra_ms": gaps[-1] * 1000 if gaps else None,
+        "event_loop_p99_extra_ms": gaps[int(len(gaps) * 0.99)] * 1000 if gaps else None,
+    }
+    if rest:
+        print(f"key press -> estimate on screen: first toggle {first[1]:.2f} s (includes the baseline pass), "
+              f"then median {figures['median_toggle_s']:.2f} s, max {figures['max_toggle_s']:.2f} s "
+              f"over {len(rest)} toggles")
+    if gaps:
+        print(f"event loop: {len(gaps)} ticks of 50 ms, largest extra delay {figures['event_loop_max_extra_ms']:.0f} ms, "
+              f"p99 {figures['event_loop_p99_extra_ms']:.0f} ms")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
