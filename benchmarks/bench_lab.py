@@ -7,8 +7,8 @@ layer, move the grid cursor, press space (skip it), wait until the what-if line 
 estimate, press space again (back to the unmodified model, answered without an estimate). The time
 from the key press to the text on screen includes the thread worker, the estimate and the redraw.
 An event-loop probe (a 50 ms timer) runs throughout: its extra delays say whether the screen stayed
-responsive while torch computed. The first toggle also pays for the baseline pass; it is reported
-apart from the median.
+responsive while torch computed. The lab runs the baseline pass by itself at start; the benchmark
+waits for it (as a user reading the screen would) and reports the first toggle apart anyway.
 """
 from __future__ import annotations
 
@@ -30,8 +30,13 @@ async def drive(app, layers: list[int], timeout: float) -> tuple[list[tuple[int,
     gaps: list[float] = []
     rows: list[tuple[int, float, str]] = []
     async with app.run_test(size=(160, 48)) as pilot:
+        t_mount = time.perf_counter()
         while app.query_one("#whatif", WhatIf).scheduler is None:  # the model is handed over at mount
             await pilot.pause(0.1)
+        estimator = app.query_one("#whatif", WhatIf).scheduler.estimator
+        while not estimator.ready:  # the lab warms the baseline pass up by itself
+            await pilot.pause(0.1)
+        print(f"  baseline warm-up done {time.perf_counter() - t_mount:.2f} s after the lab started", flush=True)
         last = [time.perf_counter()]
 
         def tick() -> None:
@@ -98,7 +103,7 @@ def main(argv=None) -> dict:
         "event_loop_p99_extra_ms": gaps[int(len(gaps) * 0.99)] * 1000 if gaps else None,
     }
     if rest:
-        print(f"key press -> estimate on screen: first toggle {first[1]:.2f} s (includes the baseline pass), "
+        print(f"key press -> estimate on screen: first toggle {first[1]:.2f} s, "
               f"then median {figures['median_toggle_s']:.2f} s, max {figures['max_toggle_s']:.2f} s "
               f"over {len(rest)} toggles")
     if gaps:

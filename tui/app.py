@@ -173,6 +173,9 @@ class FrankenLab(App):
     def on_unmount(self) -> None:
         logging.getLogger().removeHandler(self._log_handler)
         self.cancel_event.set()
+        for line in self.query(WhatIf):  # an estimate in flight stops at its next layer, so exit is prompt
+            if line.scheduler is not None and hasattr(line.scheduler, "cancel"):
+                line.scheduler.cancel()
 
     # -- event-loop latency probe ------------------------------------------------------------
     def _tick(self) -> None:

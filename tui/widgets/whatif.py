@@ -44,16 +44,16 @@ class WhatIf(Static):
         self.scheduler = _whatif.EstimateScheduler(estimator) if _whatif else estimator
         self.update(Text("what-if: toggle a layer (or press e) to estimate the plan's perplexity; "
                          "i scans every layer's importance", style="dim"))
-        self._warm_up(estimator)
+        self._warm_up(self.scheduler)
 
     @work(thread=True, group="whatif-warm", exclusive=True, exit_on_error=False)
-    def _warm_up(self, estimator) -> None:
+    def _warm_up(self, scheduler) -> None:
         """The baseline pass in the background, so the first toggle costs what every other one does.
 
         Silent: a failure here (say the data set is missing) is reported by the first estimate, with
         the user looking. A toggle during the warm-up waits for it, it does not start a second one.
         """
-        prepare = getattr(estimator, "prepare", None)
+        prepare = getattr(scheduler, "prepare", None)
         if prepare is None:
             return
         worker = get_current_worker()
