@@ -45,6 +45,8 @@ def test_nm_pattern_exact_after_stage(tiny, data_dir, pattern):
             assert (groups == n).all(), f"{name}: every group of {m} must hold exactly {n} zeros"
     assert result.report["pattern_holds"]
     assert result.report["targeted_density"] == pytest.approx(1 - n / m)
+    w = decoder_layers(result.model)[0].self_attn.q_proj.weight
+    assert not w.is_inference() and w.requires_grad, "pruned weights must stay trainable (LoRA comes next)"
 
 
 def test_wanda_differs_from_magnitude_and_respects_targets(tiny, tiny_model_dir, data_dir):

@@ -169,9 +169,7 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     def prune(name: str, lin: nn.Linear, sq_sum: torch.Tensor | None) -> None:
         with torch.no_grad():
             keep = _mask_for(wanda_scores(lin.weight, sq_sum), config)
-            # a new tensor, not mul_: weights loaded from safetensors are memory-mapped, and the first
-            # write to each page is a copy-on-write fault (11 ms vs 1 ms per 576x1536 matrix here)
-            lin.weight.data = lin.weight.data * keep.to(lin.weight.dtype)
+            lin.weight.mul_(keep.to(lin.weight.dtype))  # in place: the weight stays a normal tensor
         short = name.split(".")[-1]
         per_target[short][0] += int(torch.count_nonzero(lin.weight))
         per_target[short][1] += lin.weight.numel()
@@ -179,6 +177,11 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     for li, layer in enumerate(layers):
         ctx.check_cancel()
         linears = linear_modules(layer, config.targets)
+        with torch.no_grad():  # outside inference mode, so the copies stay trainable by a later LoRA stage
+            for lin in linears.values():
+                # weights loaded from safetensors are memory-mapped; the first write to each page would
+                # be a copy-on-write fault (11 ms vs 1 ms per 576x1536 matrix here): copy them once
+                lin.weight.data = lin.weight.data.clone()
         if one_pass:
             try:
                 inputs = [edit_as_it_runs(layer, linears, inputs[0], prune)]
