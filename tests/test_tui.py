@@ -315,3 +315,26 @@ async def test_help_palette_and_sessions_compare(loaded, tmp_path, data_dir):
         await pilot.pause()
         assert type(app.screen).__name__ == "CompareScreen"
         assert app.screen.query_one("#compare-table").row_count == 2
+
+
+async def test_form_keeps_the_fields_it_does_not_show(loaded, tmp_path, data_dir):
+    """Loading a recipe into the form and building it again must not reset what the form hides."""
+    from pipeline.recipe import Recipe, StageSpec
+    from pipeline.stages import depth, lora, width
+
+    recipe = Recipe(name="hidden", stages=[
+        StageSpec("depth", depth.Config(k=1, metric="l1", protected_first=1, protected_last=1, samples=3)),
+        StageSpec("width", width.Config(pattern="2:4", targets=("q_proj", "up_proj"), batch_size=4,
+                                        sequential="layer")),
+        StageSpec("lora", lora.Config(steps=2, lr=1e-3, targets=("q_proj", "v_proj"), merge=False))])
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        form = app.query_one("#form")
+        form.load(recipe)
+        await pilot.pause()
+        built = form.build()
+        d, w = built.stages[0].config, built.stages[1].config
+        assert (d.k, d.metric, d.samples, d.protected_first) == (1, "l1", 3, 1)
+        assert (w.n, w.m, w.targets, w.batch_size, w.sequential) == (2, 4, ("q_proj", "up_proj"), 4, "layer")
+        r = built.stages[2].config
+        assert (r.steps, r.lr, r.targets, r.merge) == (2, 1e-3, ("q_proj", "v_proj"), False)

@@ -128,6 +128,7 @@ class RecipeForm(VerticalScroll):
         self.grid_plan: str | None = None  # set by the app from the layer grid (attributes down)
         self.base_evaluation = EvalConfig()  # fields the form does not show come from the loaded recipe
         self.base_calibration = CalibrationConfig()
+        self.base_stages: dict[str, Any] = {}  # kind -> the loaded recipe's config: fields the form hides
         self.model_source = "default"
         self.available: dict[str, Any] = {}
         self.unavailable: dict[str, str] = {}
@@ -290,8 +291,9 @@ class RecipeForm(VerticalScroll):
         stages: list[StageSpec] = []
         if self.query_one("#depth-on", Checkbox).value:
             depth = stage_kind("depth").load()
-            raw: dict[str, Any] = {"protected_first": _int(self._val("depth-pfirst"), "protected_first"),
-                                   "protected_last": _int(self._val("depth-plast"), "protected_last")}
+            raw: dict[str, Any] = self._hidden_fields("depth")
+            raw.update(protected_first=_int(self._val("depth-pfirst"), "protected_first"),
+                       protected_last=_int(self._val("depth-plast"), "protected_last"))
             if self.query_one("#depth-mode", Select).value == "plan":
                 if not self.grid_plan:
                     raise RecipeError("depth: the layer grid keeps every layer; skip or repeat some, or rank by k")
@@ -304,13 +306,15 @@ class RecipeForm(VerticalScroll):
             width = stage_kind("width").load()
             ratio = self.query_one("#width-ratio", Select).value
             pattern = self._val("width-custom") if ratio == "custom" else ratio
-            stages.append(StageSpec("width", from_dict(width.Config, {
-                "pattern": pattern, "method": self.query_one("#width-method", Select).value,
-                "sequential": self.query_one("#width-sequential", Select).value}, "width")))
+            raw = self._hidden_fields("width")
+            raw.pop("ratio", None)  # the form edits N:M patterns; an unstructured ratio was noted on load
+            raw.update(pattern=pattern, method=self.query_one("#width-method", Select).value,
+                       sequential=self.query_one("#width-sequential", Select).value)
+            stages.append(StageSpec("width", from_dict(width.Config, raw, "width")))
         for kind, module in self.available.items():
             if not self.query_one(f"#{kind}-on", Checkbox).value:
                 continue
-            raw = {}
+            raw = self._hidden_fields(kind)
             for f in dataclasses.fields(module.Config):
                 inputs = self.query(f"#{kind}-{f.name.replace('_', '-')}")
                 if inputs:
@@ -332,9 +336,27 @@ class RecipeForm(VerticalScroll):
         return Recipe(name=name, description="built in the lab", model=ModelSpec(source=self.model_source),
                       calibration=calibration, evaluation=evaluation, stages=stages)
 
+    def _hidden_fields(self, kind: str) -> dict:
+        """Fields of the loaded recipe's `kind` stage that the form has no input for, as plain data."""
+        base = self.base_stages.get(kind)
+        if base is None:
+            return {}
+        shown = {"width": {"pattern", "n", "m", "method", "sequential"},
+                 "depth": {"k", "metric", "plan", "layers"}}.get(kind, set())  # set by the form's controls
+        out = {}
+        for f in dataclasses.fields(base):
+            if f.name in shown or self.query(f"#{kind}-{f.name.replace('_', '-')}"):
+                continue
+            value = getattr(base, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
     def load(self, recipe: Recipe) -> list[str]:
         """Fill the form from `recipe`; returns notes about what the form could not show."""
         notes = []
+        self.base_stages = {}
+        for spec in recipe.stages:
+            self.base_stages.setdefault(spec.kind, spec.config)
         self.query_one("#recipe-name", Input).value = recipe.name
         for sw in self.query(Checkbox):
             sw.value = False
