@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,19 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks.common import load_average, machine_line  # noqa: E402
 from evals.data import load_texts  # noqa: E402
 from evals.perplexity import perplexity  # noqa: E402
 from evals.qa import run_qa  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 
 SEQ_LEN = 512
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def text_prefix(tokenizer, text: str, tokens: int) -> str:
@@ -89,8 +82,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     lm = load_model(args.model)
-    print(f"model {lm.source.name}, {lm.device}, {lm.dtype}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, {platform.processor() or platform.machine()}")
+    print(machine_line(lm))
     print(f"load average at start: {load_average()}")
     texts, source = load_texts("wikitext2")
     text = text_prefix(lm.tokenizer, "\n\n".join(texts), args.windows * SEQ_LEN + 1)

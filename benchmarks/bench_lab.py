@@ -78,8 +78,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--timeout", type=float, default=120.0)
     args = ap.parse_args(argv)
 
-    import torch
-
+    from benchmarks.common import load_average, machine_line
     from pipeline.models import decoder_layers, load_model
     from tui.app import create_app
     from tui.cli import _quiet_libraries
@@ -89,8 +88,7 @@ def main(argv=None) -> dict:
     n = len(decoder_layers(lm.model))
     layers = list(range(n)) if not args.layers else [int(x) for x in args.layers.split(",")]
     data_dir = os.environ.get("FRANKENLAB_DATA_DIR", str(ROOT.parent / "shared" / "data"))
-    print(f"lab on {lm.source.name}: {torch.get_num_threads()} torch threads, {os.cpu_count()} cpus; "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"lab: {machine_line(lm)}; load average {load_average()}")
     app = create_app(loaded=lm, data_dir=data_dir, runs_dir=str(ROOT / "runs" / "bench-lab"))
     rows, gaps = asyncio.run(drive(app, layers, args.timeout))
     first, rest = rows[0], [r[1] for r in rows[1:]]

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -24,16 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks.common import load_average, machine_line  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.plans import LayerPlan  # noqa: E402
 from pipeline.whatif import WhatIfEstimator  # noqa: E402
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def main(argv=None) -> dict:
@@ -48,8 +40,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     lm = load_model(args.model)
-    print(f"model {lm.source.name}, {lm.device}, {lm.dtype}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, {platform.processor() or platform.machine()}")
+    print(machine_line(lm))
     print(f"load average at start: {load_average()}")
     kw = dict(data=args.data, samples=args.samples, seq_len=args.seq_len)
     est = WhatIfEstimator(lm.model, lm.tokenizer, **kw)
