@@ -26,7 +26,8 @@ class LayerInput:
     kwargs: dict  # attention_mask, position_embeddings, position_ids, ...
 
 
-def _out_hidden(out) -> torch.Tensor:
+def layer_hidden(out) -> torch.Tensor:
+    """The hidden states a decoder layer returns (a tensor, or the first item of a tuple)."""
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -59,24 +60,7 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> 
 @torch.inference_mode()
 def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
     """Outputs of one layer for each cached batch, as inputs for the next layer."""
-    return [LayerInput(_out_hidden(layer(x.hidden, use_cache=False, **x.kwargs)), x.kwargs) for x in inputs]
-
-
-@torch.inference_mode()
-def head_nll(model: nn.Module, inputs: list[LayerInput], ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL from hidden states leaving the last layer, and the token count."""
-    device = next(model.parameters()).device
-    total, count, row = 0.0, 0, 0
-    for x in inputs:
-        h = model.model.norm(x.hidden)
-        logits = model.lm_head(h).float()  # (B, T, V)
-        labels = ids[row:row + h.shape[0]].to(device)
-        row += h.shape[0]
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                                           reduction="sum")
-        total += float(loss)
-        count += labels[:, 1:].numel()
-    return total, count
+    return [LayerInput(layer_hidden(layer(x.hidden, use_cache=False, **x.kwargs)), x.kwargs) for x in inputs]
 
 
 class _SquareSums:
@@ -111,7 +95,7 @@ class _SquareSums:
                 self.seen.clear()
                 self._last = (None, None)
                 try:
-                    outputs.append(LayerInput(_out_hidden(layer(x.hidden, use_cache=False, **x.kwargs)), x.kwargs))
+                    outputs.append(LayerInput(layer_hidden(layer(x.hidden, use_cache=False, **x.kwargs)), x.kwargs))
                 except _Stop:
                     pass
         finally:

@@ -45,7 +45,7 @@ from torch import nn
 
 from evals.perplexity import Cancelled, Protocol, score_sequences, sequences_for
 
-from .layerwise import capture_inputs
+from .layerwise import capture_inputs, layer_hidden
 from .models import decoder_layers
 from .plans import LayerPlan, PlanError, PlanSlot, planned
 
@@ -313,7 +313,7 @@ class WhatIfEstimator:
             for pos in range(start, len(order)):
                 self._check(cancelled)
                 layer = self._layers[order[pos]]
-                x = [_hidden(layer(h, use_cache=False, **kw)) for h, kw in zip(x, self._kwargs)]
+                x = [layer_hidden(layer(h, use_cache=False, **kw)) for h, kw in zip(x, self._kwargs)]
                 # x: (B, T, H) per batch, the input of position pos + 1
                 nxt = pos + 1
                 if (trail is not None and nxt < len(order) and nxt % self._stride == 0
@@ -453,10 +453,6 @@ def blocked_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         here = ((labels >= v) & (labels < v + logits.shape[1])).nonzero().squeeze(1)  # rows labelled in block
         target[here] = logits[here, labels[here] - v]
     return float((run_max + run_sum.log() - target).double().sum())
-
-
-def _hidden(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 class EstimateScheduler:

@@ -175,7 +175,7 @@ class FrankenLab(App):
         logging.getLogger().removeHandler(self._log_handler)
         self.cancel_event.set()
         for line in self.query(WhatIf):  # an estimate in flight stops at its next layer, so exit is prompt
-            if line.scheduler is not None and hasattr(line.scheduler, "cancel"):
+            if line.scheduler is not None:
                 line.scheduler.cancel()
 
     # -- event-loop latency probe ------------------------------------------------------------

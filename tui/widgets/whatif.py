@@ -41,7 +41,7 @@ class WhatIf(Static):
         except Exception as exc:  # noqa: BLE001
             self.update(Text(f"what-if estimates unavailable: {exc}", style="dim"))
             return
-        self.scheduler = _whatif.EstimateScheduler(estimator) if _whatif else estimator
+        self.scheduler = _whatif.EstimateScheduler(estimator)  # enabled implies the backend is here
         self.update(Text("what-if: toggle a layer (or press e) to estimate the plan's perplexity; "
                          "i scans every layer's importance", style="dim"))
         self._warm_up(self.scheduler)
@@ -53,12 +53,9 @@ class WhatIf(Static):
         Silent: a failure here (say the data set is missing) is reported by the first estimate, with
         the user looking. A toggle during the warm-up waits for it, it does not start a second one.
         """
-        prepare = getattr(scheduler, "prepare", None)
-        if prepare is None:
-            return
         worker = get_current_worker()
         try:
-            prepare(lambda: worker.is_cancelled)
+            scheduler.prepare(lambda: worker.is_cancelled)
         except Exception:  # noqa: BLE001 - see the docstring
             pass
 
