@@ -73,7 +73,7 @@ def main() -> None:
 
     from pipeline import events as ev
     from pipeline.recipe import Recipe
-    from pipeline.runner import run_recipe
+    from sessions import record_run
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-recovery-"))
     rss: dict[int, float] = {}
@@ -92,7 +92,7 @@ def main() -> None:
             print(f"  run {e.status}: {e.message}", flush=True)
 
     recipe = Recipe.loads(recipe_text(args))
-    session = run_recipe(recipe, out, listener=listener, data_dir=args.data_dir)
+    session = record_run(recipe, out, listener=listener, data_dir=args.data_dir)
     rows = []
     for st in session.stages:
         ppl = st.metric("perplexity")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pipeline.config import RecipeError, require
+from .config import RecipeError, option, require
 
 from .perplexity import Cancelled, Protocol, perplexity
 from .qa import OPEN_SOURCES, run_qa

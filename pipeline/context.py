@@ -1,12 +1,15 @@
 """What a stage gets besides the model: tokenizer, device, data, calibration, and a voice.
 
 Stages talk through `ctx.progress`, `ctx.log` and `ctx.metric`, and call `ctx.check_cancel()`
-between batches; the runner turns these into events for its one listener.
+between batches; the runner turns these into events for its listeners. Each stage gets its own
+context (`for_stage`): its index, a folder of its own, and its input artifact (the folder of the
+model it receives), so no stage needs to know how the runner names folders. Only the
+calibration cache is shared between the contexts of one run.
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ class StageResult:
     artifacts: dict = field(default_factory=dict)  # name -> path written by the stage itself
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageContext:
     tokenizer: Any
     device: torch.device
@@ -37,7 +40,14 @@ class StageContext:
     listener: Listener = ignore
     cancel_event: threading.Event = field(default_factory=threading.Event)
     index: int = 0
+    input_artifact: Path | None = None  # the saved folder of the model this stage receives, when known
     _calib_cache: dict = field(default_factory=dict, repr=False)
+
+    def for_stage(self, index: int, work_dir: Path | None = None,
+                  input_artifact: Path | None = None) -> "StageContext":
+        """The context of stage `index`: same run (tokenizer, data, listener, cancel flag, calibration
+        cache), its own index, folder and input."""
+        return replace(self, index=index, work_dir=work_dir, input_artifact=input_artifact)
 
     # -- voice -------------------------------------------------------------------------------
     def progress(self, fraction: float, message: str = "") -> None:

@@ -2,6 +2,7 @@
 
 Plain data, TOML on disk. Loading validates everything it can without weights; `check_for(n)`
 validates what needs the model's depth (protected layers) once the model config is known.
+Everything kind-specific is asked of the stage registry (order rules, layers after a stage).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from evals.suite import EvalConfig
 
 from .calibration import CalibrationConfig
 from .config import RecipeError, from_dict, require, to_dict
-from .stages import stage_kind
+from .files import atomic_write_text
+from .stages import stage_kind, stage_names
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -77,17 +79,15 @@ class Recipe:
             raise RecipeError("stages must be a list of tables ([[stages]] in TOML)")
         for i, raw in enumerate(raw_stages, 1):
             if not isinstance(raw, dict) or "kind" not in raw:
-                raise RecipeError(f"stage {i}: every stage needs a kind (one of depth, width, lora, gptq, eora)")
+                raise RecipeError(f"stage {i}: every stage needs a kind (one of {', '.join(stage_names())})")
             raw = dict(raw)
             kind, name = raw.pop("kind"), raw.pop("name", "")
-            module = stage_kind(kind).load()
-            stages.append(StageSpec(kind, from_dict(module.Config, raw, f"stage {i} ({kind})"), name))
-            check_order = getattr(module, "check_order", None)  # e.g. eora needs a gptq stage before it
-            if check_order:
-                try:
-                    check_order([s.kind for s in stages[:-1]])
-                except RecipeError as exc:
-                    raise RecipeError(f"stage {i} ({kind}): {exc}") from None
+            stype = stage_kind(kind)
+            stages.append(StageSpec(kind, from_dict(stype.Config, raw, f"stage {i} ({kind})"), name))
+            try:  # e.g. eora needs a gptq stage before it
+                stype.check_order([s.kind for s in stages[:-1]])
+            except RecipeError as exc:
+                raise RecipeError(f"stage {i} ({kind}): {exc}") from None
         return cls(name=str(data.get("name", "untitled")), description=str(data.get("description", "")),
                    model=from_dict(ModelSpec, model, "model"),
                    calibration=from_dict(CalibrationConfig, data.get("calibration"), "calibration"),
@@ -129,29 +129,19 @@ class Recipe:
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(self.dumps())
-        tmp.replace(p)
+        atomic_write_text(p, self.dumps())
         return p
 
     # -- checks that need the model ---------------------------------------------------------------
     def check_for(self, n_layers: int) -> None:
         """Validate stage parameters against the model's depth, following the stages in order."""
         for i, s in enumerate(self.stages, 1):
-            check = getattr(s.config, "check_for", None)
-            if check:
-                try:
-                    check(n_layers)
-                except (RecipeError, ValueError) as exc:
-                    raise RecipeError(f"stage {i} ({s.kind}): {exc}") from None
-            if s.kind == "depth":
-                c = s.config
-                if c.plan is not None:
-                    from .plans import LayerPlan
-                    n_layers = len(LayerPlan.parse(c.plan, n_layers))
-                else:
-                    n_layers -= len(c.layers) if c.layers is not None else c.k
+            stype = stage_kind(s.kind)
+            try:
+                stype.check_for(s.config, n_layers)
+                n_layers = stype.layers_after(s.config, n_layers)
+            except (RecipeError, ValueError) as exc:
+                raise RecipeError(f"stage {i} ({s.kind}): {exc}") from None
 
 
 def bundled_recipes() -> list[str]:

@@ -1,8 +1,12 @@
 """Run a recipe: load, evaluate the baseline, then each stage followed by its evaluation.
 
-Everything the runner learns goes to one listener as events and into the session record, which is
-saved atomically after every stage. Cancellation is cooperative (a threading.Event checked between
-batches); a cancelled or failed run still leaves a valid session with all finished stages.
+The runner only acts and tells: everything it learns goes to its listeners as events
+(`pipeline.events`), and `StageFinished` carries the whole stage record. It never writes the
+session: `sessions.recorder.SessionRecorder` is the listener that builds it and saves it after
+every stage (the CLI, the lab and sweeps attach one). It writes the run's artifacts: recipe.toml
+and each stage's model under OUT/stages/NN-kind. Cancellation is cooperative (a threading.Event
+checked between batches); a cancelled or failed run still reports every finished stage.
+What a stage kind needs (calibration, layers after it) is asked of the stage registry.
 """
 from __future__ import annotations
 
@@ -11,24 +15,24 @@ import platform
 import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
 from evals.data import DataNotFound, load_dataset_records
 from evals.perplexity import Cancelled, Protocol
 from evals.suite import evaluate
-from sessions.record import Session, StageRecord
 
 from .config import RecipeError
 from .context import StageContext
-from .events import (Event, Listener, LogLine, MetricMeasured, RunFailed, RunFinished, StageFinished,
-                     StageStarted, ignore)
+from .events import (Event, Listener, LogLine, MetricMeasured, ModelReady, RunFailed, RunFinished, RunStarted,
+                     StageFinished, StageStarted)
+from .memory import footprint_summary
 from .models import LoadedModel, ModelLoadError, count_parameters, decoder_layers, load_model, resolve_source
 from .recipe import Recipe, StageSpec
-
-CALIBRATED_STAGES = {"width", "depth", "gptq", "eora"}
+from .stages import stage_kind
 
 
 @dataclass
@@ -36,9 +40,20 @@ class RunOptions:
     out_dir: Path
     save_models: bool = True
     data_dir: Path | None = None
-    listener: Listener = ignore
+    listeners: tuple = ()  # each gets every event, in order
     cancel: threading.Event | None = None
     start_stage: int = 1  # 1-based index of the first recipe stage to run (replay --from-stage)
+
+
+@dataclass
+class RunResult:
+    """How the run ended; the session (if a recorder listened) holds the rest."""
+
+    status: str  # done | failed | cancelled
+    out_dir: Path
+    message: str = ""
+    model: torch.nn.Module | None = None  # the last finished stage's model (chat, memory)
+    records: list[dict] = field(default_factory=list)  # every StageFinished record, in order
 
 
 def environment(loaded: LoadedModel | None, recipe: Recipe) -> dict:
@@ -79,7 +94,7 @@ def preflight(recipe: Recipe, data_dir: Path | None) -> None:
             needed.add(("triviaqa", None))
         if recipe.evaluation.triviaqa_open:
             needed.add((recipe.evaluation.open_book, None))
-    if any(s.kind in CALIBRATED_STAGES for s in recipe.stages):
+    if any(stage_kind(s.kind).needs_calibration(s.config) for s in recipe.stages):
         ds = recipe.calibration.dataset
         needed.add(("file", ds) if Path(ds).suffix else (ds, None))
     for name, path in sorted(needed, key=str):
@@ -103,36 +118,28 @@ class Runner:
         self.loaded = loaded
         self.cancel = options.cancel or threading.Event()
         self.out = Path(options.out_dir)
-        self.session = Session(recipe=recipe.to_dict())
-        self.session_path = self.out / "session.json"
-        self.models: dict[int, torch.nn.Module] = {}  # kept only for the last stage (chat, memory)
+        self.records: list[dict] = []
+        self.listener_errors: list[str] = []
 
     # -- events ----------------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
-        if not type(event).__name__ == "Progress":
-            self.session.events.append(event.to_dict())
-        try:
-            self.opt.listener(event)
-        except Exception:  # noqa: BLE001 - a broken listener must not kill the run
-            pass
-
-    def save(self) -> None:
-        self.session.save(self.session_path)
+        for listener in self.opt.listeners:
+            try:
+                listener(event)
+            except Exception as exc:  # noqa: BLE001 - a broken listener must not kill the run
+                self.listener_errors.append(f"{type(exc).__name__}: {exc}")
 
     # -- the run ---------------------------------------------------------------------------------
-    def run(self) -> Session:
-        self.out.mkdir(parents=True, exist_ok=True)
+    def run(self) -> RunResult:
         rec = self.recipe
-        self.session.model_source = {"ref": rec.model.source}
-        self.session.stages = [StageRecord(0, "baseline", "baseline")] + [
-            StageRecord(i, s.kind, s.label, s.params()) for i, s in enumerate(rec.stages, 1)]
-        for st in self.session.stages[1:self.opt.start_stage]:
-            st.status = "skipped"  # resuming (replay --from-stage): earlier stages are not run again
-        remaining = replace(rec, stages=rec.stages[self.opt.start_stage - 1:])  # what depth checks apply to
-        (self.out / "recipe.toml").write_text(rec.dumps())
-        self.save()
-        index = -1
+        first = self.opt.start_stage
+        planned = [{"index": 0, "kind": "baseline", "name": "baseline", "params": {}}] + [
+            {"index": i, "kind": s.kind, "name": s.label, "params": s.params()} for i, s in enumerate(rec.stages, 1)]
+        self.emit(RunStarted(-1, rec.to_dict(), str(self.out), planned, first))
+        remaining = replace(rec, stages=rec.stages[first - 1:])  # what depth checks apply to
+        index, status, message, model = -1, "done", "", None
         try:
+            self._write_recipe()
             preflight(rec, self.opt.data_dir)
             if self.loaded is None:
                 depth = model_depth(rec.model.source)
@@ -143,119 +150,96 @@ class Runner:
                                          trust_remote_code=rec.model.trust_remote_code)
             lm = self.loaded
             remaining.check_for(len(decoder_layers(lm.model)))
-            self.session.model_source = {"ref": rec.model.source, **lm.source.to_dict()}
-            self.session.model_source["weights"] = self._weights_digest(lm.source.path)
-            self.session.environment = environment(lm, rec)
+            self.emit(ModelReady(-1, {"ref": rec.model.source, **lm.source.to_dict()}, environment(lm, rec)))
             self.emit(LogLine(-1, f"loaded {lm.source.name} ({count_parameters(lm.model):,} params) "
                                   f"on {lm.device} as {str(lm.dtype).replace('torch.', '')} in {lm.load_seconds:.1f}s"))
             model = lm.model
-            ctx = StageContext(lm.tokenizer, lm.device, rec.calibration, self.opt.data_dir, listener=self.emit,
-                               cancel_event=self.cancel)
+            run_ctx = StageContext(lm.tokenizer, lm.device, rec.calibration, self.opt.data_dir,
+                                   listener=self.emit, cancel_event=self.cancel)
             index = 0
-            self._baseline(model, ctx)
+            if first == 1:
+                self._baseline(model, run_ctx.for_stage(0))
+            source = Path(lm.source.path) if lm.source.path else None
             for index, spec in enumerate(rec.stages, 1):
-                if index < self.opt.start_stage:
+                if index < first:
                     continue
-                model = self._stage(index, spec, model, ctx)
-            self.session.status = "done"
+                model, source = self._stage(index, spec, model, run_ctx, source)
         except (Cancelled, KeyboardInterrupt):
-            self._close(index, "cancelled", "cancelled by the user; finished stages are kept")
+            status, message = "cancelled", "cancelled by the user; finished stages are kept"
         except (RecipeError, DataNotFound, ModelLoadError) as exc:
-            self._close(index, "failed", str(exc))
+            status, message = "failed", str(exc)
         except torch.OutOfMemoryError:
-            self._close(index, "failed", "out of memory: lower the batch size or calibration samples, "
+            status, message = "failed", ("out of memory: lower the batch size or calibration samples, "
                                          "or run on a device with more memory; finished stages are kept")
-        except Exception as exc:  # noqa: BLE001 - any stage failure is reported, the session kept
+        except Exception as exc:  # noqa: BLE001 - any stage failure is reported, finished stages kept
             self.emit(LogLine(index, traceback.format_exc(), "error"))
-            self._close(index, "failed", f"{type(exc).__name__}: {exc}")
-        self.save()
-        self.emit(RunFinished(index, self.session.status, str(self.session_path)))
-        return self.session
+            status, message = "failed", f"{type(exc).__name__}: {exc}"
+        if status != "done":
+            # a failure before the baseline (data, model, recipe checks) belongs to the baseline row
+            self.emit(RunFailed(max(index, 0), message, status))
+        self.emit(RunFinished(max(index, 0), status, str(self.out)))
+        return RunResult(status, self.out, message, model if status == "done" else None, self.records)
 
-    def _weights_digest(self, path: str | None) -> dict | None:
-        """sha256 of the weight files (cached per file), so a replay can tell it ran on the same model."""
-        from sessions.hashing import weights_digest
-
+    def _write_recipe(self) -> None:
         try:
-            return weights_digest(path)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.toml").write_text(self.recipe.dumps())
         except OSError as exc:
-            self.emit(LogLine(-1, f"could not hash the model weights ({exc}); the session records none", "warning"))
-            return None
+            raise RecipeError(f"cannot write the run folder {self.out} ({exc.strerror or exc}): choose a folder "
+                              "you can write to (frankenlab run --out DIR)") from None
 
-    def _close(self, index: int, status: str, message: str) -> None:
-        # a failure before the baseline (data, model, recipe checks) is recorded on the baseline row
-        index = max(index, 0)
-        self.session.status = status
-        for st in self.session.stages:
-            if st.status == "running" or (st.index == index and st.status == "pending"):
-                st.status, st.error = status, message
-            elif st.status == "pending":
-                st.status = "skipped"
-        self.emit(RunFailed(index, message, status))
-
-    def _measure(self, st: StageRecord, model, ctx: StageContext, final: bool) -> None:
-        st.params_count = count_parameters(model)
-        st.params_nonzero = count_parameters(model, nonzero=True)
-        st.num_layers = len(decoder_layers(model)) if hasattr(getattr(model, "model", None), "layers") else None
-        try:
-            from .memory import footprint_summary  # lands with the memory-accounting work
-
-            st.footprint = footprint_summary(model)
-        except ImportError:
-            pass
+    def _measure(self, record: dict, model, ctx: StageContext, final: bool) -> None:
+        record["params_count"] = count_parameters(model)
+        record["params_nonzero"] = count_parameters(model, nonzero=True)
+        record["num_layers"] = len(decoder_layers(model)) if hasattr(getattr(model, "model", None), "layers") else None
+        record["footprint"] = footprint_summary(model)
         when = self.recipe.evaluation.after
-        if when == "none" or (when == "last" and not final and st.index != 0):
+        if when == "none" or (when == "last" and not final and record["index"] != 0):
             return
         result = evaluate(model, ctx.tokenizer, self.recipe.evaluation, data_dir=self.opt.data_dir,
                           progress=lambda f, msg: ctx.progress(f, msg), cancelled=lambda: ctx.cancelled,
-                          on_metric=lambda m: self.emit(MetricMeasured(st.index, m["name"], m["value"],
+                          on_metric=lambda m: self.emit(MetricMeasured(record["index"], m["name"], m["value"],
                                                                        m.get("protocol", ""))))
-        st.metrics, st.details = result.metrics, result.details
+        record["metrics"], record["details"] = result.metrics, result.details
+
+    def _finish(self, record: dict, t0: float) -> None:
+        record["status"], record["seconds"] = "done", time.perf_counter() - t0
+        self.records.append(record)
+        self.emit(StageFinished(record["index"], record["kind"], "done", record["seconds"], summary(record), record))
 
     def _baseline(self, model, ctx: StageContext) -> None:
-        st = self.session.stages[0]
-        if self.opt.start_stage > 1:
-            st.status = "skipped"
-            return
         t0 = time.perf_counter()
-        st.status = "running"
         self.emit(StageStarted(0, "baseline", {}))
-        ctx.index = 0
-        self._measure(st, model, ctx, final=not self.recipe.stages)
-        st.status, st.seconds = "done", time.perf_counter() - t0
-        self.emit(StageFinished(0, "baseline", "done", st.seconds, summary(st)))
-        self.save()
+        record = new_record(0, "baseline", "baseline", {})
+        self._measure(record, model, ctx, final=not self.recipe.stages)
+        self._finish(record, t0)
 
-    def _stage(self, index: int, spec: StageSpec, model, ctx: StageContext):
-        st = self.session.stages[index]
-        st.status = "running"
-        self.save()
+    def _stage(self, index: int, spec: StageSpec, model, run_ctx: StageContext, source: Path | None):
+        """Run stage `index` on `model` (whose saved folder is `source`, if any); returns the new
+        model and its saved folder."""
         self.emit(StageStarted(index, spec.kind, spec.params()))
-        ctx.index = index
-        ctx.work_dir = self.out / "stages" / f"{index:02d}-{spec.kind}"
+        ctx = run_ctx.for_stage(index, self.out / "stages" / f"{index:02d}-{spec.kind}", source)
         t0 = time.perf_counter()
-        module = __import__(f"pipeline.stages.{spec.kind}", fromlist=["run"])
-        result = module.run(model, ctx, spec.config)
+        result = stage_kind(spec.kind).run(model, ctx, spec.config)
         model = result.model
-        st.report = result.report
+        record = new_record(index, spec.kind, spec.label, spec.params())
+        record["report"] = result.report
         stage_seconds = time.perf_counter() - t0
+        saved = None
         if self.opt.save_models:
-            st.artifact = result.artifacts.get("model") or str(self._save_model(model, ctx, spec, index))
-        self._measure(st, model, ctx, final=index == len(self.recipe.stages))
-        st.status, st.seconds = "done", time.perf_counter() - t0
-        st.report.setdefault("stage_seconds", stage_seconds)
-        self.emit(StageFinished(index, spec.kind, "done", st.seconds, summary(st)))
-        self.save()
-        return model
+            saved = Path(result.artifacts.get("model") or self._save_model(model, ctx, spec, index))
+            record["artifact"] = str(saved)
+        self._measure(record, model, ctx, final=index == len(self.recipe.stages))
+        record["report"].setdefault("stage_seconds", stage_seconds)
+        self._finish(record, t0)
+        return model, saved
 
     def _save_model(self, model, ctx: StageContext, spec: StageSpec, index: int) -> Path:
         d = ctx.work_dir
         d.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(d)
         ctx.tokenizer.save_pretrained(d)
-        done = [s for s in self.recipe.stages[:index]]
-        partial = Recipe(self.recipe.name, self.recipe.description, self.recipe.model, self.recipe.calibration,
-                         self.recipe.evaluation, done)
+        partial = replace(self.recipe, stages=self.recipe.stages[:index])
         (d / "frankenlab-recipe.toml").write_text(partial.dumps())
         (d / "README.md").write_text(
             f"# {self.recipe.name}: after stage {index} ({spec.kind})\n\nMade by frankenlab from "
@@ -264,16 +248,29 @@ class Runner:
         return d
 
 
-def summary(st: StageRecord) -> dict:
-    out = {"params": st.params_count, "params_nonzero": st.params_nonzero, "layers": st.num_layers}
-    for m in st.metrics:
+def new_record(index: int, kind: str, name: str, params: dict) -> dict:
+    """A stage record as plain data (the fields of sessions.StageRecord)."""
+    return {"index": index, "kind": kind, "name": name, "params": params, "status": "running", "metrics": [],
+            "params_count": None, "params_nonzero": None, "num_layers": None, "footprint": None,
+            "seconds": None, "artifact": None, "report": {}, "details": {}}
+
+
+def summary(record: dict) -> dict:
+    out = {"params": record.get("params_count"), "params_nonzero": record.get("params_nonzero"),
+           "layers": record.get("num_layers")}
+    for m in record.get("metrics") or []:
         out[f"{m['name']}[{m.get('protocol', '')}]"] = m["value"]
     return out
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path, *, listener: Listener = ignore,
-               cancel: threading.Event | None = None, loaded: LoadedModel | None = None,
-               save_models: bool = True, data_dir: str | Path | None = None, start_stage: int = 1) -> Session:
-    """Run `recipe` and return its session (also saved as out_dir/session.json)."""
-    opts = RunOptions(Path(out_dir), save_models, Path(data_dir) if data_dir else None, listener, cancel, start_stage)
+def run_recipe(recipe: Recipe, out_dir: str | Path, *, listener: Listener | None = None,
+               listeners: Iterable[Listener] = (), cancel: threading.Event | None = None,
+               loaded: LoadedModel | None = None, save_models: bool = True, data_dir: str | Path | None = None,
+               start_stage: int = 1) -> RunResult:
+    """Run `recipe`, telling `listener` (and `listeners`) everything; artifacts go to out_dir.
+
+    Nothing records a session unless a recorder listens: `sessions.record_run` is this function
+    with a `SessionRecorder` attached, returning the session."""
+    every = tuple(listeners) + ((listener,) if listener is not None else ())
+    opts = RunOptions(Path(out_dir), save_models, Path(data_dir) if data_dir else None, every, cancel, start_stage)
     return Runner(recipe, opts, loaded).run()

@@ -15,61 +15,36 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from pipeline.stages import generic_description, known_kind
+
 from .record import Session, StageRecord, finite
 
 NM_NOTE = "N:M = N of every M consecutive weights pruned (thesis notation: 1:8 removes 12.5 %)"
-ADAPTER_KINDS = ("lora",)
-QUANT_KINDS = ("gptq", "eora")
 QA_METRICS = {"triviaqa_closed": "TriviaQA closed", "triviaqa_open": "TriviaQA open"}
 
 
 # -- describing stages ------------------------------------------------------------------------------
-def _num(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
 def describe_stage(kind: str, params: dict) -> str:
-    """Short human text for one stage, e.g. "Depth 2", "Width 1:8", "LoRA r8 wikitext2", "GPTQ 4-bit g128"."""
-    p = params or {}
-    if kind == "depth":
-        if p.get("plan"):
-            return f"Plan {p['plan']}"
-        if p.get("layers") is not None:
-            return f"Depth -[{','.join(map(str, p['layers']))}]"
-        text = f"Depth {p.get('k', '?')}"
-        return text + (f" ({p['metric']})" if p.get("metric") not in (None, "perplexity") else "")
-    if kind == "width":
-        if p.get("ratio") is not None:
-            text = f"Width {100 * float(p['ratio']):g}% unstructured"
-        elif p.get("pattern"):
-            text = f"Width {p['pattern']}"
-        else:
-            text = f"Width {p.get('n', '?')}:{p.get('m', '?')}"
-        return text + (f" ({p['method']})" if p.get("method") not in (None, "wanda") else "")
-    if kind == "lora":
-        rank = p.get("rank", p.get("r"))
-        data = p.get("dataset", p.get("data"))
-        parts = ["LoRA"] + ([f"r{rank}"] if rank is not None else []) + ([str(data)] if data else [])
-        return " ".join(parts)
-    if kind == "gptq":
-        bits, group = p.get("bits", 4), p.get("group_size", 128)
-        return f"GPTQ {bits}-bit" + (f" g{group}" if group not in (None, -1, 0) else "")
-    if kind == "eora":
-        rank = p.get("rank", p.get("r"))
-        return "EoRA" + (f" r{rank}" if rank is not None else "")
-    shown = ", ".join(f"{k}={_num(v)}" for k, v in p.items() if isinstance(v, (int, float, str)))[:40]
-    return kind.capitalize() + (f" ({shown})" if shown else "")
+    """Short human text for one stage, e.g. "Depth 2", "Width 1:8", "LoRA r8 wikitext2", "GPTQ 4-bit g128":
+    the stage kind's `describe` hook, or "Kind (k=v, ...)" for a kind this frankenlab does not know."""
+    stype = known_kind(kind)
+    return stype.describe(params or {}) if stype is not None else generic_description(kind, params)
+
+
+def stage_role(kind: str) -> str:
+    """Which column a stage goes to: "structure" (the configuration), "adapter" or "quant"."""
+    stype = known_kind(kind)
+    return stype.role if stype is not None else "structure"
 
 
 def configuration(stages: list[StageRecord]) -> str:
     """The structural part (depth, width and unknown kinds): "Base" when there is none."""
-    parts = [describe_stage(s.kind, s.params) for s in stages
-             if s.index > 0 and s.kind not in ADAPTER_KINDS + QUANT_KINDS]
+    parts = [describe_stage(s.kind, s.params) for s in stages if s.index > 0 and stage_role(s.kind) == "structure"]
     return " + ".join(parts) or "Base"
 
 
-def _join(stages: list[StageRecord], kinds: tuple[str, ...]) -> str | None:
-    parts = [describe_stage(s.kind, s.params) for s in stages if s.kind in kinds]
+def _join(stages: list[StageRecord], role: str) -> str | None:
+    parts = [describe_stage(s.kind, s.params) for s in stages if s.index > 0 and stage_role(s.kind) == role]
     return " + ".join(parts) or None
 
 
@@ -120,8 +95,8 @@ def _row(session: Session, stage: StageRecord, upto: list[StageRecord]) -> dict:
         "stage": stage.index,
         "status": session.status if stage is session.final_stage() else stage.status,
         "configuration": configuration(upto),
-        "lora": _join(upto, ADAPTER_KINDS),
-        "quantization": _join(upto, QUANT_KINDS),
+        "lora": _join(upto, "adapter"),
+        "quantization": _join(upto, "quant"),
         "params": stage.params_count,
         "params_nonzero": stage.params_nonzero,
         "layers": stage.num_layers,
@@ -272,8 +247,8 @@ def headline(session: Session) -> dict:
     ppl = measured.metric("perplexity") if measured else None
     out = {
         "configuration": configuration([s for s in session.stages if s.status == "done"]),
-        "lora": _join([s for s in session.stages if s.status == "done"], ADAPTER_KINDS),
-        "quantization": _join([s for s in session.stages if s.status == "done"], QUANT_KINDS),
+        "lora": _join([s for s in session.stages if s.status == "done"], "adapter"),
+        "quantization": _join([s for s in session.stages if s.status == "done"], "quant"),
         "stages_done": sum(1 for s in session.stages if s.index > 0 and s.status == "done"),
         "stages": sum(1 for s in session.stages if s.index > 0),
         "measured_stage": measured.index if measured else None,

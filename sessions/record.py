@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from pipeline.files import atomic_write_text  # noqa: F401 - one atomic writer for the house
 
 from .schema import FORMAT, SCHEMA_VERSION, SESSION_SCHEMA, validate
 
@@ -92,6 +92,7 @@ class Session:
     replay_of: dict | None = None  # {"session_id", "path", "from_stage"} when this run replays another
     extra: dict = field(default_factory=dict)  # unknown keys from a file, written back unchanged
     path: str | None = None  # where it was last saved or loaded from (not serialized)
+    save_error: str | None = None  # why the last save failed, if it did (not serialized)
 
     # -- convenience ---------------------------------------------------------------------------
     @property
@@ -128,7 +129,7 @@ class Session:
         d = {"format": FORMAT}
         d.update(self.extra)
         for f in fields(self):
-            if f.name in ("path", "extra", "stages"):
+            if f.name in ("path", "save_error", "extra", "stages"):
                 continue
             d[f.name] = _plain(getattr(self, f.name))
         d["stages"] = [_plain(s.to_dict()) for s in self.stages]
@@ -141,7 +142,7 @@ class Session:
         d.pop("format", None)
         d.setdefault("writer", {})  # a file without one was not written by this frankenlab
         stages = [StageRecord.from_dict(s) for s in d.pop("stages", [])]
-        known = {f.name for f in fields(cls)} - {"extra", "path", "stages"}
+        known = {f.name for f in fields(cls)} - {"extra", "path", "save_error", "stages"}
         return cls(stages=stages, **{k: v for k, v in d.items() if k in known},
                    extra={k: v for k, v in d.items() if k not in known})
 
@@ -181,33 +182,6 @@ def _json_default(o: Any):
     if isinstance(o, (set, tuple)):
         return list(o)
     return str(o)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` so that `path` is at every instant either the old complete file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX); not possible on every platform
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -289,23 +263,32 @@ def session_from_data(data: Any, where: str = "session") -> Session:
 def migrate(data: dict) -> dict:
     """Bring an older schema version up to SCHEMA_VERSION, so a replay reruns what really ran.
 
-    1 -> 2: width stages gained `sequential`, whose default became "projection"; a version-1
-    WANDA stage without it ran the reference statistics, "layer".
+    Each stage kind migrates its own params (its `migrate(params, version)` hook, e.g. width's
+    1 -> 2: `sequential` appeared with the default "projection", so a version-1 WANDA stage is
+    pinned to the "layer" statistics it ran); kinds this frankenlab does not know stay as they are.
     """
-    version = data.get("schema_version", SCHEMA_VERSION)
-    if version < 2:
-        def pin(params):
-            if isinstance(params, dict) and params.get("method", "wanda") == "wanda":
-                params.setdefault("sequential", "layer")
+    from pipeline.stages import known_kind
 
-        recipe = data.get("recipe")
-        for spec in (recipe.get("stages") or []) if isinstance(recipe, dict) else []:
-            if isinstance(spec, dict) and spec.get("kind") == "width":
-                pin(spec)
-        for rec in data.get("stages") or []:
-            if isinstance(rec, dict) and rec.get("kind") == "width":
-                pin(rec.get("params"))
-        data = {**data, "schema_version": 2}
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version >= SCHEMA_VERSION:
+        return data
+
+    def moved(kind, params):
+        stype = known_kind(kind) if isinstance(kind, str) else None
+        return stype.migrate(params, version) if stype is not None and isinstance(params, dict) else params
+
+    data = dict(data)
+    recipe = data.get("recipe")
+    if isinstance(recipe, dict) and isinstance(recipe.get("stages"), list):
+        recipe = {**recipe, "stages": [{"kind": spec["kind"], **moved(spec["kind"],
+                                                                      {k: v for k, v in spec.items() if k != "kind"})}
+                                       if isinstance(spec, dict) and "kind" in spec else spec
+                                       for spec in recipe["stages"]]}
+        data["recipe"] = recipe
+    if isinstance(data.get("stages"), list):
+        data["stages"] = [{**rec, "params": moved(rec.get("kind"), rec.get("params"))}
+                          if isinstance(rec, dict) and "params" in rec else rec for rec in data["stages"]]
+    data["schema_version"] = SCHEMA_VERSION
     return data
 
 

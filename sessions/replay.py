@@ -1,6 +1,6 @@
 """Replay a saved session: run its recipe again and set every new number beside the saved one.
 
-`replay` re-runs the recipe through `pipeline.runner.run_recipe` into a new run folder, either
+`replay` re-runs the recipe through `sessions.recorder.record_run` into a new run folder, either
 from the start or, with `from_stage=K`, from the model saved after stage K-1 (the session's
 artifact path). Each metric is matched by stage, name and protocol; a difference larger than the
 relative tolerance is flagged. Parameter counts must match exactly. What differs in the
@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field, replace as dc_replace
 from pathlib import Path
 from typing import Callable
+
+from pipeline.stages import known_kind
 
 from .record import Session, SessionError, StageRecord
 
@@ -152,8 +154,10 @@ def resume_problem(saved: Session, k: int) -> str | None:
     prev = next((s for s in saved.stages if s.index == k - 1), None)
     if prev is None or prev.status != "done":
         return f"stage {k - 1} did not finish in the saved session (status {prev.status if prev else 'missing'})"
-    if prev.kind in ("gptq", "eora"):
-        return f"stage {k - 1} ({prev.kind}) saved a quantized model, which a run cannot resume from yet"
+    stype = known_kind(prev.kind)
+    problem = stype.resume_problem(prev.to_dict()) if stype is not None else None
+    if problem:
+        return f"stage {k - 1} ({prev.kind}) {problem}"
     if not prev.artifact:
         return f"the run saved no model after stage {k - 1} ({prev.kind}) (it was made without saving models)"
     path = saved.artifact_path(k - 1)
@@ -186,7 +190,7 @@ def replay(saved: Session, out_dir: str | Path, *, from_stage: int = 1, toleranc
     from pipeline.events import MetricMeasured, ignore
     from pipeline.models import ModelLoadError, load_model
     from pipeline.recipe import Recipe
-    from pipeline.runner import run_recipe
+    from .recorder import record_run
 
     if tolerance < 0:
         raise SessionError(f"tolerance must be 0 or more, got {tolerance}")
@@ -231,7 +235,7 @@ def replay(saved: Session, out_dir: str | Path, *, from_stage: int = 1, toleranc
             except Exception:  # noqa: BLE001 - a broken callback must not stop the run
                 pass
 
-    new = run_recipe(recipe, out_dir, listener=watch, cancel=cancel, loaded=loaded, save_models=save_models,
+    new = record_run(recipe, out_dir, listener=watch, cancel=cancel, loaded=loaded, save_models=save_models,
                      data_dir=data_dir, start_stage=from_stage)
     if from_stage > 1:  # the new session is complete: earlier stages are the saved records
         for i, st in enumerate(new.stages):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.recipe import Recipe
-from pipeline.runner import run_recipe
+from sessions import record_run
 from pipeline.stages.width import satisfies_nm
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ samples = 8
 
 
 def test_depth_width_lora_gptq_eora_on_bundled_model(tmp_path, data_dir):
-    session = run_recipe(Recipe.loads(RECIPE), tmp_path / "o", data_dir=data_dir)
+    session = record_run(Recipe.loads(RECIPE), tmp_path / "o", data_dir=data_dir)
     assert session.status == "done", [e for e in session.events if e.get("level") == "error"][-1:]
     lora_st, gptq_st, eora_st = session.stages[3], session.stages[4], session.stages[5]
     # LoRA: the 2:4 pattern survives the merge

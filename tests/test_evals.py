@@ -427,15 +427,3 @@ def test_triviaqa_rc_open_book_uses_shortest_evidence(tmp_path):
     assert protocol_name("open", 1, 0, False, 1, "triviaqa-rc") == "triviaqa-rc-openbook-validation:1"
     with pytest.raises(ValueError, match="no evidence"):
         parse_triviaqa_rc({**row, "entity_pages": {}, "search_results": {}}, 3)
-
-
-def test_evals_do_not_import_textual():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = ("import sys; import evals.suite, evals.qa, evals.samples, evals.generate, evals.matching; "
-            "print('textual' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
-    assert out.stdout.strip() == "False"

@@ -349,13 +349,6 @@ def test_cli_tables_and_errors(tiny_model_dir, tmp_path, capsys):
     assert "siracusa" in capsys.readouterr().out
 
 
-def test_core_does_not_import_textual():
-    code = ("import sys, pipeline.memory, pipeline.compact, pipeline.targets; "
-            "print(any(m == 'textual' or m.startswith('textual.') for m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
-
-
 @pytest.mark.slow
 def test_bundled_model_footprint():
     from pipeline.models import count_parameters, load_model
@@ -376,11 +369,11 @@ def test_bundled_model_footprint():
 
 def test_runner_records_footprints(tiny, tmp_path, data_dir):
     from pipeline.recipe import Recipe
-    from pipeline.runner import run_recipe
+    from sessions import record_run
 
     recipe = Recipe.loads('name = "t"\n[evaluation]\nafter = "none"\n'
                           '[[stages]]\nkind = "width"\npattern = "2:4"\nmethod = "magnitude"\n')
-    session = run_recipe(recipe, tmp_path, loaded=tiny, save_models=False, data_dir=data_dir)
+    session = record_run(recipe, tmp_path, loaded=tiny, save_models=False, data_dir=data_dir)
     assert session.status == "done"
     base, pruned = (st.footprint for st in session.stages)
     assert base["formats"] == {"fp32": 74} and pruned["formats"]["2:4 fp32"] == 56

@@ -36,14 +36,6 @@ def test_hub_id_fails_fast_offline(monkeypatch, tmp_path):
         resolve_source("meta-llama/Llama-3.2-1B-Instruct")
 
 
-def test_core_packages_do_not_import_textual():
-    code = ("import sys; import pipeline.runner, pipeline.recipe, pipeline.stages.depth, pipeline.stages.width, "
-            "evals.perplexity, sessions.record; print('textual' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert out.stdout.strip() == "False"
-
-
 def test_gguf_file_and_default_share_one_conversion():
     from pipeline.models import bundled_gguf_path, cache_dir
 

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import RecipeError
 from pipeline.recipe import Recipe
-from pipeline.runner import run_recipe
+from sessions import record_run
 
 CHAIN = """
 [[stages]]
@@ -67,7 +67,7 @@ def chain(tiny_model_dir, data_dir, tmp_path_factory):
     scratch = tmp_path_factory.mktemp("cwd")
     os.chdir(scratch)  # gptqmodel must not write ./logs into wherever we run from
     try:
-        session = run_recipe(Recipe.loads(recipe_text(tiny_model_dir, CHAIN)), out, data_dir=data_dir)
+        session = record_run(Recipe.loads(recipe_text(tiny_model_dir, CHAIN)), out, data_dir=data_dir)
     finally:
         os.chdir(cwd)
     return session, out, scratch

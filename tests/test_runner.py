@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline import events as ev
 from pipeline.recipe import Recipe
-from pipeline.runner import run_recipe
+from sessions import record_run
 from pipeline.stages.width import satisfies_nm
 
 
@@ -38,7 +38,7 @@ pattern = "2:4"
 
 def test_run_writes_session_and_models(tiny_model_dir, tmp_path, data_dir):
     seen = []
-    session = run_recipe(tiny_recipe(tiny_model_dir, DEPTH_WIDTH), tmp_path, listener=seen.append, data_dir=data_dir)
+    session = record_run(tiny_recipe(tiny_model_dir, DEPTH_WIDTH), tmp_path, listener=seen.append, data_dir=data_dir)
     assert session.status == "done"
     kinds = [type(e).__name__ for e in seen]
     assert kinds.count("StageStarted") == 3 and kinds.count("StageFinished") == 3 and kinds[-1] == "RunFinished"
@@ -57,7 +57,7 @@ def test_run_writes_session_and_models(tiny_model_dir, tmp_path, data_dir):
 
 def test_failing_stage_keeps_finished_stages(tiny_model_dir, tmp_path, data_dir):
     stages = '[[stages]]\nkind = "depth"\nk = 1\n[[stages]]\nkind = "width"\npattern = "1:48"'
-    session = run_recipe(tiny_recipe(tiny_model_dir, stages), tmp_path, data_dir=data_dir)
+    session = record_run(tiny_recipe(tiny_model_dir, stages), tmp_path, data_dir=data_dir)
     saved = json.loads((tmp_path / "session.json").read_text())
     assert session.status == saved["status"] == "failed"
     assert [s["status"] for s in saved["stages"]] == ["done", "done", "failed"]
@@ -72,7 +72,7 @@ def test_cancel_between_batches(tiny_model_dir, tmp_path, data_dir):
         if isinstance(e, ev.StageStarted) and e.kind == "width":
             cancel.set()
 
-    session = run_recipe(tiny_recipe(tiny_model_dir, DEPTH_WIDTH), tmp_path, listener=listener, cancel=cancel,
+    session = record_run(tiny_recipe(tiny_model_dir, DEPTH_WIDTH), tmp_path, listener=listener, cancel=cancel,
                          data_dir=data_dir)
     saved = json.loads((tmp_path / "session.json").read_text())
     assert session.status == "cancelled"
@@ -83,7 +83,7 @@ def test_missing_data_fails_before_loading(tiny_model_dir, tmp_path, monkeypatch
     monkeypatch.delenv("FRANKENLAB_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     seen = []
-    session = run_recipe(tiny_recipe(tiny_model_dir, DEPTH_WIDTH), tmp_path / "out", listener=seen.append,
+    session = record_run(tiny_recipe(tiny_model_dir, DEPTH_WIDTH), tmp_path / "out", listener=seen.append,
                          data_dir=tmp_path / "empty")
     assert session.status == "failed"
     err = session.stages[0].error
@@ -92,7 +92,7 @@ def test_missing_data_fails_before_loading(tiny_model_dir, tmp_path, monkeypatch
 
 
 def test_recipe_checked_against_model_depth_before_loading(tiny_model_dir, tmp_path, data_dir):
-    session = run_recipe(tiny_recipe(tiny_model_dir, '[[stages]]\nkind = "depth"\nk = 5'), tmp_path, data_dir=data_dir)
+    session = record_run(tiny_recipe(tiny_model_dir, '[[stages]]\nkind = "depth"\nk = 5'), tmp_path, data_dir=data_dir)
     assert session.status == "failed"
     assert "cannot remove 5 of 8 layers: 6 are protected" in session.stages[0].error
 

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import events as ev
 from pipeline.recipe import Recipe
-from pipeline.runner import run_recipe
+from sessions import record_run
 from sessions import Session, SessionError, StageRecord, compare_sessions, load_session, replay
 from sessions.replay import resume_problem
 from tui.cli import main
@@ -43,7 +43,7 @@ def original(tiny_model_dir, data_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FRANKENLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
         out = tmp_path_factory.mktemp("original") / "run"
-        session = run_recipe(tiny_recipe(tiny_model_dir), out, data_dir=data_dir)
+        session = record_run(tiny_recipe(tiny_model_dir), out, data_dir=data_dir)
         assert session.status == "done", [s.error for s in session.stages]
         yield load_session(out)
 
@@ -130,7 +130,7 @@ def test_cancel_leaves_a_valid_session_with_finished_stages(tiny_model_dir, data
             cancel.set()
 
     out = tmp_path / "cancelled"
-    s = run_recipe(tiny_recipe(tiny_model_dir), out, data_dir=data_dir, cancel=cancel, listener=listener,
+    s = record_run(tiny_recipe(tiny_model_dir), out, data_dir=data_dir, cancel=cancel, listener=listener,
                    save_models=False)
     loaded = load_session(out)
     assert loaded.status == s.status == "cancelled"

@@ -193,7 +193,7 @@ async def test_run_results_save_and_reopen(loaded, tmp_path, data_dir):
 
 async def test_cancel_leaves_a_valid_session(loaded, tmp_path, data_dir):
     from pipeline import events as ev
-    from pipeline.runner import run_recipe
+    from sessions import record_run
 
     reached, gate = threading.Event(), threading.Event()
 
@@ -203,7 +203,7 @@ async def test_cancel_leaves_a_valid_session(loaded, tmp_path, data_dir):
             if isinstance(e, ev.StageStarted) and e.stage == 1:
                 reached.set()
                 gate.wait(30)  # the test presses x meanwhile
-        return run_recipe(recipe, out, listener=hold, **kw)
+        return record_run(recipe, out, listener=hold, **kw)
 
     app = make_app(loaded, tmp_path, data_dir, runner=runner)
     async with app.run_test(size=SIZE) as pilot:

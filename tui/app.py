@@ -83,12 +83,12 @@ class FrankenLab(App):
                  estimator_factory: Callable | None = None, whatif: bool = True):
         super().__init__()
         from pipeline.models import load_model
-        from pipeline.runner import run_recipe
+        from sessions import record_run
 
         self.model_ref = model_ref or "default"
         self.loaded = loaded
         self.loader = loader or load_model
-        self.runner = runner or run_recipe
+        self.runner = runner or record_run
         self.data_dir = Path(data_dir) if data_dir else None
         self.runs_dir = Path(runs_dir)
         self.session_path = session_path

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import RecipeError, require
+from ..config import RecipeError, option, require
 from ..context import StageContext, StageResult
 from ..models import count_parameters, decoder_layers
 from ..plans import LayerPlan, materialize
@@ -26,13 +26,15 @@ METRICS = ("perplexity", "l1", "taylor")
 
 @dataclass(frozen=True)
 class Config:
-    k: int = 2
-    metric: str = "perplexity"
-    protected_first: int = 4
-    protected_last: int = 2
-    samples: int = 8  # calibration windows used for ranking (of the recipe's calibration set)
-    layers: tuple[int, ...] | None = None  # remove exactly these (skips the ranking)
-    plan: str | None = None  # or a full layer plan, e.g. "0-3,5,5,6-29" (repeats become copies)
+    k: int = option(2, help="how many decoder layers to remove (the least important ones)", label="k")
+    metric: str = option("perplexity", choices=METRICS,
+                         help="how importance is ranked: ppl without the layer (thesis), L1 weight size, or Taylor")
+    protected_first: int = option(4, label="protect first", help="the first layers are never removed")
+    protected_last: int = option(2, label="protect last", help="the last layers are never removed")
+    samples: int = option(8, form=False, help="calibration windows used for the ranking")
+    layers: tuple[int, ...] | None = option(None, form=False, help="remove exactly these layers (skips the ranking)")
+    plan: str | None = option(None, help="a full layer plan, e.g. 0-3,5,5,6-29 (repeats become copies); "
+                                         "set from the layer grid")
 
     def __post_init__(self):
         require(self.metric in METRICS, f"unknown importance metric {self.metric!r}; choose one of {', '.join(METRICS)}")
@@ -56,6 +58,37 @@ class Config:
         free = n_layers - len(protected)
         require(self.k <= free, f"cannot remove {self.k} of {n_layers} layers: {len(protected)} are protected "
                                 f"(first {self.protected_first}, last {self.protected_last}), so at most {free} can go")
+
+
+# -- hooks the registry asks (pipeline/stages/__init__.py) -----------------------------------------
+FORM_CUSTOM = {"plan", "layers"}  # the layer grid edits these
+
+
+def needs_calibration(config: Config) -> bool:
+    return config.plan is None and config.layers is None and config.metric != "l1"
+
+
+def layer_plan(config: Config, n_layers: int) -> LayerPlan | None:
+    """The plan this stage will apply when the user gave one (a ranking is known only after it ran)."""
+    if config.plan is not None:
+        return LayerPlan.parse(config.plan, n_layers)
+    if config.layers is not None:
+        return LayerPlan.without(n_layers, config.layers)
+    return None
+
+
+def layers_after(config: Config, n_layers: int) -> int:
+    plan = layer_plan(config, n_layers)
+    return len(plan) if plan is not None else n_layers - config.k
+
+
+def describe(params: dict) -> str:
+    if params.get("plan"):
+        return f"Plan {params['plan']}"
+    if params.get("layers") is not None:
+        return f"Depth -[{','.join(map(str, params['layers']))}]"
+    text = f"Depth {params.get('k', '?')}"
+    return text + (f" ({params['metric']})" if params.get("metric") not in (None, "perplexity") else "")
 
 
 def protected_layers(n: int, first: int, last: int) -> set[int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from .. import quant
-from ..config import RecipeError, require
+from ..config import RecipeError, option, require
 from ..context import StageContext, StageResult
 
 NEEDS_GPTQ = ("eora needs a gptq stage before it in the same recipe (it compensates that stage's quantization "
@@ -27,11 +27,11 @@ NEEDS_GPTQ = ("eora needs a gptq stage before it in the same recipe (it compensa
 
 @dataclass(frozen=True)
 class Config:
-    rank: int = 32
-    samples: int = 64
-    dataset: str = "c4"  # calibration text (EoRA paper: C4)
-    seq_len: int | None = None  # default: the recipe's calibration.seq_len
-    batch_size: int = 4
+    rank: int = option(32, help="rank of the low-rank compensation (EoRA paper: 32)")
+    samples: int = option(64, help="calibration windows (EoRA paper: 64 C4 samples)")
+    dataset: str = option("c4", form=False, help="calibration text: c4, wikitext2, wiki or a file")
+    seq_len: int | None = option(None, form=False, help="calibration window length; empty = the recipe's")
+    batch_size: int = option(4, form=False, help="calibration windows per forward")
 
     def __post_init__(self):
         require(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
@@ -42,6 +42,23 @@ class Config:
                 f"unknown calibration dataset {self.dataset!r}: use c4, wikitext2, wiki, or a .txt/.jsonl file path")
         require(self.seq_len is None or self.seq_len >= 8, "seq_len must be at least 8 tokens")
         require(self.batch_size >= 1, "batch_size must be at least 1")
+
+
+# -- hooks the registry asks (pipeline/stages/__init__.py) -----------------------------------------
+ROLE = "quant"
+
+
+def needs_calibration(config: Config) -> bool:
+    return True
+
+
+def describe(params: dict) -> str:
+    rank = params.get("rank", params.get("r"))
+    return "EoRA" + (f" r{rank}" if rank is not None else "")
+
+
+def resume_problem(record: dict) -> str | None:
+    return "saved a quantized model with its EoRA adapter, which a run cannot resume from yet"
 
 
 def check_order(kinds_before: list[str]) -> None:

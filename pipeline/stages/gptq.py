@@ -24,21 +24,22 @@ import torch
 from torch import nn
 
 from .. import quant
-from ..config import RecipeError, require
+from ..config import RecipeError, option, require
 from ..context import StageContext, StageResult
 from ..models import decoder_layers
 
 
 @dataclass(frozen=True)
 class Config:
-    bits: int = 4
-    group_size: int = 128  # -1 = one group per row (per-channel scales)
-    desc_act: bool = False  # quantize columns in order of activation size (slower, sometimes better)
-    sym: bool = True
-    damp_percent: float = 0.05
-    samples: int | None = None  # calibration windows; default: the recipe's calibration.samples
-    seq_len: int | None = None  # default: the recipe's calibration.seq_len
-    batch_size: int = 4
+    bits: int = option(4, choices=quant.QUANT_BITS, help="bits per weight")
+    group_size: int = option(128, label="group size", help="weights sharing one scale and zero; -1 = one group per row")
+    desc_act: bool = option(False, form=False, help="quantize columns in order of activation size "
+                                                   "(slower, sometimes better)")
+    sym: bool = option(True, form=False, help="symmetric quantization (zero point in the middle)")
+    damp_percent: float = option(0.05, form=False, help="dampening added to the Hessian diagonal")
+    samples: int | None = option(None, help="calibration windows; empty = the recipe's calibration samples")
+    seq_len: int | None = option(None, form=False, help="calibration window length; empty = the recipe's")
+    batch_size: int = option(4, form=False, help="calibration windows per forward")
 
     def __post_init__(self):
         require(self.bits in quant.QUANT_BITS,
@@ -50,6 +51,24 @@ class Config:
         require(self.samples is None or self.samples >= 1, "samples must be at least 1")
         require(self.seq_len is None or self.seq_len >= 8, "seq_len must be at least 8 tokens")
         require(self.batch_size >= 1, "batch_size must be at least 1")
+
+
+# -- hooks the registry asks (pipeline/stages/__init__.py) -----------------------------------------
+ROLE = "quant"
+QUANTIZED = "saved a quantized model, which a run cannot resume from yet"
+
+
+def needs_calibration(config: Config) -> bool:
+    return True
+
+
+def describe(params: dict) -> str:
+    bits, group = params.get("bits", 4), params.get("group_size", 128)
+    return f"GPTQ {bits}-bit" + (f" g{group}" if group not in (None, -1, 0) else "")
+
+
+def resume_problem(record: dict) -> str | None:
+    return QUANTIZED
 
 
 def check_order(kinds_before: list[str]) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from evals.data import DATASETS, load_dataset_records
 from evals.perplexity import Cancelled
 
-from ..config import RecipeError, require
+from ..config import RecipeError, option, require
 from ..context import StageContext, StageResult
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -37,21 +37,25 @@ FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".gz")
 
 @dataclass(frozen=True)
 class Config:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    dataset: str = "wiki"  # wiki (WikiText-style articles), triviaqa, or a .txt / .jsonl file
-    samples: int = 8192  # training sequences in all (thesis: 8192 in batches of 8)
-    steps: int | None = None  # optimizer steps; when given it replaces `samples`
-    batch_size: int = 8
-    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
-    lr: float = 2e-4
-    warmup_steps: int = 0
-    seq_len: int = 256
-    mixed_precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | no | bf16 | fp16
-    merge: bool = True  # merge into the weights and re-apply the sparsity mask; false keeps it separate
-    seed: int = 0
+    rank: int = option(8, help="LoRA rank r of the adapter matrices (thesis: 8)")
+    alpha: float = option(16.0, form=False, help="LoRA scaling alpha (the update is scaled by alpha / rank)")
+    dropout: float = option(0.1, form=False, help="dropout on the adapter's input during training")
+    targets: tuple[str, ...] = option(("q_proj", "k_proj", "v_proj", "o_proj"), form=False,
+                                      help="projections that get an adapter (thesis: the attention ones)")
+    dataset: str = option("wiki", label="data", help="training text: wiki (WikiText-style articles), triviaqa, "
+                                                     "or a .txt / .jsonl file")
+    samples: int = option(8192, help="training sequences in all (thesis: 8192 in batches of 8)")
+    steps: int | None = option(None, help="optimizer steps; when given it replaces samples")
+    batch_size: int = option(8, form=False, help="sequences per micro-batch")
+    grad_accum: int = option(1, form=False, help="micro-batches per optimizer step")
+    lr: float = option(2e-4, form=False, help="peak learning rate (linear decay to 10 %)")
+    warmup_steps: int = option(0, form=False, help="linear warm-up steps")
+    seq_len: int = option(256, form=False, help="tokens per training window")
+    mixed_precision: str = option("auto", form=False, choices=PRECISIONS,
+                                  help="auto: bf16/fp16 on GPU, fp32 on CPU")
+    merge: bool = option(True, form=False, help="merge into the weights and re-apply the sparsity mask; "
+                                                "false keeps the adapter separate")
+    seed: int = option(0, form=False, help="seed for data order and adapter initialisation")
 
     def __post_init__(self):
         require(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
@@ -76,6 +80,21 @@ class Config:
     @property
     def total_steps(self) -> int:
         return self.steps or max(1, math.ceil(self.samples / (self.batch_size * self.grad_accum)))
+
+
+# -- hooks the registry asks (pipeline/stages/__init__.py) -----------------------------------------
+ROLE = "adapter"
+
+
+def describe(params: dict) -> str:
+    rank, data = params.get("rank", params.get("r")), params.get("dataset", params.get("data"))
+    return " ".join(["LoRA"] + ([f"r{rank}"] if rank is not None else []) + ([str(data)] if data else []))
+
+
+def resume_problem(record: dict) -> str | None:
+    if (record.get("params") or {}).get("merge") is False:
+        return "kept its LoRA adapter unmerged and saved only the adapter, not a full model"
+    return None
 
 
 def check_order(kinds_before: list[str]) -> None:
@@ -201,14 +220,11 @@ def _autocast(device: torch.device, setting: str):
 
 
 def _point_adapter_at_input(peft_model, ctx: StageContext) -> None:
-    """adapter_config.json names the model the adapter was trained on: the previous stage's
-    saved folder when there is one (a pruned model, not the original checkpoint)."""
-    if not ctx.work_dir or ctx.index < 2:
-        return
-    before = sorted(Path(ctx.work_dir).parent.glob(f"{ctx.index - 1:02d}-*/config.json"))
-    if before:
+    """adapter_config.json names the model the adapter was trained on: this stage's input (the
+    previous stage's saved folder, a pruned model, or the source model), not the original hub id."""
+    if ctx.input_artifact:
         for cfg in peft_model.peft_config.values():
-            cfg.base_model_name_or_path = str(before[0].parent)
+            cfg.base_model_name_or_path = str(ctx.input_artifact)
 
 
 def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:

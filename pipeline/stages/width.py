@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import RecipeError, require
+from ..config import RecipeError, option, require
 from ..context import StageContext, StageResult
 from ..layerwise import capture_inputs, edit_as_it_runs, input_square_sums, linear_modules, run_layer
 from ..models import count_parameters, decoder_layers
@@ -76,16 +76,18 @@ def satisfies_nm(weight: torch.Tensor, n: int, m: int) -> bool:
 class Config:
     """`pattern = "2:4"` (or n, m) for structured N:M; `ratio` for unstructured sparsity instead."""
 
-    pattern: str | None = None  # "N:M", prunes N of every M
-    n: int | None = None
-    m: int | None = None
-    ratio: float | None = None  # unstructured: fraction of each row pruned
-    method: str = "wanda"  # wanda | magnitude
-    targets: tuple[str, ...] = ALL_PROJECTIONS
-    batch_size: int = 32  # calibration windows per forward; one big batch is fastest on CPU
-    # projection (default: one pass per layer, whole calibration set as one batch, measured as good or
-    # better) | layer (the WANDA reference code: two passes per layer, batches of batch_size)
-    sequential: str = "projection"
+    pattern: str | None = option(None, label="N:M", help="structured N:M: prunes N of every M consecutive weights "
+                                                        "of each row (thesis notation; 2:4 removes 50 %)")
+    n: int | None = option(None, form=False, help="N of an N:M pattern (or give pattern)")
+    m: int | None = option(None, form=False, help="M of an N:M pattern (or give pattern)")
+    ratio: float | None = option(None, help="unstructured instead: the fraction of each row pruned")
+    method: str = option("wanda", choices=METHODS, help="wanda scores |W|*||X|| with calibration inputs; "
+                                                         "magnitude uses |W| alone")
+    targets: tuple[str, ...] = option(ALL_PROJECTIONS, form=False, help="projections of each decoder layer to prune")
+    batch_size: int = option(32, form=False, help="calibration windows per forward (sequential = layer)")
+    sequential: str = option("projection", label="statistics", choices=tuple(SEQUENTIAL),
+                             help="projection: one pass, each projection scored on the inputs it really receives; "
+                                  "layer: the WANDA reference code (two passes per layer)")
 
     def __post_init__(self):
         n, m = self.n, self.m
@@ -135,6 +137,32 @@ class Config:
         else:
             d["ratio"] = self.ratio
         return d
+
+
+# -- hooks the registry asks (pipeline/stages/__init__.py) -----------------------------------------
+FORM_CUSTOM = {"pattern", "n", "m", "ratio"}  # the N:M picker edits these
+
+
+def needs_calibration(config: Config) -> bool:
+    return config.method == "wanda"
+
+
+def describe(params: dict) -> str:
+    if params.get("ratio") is not None:
+        text = f"Width {100 * float(params['ratio']):g}% unstructured"
+    elif params.get("pattern"):
+        text = f"Width {params['pattern']}"
+    else:
+        text = f"Width {params.get('n', '?')}:{params.get('m', '?')}"
+    return text + (f" ({params['method']})" if params.get("method") not in (None, "wanda") else "")
+
+
+def migrate(params: dict, version: int) -> dict:
+    """Session schema 1 -> 2: `sequential` appeared with the default "projection"; a version-1
+    WANDA stage without it ran the reference statistics, so replays must rerun "layer"."""
+    if version < 2 and params.get("method", "wanda") == "wanda":
+        params.setdefault("sequential", "layer")
+    return params
 
 
 def check_dimensions(model: nn.Module, config: Config) -> None:

@@ -90,7 +90,7 @@ def results_table(session) -> Table:
 def main(args) -> int:
     from pipeline.config import RecipeError
     from pipeline.recipe import Recipe
-    from pipeline.runner import run_recipe
+    from sessions import record_run
 
     console = Console()
     try:
@@ -107,11 +107,14 @@ def main(args) -> int:
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                       console=console) as progress:
-            session = run_recipe(recipe, out, listener=ProgressView(console, progress), cancel=cancel,
+            session = record_run(recipe, out, listener=ProgressView(console, progress), cancel=cancel,
                                  save_models=not args.no_save_models,
                                  data_dir=args.run_data_dir or args.data_dir)
     finally:
         restore_sigint()
     console.print(results_table(session))
+    if session.save_error:
+        console.print(f"[bold red]{session.save_error}[/bold red]")
+        return 1
     console.print(f"session written to [bold]{out / 'session.json'}[/bold]")
     return {"done": 0, "cancelled": 130}.get(session.status, 1)

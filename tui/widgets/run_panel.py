@@ -101,4 +101,4 @@ class RunPanel(Vertical):
                     row.finish(e.error_type or "failed")
             self.write(f"{e.error_type or 'failed'}: {e.message}", "bold red")
         elif isinstance(e, ev.RunFinished):
-            self.status(f"run {e.status}: {e.session_path}")
+            self.status(f"run {e.status}: {e.out_dir}")

@@ -1,0 +1,129 @@
+"""The session recorder: a listener that builds a session from the runner's events alone.
+
+The runner never writes the session; whoever runs a recipe (the CLI, the lab, a sweep, a test)
+attaches a `SessionRecorder`, which saves the session atomically when the run starts, when each
+stage starts and finishes, and when the run ends, so a crash, a kill or a cancel loses nothing
+already measured. `record_run` is "run the recipe with a recorder attached" and returns the
+session. The recorder runs in the runner's thread; it never raises into the run: a save that
+fails (disk full, folder removed) is kept in `save_error` and retried at the next event.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from pipeline import events as ev
+from pipeline.events import Listener
+
+from .hashing import weights_digest
+from .record import SESSION_FILE, Session, StageRecord
+
+
+class SessionRecorder:
+    """Listens to one run and keeps `session` up to date; saves to `path` (default OUT/session.json)."""
+
+    def __init__(self, path: str | Path | None = None, *, save: bool = True):
+        self.path = Path(path) if path is not None else None
+        self.save_enabled = save
+        self.session: Session | None = None
+        self.save_error: str | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, event: ev.Event) -> None:
+        with self._lock:
+            handler = getattr(self, f"_on_{type(event).__name__}", None)
+            if isinstance(event, ev.RunStarted):
+                handler(event)
+                return
+            if self.session is None:  # events of a run that started before we listened
+                return
+            if not isinstance(event, ev.Progress):
+                self.session.events.append(event.to_dict())
+            if handler is not None:
+                handler(event)
+
+    # -- the events that change the record -------------------------------------------------------
+    def _on_RunStarted(self, e: ev.RunStarted) -> None:
+        self.session = Session(recipe=e.recipe, model_source={"ref": (e.recipe.get("model") or {}).get("source")})
+        self.session.events.append(e.to_dict())
+        if self.path is None:
+            self.path = Path(e.out_dir) / SESSION_FILE
+        self.session.stages = [StageRecord(s["index"], s["kind"], s.get("name", ""), s.get("params", {}))
+                               for s in e.stages]
+        for st in self.session.stages:
+            if 0 < st.index < e.start_stage or (st.index == 0 and e.start_stage > 1):
+                st.status = "skipped"  # resuming (replay --from-stage): earlier stages are not run again
+        self._save()
+
+    def _on_ModelReady(self, e: ev.ModelReady) -> None:
+        s = self.session
+        s.model_source = dict(e.model_source)
+        try:
+            s.model_source["weights"] = weights_digest(e.model_source.get("path"))
+        except OSError as exc:
+            s.model_source["weights"] = None
+            s.events.append(ev.LogLine(-1, f"could not hash the model weights ({exc}); the session records none",
+                                       "warning").to_dict())
+        s.environment = dict(e.environment)
+
+    def _on_StageStarted(self, e: ev.StageStarted) -> None:
+        st = self._stage(e.stage)
+        if st is not None:
+            st.status = "running"
+        self._save()
+
+    def _on_StageFinished(self, e: ev.StageFinished) -> None:
+        record = StageRecord.from_dict(e.record) if e.record else None
+        for i, st in enumerate(self.session.stages):
+            if st.index == e.stage:
+                if record is None:
+                    st.status, st.seconds = e.status, e.seconds
+                else:
+                    self.session.stages[i] = record
+                break
+        self._save()
+
+    def _on_RunFailed(self, e: ev.RunFailed) -> None:
+        status = e.error_type if e.error_type in ("failed", "cancelled") else "failed"
+        self.session.status = status
+        for st in self.session.stages:
+            if st.status == "running" or (st.index == e.stage and st.status == "pending"):
+                st.status, st.error = status, e.message
+            elif st.status == "pending":
+                st.status = "skipped"
+
+    def _on_RunFinished(self, e: ev.RunFinished) -> None:
+        if self.session.status == "running":
+            self.session.status = e.status
+        for st in self.session.stages:
+            if st.status == "pending":
+                st.status = "skipped"
+        self._save()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _stage(self, index: int) -> StageRecord | None:
+        return next((st for st in self.session.stages if st.index == index), None)
+
+    def _save(self) -> None:
+        if not self.save_enabled or self.path is None:
+            return
+        try:
+            self.session.save(self.path)
+            self.save_error = None
+        except OSError as exc:
+            self.save_error = (f"the session could not be saved to {self.path} ({exc.strerror or exc}); "
+                               "its numbers are kept in memory: save it elsewhere (ctrl+s in the lab)")
+
+
+def record_run(recipe, out_dir: str | Path, *, listener: Listener | None = None, listeners=(),
+               session_path: str | Path | None = None, **kwargs) -> Session:
+    """Run `recipe` (pipeline.runner.run_recipe) with a SessionRecorder attached; returns the session,
+    saved as out_dir/session.json (or `session_path`). Other keyword arguments go to run_recipe."""
+    from pipeline.runner import run_recipe
+
+    recorder = SessionRecorder(session_path or Path(out_dir) / SESSION_FILE)
+    every = (recorder, *listeners) + ((listener,) if listener is not None else ())
+    run_recipe(recipe, out_dir, listeners=every, **kwargs)
+    session = recorder.session
+    session.save_error = recorder.save_error
+    return session
