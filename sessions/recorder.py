@@ -22,9 +22,12 @@ from .record import SESSION_FILE, Session, StageRecord
 class SessionRecorder:
     """Listens to one run and keeps `session` up to date; saves to `path` (default OUT/session.json)."""
 
-    def __init__(self, path: str | Path | None = None, *, save: bool = True):
+    def __init__(self, path: str | Path | None = None, *, save: bool = True, hash_weights: bool = True):
+        """`save=False` keeps the session in memory only (a screen that shows a run live);
+        `hash_weights=False` skips the sha256 of the weights (the saving recorder of the same run has it)."""
         self.path = Path(path) if path is not None else None
         self.save_enabled = save
+        self.hash_weights = hash_weights
         self.session: Session | None = None
         self.save_error: str | None = None
         self._lock = threading.Lock()
@@ -58,13 +61,15 @@ class SessionRecorder:
     def _on_ModelReady(self, e: ev.ModelReady) -> None:
         s = self.session
         s.model_source = dict(e.model_source)
+        s.environment = dict(e.environment)
+        if not self.hash_weights:
+            return
         try:
             s.model_source["weights"] = weights_digest(e.model_source.get("path"))
         except OSError as exc:
             s.model_source["weights"] = None
             s.events.append(ev.LogLine(-1, f"could not hash the model weights ({exc}); the session records none",
                                        "warning").to_dict())
-        s.environment = dict(e.environment)
 
     def _on_StageStarted(self, e: ev.StageStarted) -> None:
         st = self._stage(e.stage)
