@@ -41,14 +41,14 @@ class SessionRecorder:
             if self.session is None:  # events of a run that started before we listened
                 return
             if not isinstance(event, ev.Progress):
-                self.session.events.append(event.to_dict())
+                self.session.events.append(log_entry(event))
             if handler is not None:
                 handler(event)
 
     # -- the events that change the record -------------------------------------------------------
     def _on_RunStarted(self, e: ev.RunStarted) -> None:
         self.session = Session(recipe=e.recipe, model_source={"ref": (e.recipe.get("model") or {}).get("source")})
-        self.session.events.append(e.to_dict())
+        self.session.events.append(log_entry(e))
         if self.path is None:
             self.path = Path(e.out_dir) / SESSION_FILE
         self.session.stages = [StageRecord(s["index"], s["kind"], s.get("name", ""), s.get("params", {}))
@@ -118,6 +118,18 @@ class SessionRecorder:
         except OSError as exc:
             self.save_error = (f"the session could not be saved to {self.path} ({exc.strerror or exc}); "
                                "its numbers are kept in memory: save it elsewhere (ctrl+s in the lab)")
+
+
+# what the records already hold in full is not copied into the event log a second time
+_LOGGED_ELSEWHERE = {"RunStarted": ("recipe", "stages"), "StageFinished": ("record",)}
+
+
+def log_entry(event: ev.Event) -> dict:
+    """The event as the session's event log keeps it (progress ticks are not logged at all)."""
+    d = event.to_dict()
+    for key in _LOGGED_ELSEWHERE.get(type(event).__name__, ()):
+        d.pop(key, None)
+    return d
 
 
 def record_run(recipe, out_dir: str | Path, *, listener: Listener | None = None, listeners=(),
