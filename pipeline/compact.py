@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .config import RecipeError, require
-from .memory import (Assume, Storage, footprint, g_idx_trivial, is_quantized_linear, parse_dtype,
-                     quant_codes)
+from .memory import Assume, footprint
+from .storage import Storage, g_idx_trivial, is_quantized_linear, parse_dtype, quant_codes
 
 COMPACT_FILE = "model.compact.safetensors"
 FORMAT = "frankenlab-compact"

@@ -53,7 +53,7 @@ class FakeQuantLinear(nn.Module):
         self.bias = None
 
     def dequantized(self) -> torch.Tensor:
-        from pipeline.memory import quant_codes
+        from pipeline.storage import quant_codes
 
         codes, zeros = quant_codes(self)
         g = self.g_idx.long()
@@ -170,7 +170,7 @@ def test_gptqmodel_unpacking_matches_its_dequantize():
     pytest.importorskip("gptqmodel")
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
-    from pipeline.memory import quant_codes
+    from pipeline.storage import quant_codes
 
     torch.manual_seed(0)
     lin = nn.Linear(256, 64, bias=False)
