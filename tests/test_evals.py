@@ -439,3 +439,16 @@ def test_evals_do_not_import_textual():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "False"
+
+
+def test_evals_import_nothing_from_the_pipeline():
+    """Layers import one way (evals <- pipeline <- sessions <- tui): measuring never needs the pipeline."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; import evals.perplexity, evals.data, evals.hub, evals.qa, evals.samples, evals.generate, "
+            "evals.matching; print(sorted(m for m in sys.modules if m.split('.')[0] == 'pipeline'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]", out.stdout
