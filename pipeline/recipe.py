@@ -128,11 +128,10 @@ class Recipe:
         return tomli_w.dumps(self.to_dict())
 
     def save(self, path: str | Path) -> Path:
+        from .files import atomic_write_text
+
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(self.dumps())
-        tmp.replace(p)
+        atomic_write_text(p, self.dumps())
         return p
 
     # -- checks that need the model ---------------------------------------------------------------
