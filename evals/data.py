@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .hub import hub_endpoint_reachable, offline
+
 DATA_DIR_ENV = "FRANKENLAB_DATA_DIR"
 
 
@@ -82,12 +84,7 @@ def read_records(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def _hub_reachable() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false") or \
-            os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0", "false"):
-        return False
-    from pipeline.models import _hub_endpoint_reachable
-
-    return _hub_endpoint_reachable()
+    return not offline("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") and hub_endpoint_reachable()
 
 
 def _from_hub(info: DatasetInfo, limit: int | None) -> list[dict]:

@@ -11,8 +11,6 @@ The file is for storage and transport: it proves the footprint is real bytes, no
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import RecipeError, require
+from .files import atomic_path
 from .memory import Assume, footprint
 from .storage import Storage, g_idx_trivial, is_quantized_linear, parse_dtype, quant_codes
 
@@ -241,15 +240,8 @@ def save_compact(model: nn.Module, out_dir: str | Path, *, tokenizer=None, dtype
               "dtype": str(max(set(dtypes), key=dtypes.count)).replace("torch.", ""),
               "computed_bytes": fp.weights_bytes, "formats": fp.formats()}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".compact-", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
+    with atomic_path(out_dir / COMPACT_FILE) as tmp:
         save_file(out, tmp, metadata={"frankenlab": json.dumps(header)})
-        os.replace(tmp, out_dir / COMPACT_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     path = out_dir / COMPACT_FILE

@@ -43,6 +43,7 @@ from .config import RecipeError, require
 from .storage import (DECODER_LINEARS, Storage, _DTYPE_NAMES, _LAYER, _SHORT, _itemsize, cached, detect_storage,
                       dtype_name, is_quantized_linear, parse_dtype, quantized_storage)
 from .storage import fmt_bytes, nm_index_bits  # noqa: F401 - part of this module's API
+from .sharing import model_lock
 
 DEFAULT_CONTEXT = 512  # the thesis scored rows truncated to 512 tokens
 WEIGHT_COMPONENTS = ("embeddings", "head", "attention", "mlp", "norms", "adapters", "other")
@@ -265,45 +266,46 @@ def decode_activation_bytes(model: nn.Module, context: int = DEFAULT_CONTEXT, ba
 def footprint(model: nn.Module, *, context: int = DEFAULT_CONTEXT, batch: int = 1, kv_dtype: str | None = None,
               assume: Assume | None = None) -> Footprint:
     """Per-tensor storage of every parameter and persistent buffer, tied storage counted once."""
-    entries: list[Entry] = []
-    notes: list[str] = []
-    seen: set[int] = set()
-    quant_modules = 0
-    names_by_storage: dict = {}
-    for mod_name, module in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        if is_quantized_linear(module):
-            quant_modules += 1
-            storage, buffers = quantized_storage(module)
-            entries.append(Entry(f"{prefix}weight", component_of(prefix + "weight"), storage, buffers))
-            for b in ("qweight", "qzeros", "scales", "g_idx", "bias"):
-                t = getattr(module, b, None)
-                if isinstance(t, torch.Tensor):
-                    seen.add(id(t))
-        tensors = [(n, p) for n, p in module._parameters.items() if p is not None]
-        tensors += [(n, b) for n, b in module._buffers.items()
-                    if b is not None and n not in module._non_persistent_buffers_set]
-        for local, t in tensors:
-            name = prefix + local
-            key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.device.type != "meta" else id(t)
-            first = names_by_storage.get(id(t)) or (names_by_storage.get(key) if t.numel() else None)
-            if first is not None:
-                notes.append(f"{name} is tied to {first}: counted once")
-                continue
-            if id(t) in seen:  # a quantized module's own buffer, counted with the module
-                continue
-            seen.add(id(t))
-            names_by_storage[id(t)] = names_by_storage[key] = name
-            entries.append(Entry(name, component_of(name), cached(t, lambda x: detect_storage(x.detach()))))
-    if quant_modules:
-        notes.append(f"{quant_modules} GPTQ linears counted as codes + fp16 scales + packed zeros "
-                     "(g_idx only when act-order makes it non-trivial)")
-    if any(e.storage.nm == (2, 4) for e in entries):
-        notes.append("2:4 counted in NVIDIA's compressed layout: kept values + 2-bit index per kept value")
-    if any(e.storage.nm and e.storage.nm != (2, 4) for e in entries):
-        notes.append("N:M (N of every M pruned) index cost: min(min(N, M-N) * ceil(log2 M), M) bits per group")
-    cache = kv_cache(model, context, batch, kv_dtype)
-    act = decode_activation_bytes(model, context, batch, kv_dtype)
+    with model_lock(model):  # planned() swaps the layer list and the config's depth: read the model alone
+        entries: list[Entry] = []
+        notes: list[str] = []
+        seen: set[int] = set()
+        quant_modules = 0
+        names_by_storage: dict = {}
+        for mod_name, module in model.named_modules():
+            prefix = f"{mod_name}." if mod_name else ""
+            if is_quantized_linear(module):
+                quant_modules += 1
+                storage, buffers = quantized_storage(module)
+                entries.append(Entry(f"{prefix}weight", component_of(prefix + "weight"), storage, buffers))
+                for b in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+                    t = getattr(module, b, None)
+                    if isinstance(t, torch.Tensor):
+                        seen.add(id(t))
+            tensors = [(n, p) for n, p in module._parameters.items() if p is not None]
+            tensors += [(n, b) for n, b in module._buffers.items()
+                        if b is not None and n not in module._non_persistent_buffers_set]
+            for local, t in tensors:
+                name = prefix + local
+                key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.device.type != "meta" else id(t)
+                first = names_by_storage.get(id(t)) or (names_by_storage.get(key) if t.numel() else None)
+                if first is not None:
+                    notes.append(f"{name} is tied to {first}: counted once")
+                    continue
+                if id(t) in seen:  # a quantized module's own buffer, counted with the module
+                    continue
+                seen.add(id(t))
+                names_by_storage[id(t)] = names_by_storage[key] = name
+                entries.append(Entry(name, component_of(name), cached(t, lambda x: detect_storage(x.detach()))))
+        if quant_modules:
+            notes.append(f"{quant_modules} GPTQ linears counted as codes + fp16 scales + packed zeros "
+                         "(g_idx only when act-order makes it non-trivial)")
+        if any(e.storage.nm == (2, 4) for e in entries):
+            notes.append("2:4 counted in NVIDIA's compressed layout: kept values + 2-bit index per kept value")
+        if any(e.storage.nm and e.storage.nm != (2, 4) for e in entries):
+            notes.append("N:M (N of every M pruned) index cost: min(min(N, M-N) * ceil(log2 M), M) bits per group")
+        cache = kv_cache(model, context, batch, kv_dtype)
+        act = decode_activation_bytes(model, context, batch, kv_dtype)
     fp = Footprint(entries, cache, act, notes)
     return fp.assuming(assume) if assume else fp
 

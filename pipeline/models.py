@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
+
+from evals.hub import hub_endpoint_reachable, offline
 
 DEFAULT_MODEL = "default"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
@@ -140,17 +140,6 @@ def ensure_converted(gguf: Path) -> Path:
     return convert_gguf(gguf, out)
 
 
-def _hub_endpoint_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urlparse(endpoint).hostname or "huggingface.co"
-    port = urlparse(endpoint).port or 443
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _resolve_hub(repo_id: str) -> Path:
     """A local snapshot of a hub repo: from the HF cache, else downloaded if the hub answers."""
     from huggingface_hub import snapshot_download
@@ -160,8 +149,7 @@ def _resolve_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
     except Exception:
         pass
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
-    if offline or not _hub_endpoint_reachable():
+    if offline() or not hub_endpoint_reachable():
         raise ModelLoadError(
             f"{repo_id!r} is not a local folder or file, it is not in the Hugging Face cache, and the hub "
             "cannot be reached from here. Pass a local HF folder or a .gguf file with --model, or omit "

@@ -4,8 +4,9 @@ A plan is an ordered tuple of source-layer indices: a skipped layer is absent, a
 listed again. `planned(model, plan)` runs a model under a plan without copying weights: the layer
 list is swapped for thin slot wrappers around the original modules. Every slot gets its own KV
 cache index, so a repeated layer does not overwrite its first pass's cache and skips do not leave
-holes. `materialize(model, plan)` turns a plan into a real, smaller (or deeper) model whose
-config and `layer_idx` values are renumbered so it round-trips through save/from_pretrained.
+holes. While a plan is applied nobody else may use the model: `planned` holds `model_lock(model)`.
+`materialize(model, plan)` turns a plan into a real, smaller (or deeper) model whose config and
+`layer_idx` values are renumbered so it round-trips through save/from_pretrained.
 
 We patch only `self_attn.layer_idx` around each call; the modeling code stays Hugging Face's.
 """
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from .models import decoder_layers
+from .sharing import model_lock
 
 
 class PlanError(ValueError):
@@ -172,14 +174,19 @@ def apply_plan(model: nn.Module, plan: LayerPlan) -> Callable[[], None]:
 
 @contextmanager
 def planned(model: nn.Module, plan: LayerPlan | None) -> Iterator[nn.Module]:
-    if plan is None or plan.is_identity:
-        yield model
-        return
-    restore = apply_plan(model, plan)
-    try:
-        yield model
-    finally:
-        restore()
+    """Run `model` under `plan` inside the block, holding the model's lock (`pipeline.sharing`).
+
+    The lock is held for the identity plan too, so the block may always use the model alone.
+    """
+    with model_lock(model):
+        if plan is None or plan.is_identity:
+            yield model
+            return
+        restore = apply_plan(model, plan)
+        try:
+            yield model
+        finally:
+            restore()
 
 
 def materialize(model: nn.Module, plan: LayerPlan) -> nn.Module:

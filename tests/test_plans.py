@@ -1,9 +1,16 @@
+import copy
+import gc
+import threading
+
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
+from pipeline import sharing
 from pipeline.models import decoder_layers
 from pipeline.plans import LayerPlan, PlanError, apply_plan, greedy_tokens, materialize, planned
+from pipeline.sharing import model_lock
 
 PLANS = [
     "0-7",  # identity
@@ -95,3 +102,41 @@ def test_plan_text_round_trip_and_errors():
         LayerPlan.parse("", 30)
     with pytest.raises(PlanError, match="cannot read"):
         LayerPlan.parse("0-3,x", 30)
+
+
+def _free_for_others(model) -> bool:
+    """Whether another thread could take the model's lock right now (it does not wait for it)."""
+    result = []
+
+    def probe():
+        lock = model_lock(model)
+        result.append(lock.acquire(blocking=False))
+        if result[0]:
+            lock.release()
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return result[0]
+
+
+@pytest.mark.parametrize("spec", ["0-2,4-7", "0-7"])
+def test_planned_holds_the_model_lock_and_it_is_reentrant(tiny, spec):
+    assert _free_for_others(tiny.model)
+    with planned(tiny.model, LayerPlan.parse(spec, 8)):  # the identity plan holds it too
+        assert not _free_for_others(tiny.model)
+        with model_lock(tiny.model), planned(tiny.model, None):  # a holder may take it again
+            assert not _free_for_others(tiny.model)
+        assert not _free_for_others(tiny.model)
+    assert _free_for_others(tiny.model)
+
+
+def test_model_locks_are_per_object_and_go_with_the_model():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    assert model_lock(a) is model_lock(a) and model_lock(a) is not model_lock(b)
+    held = len(sharing._LOCKS)
+    del a
+    gc.collect()
+    assert len(sharing._LOCKS) == held - 1  # no lock kept for a model that is gone
+    c = copy.deepcopy(b)  # the lock is not an attribute of the model: a copy works and gets its own
+    assert model_lock(c) is not model_lock(b)

@@ -3,10 +3,12 @@ import threading
 import pytest
 import torch
 
-from evals.perplexity import Cancelled, perplexity
+from benchmarks.bench_whatif import naive_estimate  # the naive full recompute, the reference
+from evals.perplexity import Cancelled, blocked_nll, perplexity
 from pipeline.context import StageContext
 from pipeline.models import decoder_layers
 from pipeline.plans import LayerPlan, PlanError, planned
+from pipeline.sharing import model_lock
 from pipeline.stages import depth
 from pipeline.whatif import EstimateScheduler, WhatIfEstimator
 
@@ -34,7 +36,7 @@ def _est(tiny, **kw):
 def test_cached_estimate_equals_full_recompute(tiny, spec):
     est = _est(tiny)
     plan = LayerPlan.parse(spec, 8)
-    fast, naive = est.estimate(plan), est.estimate_uncached(plan)
+    fast, naive = est.estimate(plan), naive_estimate(est, plan)
     assert fast.cached and not naive.cached
     assert fast.ppl == pytest.approx(naive.ppl, rel=1e-5)
     assert fast.delta == pytest.approx(naive.delta, rel=1e-4, abs=1e-6)
@@ -47,7 +49,7 @@ def test_baseline_and_delta(tiny):
     est = _est(tiny)
     ident = est.estimate(LayerPlan.identity(8))
     assert ident.delta == 0 and ident.ppl == est.baseline_ppl
-    assert est.baseline_ppl == pytest.approx(est.estimate_uncached(LayerPlan.identity(8)).ppl, rel=1e-5)
+    assert est.baseline_ppl == pytest.approx(naive_estimate(est, LayerPlan.identity(8)).ppl, rel=1e-5)
     e = est.estimate(LayerPlan.without(8, [4]))
     assert e.delta == pytest.approx(e.ppl - est.baseline_ppl) and e.baseline == pytest.approx(est.baseline_ppl)
 
@@ -57,7 +59,7 @@ def test_bounded_cache_checkpoints_give_the_same_numbers(tiny, budget):
     ids = _ids(tiny)
     full = _est(tiny, ids=ids, max_cache_bytes=None)
     full.prepare()
-    per_state = full._state_bytes
+    per_state = full.cache_report()["state_bytes"]
     kwargs_bytes = full.cache_bytes - 8 * per_state
     limit = {0: 0, 1: kwargs_bytes + per_state, "three": kwargs_bytes + 3 * per_state}[budget]
     small = _est(tiny, ids=ids, max_cache_bytes=limit)
@@ -95,7 +97,7 @@ def test_recent_plans_are_restart_points(tiny):
     second = LayerPlan.without(8, [2, 6])
     e = est.estimate(second)
     assert e.restarted_at == 5 and e.layers_run == 1  # positions 0..4 = layers 0,1,3,4,5
-    assert e.ppl == pytest.approx(est.estimate_uncached(second).ppl, rel=1e-5)
+    assert e.ppl == pytest.approx(naive_estimate(est, second).ppl, rel=1e-5)
     assert est.cache_report()["plans"] >= 1
 
 
@@ -103,7 +105,7 @@ def test_recent_plans_respect_the_budget(tiny):
     ids = _ids(tiny)
     probe = _est(tiny, ids=ids)
     probe.prepare()
-    budget = probe.cache_bytes + 2 * probe._state_bytes  # the baseline plus two more states
+    budget = probe.cache_bytes + 2 * probe.cache_report()["state_bytes"]  # the baseline plus two more states
     est = _est(tiny, ids=ids, max_cache_bytes=budget)
     for i in range(1, 7):
         est.estimate(LayerPlan.without(8, [i]))
@@ -137,7 +139,7 @@ def test_cancel_raises_and_keeps_partial_work(tiny):
     assert est.known(plan) is None
     e = est.estimate(plan)  # resumes from the states computed before the cancel
     assert e.restarted_at > 1
-    assert e.ppl == pytest.approx(est.estimate_uncached(plan).ppl, rel=1e-5)
+    assert e.ppl == pytest.approx(naive_estimate(est, plan).ppl, rel=1e-5)
 
 
 def test_cancelled_prepare_resumes(tiny):
@@ -198,7 +200,7 @@ def test_scheduler_newest_submit_wins(tiny):
         for h in handles:
             h.remove()
     assert outcome["stale"] == "cancelled"
-    assert newest.ppl == pytest.approx(est.estimate_uncached(LayerPlan.without(8, [6])).ppl, rel=1e-5)
+    assert newest.ppl == pytest.approx(naive_estimate(est, LayerPlan.without(8, [6])).ppl, rel=1e-5)
     assert est.known(LayerPlan.without(8, [0])) is None
 
 
@@ -229,7 +231,7 @@ def test_scan_agrees_with_the_depth_metric(tiny):
     assert sorted(scan, key=scan.get) == sorted(metric, key=metric.get)
     assert scan == pytest.approx(metric, rel=1e-6)
     # and both are the plain leave-one-out perplexity
-    naive = {i: est.estimate_uncached(LayerPlan.without(8, [i])).ppl for i in range(8)}
+    naive = {i: naive_estimate(est, LayerPlan.without(8, [i])).ppl for i in range(8)}
     assert sorted(naive, key=naive.get) == sorted(scan, key=scan.get)
     assert naive == pytest.approx(scan, rel=1e-5)
 
@@ -255,8 +257,6 @@ def test_default_slice_is_the_named_concat_protocol(tiny, data_dir):
 def test_blocked_loss_equals_cross_entropy(bias):
     import torch.nn.functional as F
 
-    from pipeline.whatif import blocked_nll
-
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(37, 16, generator=g), torch.randn(1000, 16, generator=g) * 3  # 6 blocks of 150 and one of 100
     b = torch.randn(1000, generator=g) if bias else None
@@ -264,3 +264,43 @@ def test_blocked_loss_equals_cross_entropy(bias):
     want = float(F.cross_entropy(F.linear(x, w, b), labels, reduction="sum"))
     assert blocked_nll(x, w, b, labels, block=150) == pytest.approx(want, rel=1e-6)
     assert blocked_nll(x, w, b, labels, block=4096) == pytest.approx(want, rel=1e-6)
+
+
+def test_the_estimator_borrows_the_model_lock(tiny):
+    from tests.test_plans import _free_for_others
+
+    est = _est(tiny)
+    seen = []
+    layer = decoder_layers(tiny.model)[5]
+    handle = layer.register_forward_pre_hook(lambda *_: seen.append(_free_for_others(tiny.model)))
+    try:
+        est.estimate(LayerPlan.without(8, [4]))  # prepare() and the estimate both run layer 5
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and not any(seen), "another thread could take the model while the estimator ran it"
+    assert _free_for_others(tiny.model)
+
+    # while someone else holds the model, an estimate waits, and a cancel ends the wait
+    plan = LayerPlan.without(8, [2])
+    asked, cancel, outcome = threading.Event(), threading.Event(), []
+
+    def cancelled():
+        asked.set()  # only the wait for the lock asks while the model is held elsewhere
+        return cancel.is_set()
+
+    def job():
+        try:
+            outcome.append(est.estimate(plan, cancelled))
+        except Cancelled:
+            outcome.append("cancelled")
+
+    with model_lock(tiny.model):
+        worker = threading.Thread(target=job)
+        worker.start()
+        assert asked.wait(30)
+        assert not outcome, "the estimate ran while another thread held the model"
+        cancel.set()
+        worker.join(30)
+    assert outcome == ["cancelled"] and est.known(plan) is None
+    with model_lock(tiny.model):  # re-entrant: a holder may estimate
+        assert est.estimate(plan).ppl == pytest.approx(naive_estimate(est, plan).ppl, rel=1e-5)

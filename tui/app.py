@@ -27,7 +27,8 @@ from textual.worker import Worker, WorkerState
 from pipeline import events as ev
 from pipeline.config import RecipeError
 from pipeline.plans import LayerPlan
-from tui.chat import ChatTarget, model_lock
+from pipeline.sharing import model_lock
+from tui.chat import ChatTarget
 from tui.messages import EstimateReady, LogWritten, ModelLoaded, ModelLoadFailed, RunEnded, RunEventArrived
 from tui.screens.compare import CompareScreen
 from tui.screens.help import HelpScreen

@@ -2,8 +2,9 @@
 
 `stream_reply` runs `generate` in a helper thread with a `TextIteratorStreamer` and yields text
 pieces as they come, so a Textual thread worker can forward each piece to the screen. A run-time
-layer plan is applied around the whole generation with `planned(model, plan)`; one lock per
-model keeps two chats (or a chat and a what-if estimate) from swapping its layers under each other.
+layer plan is applied around the whole generation with `planned(model, plan)`; the model's lock
+(`pipeline.sharing.model_lock`) is held throughout, so two chats (or a chat and a what-if estimate)
+never swap its layers under each other.
 """
 from __future__ import annotations
 
@@ -15,15 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from pipeline.plans import LayerPlan, planned
-
-_LOCKS: dict[int, threading.Lock] = {}
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model) -> threading.Lock:
-    """One lock per model object: generation and run-time plans must not interleave on it."""
-    with _LOCKS_GUARD:
-        return _LOCKS.setdefault(id(model), threading.Lock())
+from pipeline.sharing import model_lock
 
 
 @dataclass

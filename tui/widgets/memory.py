@@ -3,7 +3,7 @@
 Footprints come from `pipeline.memory` (storage-format accounting: N:M values plus indexes, int4
 codes plus scales, ...). The live baseline is measured in a thread worker; stages come from the
 session record (the runner stores `footprint` per stage). Targets and their fit verdicts come
-from the memory module too; whatever it does not provide is not drawn.
+from `pipeline.targets`.
 """
 from __future__ import annotations
 
@@ -14,12 +14,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, Select, Static
 
-from tui.widgets.results import fmt_bytes
-
-try:
-    from pipeline import memory as _memory
-except ImportError:  # the backend has not landed here
-    _memory = None
+from pipeline.memory import fmt_bytes, footprint_summary
+from pipeline.targets import load_targets
 
 BAR_W = 24
 
@@ -34,11 +30,7 @@ def bar(fraction: float, width: int = BAR_W, style: str = "green") -> Text:
 
 
 def list_targets() -> dict:
-    """name -> Target from `pipeline.targets` (empty when that module is not installed)."""
-    try:
-        from pipeline.targets import load_targets
-    except ImportError:
-        return {}
+    """name -> Target from `pipeline.targets` (empty when the targets files cannot be read)."""
     try:
         return dict(load_targets())
     except Exception:  # noqa: BLE001 - a broken targets file must not break the lab
@@ -63,21 +55,13 @@ class MemoryPanel(Vertical):
                              allow_blank=False, id="memory-target", compact=True)
         yield Static("", id="memory-bars")
 
-    def on_mount(self) -> None:
-        if _memory is None:
-            self.query_one("#memory-bars", Static).update(Text("memory accounting: not available here", style="dim"))
-
     # -- feeding ------------------------------------------------------------------------------
     def set_model(self, label: str, model) -> None:
-        if _memory is not None:
-            self._measure(label, model)
+        self._measure(label, model)
 
     @work(thread=True, group="memory", exit_on_error=False)
     def _measure(self, label: str, model) -> None:
-        from tui.chat import model_lock
-
-        with model_lock(model):
-            fp = _memory.footprint_summary(model)
+        fp = footprint_summary(model)  # holds the model's lock while it reads the model
         self.app.call_from_thread(self._add, label, fp)
 
     def set_session(self, session) -> None:

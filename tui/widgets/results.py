@@ -12,21 +12,12 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Static
 
 from pipeline import events as ev
+from pipeline.memory import fmt_bytes
 
 try:  # textual-plotext is a dependency, but the table alone still works without it
     from textual_plotext import PlotextPlot
 except ImportError:  # pragma: no cover
     PlotextPlot = None
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def fmt_params(n: int | None) -> str:

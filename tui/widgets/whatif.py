@@ -1,7 +1,7 @@
 """What-if line under the layer grid: perplexity of the grid's plan on a small fixed slice.
 
-Backed by `pipeline.whatif` (latest toggle wins through its `EstimateScheduler`); absent when that
-module is not installed. Estimates and the importance scan run in thread workers.
+Backed by `pipeline.whatif` (latest toggle wins through its `EstimateScheduler`). Estimates and
+the importance scan run in thread workers; the line's tooltip says what the estimator holds.
 """
 from __future__ import annotations
 
@@ -10,20 +10,24 @@ from textual import work
 from textual.widgets import Static
 from textual.worker import get_current_worker
 
+from evals.perplexity import Cancelled
 from pipeline.plans import LayerPlan
+from pipeline.whatif import EstimateScheduler, WhatIfEstimator
 from tui.messages import EstimateReady
 
-try:
-    from pipeline import whatif as _whatif
-except ImportError:  # the backend has not landed here
-    _whatif = None
+
+def status_line(estimator: WhatIfEstimator) -> str:
+    """One line: the slice, the baseline, the cache's memory against its budget."""
+    base = f"baseline ppl {estimator.baseline_ppl:.2f}" if estimator.ready else "baseline not computed yet"
+    budget = "unbounded" if estimator.max_cache_bytes is None else f"{estimator.max_cache_bytes / 2**20:.0f} MiB"
+    return f"what-if on {estimator.protocol}: {base}; cache {estimator.cache_bytes / 2**20:.1f} MiB of {budget}"
 
 
 class WhatIf(Static):
     def __init__(self, *, id: str | None = None, factory=None, enabled: bool = True):
         super().__init__("", id=id)
         self.factory = factory
-        self.enabled = enabled and _whatif is not None
+        self.enabled = enabled
         self.scheduler = None
         self.plan: LayerPlan | None = None
         self.scores: dict[int, float] = {}
@@ -35,13 +39,13 @@ class WhatIf(Static):
     def set_model(self, lm, data_dir) -> None:
         if not self.enabled:
             return
-        make = self.factory or (lambda lm, d: _whatif.WhatIfEstimator(lm.model, lm.tokenizer, data_dir=d))
+        make = self.factory or (lambda lm, d: WhatIfEstimator(lm.model, lm.tokenizer, data_dir=d))
         try:
             estimator = make(lm, data_dir)
         except Exception as exc:  # noqa: BLE001
             self.update(Text(f"what-if estimates unavailable: {exc}", style="dim"))
             return
-        self.scheduler = _whatif.EstimateScheduler(estimator)  # enabled implies the backend is here
+        self.scheduler = EstimateScheduler(estimator)
         self.update(Text("what-if: toggle a layer (or press e) to estimate the plan's perplexity; "
                          "i scans every layer's importance", style="dim"))
         self._warm_up(self.scheduler)
@@ -57,7 +61,11 @@ class WhatIf(Static):
         try:
             scheduler.prepare(lambda: worker.is_cancelled)
         except Exception:  # noqa: BLE001 - see the docstring
-            pass
+            return
+        self.app.call_from_thread(self._show_status, scheduler.estimator)
+
+    def _show_status(self, estimator: WhatIfEstimator) -> None:
+        self.tooltip = status_line(estimator)
 
     def plan_changed(self, plan: LayerPlan | None, cell: int | None = None) -> None:
         """The grid's plan changed (by `cell`, if one cell's change made it): estimate it."""
@@ -73,8 +81,6 @@ class WhatIf(Static):
 
     @work(thread=True, group="whatif", exit_on_error=False)
     def _estimate(self, plan: LayerPlan, cell: int | None = None) -> None:
-        from evals.perplexity import Cancelled
-
         worker = get_current_worker()
         self.app.call_from_thread(self.update, Text(f"what-if: estimating {plan.to_text()}…", style="italic"))
         try:
@@ -88,6 +94,7 @@ class WhatIf(Static):
         t.append(f"ppl {est.ppl:.2f} ({est.delta:+.2f} vs {est.baseline:.2f}, {est.relative:+.1%}) ")
         t.append(f"[{est.protocol}] {est.seconds:.2f}s, restarted at position {est.restarted_at}", style="dim")
         self.app.call_from_thread(self.update, t)
+        self.app.call_from_thread(self._show_status, self.scheduler.estimator)
         if cell is not None:
             self.post_message(EstimateReady(f"layer {cell} tried: {est.delta:+.2f}", tried={cell: est.delta}))
 
@@ -99,8 +106,6 @@ class WhatIf(Static):
 
     @work(thread=True, group="whatif-scan", exclusive=True, exit_on_error=False)
     def _scan(self) -> None:
-        from evals.perplexity import Cancelled
-
         worker = get_current_worker()
         scores: dict[int, float] = {}
         try:

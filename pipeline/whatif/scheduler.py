@@ -1,0 +1,98 @@
+"""The what-if scheduler between the TUI's thread workers and the estimator: latest toggle wins."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
+
+from evals.perplexity import Cancelled
+
+from ..plans import LayerPlan
+from .estimator import CancelFn, Estimate, WhatIfEstimator
+
+
+class EstimateScheduler:
+    """"Latest wins" for the TUI: every submit (or scan) makes all earlier ones stale.
+
+    Call `submit(plan)` from a thread worker; it blocks until the estimate is ready and returns it,
+    or raises `evals.perplexity.Cancelled` once a newer submit, scan or `cancel()` has superseded
+    it (within one decoder layer's time). Estimates run one at a time; a stale one gives up the
+    model at its next layer boundary, and whatever it computed stays cached. Known plans are
+    answered without waiting for a running estimate.
+    """
+
+    def __init__(self, estimator: WhatIfEstimator):
+        self.estimator = estimator
+        self._generation = 0
+        self._mutex = threading.Lock()
+        self._running = threading.Lock()
+        # every computation runs on this one long-lived thread: torch's OpenMP team is then built once
+        # and stays warm (a fresh thread per request measured ~8-18 % slower on 2 cores)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whatif")
+
+    def _on_thread(self, fn, *args, **kwargs):
+        return self._thread.submit(fn, *args, **kwargs).result()
+
+    def _ticket(self) -> int:
+        with self._mutex:
+            self._generation += 1
+            return self._generation
+
+    def is_current(self, ticket: int) -> bool:
+        return ticket == self._generation
+
+    def cancel(self) -> None:
+        """Make whatever is running or waiting stale (e.g. the screen closes)."""
+        self._ticket()
+
+    def prepare(self, cancelled: CancelFn = None) -> None:
+        """The estimator's baseline pass on the scheduler's thread (the lab warms up with it)."""
+        self._on_thread(self.estimator.prepare, cancelled)
+
+    def _stale_fn(self, ticket: int, cancelled: CancelFn) -> Callable[[], bool]:
+        return lambda: ticket != self._generation or bool(cancelled and cancelled())
+
+    def _acquire(self, stale: Callable[[], bool]) -> None:
+        while not self._running.acquire(timeout=0.02):
+            if stale():
+                raise Cancelled("superseded by a newer what-if request")
+        if stale():
+            self._running.release()
+            raise Cancelled("superseded by a newer what-if request")
+
+    def submit(self, plan: LayerPlan, cancelled: CancelFn = None) -> Estimate:
+        stale = self._stale_fn(self._ticket(), cancelled)
+        hit = self.estimator.known(plan)
+        if hit is not None:
+            return self.estimator.estimate(plan)  # memo answer with restarted_at/seconds filled in
+        self._acquire(stale)
+        try:
+            return self._on_thread(self.estimator.estimate, plan, stale)
+        finally:
+            self._running.release()
+
+    def scan(self, cancelled: CancelFn = None, layers: Iterable[int] | None = None
+             ) -> Iterator[tuple[int, Estimate]]:
+        """The estimator's scan, one layer at a time under the same latest-wins rule."""
+        stale = self._stale_fn(self._ticket(), cancelled)
+        self._acquire(stale)
+        try:
+            self._on_thread(self.estimator.prepare, stale)
+            n = self.estimator.n_layers
+        finally:
+            self._running.release()
+        if n < 2:
+            return
+        for i in (reversed(range(n)) if layers is None else list(layers)):
+            plan = LayerPlan.without(n, [i])
+            if self.estimator.known(plan) is None:
+                self._acquire(stale)
+                try:
+                    est = self._on_thread(self.estimator.estimate, plan, stale, record=False)
+                finally:
+                    self._running.release()
+            else:
+                est = self.estimator.estimate(plan)
+            if stale():
+                raise Cancelled("superseded by a newer what-if request")
+            yield i, est
