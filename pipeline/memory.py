@@ -42,7 +42,8 @@ from torch import nn
 from .config import RecipeError, require
 from .storage import (DECODER_LINEARS, Storage, _DTYPE_NAMES, _LAYER, _SHORT, _itemsize, cached, detect_storage,
                       dtype_name, is_quantized_linear, parse_dtype, quantized_storage)
-from .storage import fmt_bytes, nm_index_bits  # noqa: F401 - part of this module's API
+from .storage import nm_index_bits  # noqa: F401 - part of this module's API
+from .units import fmt_bytes  # noqa: F401 - part of this module's API
 from .sharing import model_lock
 
 DEFAULT_CONTEXT = 512  # the thesis scored rows truncated to 512 tokens

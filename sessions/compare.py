@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from pipeline.stages import generic_description, known_kind
+from pipeline.units import fmt_bytes
 
 from .record import Session, StageRecord, finite
 
@@ -170,15 +171,6 @@ def compare_rows(sessions: list[Session], *, all_stages: bool = False) -> list[d
 
 
 # -- rendering --------------------------------------------------------------------------------------
-def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
 def format_value(value, kind: str) -> str:
     """Human text for one cell (Markdown and the terminal table)."""
     if value is None:
@@ -192,7 +184,7 @@ def format_value(value, kind: str) -> str:
     if kind == "int" and isinstance(value, (int, float)):
         return f"{int(value):,}"
     if kind == "bytes" and isinstance(value, (int, float)):
-        return format_bytes(int(value))
+        return fmt_bytes(int(value))
     if kind == "seconds" and isinstance(value, (int, float)):
         return f"{value:.1f}"
     return str(value)
