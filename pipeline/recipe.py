@@ -128,8 +128,6 @@ class Recipe:
         return tomli_w.dumps(self.to_dict())
 
     def save(self, path: str | Path) -> Path:
-        from .files import atomic_write_text
-
         p = Path(path)
         atomic_write_text(p, self.dumps())
         return p
