@@ -157,8 +157,8 @@ async def test_run_results_save_and_reopen(loaded, tmp_path, data_dir):
         await pilot.pause()
         app._show_recipe(short_recipe())
         await pilot.press("ctrl+r")
-        await wait_for(pilot, lambda: app.session is not None and not app.running, timeout=90)
-        s = app.session
+        await wait_for(pilot, lambda: app.lab.session is not None and not app.lab.running, timeout=90)
+        s = app.lab.session
         assert s.status == "done", s.stages
         rows = app.query_one("#resultspanel").rows
         assert set(rows) == {0, 1, 2}
@@ -183,9 +183,9 @@ async def test_run_results_save_and_reopen(loaded, tmp_path, data_dir):
     # reopen it in a fresh lab
     app2 = make_app(loaded, tmp_path, data_dir, session_path=saved)
     async with app2.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app2.session is not None and app2.query("#results-table")
+        await wait_for(pilot, lambda: app2.lab.session is not None and app2.query("#results-table")
                        and app2.query_one("#results-table").row_count == 3, timeout=20)
-        assert app2.session.id == s.id
+        assert app2.lab.session.id == s.id
         assert app2.query_one("#results-table").row_count == 3
         assert app2.query_one("#tabs").active == "results"
         assert app2.query_one("#form").query_one("#width-ratio").value == "2:4"
@@ -211,14 +211,52 @@ async def test_cancel_leaves_a_valid_session(loaded, tmp_path, data_dir):
         await pilot.press("ctrl+r")
         await wait_for(pilot, reached.is_set)
         await pilot.press("3", "ctrl+x")  # the lab stays interactive while the run holds
-        assert app.cancel_event.is_set()
+        assert app.lab.cancel.is_set()
         gate.set()
-        await wait_for(pilot, lambda: not app.running, timeout=60)
-        s = app.session
+        await wait_for(pilot, lambda: not app.lab.running, timeout=60)
+        s = app.lab.session
         assert s.status == "cancelled"
         assert s.stages[0].status == "done" and s.stages[0].metric("perplexity")
         on_disk = json.loads(Path(s.path).read_text())
         assert on_disk["status"] == "cancelled"
+
+
+async def test_live_results_come_from_stage_records(loaded, tmp_path, data_dir, monkeypatch):
+    """While a run goes, footprints, stage models and memory bars come from StageFinished.record;
+    the lab never reads the session file the run is writing."""
+    import tui.app_files
+    import tui.app_run
+    import tui.lab
+    from pipeline import events as ev
+    from sessions import record_run
+
+    reads = []
+    for module in (tui.lab, tui.app_run, tui.app_files):
+        monkeypatch.setattr(module, "load_session", lambda p, real=module.load_session: reads.append(p) or real(p))
+    reached, gate = threading.Event(), threading.Event()
+
+    def runner(recipe, out, *, listener, **kw):
+        def hold(e):
+            listener(e)
+            if isinstance(e, ev.StageStarted) and e.stage == 2:
+                reached.set()
+                gate.wait(30)  # stage 1 is finished and recorded; the run waits for the test
+        return record_run(recipe, out, listener=hold, **kw)
+
+    app = make_app(loaded, tmp_path, data_dir, runner=runner)
+    async with app.run_test(size=SIZE) as pilot:
+        app._show_recipe(short_recipe())
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, reached.is_set)
+        panel = app.query_one("#resultspanel")
+        await wait_for(pilot, lambda: 1 in panel.rows and panel.rows[1].footprint is not None, timeout=30)
+        assert app.lab.running and app.lab.session.stages[1].artifact
+        assert "stage 1 depth" in [t.label for t in app.chat_targets().values()]
+        assert "stage 1 depth" in app.query_one("#memory").footprints
+        gate.set()
+        await wait_for(pilot, lambda: not app.lab.running, timeout=60)
+        assert app.lab.session.status == "done" and app.lab.session.path
+    assert not reads
 
 
 async def test_chat_streams_and_ab(loaded, tmp_path, data_dir, monkeypatch):
@@ -266,7 +304,7 @@ async def test_model_that_cannot_load_keeps_the_app(tmp_path, data_dir):
     app = create_app(model_ref=str(tmp_path / "missing-model"), data_dir=data_dir, runs_dir=tmp_path, whatif=False)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: any(n.severity == "error" for n in app._notifications), timeout=30)
-        assert app.loaded is None
+        assert app.lab.loaded is None
         await pilot.press("ctrl+r")  # refused with a notification, nothing crashes
         await pilot.pause()
         assert "could not be loaded" in str(app.query_one("#model-info").render())
@@ -277,8 +315,8 @@ async def test_failing_stage_and_missing_data_are_reported(loaded, tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         app._show_recipe(short_recipe())
         await pilot.press("ctrl+r")
-        await wait_for(pilot, lambda: app.session is not None and not app.running, timeout=60)
-        assert app.session.status == "failed"
+        await wait_for(pilot, lambda: app.lab.session is not None and not app.lab.running, timeout=60)
+        assert app.lab.session.status == "failed"
         assert any(n.severity == "error" for n in app._notifications)
         app.action_tab("layers")  # still interactive
         await pilot.pause()

@@ -18,13 +18,10 @@ def _quiet_libraries() -> None:
     """Third-party progress bars and warnings would tear a TUI and clutter logs."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # a dependency: a broken install says so here
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,8 @@
-"""Messages thread workers send to the app (past tense: something happened)."""
+"""Messages thread workers send to the app (past tense: something happened), and the logging
+handler that turns Python logging from any thread into such messages."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from textual.message import Message
@@ -40,6 +42,20 @@ class LogWritten(Message):
     def __init__(self, text: str, level: str):
         super().__init__()
         self.text, self.level = text, level
+
+
+class AppLogHandler(logging.Handler):
+    """Python logging from any thread into the run log (never onto the terminal)."""
+
+    def __init__(self, app):
+        super().__init__(logging.WARNING)
+        self.app = app
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.app.post_message(LogWritten(self.format(record), record.levelname.lower()))
+        except Exception:  # noqa: BLE001 - logging must never raise
+            pass
 
 
 class EstimateReady(Message):

@@ -9,15 +9,11 @@ from dataclasses import dataclass, field
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable
+from textual_plotext import PlotextPlot
 
 from pipeline import events as ev
 from pipeline.memory import fmt_bytes
-
-try:  # textual-plotext is a dependency, but the table alone still works without it
-    from textual_plotext import PlotextPlot
-except ImportError:  # pragma: no cover
-    PlotextPlot = None
 
 
 def fmt_params(n: int | None) -> str:
@@ -61,11 +57,8 @@ class ResultsPanel(Vertical):
     def compose(self) -> ComposeResult:
         yield DataTable(id="results-table", zebra_stripes=True, cursor_type="row")
         with Horizontal(id="plots"):
-            if PlotextPlot is not None:
-                yield PlotextPlot(id="ppl-plot")
-                yield PlotextPlot(id="loss-plot")
-            else:
-                yield Static("plots need textual-plotext", classes="hint")
+            yield PlotextPlot(id="ppl-plot")
+            yield PlotextPlot(id="loss-plot")
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)

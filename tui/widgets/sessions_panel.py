@@ -1,68 +1,21 @@
 """The sessions pane: runs found on disk; open one, compare several, replay one.
 
-It only lists and asks; the app does the opening (messages up).
+It only lists (through `sessions.list_sessions`, which validates every file and names the broken
+ones) and asks; the app does the opening with `sessions.load_session` (messages up).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, SelectionList, Static
 
-
-def read_session(path: str | Path):
-    """A session from a file (or a run folder), through `sessions.load_session` when it exists."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / "session.json"
-    try:
-        from sessions import load_session  # lands with the sessions work
-    except ImportError:
-        load_session = None
-    if load_session is not None:
-        return load_session(p)
-    from sessions.record import Session
-
-    if not p.is_file():
-        raise ValueError(f"no session file at {p}")
-    try:
-        s = Session.from_dict(json.loads(p.read_text()))
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise ValueError(f"{p} is not a frankenlab session: {exc}") from None
-    s.path = str(p)
-    return s
-
-
-def find_sessions(root: Path) -> list[tuple[Path, dict]]:
-    """(path, summary dict) for every session file under root, newest first; broken ones say why."""
-    try:
-        from sessions import list_sessions
-    except ImportError:
-        list_sessions = None
-    if list_sessions is not None:
-        out = []
-        for entry in list_sessions([root]):
-            s = entry.session
-            if s is None:
-                out.append((entry.path, {"recipe": {"name": "(unreadable)"}, "status": entry.error or "error",
-                                         "stages": [], "created": 0}))
-            else:
-                out.append((entry.path, {"recipe": s.recipe, "status": s.status, "stages": s.stages,
-                                         "created": s.created}))
-        return out
-    out = []
-    for p in sorted(Path(root).glob("*/session.json"), key=lambda q: q.stat().st_mtime, reverse=True):
-        try:
-            d = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        out.append((p, d))
-    return out
+from sessions import list_sessions
 
 
 class SessionsPanel(Vertical):
@@ -90,12 +43,16 @@ class SessionsPanel(Vertical):
     def refresh_list(self) -> None:
         sl = self.query_one(SelectionList)
         sl.clear_options()
-        found = find_sessions(self.runs_dir)
-        for p, d in found:
-            name = (d.get("recipe") or {}).get("name", "?")
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.get("created") or 0))
-            stages = len(d.get("stages", []))
-            sl.add_option((f"{name:<18} {d.get('status', '?'):<9} {stages} stages  {when}  {p.parent.name}", str(p)))
+        found = list_sessions([self.runs_dir])
+        for entry in found:
+            s = entry.session
+            if s is None:
+                label = f"{'(unreadable)':<18} {entry.error or 'error'}"
+            else:
+                name = (s.recipe or {}).get("name", "?")
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created or 0))
+                label = f"{name:<18} {s.status:<9} {len(s.stages)} stages  {when}  {entry.path.parent.name}"
+            sl.add_option((Text(label), str(entry.path)))  # an error message is not markup
         self.query_one("#sessions-where", Static).update(
             f"{len(found)} session(s) under {self.runs_dir}/ (space selects; select several to compare)")
 
