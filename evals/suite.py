@@ -15,18 +15,25 @@ WHEN = ("each", "last", "none")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    perplexity: tuple[str, ...] = ("wikitext2-concat-512",)  # protocol names
-    ppl_limit: int | None = 32  # rows/windows per protocol; None or 0 = the whole split
-    ppl_stride: int | None = None  # concat protocols: window stride; None = the length (no overlap)
-    batch_size: int = 4
-    triviaqa_closed: int = 0  # questions; 0 = skip
-    triviaqa_open: int = 0
-    qa_seed: int = 0
-    open_book: str = "nq-open"  # open-book source: "nq-open" (gold passages, local) or "triviaqa-rc" (hub)
-    qa_batch_size: int = 8
-    chat_template: bool = False  # wrap QA prompts in the model's chat template
-    samples: bool = True  # greedy generation samples on fixed prompts
-    after: str = "each"  # evaluate after each stage, only the last, or never
+    perplexity: tuple[str, ...] = option(
+        ("wikitext2-concat-512",), help="protocols, comma separated: <data>-rows-<len> scores each row on its own "
+                                        "(thesis), <data>-concat-<len> joins rows into windows (GPTQ/WANDA papers)")
+    ppl_limit: int | None = option(32, label="ppl limit", help="rows or windows scored per protocol; empty or 0 = "
+                                                                 "the whole split")
+    ppl_stride: int | None = option(None, form=False, help="concat protocols: window stride; empty = the window "
+                                                          "length (no overlap)")
+    batch_size: int = option(4, form=False, help="sequences per forward when scoring perplexity")
+    triviaqa_closed: int = option(0, label="TriviaQA closed", help="closed-book questions (\"Question: ... Answer:\"); "
+                                                                   "0 = skip")
+    triviaqa_open: int = option(0, label="TriviaQA open", help="open-book questions, a passage given with each; 0 = skip")
+    qa_seed: int = option(0, form=False, help="seed that picks the questions")
+    open_book: str = option("nq-open", form=False, choices=tuple(OPEN_SOURCES),
+                            help="open-book source: nq-open (gold passages, local) or triviaqa-rc (hub)")
+    qa_batch_size: int = option(8, form=False, help="questions answered per generate call")
+    chat_template: bool = option(False, form=False, help="wrap QA prompts in the model's chat template")
+    samples: bool = option(True, form=False, help="greedy generation samples on fixed prompts")
+    after: str = option("each", label="evaluate", choices=WHEN,
+                        help="each = after every stage, last = only after the last stage, none = never")
 
     def __post_init__(self):
         require(self.ppl_limit is None or self.ppl_limit >= 0, "ppl_limit cannot be negative")

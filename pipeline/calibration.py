@@ -12,15 +12,15 @@ import torch
 
 from evals.data import load_dataset_records
 
-from .config import RecipeError, require
+from .config import RecipeError, option, require
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    dataset: str = "c4"  # a dataset name (c4, wikitext2, wiki) or a file path
-    samples: int = 32
-    seq_len: int = 128
-    seed: int = 0
+    dataset: str = option("c4", help="calibration text: c4, wikitext2, wiki, or a .txt/.jsonl file path")
+    samples: int = option(32, help="token windows drawn from the text (WANDA and GPTQ papers: 128)")
+    seq_len: int = option(128, label="seq len", help="tokens per window")
+    seed: int = option(0, form=False, help="seed that picks the documents and windows")
 
     def __post_init__(self):
         require(self.samples >= 1, "calibration.samples must be at least 1")

@@ -1,8 +1,9 @@
 """The stage protocol: a stage kind defined here, in the test, works everywhere with no other file edited.
 
 It loads from TOML, validates with messages, runs in the runner (with its own context and input
-artifact), is recorded by the session recorder from events alone, appears in compare tables, and
-migrates its params when an old session is loaded.
+artifact), is recorded by the session recorder from events alone, appears in compare tables,
+migrates its params when an old session is loaded, and is offered and edited by the lab's form
+(an input per form field, with its help and the config's own refusals).
 """
 from __future__ import annotations
 
@@ -139,3 +140,130 @@ def test_toy_params_migrate_from_older_sessions(toy):
     assert s.recipe["stages"][0] == {"kind": "toy", "factor": 0.3}
     assert s.stages[1].params == {"factor": 0.3}
     assert Recipe.from_dict(s.recipe).stages[0].config.factor == 0.3
+
+
+# -- the lab's form: built from the registry and the config metadata alone -------------------------
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    from pipeline.models import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+async def test_toy_stage_in_the_lab_form(toy, loaded, tmp_path, data_dir):
+    from textual.widgets import Button, Input, Select
+
+    from tests.test_tui import make_app, wait_for
+
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("2")
+        form = app.query_one("#form")
+        assert form.kinds["toy"] == "Toy: scale the decoder's linear weights"
+        form.query_one("#add-kind", Select).value = "toy"  # refused if the picker did not offer it
+        await pilot.pause()
+        assert "Toy: scale the decoder's linear weights" in str(form.query_one("#add-hint").render())
+        form.query_one("#add-stage", Button).press()
+        await wait_for(pilot, lambda: form.query("#toy-factor"), timeout=10)
+        field = form.query_one("#toy-factor-field")
+        factor = field.query_one("#toy-factor", Input)
+        assert "multiply every decoder linear weight by this" in str(field.query_one(".field-help").render())
+        assert factor.tooltip == "multiply every decoder linear weight by this"
+        await wait_for(pilot, lambda: app.focused is factor, timeout=10)  # a new stage takes the cursor
+        await wait_for(pilot, lambda: field.query_one(".field-help").display, timeout=10)  # help shows while focused
+        assert not form.query("#toy-note") and not form.query("#toy-note-field")  # form=False: not shown
+        assert factor.value == "0.5"
+
+        factor.value = "2"
+        await wait_for(pilot, lambda: field.has_class("invalid"), timeout=10)
+        assert "factor must be in (0, 1], got 2.0" in str(field.query_one(".field-error").render())
+        with pytest.raises(RecipeError, match=r"stage 1 \(toy\): factor must be in \(0, 1\], got 2.0"):
+            form.build()
+        factor.value = "abc"
+        await wait_for(pilot, lambda: "expected a number" in str(field.query_one(".field-error").render()), timeout=10)
+        factor.value = "0.25"
+        await wait_for(pilot, lambda: not field.has_class("invalid"), timeout=10)
+        built = form.build()
+        assert [s.kind for s in built.stages] == ["toy"] and built.stages[0].config.factor == 0.25
+
+        # a recipe's form=False field survives a load and build
+        form.load(Recipe.loads(recipe_text("models/x", '[[stages]]\nkind = "toy"\nfactor = 0.75\nnote = "x"')))
+        await pilot.pause()
+        again = form.build().stages
+        assert [(s.kind, s.config.factor, s.config.note) for s in again] == [("toy", 0.75, "x")]
+
+
+async def test_form_stage_order_and_repeats(toy, loaded, tmp_path, data_dir):
+    """Order is data: a recipe's stages come back in order, a kind may repeat, moves and removals show in
+    build(), and an order rule (the kind's check_order) is shown on the stage and refused by build()."""
+    from textual.widgets import Button
+
+    from pipeline.recipe import StageSpec
+    from pipeline.stages import depth, width
+    from tests.test_tui import make_app, wait_for
+    from tui.widgets.stage_editor import StageEditor
+
+    recipe = Recipe(name="order", stages=[
+        StageSpec("width", width.Config(pattern="2:4")),
+        StageSpec("depth", depth.Config(k=1, metric="l1", protected_first=1, protected_last=1)),
+        StageSpec("width", width.Config(pattern="1:8", method="magnitude"), name="second width")])
+
+    def shape(r):
+        return [(s.kind, s.name, s.params()) for s in r.stages]
+
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("2")
+        form = app.query_one("#form")
+        assert form.load(recipe) == []
+        await pilot.pause()
+        assert shape(form.build()) == shape(recipe)
+        assert [e.border_title for e in form.editors] == ["1 width", "2 depth", "3 width · second width"]
+
+        third = form.editors[2]  # move the second width stage up, from the keyboard
+        await wait_for(pilot, lambda: third.query("#width-method"), timeout=10)
+        third.query_one("#width-method").focus()
+        await pilot.press("ctrl+up")
+        assert [e.kind for e in form.editors] == ["width", "width", "depth"]
+        built = form.build()
+        assert [(s.kind, s.name) for s in built.stages] == [("width", ""), ("width", "second width"), ("depth", "")]
+        second = built.stages[1].config
+        assert (second.n, second.m, second.method) == (1, 8, "magnitude")
+        await pilot.pause()
+        assert [e.id for e in form.query(StageEditor)] == [e.id for e in form.editors]  # the screen follows
+
+        form.editors[0].query_one("#stage-remove", Button).press()  # remove the first one with its button
+        await wait_for(pilot, lambda: len(form.editors) == 2, timeout=10)
+        assert [(s.kind, s.name) for s in form.build().stages] == [("width", "second width"), ("depth", "")]
+        assert form.editors[0].border_title == "1 width · second width"
+
+        # an order rule of the kind itself: shown on the stage, refused by build(), gone once moved
+        toy.check_order = lambda before: require("width" not in before, "toy must come before any width stage")
+        added = form.add_stage("toy")
+        await wait_for(pilot, lambda: added.query(".stage-problem")
+                       and "toy must come before any width" in str(added.query_one(".stage-problem").render()),
+                       timeout=10)
+        with pytest.raises(RecipeError, match=r"stage 3 \(toy\): toy must come before any width stage"):
+            form.build()
+        assert form.move_stage(added, -2)
+        await wait_for(pilot, lambda: not added.query_one(".stage-problem").display, timeout=10)
+        assert [s.kind for s in form.build().stages] == ["toy", "width", "depth"]
+        await wait_for(pilot, lambda: added.query("#toy-factor"), timeout=10)
+        added.query_one("#toy-factor").focus()
+        await pilot.press("ctrl+delete")  # remove the stage the cursor is in
+        assert [e.kind for e in form.editors] == ["width", "depth"]
+
+
+async def test_bundled_recipes_round_trip_through_the_form(loaded, tmp_path, data_dir):
+    from pipeline.recipe import bundled_recipes
+    from tests.test_tui import make_app
+
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=(100, 40)) as pilot:
+        form = app.query_one("#form")
+        for name in bundled_recipes():
+            recipe = Recipe.load(name)
+            assert form.load(recipe) == [], name
+            await pilot.pause()
+            form.model_source = recipe.model.source  # the lab names its own model in what it builds
+            assert form.build().to_dict() == recipe.to_dict(), name

@@ -114,7 +114,7 @@ async def test_whatif_in_the_lab(loaded, tmp_path, data_dir):
 
 
 async def test_width_nm_and_refusals(loaded, tmp_path, data_dir):
-    from textual.widgets import Checkbox, Input, Select
+    from textual.widgets import Button, Input, Select
 
     from pipeline.config import RecipeError
 
@@ -122,7 +122,11 @@ async def test_width_nm_and_refusals(loaded, tmp_path, data_dir):
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("2")
         form = app.query_one("#form")
-        form.query_one("#width-on", Checkbox).value = True
+        assert form.build().stages == []  # a fresh form runs no stage
+        form.query_one("#add-kind", Select).value = "width"  # add a width stage from the picker
+        await pilot.pause()
+        form.query_one("#add-stage", Button).press()
+        await wait_for(pilot, lambda: form.query("#width-ratio"), timeout=10)
         form.query_one("#width-ratio", Select).value = "12:16"
         await pilot.pause()
         assert "prunes 12 of every 16 weights (75.0% removed)" in str(form.query_one("#width-says").render())
@@ -146,7 +150,9 @@ async def test_width_nm_and_refusals(loaded, tmp_path, data_dir):
         custom.value = "3:8"
         await wait_for(pilot, lambda: not field.has_class("invalid"), timeout=10)
         assert form.build().stages[0].config.label.startswith("3:8 (prunes 3 of every 8")
-        k = form.query_one("#depth-k", Input)
+        depth = form.add_stage("depth")
+        await wait_for(pilot, lambda: depth.query("#depth-k"), timeout=10)
+        k = depth.query_one("#depth-k", Input)
         k.value = "-1"
         await wait_for(pilot, lambda: form.query_one("#depth-k-field").has_class("invalid"), timeout=10)
 
@@ -188,7 +194,9 @@ async def test_run_results_save_and_reopen(loaded, tmp_path, data_dir):
         assert app2.lab.session.id == s.id
         assert app2.query_one("#results-table").row_count == 3
         assert app2.query_one("#tabs").active == "results"
-        assert app2.query_one("#form").query_one("#width-ratio").value == "2:4"
+        form = app2.query_one("#form")
+        await wait_for(pilot, lambda: form.query("#width-ratio"), timeout=10)
+        assert form.query_one("#width-ratio").value == "2:4"
 
 
 async def test_cancel_leaves_a_valid_session(loaded, tmp_path, data_dir):
