@@ -31,17 +31,20 @@ def register(sub) -> None:
 
 def list_recipes(args) -> int:
     """One line per bundled recipe: name, stages, description (cut to the terminal's width)."""
+    from rich.text import Text
+
     from pipeline.recipe import Recipe, bundled_recipes
 
     console = Console()
-    table = Table("name", "stages", "description", box=None, pad_edge=False)
-    for col in table.columns:
-        col.no_wrap, col.overflow = True, "ellipsis"
-    table.columns[0].style = "bold"
-    for name in bundled_recipes():
-        r = Recipe.load(name)
-        table.add_row(name, " + ".join(s.kind for s in r.stages) or "-", r.description)
-    console.print(table)
+    recipes = [(name, Recipe.load(name)) for name in bundled_recipes()]
+    rows = [(name, ">".join(s.kind for s in r.stages) or "-", r.description) for name, r in recipes]
+    wn, ws = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
+    for name, stages, description in rows:
+        line = Text(f"{name:<{wn}}  ", style="bold")
+        line.append(f"{stages:<{ws}}  ", style="dim")
+        line.append(description)
+        line.truncate(max(console.width, wn + ws + 12), overflow="ellipsis")
+        console.print(line, no_wrap=True, overflow="ellipsis")
     return 0
 
 
