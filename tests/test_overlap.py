@@ -180,3 +180,21 @@ def test_wikitext2_train_prefers_the_raw_split_where_it_exists(tmp_path, monkeyp
     write_jsonl(tmp_path / "wikitext2/wikitext-2-raw-v1-train.jsonl", [{"text": " raw text \n"}])
     records, source = evdata.load_dataset_records("wikitext2-train", data_dir=tmp_path)
     assert source.endswith("wikitext-2-raw-v1-train.jsonl") and evdata.source_note("wikitext2-train", source) == ""
+
+
+def test_runner_preflight_passes_near_duplicate_warnings_on(tmp_path, data_dir):
+    from pipeline.runner import preflight
+
+    items, _, _ = load_items("closed", 200, data_dir=data_dir)
+    long_q = next(it for it in items if len(words(it.question)) >= 8)
+    near = write_jsonl(tmp_path / "near.jsonl", [{"question": f"As everyone knows, {long_q.question}", "answer": "x"}])
+    recipe = Recipe.loads(f"""
+[evaluation]
+perplexity = []
+triviaqa_closed = 200
+[[stages]]
+kind = "lora"
+dataset = "{near}"
+""")
+    (warning,) = preflight(recipe, data_dir)
+    assert warning.startswith("stage 1 (lora): LoRA: 1 of the 200 evaluated closed-book questions")
