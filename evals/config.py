@@ -2,7 +2,8 @@
 
 Every stage config, the calibration and evaluation settings use `from_dict`: unknown keys are
 refused (a typo must not silently become a default), values are coerced to the field's type,
-and `__post_init__` checks ranges. Errors are `RecipeError` with the place in the recipe.
+and `__post_init__` checks ranges. A config with a classmethod `expand(data) -> data` (the
+evaluation's presets) gets to fill in keys before that. Errors are `RecipeError` with the place in the recipe.
 
 Fields describe themselves (`option(default, help=..., label=..., form=...)`, as PEFT's
 `field(metadata={"help": ...})` does) so that forms, help screens and docs are built from the
@@ -70,6 +71,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: dict | None, where: str) -> T:
     """Build a config dataclass from plain data, refusing unknown keys."""
     data = dict(data or {})
+    expand = getattr(cls, "expand", None)  # presets: a config may fill in keys from a named set first
+    if callable(expand):
+        data = dict(expand(data))
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))

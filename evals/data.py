@@ -30,19 +30,29 @@ class DatasetInfo:
     description: str
     hub: tuple | None = None  # args for datasets.load_dataset(path, name, split=...)
     hub_kwargs: tuple = ()  # extra keyword arguments as (key, value) pairs
+    # (relpath, note): a lesser local copy, tried in the data directory only after the hub
+    fallback: tuple[str, str] | None = None
 
 
 DATASETS: dict[str, DatasetInfo] = {
     "wikitext2": DatasetInfo("wikitext2", "wikitext2/wikitext-2-raw-v1-test.jsonl",
                              "WikiText-2 raw test split", ("wikitext", "wikitext-2-raw-v1", "test")),
     "wikitext2-train": DatasetInfo("wikitext2-train", "wikitext2/wikitext-2-raw-v1-train.jsonl",
-                                   "WikiText-2 raw train split", ("wikitext", "wikitext-2-raw-v1", "train")),
+                                   "WikiText-2 raw train split", ("wikitext", "wikitext-2-raw-v1", "train"),
+                                   fallback=("wikitext2/wikitext-2-v1-train.jsonl.gz",
+                                             "WikiText-2 v1 train, the tokenised split: rare words are <unk> "
+                                             "(the raw train split is not available here)")),
     "c4": DatasetInfo("c4", "c4/c4-en-train-first1000.jsonl", "C4 en train documents (calibration)",
                       ("allenai/c4", None, "train"),
                       (("data_files", "en/c4-train.00000-of-01024.json.gz"),)),
     "triviaqa": DatasetInfo("triviaqa", "triviaqa/triviaqa_validation_2000.jsonl",
                             "TriviaQA validation questions with aliases",
                             ("mandarjoshi/trivia_qa", "rc.nocontext", "validation")),
+    "triviaqa-train": DatasetInfo("triviaqa-train", "triviaqa/triviaqa_train_8825.jsonl",
+                                  "TriviaQA train-split questions with aliases (LoRA training)",
+                                  ("mandarjoshi/trivia_qa", "rc.nocontext", "train")),
+    "hellaswag": DatasetInfo("hellaswag", "hellaswag/hellaswag_val_10042.jsonl.gz",
+                             "HellaSwag validation (context, 4 endings, label)", ("Rowan/hellaswag", None, "validation")),
     "triviaqa-rc": DatasetInfo("triviaqa-rc", "triviaqa/triviaqa_rc_validation.jsonl",
                                "TriviaQA validation questions with evidence documents (open book)",
                                ("mandarjoshi/trivia_qa", "rc", "validation")),
@@ -162,11 +172,24 @@ def load_dataset_records(name: str, *, path: str | os.PathLike | None = None,
                              "local datasets cache")
     else:
         tried.append("Hugging Face hub: this dataset has no hub source")
+    if ddir is not None and info.fallback is not None:
+        p = ddir / info.fallback[0]
+        if p.is_file():
+            return read_records(p, limit), str(p)
+        tried.append(f"data directory: {p} does not exist either")
     raise DataNotFound(
         f"{info.description} ({name}) not found. Tried: explicit file path: none given; "
         + "; ".join(tried)
         + f". Pass a file, or point --data-dir / ${DATA_DIR_ENV} at a folder holding {info.relpath}."
     )
+
+
+def source_note(name: str, source: str) -> str:
+    """What a user should know about where dataset `name` came from (empty when nothing)."""
+    info = DATASETS.get(name)
+    if info is not None and info.fallback is not None and source.endswith(info.fallback[0]):
+        return info.fallback[1]
+    return ""
 
 
 def load_texts(name: str, **kw) -> tuple[list[str], str]:

@@ -66,7 +66,9 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, e
     """
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the left padding
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    past = out.past_key_values
+    # transformers 5.x renamed the KV cache `past_key_values` -> `cache` (the old name warns, then goes)
+    cache_kw = "cache" if "cache" in getattr(out, "__dataclass_fields__", {}) else "past_key_values"
+    past = getattr(out, cache_kw)
     logits = out.logits[:, -1]  # (B, V)
     rows = torch.arange(ids.shape[0], device=ids.device)  # which original row each live row is
     last_pos = pos[:, -1]
@@ -95,7 +97,7 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, e
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         last_pos = last_pos + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                    past_key_values=past, use_cache=True)
+                    use_cache=True, **{cache_kw: past})
         logits = out.logits[:, -1]
     return tokens
 

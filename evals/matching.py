@@ -1,15 +1,23 @@
-"""When is a generated answer correct? The thesis rule, with strict exact match beside it.
+"""When is a generated answer correct? Two named match protocols, strict exact match beside both.
 
-Both sides are normalised the same way: Unicode NFKC, case-folded, dashes and slashes become
-spaces (so "Jay-Z" and "Jay Z" agree), every other punctuation character is dropped (so "U.S.A."
-is "usa"), whitespace collapses to single spaces. Accents are kept: "Röntgen" is not "Rontgen".
+Normalisation (both sides, every rule) is SQuAD's and lm-evaluation-harness' answer normalisation
+with Unicode care: NFKC, case-folded, punctuation dropped, the articles a/an/the dropped,
+whitespace collapsed; dashes and slashes become spaces ("Jay-Z" = "Jay Z"; SQuAD would make it
+"jayz"). So "Beatles" against the alias "The Beatles" is an exact match. Accents are kept.
 
-A prediction is correct if, over all aliases, in this order of preference:
-1. `exact`: it equals an alias;
+Rules, over all aliases, in this order of preference:
+1. `exact`: the prediction equals an alias;
 2. `substring`: an alias occurs in it as whole words ("paris" in "it is paris france", but "1"
-   is not in "1990": a bare character substring would let short aliases match anything);
+   is not in "1990");
 3. `words`: at least 80 % of an alias's words appear among its words.
-Strict exact match (`exact_match`, as lm-evaluation-harness reports it) is rule 1 alone.
+Strict exact match (`exact_match`) is rule 1 alone. Rules 2 and 3 are lenient, so aliases that
+normalise to a stopword or a single character ("of", "one", ".a") are ignored by them: otherwise
+almost any answer would contain one. Such aliases still count for rule 1.
+
+Match protocols say what text the rules see:
+- `first-line`: the first line of the answer that holds anything (generation stops there);
+- `thesis`: the whole generated answer, up to 50 new tokens (the thesis' protocol; more lenient,
+  since a rambling answer gets many chances to contain an alias).
 """
 from __future__ import annotations
 
@@ -19,8 +27,21 @@ from dataclasses import dataclass
 
 WORDS_THRESHOLD = 0.8
 RULES = ("exact", "substring", "words")
+MATCH_PROTOCOLS = ("first-line", "thesis")
 _SPACE = re.compile(r"\s+")
 _SEPARATORS = {"/", "\\", "_"}
+ARTICLES = frozenset({"a", "an", "the"})
+# English function words (NLTK's list without contractions) and "one": an alias that is only one
+# of these says nothing when found inside a longer answer.
+STOPWORDS = frozenset("""
+i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her
+hers herself it its itself they them their theirs themselves what which who whom this that these
+those am is are was were be been being have has had having do does did doing a an the and but if or
+because as until while of at by for with about against between into through during before after
+above below to from up down in out on off over under again further then once here there when where
+why how all any both each few more most other some such no nor not only own same so than too very
+s t can will just don should now d ll m o re ve y ain one
+""".split())
 
 
 def normalize(text: str) -> str:
@@ -34,7 +55,12 @@ def normalize(text: str) -> str:
             continue
         else:
             out.append(ch)
-    return _SPACE.sub(" ", "".join(out)).strip()
+    return " ".join(w for w in _SPACE.split("".join(out)) if w and w not in ARTICLES)
+
+
+def is_degenerate(normalized_alias: str) -> bool:
+    """An alias too weak for the substring and word rules: one character or one stopword."""
+    return len(normalized_alias) <= 1 or normalized_alias in STOPWORDS
 
 
 @dataclass(frozen=True)
@@ -62,13 +88,14 @@ def match_answer(prediction: str, aliases: list[str] | tuple[str, ...]) -> Match
     for a, n in normed:
         if pred == n:
             return Match(True, "exact", a, 1.0)
+    lenient = [(a, n) for a, n in normed if not is_degenerate(n)]
     padded = f" {pred} "
-    for a, n in normed:
+    for a, n in lenient:
         if f" {n} " in padded:
             return Match(True, "substring", a, 1.0)
     pred_words = set(pred.split())
     best, best_alias = 0.0, None
-    for a, n in normed:
+    for a, n in lenient:
         words = n.split()
         frac = sum(w in pred_words for w in words) / len(words)
         if frac > best:
@@ -81,3 +108,10 @@ def match_answer(prediction: str, aliases: list[str] | tuple[str, ...]) -> Match
 def first_line(text: str) -> str:
     """The answer a model gave: the first line of its generated text that holds anything, stripped."""
     return text.strip().split("\n", 1)[0].strip()
+
+
+def answer_text(generated: str, protocol: str) -> str:
+    """The text a match protocol scores: the first line, or the whole answer (thesis)."""
+    if protocol not in MATCH_PROTOCOLS:
+        raise ValueError(f"unknown match protocol {protocol!r}; use one of {', '.join(MATCH_PROTOCOLS)}")
+    return first_line(generated) if protocol == "first-line" else generated.strip()

@@ -1,7 +1,9 @@
 """Question answering by greedy generation: TriviaQA closed book, and an open-book task.
 
-Closed book (thesis): "Question: {q}\\nAnswer:" on TriviaQA validation questions, greedy, 1 to 50
-new tokens, the answer is the first generated line. Open book: "Context: {c}\\nQuestion: {q}\\nAnswer:"
+Closed book (thesis): "Question: {q}\\nAnswer:" on TriviaQA validation questions (or any question
+file in the same format, `path=`), greedy, 1 to 50 new tokens. What is scored is a named match
+protocol (`evals.matching`): `first-line` (generation stops at the end of the first line) or
+`thesis` (the whole answer, up to 50 new tokens). Open book: "Context: {c}\\nQuestion: {q}\\nAnswer:"
 with the shortest context passage. TriviaQA's evidence documents need the hub; offline the open-book
 task uses the NQ-open questions with their gold Wikipedia passage (`ctxs[0]`, ~100 words) and is
 labelled `nq-open-oracle-openbook`, never as TriviaQA. `open_source="triviaqa-rc"` asks for TriviaQA
@@ -9,8 +11,11 @@ rc (hub, or a local JSONL of hub rows) with its shortest evidence text, labelled
 `triviaqa-rc-openbook-validation`. Correctness: `evals.matching`.
 
 Questions are a seeded random sample of the file (seed 0 by default), so a given (n, seed) is the
-same set everywhere; the protocol string names it. Every question keeps a record (prediction,
-aliases, matched alias, rule) so failures can be inspected.
+same set everywhere; the protocol string names it, the question file and the match protocol, e.g.
+`triviaqa-closed-validation:200:first-line`. Every question keeps a record (prediction, aliases,
+matched alias, rule) so failures, and lenient matches, can be inspected; under `thesis` each
+record also says whether the first line alone would have been correct. Accuracies carry their
+question count and 95 % Wilson interval (`evals.stats`).
 """
 from __future__ import annotations
 
@@ -19,9 +24,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .data import load_dataset_records
+from pathlib import Path
+
+from .data import DATASETS, load_dataset_records
 from .generate import apply_chat, generate_greedy
-from .matching import first_line, match_answer
+from .matching import MATCH_PROTOCOLS, answer_text, first_line, match_answer
+from .stats import accuracy_fields
 
 TASKS = ("closed", "open")
 CLOSED_PROMPT = "Question: {question}\nAnswer:"
@@ -48,14 +56,19 @@ class QAResult:
     source: str
     rules: dict = field(default_factory=dict)  # how many questions each rule decided
     records: list[dict] = field(default_factory=list)
+    match: str = "first-line"  # the match protocol (evals.matching.MATCH_PROTOCOLS)
 
     @property
     def questions_per_second(self) -> float:
         return self.n / self.seconds if self.seconds else 0.0
 
     def metric(self, name: str) -> dict:
-        return {"name": name, "value": self.accuracy, "protocol": self.protocol, "exact_match": self.exact_match,
-                "n": self.n, "seconds": self.seconds, "rules": self.rules}
+        out = {"name": name, "value": self.accuracy, "protocol": self.protocol, "match": self.match,
+               "exact_match": self.exact_match, **accuracy_fields(sum(r["correct"] for r in self.records), self.n),
+               "seconds": self.seconds, "rules": self.rules}
+        if self.match == "thesis" and self.records:
+            out["first_line_accuracy"] = sum(r["first_line_correct"] for r in self.records) / len(self.records)
+        return out
 
 
 def parse_triviaqa(rec: dict, index: int) -> QAItem:
@@ -100,14 +113,26 @@ OPEN_SOURCES = {"nq-open": ("nq-open-oracle-openbook", parse_nq_open),
                 "triviaqa-rc": ("triviaqa-rc-openbook-validation", parse_triviaqa_rc)}
 
 
-def protocol_name(task: str, n: int, seed: int, chat: bool, total: int, open_source: str = "nq-open") -> str:
-    base = "triviaqa-closed-validation" if task == "closed" else OPEN_SOURCES[open_source][0]
-    s = f"{base}:{n}"
+def question_set(task: str, path=None, open_source: str = "nq-open") -> str:
+    """The question set's name in a protocol: `triviaqa-closed-validation`, or the file's stem for
+    any other question file (`triviaqa-closed-my_questions`)."""
+    if path is None:
+        return "triviaqa-closed-validation" if task == "closed" else OPEN_SOURCES[open_source][0]
+    name = Path(path).name
+    if task == "closed" and name == Path(DATASETS["triviaqa"].relpath).name:
+        return "triviaqa-closed-validation"
+    stem = name.split(".")[0] or name
+    return f"triviaqa-closed-{stem}" if task == "closed" else f"{stem}-openbook"
+
+
+def protocol_name(task: str, n: int, seed: int, chat: bool, total: int, open_source: str = "nq-open",
+                  match: str = "first-line", path=None) -> str:
+    s = f"{question_set(task, path, open_source)}:{n}"
     if seed and n < total:
         s += f":seed{seed}"
     if chat:
         s += "+chat"
-    return s
+    return f"{s}:{match}"
 
 
 def load_items(task: str, n: int, *, seed: int = 0, data_dir=None, path=None,
@@ -125,7 +150,11 @@ def load_items(task: str, n: int, *, seed: int = 0, data_dir=None, path=None,
     if n > len(records):
         raise ValueError(f"{n} questions asked for but {source} holds only {len(records)}")
     picked = sorted(random.Random(seed).sample(range(len(records)), n)) if n < len(records) else range(n)
-    return [parse(records[i], i) for i in picked], source, len(records)
+    try:
+        return [parse(records[i], i) for i in picked], source, len(records)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{source}: {exc}. Each row needs a question (`question`, or `context` as "
+                         "\"Question: ...\\nAnswer:\") and an `answer` or `aliases`") from None
 
 
 def build_prompt(item: QAItem, *, chat: bool = False, tokenizer=None) -> str:
@@ -136,35 +165,42 @@ def build_prompt(item: QAItem, *, chat: bool = False, tokenizer=None) -> str:
     return apply_chat(tokenizer, prompt) if chat else prompt
 
 
-def score(items: list[QAItem], generations) -> tuple[list[dict], float, float, dict]:
+def score(items: list[QAItem], generations, match: str = "first-line") -> tuple[list[dict], float, float, dict]:
+    """Per-question records, accuracy, strict exact match and how many questions each rule decided."""
     records, correct, exact = [], 0, 0
     rules = {"exact": 0, "substring": 0, "words": 0, "none": 0}
     for item, g in zip(items, generations):
-        pred = first_line(g.text)
+        pred = answer_text(g.text, match)
         m = match_answer(pred, item.aliases)
         correct += m.correct
         exact += m.exact_match
         rules[m.rule or "none"] += 1
-        records.append({"index": item.index, "question": item.question, "prediction": pred,
-                        "generated": g.text, "new_tokens": g.new_tokens, **m.to_dict(),
-                        "aliases": list(item.aliases)})
+        rec = {"index": item.index, "question": item.question, "prediction": pred,
+               "generated": g.text, "new_tokens": g.new_tokens, **m.to_dict(), "aliases": list(item.aliases)}
+        if match == "thesis":
+            rec["first_line_correct"] = match_answer(first_line(g.text), item.aliases).correct
+        records.append(rec)
     n = max(len(items), 1)
     return records, correct / n, exact / n, rules
 
 
 def run_qa(model, tokenizer, task: str, n: int, *, seed: int = 0, batch_size: int = 8, chat: bool = False,
            data_dir=None, path=None, open_source: str = "nq-open", max_new_tokens: int = MAX_NEW_TOKENS,
-           progress: Callable[[float], None] | None = None,
+           match: str = "first-line", progress: Callable[[float], None] | None = None,
            cancelled: Callable[[], bool] | None = None) -> QAResult:
+    """`path`: a question file in TriviaQA's format (closed book) instead of the validation split."""
+    if match not in MATCH_PROTOCOLS:
+        raise ValueError(f"unknown match protocol {match!r}; use one of {', '.join(MATCH_PROTOCOLS)}")
     t0 = time.perf_counter()
     items, source, total = load_items(task, n, seed=seed, data_dir=data_dir, path=path, open_source=open_source)
     prompts = [build_prompt(it, chat=chat, tokenizer=tokenizer) for it in items]
     # A prompt longer than the model's context keeps its end (the question and "Answer:").
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     room = max_pos - max_new_tokens if isinstance(max_pos, int) and max_pos > max_new_tokens else None
-    gens = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_at_newline=True,
-                           batch_size=batch_size, max_prompt_tokens=room, progress=progress, cancelled=cancelled)
-    records, acc, em, rules = score(items, gens)
-    return QAResult(task, protocol_name(task, n, seed, chat, total, open_source), acc, em, len(items),
-                    time.perf_counter() - t0, source, rules, records)
+    gens = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                           stop_at_newline=match == "first-line", batch_size=batch_size, max_prompt_tokens=room,
+                           progress=progress, cancelled=cancelled)
+    records, acc, em, rules = score(items, gens, match)
+    return QAResult(task, protocol_name(task, n, seed, chat, total, open_source, match, path), acc, em, len(items),
+                    time.perf_counter() - t0, source, rules, records, match)
 

@@ -31,6 +31,7 @@ from .events import (Event, Listener, LogLine, MetricMeasured, ModelReady, RunFa
                      StageFinished, StageStarted)
 from .memory import footprint_summary
 from .models import LoadedModel, ModelLoadError, count_parameters, decoder_layers, load_model, resolve_source
+from .provenance import describe_zeros, weights_origin
 from .recipe import Recipe, StageSpec
 from .stages import stage_kind
 
@@ -83,15 +84,18 @@ def environment(loaded: LoadedModel | None, recipe: Recipe) -> dict:
     return env
 
 
-def preflight(recipe: Recipe, data_dir: Path | None) -> None:
-    """Fail before any heavy work when data the run will need cannot be found."""
+def preflight(recipe: Recipe, data_dir: Path | None) -> list[str]:
+    """Fail before any heavy work when data the run will need cannot be found, or when a stage
+    refuses the recipe (its `preflight` hook: LoRA training data that holds evaluated questions)."""
     needed = set()
     if recipe.evaluation.after != "none":
         for p in recipe.evaluation.perplexity:
             proto = Protocol.parse(p)
             needed.add(("file", proto.data) if Path(proto.data).suffix else (proto.data, None))
         if recipe.evaluation.triviaqa_closed:
-            needed.add(("triviaqa", None))
+            needed.add(("triviaqa", recipe.evaluation.triviaqa_file))
+        if recipe.evaluation.hellaswag:
+            needed.add(("hellaswag", None))
         if recipe.evaluation.triviaqa_open:
             needed.add((recipe.evaluation.open_book, None))
     if any(stage_kind(s.kind).needs_calibration(s.config) for s in recipe.stages):
@@ -99,6 +103,14 @@ def preflight(recipe: Recipe, data_dir: Path | None) -> None:
         needed.add(("file", ds) if Path(ds).suffix else (ds, None))
     for name, path in sorted(needed, key=str):
         load_dataset_records(name, path=path, data_dir=data_dir, limit=1)
+    warnings = []
+    for i, s in enumerate(recipe.stages, 1):  # e.g. LoRA: its training data holds nothing evaluated
+        try:
+            warnings += [f"stage {i} ({s.kind}): {w}" for w in stage_kind(s.kind).preflight(s.config, recipe.evaluation,
+                                                                                             data_dir)]
+        except RecipeError as exc:
+            raise RecipeError(f"stage {i} ({s.kind}): {exc}") from None
+    return warnings
 
 
 def model_depth(source_ref: str) -> int | None:
@@ -140,7 +152,8 @@ class Runner:
         index, status, message, model = -1, "done", "", None
         try:
             self._write_recipe()
-            preflight(rec, self.opt.data_dir)
+            for warning in preflight(rec, self.opt.data_dir):
+                self.emit(LogLine(-1, warning, "warning"))
             if self.loaded is None:
                 depth = model_depth(rec.model.source)
                 if depth is not None:
@@ -150,7 +163,11 @@ class Runner:
                                          trust_remote_code=rec.model.trust_remote_code)
             lm = self.loaded
             remaining.check_for(len(decoder_layers(lm.model)))
-            self.emit(ModelReady(-1, {"ref": rec.model.source, **lm.source.to_dict()}, environment(lm, rec)))
+            source_info = {"ref": rec.model.source, **lm.source.to_dict()}
+            origin = weights_origin(source_info)
+            if origin:  # e.g. the bundled Q4_1 GGUF: a quantization stage's cost on it is understated
+                source_info["weights_origin"] = origin
+            self.emit(ModelReady(-1, source_info, environment(lm, rec)))
             self.emit(LogLine(-1, f"loaded {lm.source.name} ({count_parameters(lm.model):,} params) "
                                   f"on {lm.device} as {str(lm.dtype).replace('torch.', '')} in {lm.load_seconds:.1f}s"))
             model = lm.model
@@ -212,6 +229,13 @@ class Runner:
         self.emit(StageStarted(0, "baseline", {}))
         record = new_record(0, "baseline", "baseline", {})
         self._measure(record, model, ctx, final=not self.recipe.stages)
+        # densities of later stages are relative to these: a dequantized GGUF already holds exact zeros
+        record["report"]["input_zeros"] = record["params_count"] - record["params_nonzero"]
+        record["report"]["input_density"] = record["params_nonzero"] / max(1, record["params_count"])
+        origin = weights_origin(self.loaded.source.to_dict()) if self.loaded is not None else None
+        if origin:
+            record["report"]["weights_origin"] = origin["note"]
+            ctx.log(f"baseline: {origin['note']}; {describe_zeros(record['params_count'], record['params_nonzero'])}")
         self._finish(record, t0)
 
     def _stage(self, index: int, spec: StageSpec, model, run_ctx: StageContext, source: Path | None):

@@ -6,6 +6,10 @@ every M weights pruned), LoRA, quantization (GPTQ, EoRA), TriviaQA closed/open a
 perplexity column per protocol seen, any other metric by name and protocol, parameters, size
 (from the memory footprint when the session has one), seconds. Values stay raw numbers in the
 rows; `format_table` renders Markdown, CSV or JSON.
+
+Accuracies (TriviaQA, HellaSwag) recorded with their question count get a 95 % Wilson interval
+column beside them. The first row with a value is the reference ("ref"); a later value that lies
+inside the reference's interval is marked "≈": at that question count the difference is noise.
 """
 from __future__ import annotations
 
@@ -18,10 +22,15 @@ from dataclasses import dataclass, field
 from pipeline.stages import generic_description, known_kind
 from pipeline.units import fmt_bytes
 
+from evals.stats import wilson
+
 from .record import Session, StageRecord, finite
 
 NM_NOTE = "N:M = N of every M consecutive weights pruned (thesis notation: 1:8 removes 12.5 %)"
 QA_METRICS = {"triviaqa_closed": "TriviaQA closed", "triviaqa_open": "TriviaQA open"}
+ACCURACIES = {**QA_METRICS, "hellaswag_acc": "HellaSwag acc", "hellaswag_acc_norm": "HellaSwag acc_norm"}
+CI_NOTE = ("95 % CI: Wilson interval of an accuracy; ≈ = inside the interval of the column's first value (ref): "
+           "a difference that is noise at that question count")
 
 
 # -- describing stages ------------------------------------------------------------------------------
@@ -109,7 +118,37 @@ def _row(session: Session, stage: StageRecord, upto: list[StageRecord]) -> dict:
         row[_metric_key(m)] = m.get("value")
         if m["name"] in QA_METRICS and m.get("exact_match") is not None:
             row[_metric_key(m, "_em")] = m["exact_match"]
+        interval = accuracy_interval(m)
+        if interval is not None:
+            row[_metric_key(m, "_ci")] = interval
     return row
+
+
+def accuracy_interval(m: dict) -> tuple[float, float] | None:
+    """The 95 % Wilson interval of an accuracy metric that says how many questions it counted."""
+    n, value = m.get("n"), finite(m.get("value"))
+    if m.get("name") not in ACCURACIES or not isinstance(n, int) or n <= 0 or value is None:
+        return None
+    ci = m.get("ci95")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return float(ci[0]), float(ci[1])
+    return wilson(min(n, max(0, round(value * n))), n)
+
+
+def _mark_noise(rows: list[dict], key: str, ci_key: str) -> None:
+    """Replace each row's interval by its text: "6.2-14.4 %", "ref" on the first, "≈" inside the ref's."""
+    ref = next((r for r in rows if r.get(ci_key) is not None and r.get(key) is not None), None)
+    lo, hi = ref[ci_key] if ref is not None else (None, None)
+    for r in rows:
+        ci = r.get(ci_key)
+        if ci is None:
+            continue
+        text = f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f} %"
+        if r is ref:
+            text += " ref"
+        elif ref is not None and r.get(key) is not None and lo <= r[key] <= hi:
+            text += " ≈"
+        r[ci_key] = text
 
 
 def _metric_key(m: dict, suffix: str = "") -> str:
@@ -147,14 +186,24 @@ def compare_table(sessions: list[Session], *, all_stages: bool = False) -> Compa
         for key, m in seen:
             proto = f" [{m['protocol']}]" if m.get("protocol") else ""
             cols.append(Column(key, f"{title} (acc){proto}", "pct"))
+            if _metric_key(m, "_ci") in present:
+                cols.append(Column(_metric_key(m, "_ci"), f"{title} 95 % CI{proto}"))
             if _metric_key(m, "_em") in present:
                 cols.append(Column(_metric_key(m, "_em"), f"{title} (exact match){proto}", "pct"))
     others = [(k, m) for k, m in metric_cols.items() if m["name"] not in QA_METRICS]
     for key, m in sorted(others, key=lambda kv: (kv[1]["name"] != "perplexity", kv[0])):
         if m["name"] == "perplexity":
             cols.append(Column(key, f"PPL [{m.get('protocol', '')}]", "float"))
+        elif m["name"] in ACCURACIES:
+            proto = f" [{m['protocol']}]" if m.get("protocol") else ""
+            cols.append(Column(key, f"{ACCURACIES[m['name']]}{proto}", "pct"))
+            if _metric_key(m, "_ci") in present:
+                cols.append(Column(_metric_key(m, "_ci"), f"{ACCURACIES[m['name']]} 95 % CI{proto}"))
         else:
             cols.append(Column(key, key, "float"))
+    for key, m in metric_cols.items():
+        if _metric_key(m, "_ci") in present:
+            _mark_noise(rows, key, _metric_key(m, "_ci"))
     cols += [Column("params", "params", "int"), Column("params_nonzero", "nonzero params", "int"),
              Column("layers", "layers", "int"), Column("size", "size (weights)", "bytes"),
              Column("memory", "memory (total)", "bytes"),
@@ -162,6 +211,8 @@ def compare_table(sessions: list[Session], *, all_stages: bool = False) -> Compa
     notes = [NM_NOTE] if any(":" in (r.get("configuration") or "") for r in rows) else []
     if "size" not in present:
         notes.append("size: no memory footprint recorded in these sessions")
+    if any("_ci[" in c.key or c.key.endswith("_ci") for c in cols):
+        notes.append(CI_NOTE)
     return CompareTable(cols, rows, notes)
 
 

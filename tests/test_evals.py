@@ -250,8 +250,8 @@ def test_open_book_is_nq_open_with_gold_passage(data_dir):
         assert it.context == rows[it.index]["ctxs"][0]["text"].strip()
         assert it.aliases == tuple(rows[it.index]["answers"])
         assert build_prompt(it) == f"Context: {it.context}\nQuestion: {it.question}\nAnswer:"
-    assert protocol_name("open", 3, 0, False, 2655) == "nq-open-oracle-openbook:3"
-    assert protocol_name("closed", 200, 3, True, 2000) == "triviaqa-closed-validation:200:seed3+chat"
+    assert protocol_name("open", 3, 0, False, 2655) == "nq-open-oracle-openbook:3:first-line"
+    assert protocol_name("closed", 200, 3, True, 2000, match="thesis") == "triviaqa-closed-validation:200:seed3+chat:thesis"
 
 
 def test_qa_records_from_scoring():
@@ -274,7 +274,7 @@ def test_qa_records_from_scoring():
 
 def test_run_qa_on_tiny_keeps_a_record_per_question(tiny, data_dir):
     r = run_qa(tiny.model, tiny.tokenizer, "closed", 6, batch_size=4, data_dir=data_dir, max_new_tokens=6)
-    assert r.n == len(r.records) == 6 and r.protocol == "triviaqa-closed-validation:6"
+    assert r.n == len(r.records) == 6 and r.protocol == "triviaqa-closed-validation:6:first-line"
     assert sum(r.rules.values()) == 6 and r.accuracy == sum(x["correct"] for x in r.records) / 6
     for rec in r.records:
         assert 1 <= rec["new_tokens"] <= 6 and "\n" not in rec["prediction"]
@@ -291,7 +291,7 @@ def test_evaluate_runs_everything_configured(tiny, data_dir):
     assert [m["name"] for m in r.metrics] == ["perplexity", "perplexity", "triviaqa_closed", "triviaqa_open"]
     assert metrics == r.metrics
     assert [m["protocol"] for m in r.metrics] == ["wikitext2-rows-512:first3", "wikitext2-concat-64:first3",
-                                                  "triviaqa-closed-validation:4", "nq-open-oracle-openbook:2"]
+                                                  "triviaqa-closed-validation:4:first-line", "nq-open-oracle-openbook:2:first-line"]
     qa = r.get("triviaqa_closed")
     assert {"exact_match", "n", "value", "protocol"} <= set(qa) and qa["n"] == 4
     assert len(r.details["triviaqa_closed"]["records"]) == 4 and len(r.details["triviaqa_open"]["records"]) == 2
@@ -379,10 +379,10 @@ def test_eval_command_writes_json(tiny_model_dir, data_dir, tmp_path, capsys):
                "--data-dir", str(data_dir)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert [m["protocol"] for m in res["metrics"]] == ["wikitext2-concat-64:first2", "triviaqa-closed-validation:3"]
+    assert [m["protocol"] for m in res["metrics"]] == ["wikitext2-concat-64:first2", "triviaqa-closed-validation:3:first-line"]
     assert len(res["details"]["triviaqa_closed"]["records"]) == 3 and res["details"]["samples"]["items"]
     printed = capsys.readouterr().out
-    assert "wikitext2-concat-64:first2" in printed and "triviaqa-closed-validation:3" in printed
+    assert "wikitext2-concat-64:first2" in printed and "triviaqa-closed-validation:3:first-line" in printed
     wrong = [r for r in res["details"]["triviaqa_closed"]["records"] if not r["correct"]]
     assert not wrong or f"#{wrong[0]['index']}: {wrong[0]['question']}" in printed
     assert main(["eval", "--model", str(tiny_model_dir), "--ppl", "nonsense"]) == 2
@@ -424,6 +424,65 @@ def test_triviaqa_rc_open_book_uses_shortest_evidence(tmp_path):
     items, source, total = load_items("open", 1, path=f, open_source="triviaqa-rc")
     assert items[0].context == "The Chipmunks were created by Ross Bagdasarian."
     assert items[0].aliases == ("Ross Bagdasarian", "David Seville") and source == str(f)
-    assert protocol_name("open", 1, 0, False, 1, "triviaqa-rc") == "triviaqa-rc-openbook-validation:1"
+    assert protocol_name("open", 1, 0, False, 1, "triviaqa-rc") == "triviaqa-rc-openbook-validation:1:first-line"
     with pytest.raises(ValueError, match="no evidence"):
         parse_triviaqa_rc({**row, "entity_pages": {}, "search_results": {}}, 3)
+
+
+@pytest.mark.parametrize("match", ["first-line", "thesis"])
+def test_eval_command_match_protocols(tiny_model_dir, data_dir, tmp_path, capsys, match):
+    from tui.cli import main
+
+    out = tmp_path / f"{match}.json"
+    assert main(["--device", "cpu", "eval", "--model", str(tiny_model_dir), "--triviaqa-closed", "3", "--match", match,
+                 "--qa-batch-size", "3", "--json", str(out), "--data-dir", str(data_dir)]) == 0
+    res = json.loads(out.read_text())
+    (m,) = res["metrics"]
+    assert m["protocol"] == f"triviaqa-closed-validation:3:{match}" and m["match"] == match
+    assert res["config"]["match"] == match and m["n"] == 3 and len(m["ci95"]) == 2
+    records = res["details"]["triviaqa_closed"]["records"]
+    if match == "thesis":  # the whole answer: generation ran past newlines, the record keeps the first line's verdict
+        assert all("first_line_correct" in r for r in records)
+        assert any("\n" in r["generated"].strip() or r["new_tokens"] == 50 for r in records)
+    else:
+        assert all("\n" not in r["prediction"] for r in records)
+    assert f"triviaqa-closed-validation:3:{match}" in capsys.readouterr().out
+
+
+def test_eval_command_question_file_is_named_in_the_protocol(tiny_model_dir, data_dir, tmp_path, capsys):
+    from tui.cli import main
+
+    qs = tmp_path / "pub_quiz.jsonl"
+    qs.write_text("".join(json.dumps({"question": q, "answer": a, "aliases": [a]}) + "\n"
+                          for q, a in [("Capital of France?", "Paris"), ("Who wrote Hamlet?", "Shakespeare")]))
+    out = tmp_path / "quiz.json"
+    assert main(["--device", "cpu", "eval", "--model", str(tiny_model_dir), "--triviaqa-closed", "2",
+                 "--triviaqa-file", str(qs), "--json", str(out)]) == 0
+    (m,) = json.loads(out.read_text())["metrics"]
+    assert m["protocol"] == "triviaqa-closed-pub_quiz:2:first-line" and m["source"] == str(qs)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "no question here"}) + "\n")
+    capsys.readouterr()
+    assert main(["--device", "cpu", "eval", "--model", str(tiny_model_dir), "--triviaqa-closed", "1",
+                 "--triviaqa-file", str(bad)]) == 2
+    printed = capsys.readouterr().out
+    assert "Each row needs a question" in printed and "Traceback" not in printed
+
+
+def test_thesis_preset_expands_and_keys_beside_it_win():
+    from evals.config import from_dict, to_dict
+    from tui.cli import build_parser
+    from tui.commands.eval import build_config
+
+    cfg = from_dict(EvalConfig, {"preset": "thesis"}, "evaluation")
+    assert (cfg.perplexity, cfg.ppl_limit, cfg.triviaqa_closed, cfg.triviaqa_open, cfg.match, cfg.samples) == (
+        ("wikitext2-rows-512",), 0, 1200, 1200, "thesis", True)
+    assert from_dict(EvalConfig, {"preset": "thesis", "triviaqa_open": 0}, "evaluation").triviaqa_open == 0
+    again = from_dict(EvalConfig, to_dict(cfg), "evaluation")
+    assert again == cfg  # dumped and reloaded, the same evaluation
+    args = build_parser().parse_args(["eval", "--preset", "thesis", "--triviaqa-open", "0"])
+    assert build_config(args) == from_dict(EvalConfig, {"preset": "thesis", "triviaqa_open": 0}, "evaluation")
+    with pytest.raises(ValueError, match="unknown evaluation preset"):
+        from_dict(EvalConfig, {"preset": "paper"}, "evaluation")
+    plain = build_config(build_parser().parse_args(["eval"]))
+    assert plain.perplexity == ("wikitext2-rows-512", "wikitext2-concat-512") and plain.ppl_limit == 0

@@ -226,3 +226,27 @@ def test_sessions_save_copies_into_the_user_folder(saved, capsys, monkeypatch, t
     assert main(["sessions", "--format", "json", str(tmp_path / "mine")]) == 0
     assert json.loads(capsys.readouterr().out)[0]["name"] == "thesis dw"
     assert main(["sessions", "--save", str(tmp_path / "missing")]) == 2
+
+
+def test_accuracies_carry_wilson_intervals_and_noise_is_marked():
+    from evals.stats import wilson
+
+    def qa(value, n):
+        return [{"name": "triviaqa_closed", "value": value, "protocol": "triviaqa-closed-validation:200:first-line",
+                 "n": n, "correct": round(value * n), "ci95": list(wilson(round(value * n), n))},
+                {"name": "hellaswag_acc_norm", "value": value + 0.2, "protocol": "hellaswag-validation:500", "n": n}]
+
+    base, near, far = make("base", []), make("near", []), make("far", [])
+    base.stages[0].metrics, near.stages[0].metrics, far.stages[0].metrics = qa(0.095, 200), qa(0.12, 200), qa(0.2, 200)
+    table = compare_table([base, near, far])
+    rows = table.as_dicts()
+    ci = "TriviaQA closed 95 % CI [triviaqa-closed-validation:200:first-line]"
+    assert [r[ci] for r in rows] == ["6.2-14.4 % ref", "8.2-17.2 % ≈", "15.0-26.1 %"]  # 20 % is outside [6.2, 14.4]
+    # HellaSwag: an interval computed from n alone (no ci95 recorded), same marking
+    hs = "HellaSwag acc_norm 95 % CI [hellaswag-validation:500]"
+    assert rows[0][hs].endswith("ref") and rows[1][hs].endswith("≈") and not rows[2][hs].endswith("≈")
+    assert rows[0]["HellaSwag acc_norm [hellaswag-validation:500]"] == pytest.approx(0.295)
+    md = format_table(table, "md")
+    assert "| 9.5 % | 6.2-14.4 % ref |" in md and "Wilson" in md
+    # sessions recorded before intervals existed get no interval column
+    assert not any("95 % CI" in c.title for c in compare_table([make("old", [])]).columns)

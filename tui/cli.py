@@ -11,11 +11,11 @@ import os
 import pkgutil
 import sys
 
-from tui import commands
+from tui import commands, noise
 
 
 def _quiet_libraries() -> None:
-    """Third-party progress bars and warnings would tear a TUI and clutter logs."""
+    """Third-party progress bars would tear a TUI and clutter logs (their warnings: `tui.noise`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging  # a dependency: a broken install says so here
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
+    noise.route(terminal=args.command is not None)  # third-party warnings and log lines to a log file
     if args.command is None:
         from tui.app import run_lab
 

@@ -11,6 +11,7 @@ migration of old sessions and the lab's form call instead of matching on kind na
 |---|---|---|
 | `SUMMARY` (str) | the module docstring's first line | `frankenlab recipes`, the lab's stage picker |
 | `needs_calibration(config) -> bool` | False | the runner's preflight (is the calibration text there?) |
+| `preflight(config, evaluation, data_dir) -> warnings` | none | the runner's preflight, before any weights load: raise RecipeError to refuse the run (LoRA refuses training data that holds evaluated questions or rows); warnings go to the run's log |
 | `layers_after(config, n_layers) -> int` | n_layers | recipe checks of the stages after it |
 | `layer_plan(config, n_layers) -> LayerPlan or None` | None | the lab's layer grid shows a depth plan |
 | `check_order(kinds_before)` | accepts any order | recipe loading (eora needs gptq before it) |
@@ -83,6 +84,12 @@ class StageType:
     def needs_calibration(self, config) -> bool:
         hook = self._hook("needs_calibration")
         return bool(hook(config)) if hook else False
+
+    def preflight(self, config, evaluation, data_dir) -> list[str]:
+        """Checks of this stage against the whole recipe (its `EvalConfig`), before weights load:
+        raises RecipeError to refuse the run, returns warnings for the log."""
+        hook = self._hook("preflight")
+        return list(hook(config, evaluation, data_dir) or []) if hook else []
 
     def layers_after(self, config, n_layers: int) -> int:
         hook = self._hook("layers_after")

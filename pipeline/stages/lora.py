@@ -4,6 +4,13 @@ Thesis defaults: rank 8, dropout 0.1, on q,k,v,o, trained on WikiText-style arti
 in batches of 8), or on TriviaQA question/answer pairs for a "task" adapter. Text is packed into
 `seq_len`-token windows (documents joined with the EOS token) and the loss is the plain LM loss.
 
+Training data is always a train split, never what the recipe evaluates: `wikitext2` is WikiText-2
+train (offline the tokenised v1 split, whose rare words are `<unk>`: the report says so),
+`triviaqa` the TriviaQA train-split questions, `wiki` 30 Wikipedia articles, or a file. Before
+any weights load, the runner's preflight asks this stage (`preflight` hook) to compare its whole
+training file with the questions and rows the recipe will evaluate (`evals.overlap`) and refuses
+the run when any are in it.
+
 Sparsity: merging an adapter (B @ A is dense) fills the zeros width pruning left. With
 `merge = true` (default) the zero mask of every targeted matrix is captured before training and
 re-applied after merging, so the pattern still holds; with `merge = false` the adapter stays a
@@ -24,7 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from evals.data import DATASETS, load_dataset_records
+from evals.data import load_dataset_records, source_note
+from evals.overlap import check_training_data
 from evals.perplexity import Cancelled
 
 from ..config import RecipeError, option, require
@@ -33,6 +41,8 @@ from ..context import StageContext, StageResult
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".gz")
+# training set name -> dataset (evals.data): train splits only
+TRAINING_SETS = {"wikitext2": "wikitext2-train", "triviaqa": "triviaqa-train", "wiki": "wiki"}
 
 
 @dataclass(frozen=True)
@@ -42,8 +52,8 @@ class Config:
     dropout: float = option(0.1, form=False, help="dropout on the adapter's input during training")
     targets: tuple[str, ...] = option(("q_proj", "k_proj", "v_proj", "o_proj"), form=False,
                                       help="projections that get an adapter (thesis: the attention ones)")
-    dataset: str = option("wiki", label="data", help="training text: wiki (WikiText-style articles), triviaqa, "
-                                                     "or a .txt / .jsonl file")
+    dataset: str = option("wiki", label="data", help="training text: wikitext2 (WikiText-2 train), triviaqa (train "
+                                                     "questions), wiki (30 Wikipedia articles), or a .txt/.jsonl file")
     samples: int = option(8192, help="training sequences in all (thesis: 8192 in batches of 8)")
     steps: int | None = option(None, help="optimizer steps; when given it replaces samples")
     batch_size: int = option(8, form=False, help="sequences per micro-batch")
@@ -65,8 +75,8 @@ class Config:
         require(not bad, f"unknown target projection(s) {bad}; choose from {', '.join(PROJECTIONS)}")
         require(len(self.targets) > 0, "targets must name at least one projection (e.g. q_proj, v_proj)")
         is_file = self.dataset.endswith(FILE_SUFFIXES)
-        require(is_file or self.dataset in DATASETS,
-                f"unknown training dataset {self.dataset!r}: use wiki, triviaqa, or a .txt/.jsonl file path")
+        require(is_file or self.dataset in TRAINING_SETS,
+                f"unknown training dataset {self.dataset!r}: use {', '.join(TRAINING_SETS)}, or a .txt/.jsonl file path")
         require(self.samples >= 1, f"samples must be at least 1, got {self.samples}")
         require(self.steps is None or self.steps >= 1, f"steps must be at least 1, got {self.steps}")
         require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
@@ -116,11 +126,34 @@ def record_text(record: dict) -> str:
     return ""
 
 
+def record_question(record: dict) -> str:
+    """The question of a question/answer record ("" for plain text)."""
+    if record.get("question"):
+        return str(record["question"])
+    ctx = record.get("context") or ""
+    return ctx.split("Question:", 1)[-1].rsplit("Answer:", 1)[0].strip() if "Question:" in ctx else ""
+
+
+def training_records(config: Config, data_dir=None) -> tuple[list[dict], str, str]:
+    """(records, source, note) of the training data; note says what a user should know about it."""
+    is_file = config.dataset.endswith(FILE_SUFFIXES)
+    name = "file" if is_file else TRAINING_SETS[config.dataset]
+    records, source = load_dataset_records(name, path=config.dataset if is_file else None, data_dir=data_dir)
+    return records, source, source_note(name, source)
+
+
+def preflight(config: Config, evaluation, data_dir=None) -> list[str]:
+    """Refuse training data that holds evaluated questions or rows (before any weights load);
+    near duplicates come back as warnings for the run's log."""
+    records, source, _ = training_records(config, data_dir)
+    texts = [record_text(r) for r in records]
+    return check_training_data(texts, [record_question(r) for r in records], source, evaluation, data_dir, who="LoRA",
+                        advice="use the train split (dataset = \"triviaqa\" or \"wikitext2\") or exclude them")
+
+
 def training_windows(tokenizer, config: Config, data_dir=None, needed: int | None = None) -> tuple[torch.Tensor, str]:
     """(windows, seq_len) token ids from the dataset, documents joined with EOS, shuffled per seed."""
-    is_file = config.dataset.endswith(FILE_SUFFIXES)
-    records, source = load_dataset_records("file" if is_file else config.dataset,
-                                           path=config.dataset if is_file else None, data_dir=data_dir)
+    records, source, _ = training_records(config, data_dir)
     texts = [t for t in (record_text(r) for r in records) if t.strip()]
     if not texts:
         raise RecipeError(f"LoRA training data {source} holds no text (expected 'text' or question/answer fields)")
@@ -227,6 +260,10 @@ def _point_adapter_at_input(peft_model, ctx: StageContext) -> None:
             cfg.base_model_name_or_path = str(ctx.input_artifact)
 
 
+def source_note_for(config: Config, source: str) -> str:
+    return "" if config.dataset.endswith(FILE_SUFFIXES) else source_note(TRAINING_SETS[config.dataset], source)
+
+
 def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     LoraConfig, get_peft_model = _peft()
     if is_peft(model):
@@ -236,8 +273,9 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     steps = config.total_steps
     per_step = config.batch_size * config.grad_accum
     windows, source = training_windows(ctx.tokenizer, config, ctx.data_dir, needed=steps * per_step)
+    note = source_note_for(config, source)
     ctx.log(f"lora: {windows.shape[0]} windows of {config.seq_len} tokens from {source}; "
-            f"{steps} steps x {per_step} sequences")
+            f"{steps} steps x {per_step} sequences" + (f" ({note})" if note else ""))
     density_before = targeted_density(model, config.targets)
     masks_before = len(sparse_masks(model, config.targets))
 
@@ -329,7 +367,9 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         "alpha": config.alpha,
         "dropout": config.dropout,
         "targets": list(config.targets),
-        "dataset": source,
+        "dataset": source,  # the training file, as read
+        "dataset_name": config.dataset,
+        "dataset_note": source_note_for(config, source),
         "steps": done,
         "samples": done * per_step,
         "tokens": tokens_total,

@@ -1,10 +1,14 @@
-"""`frankenlab eval`: measure one model headless (perplexity, TriviaQA, generation samples).
+"""`frankenlab eval`: measure one model headless (perplexity, TriviaQA, HellaSwag, generation samples).
 
     frankenlab eval --model M --ppl wikitext2-rows-512 --ppl wikitext2-concat-512 --limit 64
     frankenlab eval --model M --triviaqa-closed 200 --triviaqa-open 200 --samples --json out.json
+    frankenlab eval --triviaqa-closed 200 --match thesis      # the thesis' whole-answer matching
+    frankenlab eval --hellaswag 500 --plan 0-3,5,5,6-29       # a Franken layer plan, run time only
+    frankenlab eval --preset thesis                           # thesis section 3.6 (slow on a CPU)
 
-With no task named it scores both WikiText-2 protocols. Every number is printed with its protocol;
-`--json` writes metrics, per-question records and samples for later inspection.
+With no task named it scores both WikiText-2 protocols. Every number is printed with its protocol,
+accuracies with their question count and 95 % Wilson interval; `--json` writes metrics,
+per-question records and samples (with degeneration metrics) for later inspection.
 """
 from __future__ import annotations
 
@@ -36,16 +40,33 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="score only the first N rows/windows per protocol (default: the whole split)")
     p.add_argument("--stride", type=int, default=None, help="window stride for concat protocols (default: length)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="B", help="perplexity batch, in full-length sequences")
-    p.add_argument("--triviaqa-closed", type=int, default=0, metavar="N", help="closed-book TriviaQA questions")
-    p.add_argument("--triviaqa-open", type=int, default=0, metavar="N",
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="perplexity batch, in full-length sequences (default 4)")
+    p.add_argument("--triviaqa-closed", type=int, default=None, metavar="N", help="closed-book TriviaQA questions")
+    p.add_argument("--triviaqa-open", type=int, default=None, metavar="N",
                    help="open-book questions (NQ-open with gold passages offline)")
-    p.add_argument("--open-book", default="nq-open", choices=("nq-open", "triviaqa-rc"),
-                   help="open-book source: NQ-open with gold passages (local data) or TriviaQA rc (hub)")
-    p.add_argument("--qa-batch-size", type=int, default=8, metavar="B")
+    p.add_argument("--open-book", default=None, choices=("nq-open", "triviaqa-rc"),
+                   help="open-book source: NQ-open with gold passages (local data, default) or TriviaQA rc (hub)")
+    p.add_argument("--qa-batch-size", type=int, default=None, metavar="B", help="questions generated together (8)")
+    p.add_argument("--match", default=None, choices=("first-line", "thesis"),
+                   help="QA match protocol: first-line (default: the answer's first line) or thesis (the whole "
+                        "answer, up to 50 new tokens, as the thesis scored it; more lenient)")
+    p.add_argument("--triviaqa-file", default=None, metavar="PATH",
+                   help="closed-book questions from this file (JSONL with question or context, answer, aliases); "
+                        "its name goes into the protocol")
+    p.add_argument("--hellaswag", type=int, default=None, metavar="N",
+                   help="HellaSwag validation items: acc and acc_norm (lm-evaluation-harness' formula)")
+    p.add_argument("--hellaswag-batch-size", type=int, default=None, metavar="B",
+                   help="HellaSwag (context, ending) rows per forward pass (16)")
+    p.add_argument("--preset", default=None, choices=("thesis",),
+                   help="a named evaluation; thesis = rows-512 perplexity on the whole test split, 1,200 TriviaQA "
+                        "questions closed and open book (thesis matching), samples. Slow on a CPU (hours). "
+                        "Options given beside it override it")
+    p.add_argument("--plan", default=None, metavar="PLAN",
+                   help="evaluate under a Franken layer plan applied at run time, e.g. 0-3,5,5,6-29 (skips, repeats)")
     p.add_argument("--failures", type=int, default=0, metavar="N",
                    help="print N wrongly answered questions per QA task (all are in --json)")
-    p.add_argument("--seed", type=int, default=0, help="which questions are sampled")
+    p.add_argument("--seed", type=int, default=None, help="which questions and HellaSwag items are sampled (0)")
     p.add_argument("--chat-template", action="store_true", help="wrap QA prompts in the model's chat template")
     p.add_argument("--samples", action="store_true", help="greedy generation samples on the fixed prompts")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the full results here")
@@ -58,39 +79,83 @@ def results_table(metrics: list[dict]) -> Table:
     table = Table()
     table.add_column("metric", no_wrap=True)
     table.add_column("value", no_wrap=True)
-    table.add_column("EM", no_wrap=True)  # strict exact match beside the thesis rule
+    table.add_column("EM", no_wrap=True)  # strict exact match beside the match protocol's rule
     table.add_column("protocol", no_wrap=True)  # printed whole with every number
     table.add_column("work")  # the only column that wraps on a narrow terminal
     for m in metrics:
         secs = m.get("seconds") or 0.0
+        em = "-"
         if m["name"] == "perplexity":
-            value, em = f"{m['value']:.3f}", "-"
+            value = f"{m['value']:.3f}"
             work = f"{m['tokens']:,} tok, {secs:.1f} s" + (f", {m['tokens'] / secs:.0f} tok/s" if secs else "")
         else:
-            value, em = f"{m['value']:.3f}", f"{m['exact_match']:.3f}"
-            work = f"{m['n']} q, {secs:.1f} s" + (f", {m['n'] / secs:.2f} q/s" if secs else "")
+            n = m.get("n") or 0
+            value = f"{100 * m['value']:.1f} % ({m.get('correct', round(m['value'] * n))}/{n})"
+            if m.get("exact_match") is not None:
+                em = f"{100 * m['exact_match']:.1f} %"
+            work = ""
+            if m.get("ci95"):  # the Wilson interval: most differences at a few hundred questions are noise
+                work = f"95 % CI {100 * m['ci95'][0]:.1f}-{100 * m['ci95'][1]:.1f} %; "
+            work += f"{n} {'items' if m['name'].startswith('hellaswag') else 'q'}, {secs:.1f} s"
+            if m.get("first_line_accuracy") is not None:
+                work += f"; first line alone {100 * m['first_line_accuracy']:.1f} %"
         table.add_row(m["name"], value, em, m.get("protocol", ""), work)
     return table
+
+
+def metric_line(m: dict) -> str:
+    """One printed line per metric as it is measured: the number, its count and interval, its protocol."""
+    if m["name"] == "perplexity" or m.get("n") is None:
+        value = f"{m['value']:.4g}"
+    else:
+        from evals.stats import format_accuracy
+
+        value = format_accuracy(m["value"], m["n"], m.get("ci95"))
+    return f"  {m['name']} = {value}  [dim]({m['protocol']})[/dim]"
+
+
+def build_config(args):
+    """The EvalConfig from the options given (a preset's values under the ones given beside it)."""
+    from evals.config import from_dict
+    from evals.suite import EvalConfig
+
+    given = {"ppl_limit": args.limit, "ppl_stride": args.stride, "batch_size": args.batch_size,
+             "triviaqa_closed": args.triviaqa_closed, "triviaqa_open": args.triviaqa_open,
+             "qa_seed": args.seed, "qa_batch_size": args.qa_batch_size, "open_book": args.open_book,
+             "match": args.match, "triviaqa_file": args.triviaqa_file, "hellaswag": args.hellaswag,
+             "hellaswag_batch_size": args.hellaswag_batch_size, "preset": args.preset}
+    data = {k: v for k, v in given.items() if v is not None}
+    if args.limit is None and not args.preset:
+        data["ppl_limit"] = 0  # the command's default: the whole split
+    if args.chat_template:
+        data["chat_template"] = True
+    named = args.ppl or args.triviaqa_closed or args.triviaqa_open or args.samples or args.hellaswag or args.preset
+    if args.ppl or not named:
+        data["perplexity"] = list(args.ppl or DEFAULT_PPL)
+    elif not args.preset:
+        data["perplexity"] = []
+    if args.samples or not args.preset:
+        data["samples"] = bool(args.samples)
+    return from_dict(EvalConfig, data, "eval")
 
 
 def main(args) -> int:
     from evals.data import DataNotFound
     from evals.perplexity import Cancelled
-    from evals.suite import EvalConfig, evaluate
+    from evals.suite import PRESET_NOTES, evaluate
     from pipeline.config import RecipeError
     from pipeline.models import ModelLoadError, load_model
+    from pipeline.provenance import weights_origin
+    from tui import noise
 
     console = Console()
-    named = args.ppl or args.triviaqa_closed or args.triviaqa_open or args.samples
     try:
-        config = EvalConfig(perplexity=tuple(args.ppl or (() if named else DEFAULT_PPL)),
-                            ppl_limit=args.limit, ppl_stride=args.stride, batch_size=args.batch_size,
-                            triviaqa_closed=args.triviaqa_closed, triviaqa_open=args.triviaqa_open,
-                            qa_seed=args.seed, qa_batch_size=args.qa_batch_size, open_book=args.open_book,
-                            chat_template=args.chat_template, samples=args.samples)
+        config = build_config(args)
     except (RecipeError, ValueError) as exc:
         console.print(f"[bold red]error:[/bold red] {exc}")
         return 2
+    if args.json_out:
+        noise.attach(str(args.json_out) + ".log")  # third-party warnings beside the results, not on screen
     data_dir = args.eval_data_dir or args.data_dir
     try:
         lm = load_model(args.eval_model or args.model, device=args.device, dtype=args.dtype,
@@ -99,16 +164,26 @@ def main(args) -> int:
         console.print(f"[bold red]model error:[/bold red] {exc}")
         return 2
     console.print(f"[dim]{lm.source.name} on {lm.device} as {str(lm.dtype).replace('torch.', '')}[/dim]")
+    origin = weights_origin(lm.source.to_dict())
+    if origin:
+        console.print(f"[dim]baseline: {origin['note']}[/dim]")
+    if config.preset and lm.device.type == "cpu":
+        console.print(f"[yellow]preset {config.preset}: {PRESET_NOTES.get(config.preset, '')}[/yellow]")
+    try:
+        model_cm = _plan_context(lm.model, args.plan)
+    except ValueError as exc:
+        console.print(f"[bold red]plan error:[/bold red] {exc}")
+        return 2
     cancel, restore_sigint = ctrl_c_cancels(console, "stopping")
     t0 = time.perf_counter()
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as progress:
+        with model_cm as model, Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                         TimeElapsedColumn(), console=console, transient=True) as progress:
             task = progress.add_task("evaluating", total=1.0)
             result = evaluate(
-                lm.model, lm.tokenizer, config, data_dir=data_dir, cancelled=cancel.is_set,
+                model, lm.tokenizer, config, data_dir=data_dir, cancelled=cancel.is_set,
                 progress=lambda f, msg: progress.update(task, completed=f, description=msg[:60]),
-                on_metric=lambda m: console.print(f"  {m['name']} = {m['value']:.4g}  [dim]({m['protocol']})[/dim]"))
+                on_metric=lambda m: console.print(metric_line(m)))
     except (DataNotFound, ValueError) as exc:
         console.print(f"[bold red]error:[/bold red] {exc}")
         return 2
@@ -126,19 +201,36 @@ def main(args) -> int:
                           f"expected {aliases}", highlight=False)
     samples = result.details.get("samples")
     if samples:
+        from evals.degeneration import describe
+
         for item in samples["items"]:
-            console.print(f"[bold]{item['prompt']!r}[/bold] -> {item['output']!r}", highlight=False)
+            console.print(f"[bold]{item['prompt']!r}[/bold] -> {item['output']!r}\n    [dim]"
+                          f"{describe(item['degeneration'])}[/dim]", highlight=False)
     if args.json_out:
         out = Path(args.json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"model": lm.source.to_dict(), "device": str(lm.device),
                    "dtype": str(lm.dtype).replace("torch.", ""), "seconds": time.perf_counter() - t0,
+                   "weights_origin": origin, "plan": args.plan,
                    "config": _config_dict(config), "metrics": result.metrics, "details": result.details}
         tmp = out.with_suffix(out.suffix + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
         tmp.replace(out)
         console.print(f"results written to [bold]{out}[/bold]")
     return 0
+
+
+def _plan_context(model, plan_text: str | None):
+    """A context yielding the model to evaluate: the model itself, or the model under a layer plan."""
+    import contextlib
+
+    if not plan_text:
+        return contextlib.nullcontext(model)
+    from pipeline.models import decoder_layers
+    from pipeline.plans import LayerPlan, planned
+
+    plan = LayerPlan.parse(plan_text, len(decoder_layers(model)))  # PlanError is a ValueError
+    return planned(model, plan)
 
 
 def _config_dict(config) -> dict:

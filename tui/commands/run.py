@@ -30,14 +30,21 @@ def register(sub) -> None:
 
 
 def list_recipes(args) -> int:
+    """One line per bundled recipe: name, stages, description (cut to the terminal's width)."""
+    from rich.text import Text
+
     from pipeline.recipe import Recipe, bundled_recipes
 
     console = Console()
-    table = Table("name", "stages", "description")
-    for name in bundled_recipes():
-        r = Recipe.load(name)
-        table.add_row(name, " + ".join(s.kind for s in r.stages) or "-", r.description)
-    console.print(table)
+    recipes = [(name, Recipe.load(name)) for name in bundled_recipes()]
+    rows = [(name, ">".join(s.kind for s in r.stages) or "-", r.description) for name, r in recipes]
+    wn, ws = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
+    for name, stages, description in rows:
+        line = Text(f"{name:<{wn}}  ", style="bold")
+        line.append(f"{stages:<{ws}}  ", style="dim")
+        line.append(description)
+        line.truncate(max(console.width, wn + ws + 12), overflow="ellipsis")
+        console.print(line, no_wrap=True, overflow="ellipsis")
     return 0
 
 
@@ -75,12 +82,21 @@ class ProgressView:
             self.console.print(f"[bold red]{e.error_type}: {e.message}[/bold red]")
 
 
+def _value(m: dict) -> str:
+    """A perplexity as a number; an accuracy with its count and 95 % Wilson interval."""
+    if m.get("n") is None or m["name"] == "perplexity" or m.get("value") is None:
+        return f"{m['value']:.3f}" if isinstance(m.get("value"), (int, float)) else str(m.get("value"))
+    from evals.stats import format_accuracy
+
+    return format_accuracy(m["value"], m["n"], m.get("ci95"))
+
+
 def results_table(session) -> Table:
     table = Table(title=f"session {session.id} ({session.status})")
     for col in ("#", "stage", "status", "layers", "params (nonzero)", "metrics", "seconds"):
         table.add_column(col)
     for st in session.stages:
-        metrics = ", ".join(f"{m['name']} {m['value']:.3f} ({m.get('protocol', '')})" for m in st.metrics)
+        metrics = ", ".join(f"{m['name']} {_value(m)} ({m.get('protocol', '')})" for m in st.metrics)
         params = f"{st.params_count:,} ({st.params_nonzero:,})" if st.params_count else "-"
         table.add_row(str(st.index), st.name or st.kind, st.status, str(st.num_layers or "-"), params,
                       metrics or "-", f"{st.seconds:.1f}" if st.seconds else "-")
@@ -103,6 +119,9 @@ def main(args) -> int:
 
         recipe.model = replace(recipe.model, source=args.run_model or args.model)
     out = Path(args.out) if args.out else default_out(recipe.name)
+    from tui import noise
+
+    noise_log = noise.attach(out / "run.log")  # third-party warnings and log lines, not the terminal
     cancel, restore_sigint = ctrl_c_cancels(console, "cancelling")
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
@@ -117,4 +136,6 @@ def main(args) -> int:
         console.print(f"[bold red]{session.save_error}[/bold red]")
         return 1
     console.print(f"session written to [bold]{out / 'session.json'}[/bold]")
+    if noise_log is not None and noise.route().count:
+        console.print(f"[dim]{noise.route().count} third-party log line(s) and warning(s) are in {noise_log}[/dim]")
     return {"done": 0, "cancelled": 130}.get(session.status, 1)

@@ -1,10 +1,12 @@
-"""The model card at the top of the Layers pane: name, source, parameters, layers, dtype, device."""
+"""The model card at the top of the Layers pane: name, source, parameters, layers, dtype, device, and
+where the weights came from when that matters (a dequantized GGUF is already 4-bit rounded)."""
 from __future__ import annotations
 
 from rich.text import Text
 from textual.widgets import Static
 
 from pipeline.plans import LayerPlan
+from pipeline.provenance import weights_origin
 
 
 def describe_plan(plan: LayerPlan | None, n: int) -> Text:
@@ -45,4 +47,9 @@ class ModelInfo(Static):
         t.append(f"{count_parameters(lm.model) / 1e6:.1f}M parameters · {len(decoder_layers(lm.model))} layers · "
                  f"hidden {getattr(cfg, 'hidden_size', '?')} · vocab {getattr(cfg, 'vocab_size', '?')} · "
                  f"{str(lm.dtype).replace('torch.', '')} · {lm.device}")
+        origin = weights_origin(lm.source.to_dict())
+        if origin:  # the bundled model is a dequantized Q4_1 GGUF: say so wherever the model is named
+            t.append(f"\nbaseline: {origin['format']} (already {origin['quant']}-rounded: a "
+                     "quantization stage's cost on it is understated)",
+                     style="yellow")
         self.update(t)
