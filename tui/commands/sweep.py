@@ -130,6 +130,10 @@ def main(args) -> int:
     finally:
         restore()
     report(console, out)
+    for n in record["nodes"].values():
+        if n["index"] > 0 and n["shared_by"] > 1:
+            console.print(f"shared node {escape(n['label'])}: computed {n['computed']} time(s) in all runs, "
+                          f"used by {n['shared_by']} configurations", highlight=False)
     run = record["runs"][-1]
     console.print(f"{record['status']}: {run['nodes_computed']} node(s) computed, {run['nodes_reused']} reused from "
                   f"earlier runs, {record['cache_hits']['shared']} shared-prefix hit(s); record: "
