@@ -19,7 +19,7 @@ def sweep_text(model_dir, axes: str, stages: str = None, extra: str = "") -> str
 name = "tiny-sweep"
 {extra}
 [base]
-model = "{model_dir}"
+model = {{ source = "{model_dir}", device = "cpu" }}  # one job at a time, even on a box with several GPUs
 [base.calibration]
 samples = 8
 seq_len = 64
