@@ -154,8 +154,12 @@ def test_sweep_runs_each_prefix_once_and_resumes(tiny_model_dir, tmp_path, data_
     leaf = record["configs"][0]["nodes"][-1]
     (out / "nodes" / leaf / "node.json").unlink()
     (out / record["configs"][0]["session"]).unlink()
+    stale = load_record(out)  # as a kill -9 leaves it: the last run never finished
+    stale["runs"][-1]["status"] = "running"
+    (out / "sweep.json").write_text(json.dumps(stale))
     rec = run_sweep(sw, out, data_dir=data_dir)
     assert rec["runs"][-1]["nodes_computed"] == 1 and rec["nodes"][leaf]["computed"] == 2
+    assert [r["status"] for r in rec["runs"]] == ["cancelled", "done", "interrupted", "done"]
     assert load_session(out / record["configs"][0]["session"]).status == "done"
 
 

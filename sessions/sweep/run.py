@@ -252,7 +252,9 @@ def _new_record(sweep, configs, nodes, chains, previous, out, run_entry) -> dict
         "nodes": {k: {"index": n.index, "kind": n.kind, "label": n.label, "parent": n.parent, "configs": n.configs,
                       "shared_by": len(n.configs), "status": "pending",
                       "computed": old_nodes.get(k, {}).get("computed", 0)} for k, n in nodes.items()},
-        "runs": previous.get("runs", []) + [run_entry],
+        # a run still "running" in the old record was killed (kill -9, power cut): it never finished
+        "runs": [{**r, "status": "interrupted"} if r.get("status") == "running" else r
+                 for r in previous.get("runs", [])] + [run_entry],
     }
 
 
