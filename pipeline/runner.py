@@ -44,6 +44,7 @@ class RunOptions:
     listeners: tuple = ()  # each gets every event, in order
     cancel: threading.Event | None = None
     start_stage: int = 1  # 1-based index of the first recipe stage to run (replay --from-stage)
+    baseline: bool = True  # evaluate the model as loaded first (a sweep measures it once, in its own job)
 
 
 @dataclass
@@ -174,7 +175,7 @@ class Runner:
             run_ctx = StageContext(lm.tokenizer, lm.device, rec.calibration, self.opt.data_dir,
                                    listener=self.emit, cancel_event=self.cancel)
             index = 0
-            if first == 1:
+            if first == 1 and self.opt.baseline:
                 self._baseline(model, run_ctx.for_stage(0))
             source = Path(lm.source.path) if lm.source.path else None
             for index, spec in enumerate(rec.stages, 1):
@@ -290,11 +291,12 @@ def summary(record: dict) -> dict:
 def run_recipe(recipe: Recipe, out_dir: str | Path, *, listener: Listener | None = None,
                listeners: Iterable[Listener] = (), cancel: threading.Event | None = None,
                loaded: LoadedModel | None = None, save_models: bool = True, data_dir: str | Path | None = None,
-               start_stage: int = 1) -> RunResult:
+               start_stage: int = 1, baseline: bool = True) -> RunResult:
     """Run `recipe`, telling `listener` (and `listeners`) everything; artifacts go to out_dir.
 
     Nothing records a session unless a recorder listens: `sessions.record_run` is this function
     with a `SessionRecorder` attached, returning the session."""
     every = tuple(listeners) + ((listener,) if listener is not None else ())
-    opts = RunOptions(Path(out_dir), save_models, Path(data_dir) if data_dir else None, every, cancel, start_stage)
+    opts = RunOptions(Path(out_dir), save_models, Path(data_dir) if data_dir else None, every, cancel, start_stage,
+                      baseline)
     return Runner(recipe, opts, loaded).run()

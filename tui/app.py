@@ -38,6 +38,7 @@ from tui.widgets.recipe_form import RecipeForm
 from tui.widgets.results import ResultsPanel
 from tui.widgets.run_panel import RunPanel
 from tui.widgets.sessions_panel import SessionsPanel
+from tui.widgets.sweep_pane import SweepPane
 from tui.widgets.whatif import WhatIf
 
 
@@ -56,7 +57,7 @@ class FrankenLab(RunActions, FileActions, App):
         *[Binding(f"{i + 1},alt+{i + 1}", f"tab('{t}')", t.capitalize(), show=False) for i, t in enumerate(TABS)],
     ]
     FOCUS = {"layers": "#grid", "recipe": "#form", "run": "#run-log", "results": "#results-table",
-             "chat": "#chat-input", "sessions": "#sessions-list"}
+             "chat": "#chat-input", "sessions": "#sessions-list", "sweep": "#sweep-file"}
 
     def __init__(self, *, model_ref: str = "default", loaded=None, loader: Callable | None = None,
                  runner: Callable | None = None, data_dir: str | Path | None = None,
@@ -102,6 +103,8 @@ class FrankenLab(RunActions, FileActions, App):
                 yield ChatPanel(id="chatpanel", max_new_tokens=self.chat_tokens)
             with TabPane("6 Sessions", id="sessions"):
                 yield SessionsPanel(self.lab.runs_dir, id="sessionspanel")
+            with TabPane("7 Sweep", id="sweep"):
+                yield SweepPane(self.lab.runs_dir, self.lab.data_dir, id="sweeppane")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -120,6 +123,10 @@ class FrankenLab(RunActions, FileActions, App):
             self.load_model_worker(self.lab.model_ref)
         if self.session_path:
             self._open_session(Path(self.session_path))
+
+    @on(SweepPane.OpenSession)
+    def _open_sweep_session(self, event: SweepPane.OpenSession) -> None:
+        self._open_session(event.path)
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:

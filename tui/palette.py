@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-TABS = ("layers", "recipe", "run", "results", "chat", "sessions")
+TABS = ("layers", "recipe", "run", "results", "chat", "sessions", "sweep")
 
 
 def lab_commands(app) -> Iterator[tuple[str, str, Callable]]:
@@ -24,6 +24,8 @@ def lab_commands(app) -> Iterator[tuple[str, str, Callable]]:
         ("Chat A/B", "answer one prompt with two models side by side",
          lambda: (app.action_tab("chat"), app.query_one("#chatpanel").select(ab=True))),
         ("New chat", "clear the chat history", lambda: app.query_one("#chatpanel").action_new_chat()),
+        ("Run a sweep", "a grid of configurations sharing prefixes, in the background (Sweep pane, 7)",
+         lambda: app.action_tab("sweep")),
         ("Toggle dark/light theme", "ctrl+t", app.action_toggle_theme),
         ("Help", "keys and panes (f1)", app.action_help),
     )

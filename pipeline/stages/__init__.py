@@ -14,6 +14,7 @@ migration of old sessions and the lab's form call instead of matching on kind na
 | `preflight(config, evaluation, data_dir) -> warnings` | none | the runner's preflight, before any weights load: raise RecipeError to refuse the run (LoRA refuses training data that holds evaluated questions or rows); warnings go to the run's log |
 | `layers_after(config, n_layers) -> int` | n_layers | recipe checks of the stages after it |
 | `layer_plan(config, n_layers) -> LayerPlan or None` | None | the lab's layer grid shows a depth plan |
+| `is_identity(config) -> bool` | False | sweeps: a stage that changes nothing (Depth k=0) is left out |
 | `check_order(kinds_before)` | accepts any order | recipe loading (eora needs gptq before it) |
 | `describe(params) -> str` | "Kind (k=v, ...)" | compare tables, the results pane |
 | `ROLE` | "structure" | compare tables: "structure", "adapter" or "quant" column |
@@ -98,6 +99,10 @@ class StageType:
     def layer_plan(self, config, n_layers: int):
         hook = self._hook("layer_plan")
         return hook(config, n_layers) if hook else None
+
+    def is_identity(self, config) -> bool:
+        hook = self._hook("is_identity")
+        return bool(hook(config)) if hook else False
 
     def check_order(self, kinds_before: list[str]) -> None:
         hook = self._hook("check_order")

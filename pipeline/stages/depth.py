@@ -77,6 +77,11 @@ def layer_plan(config: Config, n_layers: int) -> LayerPlan | None:
     return None
 
 
+def is_identity(config: Config) -> bool:
+    """Depth 0 (the thesis' "Depth 0" rows) removes nothing: a sweep leaves the stage out."""
+    return config.plan is None and config.layers is None and config.k == 0
+
+
 def layers_after(config: Config, n_layers: int) -> int:
     plan = layer_plan(config, n_layers)
     return len(plan) if plan is not None else n_layers - config.k

@@ -46,7 +46,8 @@ def register(sub) -> None:
                        description="Print one row per session (configuration, LoRA, quantization, TriviaQA "
                                    "closed/open, perplexity per protocol, params, size). With no paths: every "
                                    "session in ./runs and the user's session folder.")
-    c.add_argument("sessions", nargs="*", help="session files or folders (searched for session.json)")
+    c.add_argument("sessions", nargs="*", help="session files or folders (searched for session.json); a sweep "
+                                               "folder gives the thesis' tables (md, csv, json, LaTeX) and a Pareto plot")
     c.add_argument("--format", dest="fmt", choices=("table", "md", "csv", "json"), default=None,
                    help="output format (default: a table on a terminal, md when piped)")
     c.add_argument("--all-stages", action="store_true", help="one row per finished stage, not only the final model")
@@ -186,6 +187,10 @@ def compare_main(args) -> int:
     from sessions import compare_table, format_table
     from sessions.compare import format_value
 
+    if len(args.sessions) == 1 and (Path(args.sessions[0]) / "sweep.json").is_file():  # a sweep folder
+        from tui.commands.sweep import compare_sweep
+
+        return compare_sweep(args)
     err = Console(stderr=True)
     sessions, problems = _load_all(args.sessions, err)
     if not sessions:

@@ -21,6 +21,7 @@ Switch panes with **1-6** (**alt+1-6** while typing, or click the tabs); **ctrl+
 | 4 Results | stages with perplexity (and its protocol), TriviaQA, parameters, footprint, seconds; perplexity and LoRA loss plots; memory bars against a hardware target |
 | 5 Chat | chat with the baseline, the grid's plan or any finished stage; A/B answers one prompt with two models; **esc** stops a reply |
 | 6 Sessions | saved runs: open, compare several, replay; **ctrl+s** save the session as, **ctrl+o** open a session file |
+| 7 Sweep | a sweep file (a grid of configurations sharing prefixes): Check, Launch in the background, Stop; rows fill as configurations finish, the Pareto front redraws; **enter** on a row opens its session |
 
 | key | action |
 |---|---|

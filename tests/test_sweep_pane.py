@@ -1,0 +1,62 @@
+"""The lab's Sweep pane with Pilot: launch a sweep file in the background, rows fill, a row opens its session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_sweep import sweep_text
+from tui.cli import _quiet_libraries
+
+_quiet_libraries()
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    from pipeline.models import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+async def wait_for(pilot, cond, timeout=180.0):
+    for _ in range(int(timeout / 0.05)):
+        if cond():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_sweep_pane_runs_and_opens_a_row(loaded, tiny_model_dir, tmp_path, data_dir):
+    from textual.widgets import DataTable, Input, TabbedContent
+
+    from tui.app import create_app
+    from tui.widgets.sweep_pane import SweepPane
+
+    f = tmp_path / "grid.toml"
+    f.write_text(sweep_text(tiny_model_dir, '"width.pattern" = ["1:8", "2:4"]'))
+    app = create_app(loaded=loaded, model_ref=loaded.source.ref, data_dir=data_dir, runs_dir=tmp_path / "runs",
+                     chat_tokens=8, whatif=False)
+    async with app.run_test(size=(120, 44)) as pilot:
+        await pilot.press("7")
+        assert app.query_one(TabbedContent).active == "sweep"
+        pane = app.query_one(SweepPane)
+        app.query_one("#sweep-file", Input).value = "no-such-sweep"
+        await pilot.click("#sweep-launch")
+        await pilot.pause()
+        assert not pane.running, "a missing file is refused with a message, nothing starts"
+        app.query_one("#sweep-file", Input).value = str(f)
+        await pilot.click("#sweep-launch")
+        await wait_for(pilot, lambda: pane.running)
+        await wait_for(pilot, lambda: not pane.running)
+        table = app.query_one("#sweep-table", DataTable)
+        assert table.row_count == 2 and set(pane.rows) == {1, 2}
+        assert (tmp_path / "runs" / "sweep-tiny-sweep" / "sweep.json").is_file()
+        assert (tmp_path / "runs" / "sweep-tiny-sweep" / "tables" / "pareto.svg").is_file()
+        status = str(app.query_one("#sweep-status").render())
+        assert "sweep done: 2 configuration(s)" in status
+        assert "front:" in str(app.query_one("#sweep-pareto").render())
+        table.focus()
+        table.move_cursor(row=1)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.query_one(TabbedContent).active == "results")
+        assert app.lab.session is not None and "width.pattern=2:4" in app.lab.session.recipe["name"]

@@ -1,0 +1,179 @@
+"""`frankenlab sweep FILE --out DIR [--dry-run] [--ray | --ray-address ADDR]`: a grid of configurations.
+
+Prints the expanded configurations and the shared prefixes (`--dry-run` stops there), then runs
+every missing node, one line per node, and ends with the thesis' tables and the Pareto front
+(written to DIR/tables). Ctrl-C once stops after the current batch; finished nodes are kept and a
+rerun of the same command does only what is missing. `frankenlab sweeps` lists the bundled sweeps;
+`frankenlab compare DIR` remakes the tables of a sweep folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from tui.commands.common import ctrl_c_cancels
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="run a grid of configurations sharing every common prefix (a sweep file)",
+                       description="Expand a sweep file (a base recipe plus axes), compute every shared prefix "
+                                   "once, write one session per configuration, the thesis' tables and a Pareto plot.")
+    p.add_argument("sweep", help="sweep TOML file, or a bundled sweep name (see `frankenlab sweeps`)")
+    p.add_argument("--out", required=True, help="sweep folder (a rerun into the same folder reuses finished work)")
+    p.add_argument("--dry-run", action="store_true", help="print the configurations and what they share, run nothing")
+    p.add_argument("--ray", action="store_true", help="run the jobs as Ray tasks on a local Ray instance")
+    p.add_argument("--ray-address", default=None, help="run the jobs on this Ray cluster (e.g. ray://host:10001 or "
+                                                       "auto); DIR must be on storage every node sees")
+    p.add_argument("--model", dest="sweep_model", default=None, help="override the base recipe's model source")
+    p.add_argument("--data-dir", dest="sweep_data_dir", default=None, help="evaluation/calibration data folder")
+    p.set_defaults(func=main)
+    s = sub.add_parser("sweeps", help="list the bundled sweeps")
+    s.set_defaults(func=list_sweeps)
+
+
+def list_sweeps(args) -> int:
+    from sessions.sweep import bundled_sweeps, load_sweep
+
+    console = Console()
+    for name in bundled_sweeps():
+        sw = load_sweep(name)
+        axes = " x ".join(f"{a.name}[{len(a.values)}]" for a in sw.axes)
+        console.print(f"[bold]{name}[/bold]  [dim]{axes}[/dim]  {escape(sw.description)}", soft_wrap=True)
+    return 0
+
+
+def describe(console: Console, sweep, configs, out: Path) -> None:
+    from sessions.sweep import build_tree
+    from sessions.sweep.jobs import read_node
+
+    nodes, chains = build_tree(configs)
+    console.print(f"[bold]{escape(sweep.name)}[/bold]: {len(configs)} configuration(s), {len(nodes)} node(s) "
+                  f"(a node = the model after a prefix of stages, computed once)")
+    for c in configs:
+        console.print(f"  {c.index:>3}  {escape(c.label)}  [dim]{' > '.join(s.kind for s in c.recipe.stages) or 'baseline'}"
+                      f"[/dim]")
+    shared = [n for n in nodes.values() if len(n.configs) > 1 and n.index > 0]
+    if shared:
+        console.print("shared prefixes:")
+        for n in shared:
+            console.print(f"  {n.key}  {escape(n.label)}  [dim]used by {len(n.configs)} configurations[/dim]")
+    done = sum(1 for k in nodes if read_node(out, k) is not None)
+    console.print(f"{done} of {len(nodes)} node(s) already finished in {escape(str(out))}; "
+                  f"{len(nodes) - done} to compute", highlight=False)
+
+
+class LineView:
+    """One line per node start and finish; the running node's progress on one updating status line."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.labels: dict[str, str] = {}
+
+    def __call__(self, e) -> None:
+        from sessions import sweep as sw
+
+        if isinstance(e, sw.SweepStarted):
+            self.console.print(f"[bold]{escape(e.name)}[/bold]: {e.todo} node(s) to compute on {e.executor}")
+        elif isinstance(e, sw.NodeStarted):
+            self.console.print(f"  start   {e.key}  {escape(e.label)}")
+        elif isinstance(e, sw.NodeFinished):
+            style = "green" if e.status == "done" else "red"
+            secs = f" ({e.seconds:.1f}s)" if e.seconds else ""
+            msg = f": {escape(e.message)}" if e.message else ""
+            self.console.print(f"  [{style}]{e.status:<7}[/{style}] {e.key}  {escape(e.label)}{secs}{msg}")
+        elif isinstance(e, sw.ConfigFinished):
+            self.console.print(f"  [bold]config {e.index}[/bold] {escape(e.label)}: {e.status}")
+
+
+def main(args) -> int:
+    from dataclasses import replace
+
+    from sessions.sweep import SweepError, load_sweep, run_sweep
+
+    console = Console()
+    err = Console(stderr=True)
+    out = Path(args.out)
+    try:
+        sweep = load_sweep(args.sweep)
+        if args.sweep_model or args.model:
+            model = sweep.base.get("model", {})
+            model = {"source": model} if isinstance(model, str) else dict(model)
+            sweep = replace(sweep, base={**sweep.base, "model": {**model, "source": args.sweep_model or args.model}})
+        configs = sweep.expand()
+    except SweepError as exc:
+        err.print(f"[bold red]sweep error:[/bold red] {escape(str(exc))}")
+        return 2
+    describe(console, sweep, configs, out)
+    if args.dry_run:
+        return 0
+    executor = None
+    if args.ray or args.ray_address:
+        from sessions.sweep import RayExecutor
+
+        try:
+            executor = RayExecutor(address=args.ray_address, device=configs[0].recipe.model.device)
+        except RuntimeError as exc:
+            err.print(f"[bold red]{escape(str(exc))}[/bold red]")
+            return 2
+    from tui import noise
+
+    noise.attach(out / "sweep.log")
+    cancel, restore = ctrl_c_cancels(console, "stopping the sweep")
+    try:
+        record = run_sweep(sweep, out, executor=executor, listener=LineView(console), cancel=cancel,
+                           data_dir=args.sweep_data_dir or args.data_dir, configs=configs)
+    except OSError as exc:
+        err.print(f"[bold red]cannot write the sweep folder {escape(str(out))}: {exc.strerror or exc}[/bold red]")
+        return 2
+    finally:
+        restore()
+    report(console, out)
+    for n in record["nodes"].values():
+        if n["index"] > 0 and n["shared_by"] > 1:
+            console.print(f"shared node {escape(n['label'])}: computed {n['computed']} time(s) in all runs, "
+                          f"used by {n['shared_by']} configurations", highlight=False)
+    run = record["runs"][-1]
+    console.print(f"{record['status']}: {run['nodes_computed']} node(s) computed, {run['nodes_reused']} reused from "
+                  f"earlier runs, {record['cache_hits']['shared']} shared-prefix hit(s); record: "
+                  f"{escape(str(out / 'sweep.json'))}", highlight=False)
+    return {"done": 0, "cancelled": 130}.get(record["status"], 1)
+
+
+def report(console: Console, out: Path) -> None:
+    """Write the tables and the Pareto plot; print Table 4.1 (or 4.2) and the front."""
+    from sessions.sweep.results import (budget_bytes, pareto_points, pareto_text, render, sweep_sessions,
+                                        thesis_tables, write_results)
+
+    _, sessions = sweep_sessions(out)
+    if not sessions:
+        console.print("no configuration finished yet: no tables")
+        return
+    written = write_results(out, sessions)
+    for name, table in thesis_tables(sessions).items():
+        console.print(f"[bold]{name}[/bold]")
+        console.print(escape(render(table, "md")), highlight=False, soft_wrap=True)
+    points, title, _ = pareto_points(sessions)
+    console.print(pareto_text(points, title, budget_bytes()), highlight=False, markup=False, soft_wrap=True)
+    console.print(f"tables and pareto.svg in {escape(str(Path(written['pareto'][0]).parent))}", highlight=False)
+
+
+def compare_sweep(args) -> int:
+    """`frankenlab compare DIR` on a sweep folder: the thesis' tables (all formats) and the Pareto plot."""
+    from sessions import SessionError
+
+    out = Path(args.sessions[0])
+    try:
+        report(Console(), out)
+    except SessionError as exc:
+        Console(stderr=True).print(f"[bold red]{escape(str(exc))}[/bold red]")
+        return 2
+    if getattr(args, "fmt", None) in ("md", "csv", "json", "tex") and args.output:
+        from sessions.record import atomic_write_text
+        from sessions.sweep.results import render, sweep_sessions, thesis_tables
+
+        tables = thesis_tables(sweep_sessions(out)[1])
+        atomic_write_text(Path(args.output), "\n".join(render(t, args.fmt) for t in tables.values()))
+    return 0
+
