@@ -339,3 +339,20 @@ def test_compact_form_of_masked_2to4_gptq(masked_tiny, tmp_path, capsys):
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
     with torch.no_grad():
         assert torch.allclose(restored(input_ids=ids).logits, qmodel(input_ids=ids).logits, atol=1e-4)
+
+
+def test_lab_chat_targets_open_gptq_and_eora_stages(chain, tmp_path):
+    """The lab's chat A/B offers every saved stage; the gptq and eora ones load as quantized models."""
+    from pipeline.models import load_model
+    from sessions import load_session
+    from tui.lab import LabState
+
+    session, out, _ = chain
+    lab = LabState(loader=load_model, runner=lambda *a, **k: None, runs_dir=tmp_path, device="cpu", dtype="float32")
+    lab.session = load_session(out)
+    targets = {t.key: t for t in lab.chat_targets().values()}
+    assert {"stage4", "stage5"} <= set(targets)  # gptq, eora
+    for key in ("stage4", "stage5"):
+        model, tok = targets[key].resolve()
+        assert getattr(model, "frankenlab_quant", None), key
+    assert targets["stage5"].resolve()[0].frankenlab_quant.get("adapter")
