@@ -7,9 +7,9 @@ calibration, masked vs unmasked GPTQ on a 2:4 model, and greedy decoding speed f
 The bundled SmolLM2-135M-Instruct is 2:4 pruned by magnitude (the same pattern WANDA gives), then
 quantized 4-bit g128 on the same calibration windows by, interleaved so machine load hits all alike:
 (a) gptqmodel directly (`GPTQModel.load` + `quantize` + `save`, fp32), (b) the lab's gptq stage
-without the mask, (c) the stage with the mask (keep_sparsity), (d) gptqmodel directly in bf16.
-(a) vs (b) is the stage's overhead (saving prequant, reloading, measuring; target <= 1.05x);
-(a) vs (d) is the calibration dtype. `--layers K` keeps the first K decoder layers to make a
+without the mask, (c) the stage with the mask (keep_sparsity); then gptqmodel directly in fp32
+and in bf16 on the first `--dtype-layers` layers (bf16 on the whole model takes too long here).
+(a) vs (b) is the stage's overhead (saving prequant, reloading, measuring; target <= 1.05x). `--layers K` keeps the first K decoder layers to make a
 loaded machine finish; perplexity is then only comparable within the run. Every figure is printed
 with CPU seconds (this process and its threads) beside wall seconds, and the load average.
 """
@@ -103,7 +103,8 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens generated per speed measurement")
     p.add_argument("--ppl-windows", type=int, default=8)
-    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 calibration run (the slowest)")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 calibration comparison (the slowest)")
+    p.add_argument("--dtype-layers", type=int, default=4, help="layers quantized for the fp32 vs bf16 comparison")
     p.add_argument("--out", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -146,12 +147,23 @@ def main() -> int:
     rows["stage, masked"] = t
     print(f"gptq stage, masked (keep_sparsity) : {t.text()}  -> {t.wall / rows['gptqmodel direct, fp32'].wall:.3f}x direct",
           flush=True)
-    if not args.no_bf16:
-        with Timer() as t:
-            direct(src, out / "direct-bf16", ids, torch.bfloat16)
-        rows["gptqmodel direct, bf16"] = t
-        print(f"gptqmodel direct, bf16 calibration : {t.text()}  -> fp32 is "
-              f"{t.wall / rows['gptqmodel direct, fp32'].wall:.2f}x faster", flush=True)
+    if not args.no_bf16:  # on the first --dtype-layers layers: bf16 on the whole model takes too long here
+        k = min(args.dtype_layers, len(decoder_layers(model)))
+        small = out / f"pruned-2of4-{k}layers"
+        sub = load_model(str(src), device="cpu", dtype="float32").model
+        del decoder_layers(sub)[k:]
+        sub.config.num_hidden_layers = k
+        sub.save_pretrained(small)
+        lm.tokenizer.save_pretrained(small)
+        for dtype in (torch.float32, torch.bfloat16):
+            name = f"gptqmodel direct, {k} layers, {str(dtype)[6:]}"
+            with Timer() as t:
+                direct(small, out / f"direct-{k}-{str(dtype)[6:]}", ids, dtype)
+            rows[name] = t
+            print(f"{name:<35}: {t.text()}", flush=True)
+        fp32, bf16 = (rows[f"gptqmodel direct, {k} layers, {d}"] for d in ("float32", "bfloat16"))
+        print(f"calibration dtype: bf16 / fp32 = {bf16.wall / fp32.wall:.2f}x wall, {bf16.cpu / max(fp32.cpu, 1e-9):.2f}x CPU",
+              flush=True)
 
     report = {k: {"wall_s": v.wall, "cpu_s": v.cpu} for k, v in rows.items()}
     for label, res in (("unmasked", plain), ("masked", masked)):

@@ -196,7 +196,13 @@ def resolve_source(ref: str | None) -> ModelSource:
     if path.exists() or looks_local:
         raise ModelLoadError(f"model path {ref!r} does not exist (expected an HF folder, a .gguf file, "
                              "a hub id like org/name, or nothing for the bundled default)")
-    return ModelSource("hub", ref, str(_resolve_hub(ref)), ref.split("/")[-1])
+    snapshot = _resolve_hub(ref)
+    from .quant import describe_folder
+
+    q = describe_folder(snapshot)  # a GPTQ checkpoint on the hub opens through gptqmodel too
+    if q is not None:
+        return ModelSource(q["kind"], ref, str(q["quantized"]), ref.split("/")[-1])
+    return ModelSource("hub", ref, str(snapshot), ref.split("/")[-1])
 
 
 def load_model(ref: str | None = None, *, device: str = "auto", dtype: str = "auto",
