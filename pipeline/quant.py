@@ -3,8 +3,9 @@
 gptqmodel is heavy (it imports its kernels and prints a banner), so nothing imports it until a
 quantized model is quantized or opened. What this module takes care of, measured on a 2-core CPU:
 - `GPTQMODEL_CPU_WORKERS` must be at least 2 there, or quantization fails;
-- calibration runs in float32 on CPU: without AVX-512 bf16 / AMX an fp32 `F.linear` is about 7x
-  faster than bf16 (gptqmodel picks bf16 for CPU on its own);
+- calibration runs in float32 on CPU (gptqmodel picks bf16 for CPU on its own): without AVX-512
+  bf16 / AMX an fp32 `F.linear` is several times faster than bf16 (issue 13), and the model a
+  stage hands on stays the fp32 one it was given; gptqmodel's Hessian work is fp32 either way;
 - quantized models open on CPU through gptqmodel's TORCH_FUSED linear (the only CPU kernel that
   accepts float32 activations) and each quantized weight is then dequantized once to float32 (exact
   values: codes, scales and zero points are kept and remain what the memory accounting reads).
