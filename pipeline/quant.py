@@ -1,13 +1,24 @@
 """The one small wrapper around gptqmodel: lazy import, CPU settings, our folders, our dtypes.
 
 gptqmodel is heavy (it imports its kernels and prints a banner), so nothing imports it until a
-GPTQ or EoRA stage runs. What this module takes care of, measured on a 2-core CPU:
+quantized model is quantized or opened. What this module takes care of, measured on a 2-core CPU:
 - `GPTQMODEL_CPU_WORKERS` must be at least 2 there, or quantization fails;
-- its `TorchLinear` kernel (the only CPU kernel, and the one that accepts dimensions that are not a
-  multiple of the group size, e.g. SmolLM2's 576) runs in float16/bfloat16 only, so quantized
-  models are loaded in bfloat16 on CPU;
+- calibration runs in float32 on CPU (gptqmodel picks bf16 for CPU on its own): without AVX-512
+  bf16 / AMX an fp32 `F.linear` is several times faster than bf16 (issue 13), and the model a
+  stage hands on stays the fp32 one it was given; gptqmodel's Hessian work is fp32 either way;
+- quantized models open on CPU through gptqmodel's TORCH_FUSED linear (the only CPU kernel that
+  accepts float32 activations) and each quantized weight is then dequantized once to float32 (exact
+  values: codes, scales and zero points are kept and remain what the memory accounting reads).
+  The fused int4 kernel itself (`_weight_int4pack_mm_for_cpu`) was measured slower than an fp32
+  `F.linear` on the bundled model's shapes (bf16 activations; 1.1 ms vs 0.26 ms for 1536x576 at
+  one token), so decoding uses the dequantized weights (`benchmarks/bench_quant.py`);
+- masked GPTQ (zeros kept exactly) is `pipeline.quant_mask`;
 - it writes `./logs/` relative to the current directory and offloads finished modules to a temp
   folder; both are pointed into the stage's own work folder.
+
+Folders that open (`describe_folder`): a gptqmodel folder (`quantize_config.json`), a gptq stage
+folder holding one (`quantized/`), and an EoRA manifest folder (`frankenlab-quant.json`, written by
+the eora stage) naming a quantized folder and its adapter.
 """
 from __future__ import annotations
 
@@ -56,14 +67,19 @@ def logs_inside(folder: Path) -> Iterator[None]:
 
 
 def quant_dtype(device: torch.device) -> torch.dtype:
-    """The dtype quantized models run in: gptqmodel's torch kernel takes fp16/bf16 only."""
-    return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    """The dtype quantized models run and calibrate in: float32 on CPU, fp16/bf16 on GPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.float16 if not torch.cuda.is_bf16_supported() else torch.bfloat16
 
 
-def backend_for(device: torch.device, dims_fit_groups: bool):
-    """Torch kernel on CPU or when a dimension is not a multiple of the group size, else auto."""
+def backend_for(device: torch.device, dims_fit_groups: bool, *, bits: int = 4, group_size: int = 128):
+    """CPU: TORCH_FUSED (float32 activations) for 4-bit, else the torch kernel; GPU: auto when shapes fit."""
     gm = gptqmodel()
-    if device.type != "cuda" or not dims_fit_groups:
+    if device.type != "cuda":
+        fused_ok = bits == 4 and group_size in (-1, 16, 32, 64, 128)
+        return gm.BACKEND.TORCH_FUSED if fused_ok else gm.BACKEND.GPTQ_TORCH
+    if not dims_fit_groups:
         return gm.BACKEND.GPTQ_TORCH
     return gm.BACKEND.AUTO
 
@@ -79,20 +95,23 @@ def as_calibration(ids: torch.Tensor) -> list[dict]:
 
 def quantize(src_dir: Path, out_dir: Path, calib: torch.Tensor, *, bits: int, group_size: int, desc_act: bool,
              sym: bool, damp_percent: float, batch_size: int, device: torch.device, work_dir: Path,
-             on_layer=None) -> float:
+             on_layer=None, keep_sparsity: bool = False, dtype: torch.dtype | None = None) -> float:
     """GPTQ-quantize the HF folder `src_dir` into `out_dir` (gptqmodel format); returns seconds.
 
-    `on_layer(i, n)` is called whenever decoder layer i starts a forward pass (gptqmodel has no
-    progress callback; its layer-by-layer loop is the progress there is).
+    `keep_sparsity` keeps every exact zero of the weights (masked GPTQ, `pipeline.quant_mask`).
+    `dtype` overrides the calibration dtype (float32 on CPU). `on_layer(i, n)` is called whenever
+    decoder layer i starts a forward pass (gptqmodel has no progress callback).
     """
+    from .quant_mask import masking
+
     gm = gptqmodel()
     work_dir = Path(work_dir)
     qc = gm.QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
                            damp_percent=damp_percent, offload_to_disk=True,
                            offload_to_disk_path=str(work_dir / "offload"))
     t0 = time.perf_counter()
-    with logs_inside(work_dir):
-        model = gm.GPTQModel.load(str(src_dir), qc, device=_device_arg(device), dtype=quant_dtype(device))
+    with logs_inside(work_dir), masking(keep_sparsity):
+        model = gm.GPTQModel.load(str(src_dir), qc, device=_device_arg(device), dtype=dtype or quant_dtype(device))
         hooks = _layer_hooks(model.model, on_layer) if on_layer else []
         try:
             model.quantize(as_calibration(calib), batch_size=batch_size)
@@ -119,21 +138,30 @@ def load_quantized(path: str | Path, *, device: torch.device | str = "cpu", adap
     """A gptqmodel model wrapper for a quantized folder; `.model` is the HF causal LM inside.
 
     `adapter` is an EoRA/LoRA folder written by gptqmodel (applied at every quantized linear).
+    On CPU the model runs in float32 with each quantized weight dequantized once (module docstring).
     """
     gm = gptqmodel()
     device = torch.device(device)
+    path = Path(path)
+    qcfg = _read_json(path / "quantize_config.json")
     if dims_fit_groups is None:
-        dims_fit_groups = _dims_fit_groups(Path(path))
+        dims_fit_groups = _dims_fit_groups(path)
     kwargs = {}
     if adapter is not None:
         from gptqmodel.adapter.adapter import Lora
 
         kwargs["adapter"] = Lora(rank=rank or 0, path=str(adapter))
-    with logs_inside(Path(path).parent):
-        wrapper = gm.GPTQModel.load(str(path), backend=backend_for(device, dims_fit_groups),
-                                    device=_device_arg(device), dtype=quant_dtype(device), **kwargs)
+    backend = backend_for(device, dims_fit_groups, bits=int(qcfg.get("bits", 4)),
+                          group_size=int(qcfg.get("group_size", 128)))
+    dtype = quant_dtype(device)
+    if device.type != "cuda" and backend != gm.BACKEND.TORCH_FUSED:
+        dtype = torch.bfloat16  # the torch kernel takes fp16/bf16 only; cast to float32 below
+    with logs_inside(path.parent):
+        wrapper = gm.GPTQModel.load(str(path), backend=backend, device=_device_arg(device), dtype=dtype, **kwargs)
     if device.type == "cpu":
         eager_dequantize(wrapper.model)
+        dequantize_for_cpu(wrapper.model)
+    _restore_generation_config(wrapper.model, path)
     return wrapper
 
 
@@ -148,6 +176,45 @@ def eager_dequantize(model: torch.nn.Module) -> None:
         mod.__dict__.pop("dequantize_weight", None)
 
 
+def _fp32_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A quantized linear's forward with its weight dequantized once (bound per module on CPU)."""
+    w = self._frankenlab_weight
+    out = torch.nn.functional.linear(x.to(w.dtype), w, self._frankenlab_bias)
+    if getattr(self, "adapter", None):
+        out = self.adapter.apply(x=x.to(w.dtype), out=out)  # EoRA: out += (x @ A) @ B
+    return out
+
+
+@torch.no_grad()
+def dequantize_for_cpu(model: torch.nn.Module) -> int:
+    """Run every quantized linear as float32 `F.linear` on its exact dequantized weight; returns count.
+
+    The weight is a plain attribute (not a buffer or parameter): the packed codes stay what the model
+    stores and what the memory accounting prices; `model.float()` covers the rest of the model.
+    """
+    import types
+
+    model.float()
+    mods = quantized_linears(model)
+    for mod in mods.values():
+        mod._frankenlab_weight = dequantized_weight(mod).contiguous()
+        bias = getattr(mod, "bias", None)
+        mod._frankenlab_bias = bias.float() if isinstance(bias, torch.Tensor) else None
+        mod.forward = types.MethodType(_fp32_forward, mod)
+    return len(mods)
+
+
+def _restore_generation_config(model: torch.nn.Module, path: Path) -> None:
+    """gptqmodel's loader turns `do_sample` on; the folder's own generation config says what was saved."""
+    try:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    except (OSError, ValueError):
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.do_sample = False
+
+
 def generate_eora(native_dir: Path, quant_dir: Path, adapter_dir: Path, calib: torch.Tensor, *, rank: int,
                   batch_size: int, device: torch.device, work_dir: Path, tokenizer=None) -> float:
     """EoRA adapter for `quant_dir` from the pre-quantization model `native_dir`; returns seconds."""
@@ -155,11 +222,13 @@ def generate_eora(native_dir: Path, quant_dir: Path, adapter_dir: Path, calib: t
     from gptqmodel.adapter.adapter import Lora
 
     t0 = time.perf_counter()
+    # EoRA stays in bf16 on CPU: gptqmodel's EoRA processor asserts fp16/bf16 weights (7.6.0).
+    dtype = quant_dtype(device) if device.type == "cuda" else torch.bfloat16
     with logs_inside(Path(work_dir)):
         gm.GPTQModel.adapter.generate(adapter=Lora(rank=rank, path=str(adapter_dir)),
                                       model_id_or_path=str(native_dir), quantized_model_id_or_path=str(quant_dir),
                                       calibration_dataset=as_calibration(calib), batch_size=batch_size,
-                                      tokenizer=tokenizer, dtype=quant_dtype(device), device=_device_arg(device))
+                                      tokenizer=tokenizer, dtype=dtype, device=_device_arg(device))
     # The native model is loaded with the quantized folder's config, whose offload folder is the
     # gptq stage's `offload/` (see quantize): remove it again once done.
     _cleanup(Path(quant_dir).parent / "offload")
@@ -176,10 +245,22 @@ def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 @torch.no_grad()
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     """The (out, in) float weight a quantized linear computes with (int codes * scale, minus zero)."""
+    cached = getattr(module, "_frankenlab_weight", None)  # dequantized once on CPU (dequantize_for_cpu)
+    if cached is not None:
+        return cached
     # gptqmodel's dequantize_weight() is always (in, out); guessing from the shape would leave
     # square matrices (q_proj, o_proj) transposed.
     w = module.dequantize_weight().t()
     return w[: module.out_features, : module.in_features].float()
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _dims_fit_groups(path: Path) -> bool:
@@ -194,6 +275,71 @@ def _dims_fit_groups(path: Path) -> bool:
         return True
     dims = [cfg.get("hidden_size", 0), cfg.get("intermediate_size", 0)]
     return all(d % group == 0 for d in dims)
+
+
+# -- folders that hold quantized models ------------------------------------------------------------
+MANIFEST = "frankenlab-quant.json"
+
+
+def write_manifest(folder: Path, quantized: Path, *, adapter: Path | None = None, rank: int | None = None,
+                   prequant: Path | None = None) -> Path:
+    """`folder/frankenlab-quant.json`: which quantized folder (and adapter) this folder stands for.
+
+    Paths are stored relative to `folder` so a run folder can be moved or copied as a whole.
+    """
+    import json
+    import os
+
+    folder = Path(folder)
+
+    def rel(p: Path | None) -> str | None:
+        return None if p is None else os.path.relpath(Path(p).resolve(), folder.resolve())
+
+    data = {"format": "gptqmodel", "quantized": rel(quantized), "adapter": rel(adapter),
+            "adapter_type": "eora" if adapter is not None else None, "rank": rank, "prequant": rel(prequant)}
+    path = folder / MANIFEST
+    path.write_text(json.dumps({k: v for k, v in data.items() if v is not None}, indent=2))
+    return path
+
+
+def describe_folder(path: str | Path) -> dict | None:
+    """What a folder holds if it is a quantized model, else None.
+
+    {"kind": "gptq" | "gptq+eora", "quantized": folder, "adapter": folder | None, "rank": int | None,
+    "prequant": folder | None}; raises ValueError (with what to do) for a broken manifest.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        data = _read_json(manifest)
+        if not data.get("quantized"):
+            raise ValueError(f"{manifest} is not a valid frankenlab quantization manifest (no 'quantized' folder)")
+
+        def resolve(key: str) -> Path | None:
+            value = data.get(key)
+            return None if not value else (path / value).resolve() if not Path(value).is_absolute() else Path(value)
+
+        qdir, adapter = resolve("quantized"), resolve("adapter")
+        if not (qdir / "quantize_config.json").is_file():
+            raise ValueError(f"{manifest} names the quantized folder {qdir}, which holds no quantize_config.json "
+                             "(was the gptq stage's folder moved or deleted?)")
+        if adapter is not None and not (adapter / "adapter_config.json").is_file():
+            raise ValueError(f"{manifest} names the adapter folder {adapter}, which holds no adapter_config.json")
+        prequant = resolve("prequant") or _sibling_prequant(qdir)
+        return {"kind": "gptq+eora" if adapter is not None else "gptq", "quantized": qdir, "adapter": adapter,
+                "rank": data.get("rank"), "prequant": prequant}
+    for qdir in (path, path / "quantized"):  # a gptqmodel folder, or a gptq stage folder holding one
+        if (qdir / "quantize_config.json").is_file() and (qdir / "config.json").is_file():
+            return {"kind": "gptq", "quantized": qdir.resolve(), "adapter": None, "rank": None,
+                    "prequant": _sibling_prequant(qdir)}
+    return None
+
+
+def _sibling_prequant(qdir: Path) -> Path | None:
+    pre = Path(qdir).resolve().parent / "prequant"
+    return pre if (pre / "config.json").is_file() else None
 
 
 def folder_bytes(path: Path) -> int:

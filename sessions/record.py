@@ -122,7 +122,9 @@ class Session:
             if not p.is_absolute():
                 candidates.append(here / p)
             candidates.append(here / "stages" / p.name)
-        return next((c for c in candidates if (c / "config.json").exists()), None)
+        # a model folder, or an eora stage folder whose manifest names its quantized model and adapter
+        return next((c for c in candidates if (c / "config.json").exists() or (c / "frankenlab-quant.json").exists()),
+                    None)
 
     # -- (de)serialization ---------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -148,8 +148,8 @@ def weights_note(saved: Session, new: Session) -> str | None:
 def resume_problem(saved: Session, k: int) -> str | None:
     """Why stage k cannot start from the model saved after stage k-1, or None when it can.
 
-    Resuming needs a plain model folder: quantized models (gptq, eora) carry state the next stage
-    needs from the same run, and an unmerged LoRA stage saves only its adapter.
+    Resuming needs a model folder `pipeline.models.load_model` opens: a plain one, or a gptq / eora
+    stage's quantized folder (with its EoRA manifest); an unmerged LoRA stage saves only its adapter.
     """
     prev = next((s for s in saved.stages if s.index == k - 1), None)
     if prev is None or prev.status != "done":
@@ -167,6 +167,13 @@ def resume_problem(saved: Session, k: int) -> str | None:
             return (f"the folder saved after stage {k - 1} ({prev.kind}) is not a full model "
                     "(e.g. an unmerged LoRA adapter)")
         return f"the model saved after stage {k - 1} ({prev.kind}) is not here (looked for {prev.artifact})"
+    from pipeline.quant import describe_folder
+
+    try:
+        if describe_folder(path) is not None:  # a gptqmodel folder (+ EoRA manifest): load_model opens it
+            return None
+    except ValueError as exc:
+        return str(exc)
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):

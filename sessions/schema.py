@@ -92,7 +92,8 @@ SESSION_SCHEMA: dict = {
             "type": "object",
             "properties": {
                 "ref": {"type": "string"},
-                "kind": {"type": "string", "description": "default, folder, gguf or hub"},
+                "kind": {"type": "string", "description": "default, folder, gguf, hub, gptq or gptq+eora"},
+                "adapter": {"type": "string", "description": "EoRA adapter folder of a gptq+eora source"},
                 "path": {"type": "string"},
                 "name": {"type": "string"},
                 "gguf_file": {"type": "string"},

@@ -95,8 +95,23 @@ def test_gptq_report_and_saved_model(chain):
     assert r["disk_bytes"] > 0 and r["disk_bytes"] < r["prequant_disk_bytes"]
     assert r["quantized_linears"] == 7 * 7  # 8 layers - 1 removed, 7 projections each
     assert r["density_before"] == pytest.approx(0.5, abs=1e-3)  # width 2:4, LoRA merged with the mask
-    assert 0.5 <= r["density_after"] <= 1.0 and 0.0 <= r["zeros_kept_fraction"] <= 1.0
+    # masked GPTQ (keep_sparsity defaults on when zeros are present): every pruned weight stays zero;
+    # a kept weight may round to zero too, so the density can only go down
+    assert r["keep_sparsity"] is True and r["pattern_holds"] is True and r["zeros_kept_fraction"] == 1.0
+    assert 0.45 < r["density_after"] <= r["density_before"]
+    # every masked module went through the per-column patch (gptqmodel's default GAR ordering included)
+    assert r["masked"]["modules"] == 7 * 7 and r["masked"]["fixed_after"] == 0
     assert (qdir.parent / "logs").is_dir() and not (qdir.parent / "offload").exists()
+
+
+def test_parameter_count_survives_quantization(chain):
+    session, out, _ = chain
+    by_kind = {s.kind: s for s in session.stages}
+    width, gptq, eora = by_kind["width"], by_kind["gptq"], by_kind["eora"]
+    # packed int4 buffers count as the weights they encode (they used to vanish: 365,632 -> 21,568)
+    assert gptq.params_count == width.params_count == eora.params_count
+    # nonzero: the width stage's zeros survive and a few kept weights round to zero
+    assert 0.95 * width.params_nonzero < gptq.params_nonzero <= width.params_nonzero
 
 
 def test_eora_adapter_produced_and_applied(chain):
@@ -108,10 +123,12 @@ def test_eora_adapter_produced_and_applied(chain):
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     assert st.report["layers_with_adapter"] == 7 * 7
     manifest = json.loads((adapter.parent / "frankenlab-quant.json").read_text())
-    assert manifest["adapter"] == str(adapter) and manifest["rank"] == 4
+    assert manifest["adapter"] == "eora" and manifest["rank"] == 4  # relative: the run folder can move
+    assert st.artifact == str(adapter.parent)  # the stage folder opens as model + adapter
+    quantized = (adapter.parent / manifest["quantized"]).resolve()
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    plain = quant.load_quantized(manifest["quantized"]).model
-    with_eora = quant.load_quantized(manifest["quantized"], adapter=adapter, rank=4).model
+    plain = quant.load_quantized(quantized).model
+    with_eora = quant.load_quantized(quantized, adapter=adapter, rank=4).model
     a, b = plain(input_ids=ids).logits, with_eora(input_ids=ids).logits
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     assert not torch.allclose(a, b)
@@ -171,3 +188,171 @@ def test_dequantized_weights_match_prequant_weights(chain):
             assert err < 0.25, f"{name}: relative error {err:.3f} (transposed?)"
             checked += 1
     assert checked == 2 * 7
+
+
+# -- masked GPTQ on its own ----------------------------------------------------------------------------
+def _quantize_tiny(src, out, *, keep, desc_act=False):
+    from pipeline import quant
+
+    ids = torch.randint(3, 300, (8, 32), generator=torch.Generator().manual_seed(1))
+    quant.quantize(src, out, ids, bits=4, group_size=32, desc_act=desc_act, sym=True, damp_percent=0.05,
+                   batch_size=4, device=torch.device("cpu"), work_dir=out.parent / (out.name + "-work"),
+                   keep_sparsity=keep)
+    if keep:  # every module went through the per-column patch; none needed zeros set afterwards
+        from pipeline.quant_mask import stats
+
+        assert stats()["modules"] == 8 * 7 and stats()["fixed_after"] == 0
+    return quant.load_quantized(out).model
+
+
+@pytest.fixture(scope="module")
+def pruned_2to4(tiny_model_dir, tmp_path_factory):
+    from pipeline.models import load_model
+    from tests.test_memory import prune_nm
+
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    model = prune_nm(lm.model, 2, 4)
+    path = tmp_path_factory.mktemp("pruned") / "tiny-2of4"
+    model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path, {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("_proj")}
+
+
+def _kept_errors(qmodel, reference):
+    from pipeline import quant
+
+    out = {}
+    for name, mod in quant.quantized_linears(qmodel).items():
+        w, ref = quant.dequantized_weight(mod), reference[name]
+        keep = ref != 0
+        out[name] = (bool(((w == 0) | keep).all()), float(((w - ref) * keep).norm() / (ref * keep).norm()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def masked_tiny(pruned_2to4, tmp_path_factory):
+    """The 2:4 tiny model through masked GPTQ: (folder, loaded model)."""
+    out = tmp_path_factory.mktemp("masked") / "quantized"
+    return out, _quantize_tiny(pruned_2to4[0], out, keep=True)
+
+
+def test_masked_gptq_keeps_every_zero(pruned_2to4, masked_tiny, tmp_path):
+    src, reference = pruned_2to4
+    masked = _kept_errors(masked_tiny[1], reference)
+    plain = _kept_errors(_quantize_tiny(src, tmp_path / "plain", keep=False), reference)
+    ordered = _kept_errors(_quantize_tiny(src, tmp_path / "desc", keep=True, desc_act=True), reference)
+    assert len(masked) == len(plain) == len(ordered) == 8 * 7
+    assert all(zeros_kept for zeros_kept, _ in masked.values())
+    assert all(zeros_kept for zeros_kept, _ in ordered.values())  # the mask follows desc_act's permutation
+    assert not all(zeros_kept for zeros_kept, _ in plain.values())  # unmasked GPTQ refills zeros
+    err_m = sum(e for _, e in masked.values()) / len(masked)
+    err_p = sum(e for _, e in plain.values()) / len(plain)
+    err_o = sum(e for _, e in ordered.values()) / len(ordered)
+    assert all(math.isfinite(e) for _, e in [*masked.values(), *ordered.values()])
+    # 4-bit rounding of the kept weights costs about the same with or without the mask
+    assert 0.02 < err_m < 0.25 and 0.02 < err_o < 0.25
+    assert err_m < 1.5 * err_p and err_p < 1.5 * err_m
+
+
+# -- quantized folders open everywhere -----------------------------------------------------------------
+def test_loader_opens_all_three_folder_kinds(chain):
+    from pipeline.models import load_model
+
+    session, out, _ = chain
+    by_kind = {s.kind: s for s in session.stages}
+    qdir = Path(by_kind["gptq"].artifact)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    logits = {}
+    for label, ref, kind in (("folder", qdir, "gptq"), ("stage", qdir.parent, "gptq"),
+                             ("eora", Path(by_kind["eora"].artifact), "gptq+eora")):
+        lm = load_model(str(ref), device="cpu")
+        assert lm.source.kind == kind and lm.dtype == torch.float32, label
+        assert lm.model.frankenlab_quant["prequant"] == str(qdir.parent / "prequant")
+        with torch.no_grad():
+            logits[label] = lm.model(input_ids=ids).logits
+        assert torch.isfinite(logits[label]).all()
+    assert torch.equal(logits["folder"], logits["stage"])
+    assert not torch.allclose(logits["folder"], logits["eora"])  # the adapter is applied
+
+
+def test_broken_manifest_is_one_clear_line(tmp_path, capsys):
+    from pipeline.models import ModelLoadError, load_model
+    from tui.cli import main
+
+    (tmp_path / "frankenlab-quant.json").write_text(json.dumps({"quantized": "../gone", "adapter": "eora"}))
+    with pytest.raises(ModelLoadError, match="holds no quantize_config.json"):
+        load_model(str(tmp_path))
+    assert main(["eval", "--model", str(tmp_path), "--ppl", "wikitext2-concat-64", "--limit", "1"]) == 2
+    assert "Traceback" not in capsys.readouterr().out
+
+
+def test_quantized_folders_in_eval_and_chat(chain, data_dir, capsys):
+    from pipeline.models import load_model
+    from tui.chat import stream_reply
+    from tui.cli import main
+
+    session, out, _ = chain
+    stage_dir = Path(next(s for s in session.stages if s.kind == "eora").artifact)
+    rc = main(["eval", "--model", str(stage_dir), "--ppl", "wikitext2-concat-64", "--limit", "2",
+               "--data-dir", str(data_dir)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "perplexity" in printed and "wikitext2-concat-64" in printed
+    lm = load_model(str(Path(next(s for s in session.stages if s.kind == "gptq").artifact).parent))
+    pieces = list(stream_reply(lm.model, lm.tokenizer, [{"role": "user", "content": "Who wrote Hamlet?"}],
+                               max_new_tokens=4))
+    assert pieces and all(isinstance(p, str) for p in pieces)
+
+
+def test_replay_resumes_after_gptq(chain, data_dir, tmp_path):
+    from sessions import load_session, replay
+    from sessions.replay import resume_problem
+
+    session, out, _ = chain
+    saved = load_session(out)
+    assert resume_problem(saved, 5) is None  # after gptq: its quantized folder opens
+    result = replay(saved, tmp_path / "again", from_stage=5, data_dir=data_dir, save_models=True)
+    new = load_session(tmp_path / "again")
+    assert new.status == "done" and new.stages[-1].kind == "eora" and new.stages[-1].status == "done"
+    assert new.stages[-1].report["layers_with_adapter"] == 7 * 7
+    assert {d.stage for d in result.diffs} == {5}
+
+
+def test_compact_form_of_masked_2to4_gptq(masked_tiny, tmp_path, capsys):
+    """`frankenlab memory --compact` on 2:4 + GPTQ: N:M-packed int4 codes, size = computed, same logits."""
+    from pipeline.compact import load_compact
+    from tui.cli import main
+
+    folder, qmodel = masked_tiny
+    assert main(["memory", "--model", str(folder), "--target", "siracusa", "--compact", str(tmp_path / "c"),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    formats = out["footprints"]["as is"]["formats"]
+    quantized = {k: v for k, v in formats.items() if k.endswith("int4 g32")}
+    assert sum(quantized.values()) == 8 * 7 and all(k.split()[0] in ("2:4", "4:8", "8:16", "16:32")
+                                                    for k in quantized)  # the codes are found N:M half-sparse
+    report = out["compact"]
+    # tensor bytes equal the computed footprint up to byte rounding per packed tensor; the JSON header
+    # (config, one layout per tensor) is a fixed ~40 KB that only a model this tiny notices
+    # (the bundled model's file is within 5 % whole: benchmarks/bench_quant.py)
+    assert abs(report["payload_bytes"] - report["computed_bytes"]) <= 8 * 56 * 4
+    restored = load_compact(tmp_path / "c", dtype="float32")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        assert torch.allclose(restored(input_ids=ids).logits, qmodel(input_ids=ids).logits, atol=1e-4)
+
+
+def test_lab_chat_targets_open_gptq_and_eora_stages(chain, tmp_path):
+    """The lab's chat A/B offers every saved stage; the gptq and eora ones load as quantized models."""
+    from pipeline.models import load_model
+    from sessions import load_session
+    from tui.lab import LabState
+
+    session, out, _ = chain
+    lab = LabState(loader=load_model, runner=lambda *a, **k: None, runs_dir=tmp_path, device="cpu", dtype="float32")
+    lab.session = load_session(out)
+    targets = {t.key: t for t in lab.chat_targets().values()}
+    assert {"stage4", "stage5"} <= set(targets)  # gptq, eora
+    for key in ("stage4", "stage5"):
+        model, tok = targets[key].resolve()
+        assert getattr(model, "frankenlab_quant", None), key
+    assert targets["stage5"].resolve()[0].frankenlab_quant.get("adapter")

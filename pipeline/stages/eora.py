@@ -5,13 +5,13 @@ input activations (from calibration text) and truncated to `rank`, giving a LoRA
 beside the quantized weight at run time. gptqmodel does the work; this stage feeds it the
 pre-quantization folder and the quantized folder the preceding gptq stage left on the model
 (`model.frankenlab_quant`), saves the adapter in `<stage>/eora` and returns the quantized model
-reloaded with the adapter applied. `<stage>/frankenlab-quant.json` names both folders so a
-session can reload the pair with `pipeline.quant.load_quantized(quantized, adapter=..., rank=...)`.
+reloaded with the adapter applied. `<stage>/frankenlab-quant.json` names both folders (relative
+paths), so the stage folder itself is the artifact: `frankenlab eval --model <stage>`, the lab and
+`replay` open it as the quantized model with its adapter applied (`pipeline.models.load_model`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +58,13 @@ def describe(params: dict) -> str:
 
 
 def resume_problem(record: dict) -> str | None:
-    return "saved a quantized model with its EoRA adapter, which a run cannot resume from yet"
+    """A later stage can resume from the saved manifest folder when it still opens."""
+    artifact = record.get("artifact")
+    try:
+        found = quant.describe_folder(artifact) if artifact else None
+    except ValueError as exc:
+        return str(exc)
+    return None if found else f"its saved model folder {artifact} is missing"
 
 
 def check_order(kinds_before: list[str]) -> None:
@@ -99,9 +105,8 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     if not applied:
         raise RecipeError(f"the EoRA adapter in {adapter} was not applied to any quantized layer")
     qmodel.frankenlab_quant = {**info, "adapter": str(adapter), "rank": config.rank}
-    manifest = {"format": "gptqmodel", "quantized": str(qdir), "adapter": str(adapter), "adapter_type": "eora",
-                "rank": config.rank}
-    (work / "frankenlab-quant.json").write_text(json.dumps(manifest, indent=2))
+    prequant = Path(info["prequant"]) if info.get("prequant") else None
+    quant.write_manifest(work, qdir, adapter=adapter, rank=config.rank, prequant=prequant)
     report = {
         "rank": config.rank,
         "calibration": {"dataset": cal.dataset, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
@@ -113,4 +118,4 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     }
     ctx.log(f"eora: rank {config.rank} adapter on {applied} layers in {seconds:.0f}s "
             f"({report['adapter_bytes'] / 2**20:.1f} MiB)")
-    return StageResult(qmodel, report, {"model": str(qdir), "adapter": str(adapter)})
+    return StageResult(qmodel, report, {"model": str(work), "adapter": str(adapter), "quantized": str(qdir)})

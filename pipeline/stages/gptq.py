@@ -3,12 +3,15 @@
 The in-memory model (perhaps depth-pruned, width-pruned, LoRA-merged) is saved as a plain HF
 folder `<stage>/prequant` (EoRA needs it later), quantized with calibration windows into
 `<stage>/quantized` (gptqmodel's format, loadable with `pipeline.quant.load_quantized`), and
-reloaded so the runner evaluates what was saved. On CPU the torch kernel runs it in bfloat16.
+reloaded so the runner evaluates what was saved. On CPU calibration runs in float32 and the
+reloaded model computes with its weights dequantized once to float32 (`pipeline.quant`).
 
 Sparse weights: GPTQ gives every weight a `bits`-bit code and spreads each column's rounding
-error over the columns not yet quantized, so a pruned (zero) weight stays zero only when its
-code lands exactly on the group's zero point. gptqmodel has no option to keep a mask. The report
-measures it on the dequantized weights: density after, and the share of former zeros still zero.
+error over the columns not yet quantized, so unmasked, a pruned (zero) weight stays zero only when
+its code lands exactly on the group's zero point. With `keep_sparsity` (the default; it matters
+only when the model has exact zeros) the error is propagated onto kept weights only and pruned
+weights stay exactly zero (`pipeline.quant_mask`). The report measures it on the dequantized
+weights: `pattern_holds` (every former zero is still zero), density after, share of zeros kept.
 
 Handing over to EoRA: the returned model carries `frankenlab_quant` (a dict with the quantized
 and pre-quantization folders and the settings), which the eora stage reads.
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import quant
+from .. import quant, quant_mask
 from ..config import RecipeError, option, require
 from ..context import StageContext, StageResult
 from ..models import decoder_layers
@@ -40,6 +43,9 @@ class Config:
     samples: int | None = option(None, help="calibration windows; empty = the recipe's calibration samples")
     seq_len: int | None = option(None, form=False, help="calibration window length; empty = the recipe's")
     batch_size: int = option(4, form=False, help="calibration windows per forward")
+    keep_sparsity: bool = option(True, label="keep sparsity",
+                                 help="keep pruned weights exactly zero (masked GPTQ); only matters when the "
+                                      "model has zeros (after width pruning)")
 
     def __post_init__(self):
         require(self.bits in quant.QUANT_BITS,
@@ -55,7 +61,7 @@ class Config:
 
 # -- hooks the registry asks (pipeline/stages/__init__.py) -----------------------------------------
 ROLE = "quant"
-QUANTIZED = "saved a quantized model, which a run cannot resume from yet"
+QUANTIZED = "saved a quantized model that can no longer be opened"
 
 
 def needs_calibration(config: Config) -> bool:
@@ -68,7 +74,13 @@ def describe(params: dict) -> str:
 
 
 def resume_problem(record: dict) -> str | None:
-    return QUANTIZED
+    """A later stage can resume from the saved quantized folder when it is still there."""
+    artifact = record.get("artifact")
+    try:
+        found = quant.describe_folder(artifact) if artifact else None
+    except ValueError as exc:
+        return str(exc)
+    return None if found else f"{QUANTIZED}: its folder {artifact} is missing"
 
 
 def check_order(kinds_before: list[str]) -> None:
@@ -112,7 +124,8 @@ def sparsity_after(qmodel: nn.Module, zeros_before: dict[str, torch.Tensor]) -> 
     was = sum(int(z.sum()) for z in zeros_before.values())
     return {"density_after": nz / total if total else 1.0,
             "zeros_before": was,
-            "zeros_kept_fraction": kept / was if was else None}
+            "zeros_kept_fraction": kept / was if was else None,
+            "pattern_holds": kept == was if was else None}
 
 
 def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
@@ -145,13 +158,15 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     ctx.check_cancel()
     qdir = work / "quantized"
     ctx.progress(0.05, f"GPTQ {config.bits}-bit, group {g}: {ids.shape[0]} x {ids.shape[1]} calibration tokens")
+    keep = config.keep_sparsity and bool(zeros_before)
     seconds = quant.quantize(prequant, qdir, ids, bits=config.bits, group_size=g, desc_act=config.desc_act,
                              sym=config.sym, damp_percent=config.damp_percent, batch_size=config.batch_size,
-                             device=ctx.device, work_dir=work,
+                             device=ctx.device, work_dir=work, keep_sparsity=keep,
                              on_layer=lambda i, n: ctx.progress(0.05 + 0.8 * i / n, f"GPTQ layer {i + 1}/{n}"))
+    masked = quant_mask.stats() if keep else None
     (work / "README.md").write_text(
         f"# GPTQ {config.bits}-bit, group size {g}\n\n- `quantized/`: gptqmodel format; load with "
-        "`pipeline.quant.load_quantized(path)` (torch kernel, bfloat16 on CPU) or `GPTQModel.load(path)`.\n"
+        "`frankenlab eval --model` on this folder, `pipeline.models.load_model(path)` or `GPTQModel.load(path)`.\n"
         "- `prequant/`: the model as it entered this stage (plain HF folder; EoRA's input).\n"
         "- `logs/`: gptqmodel's per-module quantization log.\n")
     ctx.check_cancel()
@@ -162,6 +177,9 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     if getattr(model, "generation_config", None) is not None:
         qmodel.generation_config = model.generation_config  # gptqmodel's loader turns do_sample on
     sparse = sparsity_after(qmodel, zeros_before)
+    if keep and not sparse["pattern_holds"]:
+        raise RecipeError("masked GPTQ left pruned weights nonzero; set keep_sparsity = false to quantize "
+                          "without the mask, and report this as a bug")
     qmodel.frankenlab_quant = {"quantized": str(qdir), "prequant": str(prequant), "bits": config.bits,
                                "group_size": g, "dims_fit_groups": dims_fit}
     report = {
@@ -170,7 +188,10 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         "desc_act": config.desc_act,
         "sym": config.sym,
         "calibration": {"dataset": cal.dataset, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
-        "kernel": "torch (TorchLinear, bfloat16)" if ctx.device.type != "cuda" or not dims_fit else "auto",
+        "kernel": ("CPU: calibration in float32; weights dequantized once to float32 for inference"
+                   if ctx.device.type != "cuda" else "torch (TorchLinear)" if not dims_fit else "auto"),
+        "keep_sparsity": keep,
+        "masked": masked,
         "seconds_quantize": seconds,
         "disk_bytes": quant.folder_bytes(qdir),
         "prequant_disk_bytes": quant.folder_bytes(prequant),
@@ -179,15 +200,17 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         "quantized_linears": len(quant.quantized_linears(qmodel)),
         "density_before": density_before,
         **sparse,
-        "sparsity_note": ("GPTQ re-codes every weight and spreads rounding error over later columns; a pruned "
-                          "weight stays zero only when its code equals the group's zero point. Densities are "
-                          "measured on the dequantized weights of the decoder's linear layers."),
+        "sparsity_note": (("masked GPTQ: rounding error propagated onto kept weights only, pruned weights kept "
+                           "exactly zero. " if keep else
+                           "GPTQ re-codes every weight and spreads rounding error over later columns; a pruned "
+                           "weight stays zero only when its code equals the group's zero point. ")
+                          + "Densities are measured on the dequantized weights of the decoder's linear layers."),
         "notes": notes,
     }
     kept = sparse["zeros_kept_fraction"]
     ctx.log(f"gptq: {config.bits}-bit g{g} in {seconds:.0f}s, {report['disk_bytes'] / 2**20:.1f} MiB on disk; "
             f"density {density_before:.4f} -> {sparse['density_after']:.4f}"
-            + (f" ({kept:.1%} of zeros kept)" if kept is not None else ""))
+            + (f" ({kept:.1%} of zeros kept{', masked' if keep else ''})" if kept is not None else ""))
     if not math.isfinite(sparse["density_after"]):
         raise RecipeError("quantized weights could not be read back")
     return StageResult(qmodel, report, {"model": str(qdir), "prequant": str(prequant)})

@@ -43,17 +43,14 @@ def register(sub) -> None:
 
 
 def load_for_memory(ref: str | None, device: str, dtype: str):
-    """A torch model from any source the lab knows, including GPTQ and compact folders."""
+    """A torch model from any source the lab knows, including compact folders and (through
+    `load_model`) GPTQ folders, gptq / eora stage folders."""
     from pipeline.compact import COMPACT_FILE, load_compact
     from pipeline.models import load_model
 
     path = Path(ref).expanduser() if ref else None
     if path is not None and (path.suffix == ".safetensors" and path.is_file() or (path / COMPACT_FILE).is_file()):
         return load_compact(path, device="cpu" if device == "auto" else device), str(path)
-    if path is not None and (path / "quantize_config.json").is_file():
-        from pipeline.quant import load_quantized
-
-        return load_quantized(path, device="cpu" if device == "auto" else device).model, str(path)
     loaded = load_model(ref, device="cpu" if device == "auto" else device, dtype=dtype)
     return loaded.model, loaded.source.name
 

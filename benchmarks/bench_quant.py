@@ -1,0 +1,209 @@
+"""GPTQ on CPU, side by side in one run: the lab's stage vs gptqmodel called directly, fp32 vs bf16
+calibration, masked vs unmasked GPTQ on a 2:4 model, and greedy decoding speed fp32 vs GPTQ.
+
+    FRANKENLAB_DATA_DIR=/work/shared/data python benchmarks/bench_quant.py [--layers K] [--samples 16]
+        [--seq-len 128] [--tokens 32] [--ppl-windows 8] [--repeats 1] [--json OUT]
+
+The bundled SmolLM2-135M-Instruct is 2:4 pruned by magnitude (the same pattern WANDA gives), then
+quantized 4-bit g128 on the same calibration windows by, interleaved so machine load hits all alike:
+(a) gptqmodel directly (`GPTQModel.load` + `quantize` + `save`, fp32), (b) the lab's gptq stage
+without the mask, (c) the stage with the mask (keep_sparsity); then gptqmodel directly in fp32
+and in bf16 on the first `--dtype-layers` layers (bf16 on the whole model takes too long here).
+(a) vs (b) is the stage's overhead (saving prequant, reloading, measuring; target <= 1.05x). `--layers K` keeps the first K decoder layers to make a
+loaded machine finish; perplexity is then only comparable within the run. Every figure is printed
+with CPU seconds (this process and its threads) beside wall seconds, and the load average.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+import torch  # noqa: E402
+
+from benchmarks.common import load_average, machine_line  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
+
+
+class Timer:
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def text(self) -> str:
+        return f"{self.wall:7.1f} s wall, {self.cpu:7.1f} s CPU (load {load_average()})"
+
+
+def prune_2to4(model):
+    from pipeline.layerwise import linear_modules
+    from pipeline.models import decoder_layers
+    from pipeline.stages.width import ALL_PROJECTIONS, nm_prune_mask
+
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            for lin in linear_modules(layer, ALL_PROJECTIONS).values():
+                lin.weight.mul_(nm_prune_mask(lin.weight.abs(), 2, 4))
+    return model
+
+
+def direct(src: Path, out: Path, ids, dtype) -> None:
+    """gptqmodel as its README calls it, with the settings the stage uses."""
+    from pipeline import quant
+
+    gm = quant.gptqmodel()
+    qc = gm.QuantizeConfig(bits=4, group_size=128, desc_act=False, sym=True, damp_percent=0.05,
+                           offload_to_disk=True, offload_to_disk_path=str(out.parent / (out.name + "-offload")))
+    with quant.logs_inside(out.parent / (out.name + "-work")):
+        model = gm.GPTQModel.load(str(src), qc, device="cpu", dtype=dtype)
+        model.quantize(quant.as_calibration(ids), batch_size=4)
+        model.save(str(out))
+
+
+def stage(model, tokenizer, work: Path, ids, keep: bool, data_dir):
+    from pipeline.calibration import CalibrationConfig
+    from pipeline.context import StageContext
+    from pipeline.stages import gptq
+
+    ctx = StageContext(tokenizer, torch.device("cpu"), CalibrationConfig(samples=ids.shape[0], seq_len=ids.shape[1]),
+                       Path(data_dir) if data_dir else None, work_dir=work)
+    ctx._calib_cache[ctx.calibration] = ids  # exactly the windows the direct call got (same config, same data)
+    return gptq.run(model, ctx, gptq.Config(bits=4, group_size=128, keep_sparsity=keep))
+
+
+def perplexity(model, tokenizer, data_dir, windows: int) -> float:
+    from evals.perplexity import perplexity as ppl
+
+    return ppl(model, tokenizer, "wikitext2-concat-512", limit=windows, data_dir=data_dir).value
+
+
+@torch.inference_mode()
+def tokens_per_second(model, tokenizer, tokens: int) -> tuple[float, Timer]:
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)  # warm-up
+    with Timer() as t:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                             do_sample=False)
+    return (out.shape[1] - ids.shape[1]) / t.wall, t
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=None, help="keep only the first K decoder layers")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=32, help="greedy tokens generated per speed measurement")
+    p.add_argument("--ppl-windows", type=int, default=8)
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 calibration comparison (the slowest)")
+    p.add_argument("--dtype-layers", type=int, default=4, help="layers quantized for the fp32 vs bf16 comparison")
+    p.add_argument("--out", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    data_dir = os.environ.get("FRANKENLAB_DATA_DIR")
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench-quant-"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    from pipeline.calibration import CalibrationConfig, calibration_ids
+    from pipeline.models import decoder_layers
+
+    lm = load_model(device="cpu", dtype="float32")
+    print(machine_line(lm), flush=True)
+    model = prune_2to4(lm.model)
+    if args.layers:
+        del decoder_layers(model)[args.layers:]
+        model.config.num_hidden_layers = args.layers
+    src = out / "pruned-2of4"
+    model.save_pretrained(src)
+    lm.tokenizer.save_pretrained(src)
+    ids = calibration_ids(lm.tokenizer, CalibrationConfig(samples=args.samples, seq_len=args.seq_len),
+                          data_dir=data_dir)
+    print(f"2:4 magnitude-pruned, {len(decoder_layers(model))} layers; calibration {tuple(ids.shape)} C4 tokens; "
+          f"load {load_average()}", flush=True)
+    rows = {}
+
+    def fresh():
+        return load_model(str(src), device="cpu", dtype="float32").model
+
+    with Timer() as t:
+        direct(src, out / "direct-fp32", ids, torch.float32)
+    rows["gptqmodel direct, fp32"] = t
+    print(f"gptqmodel direct, fp32 calibration : {t.text()}", flush=True)
+    with Timer() as t:
+        plain = stage(fresh(), lm.tokenizer, out / "stage-plain", ids, False, data_dir)
+    rows["stage, unmasked"] = t
+    print(f"gptq stage, unmasked               : {t.text()}  -> {rows['stage, unmasked'].wall / rows['gptqmodel direct, fp32'].wall:.3f}x direct "
+          f"(quantize call alone {plain.report['seconds_quantize']:.1f} s)", flush=True)
+    with Timer() as t:
+        masked = stage(fresh(), lm.tokenizer, out / "stage-masked", ids, True, data_dir)
+    rows["stage, masked"] = t
+    print(f"gptq stage, masked (keep_sparsity) : {t.text()}  -> {t.wall / rows['gptqmodel direct, fp32'].wall:.3f}x direct",
+          flush=True)
+    if not args.no_bf16:  # on the first --dtype-layers layers: bf16 on the whole model takes too long here
+        k = min(args.dtype_layers, len(decoder_layers(model)))
+        small = out / f"pruned-2of4-{k}layers"
+        sub = load_model(str(src), device="cpu", dtype="float32").model
+        del decoder_layers(sub)[k:]
+        sub.config.num_hidden_layers = k
+        sub.save_pretrained(small)
+        lm.tokenizer.save_pretrained(small)
+        for dtype in (torch.float32, torch.bfloat16):
+            name = f"gptqmodel direct, {k} layers, {str(dtype)[6:]}"
+            with Timer() as t:
+                direct(small, out / f"direct-{k}-{str(dtype)[6:]}", ids, dtype)
+            rows[name] = t
+            print(f"{name:<35}: {t.text()}", flush=True)
+        fp32, bf16 = (rows[f"gptqmodel direct, {k} layers, {d}"] for d in ("float32", "bfloat16"))
+        print(f"calibration dtype: bf16 / fp32 = {bf16.wall / fp32.wall:.2f}x wall, {bf16.cpu / max(fp32.cpu, 1e-9):.2f}x CPU",
+              flush=True)
+
+    report = {k: {"wall_s": v.wall, "cpu_s": v.cpu} for k, v in rows.items()}
+    for label, res in (("unmasked", plain), ("masked", masked)):
+        r = res.report
+        print(f"{label:>9}: density {r['density_before']:.4f} -> {r['density_after']:.4f}, zeros kept "
+              f"{r['zeros_kept_fraction']:.4%}, pattern_holds {r['pattern_holds']}", flush=True)
+        report[f"sparsity {label}"] = {k: r[k] for k in ("density_before", "density_after", "zeros_kept_fraction",
+                                                         "pattern_holds")}
+    if data_dir:
+        base = perplexity(fresh(), lm.tokenizer, data_dir, args.ppl_windows)
+        ppl_plain = perplexity(plain.model, lm.tokenizer, data_dir, args.ppl_windows)
+        ppl_masked = perplexity(masked.model, lm.tokenizer, data_dir, args.ppl_windows)
+        print(f"perplexity wikitext2-concat-512:first{args.ppl_windows}: 2:4 fp32 {base:.3f}, 2:4 + GPTQ unmasked "
+              f"{ppl_plain:.3f}, 2:4 + GPTQ masked {ppl_masked:.3f} (load {load_average()})", flush=True)
+        report["perplexity"] = {"2:4 fp32": base, "unmasked": ppl_plain, "masked": ppl_masked}
+
+    from pipeline.compact import load_compact, save_compact
+
+    with Timer() as t:
+        compact = save_compact(masked.model, out / "compact-masked")
+    restored = load_compact(out / "compact-masked", dtype="float32")
+    probe = ids[:1, :64]
+    with torch.no_grad():
+        diff = float((restored(input_ids=probe).logits - masked.model(input_ids=probe).logits).abs().max())
+    print(f"compact 2:4 + int4 file {compact.file_bytes:,} B vs computed {compact.computed_bytes:,} B "
+          f"({compact.ratio - 1:+.2%}), max logit diff after reload {diff:.2g}; {t.text()}", flush=True)
+    report["compact"] = {**compact.to_dict(), "max_logit_diff": diff}
+
+    speeds = {}
+    for _ in range(2):  # interleaved, twice
+        for label, m in (("fp32 2:4 baseline", fresh()), ("GPTQ masked (fp32 dequantized)", masked.model)):
+            tps, t = tokens_per_second(m, lm.tokenizer, args.tokens)
+            speeds.setdefault(label, []).append(tps)
+            print(f"greedy {args.tokens} tokens, {label:<31}: {tps:6.1f} tok/s  ({t.text()})", flush=True)
+    report["tokens_per_second"] = speeds
+    report["load_average_end"] = load_average()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
