@@ -86,9 +86,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--layers", default=None, help="only these layers, e.g. 0,10,20,29 (default: all)")
     ap.add_argument("--no-scan", action="store_true")
+    ap.add_argument("--no-edits", action="store_true", help="skip the interactive edit sequence")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); on a "
+                    "machine shared with others, 1 thread's CPU seconds are the least disturbed figure")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     print(machine_line(lm))
     print(f"load average at start: {load_average()}")
@@ -178,7 +183,7 @@ def main(argv=None) -> dict:
 
     # interactive editing: each toggle extends the previous plan further down the stack
     edits, skipped = [], []
-    for i in (8, 14, 20, 26):
+    for i in () if args.no_edits else (8, 14, 20, 26):
         skipped.append(i)
         e = est.estimate(LayerPlan.without(n, skipped), use_memo=False)
         edits.append((tuple(skipped), e.seconds, e.restarted_at))
