@@ -1,9 +1,14 @@
-"""Evaluation speed: our `wikitext2-concat-512` beside lm-evaluation-harness on the same work, and QA speed.
+"""Evaluation speed: our `wikitext2-concat-512` against the matmul ceiling, a plain loop and lm-evaluation-harness.
 
     FRANKENLAB_DATA_DIR=/work/shared/data .venv/bin/python benchmarks/bench_eval.py --windows 16
     (lm-evaluation-harness comes with the optional extra: pip install -e '.[bench]')
 
 Printed, not asserted (timings depend on the machine and its load; the load average is printed).
+
+The ceiling (`benchmarks/ceiling.py`): this CPU's measured fp32 matmul GFLOP/s on the model's own
+weight shapes, divided by the model's forward FLOPs per token, is the most tokens per second any
+evaluation could score; ours is printed as a fraction of it, by wall time and by CPU time. A plain
+loop (full logits, `F.cross_entropy`) runs the same windows for an equal-work ratio.
 
 What is compared, on exactly equal forward work. lm-eval's `wikitext` task downloads
 `EleutherAI/wikitext_document_level` from the hub, which this machine cannot reach, and its task
@@ -34,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks.ceiling import flops_per_token, matmul_rate, plain_loop  # noqa: E402
 from benchmarks.common import load_average, machine_line  # noqa: E402
 from evals.data import load_texts  # noqa: E402
-from evals.perplexity import perplexity  # noqa: E402
+from evals.perplexity import concat_windows, perplexity  # noqa: E402
 from evals.qa import run_qa  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 
@@ -52,9 +58,22 @@ def text_prefix(tokenizer, text: str, tokens: int) -> str:
 
 
 def ours(lm, text_file: Path, windows: int, batch_size: int) -> dict:
+    c0 = time.process_time()
     r = perplexity(lm.model, lm.tokenizer, f"{text_file}-concat-{SEQ_LEN}", limit=windows, batch_size=batch_size)
-    return {"ppl": r.value, "scored_tokens": r.tokens, "seconds": r.seconds, "protocol": r.protocol,
-            "tokens_per_s": r.tokens / r.seconds, "input_tokens_per_s": r.sequences * SEQ_LEN / r.seconds}
+    cpu = time.process_time() - c0
+    return {"ppl": r.value, "scored_tokens": r.tokens, "seconds": r.seconds, "cpu_seconds": cpu,
+            "protocol": r.protocol, "tokens_per_s": r.tokens / r.seconds,
+            "input_tokens_per_s": r.sequences * SEQ_LEN / r.seconds, "input_tokens_per_cpu_s": r.sequences * SEQ_LEN / cpu}
+
+
+def plain(lm, text: str, windows: int, batch_size: int) -> dict:
+    """The textbook loop on our windows of the same text (tokenization included, as ours)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    seqs = [w for w, _ in concat_windows(lm.tokenizer, [text], SEQ_LEN, limit=windows)]
+    nll, n = plain_loop(lm.model, seqs, batch_size)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    return {"ppl": math.exp(nll / n), "scored_tokens": n, "seconds": wall, "cpu_seconds": cpu,
+            "input_tokens_per_s": len(seqs) * SEQ_LEN / wall, "input_tokens_per_cpu_s": len(seqs) * SEQ_LEN / cpu}
 
 
 def harness_windows(hf, text: str) -> int:
@@ -70,14 +89,15 @@ def harness(lm, text: str, batch_size: int) -> dict:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     hf = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, max_length=SEQ_LEN, batch_size=batch_size,
               device=str(lm.device))
     req = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
     (ll,) = hf.loglikelihood_rolling([req], disable_tqdm=True)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = len(hf.tok_encode(text))
-    return {"ppl": math.exp(-ll / n), "scored_tokens": n, "seconds": seconds, "tokens_per_s": n / seconds,
+    return {"ppl": math.exp(-ll / n), "scored_tokens": n, "seconds": seconds, "cpu_seconds": cpu,
+            "tokens_per_s": n / seconds,
             "windows": harness_windows(hf, text)}
 
 
@@ -111,19 +131,33 @@ def main(argv=None) -> dict:
     except ImportError:
         figures["lm_eval"] = None
         print("lm-evaluation-harness is not installed (pip install -e '.[bench]'): printing our figures only")
+    flops = flops_per_token(lm.model, SEQ_LEN)
+    figures["flops_per_token"] = flops
+    print(f"model forward: {flops / 1e6:.1f} MFLOP per token at {SEQ_LEN}-token windows (linear layers, head, "
+          "attention products at the mean causal context)")
+    rates = []
     try:
         if args.repeats:
             perplexity(lm.model, lm.tokenizer, f"{work}-concat-{SEQ_LEN}", limit=1)  # warm-up
-        for rep in range(args.repeats):
+        for rep in range(args.repeats):  # interleaved: ceiling, ours, plain, theirs
+            rate = matmul_rate(lm.model)
+            rates.append(rate)
+            print(f"[{rep}] fp32 matmul {rate['gflops_wall']:.1f} GFLOP/s wall, {rate['gflops_cpu']:.1f} GFLOP per "
+                  f"CPU-second (best shape {rate['shape']}); load {load_average()}")
             a = ours(lm, work, args.windows, args.batch_size)
             print(f"[{rep}] ours     {a['protocol']}: ppl {a['ppl']:.3f}, {a['scored_tokens']} scored tokens in "
-                  f"{a['seconds']:.1f} s = {a['tokens_per_s']:.0f} tok/s")
-            run = {"ours": a}
+                  f"{a['seconds']:.1f} s (cpu {a['cpu_seconds']:.1f} s) = {a['input_tokens_per_s']:.0f} input tok/s, "
+                  f"{a['input_tokens_per_cpu_s']:.0f} per CPU-second")
+            run = {"ours": a, "matmul": rate}
+            c = plain(lm, text, args.windows, args.batch_size)
+            print(f"[{rep}] plain    full logits + cross-entropy: ppl {c['ppl']:.3f}, {c['scored_tokens']} scored "
+                  f"tokens in {c['seconds']:.1f} s (cpu {c['cpu_seconds']:.1f} s)")
+            run["plain"] = c
             if figures["lm_eval"]:
                 b = harness(lm, their_text, args.batch_size)
                 print(f"[{rep}] lm_eval  HFLM.loglikelihood_rolling max_length=512: ppl {b['ppl']:.3f}, "
-                      f"{b['scored_tokens']} scored tokens in {b['windows']} windows, {b['seconds']:.1f} s = "
-                      f"{b['tokens_per_s']:.0f} tok/s")
+                      f"{b['scored_tokens']} scored tokens in {b['windows']} windows, {b['seconds']:.1f} s "
+                      f"(cpu {b['cpu_seconds']:.1f} s)")
                 if b["windows"] != args.windows:
                     print(f"    lm_eval ran {b['windows']} windows, ours {args.windows}: the timings are NOT on equal "
                           "work (a tokenizer whose prefix tokenizes differently); do not read the ratio")
@@ -131,21 +165,28 @@ def main(argv=None) -> dict:
             figures["runs"].append(run)
     finally:
         work.unlink(missing_ok=True)
-    ours_s = sum(r["ours"]["seconds"] for r in figures["runs"])
-    ours_tok = sum(r["ours"]["scored_tokens"] for r in figures["runs"])
-    if ours_s:
-        figures["ours_tokens_per_s"] = ours_tok / ours_s
-        print(f"ours: {figures['ours_tokens_per_s']:.0f} scored tok/s over {args.repeats} runs")
-    if figures["lm_eval"] and ours_s:
-        h_s = sum(r["lm_eval"]["seconds"] for r in figures["runs"])
-        h_tok = sum(r["lm_eval"]["scored_tokens"] for r in figures["runs"])
-        figures["lm_eval_tokens_per_s"] = h_tok / h_s
-        # the same 512-token forward passes on both sides: compare wall time for the same text
-        figures["speed_ratio_time"] = h_s / ours_s
-        figures["equal_work"] = all(r["lm_eval"]["windows"] == args.windows for r in figures["runs"])
-        print(f"lm_eval: {figures['lm_eval_tokens_per_s']:.0f} scored tok/s; ours is {h_s / ours_s:.2f}x as fast "
-              f"(lm_eval seconds / our seconds for {args.windows} forward passes of {SEQ_LEN} tokens each side"
-              + ("" if figures["equal_work"] else "; NOT equal work, see above") + ")")
+    runs = figures["runs"]
+    if runs:
+        tot = {k: (sum(r[k]["seconds"] for r in runs), sum(r[k]["cpu_seconds"] for r in runs))
+               for k in ("ours", "plain", "lm_eval") if k in runs[0]}
+        inputs = len(runs) * args.windows * SEQ_LEN
+        ceiling_w = max(r["gflops_wall"] for r in rates) * 1e9 / flops  # tokens/s the matmuls allow
+        ceiling_c = max(r["gflops_cpu"] for r in rates) * 1e9 / flops
+        ours_w, ours_c = inputs / tot["ours"][0], inputs / tot["ours"][1]
+        figures.update(ceiling_tokens_per_s=ceiling_w, ceiling_tokens_per_cpu_s=ceiling_c,
+                       ours_input_tokens_per_s=ours_w, ours_input_tokens_per_cpu_s=ours_c,
+                       ceiling_fraction_wall=ours_w / ceiling_w, ceiling_fraction_cpu=ours_c / ceiling_c)
+        print(f"ceiling: {ceiling_w:.0f} tok/s wall, {ceiling_c:.0f} tok per CPU-second; ours {ours_w:.0f} tok/s = "
+              f"{ours_w / ceiling_w:.2f} of the ceiling by wall time, {ours_c:.0f} per CPU-second = "
+              f"{ours_c / ceiling_c:.2f} by CPU time")
+        for k in ("plain", "lm_eval"):
+            if k in tot:
+                figures[f"{k}_over_ours_wall"] = tot[k][0] / tot["ours"][0]
+                figures[f"{k}_over_ours_cpu"] = tot[k][1] / tot["ours"][1]
+                print(f"equal work ({args.windows} windows of {SEQ_LEN} tokens x {len(runs)} runs): {k} took "
+                      f"{tot[k][0] / tot['ours'][0]:.2f}x our wall time, {tot[k][1] / tot['ours'][1]:.2f}x our CPU time")
+        if "lm_eval" not in tot:
+            print("lm_eval: not installed, column skipped (pip install -e '.[bench]')")
     for task, n in (("closed", args.qa), ("open", args.qa_open)):
         if not n:
             continue

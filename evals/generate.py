@@ -121,29 +121,22 @@ def apply_chat(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True)
 
 
-@torch.inference_mode()
-def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 50,
-                    stop_at_newline: bool = True, batch_size: int = 8, max_prompt_tokens: int | None = None,
-                    progress: Callable[[float], None] | None = None,
-                    cancelled: Callable[[], bool] | None = None) -> list[Generation]:
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1")
-    device = _device(model)
+def prompt_batches(tokenizer, prompts: list[str], *, batch_size: int = 8, max_prompt_tokens: int | None = None
+                   ) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(caller's indices, ids, mask) per batch: prompts sorted by length, left padded. ids/mask: (B, T).
+
+    Templates and tokenizers that add BOS themselves: a prompt that already starts with the
+    tokenizer's BOS text is encoded without a second one. A prompt over `max_prompt_tokens` keeps
+    its end (the question).
+    """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = torch.tensor(eos_ids(model, tokenizer), dtype=torch.long, device=device)
-    classes = tuple(c.to(device) for c in token_classes(tokenizer)) if stop_at_newline else None
-    # Templates and tokenizers that add BOS themselves: encode without adding a second one when the
-    # prompt already starts with the tokenizer's BOS text.
     encoded = [tokenizer(p, add_special_tokens=not (tokenizer.bos_token and p.startswith(tokenizer.bos_token))
                          ).input_ids for p in prompts]
     if max_prompt_tokens:
-        encoded = [ids[-max_prompt_tokens:] for ids in encoded]  # keep the end: the question
+        encoded = [ids[-max_prompt_tokens:] for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    out: list[Generation | None] = [None] * len(prompts)
-    done = 0
+    out = []
     for b in range(0, len(order), batch_size):
-        if cancelled and cancelled():
-            raise Cancelled("generation cancelled")
         idx = order[b:b + batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
@@ -152,6 +145,26 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
             n = len(encoded[i])
             ids[r, width - n:] = torch.tensor(encoded[i], dtype=torch.long)  # left padding
             mask[r, width - n:] = 1
+        out.append((idx, ids, mask))
+    return out
+
+
+@torch.inference_mode()
+def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 50,
+                    stop_at_newline: bool = True, batch_size: int = 8, max_prompt_tokens: int | None = None,
+                    progress: Callable[[float], None] | None = None,
+                    cancelled: Callable[[], bool] | None = None) -> list[Generation]:
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    device = _device(model)
+    eos = torch.tensor(eos_ids(model, tokenizer), dtype=torch.long, device=device)
+    classes = tuple(c.to(device) for c in token_classes(tokenizer)) if stop_at_newline else None
+    out: list[Generation | None] = [None] * len(prompts)
+    done = 0
+    for idx, ids, mask in prompt_batches(tokenizer, prompts, batch_size=batch_size,
+                                         max_prompt_tokens=max_prompt_tokens):
+        if cancelled and cancelled():
+            raise Cancelled("generation cancelled")
         new = _decode(model, ids.to(device), mask.to(device), max_new_tokens, eos, classes, cancelled)
         for r, i in enumerate(idx):
             out[i] = Generation(prompts[i], tokenizer.decode(new[r], skip_special_tokens=True), len(new[r]))

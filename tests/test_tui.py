@@ -92,12 +92,20 @@ async def test_whatif_in_the_lab(loaded, tmp_path, data_dir):
         await wait_for(pilot, lambda: est.ready)  # the baseline pass warms up before any toggle
         assert not est._memo.keys() - {tuple(range(8))}, "the warm-up estimates nothing but the baseline"
 
+        shown = []  # every text the what-if line showed, in order
+        update = line.update
+        line.update = lambda content="", **kw: (shown.append(str(content)), update(content, **kw))[1]
         await pilot.press("right", "space")  # skip layer 1
         plan1 = LayerPlan.without(8, [1])
         await wait_for(pilot, lambda: 1 in grid.tried)
         known = est.known(plan1)
         assert grid.tried[1] == known.delta
         assert f"ppl {known.ppl:.2f}" in str(line.render())
+        # progressive: a first answer on half the slice (1 of 2 samples), then the exact number on all of it
+        first = next(i for i, t in enumerate(shown) if "first answer on 1/2 of the slice (63/126 tokens)" in t)
+        final = next(i for i, t in enumerate(shown) if "full slice (126 tokens)" in t)
+        assert first < final and "ppl ≈" in shown[first] and "±" in shown[first]
+        assert f"ppl {known.ppl:.2f}" in shown[final] and "full slice (126 tokens)" in str(line.render())
         assert format_delta(known.delta) in str(grid.render())
 
         await pilot.press("right", "space", "right", "space")  # skip 2, then at once 3
@@ -106,11 +114,14 @@ async def test_whatif_in_the_lab(loaded, tmp_path, data_dir):
         assert grid.tried[3] == est.known(final).delta
         await wait_for(pilot, lambda: f"ppl {est.known(final).ppl:.2f}" in str(line.render()))
 
-        await pilot.press("0", "i")  # back to the full model, then the importance scan
+        await pilot.press("0", "i")  # back to the full model, then the importance scan: coarse first, then exact
         await wait_for(pilot, lambda: len(grid.scores) == 8 and "scan done" in str(line.render()))
-        for i in range(8):
-            assert grid.tried[i] == est.known(LayerPlan.without(8, [i])).delta
-            assert grid.scores[i] == est.known(LayerPlan.without(8, [i])).ppl
+        assert any("importance scan (coarse, 1/2 of the slice" in t for t in shown)
+        assert any("importance scan (exact)" in t for t in shown)
+        exact = {i: est.known(LayerPlan.without(8, [i])) for i in range(8)}
+        # the grid's messages may still be queued behind the last line update: wait for the exact values
+        await wait_for(pilot, lambda: all(grid.tried.get(i) == e.delta and grid.scores.get(i) == e.ppl
+                                          for i, e in exact.items()))
 
 
 async def test_width_nm_and_refusals(loaded, tmp_path, data_dir):

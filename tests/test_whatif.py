@@ -277,7 +277,8 @@ def test_the_estimator_borrows_the_model_lock(tiny):
         est.estimate(LayerPlan.without(8, [4]))  # prepare() and the estimate both run layer 5
     finally:
         handle.remove()
-    assert len(seen) == 2 and not any(seen), "another thread could take the model while the estimator ran it"
+    # prepare() and the estimate each run layer 5 on two batches: the first answer's sample and the rest
+    assert len(seen) == 4 and not any(seen), "another thread could take the model while the estimator ran it"
     assert _free_for_others(tiny.model)
 
     # while someone else holds the model, an estimate waits, and a cancel ends the wait
@@ -304,3 +305,88 @@ def test_the_estimator_borrows_the_model_lock(tiny):
     assert outcome == ["cancelled"] and est.known(plan) is None
     with model_lock(tiny.model):  # re-entrant: a holder may estimate
         assert est.estimate(plan).ppl == pytest.approx(naive_estimate(est, plan).ppl, rel=1e-5)
+
+
+# -- progressive answers: a first answer from part of the slice, refined to the exact number ----------
+def _nll_rows(est, plan, rows):
+    """Summed NLL and count of `plan` on some rows of the slice, by the evaluation code (no reuse)."""
+    from evals.perplexity import score_sequences
+
+    with planned(est.model, plan):
+        return score_sequences(est.model, [(est.ids[r], 0) for r in rows])
+
+
+@pytest.mark.parametrize("spec", ["1-7", "0-2,4-7", "0-3,3,3,4-7"])
+def test_progressive_estimate_names_its_coverage_and_refines_to_the_naive_recompute(tiny, spec):
+    import math
+
+    est = _est(tiny)  # 3 samples of 40 tokens; the first answer rests on the first sample
+    plan = LayerPlan.parse(spec, 8)
+    partials = []
+    final = est.estimate(plan, on_partial=partials.append)
+    assert len(partials) == 1
+    part = partials[0]
+    assert not part.final and part.coverage == pytest.approx(39 / 117)
+    assert (part.tokens, part.total_tokens, part.rows, part.total_rows) == (39, 117, 1, 3)
+    assert part.coverage_text == "1/3 of the slice (39/117 tokens)"
+    assert part.stderr is not None and math.isfinite(part.stderr) and part.stderr > 0
+    # the first answer: the baseline's whole-slice NLL plus the plan-minus-baseline difference on sample 0
+    plan_nll, n0 = _nll_rows(est, plan, [0])
+    base_nll, _ = _nll_rows(est, LayerPlan.identity(8), [0])
+    want = math.exp(est._baseline_nll[0] / 117 + (plan_nll - base_nll) / n0)
+    assert part.ppl == pytest.approx(want, rel=1e-5)
+    assert part.delta == pytest.approx(part.ppl - est.baseline_ppl)
+    # the refined number is the exact one: equal to the naive full recompute and to a single pass
+    assert final.final and final.stderr is None and final.coverage == 1.0
+    assert final.coverage_text == "full slice (117 tokens)"
+    assert final.ppl == pytest.approx(naive_estimate(est, plan).ppl, rel=1e-5)
+    assert final.ppl == pytest.approx(est.estimate(plan, use_memo=False).ppl, rel=1e-6)
+    assert est.known(plan).ppl == final.ppl
+
+
+def test_first_part_is_not_computed_twice(tiny):
+    est = _est(tiny)
+    plan = LayerPlan.without(8, [2])
+    first = est.estimate_first(plan)
+    assert not first.final and first.rows == 1 and est.known(plan) is None
+    runs = []
+    handle = decoder_layers(tiny.model)[7].register_forward_pre_hook(lambda m, a: runs.append(a[0].shape[0]))
+    partials = []
+    try:
+        final = est.estimate(plan, on_partial=partials.append)
+    finally:
+        handle.remove()
+    assert runs == [2]  # only the other two samples ran through the last layer
+    assert partials[0].ppl == first.ppl and partials[0].layers_run == 0  # the first answer came from the memo
+    assert final.ppl == pytest.approx(naive_estimate(est, plan).ppl, rel=1e-5)
+
+
+def test_one_sample_slice_answers_exactly_at_once(tiny):
+    est = _est(tiny, ids=_ids(tiny, n=1))
+    partials = []
+    e = est.estimate(LayerPlan.without(8, [3]), on_partial=partials.append)
+    assert partials == [] and e.final and e.coverage_text == "full slice (39 tokens)"
+
+
+def test_scan_coarse_first_then_exact(tiny):
+    est = _est(tiny)
+    results = list(est.scan(coarse_first=True))
+    assert [i for i, _ in results] == [7, 6, 5, 4, 3, 2, 1, 0] * 2
+    coarse, exact = results[:8], results[8:]
+    assert all(not e.final and e.coverage == pytest.approx(1 / 3) for _, e in coarse)
+    assert all(e.final for _, e in exact)
+    plain = dict((i, e.ppl) for i, e in _est(tiny).scan())
+    assert dict((i, e.ppl) for i, e in exact) == pytest.approx(plain, rel=1e-6)
+
+
+def test_scheduler_hands_out_the_first_answer_then_the_exact_one(tiny):
+    est = _est(tiny)
+    sched = EstimateScheduler(est)
+    seen = []
+    plan = LayerPlan.without(8, [0])
+    final = sched.submit(plan, on_partial=seen.append)
+    assert [e.final for e in seen] == [False]
+    assert final.final and final.ppl == pytest.approx(naive_estimate(est, plan).ppl, rel=1e-5)
+    coarse = [(i, e.final) for i, e in sched.scan(coarse_first=True)]
+    assert coarse[:8] == [(i, i == 0) for i in range(7, -1, -1)]  # layer 0 is known exactly already
+    assert all(final for _, final in coarse[8:])

@@ -143,7 +143,7 @@ def perplexity_scores(model: nn.Module, ids: torch.Tensor, candidates: list[int]
     layer i are computed once, so removing layer i only reruns layers i+1.. (unbounded cache here,
     as before: one (samples, seq_len, hidden) tensor per layer).
     """
-    estimator = WhatIfEstimator(model, ctx.tokenizer, ids=ids, max_cache_bytes=None)
+    estimator = WhatIfEstimator(model, ctx.tokenizer, ids=ids, max_cache_bytes=None, coarse_rows=0)
     scores = {}
     for done, (i, est) in enumerate(estimator.scan(lambda: ctx.cancelled, layers=candidates)):
         scores[i] = est.ppl

@@ -10,12 +10,14 @@ and reuses work, all of it exactly:
 - `cache`: which states are kept inside `max_cache_bytes` (checkpoints every k-th position when
   the baseline does not fit, recent plans least recently used first out).
 - `scheduler`: `EstimateScheduler`, "latest toggle wins" for the TUI's thread workers.
+- `progressive`: the first answer from the slice's first sample (its coverage and standard error)
+  that a toggle shows while the rest of the slice refines it to the exact number.
 
 The leave-one-out `scan` is the depth stage's perplexity importance metric (that stage calls it),
 so the grid's heat colours and the layers depth pruning removes agree by construction.
 
-Numbers are exact, not approximations: an estimate equals a full forward of the planned model
-through the evaluation code up to float summation order (`benchmarks/bench_whatif.py` times both;
+Final numbers are exact, not approximations: an estimate equals a full forward of the planned
+model through the evaluation code up to float summation order (`benchmarks/bench_whatif.py` times both;
 tests check it for every kind of plan).
 """
 from .estimator import DEFAULT_CACHE_BYTES, CancelFn, Estimate, WhatIfEstimator

@@ -116,10 +116,14 @@ class StateCache:
         self.trails.move_to_end(order)
         return trail
 
+    def wants(self, trail: Trail | None, pos: int) -> bool:
+        """Whether `trail` would keep its input of position `pos` (a checkpoint it does not hold yet)."""
+        return (trail is not None and pos < len(trail.order) and pos % self.stride == 0
+                and pos not in trail.states)
+
     def offer(self, trail: Trail | None, pos: int, x: States) -> None:
         """Keep `x` as `trail`'s input of position `pos` if it is a checkpoint and fits."""
-        if (trail is not None and pos < len(trail.order) and pos % self.stride == 0
-                and pos not in trail.states and (trail.pinned or self._make_room(trail))):
+        if self.wants(trail, pos) and (trail.pinned or self._make_room(trail)):
             trail.states[pos] = x
             self.held += self.state_bytes
 

@@ -7,9 +7,14 @@ state changes, so everything from there to the head is recomputed. A plan estima
 answered from a memo (`known`), and states computed before a cancel stay in the cache.
 
 The output head, which on small models with large vocabularies costs as much as several decoder
-layers (SmolLM2: 49152 x 576, ~7 layers), is scored in vocabulary blocks with a running logsumexp
-(`evals.perplexity.blocked_nll`): no (tokens, vocab) logits matrix, ~10-20 % faster, and closer
-to a float64 reference than float32 cross-entropy over full logits.
+layers (SmolLM2: 49152 x 576, ~7 layers), is scored in vocabulary blocks (`evals.head`, the same
+code perplexity evaluation uses): no (tokens, vocab) logits matrix.
+
+Progressive answers (`estimate(..., on_partial=...)`): the slice's first `coarse_rows` samples form
+their own batch and go through the plan first; their estimate (coverage and standard error, see
+`progressive`) is handed out, then the rest of the slice refines it to the exact number. Per-batch
+results are memoized, so work done for a first answer is never redone for the exact one (the
+scan's coarse pass included).
 
 The model is borrowed, not owned: every computation holds `pipeline.sharing.model_lock(model)`,
 so a chat or a footprint on the same model waits for the layer boundary and never sees a plan.
@@ -20,49 +25,27 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from evals.perplexity import Cancelled, Protocol, blocked_nll, sequences_for
+from evals.head import head_token_nll
+from evals.perplexity import Cancelled, Protocol, sequences_for
 
 from ..layerwise import capture_inputs, layer_hidden
 from ..models import decoder_layers
 from ..plans import LayerPlan, PlanError, PlanSlot
 from ..sharing import borrowed, model_lock
 from .cache import StateCache, kwargs_bytes
+from .progressive import Estimate, partial_ppl
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
-HEAD_CHUNK_TOKENS = 1024  # tokens per head call; logits are then scored in vocabulary blocks
 MEMO_SIZE = 4096
+PART_MEMO_SIZE = 1024  # plans whose per-batch results (per-token NLL, 4 KiB for 1020 tokens) are kept
 
 CancelFn = Callable[[], bool] | None
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Perplexity of one plan on the estimator's slice, and what it took."""
-
-    ppl: float
-    delta: float  # ppl - baseline ppl (positive = worse than the unmodified model)
-    seconds: float
-    restarted_at: int  # plan position computation restarted from (len(plan) = answered from memo)
-    plan_text: str
-    cached: bool  # reused cached states (False: naive full recompute)
-    protocol: str = ""  # e.g. "wikitext2-concat-256:first4"; print it next to the number
-    layers_run: int = 0  # decoder layers actually computed for this answer
-
-    @property
-    def baseline(self) -> float:
-        return self.ppl - self.delta
-
-    @property
-    def relative(self) -> float:
-        """Delta as a fraction of the baseline perplexity (0.1 = 10 % worse)."""
-        return self.delta / self.baseline if self.baseline else math.inf
 
 
 class WhatIfEstimator:
@@ -75,7 +58,7 @@ class WhatIfEstimator:
 
     def __init__(self, model: nn.Module, tokenizer, *, data: str = "wikitext2", samples: int = 4,
                  seq_len: int = 256, data_dir=None, max_cache_bytes: int | None = DEFAULT_CACHE_BYTES,
-                 ids: torch.Tensor | None = None, batch_size: int = 8):
+                 ids: torch.Tensor | None = None, batch_size: int = 8, coarse_rows: int = 1):
         if ids is not None and (ids.dim() != 2 or ids.shape[1] < 2):
             raise ValueError(f"ids must be (sequences, tokens) with at least 2 tokens, got {tuple(ids.shape)}")
         if samples < 1 or seq_len < 2:
@@ -84,12 +67,15 @@ class WhatIfEstimator:
         self.tokenizer = tokenizer
         self.data, self.samples, self.seq_len, self.data_dir = data, samples, seq_len, data_dir
         self.batch_size = max(1, batch_size)
+        self.coarse_rows = max(0, coarse_rows)  # samples in the first answer (0: no progressive answers)
         self._given_ids = ids
         self.protocol = (f"ids-{ids.shape[0]}x{ids.shape[1]}" if ids is not None
                          else Protocol(data, "concat", seq_len, limit=samples).name)
         self._lock = threading.RLock()
         self._memo_lock = threading.Lock()
         self._memo: OrderedDict[tuple[int, ...], Estimate] = OrderedDict()
+        # per plan, per batch: (rows, T-1) per-token NLL; a plan's estimate is the sum over its batches
+        self._parts: OrderedDict[tuple[int, ...], dict[int, torch.Tensor]] = OrderedDict()
         self._cache = StateCache(max_cache_bytes)
         self.reset()
 
@@ -101,11 +87,15 @@ class WhatIfEstimator:
             self.source = "given ids" if self._given_ids is not None else ""
             self._layers: list[nn.Module] = []
             self._kwargs: list[dict] = []
+            self._groups: list[list[int]] = []  # batches by part of the slice: the first answer's, the rest
+            self._batch_rows: list[int] = []  # samples per batch
+            self._base_parts: dict[int, torch.Tensor] = {}
             self._cache.clear()
             self._baseline_nll: tuple[float, int] | None = None
             self.baseline_ppl: float = math.nan
             with self._memo_lock:
                 self._memo.clear()
+                self._parts.clear()
 
     @property
     def max_cache_bytes(self) -> int | None:
@@ -115,6 +105,11 @@ class WhatIfEstimator:
     @property
     def n_layers(self) -> int:
         return len(self._layers) if self._layers else len(self._model_layers())
+
+    @property
+    def parts(self) -> int:
+        """Parts the slice is computed in: 2 when a first answer comes from its first samples, else 1."""
+        return len(self._groups) if self._layers else (2 if 0 < self.coarse_rows < self.samples else 1)
 
     @property
     def ready(self) -> bool:
@@ -168,6 +163,15 @@ class WhatIfEstimator:
             self.protocol = Protocol(self.data, "concat", self.seq_len, limit=len(seqs)).name
         return torch.stack([w for w, _ in seqs])
 
+    def _split(self) -> list[torch.Tensor]:
+        """The slice's rows as the first answer's part and the rest (one part if it cannot be split)."""
+        k = self.coarse_rows
+        return [self.ids[:k], self.ids[k:]] if 0 < k < self.ids.shape[0] else [self.ids]
+
+    def _embed(self) -> list:
+        """Inputs of layer 0, batch by batch: each part in batches of at most `batch_size` samples."""
+        return [c for part in self._split() for c in capture_inputs(self.model, part, self.batch_size)]
+
     @torch.inference_mode()
     def _setup(self) -> None:
         """Slice, layer arguments, embedding output and the checkpoint stride (cheap)."""
@@ -176,8 +180,12 @@ class WhatIfEstimator:
         if self.ids is None:
             self.ids = self._load_ids()
         layers = self._model_layers()
-        captured = capture_inputs(self.model, self.ids, self.batch_size)
+        captured = self._embed()
         self._kwargs = [c.kwargs for c in captured]
+        self._batch_rows = [c.hidden.shape[0] for c in captured]
+        parts = self._split()
+        first = -(-parts[0].shape[0] // self.batch_size) if len(parts) > 1 else len(captured)  # batches of part 0
+        self._groups = [g for g in (list(range(first)), list(range(first, len(captured)))) if g]
         self._cache.configure(len(layers), [c.hidden for c in captured],
                               sum(kwargs_bytes(k) for k in self._kwargs))
         self._layers = layers
@@ -191,12 +199,13 @@ class WhatIfEstimator:
                 self._setup()
                 t0 = time.perf_counter()
                 order = tuple(range(len(self._layers)))
-                nll, count, start, reused = self._compute(order, cancelled, record=True)
-            self._baseline_nll = (nll, count)
-            self.baseline_ppl = math.exp(nll / count)
-            self._remember(order, Estimate(self.baseline_ppl, 0.0, time.perf_counter() - t0, start,
-                                           LayerPlan(order, len(order)).to_text(), reused, self.protocol,
-                                           len(order) - start))
+                start, reused = self._compute(order, [list(range(len(self._kwargs)))], cancelled, record=True)
+            self._base_parts = self._parts_of(order)
+            nll = self._sum(self._base_parts)
+            self._baseline_nll = (nll, self.tokens)
+            self.baseline_ppl = math.exp(nll / self.tokens)
+            plan = LayerPlan(order, len(order))
+            self._remember(order, self._make(plan, self._base_parts, time.perf_counter() - t0, start, reused))
 
     # -- computing ---------------------------------------------------------------------------
     def _check(self, cancelled: CancelFn) -> None:
@@ -204,47 +213,82 @@ class WhatIfEstimator:
             raise Cancelled("what-if estimate cancelled")
 
     @torch.inference_mode()
-    def _compute(self, order: tuple[int, ...], cancelled: CancelFn, *, record: bool
-                 ) -> tuple[float, int, int, bool]:
-        """Summed NLL and token count of `order` on the slice, the restart position, whether cached."""
+    def _compute(self, order: tuple[int, ...], groups: list[list[int]], cancelled: CancelFn, *, record: bool,
+                 on_group: Callable[[int, int, bool], None] | None = None) -> tuple[int, bool]:
+        """Per-token NLL of `order` for the batches in `groups`, group after group (stored per batch).
+
+        Returns the restart position and whether it came from the cache; `on_group(g, start,
+        reused)` is called as each group is done. A plan's states are recorded only when every
+        batch is computed here, each position once all batches have reached it.
+        """
         start, x = self._cache.restart(order)
         reused = x is not None
         if x is None:  # nothing cached fits the budget: embed again
-            x = [c.hidden for c in capture_inputs(self.model, self.ids, self.batch_size)]
+            x = [c.hidden for c in self._embed()]
+        n_batches = len(self._kwargs)
+        record = record and sum(map(len, groups)) == n_batches
         trail = self._cache.trail_for(order) if record else None
+        pending: dict[int, dict[int, torch.Tensor]] = {}  # position -> batch -> its input, until all batches have it
         try:
-            for pos in range(start, len(order)):
-                self._check(cancelled)
-                layer = self._layers[order[pos]]
-                x = [layer_hidden(layer(h, use_cache=False, **kw)) for h, kw in zip(x, self._kwargs)]
-                self._cache.offer(trail, pos + 1, x)  # x: (B, T, H) per batch, the input of position pos + 1
-            nll, count = self._head(x, cancelled)
+            for g, group in enumerate(groups):
+                h = {b: x[b] for b in group}  # batch -> (B, T, H)
+                for pos in range(start, len(order)):
+                    self._check(cancelled)
+                    layer = self._layers[order[pos]]
+                    h = {b: layer_hidden(layer(v, use_cache=False, **self._kwargs[b])) for b, v in h.items()}
+                    if self._cache.wants(trail, pos + 1):  # h: the input of position pos + 1
+                        got = pending.setdefault(pos + 1, {})
+                        got.update(h)
+                        if len(got) == n_batches:
+                            self._cache.offer(trail, pos + 1, [got[b] for b in range(n_batches)])
+                            del pending[pos + 1]
+                results = {}
+                for b, v in h.items():
+                    self._check(cancelled)
+                    results[b] = self._head(v, b)
+                self._store(order, results)
+                if on_group is not None:
+                    on_group(g, start, reused)
         finally:
             self._cache.release(trail)
-        return nll, count, start, reused
+        return start, reused
 
-    @torch.inference_mode()
-    def _head(self, hidden: list[torch.Tensor], cancelled: CancelFn) -> tuple[float, int]:
-        """Summed next-token NLL from the last layer's output, a few rows at a time (bounded logits)."""
-        model, ids = self.model, self.ids
-        device = hidden[0].device
-        rows_per_chunk = max(1, HEAD_CHUNK_TOKENS // ids.shape[1])
-        blocked = type(model.lm_head) is nn.Linear  # a plain projection: score vocabulary blocks
-        total, count, row = 0.0, 0, 0
-        for h in hidden:
-            for r in range(0, h.shape[0], rows_per_chunk):
-                self._check(cancelled)
-                part = h[r:r + rows_per_chunk, :-1]  # (b, T-1, H): the last position predicts nothing
-                labels = ids[row:row + part.shape[0], 1:].to(device)  # (b, T-1)
-                row += part.shape[0]
-                x = model.model.norm(part).reshape(-1, part.shape[-1])  # (N, H)
-                if blocked:
-                    total += blocked_nll(x, model.lm_head.weight, model.lm_head.bias, labels.reshape(-1))
-                else:
-                    logits = model.lm_head(x).float()  # (N, V)
-                    total += float(F.cross_entropy(logits, labels.reshape(-1), reduction="sum"))
-                count += labels.numel()
-        return total, count
+    def _head(self, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+        """Per-token next-token NLL (B, T-1) of one batch from the last layer's output (B, T, H)."""
+        row = sum(self._batch_rows[:batch])
+        labels = self.ids[row:row + hidden.shape[0], 1:].to(hidden.device)  # (B, T-1)
+        x = self.model.model.norm(hidden[:, :-1])  # (B, T-1, H): the last position predicts nothing
+        return head_token_nll(self.model, x.reshape(-1, x.shape[-1]), labels.reshape(-1)).view(labels.shape)
+
+    def _store(self, order: tuple[int, ...], results: dict[int, torch.Tensor]) -> None:
+        with self._memo_lock:
+            self._parts.setdefault(order, {}).update(results)
+            self._parts.move_to_end(order)
+            while len(self._parts) > PART_MEMO_SIZE:
+                self._parts.popitem(last=False)
+
+    def _parts_of(self, order: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        with self._memo_lock:
+            return dict(self._parts.get(order, {}))
+
+    @staticmethod
+    def _sum(results: dict[int, torch.Tensor]) -> float:
+        return float(torch.cat([results[b].reshape(-1) for b in sorted(results)]).double().sum())
+
+    def _make(self, plan: LayerPlan, results: dict[int, torch.Tensor], seconds: float, start: int,
+              reused: bool) -> Estimate:
+        """The estimate from the batches computed so far: exact when all are there, else partial."""
+        tokens = sum(t.numel() for t in results.values())
+        rows = sum(self._batch_rows[b] for b in results)
+        if tokens >= self.tokens:
+            ppl, se = math.exp(self._sum(results) / self.tokens), None
+        else:
+            batches = sorted(results)
+            ppl, se = partial_ppl(torch.cat([results[b].reshape(-1) for b in batches]),
+                                  torch.cat([self._base_parts[b].reshape(-1) for b in batches]),
+                                  self._baseline_nll[0], self.tokens)
+        return Estimate(ppl, ppl - self.baseline_ppl, seconds, start, plan.to_text(), reused, self.protocol, len(plan) - start,
+                        tokens, self.tokens, rows, self.ids.shape[0], se)
 
     def _remember(self, order: tuple[int, ...], est: Estimate) -> None:
         with self._memo_lock:
@@ -259,40 +303,86 @@ class WhatIfEstimator:
             raise PlanError(f"the plan is for {plan.n_source} layers but the model has {n}")
 
     # -- the API -----------------------------------------------------------------------------
+    def _memo_answer(self, plan: LayerPlan, t0: float) -> Estimate | None:
+        hit = self.known(plan)
+        return None if hit is None else replace(hit, seconds=time.perf_counter() - t0, restarted_at=len(plan),
+                                                layers_run=0)
+
     def estimate(self, plan: LayerPlan, cancelled: CancelFn = None, *, record: bool = True,
-                 use_memo: bool = True) -> Estimate:
+                 use_memo: bool = True, on_partial: Callable[[Estimate], None] | None = None) -> Estimate:
         """Perplexity of `plan` on the slice and its delta to the unmodified model.
 
         Raises `evals.perplexity.Cancelled` when `cancelled()` turns true (checked before every
         layer). `record=False` keeps this plan's states out of the cache (the scan uses it so it
         does not push out the user's recent plans); `use_memo=False` recomputes a known plan.
+        With `on_partial`, the first part of the slice is computed first and its estimate (not
+        `final`, with `coverage` and `stderr`) handed to `on_partial` before the rest refines it;
+        the returned estimate is always the exact one.
         """
         self._check_plan(plan)
         t0 = time.perf_counter()
-        if use_memo and (hit := self.known(plan)) is not None:
-            return replace(hit, seconds=time.perf_counter() - t0, restarted_at=len(plan), layers_run=0)
+        if use_memo and (hit := self._memo_answer(plan, t0)) is not None:
+            return hit
         with self._lock:
             self.prepare(cancelled)
             with borrowed(self.model, cancelled):
                 t1 = time.perf_counter()  # a first estimate also pays for prepare(); report only its own work
-                nll, count, start, reused = self._compute(plan.order, cancelled, record=record)
-            ppl = math.exp(nll / count)
-            est = Estimate(ppl, ppl - self.baseline_ppl, time.perf_counter() - t1, start, plan.to_text(),
-                           reused, self.protocol, len(plan) - start)
+                done = self._parts_of(plan.order) if use_memo else {}
+                groups = self._groups if on_partial is not None else [sum(self._groups, [])]
+                todo = [g for g in ([b for b in group if b not in done] for group in groups) if g]
+                if on_partial is not None and done and len(done) < len(self._kwargs):
+                    on_partial(self._make(plan, done, time.perf_counter() - t1, len(plan), True))
+
+                def partial(g: int, start: int, reused: bool) -> None:
+                    if on_partial is not None and g < len(todo) - 1:
+                        on_partial(self._make(plan, self._parts_of(plan.order), time.perf_counter() - t1,
+                                              start, reused))
+
+                start, reused = (self._compute(plan.order, todo, cancelled, record=record, on_group=partial)
+                                 if todo else (len(plan), True))
+            est = self._make(plan, self._parts_of(plan.order), time.perf_counter() - t1, start, reused)
             self._remember(plan.order, est)
             return est
 
-    def scan(self, cancelled: CancelFn = None, layers: Iterable[int] | None = None
-             ) -> Iterator[tuple[int, Estimate]]:
+    def estimate_first(self, plan: LayerPlan, cancelled: CancelFn = None) -> Estimate:
+        """The first answer alone: the plan on the slice's first part (exact when the slice has one part).
+
+        Records no states (the scan's coarse pass uses it); the part's results stay memoized, so a
+        later `estimate` of the plan computes only the rest of the slice.
+        """
+        self._check_plan(plan)
+        t0 = time.perf_counter()
+        if (hit := self._memo_answer(plan, t0)) is not None:
+            return hit
+        with self._lock:
+            self.prepare(cancelled)
+            with borrowed(self.model, cancelled):
+                t1 = time.perf_counter()
+                first = [b for b in self._groups[0] if b not in self._parts_of(plan.order)]
+                start, reused = (self._compute(plan.order, [first], cancelled, record=False)
+                                 if first else (len(plan), True))
+            est = self._make(plan, self._parts_of(plan.order), time.perf_counter() - t1, start, reused)
+            if est.final:
+                self._remember(plan.order, est)
+            return est
+
+    def scan(self, cancelled: CancelFn = None, layers: Iterable[int] | None = None, *,
+             coarse_first: bool = False) -> Iterator[tuple[int, Estimate]]:
         """Leave-one-out estimate for each layer, yielded as it is computed.
 
         Default order is last layer first: leaving out layer i restarts at i, so late layers are
         cheapest and the first results arrive at once. Results are memoized, so a scan that was
-        cancelled (or interrupted by a toggle) resumes instantly where it stopped.
+        cancelled (or interrupted by a toggle) resumes instantly where it stopped. With
+        `coarse_first`, every layer first gets its estimate from the slice's first part (not
+        `final`), then every layer its exact one (which only computes the rest of the slice).
         """
         self.prepare(cancelled)
         n = len(self._layers)
         if n < 2:
             return
-        for i in (reversed(range(n)) if layers is None else layers):
+        order = list(reversed(range(n))) if layers is None else list(layers)
+        if coarse_first and len(self._groups) > 1:
+            for i in order:
+                yield i, self.estimate_first(LayerPlan.without(n, [i]), cancelled)
+        for i in order:
             yield i, self.estimate(LayerPlan.without(n, [i]), cancelled, record=False)

@@ -60,39 +60,59 @@ class EstimateScheduler:
             self._running.release()
             raise Cancelled("superseded by a newer what-if request")
 
-    def submit(self, plan: LayerPlan, cancelled: CancelFn = None) -> Estimate:
+    def submit(self, plan: LayerPlan, cancelled: CancelFn = None,
+               on_partial: Callable[[Estimate], None] | None = None) -> Estimate:
+        """The plan's exact estimate; with `on_partial`, its first answer from part of the slice before it.
+
+        `on_partial` runs on the estimator's thread and only while this request is the newest.
+        """
         stale = self._stale_fn(self._ticket(), cancelled)
         hit = self.estimator.known(plan)
         if hit is not None:
             return self.estimator.estimate(plan)  # memo answer with restarted_at/seconds filled in
+
+        def partial(est: Estimate) -> None:
+            if not stale():
+                on_partial(est)
+
         self._acquire(stale)
         try:
-            return self._on_thread(self.estimator.estimate, plan, stale)
+            return self._on_thread(self.estimator.estimate, plan, stale,
+                                   on_partial=None if on_partial is None else partial)
         finally:
             self._running.release()
 
-    def scan(self, cancelled: CancelFn = None, layers: Iterable[int] | None = None
-             ) -> Iterator[tuple[int, Estimate]]:
-        """The estimator's scan, one layer at a time under the same latest-wins rule."""
+    def scan(self, cancelled: CancelFn = None, layers: Iterable[int] | None = None, *,
+             coarse_first: bool = False) -> Iterator[tuple[int, Estimate]]:
+        """The estimator's scan, one layer at a time under the same latest-wins rule.
+
+        With `coarse_first`, every layer's first answer (from part of the slice) comes before
+        every layer's exact one, so the grid fills in a fraction of the time, then sharpens.
+        """
         stale = self._stale_fn(self._ticket(), cancelled)
         self._acquire(stale)
         try:
             self._on_thread(self.estimator.prepare, stale)
             n = self.estimator.n_layers
+            parts = self.estimator.parts
         finally:
             self._running.release()
         if n < 2:
             return
-        for i in (reversed(range(n)) if layers is None else list(layers)):
-            plan = LayerPlan.without(n, [i])
-            if self.estimator.known(plan) is None:
-                self._acquire(stale)
-                try:
-                    est = self._on_thread(self.estimator.estimate, plan, stale, record=False)
-                finally:
-                    self._running.release()
-            else:
-                est = self.estimator.estimate(plan)
-            if stale():
-                raise Cancelled("superseded by a newer what-if request")
-            yield i, est
+        order = list(reversed(range(n))) if layers is None else list(layers)
+        passes = [True, False] if coarse_first and parts > 1 else [False]
+        for coarse in passes:
+            for i in order:
+                plan = LayerPlan.without(n, [i])
+                if self.estimator.known(plan) is None:
+                    self._acquire(stale)
+                    try:
+                        est = (self._on_thread(self.estimator.estimate_first, plan, stale) if coarse else
+                               self._on_thread(self.estimator.estimate, plan, stale, record=False))
+                    finally:
+                        self._running.release()
+                else:
+                    est = self.estimator.estimate(plan)
+                if stale():
+                    raise Cancelled("superseded by a newer what-if request")
+                yield i, est

@@ -2,6 +2,8 @@
 
 Backed by `pipeline.whatif` (latest toggle wins through its `EstimateScheduler`). Estimates and
 the importance scan run in thread workers; the line's tooltip says what the estimator holds.
+A toggle shows a first answer from part of the slice at once ("≈", its coverage and standard
+error), then the exact number on the full slice; the scan fills the grid coarse-first the same way.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from textual.worker import get_current_worker
 
 from evals.perplexity import Cancelled
 from pipeline.plans import LayerPlan
-from pipeline.whatif import EstimateScheduler, WhatIfEstimator
+from pipeline.whatif import Estimate, EstimateScheduler, WhatIfEstimator
 from tui.messages import EstimateReady
 
 
@@ -21,6 +23,20 @@ def status_line(estimator: WhatIfEstimator) -> str:
     base = f"baseline ppl {estimator.baseline_ppl:.2f}" if estimator.ready else "baseline not computed yet"
     budget = "unbounded" if estimator.max_cache_bytes is None else f"{estimator.max_cache_bytes / 2**20:.0f} MiB"
     return f"what-if on {estimator.protocol}: {base}; cache {estimator.cache_bytes / 2**20:.1f} MiB of {budget}"
+
+
+def estimate_line(est: Estimate) -> Text:
+    """The what-if line for an estimate: a first answer says "≈", its standard error and coverage."""
+    t = Text("what-if ", style="bold")
+    if est.final:
+        t.append(f"ppl {est.ppl:.2f} ({est.delta:+.2f} vs {est.baseline:.2f}, {est.relative:+.1%}) ")
+        t.append(f"[{est.protocol}, {est.coverage_text}] {est.seconds:.2f}s, restarted at position "
+                 f"{est.restarted_at}", style="dim")
+        return t
+    se = f" ± {est.stderr:.2f}" if est.stderr is not None and est.stderr == est.stderr else ""
+    t.append(f"ppl ≈{est.ppl:.2f}{se} ({est.delta:+.2f} vs {est.baseline:.2f}) ")
+    t.append(f"[{est.protocol}, first answer on {est.coverage_text}; refining…] {est.seconds:.2f}s", style="dim")
+    return t
 
 
 class WhatIf(Static):
@@ -84,16 +100,14 @@ class WhatIf(Static):
         worker = get_current_worker()
         self.app.call_from_thread(self.update, Text(f"what-if: estimating {plan.to_text()}…", style="italic"))
         try:
-            est = self.scheduler.submit(plan, lambda: worker.is_cancelled)
+            est = self.scheduler.submit(plan, lambda: worker.is_cancelled,
+                                        on_partial=lambda e: self.app.call_from_thread(self.update, estimate_line(e)))
         except Cancelled:
             return  # a newer toggle took over
         except Exception as exc:  # noqa: BLE001 - e.g. the data set is missing
             self.app.call_from_thread(self.update, Text(f"what-if failed: {exc}", style="red"))
             return
-        t = Text("what-if ", style="bold")
-        t.append(f"ppl {est.ppl:.2f} ({est.delta:+.2f} vs {est.baseline:.2f}, {est.relative:+.1%}) ")
-        t.append(f"[{est.protocol}] {est.seconds:.2f}s, restarted at position {est.restarted_at}", style="dim")
-        self.app.call_from_thread(self.update, t)
+        self.app.call_from_thread(self.update, estimate_line(est))
         self.app.call_from_thread(self._show_status, self.scheduler.estimator)
         if cell is not None:
             self.post_message(EstimateReady(f"layer {cell} tried: {est.delta:+.2f}", tried={cell: est.delta}))
@@ -109,12 +123,14 @@ class WhatIf(Static):
         worker = get_current_worker()
         scores: dict[int, float] = {}
         try:
-            for i, est in self.scheduler.scan(lambda: worker.is_cancelled):
+            for i, est in self.scheduler.scan(lambda: worker.is_cancelled, coarse_first=True):
                 scores[i] = est.ppl
                 self.post_message(EstimateReady(f"layer {i}: ppl without it {est.ppl:.2f}", dict(scores),
                                                 tried={i: est.delta}))
-                self.app.call_from_thread(self.update, Text(f"importance scan: layer {i} without it: ppl "
-                                                            f"{est.ppl:.2f} [{est.protocol}]", style="dim"))
+                phase = "exact" if est.final else f"coarse, {est.coverage_text}"
+                self.app.call_from_thread(self.update, Text(f"importance scan ({phase}): layer {i} without it: ppl "
+                                                            f"{'' if est.final else '≈'}{est.ppl:.2f} "
+                                                            f"[{est.protocol}]", style="dim"))
         except Cancelled:
             return
         except Exception as exc:  # noqa: BLE001

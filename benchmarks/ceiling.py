@@ -1,0 +1,79 @@
+"""The matmul ceiling of evaluation: what this CPU's fp32 matmuls allow for a model, and a plain loop.
+
+- `matmul_rate`: measured fp32 GEMM throughput on the model's own projection shapes (tokens x
+  hidden times each distinct weight shape of a decoder layer, and a vocabulary block of the head),
+  best shape, in GFLOP per wall second and per CPU second (on a shared machine the second moves
+  much less with other people's work).
+- `flops_per_token`: 2 x (every linear weight of the decoder layers + the output head) plus the
+  attention products (QK^T and AV) at the average causal context of a window.
+- `plain_loop`: the textbook evaluation loop on the same windows, for an equal-work ratio: full
+  logits, float upcast, `F.cross_entropy`.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    from pipeline.models import decoder_layers
+
+    shapes = {tuple(m.weight.shape) for m in decoder_layers(model)[0].modules() if isinstance(m, nn.Linear)}
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear):
+        shapes.add((min(1024, head.weight.shape[0]), head.weight.shape[1]))
+    return sorted(shapes)
+
+
+@torch.inference_mode()
+def matmul_rate(model: nn.Module, tokens: int = 2048, seconds: float = 1.0) -> dict:
+    """Best fp32 GFLOP/s over the model's weight shapes, x (tokens, in) @ W.T; wall and CPU seconds."""
+    best = {"gflops_wall": 0.0, "gflops_cpu": 0.0, "shape": None}
+    for out_f, in_f in _linear_shapes(model):
+        x, w = torch.randn(tokens, in_f), torch.randn(out_f, in_f)
+        F.linear(x, w)  # warm-up
+        flop, n = 2.0 * tokens * in_f * out_f, 0
+        w0, c0 = time.perf_counter(), time.process_time()
+        while time.perf_counter() - w0 < seconds:
+            F.linear(x, w)
+            n += 1
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        rate_w, rate_c = flop * n / wall / 1e9, flop * n / cpu / 1e9
+        if rate_w > best["gflops_wall"]:
+            best.update(gflops_wall=rate_w, shape=(tokens, in_f, out_f))
+        best["gflops_cpu"] = max(best["gflops_cpu"], rate_c)
+    return best
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Forward FLOPs per token of a causal window of `seq_len`: linear layers, head, attention products."""
+    from pipeline.models import decoder_layers
+
+    layers = decoder_layers(model)
+    linear = sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, nn.Linear))
+    head = model.lm_head.weight.numel() if isinstance(getattr(model, "lm_head", None), nn.Linear) else 0
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = 2 * 2 * cfg.num_attention_heads * head_dim * (seq_len + 1) / 2 * len(layers)  # QK^T and AV, mean context
+    return 2.0 * (linear + head) + attn
+
+
+@torch.inference_mode()
+def plain_loop(model: nn.Module, windows: list[torch.Tensor], batch_size: int) -> tuple[float, int]:
+    """Summed NLL and count the textbook way: model(ids).logits, upcast, cross-entropy. windows: (T,) each."""
+    total, count = 0.0, 0
+    for b in range(0, len(windows), batch_size):
+        ids = torch.stack(windows[b:b + batch_size])  # (B, T)
+        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                       ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return total, count
+
+
+def ppl(nll: float, count: int) -> float:
+    return math.exp(nll / count)

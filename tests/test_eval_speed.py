@@ -1,0 +1,122 @@
+"""Evaluation at the ceiling, on the tiny LLaMA: the blocked output head changes no number, QA decoding is greedy."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.bench_qa import hf_generate
+from benchmarks.ceiling import flops_per_token, plain_loop
+from evals.generate import _decode, eos_ids, generate_greedy, prompt_batches, token_classes
+from evals.head import blocked_token_nll, head_token_nll, linear_head
+from evals.perplexity import Protocol, nll_sum, perplexity, sequences_for
+from evals.qa import build_prompt, load_items
+
+LINES = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and the river Thames "
+         "flows through London.", "", "Numbers 0 1 2 3 4 5 6 7 8 9 appear in text.", "Who wrote Hamlet?",
+         "Valkyrie, Robert Boulter, Senjō no Valkyria 3: Unrecorded Chronicles is a tactical role-playing game."]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def full_logits_nll(model, seqs) -> tuple[float, int]:
+    """The reference: each sequence alone (no padding), full logits, cross-entropy in float64."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in seqs:
+            logits = model(input_ids=s[None]).logits[0, :-1].double()  # (T-1, V)
+            total += float(F.cross_entropy(logits, s[1:], reduction="sum"))
+            count += s.numel() - 1
+    return total, count
+
+
+@pytest.mark.parametrize("mode", ["rows", "concat"])
+def test_perplexity_values_unchanged_by_the_blocked_head(tiny, tmp_path, mode):
+    f = tmp_path / "text.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t}) for t in LINES))
+    r = perplexity(tiny.model, tiny.tokenizer, f"{f}-{mode}-24", batch_size=2)  # rows: padded batches
+    seqs = [s for s, _ in sequences_for(Protocol.parse(f"{f}-{mode}-24"), tiny.tokenizer)[0]]
+    assert len({s.numel() for s in seqs}) > 1 or mode == "concat"  # rows of different lengths: padding
+    nll, n = full_logits_nll(tiny.model, seqs)
+    assert r.tokens == n
+    assert r.value == pytest.approx(math.exp(nll / n), rel=1e-5)
+    if mode == "concat":  # and the plain loop of the benchmark scores the same windows to the same number
+        assert math.exp(plain_loop(tiny.model, seqs, 2)[0] / n) == pytest.approx(r.value, rel=1e-5)
+
+
+def test_no_full_logits_and_a_wrapped_head_falls_back(tiny):
+    ids = torch.randint(0, len(tiny.tokenizer), (3, 30), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, 20:] = -100  # unscored tail (padding)
+    calls = []
+    handle = tiny.model.lm_head.register_forward_hook(lambda m, a, o: calls.append(o.shape))
+    try:
+        blocked = nll_sum(tiny.model, ids, labels)
+    finally:
+        handle.remove()
+    assert calls == [], "the output head ran as a whole: full logits were built"
+    assert linear_head(tiny.model) is tiny.model.lm_head
+
+    class Wrapped(nn.Module):  # e.g. an adapter around the head: logits come from the model itself
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.weight = inner.weight
+
+        def forward(self, x):
+            return self.inner(x)
+
+    inner = tiny.model.lm_head
+    tiny.model.lm_head = Wrapped(inner)
+    try:
+        assert linear_head(tiny.model) is None
+        full = nll_sum(tiny.model, ids, labels)
+        x = torch.randn(7, inner.in_features)
+        y = torch.randint(0, inner.out_features, (7,))
+        with torch.no_grad():
+            got, want = head_token_nll(tiny.model, x, y), F.cross_entropy(inner(x), y, reduction="none")
+        assert got.tolist() == pytest.approx(want.tolist(), rel=1e-5)
+    finally:
+        tiny.model.lm_head = inner
+    assert blocked[1] == full[1] == 3 * 29 - 10
+    assert blocked[0] == pytest.approx(full[0], rel=1e-5)
+
+
+def test_blocked_token_nll_per_token():
+    g = torch.Generator().manual_seed(1)
+    x, w, labels = torch.randn(9, 8, generator=g), torch.randn(300, 8, generator=g), torch.randint(0, 300, (9,), generator=g)
+    want = F.cross_entropy(F.linear(x, w), labels, reduction="none")
+    got = blocked_token_nll(x, w, None, labels, block=64)
+    assert got.shape == (9,) and got.tolist() == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6)
+
+
+def test_flops_per_token_counts_linears_head_and_attention(tiny):
+    cfg = tiny.model.config
+    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (h_dim := cfg.hidden_size // cfg.num_attention_heads)
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i  # q, o; k, v; gate, up, down
+    linear = cfg.num_hidden_layers * per_layer + cfg.vocab_size * h
+    attn = 2 * 2 * cfg.num_attention_heads * h_dim * (64 + 1) / 2 * cfg.num_hidden_layers
+    assert flops_per_token(tiny.model, 64) == pytest.approx(2 * linear + attn)
+
+
+@pytest.mark.parametrize("newline", [True, False])
+def test_our_batched_greedy_equals_model_generate(tiny, data_dir, newline):
+    items, _, _ = load_items("closed", 6, seed=3, data_dir=data_dir)
+    prompts = [build_prompt(it) for it in items]
+    eos = torch.tensor(eos_ids(tiny.model, tiny.tokenizer))
+    classes = token_classes(tiny.tokenizer) if newline else None
+    for idx, ids, mask in prompt_batches(tiny.tokenizer, prompts, batch_size=3):
+        ours = _decode(tiny.model, ids, mask, 12, eos, classes, None)
+        assert ours == hf_generate(tiny.model, tiny.tokenizer, ids, mask, 12, newline)
+    # and generate_greedy hands the same batches' answers back in the caller's order
+    gens = generate_greedy(tiny.model, tiny.tokenizer, prompts, max_new_tokens=12, stop_at_newline=newline,
+                           batch_size=3)
+    assert [g.prompt for g in gens] == prompts
