@@ -143,13 +143,16 @@ def replay_main(args) -> int:
     except SessionError as exc:
         console.print(f"[bold red]cannot replay:[/bold red] {escape(str(exc))}")
         return 2
-    out = Path(args.out) if args.out else Path("runs") / f"{saved.recipe.get('name') or 'session'}-replay-" \
-                                                          f"{time.strftime('%Y%m%d-%H%M%S')}"
+    from .run import default_out
+
+    out = Path(args.out) if args.out else default_out(str(saved.recipe.get("name") or "session"), "-replay")
     top_device = args.device if getattr(args, "device", "auto") != "auto" else None
     top_dtype = args.dtype if getattr(args, "dtype", "auto") != "auto" else None
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     cancel, restore_sigint = ctrl_c_cancels(console, "cancelling")
+    from pipeline.runlock import RunFolderBusy
+
     console.print(f"replaying [bold]{escape(saved.title)}[/bold] ({saved.id}) from stage {args.from_stage} "
                   f"into {escape(str(out))}")
     try:
@@ -162,7 +165,7 @@ def replay_main(args) -> int:
                             data_dir=args.replay_data_dir or getattr(args, "data_dir", None),
                             listener=ProgressView(console, progress), cancel=cancel,
                             save_models=not args.no_save_models)
-    except SessionError as exc:
+    except (SessionError, RunFolderBusy) as exc:
         console.print(f"[bold red]cannot replay:[/bold red] {escape(str(exc))}")
         return 2
     finally:
