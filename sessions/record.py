@@ -225,9 +225,15 @@ def loads_session(text: str, where: str = "session") -> Session:
     try:
         data = json.loads(text, parse_constant=_constant)
     except json.JSONDecodeError as exc:
-        hint = ("it ends early: the file was truncated (copied while being written, or the disk filled up)"
-                if _ends_early(text) else "it is corrupted")
-        raise SessionError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
+        what = exc.msg.removesuffix(" at").strip()  # "Invalid control character at" + " at line 3"
+        at_end = exc.pos >= len(text.rstrip())
+        if what.startswith("Invalid control character"):
+            hint = f"it holds a control character (code {ord(text[exc.pos]):#04x}) there: the file is corrupted"
+        elif at_end and _ends_early(text):
+            hint = "it ends early: the file was truncated (copied while being written, or the disk filled up)"
+        else:
+            hint = "it is corrupted"
+        raise SessionError(f"{where} is not valid JSON ({what} at line {exc.lineno}, column {exc.colno}): "
                            f"{hint}. If the run folder holds a session.json.*.tmp file, that is an unfinished "
                            "save and can be deleted.") from None
     except RecursionError:
