@@ -384,3 +384,46 @@ async def test_form_keeps_the_fields_it_does_not_show(loaded, tmp_path, data_dir
         assert (w.n, w.m, w.targets, w.batch_size, w.sequential) == (2, 4, ("q_proj", "up_proj"), 4, "layer")
         r = built.stages[2].config
         assert (r.steps, r.lr, r.targets, r.merge) == (2, 1e-3, ("q_proj", "v_proj"), False)
+
+
+async def test_fast_tab_keys_end_on_the_last_tab_asked_for(loaded, tmp_path, data_dir):
+    """Issue 14: `5 4 5 3` pressed quickly, while a worker posts log lines, left the lab switching
+    between Results and Run forever (pending focus calls switched each other's tab back)."""
+    from textual.widgets import TabbedContent
+
+    from tui.widgets.run_panel import RunPanel
+
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        tabs = app.query_one(TabbedContent)
+        stop = threading.Event()
+
+        def chatter():  # a worker posting events the whole time
+            while not stop.is_set():
+                app.call_from_thread(app.query_one(RunPanel).write, "tick", "dim")
+                stop.wait(0.01)
+
+        worker = threading.Thread(target=chatter, daemon=True)
+        worker.start()
+        try:
+            for keys in (("5", "4", "5", "3"), ("4", "5", "1", "2", "5", "4"), ("2", "5", "3", "4")):
+                # alt+N: plain digits are text once the chat prompt has focus (that is wanted)
+                await pilot.press(*(f"alt+{k}" for k in keys))
+                await wait_for(pilot, lambda: app.focused is not None and tabs.active in
+                               {a.id for a in app.focused.ancestors_with_self})
+                last = {"1": "layers", "2": "recipe", "3": "run", "4": "results", "5": "chat"}[keys[-1]]
+                assert tabs.active == last
+                seen = set()
+                for _ in range(20):  # it stays: nothing switches it back later
+                    await pilot.pause(0.02)
+                    seen.add(tabs.active)
+                assert seen == {last}
+        finally:
+            stop.set()
+            await wait_for(pilot, lambda: not worker.is_alive())  # it waits on the loop: never join() here
+        await pilot.press("5")
+        await wait_for(pilot, lambda: app.focused is not None and app.focused.id == "chat-input")
+        await pilot.press("question_mark")  # typed in the chat prompt: text, not Help
+        await pilot.pause()
+        assert len(app.screen_stack) == 1 and "?" in app.query_one("#chat-input").value

@@ -123,9 +123,23 @@ class FrankenLab(RunActions, FileActions, App):
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        target = self.FOCUS.get(event.pane.id or "")
-        if target:
-            self.call_after_refresh(lambda: self.query_one(target).focus())
+        if (event.pane.id or "") in self.FOCUS:
+            self.call_after_refresh(self._focus_pane, event.pane.id)
+
+    def _focus_pane(self, pane: str) -> None:
+        """Focus the pane's main widget, if that pane is still the one shown and focus is not in it yet.
+
+        TabbedContent switches to the pane of any widget focused in code. Without these checks a
+        focus scheduled for a tab the user has already left switched back to it, whose own focus
+        switched back again: fast tab keys (5 4 5 3) ping-ponged between two panes forever."""
+        tabs = self.query(TabbedContent)
+        if not tabs or tabs.first().active != pane or self.screen is not tabs.first().screen:
+            return
+        focused = self.focused
+        if focused is not None and any(a.id == pane for a in focused.ancestors_with_self):
+            return
+        for target in self.query(self.FOCUS[pane]):
+            target.focus()
 
     def _handle_exception(self, error: Exception) -> None:
         # Worker results and widget messages can still be delivered while the app tears its screen
