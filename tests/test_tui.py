@@ -427,3 +427,31 @@ async def test_fast_tab_keys_end_on_the_last_tab_asked_for(loaded, tmp_path, dat
         await pilot.press("question_mark")  # typed in the chat prompt: text, not Help
         await pilot.pause()
         assert len(app.screen_stack) == 1 and "?" in app.query_one("#chat-input").value
+
+
+async def test_footer_at_80x24_shows_run_and_help_on_every_pane(loaded, tmp_path, data_dir):
+    from textual.widgets import TabbedContent
+    from textual.widgets._footer import FooterKey
+
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=(80, 24)) as pilot:
+        tabs = app.query_one(TabbedContent)
+        for key, pane in zip("123456", ("layers", "recipe", "run", "results", "chat", "sessions")):
+            await pilot.press(f"alt+{key}")
+            await wait_for(pilot, lambda: tabs.active == pane and app.focused is not None
+                           and pane in {a.id for a in app.focused.ancestors_with_self})
+            await pilot.pause()
+            shown = {fk.action for fk in app.query(FooterKey)
+                     if fk.region.width > 0 and fk.region.right <= 80 and fk.region.y == 23}
+            assert {"run", "cancel_run", "help"} <= {a.split(".")[-1] for a in shown}, (pane, shown)
+
+
+async def test_checkbox_glyph_differs_on_and_off_in_plain_text(loaded, tmp_path, data_dir):
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        box = app.query_one("#chat-ab")
+        off = str(box.render())
+        box.value = True
+        await pilot.pause()
+        on = str(box.render())
+        assert off != on and "X" in on and "X" not in off

@@ -46,7 +46,7 @@ class FrankenLab(RunActions, FileActions, App):
     TITLE = "frankenlab"
     BINDINGS = [
         Binding("ctrl+r", "run", "Run", priority=True),
-        Binding("ctrl+x", "cancel_run", "Cancel run", priority=True),
+        Binding("ctrl+x", "cancel_run", "Cancel", priority=True),
         Binding("f1,question_mark", "help", "Help"),
         Binding("ctrl+s", "save_session", "Save session", show=False),
         Binding("ctrl+o", "open_session", "Open session", show=False),
@@ -102,7 +102,7 @@ class FrankenLab(RunActions, FileActions, App):
                 yield ChatPanel(id="chatpanel", max_new_tokens=self.chat_tokens)
             with TabPane("6 Sessions", id="sessions"):
                 yield SessionsPanel(self.lab.runs_dir, id="sessionspanel")
-        yield Footer()
+        yield Footer(compact=True)  # at 80 columns the keys that matter on every pane still show
 
     def on_mount(self) -> None:
         self.theme = "textual-dark"

@@ -13,6 +13,7 @@ from textual.message import Message
 from textual.widgets import Checkbox, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
+from tui.widgets.tickbox import TickBox
 from tui.chat import ChatTarget, ReplyStats, stream_reply, timed
 
 
@@ -47,7 +48,7 @@ class ChatPanel(Vertical):
         with Horizontal(id="chat-controls"):
             yield Label("A", classes="side-label")
             yield Select([], prompt="model (A)", id="chat-a", compact=True)
-            yield Checkbox("A/B", False, id="chat-ab", compact=True,
+            yield TickBox("A/B", False, id="chat-ab", compact=True,
                            tooltip="A/B: answer the same prompt with two models side by side")
             yield Select([], prompt="model (B)", id="chat-b", compact=True)
         with Horizontal(id="transcripts"):
