@@ -177,13 +177,39 @@ async def test_run_results_save_and_reopen(loaded, tmp_path, data_dir):
         assert "event loop during the run" in log
         labels = [t.label for t in app.chat_targets().values()]
         assert "stage 1 depth" in labels and "stage 2 width" in labels
-        # save the session as a new file
+        # the memory-bar selector follows the latest finished stage (issue 14), reachable with "m"
+        memory = app.query_one("#memory")
+        sel = app.query_one("#memory-state")
+        await wait_for(pilot, lambda: str(sel.value).startswith("stage 2"), timeout=20)
+        app.query_one("#results-table").focus()
+        await wait_for(pilot, lambda: app.focused is not None and app.focused.id == "results-table")
+        await pilot.press("m")
+        assert app.focused is sel
+        sel.value = "baseline"  # the user picks one: later stages do not move it
+        await wait_for(pilot, lambda: memory.picked == "baseline")
+        memory.set_session(s)
+        await pilot.pause()
+        assert sel.value == "baseline"
+        # every save says where it wrote: a typed folder gets session.json inside it
+        (tmp_path / "folder").mkdir()
+        for typed, expect in ((str(tmp_path / "folder") + "/", tmp_path / "folder" / "session.json"),
+                              (str(tmp_path / "saved.json"), tmp_path / "saved.json")):
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: app.screen.query("#prompt-input"), timeout=10)
+            inp = app.screen.query_one("#prompt-input")
+            inp.value = typed
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: expect.exists(), timeout=10)
+            await wait_for(pilot, lambda: any(f"session saved to {expect}" in str(n.message)
+                                              for n in app._notifications), timeout=10)
+        # ... or why it could not
+        (tmp_path / "plainfile").write_text("x")
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: app.screen.query("#prompt-input"), timeout=10)
-        inp = app.screen.query_one("#prompt-input")
-        inp.value = str(tmp_path / "saved.json")
+        app.screen.query_one("#prompt-input").value = str(tmp_path / "plainfile" / "s.json")
         await pilot.press("enter")
-        await wait_for(pilot, lambda: (tmp_path / "saved.json").exists(), timeout=10)
+        await wait_for(pilot, lambda: any("cannot write" in str(n.message) and "plainfile" in str(n.message)
+                                          for n in app._notifications), timeout=10)
     saved = tmp_path / "saved.json"
     assert json.loads(saved.read_text())["status"] == "done"
     # reopen it in a fresh lab

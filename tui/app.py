@@ -109,7 +109,8 @@ class FrankenLab(RunActions, FileActions, App):
         logging.getLogger().addHandler(self._log_handler)
         self.begin_capture_print(self.query_one(RunPanel).log_widget, stdout=True, stderr=True)
         self.set_interval(TICK, self.probe.tick)
-        self.query_one(LayerGrid).focus()
+        if not self.session_path:  # a focus call switches tabs: it would pull a reopened session back to Layers
+            self.query_one(LayerGrid).focus()
         self.query_one(RecipeForm).model_source = self.lab.model_ref
         if self.recipe_arg:
             self._load_recipe_file(str(self.recipe_arg))
@@ -262,6 +263,9 @@ class FrankenLab(RunActions, FileActions, App):
 
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
+
+    def action_focus_memory(self) -> None:
+        self.query_one(MemoryPanel).focus_selector()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
