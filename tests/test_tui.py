@@ -320,6 +320,21 @@ async def test_chat_streams_and_ab(loaded, tmp_path, data_dir, monkeypatch):
         assert "".join(pieces).strip() and "".join(pieces).strip()[:5] in str(reply.render())
         tr = chat.query_one("#transcript-a")
         assert [m["role"] for m in tr.history] == ["user", "assistant"]
+        stats = str(chat.query("#transcript-a .msg.stats").last().render())
+        n = int(stats.split()[0])
+        assert "tokens," in stats and "pieces" not in stats and "greedy" in stats and 1 <= n <= 8, stats
+        # sampling settings: a bad value is refused with a message, a good one is used and said
+        chat.query_one("#chat-temp").value = "warm"
+        chat.send("x")
+        await wait_for(pilot, lambda: any("temp must be a number" in str(m.message) for m in app._notifications))
+        chat.query_one("#chat-temp").value = "0.7"
+        chat.query_one("#chat-topp").value = "0.9"
+        chat.send("again")
+        await wait_for(pilot, lambda: len(chat.query("#transcript-a .msg.stats")) == 2, timeout=120)
+        assert "temperature 0.7, top-p 0.9" in str(chat.query("#transcript-a .msg.stats").last().render())
+        chat.query_one("#chat-temp").value = "0"
+        chat.action_new_chat()
+        await pilot.pause()
         # A/B: baseline against the grid's plan, side by side
         app.query_one("#grid").toggle(0)  # (digits would go into the focused chat input)
         await pilot.pause()
@@ -328,7 +343,7 @@ async def test_chat_streams_and_ab(loaded, tmp_path, data_dir, monkeypatch):
         chat.query_one("#chat-input").focus()
         await pilot.press(*"hi", "enter")
         await wait_for(pilot, lambda: len(chat.query("#transcript-b .msg.stats")) == 1
-                       and len(chat.query("#transcript-a .msg.stats")) == 2, timeout=120)
+                       and len(chat.query("#transcript-a .msg.stats")) == 1, timeout=120)
         assert chat.query_one("#transcript-b").display
 
 
