@@ -57,7 +57,7 @@ class LayerGrid(Widget, can_focus=True):
         Binding("space,enter", "toggle", "Skip"),  # short: the footer must fit 80 columns (legend says more)
         Binding("plus,equals_sign", "repeat(1)", "Repeat"),
         Binding("minus", "repeat(-1)", "Repeat -", show=False),
-        Binding("0", "reset", "Reset"),
+        Binding("0", "reset", "Reset", show=False),  # in the legend under the grid
         Binding("u", "app.use_plan", "To recipe"),
         Binding("e", "app.estimate", "Estimate", show=False),
         Binding("i", "app.scan", "Scan"),
