@@ -148,7 +148,8 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     seconds = quant.quantize(prequant, qdir, ids, bits=config.bits, group_size=g, desc_act=config.desc_act,
                              sym=config.sym, damp_percent=config.damp_percent, batch_size=config.batch_size,
                              device=ctx.device, work_dir=work,
-                             on_layer=lambda i, n: ctx.progress(0.05 + 0.8 * i / n, f"GPTQ layer {i + 1}/{n}"))
+                             on_layer=lambda i, n: (ctx.check_cancel(),  # a cancel stops between layers
+                                                    ctx.progress(0.05 + 0.8 * i / n, f"GPTQ layer {i + 1}/{n}")))
     (work / "README.md").write_text(
         f"# GPTQ {config.bits}-bit, group size {g}\n\n- `quantized/`: gptqmodel format; load with "
         "`pipeline.quant.load_quantized(path)` (torch kernel, bfloat16 on CPU) or `GPTQModel.load(path)`.\n"
