@@ -229,7 +229,7 @@ def loads_session(text: str, where: str = "session") -> Session:
         at_end = exc.pos >= len(text.rstrip())
         if what.startswith("Invalid control character"):
             hint = f"it holds a control character (code {ord(text[exc.pos]):#04x}) there: the file is corrupted"
-        elif at_end and _ends_early(text):
+        elif (at_end or what.startswith("Unterminated string")) and _ends_early(text):
             hint = "it ends early: the file was truncated (copied while being written, or the disk filled up)"
         else:
             hint = "it is corrupted"
