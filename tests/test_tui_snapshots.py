@@ -68,6 +68,9 @@ async def settle(pilot, until=lambda app: True):
         await pilot.pause()
         await pilot.wait_for_scheduled_animations()
         if until(pilot.app):
+            # toasts ("recipe loaded", "session opened") vanish after a time: on a loaded machine
+            # they were still up, on an idle one gone. The pictures show the panes without them.
+            pilot.app.clear_notifications()
             await pilot.pause()  # one more frame drawn with that state
             return
     raise AssertionError("the pane never reached the state of its snapshot")
