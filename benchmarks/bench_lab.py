@@ -76,11 +76,82 @@ async def drive(app, layers: list[int], timeout: float) -> tuple[list[tuple[int,
     return rows, gaps
 
 
+async def together(app, seconds: float, recipe: str) -> tuple[list[float], list[float]]:
+    """A run, a what-if estimate and a chat reply at once (issue 14): the event loop's extra delay per
+    50 ms tick, and how long a tab key takes to show its tab, while all three compute."""
+    from textual.widgets import TabbedContent
+
+    gaps: list[float] = []
+    keys: list[float] = []
+    async with app.run_test(size=(80, 24)) as pilot:
+        while app.lab.loaded is None:
+            await pilot.pause(0.1)
+        last = [time.perf_counter()]
+
+        def tick() -> None:
+            now = time.perf_counter()
+            gaps.append(now - last[0] - 0.05)
+            last[0] = now
+
+        app.set_interval(0.05, tick)
+        app._load_recipe_file(recipe)
+        await pilot.press("ctrl+r")  # the run
+        app.query_one("#grid").toggle(5)  # a what-if estimate
+        app.action_estimate()
+        chat = app.query_one("#chatpanel")
+        chat.send("What is the capital of France?")  # a chat reply
+        tabs = app.query_one(TabbedContent)
+        t_end = time.perf_counter() + seconds
+        order = ["alt+1", "alt+4", "alt+5", "alt+3"]
+        i = 0
+        while time.perf_counter() < t_end and (app.lab.running or chat.query(".msg.stats") == []):
+            key = order[i % len(order)]
+            want = {"alt+1": "layers", "alt+4": "results", "alt+5": "chat", "alt+3": "run"}[key]
+            t0 = time.perf_counter()
+            await pilot.press(key)
+            while tabs.active != want:
+                await asyncio.sleep(0.005)
+            keys.append(time.perf_counter() - t0)
+            i += 1
+            await pilot.pause(0.3)
+        app.lab.cancel.set()
+    return gaps, keys
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * q))] * 1000
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default=None, help="layers to toggle, e.g. 0,10,20 (default: all)")
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--together", type=float, default=None, metavar="SECONDS",
+                    help="instead: a run, a what-if estimate and a chat reply at once for SECONDS; prints the "
+                         "event loop's p99 extra delay (target < 100 ms) and tab-key latency")
+    ap.add_argument("--recipe", default="width1of8", help="with --together: the recipe the run uses")
     args = ap.parse_args(argv)
+    if args.together:
+        from benchmarks.common import load_average
+        from pipeline.models import load_model
+        from tui.app import create_app
+        from tui.cli import _quiet_libraries
+
+        _quiet_libraries()
+        lm = load_model()
+        data_dir = os.environ.get("FRANKENLAB_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+        print(f"together: load average before {load_average()}")
+        app = create_app(loaded=lm, data_dir=data_dir, runs_dir=str(ROOT / "runs" / "bench-lab"), chat_tokens=48)
+        gaps, keys = asyncio.run(together(app, args.together, args.recipe))
+        figures = {"event_loop_p99_extra_ms": _pct(gaps, 0.99), "event_loop_max_extra_ms": _pct(gaps, 1.0),
+                   "tab_key_p50_ms": _pct(keys, 0.5) if keys else None,
+                   "tab_key_max_ms": _pct(keys, 1.0) if keys else None}
+        print(f"event loop: {len(gaps)} ticks, p99 extra {figures['event_loop_p99_extra_ms']:.0f} ms, max "
+              f"{figures['event_loop_max_extra_ms']:.0f} ms; tab keys: {len(keys)}, median "
+              f"{figures['tab_key_p50_ms'] or 0:.0f} ms, max {figures['tab_key_max_ms'] or 0:.0f} ms; "
+              f"load average after {load_average()}")
+        return figures
 
     from benchmarks.common import load_average, machine_line
     from pipeline.models import decoder_layers, load_model

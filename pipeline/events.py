@@ -81,6 +81,7 @@ class StageFinished(Event):
 class RunFailed(Event):
     message: str
     error_type: str = ""
+    cause: str = ""  # "input": the user can fix it (recipe, data, model path, disk); "": a crash
 
 
 @dataclass(frozen=True)

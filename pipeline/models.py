@@ -119,9 +119,12 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+        except Exception as exc:  # noqa: BLE001 - the gguf reader's errors ("cannot reshape array") are opaque
+            raise ModelLoadError(gguf_problem(gguf, exc)) from None
         # GGUF loading marks the model as quantized; the weights are plain fp32 by now.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -139,7 +142,21 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
+def gguf_problem(gguf: Path, exc: Exception | None = None) -> str:
+    """One line for a .gguf file that cannot be read: which file, why, what to do."""
+    why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:120] if exc is not None else ""
+    return (f"{gguf} is not a readable GGUF model ({why or 'it does not start with the GGUF magic bytes'}): "
+            "the file is corrupt or truncated; download it again, or pass an HF folder with --model")
+
+
 def ensure_converted(gguf: Path) -> Path:
+    try:
+        with open(gguf, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {gguf} ({exc.strerror}): check the path and its permissions") from None
+    if head != b"GGUF":  # checked before anything heavy loads
+        raise ModelLoadError(gguf_problem(gguf))
     out = cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
     if (out / "config.json").exists():
         return out

@@ -141,7 +141,9 @@ class Recipe:
                 stype.check_for(s.config, n_layers)
                 n_layers = stype.layers_after(s.config, n_layers)
             except (RecipeError, ValueError) as exc:
-                raise RecipeError(f"stage {i} ({s.kind}): {exc}") from None
+                err = RecipeError(f"stage {i} ({s.kind}): {exc}")
+                err.stage = i  # the refusal belongs to this stage (counted within this recipe)
+                raise err from None
 
 
 def bundled_recipes() -> list[str]:

@@ -33,6 +33,7 @@ from .memory import footprint_summary
 from .models import LoadedModel, ModelLoadError, count_parameters, decoder_layers, load_model, resolve_source
 from .provenance import describe_zeros, weights_origin
 from .recipe import Recipe, StageSpec
+from .runlock import RunLock
 from .stages import stage_kind
 
 
@@ -110,7 +111,9 @@ def preflight(recipe: Recipe, data_dir: Path | None) -> list[str]:
             warnings += [f"stage {i} ({s.kind}): {w}" for w in stage_kind(s.kind).preflight(s.config, recipe.evaluation,
                                                                                              data_dir)]
         except RecipeError as exc:
-            raise RecipeError(f"stage {i} ({s.kind}): {exc}") from None
+            err = RecipeError(f"stage {i} ({s.kind}): {exc}")
+            err.stage = i
+            raise err from None
     return warnings
 
 
@@ -148,22 +151,31 @@ class Runner:
         first = self.opt.start_stage
         planned = [{"index": 0, "kind": "baseline", "name": "baseline", "params": {}}] + [
             {"index": i, "kind": s.kind, "name": s.label, "params": s.params()} for i, s in enumerate(rec.stages, 1)]
+        lock, lock_error, took_over = RunLock(self.out), None, None
+        try:  # a live run in this folder refuses (RunFolderBusy) before anything is written
+            took_over = lock.acquire()
+        except OSError as exc:  # e.g. a read-only parent: reported as the run's failure below
+            lock_error = exc
         self.emit(RunStarted(-1, rec.to_dict(), str(self.out), planned, first))
         remaining = replace(rec, stages=rec.stages[first - 1:])  # what depth checks apply to
-        index, status, message, model = -1, "done", "", None
+        index, status, message, model, cause = -1, "done", "", None, ""
         try:
+            if lock_error is not None:
+                raise lock_error
+            if took_over:
+                self.emit(LogLine(-1, took_over, "warning"))
             self._write_recipe()
             for warning in preflight(rec, self.opt.data_dir):
                 self.emit(LogLine(-1, warning, "warning"))
             if self.loaded is None:
                 depth = model_depth(rec.model.source)
                 if depth is not None:
-                    remaining.check_for(depth)
+                    self._check_depth(remaining, depth, first)
                 self.emit(LogLine(-1, f"loading model {rec.model.source!r}"))
                 self.loaded = load_model(rec.model.source, device=rec.model.device, dtype=rec.model.dtype,
                                          trust_remote_code=rec.model.trust_remote_code)
             lm = self.loaded
-            remaining.check_for(len(decoder_layers(lm.model)))
+            self._check_depth(remaining, len(decoder_layers(lm.model)), first)
             source_info = {"ref": rec.model.source, **lm.source.to_dict()}
             origin = weights_origin(source_info)
             if origin:  # e.g. the bundled Q4_1 GGUF: a quantization stage's cost on it is understated
@@ -183,28 +195,42 @@ class Runner:
                     continue
                 model, source = self._stage(index, spec, model, run_ctx, source)
         except (Cancelled, KeyboardInterrupt):
-            status, message = "cancelled", "cancelled by the user; finished stages are kept"
+            status = "cancelled"
+            message = ("cancelled by the user; finished stages are kept" if self.records
+                       else "cancelled by the user; no stage had finished")
         except (RecipeError, DataNotFound, ModelLoadError) as exc:
-            status, message = "failed", str(exc)
+            status, message, cause = "failed", str(exc), "input"
+            index = getattr(exc, "stage", None) or index  # a stage's refusal is that stage's row
         except torch.OutOfMemoryError:
             status, message = "failed", ("out of memory: lower the batch size or calibration samples, "
                                          "or run on a device with more memory; finished stages are kept")
+        except OSError as exc:  # a full disk, a read-only folder: the user can fix it, no traceback
+            status, message, cause = "failed", write_problem(exc, self.out), "input"
         except Exception as exc:  # noqa: BLE001 - any stage failure is reported, finished stages kept
             self.emit(LogLine(index, traceback.format_exc(), "error"))
             status, message = "failed", f"{type(exc).__name__}: {exc}"
         if status != "done":
             # a failure before the baseline (data, model, recipe checks) belongs to the baseline row
-            self.emit(RunFailed(max(index, 0), message, status))
+            # a refused stage owns its refusal: the stage that was about to run, not the baseline
+            self.emit(RunFailed(max(index, 0), message, status, cause=cause))
+        lock.release()
         self.emit(RunFinished(max(index, 0), status, str(self.out)))
         return RunResult(status, self.out, message, model if status == "done" else None, self.records)
+
+    def _check_depth(self, remaining: Recipe, depth: int, first: int) -> None:
+        try:
+            remaining.check_for(depth)
+        except RecipeError as exc:
+            if getattr(exc, "stage", None):
+                exc.stage += first - 1  # the index in the whole recipe
+            raise
 
     def _write_recipe(self) -> None:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.toml").write_text(self.recipe.dumps())
         except OSError as exc:
-            raise RecipeError(f"cannot write the run folder {self.out} ({exc.strerror or exc}): choose a folder "
-                              "you can write to (frankenlab run --out DIR)") from None
+            raise RecipeError(write_problem(exc, self.out)) from None
 
     def _measure(self, record: dict, model, ctx: StageContext, final: bool) -> None:
         record["params_count"] = count_parameters(model)
@@ -271,6 +297,17 @@ class Runner:
             f"`{self.recipe.model.source}` with the stages in `frankenlab-recipe.toml`.\n"
             f"Loads with `AutoModelForCausalLM.from_pretrained(\"{d}\")`.\n")
         return d
+
+
+def write_problem(exc: OSError, out: Path) -> str:
+    """One line for an OSError while writing a run: what happened and what to do."""
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return (f"cannot write the run folder {out}: the disk is full; free some space or choose another "
+                "folder (--out DIR); finished stages are kept")
+    return (f"cannot write the run folder {out} ({exc.strerror or exc}): choose a folder you can write to "
+            "(--out DIR)")
 
 
 def new_record(index: int, kind: str, name: str, params: dict) -> dict:

@@ -20,8 +20,9 @@ from pipeline.files import atomic_write_text  # noqa: F401 - one atomic writer f
 
 from .schema import FORMAT, SCHEMA_VERSION, SESSION_SCHEMA, validate
 
-STATUSES = ("running", "done", "failed", "cancelled")
-STAGE_STATUSES = ("pending", "running", "done", "failed", "cancelled", "skipped")
+STATUSES = ("running", "done", "failed", "cancelled", "interrupted")
+STAGE_STATUSES = ("pending", "running", "done", "failed", "cancelled", "skipped", "interrupted")
+# "interrupted" is never written: it is how a reader sees a "running" session whose owner is gone
 SESSION_FILE = "session.json"
 
 
@@ -90,6 +91,7 @@ class Session:
     schema_version: int = SCHEMA_VERSION
     writer: dict = field(default_factory=_writer)
     replay_of: dict | None = None  # {"session_id", "path", "from_stage"} when this run replays another
+    owner: dict | None = None  # {"pid", "host", "started"}: the process running it (pipeline.runlock)
     extra: dict = field(default_factory=dict)  # unknown keys from a file, written back unchanged
     path: str | None = None  # where it was last saved or loaded from (not serialized)
     save_error: str | None = None  # why the last save failed, if it did (not serialized)
@@ -135,7 +137,25 @@ class Session:
                 continue
             d[f.name] = _plain(getattr(self, f.name))
         d["stages"] = [_plain(s.to_dict()) for s in self.stages]
+        if d.get("status") == "interrupted":  # derived when read; on disk it stays what the run wrote
+            d["status"] = "running"
+            for st in d["stages"]:
+                st["status"] = "running" if st.get("status") == "interrupted" else st.get("status")
         return d
+
+    def mark_interrupted(self) -> bool:
+        """A session still "running" whose owning process is gone (kill -9, power cut) becomes
+        "interrupted", and so does the stage it was in; True when that happened."""
+        from pipeline.runlock import describe_owner, owner_alive
+
+        if self.status != "running" or owner_alive(self.owner) is not False:
+            return False
+        self.status = "interrupted"
+        why = f"the run's process ({describe_owner(self.owner)}) ended without finishing this stage"
+        for st in self.stages:
+            if st.status == "running":
+                st.status, st.error = "interrupted", st.error or why
+        return True
 
     @classmethod
     def from_dict(cls, d: dict) -> "Session":
@@ -207,9 +227,15 @@ def loads_session(text: str, where: str = "session") -> Session:
     try:
         data = json.loads(text, parse_constant=_constant)
     except json.JSONDecodeError as exc:
-        hint = ("it ends early: the file was truncated (copied while being written, or the disk filled up)"
-                if _ends_early(text) else "it is corrupted")
-        raise SessionError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
+        what = exc.msg.removesuffix(" at").strip()  # "Invalid control character at" + " at line 3"
+        at_end = exc.pos >= len(text.rstrip())
+        if what.startswith("Invalid control character"):
+            hint = f"it holds a control character (code {ord(text[exc.pos]):#04x}) there: the file is corrupted"
+        elif (at_end or what.startswith("Unterminated string")) and _ends_early(text):
+            hint = "it ends early: the file was truncated (copied while being written, or the disk filled up)"
+        else:
+            hint = "it is corrupted"
+        raise SessionError(f"{where} is not valid JSON ({what} at line {exc.lineno}, column {exc.colno}): "
                            f"{hint}. If the run folder holds a session.json.*.tmp file, that is an unfinished "
                            "save and can be deleted.") from None
     except RecursionError:
@@ -314,6 +340,7 @@ def load_session(path: str | Path) -> Session:
         raise SessionError(f"{p} is not a text file (not UTF-8): it is corrupted or not a session") from None
     session = loads_session(text, str(p))
     session.path = str(p)
+    session.mark_interrupted()
     return session
 
 

@@ -47,7 +47,10 @@ class SessionRecorder:
 
     # -- the events that change the record -------------------------------------------------------
     def _on_RunStarted(self, e: ev.RunStarted) -> None:
-        self.session = Session(recipe=e.recipe, model_source={"ref": (e.recipe.get("model") or {}).get("source")})
+        from pipeline.runlock import process_identity
+
+        self.session = Session(recipe=e.recipe, model_source={"ref": (e.recipe.get("model") or {}).get("source")},
+                               owner=process_identity())
         self.session.events.append(log_entry(e))
         if self.path is None:
             self.path = Path(e.out_dir) / SESSION_FILE

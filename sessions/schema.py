@@ -119,6 +119,11 @@ SESSION_SCHEMA: dict = {
         },
         "stages": {"type": "array", "items": STAGE_SCHEMA},
         "events": {"type": "array", "items": EVENT_SCHEMA},
+        "owner": {
+            "type": ["object", "null"],
+            "description": "the process that ran it: a running session whose owner is gone reads as interrupted",
+            "properties": {"pid": {"type": "integer"}, "host": {"type": "string"}, "started": {"type": "number"}},
+        },
         "replay_of": {
             "type": ["object", "null"],
             "properties": {"session_id": {"type": "string"}, "path": _STR, "from_stage": {"type": "integer"}},

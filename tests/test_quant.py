@@ -356,3 +356,36 @@ def test_lab_chat_targets_open_gptq_and_eora_stages(chain, tmp_path):
         model, tok = targets[key].resolve()
         assert getattr(model, "frankenlab_quant", None), key
     assert targets["stage5"].resolve()[0].frankenlab_quant.get("adapter")
+
+
+CANCEL_CHILD = """
+import sys, threading
+from pipeline.recipe import Recipe
+from sessions import record_run
+recipe = Recipe.load(sys.argv[1])
+cancel = threading.Event()
+def listener(event):
+    # cancel as GPTQ starts its second decoder layer (a pre-hook inside gptqmodel's layer loop)
+    if "GPTQ layer 2/" in str(getattr(event, "message", "")):
+        cancel.set()
+s = record_run(recipe, sys.argv[2], listener=listener, cancel=cancel, data_dir=sys.argv[3])
+print("STATUS", s.status, [st.status for st in s.stages])
+"""
+
+
+def test_cancel_inside_gptq_stops_cleanly(tiny_model_dir, tmp_path, data_dir):
+    """A cancel raised inside gptqmodel's layer loop (where a worker error would os._exit the
+    process) ends the run as cancelled with the earlier stages kept, in a child process so that a
+    hard exit would show as a failure here instead of killing the test run."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_text(tiny_model_dir, CHAIN.split("[[stages]]\nkind = \"eora\"")[0]))
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", CANCEL_CHILD, str(recipe), str(tmp_path / "out"), str(data_dir)],
+                          capture_output=True, text=True, cwd=root, timeout=900,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("STATUS")][-1]
+    assert "cancelled" in line and line.count("'done'") == 4, line  # baseline, depth, width, lora

@@ -58,7 +58,7 @@ def test_unwritable_run_folder_is_one_line(tiny_model_dir, tmp_path, data_dir):
     tiny_recipe(tiny_model_dir, DEPTH_WIDTH).save(recipe)
     cli = subprocess.run([sys.executable, "-m", "tui", "run", str(recipe), "--out", str(out), "--data-dir",
                           str(data_dir)], capture_output=True, text=True, timeout=300)
-    assert cli.returncode == 1 and "Traceback" not in cli.stdout + cli.stderr
+    assert cli.returncode == 2 and "Traceback" not in cli.stdout + cli.stderr
     assert "cannot write the run folder" in cli.stdout
 
 

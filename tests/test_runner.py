@@ -94,7 +94,10 @@ def test_missing_data_fails_before_loading(tiny_model_dir, tmp_path, monkeypatch
 def test_recipe_checked_against_model_depth_before_loading(tiny_model_dir, tmp_path, data_dir):
     session = record_run(tiny_recipe(tiny_model_dir, '[[stages]]\nkind = "depth"\nk = 5'), tmp_path, data_dir=data_dir)
     assert session.status == "failed"
-    assert "cannot remove 5 of 8 layers: 6 are protected" in session.stages[0].error
+    # the refusal belongs to the refusing stage (issue 14): the baseline did not fail, it never ran
+    assert "cannot remove 5 of 8 layers: 6 are protected" in session.stages[1].error
+    assert session.stages[1].status == "failed"
+    assert session.stages[0].status == "skipped" and session.stages[0].error is None
 
 
 def test_cli_run_headless(tiny_model_dir, tmp_path, data_dir):

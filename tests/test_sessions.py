@@ -54,6 +54,7 @@ def full_session() -> Session:
         status="failed", id="0123456789ab", name="my run", created=100.0, updated=200.0,
         schema_version=SCHEMA_VERSION, writer={"program": "frankenlab", "version": "9.9"},
         replay_of={"session_id": "fedcba987654", "path": "/x/session.json", "from_stage": 2},
+        owner={"pid": 4242, "host": "lab-box", "started": 99.5},
         extra={"comment": "kept"},
     )
 

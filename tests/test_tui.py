@@ -188,13 +188,39 @@ async def test_run_results_save_and_reopen(loaded, tmp_path, data_dir):
         assert "event loop during the run" in log
         labels = [t.label for t in app.chat_targets().values()]
         assert "stage 1 depth" in labels and "stage 2 width" in labels
-        # save the session as a new file
+        # the memory-bar selector follows the latest finished stage (issue 14), reachable with "m"
+        memory = app.query_one("#memory")
+        sel = app.query_one("#memory-state")
+        await wait_for(pilot, lambda: str(sel.value).startswith("stage 2"), timeout=20)
+        app.query_one("#results-table").focus()
+        await wait_for(pilot, lambda: app.focused is not None and app.focused.id == "results-table")
+        await pilot.press("m")
+        assert app.focused is sel
+        sel.value = "baseline"  # the user picks one: later stages do not move it
+        await wait_for(pilot, lambda: memory.picked == "baseline")
+        memory.set_session(s)
+        await pilot.pause()
+        assert sel.value == "baseline"
+        # every save says where it wrote: a typed folder gets session.json inside it
+        (tmp_path / "folder").mkdir()
+        for typed, expect in ((str(tmp_path / "folder") + "/", tmp_path / "folder" / "session.json"),
+                              (str(tmp_path / "saved.json"), tmp_path / "saved.json")):
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: app.screen.query("#prompt-input"), timeout=10)
+            inp = app.screen.query_one("#prompt-input")
+            inp.value = typed
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: expect.exists(), timeout=10)
+            await wait_for(pilot, lambda: any(f"session saved to {expect}" in str(n.message)
+                                              for n in app._notifications), timeout=10)
+        # ... or why it could not
+        (tmp_path / "plainfile").write_text("x")
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: app.screen.query("#prompt-input"), timeout=10)
-        inp = app.screen.query_one("#prompt-input")
-        inp.value = str(tmp_path / "saved.json")
+        app.screen.query_one("#prompt-input").value = str(tmp_path / "plainfile" / "s.json")
         await pilot.press("enter")
-        await wait_for(pilot, lambda: (tmp_path / "saved.json").exists(), timeout=10)
+        await wait_for(pilot, lambda: any("cannot write" in str(n.message) and "plainfile" in str(n.message)
+                                          for n in app._notifications), timeout=10)
     saved = tmp_path / "saved.json"
     assert json.loads(saved.read_text())["status"] == "done"
     # reopen it in a fresh lab
@@ -305,6 +331,21 @@ async def test_chat_streams_and_ab(loaded, tmp_path, data_dir, monkeypatch):
         assert "".join(pieces).strip() and "".join(pieces).strip()[:5] in str(reply.render())
         tr = chat.query_one("#transcript-a")
         assert [m["role"] for m in tr.history] == ["user", "assistant"]
+        stats = str(chat.query("#transcript-a .msg.stats").last().render())
+        n = int(stats.split()[0])
+        assert "tokens," in stats and "pieces" not in stats and "greedy" in stats and 1 <= n <= 8, stats
+        # sampling settings: a bad value is refused with a message, a good one is used and said
+        chat.query_one("#chat-temp").value = "warm"
+        chat.send("x")
+        await wait_for(pilot, lambda: any("temp must be a number" in str(m.message) for m in app._notifications))
+        chat.query_one("#chat-temp").value = "0.7"
+        chat.query_one("#chat-topp").value = "0.9"
+        chat.send("again")
+        await wait_for(pilot, lambda: len(chat.query("#transcript-a .msg.stats")) == 2, timeout=120)
+        assert "temperature 0.7, top-p 0.9" in str(chat.query("#transcript-a .msg.stats").last().render())
+        chat.query_one("#chat-temp").value = "0"
+        chat.action_new_chat()
+        await pilot.pause()
         # A/B: baseline against the grid's plan, side by side
         app.query_one("#grid").toggle(0)  # (digits would go into the focused chat input)
         await pilot.pause()
@@ -313,7 +354,7 @@ async def test_chat_streams_and_ab(loaded, tmp_path, data_dir, monkeypatch):
         chat.query_one("#chat-input").focus()
         await pilot.press(*"hi", "enter")
         await wait_for(pilot, lambda: len(chat.query("#transcript-b .msg.stats")) == 1
-                       and len(chat.query("#transcript-a .msg.stats")) == 2, timeout=120)
+                       and len(chat.query("#transcript-a .msg.stats")) == 1, timeout=120)
         assert chat.query_one("#transcript-b").display
 
 
@@ -395,3 +436,77 @@ async def test_form_keeps_the_fields_it_does_not_show(loaded, tmp_path, data_dir
         assert (w.n, w.m, w.targets, w.batch_size, w.sequential) == (2, 4, ("q_proj", "up_proj"), 4, "layer")
         r = built.stages[2].config
         assert (r.steps, r.lr, r.targets, r.merge) == (2, 1e-3, ("q_proj", "v_proj"), False)
+
+
+async def test_fast_tab_keys_end_on_the_last_tab_asked_for(loaded, tmp_path, data_dir):
+    """Issue 14: `5 4 5 3` pressed quickly, while a worker posts log lines, left the lab switching
+    between Results and Run forever (pending focus calls switched each other's tab back)."""
+    from textual.widgets import TabbedContent
+
+    from tui.widgets.run_panel import RunPanel
+
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        tabs = app.query_one(TabbedContent)
+        stop = threading.Event()
+
+        def chatter():  # a worker posting events the whole time
+            while not stop.is_set():
+                app.call_from_thread(app.query_one(RunPanel).write, "tick", "dim")
+                stop.wait(0.01)
+
+        worker = threading.Thread(target=chatter, daemon=True)
+        worker.start()
+        try:
+            for keys in (("5", "4", "5", "3"), ("4", "5", "1", "2", "5", "4"), ("2", "5", "3", "4")):
+                # alt+N: plain digits are text once the chat prompt has focus (that is wanted)
+                await pilot.press(*(f"alt+{k}" for k in keys))
+                await wait_for(pilot, lambda: app.focused is not None and tabs.active in
+                               {a.id for a in app.focused.ancestors_with_self})
+                last = {"1": "layers", "2": "recipe", "3": "run", "4": "results", "5": "chat"}[keys[-1]]
+                assert tabs.active == last
+                seen = set()
+                for _ in range(20):  # it stays: nothing switches it back later
+                    await pilot.pause(0.02)
+                    seen.add(tabs.active)
+                assert seen == {last}
+        finally:
+            stop.set()
+            await wait_for(pilot, lambda: not worker.is_alive())  # it waits on the loop: never join() here
+        await pilot.press("5")
+        await wait_for(pilot, lambda: app.focused is not None and app.focused.id == "chat-input")
+        await pilot.press("question_mark")  # typed in the chat prompt: text, not Help
+        await pilot.pause()
+        assert len(app.screen_stack) == 1 and "?" in app.query_one("#chat-input").value
+
+
+async def test_footer_at_80x24_shows_run_and_help_on_every_pane(loaded, tmp_path, data_dir):
+    from textual.widgets import TabbedContent
+    from textual.widgets._footer import FooterKey
+
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=(80, 24)) as pilot:
+        tabs = app.query_one(TabbedContent)
+        for key, pane in zip("123456", ("layers", "recipe", "run", "results", "chat", "sessions")):
+            await pilot.press(f"alt+{key}")
+            await wait_for(pilot, lambda: tabs.active == pane and app.focused is not None
+                           and pane in {a.id for a in app.focused.ancestors_with_self})
+            await pilot.pause()
+            keys = list(app.query(FooterKey))
+            palette = [fk for fk in keys if fk.action.endswith("command_palette")]
+            edge = palette[0].region.x if palette else 80  # the palette key is docked over the right end
+            shown = {fk.action for fk in keys
+                     if fk.region.width > 0 and fk.region.right <= edge and fk.region.y == 23}
+            assert {"run", "cancel_run", "help"} <= {a.split(".")[-1] for a in shown}, (pane, shown)
+
+
+async def test_checkbox_glyph_differs_on_and_off_in_plain_text(loaded, tmp_path, data_dir):
+    app = make_app(loaded, tmp_path, data_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        box = app.query_one("#chat-ab")
+        off = str(box.render())
+        box.value = True
+        await pilot.pause()
+        on = str(box.render())
+        assert off != on and "X" in on and "X" not in off

@@ -60,10 +60,33 @@ def make(fixed_model, tmp_path, data_dir, **kw):
                       runs_dir=tmp_path / "runs", whatif=False, **kw)
 
 
-async def settle(pilot):
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-    await pilot.wait_for_scheduled_animations()
+async def settle(pilot, until=lambda app: True):
+    """Wait for the state the picture shows (workers done, `until(app)` true), never for a time:
+    on a loaded machine a fixed pause ended before the pane had drawn what the snapshot expects."""
+    for _ in range(2000):
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.wait_for_scheduled_animations()
+        if until(pilot.app):
+            # toasts ("recipe loaded", "session opened") vanish after a time: on a loaded machine
+            # they were still up, on an idle one gone. The pictures show the panes without them.
+            pilot.app.clear_notifications()
+            await pilot.pause()  # one more frame drawn with that state
+            return
+    raise AssertionError("the pane never reached the state of its snapshot")
+
+
+def recipe_shown(app) -> bool:
+    form = app.query_one("#form")
+    return (app.query_one("#tabs").active == "recipe" and bool(form.query("#width-ratio"))
+            and app.focused is None)
+
+
+def results_shown(app) -> bool:
+    memory = app.query_one("#memory")
+    return (app.query_one("#tabs").active == "results" and app.query_one("#results-table").row_count == 3
+            and "baseline" in memory.footprints and app.query_one("#memory-state").value == "stage 2 width"
+            and bool(str(app.query_one("#memory-bars").render()).strip()))
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -87,9 +110,9 @@ def test_recipe_pane(snap_compare, fixed_model, tmp_path, data_dir, size):
     async def before(pilot):
         await settle(pilot)
         await pilot.press("2")
-        await settle(pilot)
+        await settle(pilot, lambda app: app.query_one("#tabs").active == "recipe")
         pilot.app.set_focus(None)
-        await settle(pilot)
+        await settle(pilot, recipe_shown)
 
     assert snap_compare(app, terminal_size=size, run_before=before)
 
@@ -99,9 +122,10 @@ def test_results_pane(snap_compare, fixed_model, tmp_path, data_dir, size):
     app = make(fixed_model, tmp_path, data_dir, session_path=fixed_session(tmp_path / "s" / "session.json"))
 
     async def before(pilot):
-        await settle(pilot)
+        await settle(pilot, lambda app: app.query_one("#results-table").row_count == 3
+                     and "baseline" in app.query_one("#memory").footprints)
         pilot.app.query_one("#memory-state").value = "stage 2 width"
-        await settle(pilot)
+        await settle(pilot, results_shown)
 
     assert snap_compare(app, terminal_size=size, run_before=before)
 

@@ -47,7 +47,7 @@ class FrankenLab(RunActions, FileActions, App):
     TITLE = "frankenlab"
     BINDINGS = [
         Binding("ctrl+r", "run", "Run", priority=True),
-        Binding("ctrl+x", "cancel_run", "Cancel run", priority=True),
+        Binding("ctrl+x", "cancel_run", "Cancel", priority=True),
         Binding("f1,question_mark", "help", "Help"),
         Binding("ctrl+s", "save_session", "Save session", show=False),
         Binding("ctrl+o", "open_session", "Open session", show=False),
@@ -105,14 +105,15 @@ class FrankenLab(RunActions, FileActions, App):
                 yield SessionsPanel(self.lab.runs_dir, id="sessionspanel")
             with TabPane("7 Sweep", id="sweep"):
                 yield SweepPane(self.lab.runs_dir, self.lab.data_dir, id="sweeppane")
-        yield Footer()
+        yield Footer(compact=True)  # at 80 columns the keys that matter on every pane still show
 
     def on_mount(self) -> None:
         self.theme = "textual-dark"
         logging.getLogger().addHandler(self._log_handler)
         self.begin_capture_print(self.query_one(RunPanel).log_widget, stdout=True, stderr=True)
         self.set_interval(TICK, self.probe.tick)
-        self.query_one(LayerGrid).focus()
+        if not self.session_path:  # a focus call switches tabs: it would pull a reopened session back to Layers
+            self.query_one(LayerGrid).focus()
         self.query_one(RecipeForm).model_source = self.lab.model_ref
         if self.recipe_arg:
             self._load_recipe_file(str(self.recipe_arg))
@@ -130,9 +131,23 @@ class FrankenLab(RunActions, FileActions, App):
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        target = self.FOCUS.get(event.pane.id or "")
-        if target:
-            self.call_after_refresh(lambda: self.query_one(target).focus())
+        if (event.pane.id or "") in self.FOCUS:
+            self.call_after_refresh(self._focus_pane, event.pane.id)
+
+    def _focus_pane(self, pane: str) -> None:
+        """Focus the pane's main widget, if that pane is still the one shown and focus is not in it yet.
+
+        TabbedContent switches to the pane of any widget focused in code. Without these checks a
+        focus scheduled for a tab the user has already left switched back to it, whose own focus
+        switched back again: fast tab keys (5 4 5 3) ping-ponged between two panes forever."""
+        tabs = self.query(TabbedContent)
+        if not tabs or tabs.first().active != pane or self.screen is not tabs.first().screen:
+            return
+        focused = self.focused
+        if focused is not None and any(a.id == pane for a in focused.ancestors_with_self):
+            return
+        for target in self.query(self.FOCUS[pane]):
+            target.focus()
 
     def _handle_exception(self, error: Exception) -> None:
         # Worker results and widget messages can still be delivered while the app tears its screen
@@ -255,6 +270,9 @@ class FrankenLab(RunActions, FileActions, App):
 
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
+
+    def action_focus_memory(self) -> None:
+        self.query_one(MemoryPanel).focus_selector()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

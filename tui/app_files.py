@@ -6,6 +6,7 @@ Sessions are read only through `sessions.load_session`, which validates them; ev
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +19,7 @@ from tui.screens.compare import CompareScreen
 from tui.screens.prompt import PromptScreen
 from tui.widgets.layer_grid import LayerGrid
 from tui.widgets.memory import MemoryPanel
+from tui.widgets.run_panel import RunPanel
 from tui.widgets.recipe_form import RecipeForm
 from tui.widgets.results import ResultsPanel
 from tui.widgets.sessions_panel import SessionsPanel
@@ -62,7 +64,8 @@ class FileActions:
             self.notify(str(exc), title="recipe refused", severity="error")
             return
         self.push_screen(PromptScreen("Write recipe to:", f"{recipe.name}.toml"),
-                         lambda p: p and self._write(recipe.save, p, "recipe written to", "recipe not written"))
+                         lambda p: p and self._write(recipe.save, p, "recipe written to", "recipe not written",
+                                                     f"{recipe.name}.toml"))
 
     def action_save_session(self) -> None:
         if self.lab.session is None:
@@ -70,14 +73,26 @@ class FileActions:
             return
         session = self.lab.session
         self.push_screen(PromptScreen("Save session as:", self.lab.save_session_default()),
-                         lambda path: path and self._write(session.save, path, "session saved to", "session not saved"))
+                         lambda path: path and self._write(session.save, path, "session saved to", "session not saved",
+                                                           "session.json"))
 
-    def _write(self, save: Callable, path: str, done: str, failed: str) -> None:
+    def _write(self, save: Callable, path: str, done: str, failed: str, file_name: str) -> None:
+        """Every save says where it wrote (the full path), or why it could not, in a notification and
+        in the run log. A folder (existing, or typed with a trailing /) gets `file_name` inside it;
+        ~ is expanded."""
+        target = Path(path.strip()).expanduser()
+        if path.strip().endswith(("/", os.sep)) or target.is_dir():
+            target = target / file_name
         try:
-            save(path)
-            self.notify(f"{done} {path}")
-        except OSError as exc:
-            self.notify(str(exc), title=failed, severity="error")
+            written = save(target) or target
+        except (OSError, ValueError) as exc:
+            why = f"cannot write {target} ({getattr(exc, 'strerror', None) or exc}): choose another place"
+            self.notify(why, title=failed, severity="error", timeout=10)
+            self.query_one(RunPanel).write(f"{failed}: {why}", "bold red")
+            return
+        where = Path(written).resolve()
+        self.notify(f"{done} {where}", timeout=8)
+        self.query_one(RunPanel).write(f"{done} {where}", "green")
 
     def action_open_session(self) -> None:
         self.push_screen(PromptScreen("Open session (session.json or run folder):"),

@@ -108,7 +108,7 @@ class RunActions:
             self.notify("no run is going", severity="warning")
             return
         self.lab.cancel.set()
-        self.query_one(RunPanel).write("cancelling after the current batch; finished stages are kept", "yellow")
+        self.query_one(RunPanel).write("cancelling after the current step; finished stages are kept", "yellow")
 
     def replay(self, path: Path) -> None:
         """Re-run a saved session's recipe and compare every metric with the saved one."""

@@ -54,22 +54,69 @@ class _Stop:
         return bool(self.cancelled())
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a reply is decoded. temperature 0 = greedy (the default: comparisons stay deterministic)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 96
+
+    def __post_init__(self):
+        if not 0 <= self.temperature <= 5:
+            raise ValueError("temperature must be between 0 (greedy) and 5")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top-p must be above 0 and at most 1")
+        if not 0.5 <= self.repetition_penalty <= 3:
+            raise ValueError("repetition penalty must be between 0.5 and 3 (1 = none)")
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise ValueError("max new tokens must be between 1 and 4096")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generate_kwargs(self) -> dict:
+        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": not self.greedy}
+        if not self.greedy:
+            kw.update(temperature=self.temperature, top_p=self.top_p)
+        if self.repetition_penalty != 1.0:
+            kw["repetition_penalty"] = self.repetition_penalty
+        return kw
+
+    def describe(self) -> str:
+        head = "greedy" if self.greedy else f"temperature {self.temperature:g}, top-p {self.top_p:g}"
+        rep = f", repetition penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else ""
+        return f"{head}{rep}, up to {self.max_new_tokens} new tokens"
+
+
 def stream_reply(model, tokenizer, messages: list[dict], *, plan: LayerPlan | None = None,
-                 max_new_tokens: int = 96, cancelled: Callable[[], bool] = lambda: False) -> Iterator[str]:
-    """Yield the reply to `messages` piece by piece (greedy decoding)."""
+                 max_new_tokens: int = 96, cancelled: Callable[[], bool] = lambda: False,
+                 sampling: Sampling | None = None, stats: "ReplyStats | None" = None) -> Iterator[str]:
+    """Yield the reply to `messages` piece by piece (greedy unless `sampling` says otherwise);
+    `stats.tokens` counts the tokens generated (a text piece can hold several, or none yet)."""
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
+    sampling = sampling or Sampling(max_new_tokens=max_new_tokens)
     device = next(model.parameters()).device
     ids = prompt_ids(tokenizer, messages).to(device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
+
+    class CountingStreamer(TextIteratorStreamer):
+        def put(self, value):
+            if stats is not None and not (self.skip_prompt and self.next_tokens_are_prompt):
+                stats.tokens += int(value.numel())
+            super().put(value)
+
+    streamer = CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
     failure: list[BaseException] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def generate():
         try:
             with torch.inference_mode():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=pad, streamer=streamer,
+                model.generate(ids, attention_mask=torch.ones_like(ids), **sampling.generate_kwargs(),
+                               pad_token_id=pad, streamer=streamer,
                                stopping_criteria=StoppingCriteriaList([_Stop(cancelled)]))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             failure.append(exc)
@@ -99,9 +146,9 @@ class ReplyStats:
 
 
 def timed(pieces: Iterator[str], stats: ReplyStats) -> Iterator[str]:
+    """Time a reply; the tokens are counted by `stream_reply(stats=...)`, not by text pieces."""
     t0 = time.perf_counter()
     for p in pieces:
-        stats.tokens += 1
         stats.seconds = time.perf_counter() - t0
         yield p
     stats.seconds = time.perf_counter() - t0

@@ -10,18 +10,36 @@ import importlib
 import os
 import pkgutil
 import sys
+from pathlib import Path
 
 from tui import commands, noise
 
 
 def _quiet_libraries() -> None:
-    """Third-party progress bars would tear a TUI and clutter logs (their warnings: `tui.noise`)."""
+    """Third-party progress bars would tear a TUI and clutter logs (their warnings: `tui.noise`).
+
+    Environment variables only: transformers and the hub read them when (if) they are imported, so a
+    command that needs no model (recipes, sessions, --help) never imports torch or transformers."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging  # a dependency: a broken install says so here
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+
+def model_ref_problem(ref: str | None) -> str | None:
+    """A --model that names a local path that is not there, told before anything heavy loads
+    (the same rules as pipeline.models.resolve_source, which needs torch)."""
+    if not ref or ref == "default":
+        return None
+    path = Path(ref).expanduser()
+    if path.exists():
+        return None
+    if path.suffix == ".gguf":
+        return f"GGUF file {ref!r} does not exist: check the path"
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        return (f"model path {ref!r} does not exist (expected an HF folder, a .gguf file, a hub id like "
+                "org/name, or nothing for the bundled default)")
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
+    problem = model_ref_problem(getattr(args, "run_model", None) or args.model)
+    if problem:
+        print(f"frankenlab: {problem}", file=sys.stderr)
+        return 2
     noise.route(terminal=args.command is not None)  # third-party warnings and log lines to a log file
     if args.command is None:
         from tui.app import run_lab

@@ -127,7 +127,10 @@ class LabState:
     # -- runs ------------------------------------------------------------------------------------
     def new_run_dir(self, name: str, stamp: str | None = None) -> Path:
         """runs/<name>-<time>, as `frankenlab run` names them (suffixed -2, -3... when taken)."""
+        from pipeline.runlock import safe_slug
+
         stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+        name = safe_slug(name, "run")  # a typed name never leaves the runs folder ("../x", "/etc/x")
         out, k = self.runs_dir / f"{name}-{stamp}", 1
         while out.exists():
             k += 1

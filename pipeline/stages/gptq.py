@@ -162,7 +162,7 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     seconds = quant.quantize(prequant, qdir, ids, bits=config.bits, group_size=g, desc_act=config.desc_act,
                              sym=config.sym, damp_percent=config.damp_percent, batch_size=config.batch_size,
                              device=ctx.device, work_dir=work, keep_sparsity=keep,
-                             on_layer=lambda i, n: ctx.progress(0.05 + 0.8 * i / n, f"GPTQ layer {i + 1}/{n}"))
+                             on_layer=lambda i, n: _layer_started(ctx, i, n))
     masked = quant_mask.stats() if keep else None
     (work / "README.md").write_text(
         f"# GPTQ {config.bits}-bit, group size {g}\n\n- `quantized/`: gptqmodel format; load with "
@@ -214,3 +214,10 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     if not math.isfinite(sparse["density_after"]):
         raise RecipeError("quantized weights could not be read back")
     return StageResult(qmodel, report, {"model": str(qdir), "prequant": str(prequant)})
+
+
+def _layer_started(ctx, i: int, n: int) -> None:
+    """Called as gptqmodel starts decoder layer i (a forward pre-hook: it must return None, or it
+    would replace the layer's inputs). A cancel stops the stage between layers."""
+    ctx.check_cancel()
+    ctx.progress(0.05 + 0.8 * i / n, f"GPTQ layer {i + 1}/{n}")

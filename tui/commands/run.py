@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,13 +32,19 @@ def register(sub) -> None:
 
 def list_recipes(args) -> int:
     """One line per bundled recipe: name, stages, description (cut to the terminal's width)."""
+    import tomllib
+
     from rich.text import Text
 
-    from pipeline.recipe import Recipe, bundled_recipes
+    import pipeline
 
-    console = Console()
-    recipes = [(name, Recipe.load(name)) for name in bundled_recipes()]
-    rows = [(name, ">".join(s.kind for s in r.stages) or "-", r.description) for name, r in recipes]
+    RECIPES_DIR = Path(pipeline.__file__).parent / "recipes"  # pipeline.recipe.RECIPES_DIR, without its imports
+    console = Console()  # the TOML is read as it is: validating would import every stage (and torch)
+    rows = []
+    for path in sorted(RECIPES_DIR.glob("*.toml")):
+        data = tomllib.loads(path.read_text())
+        kinds = ">".join(str(s.get("kind", "?")) for s in data.get("stages", []) if isinstance(s, dict))
+        rows.append((path.stem, kinds or "-", str(data.get("description", ""))))
     wn, ws = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
     for name, stages, description in rows:
         line = Text(f"{name:<{wn}}  ", style="bold")
@@ -48,10 +55,13 @@ def list_recipes(args) -> int:
     return 0
 
 
-def default_out(recipe_name: str) -> Path:
+def default_out(recipe_name: str, suffix: str = "") -> Path:
+    """runs/<slug of the name><suffix>-<time>: a recipe's name never leaves ./runs ("../x", "/etc/x")."""
     import time
 
-    return Path("runs") / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from pipeline.runlock import safe_slug
+
+    return Path("runs") / f"{safe_slug(recipe_name, 'run')}{suffix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 class ProgressView:
@@ -60,6 +70,7 @@ class ProgressView:
     def __init__(self, console: Console, progress: Progress):
         self.console, self.progress = console, progress
         self.tasks: dict[int, int] = {}
+        self.failure_cause: str | None = None  # "input" when the run failed on something the user can fix
 
     def __call__(self, e: ev.Event) -> None:
         if isinstance(e, ev.StageStarted):
@@ -79,7 +90,8 @@ class ProgressView:
             self.progress.update(self.tasks[e.stage], completed=1.0, description=f"[{e.stage}] {e.kind} done "
                                                                                   f"({e.seconds:.1f}s)")
         elif isinstance(e, ev.RunFailed):
-            self.console.print(f"[bold red]{e.error_type}: {e.message}[/bold red]")
+            self.failure_cause = e.cause
+            self.console.print(f"[bold red]{e.error_type}: {escape(e.message)}[/bold red]")
 
 
 def _value(m: dict) -> str:
@@ -123,19 +135,27 @@ def main(args) -> int:
 
     noise_log = noise.attach(out / "run.log")  # third-party warnings and log lines, not the terminal
     cancel, restore_sigint = ctrl_c_cancels(console, "cancelling")
+    from pipeline.runlock import RunFolderBusy
+
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                       console=console) as progress:
-            session = record_run(recipe, out, listener=ProgressView(console, progress), cancel=cancel,
+            view = ProgressView(console, progress)
+            session = record_run(recipe, out, listener=view, cancel=cancel,
                                  save_models=not args.no_save_models,
                                  data_dir=args.run_data_dir or args.data_dir)
+    except RunFolderBusy as exc:
+        console.print(f"[bold red]cannot run:[/bold red] {escape(str(exc))}")
+        return 2
     finally:
         restore_sigint()
     console.print(results_table(session))
     if session.save_error:
-        console.print(f"[bold red]{session.save_error}[/bold red]")
-        return 1
+        console.print(f"[bold red]{escape(session.save_error)}[/bold red]")
+        return 2
     console.print(f"session written to [bold]{out / 'session.json'}[/bold]")
     if noise_log is not None and noise.route().count:
         console.print(f"[dim]{noise.route().count} third-party log line(s) and warning(s) are in {noise_log}[/dim]")
+    if session.status == "failed" and view.failure_cause == "input":
+        return 2  # bad input (recipe, data, model file, disk): fixable, not a crash
     return {"done": 0, "cancelled": 130}.get(session.status, 1)

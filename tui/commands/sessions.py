@@ -144,13 +144,16 @@ def replay_main(args) -> int:
     except SessionError as exc:
         console.print(f"[bold red]cannot replay:[/bold red] {escape(str(exc))}")
         return 2
-    out = Path(args.out) if args.out else Path("runs") / f"{saved.recipe.get('name') or 'session'}-replay-" \
-                                                          f"{time.strftime('%Y%m%d-%H%M%S')}"
+    from .run import default_out
+
+    out = Path(args.out) if args.out else default_out(str(saved.recipe.get("name") or "session"), "-replay")
     top_device = args.device if getattr(args, "device", "auto") != "auto" else None
     top_dtype = args.dtype if getattr(args, "dtype", "auto") != "auto" else None
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     cancel, restore_sigint = ctrl_c_cancels(console, "cancelling")
+    from pipeline.runlock import RunFolderBusy
+
     console.print(f"replaying [bold]{escape(saved.title)}[/bold] ({saved.id}) from stage {args.from_stage} "
                   f"into {escape(str(out))}")
     try:
@@ -163,7 +166,7 @@ def replay_main(args) -> int:
                             data_dir=args.replay_data_dir or getattr(args, "data_dir", None),
                             listener=ProgressView(console, progress), cancel=cancel,
                             save_models=not args.no_save_models)
-    except SessionError as exc:
+    except (SessionError, RunFolderBusy) as exc:
         console.print(f"[bold red]cannot replay:[/bold red] {escape(str(exc))}")
         return 2
     finally:
@@ -225,6 +228,47 @@ def compare_main(args) -> int:
 
 
 # -- sessions --------------------------------------------------------------------------------------
+def sessions_table(columns, rows, width: int, looked: str) -> Table:
+    """The columns that fit: the path (under 170 columns), the params (140), the stage count and the
+    time of day (100) go (the json format and a pipe keep them all), and perplexity protocols move
+    to the caption, so names and numbers are not folded into 6-character strips."""
+    keep = list(range(len(columns)))
+    if width < 170:
+        keep.remove(columns.index("path"))
+    if width < 140:
+        keep.remove(columns.index("params (nonzero)"))
+    if width < 100:
+        keep.remove(columns.index("stages"))
+        if all(r[columns.index("TriviaQA c/o")] == "- / -" for r in rows):
+            keep.remove(columns.index("TriviaQA c/o"))  # nothing measured: room for the name
+    t = Table(title=f"sessions in {escape(looked)}", box=box.SIMPLE_HEAD if width < 140 else box.HEAVY_HEAD,
+              pad_edge=False)
+    for i in keep:
+        col = columns[i]
+        t.add_column(col if width >= 100 or col != "TriviaQA c/o" else "TQA c/o",
+                     justify="right" if col in ("perplexity", "params (nonzero)") else "left",
+                     overflow="fold", no_wrap=col not in ("name", "configuration", "path", "TriviaQA c/o"),
+                     min_width={"name": 12, "configuration": 14, "path": 20, "TriviaQA c/o": 6}.get(col),
+                     ratio={"name": 2, "configuration": 3, "path": 3}.get(col))
+    protocols = set()
+    for r in rows:
+        cells = [escape(r[i]) for i in keep]
+        if True:  # the protocol goes to the caption (one line for all rows), the number stays
+            p = keep.index(columns.index("perplexity"))
+            value, _, proto = r[columns.index("perplexity")].partition(" (")
+            cells[p] = escape(value)
+            if proto:
+                protocols.add(proto.rstrip(")"))
+        if width < 100:
+            cells[0] = cells[0][:10]  # the date; the time of day is in the json format
+            n = keep.index(columns.index("name"))
+            cells[n] = cells[n].replace(" (", "\n(")  # the id under the name
+        t.add_row(*cells)
+    if protocols:
+        t.caption = escape("perplexity: " + ", ".join(sorted(protocols)))
+    return t
+
+
 def sessions_main(args) -> int:
     from sessions import default_session_dirs, headline, list_sessions
 
@@ -261,24 +305,25 @@ def sessions_main(args) -> int:
     if not entries:
         console.print(f"no sessions found in {escape(looked)}")
         return 0
-    t = Table(title=f"sessions in {escape(looked)}")
-    for col in ("created", "name", "status", "stages", "configuration", "perplexity", "TriviaQA c/o",
-                "params (nonzero)", "path"):
-        t.add_column(col, justify="right" if col in ("perplexity", "params (nonzero)") else "left",
-                     overflow="fold")
+    columns = ("created", "name", "status", "stages", "configuration", "perplexity", "TriviaQA c/o",
+               "params (nonzero)", "path")
     broken = [e for e in entries if e.session is None]
+    rows = []
     for e in entries:
         if e.session is None:
             continue
         s, h = e.session, headline(e.session)
-        ppl = "-" if h["perplexity"] is None else f"{h['perplexity']:.2f} ({escape(h['protocol'] or '')})"
+        ppl = "-" if h["perplexity"] is None else f"{h['perplexity']:.2f} ({h['protocol'] or ''})"
         qa = " / ".join("-" if h[k] is None else f"{100 * h[k]:.1f}%" for k in ("triviaqa_closed", "triviaqa_open"))
         params = "-" if h["params"] is None else f"{h['params']:,} ({h['params_nonzero'] or 0:,})"
         config = " + ".join(x for x in (h["configuration"], h["lora"], h["quantization"]) if x)
-        t.add_row(time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created)), f"{escape(s.title)} ({s.id})", s.status,
-                  f"{h['stages_done']}/{h['stages']}", escape(config), ppl, qa, params, escape(str(e.path)))
-    if len(broken) < len(entries):
-        console.print(t)
+        rows.append((time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created)), f"{s.title} ({s.id})", s.status,
+                     f"{h['stages_done']}/{h['stages']}", config, ppl, qa, params, str(e.path)))
+    if not console.is_terminal:  # piped: plain tab-separated text, every column, nothing cut
+        if rows:
+            sys.stdout.write("\t".join(columns) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+    elif rows:
+        console.print(sessions_table(columns, rows, console.width, looked))
     for e in broken:
         console.print(f"[red]unreadable:[/red] {escape(e.error or str(e.path))}", soft_wrap=True)
     return 0

@@ -13,7 +13,17 @@ from textual.message import Message
 from textual.widgets import Checkbox, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
-from tui.chat import ChatTarget, ReplyStats, stream_reply, timed
+from tui.widgets.tickbox import TickBox
+from tui.chat import ChatTarget, ReplyStats, Sampling, stream_reply, timed
+
+
+# (key, label, default, tooltip): the sampling row, shared by the single and the A/B view
+SAMPLING_FIELDS = (
+    ("temp", "temp", "0", "temperature: 0 = greedy (deterministic, the default for comparisons)"),
+    ("topp", " top-p", "1", "nucleus sampling: keep the most likely tokens up to this probability mass"),
+    ("rep", " rep", "1", "repetition penalty: 1 = none, 1.1-1.3 discourages loops"),
+    ("max", " max", "96", "max new tokens per reply"),
+)
 
 
 class Transcript(VerticalScroll):
@@ -33,27 +43,44 @@ class ChatPanel(Vertical):
     BINDINGS = [Binding("escape", "stop", "Stop reply"), Binding("ctrl+n", "new_chat", "New chat")]
 
     class ReplyDone(Message):
-        def __init__(self, side: str, text: str, stats: ReplyStats, error: str | None = None):
+        def __init__(self, side: str, text: str, stats: ReplyStats, error: str | None = None, how: str = ""):
             super().__init__()
-            self.side, self.text, self.stats, self.error = side, text, stats, error
+            self.side, self.text, self.stats, self.error, self.how = side, text, stats, error, how
 
     def __init__(self, *, id: str | None = None, max_new_tokens: int = 96):
         super().__init__(id=id)
         self.targets: dict[str, ChatTarget] = {}
         self.max_new_tokens = max_new_tokens
+        self._sampling_defaults = {k: (str(max_new_tokens) if k == "max" else v) for k, _, v, _ in SAMPLING_FIELDS}
         self._auto: dict[str, str | None] = {}  # the value each side got by default (not picked by the user)
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="chat-controls"):
             yield Label("A", classes="side-label")
             yield Select([], prompt="model (A)", id="chat-a", compact=True)
-            yield Checkbox("A/B", False, id="chat-ab", compact=True,
+            yield TickBox("A/B", False, id="chat-ab", compact=True,
                            tooltip="A/B: answer the same prompt with two models side by side")
             yield Select([], prompt="model (B)", id="chat-b", compact=True)
         with Horizontal(id="transcripts"):
             yield Transcript("a")
             yield Transcript("b")
+        with Horizontal(id="chat-sampling"):  # greedy by default, so A/B comparisons are deterministic
+            for key, label, value, tip in SAMPLING_FIELDS:
+                yield Label(label, classes="field-label")
+                yield Input(self._sampling_defaults[key], id=f"chat-{key}", compact=True, tooltip=tip)
         yield Input(placeholder="say something to the model (enter sends, esc stops)", id="chat-input", compact=True)
+
+    def sampling(self) -> Sampling:
+        """The settings in the sampling row; raises ValueError with a message saying what to change."""
+        values = {}
+        for key, label, _, _ in SAMPLING_FIELDS:
+            text = self.query_one(f"#chat-{key}", Input).value.strip()
+            try:
+                values[key] = int(text) if key == "max" else float(text)
+            except ValueError:
+                raise ValueError(f"{label.strip()} must be a number, got {text!r}") from None
+        return Sampling(temperature=values["temp"], top_p=values["topp"], repetition_penalty=values["rep"],
+                        max_new_tokens=values["max"])
 
     def on_mount(self) -> None:
         self._sync_ab()
@@ -104,6 +131,11 @@ class ChatPanel(Vertical):
         self.send(text)
 
     def send(self, text: str) -> None:
+        try:
+            sampling = self.sampling()
+        except ValueError as exc:
+            self.app.notify(str(exc), title="chat settings", severity="error")
+            return
         sides = ["a"] + (["b"] if self.query_one("#chat-ab", Checkbox).value else [])
         for side in sides:
             key = self.query_one(f"#chat-{side}", Select).value
@@ -115,24 +147,24 @@ class ChatPanel(Vertical):
                 continue
             tr.history.append({"role": "user", "content": text})
             reply = tr.add("assistant", f"{target.label}: …")
-            self._answer(side, target, list(tr.history), reply)
+            self._answer(side, target, list(tr.history), reply, sampling)
 
     @work(thread=True, group="chat")
-    def _answer(self, side: str, target: ChatTarget, messages: list[dict], reply: Static) -> None:
+    def _answer(self, side: str, target: ChatTarget, messages: list[dict], reply: Static,
+                sampling: Sampling) -> None:
         worker = get_current_worker()
         stats = ReplyStats()
         text, error = "", None
         prefix = f"{target.label}: "
         try:
             model, tokenizer = target.resolve()
-            for piece in timed(stream_reply(model, tokenizer, messages, plan=target.plan,
-                                            max_new_tokens=self.max_new_tokens,
-                                            cancelled=lambda: worker.is_cancelled), stats):
+            for piece in timed(stream_reply(model, tokenizer, messages, plan=target.plan, sampling=sampling,
+                                            stats=stats, cancelled=lambda: worker.is_cancelled), stats):
                 text += piece
                 self.app.call_from_thread(reply.update, prefix + text)
         except Exception as exc:  # noqa: BLE001 - shown in the transcript, the app keeps running
             error = f"{type(exc).__name__}: {exc}"
-        self.post_message(self.ReplyDone(side, text, stats, error))
+        self.post_message(self.ReplyDone(side, text, stats, error, sampling.describe()))
 
     def on_chat_panel_reply_done(self, event: "ChatPanel.ReplyDone") -> None:
         tr = self.query_one(f"#transcript-{event.side}", Transcript)
@@ -143,7 +175,7 @@ class ChatPanel(Vertical):
                 tr.history.pop()
             return
         tr.history.append({"role": "assistant", "content": event.text})
-        tr.add("stats", f"{event.stats.tokens} pieces, {event.stats.rate:.1f}/s")
+        tr.add("stats", f"{event.stats.tokens} tokens, {event.stats.rate:.1f} tokens/s ({event.how})")
 
     def action_stop(self) -> None:
         for w in self.app.workers:

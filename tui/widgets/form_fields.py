@@ -25,6 +25,8 @@ from textual.widgets import Checkbox, Input, Label, Select, Static
 
 from pipeline.config import FieldInfo, RecipeError, config_fields, from_dict
 
+from tui.widgets.tickbox import TickBox
+
 
 def field_text(value: Any) -> str:
     """How a value reads in a text input: empty for None, a comma list for a tuple."""
@@ -109,7 +111,7 @@ class FieldEditor(Vertical):
                 widget = Select([(str(c), c) for c in info.choices], value=value, compact=True, id=self.input_id,
                                 allow_blank=info.optional or value is Select.NULL)
             elif info.base is bool:
-                widget = Checkbox("", bool(self._value), compact=True, id=self.input_id)
+                widget = TickBox("", bool(self._value), compact=True, id=self.input_id)
             else:
                 widget = Input(field_text(self._value), placeholder="empty" if info.optional else "",
                                validators=[FnValidator(self._check_text)], validate_on=["changed", "submitted"],

@@ -54,13 +54,13 @@ class LayerGrid(Widget, can_focus=True):
         Binding("right", "move(1, 0)", "Right", show=False),
         Binding("up", "move(0, -1)", "Up", show=False),
         Binding("down", "move(0, 1)", "Down", show=False),
-        Binding("space,enter", "toggle", "Keep/skip"),
-        Binding("plus,equals_sign", "repeat(1)", "Repeat +"),
-        Binding("minus", "repeat(-1)", "Repeat -"),
-        Binding("0", "reset", "Reset plan"),
-        Binding("u", "app.use_plan", "Plan→depth stage"),
+        Binding("space,enter", "toggle", "Skip"),  # short: the footer must fit 80 columns (legend says more)
+        Binding("plus,equals_sign", "repeat(1)", "Repeat"),
+        Binding("minus", "repeat(-1)", "Repeat -", show=False),
+        Binding("0", "reset", "Reset", show=False),  # in the legend under the grid
+        Binding("u", "app.use_plan", "To recipe"),
         Binding("e", "app.estimate", "Estimate", show=False),
-        Binding("i", "app.scan", "Importance scan"),
+        Binding("i", "app.scan", "Scan"),
     ]
 
     cursor = reactive(0)

@@ -42,6 +42,8 @@ class MemoryPanel(Vertical):
         super().__init__(id=id)
         self.footprints: dict[str, dict] = {}
         self.targets = list_targets()
+        # the selector follows the latest finished stage until the user picks a state themselves
+        self.picked: str | None = None
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="memory-controls"):
@@ -78,17 +80,26 @@ class MemoryPanel(Vertical):
 
     def _options(self) -> None:
         sel = self.query_one("#memory-state", Select)
-        current = sel.value
-        sel.set_options([(k, k) for k in self.footprints])
-        if current in self.footprints:
-            sel.value = current
-        elif self.footprints:
-            sel.value = list(self.footprints)[-1]
+        with sel.prevent(Select.Changed):  # set here, not picked by the user
+            sel.set_options([(k, k) for k in self.footprints])
+            if self.picked in self.footprints:
+                sel.value = self.picked
+            elif self.footprints:
+                sel.value = list(self.footprints)[-1]  # baseline first, then stages in order: the latest
         self.draw()
 
-    @on(Select.Changed)
-    def _changed(self) -> None:
+    @on(Select.Changed, "#memory-state")
+    def _changed(self, event: Select.Changed) -> None:
+        if isinstance(event.value, str):
+            self.picked = event.value  # the user chose it: later stages no longer move the selector
         self.draw()
+
+    @on(Select.Changed, "#memory-target")
+    def _target_changed(self) -> None:
+        self.draw()
+
+    def focus_selector(self) -> None:
+        self.query_one("#memory-state", Select).focus()
 
     # -- drawing ------------------------------------------------------------------------------
     def draw(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable
 from textual_plotext import PlotextPlot
@@ -46,6 +47,8 @@ def footprint_total(fp: dict | None) -> float | None:
 
 
 class ResultsPanel(Vertical):
+    BINDINGS = [Binding("m", "app.focus_memory", "Memory")]  # the memory-bar selector, by keyboard
+
     COLUMNS = ("#", "stage", "status", "perplexity (protocol)", "TQA closed", "TQA open", "params", "nonzero",
                "layers", "footprint", "s")
 
