@@ -11,7 +11,7 @@ HELP = """\
 # frankenlab
 
 Compress a small LLaMA model and see what each step costs and buys.
-Switch panes with **1-6** (**alt+1-6** while typing, or click the tabs); **ctrl+p** opens the command palette with every action.
+Switch panes with **1-7** (**alt+1-7** while typing, or click the tabs); **ctrl+p** opens the command palette with every action.
 
 | pane | what it does |
 |---|---|
