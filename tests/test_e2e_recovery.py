@@ -70,7 +70,11 @@ def test_depth_width_lora_gptq_eora_on_bundled_model(tmp_path, data_dir):
     assert json.loads((Path(r["quantized_path"]) / "quantize_config.json").read_text())["bits"] == 4
     # EoRA: adapter beside the quantized model, applied to every quantized projection
     assert (Path(eora_st.report["adapter_path"]) / "adapter_model.safetensors").is_file()
-    assert eora_st.report["layers_with_adapter"] == 28 * 7 and eora_st.artifact == r["quantized_path"]
+    assert eora_st.report["layers_with_adapter"] == 28 * 7
+    # the EoRA artifact is its stage folder: a manifest naming the quantized model and the adapter,
+    # so that it opens with the adapter applied (pipeline.quant.describe_folder)
+    assert (Path(eora_st.artifact) / "frankenlab-quant.json").is_file()
+    assert gptq_st.report["pattern_holds"] is True  # masked GPTQ kept the 2:4 zeros
     base, final = session.stages[0].metric("perplexity"), eora_st.metric("perplexity")
     assert math.isfinite(final["value"]) and final["protocol"] == base["protocol"]
     assert final["value"] < 2000  # 2:4 on a 135M model costs a lot (about 31 -> 350 here) but it is not broken
