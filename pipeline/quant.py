@@ -350,3 +350,13 @@ def _cleanup(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def saved_folder_problem(artifact: str | None, label: str) -> str | None:
+    """Why a later stage cannot resume from a quantization stage's saved folder (None: it can).
+    `label` starts the message for a missing folder ("its saved model folder")."""
+    try:
+        found = describe_folder(artifact) if artifact else None
+    except ValueError as exc:
+        return str(exc)
+    return None if found else f"{label} {artifact} is missing"

@@ -59,12 +59,7 @@ def describe(params: dict) -> str:
 
 def resume_problem(record: dict) -> str | None:
     """A later stage can resume from the saved manifest folder when it still opens."""
-    artifact = record.get("artifact")
-    try:
-        found = quant.describe_folder(artifact) if artifact else None
-    except ValueError as exc:
-        return str(exc)
-    return None if found else f"its saved model folder {artifact} is missing"
+    return quant.saved_folder_problem(record.get("artifact"), "its saved model folder")
 
 
 def check_order(kinds_before: list[str]) -> None:

@@ -75,12 +75,7 @@ def describe(params: dict) -> str:
 
 def resume_problem(record: dict) -> str | None:
     """A later stage can resume from the saved quantized folder when it is still there."""
-    artifact = record.get("artifact")
-    try:
-        found = quant.describe_folder(artifact) if artifact else None
-    except ValueError as exc:
-        return str(exc)
-    return None if found else f"{QUANTIZED}: its folder {artifact} is missing"
+    return quant.saved_folder_problem(record.get("artifact"), f"{QUANTIZED}: its folder")
 
 
 def check_order(kinds_before: list[str]) -> None:
