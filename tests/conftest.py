@@ -32,3 +32,18 @@ def tiny(tiny_model_dir):
     from pipeline.models import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def one_thread(request):
+    """Tiny matrices on a shared 2-core machine: one thread is ~20x faster than two fighting
+    (modules ask for it with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    if request.node.get_closest_marker("slow"):  # the bundled model's matrices are worth two threads
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

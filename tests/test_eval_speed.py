@@ -19,12 +19,7 @@ LINES = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital o
          "Valkyrie, Robert Boulter, Senjō no Valkyria 3: Unrecorded Chronicles is a tactical role-playing game."]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def full_logits_nll(model, seqs) -> tuple[float, int]:

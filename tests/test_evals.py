@@ -15,16 +15,7 @@ from evals.suite import EvalConfig, evaluate
 TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
 
 
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny matrices on a shared 2-core machine: one thread is ~20x faster than two fighting."""
-    if request.node.get_closest_marker("slow"):  # the bundled model's matrices are worth two threads
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def hand_perplexity(model, ids: list[int]) -> float:
