@@ -24,6 +24,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+
+def probe_event_loop(app, gaps: list[float], every: float = 0.05) -> None:
+    """Every `every` seconds on the app's event loop, append how much later than asked the tick ran."""
+    last = [time.perf_counter()]
+
+    def tick() -> None:
+        now = time.perf_counter()
+        gaps.append(now - last[0] - every)
+        last[0] = now
+
+    app.set_interval(every, tick)
+
 async def drive(app, layers: list[int], timeout: float) -> tuple[list[tuple[int, float, str, float]], list[float]]:
     from tui.widgets.whatif import WhatIf
 
@@ -37,14 +49,7 @@ async def drive(app, layers: list[int], timeout: float) -> tuple[list[tuple[int,
         while not estimator.ready:  # the lab warms the baseline pass up by itself
             await pilot.pause(0.1)
         print(f"  baseline warm-up done {time.perf_counter() - t_mount:.2f} s after the lab started", flush=True)
-        last = [time.perf_counter()]
-
-        def tick() -> None:
-            now = time.perf_counter()
-            gaps.append(now - last[0] - 0.05)
-            last[0] = now
-
-        app.set_interval(0.05, tick)
+        probe_event_loop(app, gaps)
         app.query_one("#grid").focus()
         await pilot.pause(0.2)
         line = app.query_one("#whatif", WhatIf)
@@ -86,14 +91,7 @@ async def together(app, seconds: float, recipe: str) -> tuple[list[float], list[
     async with app.run_test(size=(80, 24)) as pilot:
         while app.lab.loaded is None:
             await pilot.pause(0.1)
-        last = [time.perf_counter()]
-
-        def tick() -> None:
-            now = time.perf_counter()
-            gaps.append(now - last[0] - 0.05)
-            last[0] = now
-
-        app.set_interval(0.05, tick)
+        probe_event_loop(app, gaps)
         app._load_recipe_file(recipe)
         await pilot.press("ctrl+r")  # the run
         app.query_one("#grid").toggle(5)  # a what-if estimate

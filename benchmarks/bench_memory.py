@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks.common import prune_2to4  # noqa: E402
 from pipeline.compact import load_compact, save_compact  # noqa: E402
 from pipeline.memory import Assume, fmt_bytes, footprint, footprint_summary  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
@@ -31,18 +32,6 @@ from pipeline.targets import load_targets  # noqa: E402
 
 def dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
     return sum(p.stat().st_size for p in Path(path).rglob(pattern) if p.is_file())
-
-
-def prune_2to4(model):
-    from pipeline.layerwise import linear_modules
-    from pipeline.models import decoder_layers
-    from pipeline.stages.width import ALL_PROJECTIONS, nm_prune_mask
-
-    with torch.no_grad():
-        for layer in decoder_layers(model):
-            for lin in linear_modules(layer, ALL_PROJECTIONS).values():
-                lin.weight.mul_(nm_prune_mask(lin.weight.abs(), 2, 4))
-    return model
 
 
 def gptq(model, tokenizer, work: Path, data_dir: str | None):

@@ -28,7 +28,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 import torch  # noqa: E402
 
-from benchmarks.common import load_average, machine_line  # noqa: E402
+from benchmarks.common import load_average, machine_line, prune_2to4  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 
 
@@ -42,18 +42,6 @@ class Timer:
 
     def text(self) -> str:
         return f"{self.wall:7.1f} s wall, {self.cpu:7.1f} s CPU (load {load_average()})"
-
-
-def prune_2to4(model):
-    from pipeline.layerwise import linear_modules
-    from pipeline.models import decoder_layers
-    from pipeline.stages.width import ALL_PROJECTIONS, nm_prune_mask
-
-    with torch.no_grad():
-        for layer in decoder_layers(model):
-            for lin in linear_modules(layer, ALL_PROJECTIONS).values():
-                lin.weight.mul_(nm_prune_mask(lin.weight.abs(), 2, 4))
-    return model
 
 
 def direct(src: Path, out: Path, ids, dtype) -> None:

@@ -25,3 +25,18 @@ def machine_line(lm) -> str:
 def peak_rss_gib() -> float:
     """This process's peak resident memory so far, in GiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def prune_2to4(model):
+    """2:4 by magnitude on every decoder projection, in place (a quick sparse model for benchmarks)."""
+    import torch
+
+    from pipeline.layerwise import linear_modules
+    from pipeline.models import decoder_layers
+    from pipeline.stages.width import ALL_PROJECTIONS, nm_prune_mask
+
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            for lin in linear_modules(layer, ALL_PROJECTIONS).values():
+                lin.weight.mul_(nm_prune_mask(lin.weight.abs(), 2, 4))
+    return model
