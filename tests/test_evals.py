@@ -129,6 +129,31 @@ def test_perplexity_cancel_and_progress(tiny, tmp_path):
         perplexity(tiny.model, tiny.tokenizer, f"{f}-concat-16", cancelled=lambda: True)
 
 
+def test_perplexity_cancel_reaches_inside_a_batch(tiny, tmp_path):
+    """A cancel set while a batch is in the decoder stops at the next layer, not after the batch."""
+    from evals.perplexity import cancel_between_layers
+    from pipeline.models import decoder_layers
+
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT * 20)
+    layers = decoder_layers(tiny.model)
+    ran: list[int] = []
+    flag = {"set": False}
+    handles = [layer.register_forward_hook(lambda *_a, i=i: ran.append(i)) for i, layer in enumerate(layers)]
+    # the flag goes up while layer 1 of the first batch runs: layers 2.. of that batch must not run
+    handles.append(layers[1].register_forward_hook(lambda *_a: flag.update(set=True)))
+    try:
+        with pytest.raises(Cancelled):
+            perplexity(tiny.model, tiny.tokenizer, f"{f}-concat-16", batch_size=2, cancelled=lambda: flag["set"])
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [0, 1], ran  # layers that finished: the first batch stopped before layer 2
+    with cancel_between_layers(tiny.model, None):  # no flag: nothing registered, nothing raised
+        pass
+    assert all(not layer._forward_pre_hooks for layer in layers)  # hooks removed after the cancel
+
+
 # -- generation and QA -------------------------------------------------------------------------------
 
 def _force_tokens(model, first: int, then: int):

@@ -92,6 +92,36 @@ def test_cancel_keeps_last_completed_step(tiny, tmp_path, text_file):
     assert (tmp_path / "stage" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_cancel_inside_a_step_drops_only_that_step(tiny, tmp_path, text_file):
+    """A cancel raised during step 3's backward (after its first layer's gradient) ends the stage at
+    once: the adapter of the 2 completed steps is saved, step 3 is not."""
+    from pipeline.models import decoder_layers
+
+    cancel = threading.Event()
+    steps_done = []
+    backward_seen = []
+
+    def listener(e):
+        if isinstance(e, ev.MetricMeasured) and e.name == "lora_loss":
+            steps_done.append(e.step)
+
+    def arm(module, args, kwargs):  # during step 3, set the flag once the last layer's backward ran
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if len(steps_done) == 2 and hidden.requires_grad:
+            def on_grad(grad):
+                backward_seen.append(1)
+                cancel.set()
+            hidden.register_hook(on_grad)
+    handle = decoder_layers(tiny.model)[-1].register_forward_pre_hook(arm, with_kwargs=True)
+    try:
+        with pytest.raises(Cancelled):
+            lora.run(tiny.model, ctx_for(tiny, tmp_path, listener, cancel_event=cancel), quick(text_file))
+    finally:
+        handle.remove()
+    assert backward_seen and steps_done == [1, 2]
+    assert (tmp_path / "stage" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_triviaqa_pairs_become_training_text(tiny, data_dir):
     windows, source = lora.training_windows(tiny.tokenizer, lora.Config(dataset="triviaqa", seq_len=64),
                                             data_dir, needed=4)

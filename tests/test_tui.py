@@ -510,3 +510,57 @@ async def test_checkbox_glyph_differs_on_and_off_in_plain_text(loaded, tmp_path,
         await pilot.pause()
         on = str(box.render())
         assert off != on and "X" in on and "X" not in off
+
+
+async def test_footer_recomposes_only_when_its_keys_change():
+    """LabFooter: focus moving between widgets with the same keys leaves the footer alone (Textual's
+    Footer rebuilt itself on every focus change, a large part of a tab switch's cost); a widget
+    with other keys still changes what it shows, and every key is born compact."""
+    from textual.app import App
+    from textual.binding import Binding
+    from textual.widgets import Button
+    from textual.widgets._footer import FooterKey
+
+    from tui.widgets.footer import LabFooter
+
+    class Special(Button):
+        BINDINGS = [Binding("x", "special", "Special key")]
+
+        def action_special(self) -> None:
+            pass
+
+    class Mini(App):
+        BINDINGS = [Binding("ctrl+r", "noop", "Run")]
+
+        def compose(self):
+            yield Button("a", id="a")
+            yield Button("b", id="b")
+            yield Special("c", id="c")
+            yield LabFooter(compact=True)
+
+        def action_noop(self) -> None:
+            pass
+
+    app = Mini()
+    async with app.run_test(size=(80, 10)) as pilot:
+        footer = app.query_one(LabFooter)
+        builds = []
+        original = footer.recompose
+
+        async def counting():
+            builds.append(1)
+            await original()
+        footer.recompose = counting
+        app.query_one("#a").focus()
+        await pilot.pause(0.2)
+        builds.clear()
+        for target in ("#b", "#a", "#b"):
+            app.query_one(target).focus()
+            await pilot.pause(0.1)
+        assert builds == []
+        app.query_one("#c").focus()
+        await pilot.pause(0.2)
+        assert builds, "the footer must show the focused widget's own keys"
+        labels = [k.description for k in footer.query(FooterKey)]
+        assert "Special key" in labels and "Run" in labels
+        assert all(k.has_class("-compact") for k in footer.query(FooterKey))

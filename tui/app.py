@@ -19,7 +19,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.css.query import NoMatches
-from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
+from textual.widgets import Header, Static, TabbedContent, TabPane
 
 from pipeline.plans import LayerPlan
 from sessions import SessionError, load_session
@@ -31,6 +31,7 @@ from tui.messages import AppLogHandler, EstimateReady, ModelLoaded, ModelLoadFai
 from tui.palette import TABS, lab_commands
 from tui.screens.help import HelpScreen
 from tui.widgets.chat_panel import ChatPanel
+from tui.widgets.footer import LabFooter
 from tui.widgets.layer_grid import LayerGrid
 from tui.widgets.memory import MemoryPanel
 from tui.widgets.model_info import ModelInfo, describe_plan
@@ -66,6 +67,7 @@ class FrankenLab(RunActions, FileActions, App):
                  trust_remote_code: bool = False, save_models: bool = True, chat_tokens: int = 96,
                  estimator_factory: Callable | None = None, whatif: bool = True):
         super().__init__()
+        self._widgets: dict = {}  # _cached
         from pipeline.models import load_model
         from sessions import record_run
 
@@ -105,7 +107,7 @@ class FrankenLab(RunActions, FileActions, App):
                 yield SessionsPanel(self.lab.runs_dir, id="sessionspanel")
             with TabPane("7 Sweep", id="sweep"):
                 yield SweepPane(self.lab.runs_dir, self.lab.data_dir, id="sweeppane")
-        yield Footer(compact=True)  # at 80 columns the keys that matter on every pane still show
+        yield LabFooter(compact=True)  # at 80 columns the keys that matter on every pane still show
 
     def on_mount(self) -> None:
         self.theme = "textual-dark"
@@ -140,14 +142,24 @@ class FrankenLab(RunActions, FileActions, App):
         TabbedContent switches to the pane of any widget focused in code. Without these checks a
         focus scheduled for a tab the user has already left switched back to it, whose own focus
         switched back again: fast tab keys (5 4 5 3) ping-ponged between two panes forever."""
-        tabs = self.query(TabbedContent)
-        if not tabs or tabs.first().active != pane or self.screen is not tabs.first().screen:
+        tabs = self._cached(TabbedContent)
+        if tabs is None or tabs.active != pane or self.screen is not tabs.screen:
             return
         focused = self.focused
         if focused is not None and any(a.id == pane for a in focused.ancestors_with_self):
             return
-        for target in self.query(self.FOCUS[pane]):
+        target = self._cached(self.FOCUS[pane])
+        if target is not None:
             target.focus()
+
+    def _cached(self, selector):
+        """The one widget `selector` names, looked up once: a DOM query walks every widget of the
+        lab, and tab switches asked for the same few on every key (None while none is mounted)."""
+        widget = self._widgets.get(selector)
+        if widget is None or not widget.is_attached:
+            found = self.query(selector)
+            widget = self._widgets[selector] = found.first() if found else None
+        return widget
 
     def _handle_exception(self, error: Exception) -> None:
         # Worker results and widget messages can still be delivered while the app tears its screen
@@ -212,9 +224,9 @@ class FrankenLab(RunActions, FileActions, App):
 
     @on(RecipeForm.Changed)
     def _form_changed(self) -> None:
-        grids = self.query(LayerGrid)  # the form can report changes while the screen mounts or tears down
-        if grids and grids.first().counts:
-            grids.first().set_protected(self._protected(len(grids.first().counts)))
+        grid = self._cached(LayerGrid)  # the form can report changes while the screen mounts or tears down
+        if grid is not None and grid.counts:
+            grid.set_protected(self._protected(len(grid.counts)))
 
     def _grid_plan_from(self, make: Callable[[int], LayerPlan | None]) -> None:
         """Show `make(n_layers)` in the grid (and the form); a plan that does not fit is a warning."""

@@ -1,0 +1,39 @@
+"""The lab's footer: Textual's compact Footer without the work it repeats on every focus change.
+
+Textual's Footer recomposes itself whenever the screen's active bindings may have changed, which is
+every focus change (every tab key), and each FooterKey it mounts then sets its `-compact` class,
+one CSS restyle per key. With torch busy in worker threads that work competes for the GIL and was
+the largest single cost of a tab switch on the event loop (benchmarks/bench_lab.py --together).
+Here the footer recomposes only when the keys it shows (key, description, enabled) changed, and
+its keys are born with the `-compact` class, so binding it later changes nothing.
+"""
+from __future__ import annotations
+
+from textual.widgets import Footer
+from textual.widgets._footer import FooterKey  # noqa: PLC2701 - the key widget Footer composes
+
+
+class LabFooter(Footer):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._shown: tuple | None = None
+
+    def _signature(self, screen) -> tuple:
+        return tuple((binding.key, binding.description, enabled)
+                     for (_node, binding, enabled, _tip) in screen.active_bindings.values() if binding.show)
+
+    def bindings_changed(self, screen) -> None:
+        try:
+            shown = self._signature(screen)
+        except Exception:  # noqa: BLE001 - a screen mid-teardown: let Footer decide as it always did
+            shown = None
+        if shown is not None and shown == self._shown and self._bindings_ready:
+            return
+        self._shown = shown
+        super().bindings_changed(screen)
+
+    def compose(self):
+        for widget in super().compose():
+            if self.compact and isinstance(widget, FooterKey):
+                widget.add_class("-compact", update=False)
+            yield widget
