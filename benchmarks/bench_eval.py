@@ -142,8 +142,10 @@ def main(argv=None) -> dict:
         for rep in range(args.repeats):  # interleaved: ceiling, ours, plain, theirs
             rate = matmul_rate(lm.model)
             rates.append(rate)
+            by = ", ".join(f"{k} {v['gflops_wall']:.1f} wall / {v['gflops_cpu']:.1f} per CPU-s"
+                           for k, v in rate["by_gemm"].items())
             print(f"[{rep}] fp32 matmul {rate['gflops_wall']:.1f} GFLOP/s wall, {rate['gflops_cpu']:.1f} GFLOP per "
-                  f"CPU-second (best shape {rate['shape']}); load {load_average()}")
+                  f"CPU-second (best shape {rate['shape']}, {rate['gemm']}; {by}); load {load_average()}")
             a = ours(lm, work, args.windows, args.batch_size)
             print(f"[{rep}] ours     {a['protocol']}: ppl {a['ppl']:.3f}, {a['scored_tokens']} scored tokens in "
                   f"{a['seconds']:.1f} s (cpu {a['cpu_seconds']:.1f} s) = {a['input_tokens_per_s']:.0f} input tok/s, "

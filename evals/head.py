@@ -22,18 +22,19 @@ HEAD_CHUNK_TOKENS = 512  # tokens per head call; bounds the tile to HEAD_CHUNK_T
 
 
 def blocked_token_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                      block: int = VOCAB_BLOCK) -> torch.Tensor:
+                      block: int = VOCAB_BLOCK, linear=F.linear) -> torch.Tensor:
     """Per-token cross-entropy of logits x @ weight.T (+ bias) against labels, never holding all logits.
 
     x: (N, H), weight: (V, H), bias: (V,) or None, labels: (N,). Returns (N,) float32, equal to
     F.cross_entropy(x @ weight.T + bias, labels, reduction="none") up to float rounding. Each block's
     logsumexp is folded into a running one (`logaddexp`); the label's logit is one dot product per
     token. Few, large operations per block: on a busy machine every small operation pays for its
-    threads to meet, which made 1024-wide blocks slower than full logits there.
+    threads to meet, which made 1024-wide blocks slower than full logits there. `linear` computes
+    each block (`evals.packed.Packs.linear` during an evaluation: weights reordered once).
     """
     lse = None  # (N,) running logsumexp over the blocks seen so far
     for v in range(0, weight.shape[0], block):
-        logits = F.linear(x, weight[v:v + block], None if bias is None else bias[v:v + block])  # (N, b)
+        logits = linear(x, weight[v:v + block], None if bias is None else bias[v:v + block])  # (N, b)
         part = torch.logsumexp(logits.float(), dim=1)  # (N,)
         lse = part if lse is None else torch.logaddexp(lse, part)
     target = (x.float() * weight[labels].float()).sum(dim=1)  # (N,) the label's logit
@@ -71,7 +72,7 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
 
 
 def head_token_nll(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                   chunk: int = HEAD_CHUNK_TOKENS) -> torch.Tensor:
+                   chunk: int = HEAD_CHUNK_TOKENS, linear=F.linear) -> torch.Tensor:
     """Per-token NLL of `labels` (N,) from the decoder's final hidden states `hidden` (N, H), final norm applied.
 
     Blocked through `linear_head` where the model allows it, else through `model.lm_head` with full
@@ -82,7 +83,7 @@ def head_token_nll(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     for s in range(0, hidden.shape[0], chunk):
         x, y = hidden[s:s + chunk], labels[s:s + chunk]  # (n, H), (n,)
         if head is not None:
-            out.append(blocked_token_nll(x, head.weight, head.bias, y))
+            out.append(blocked_token_nll(x, head.weight, head.bias, y, linear=linear))
         else:
             out.append(F.cross_entropy(model.lm_head(x).float(), y, reduction="none"))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

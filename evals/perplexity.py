@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import load_texts
+from .packed import Packs, packed_linears
 from .head import VOCAB_BLOCK, blocked_nll, head_token_nll, linear_head  # noqa: F401 - re-exported
 
 PROTOCOL_RE = re.compile(r"^(?P<data>.+)-(?P<mode>rows|concat)-(?P<length>\d+)"
@@ -212,13 +213,14 @@ def _batches(seqs: list[tuple[torch.Tensor, int]], batch_size: int, max_len: int
 
 
 @torch.inference_mode()
-def nll_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+def nll_sum(model, ids: torch.Tensor, labels: torch.Tensor, packs: Packs | None = None) -> tuple[float, int]:
     """Summed next-token NLL over labelled positions and their count. ids/labels: (B, T), right padded.
 
     No attention mask is passed: with right padding and a causal model, no scored token can see a
     pad, so the result equals the masked one while attention keeps its fused causal path. Only the
     scored positions reach the output head, scored in vocabulary blocks (`evals.head`): no (B, T, V)
     logits are built. A head that is not a plain projection gets the model's own logits instead.
+    `packs` (from `evals.packed.packed_linears`) computes the head's blocks on reordered weights.
     """
     shift_labels = labels[:, 1:].to(ids.device)  # (B, T-1): position t predicts token t+1
     keep = shift_labels != -100  # (B, T-1)
@@ -227,7 +229,8 @@ def nll_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]
         scored = logits[:, :-1][keep].float()  # (N, V)
         return float(F.cross_entropy(scored, shift_labels[keep], reduction="sum")), int(keep.sum())
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H), final norm applied
-    nll = head_token_nll(model, hidden[:, :-1][keep], shift_labels[keep])  # (N,)
+    nll = head_token_nll(model, hidden[:, :-1][keep], shift_labels[keep],
+                         linear=packs.linear if packs is not None else F.linear)  # (N,)
     return float(nll.double().sum()), int(keep.sum())
 
 
@@ -241,16 +244,17 @@ def score_sequences(model, seqs: list[tuple[torch.Tensor, int]], *, batch_size: 
     device = next(model.parameters()).device
     max_len = max(s.numel() for s, _ in seqs)
     total_nll, total_tok, done = 0.0, 0, 0
-    for ids, labels in _batches(seqs, batch_size, max_len, pad_id):
-        if cancelled and cancelled():
-            raise Cancelled("perplexity cancelled")
-        with cancel_between_layers(model, cancelled):
-            nll, n = nll_sum(model, ids.to(device), labels)
-        total_nll += nll
-        total_tok += n
-        done += ids.shape[0]
-        if progress:
-            progress(done / len(seqs))
+    with packed_linears(model) as packs:  # CPU fp32: weights reordered once for the whole evaluation
+        for ids, labels in _batches(seqs, batch_size, max_len, pad_id):
+            if cancelled and cancelled():
+                raise Cancelled("perplexity cancelled")
+            with cancel_between_layers(model, cancelled):
+                nll, n = nll_sum(model, ids.to(device), labels, packs)
+            total_nll += nll
+            total_tok += n
+            done += ids.shape[0]
+            if progress:
+                progress(done / len(seqs))
     return total_nll, total_tok
 
 

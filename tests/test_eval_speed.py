@@ -115,3 +115,60 @@ def test_our_batched_greedy_equals_model_generate(tiny, data_dir, newline):
     gens = generate_greedy(tiny.model, tiny.tokenizer, prompts, max_new_tokens=12, stop_at_newline=newline,
                            batch_size=3)
     assert [g.prompt for g in gens] == prompts
+
+
+# -- linear layers on reordered weights (evals.packed) --------------------------------------------
+
+def test_packed_linears_change_no_number_and_leave_the_model_as_it_was(tiny, tmp_path, monkeypatch):
+    from evals.packed import Packs, available, packed_linears
+
+    if not available():
+        pytest.skip("this torch build has no oneDNN linear")
+    f = tmp_path / "text.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t}) for t in LINES))
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:  # count the oneDNN calls without changing them
+        def __call__(self, *a, **k):
+            calls.append(1)
+            return original(*a, **k)
+    r_packed = perplexity(tiny.model, tiny.tokenizer, f"{f}-concat-24", batch_size=2)
+    monkeypatch.setenv("FRANKENLAB_PACKED_LINEAR", "0")
+    r_plain = perplexity(tiny.model, tiny.tokenizer, f"{f}-concat-24", batch_size=2)
+    monkeypatch.delenv("FRANKENLAB_PACKED_LINEAR")
+    assert r_packed.value == pytest.approx(r_plain.value, rel=1e-5)
+    # the path really ran: every decoder linear and the head's blocks went through oneDNN
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Spy())
+    ids = torch.randint(0, tiny.model.config.vocab_size, (2, 12))
+    with packed_linears(tiny.model) as packs:
+        nll_sum(tiny.model, ids, ids.clone(), packs)
+    n_linear = sum(1 for m in tiny.model.model.layers.modules() if type(m) is nn.Linear)
+    assert len(calls) >= n_linear + 1
+    assert not any("forward" in m.__dict__ for m in tiny.model.modules() if type(m) is nn.Linear)
+    # an in-place edit of a weight inside the block is seen (the pack is keyed by the tensor's version)
+    lin = tiny.model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, lin.in_features)
+    packs = Packs()
+    with torch.no_grad():
+        before = packs.linear(x, lin.weight)
+        saved = lin.weight.clone()
+        lin.weight.mul_(2.0)
+        try:
+            after = packs.linear(x, lin.weight)
+        finally:
+            lin.weight.copy_(saved)
+    assert torch.allclose(after, 2 * before, atol=1e-5)
+
+
+def test_packed_linears_fall_back_where_they_cannot_help(tiny):
+    from evals.packed import Packs
+
+    packs = Packs()
+    w = torch.randn(5, 4, requires_grad=True)
+    x = torch.randn(3, 4)
+    y = packs.linear(x, w)  # autograd: the plain op, and the gradient flows
+    y.sum().backward()
+    assert w.grad is not None and torch.allclose(y, F.linear(x, w))
+    xb, wb = x.bfloat16(), w.detach().bfloat16()
+    assert torch.equal(packs.linear(xb, wb), F.linear(xb, wb))  # not float32: the plain op
