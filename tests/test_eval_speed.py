@@ -131,8 +131,12 @@ def test_packed_linears_change_no_number_and_leave_the_model_as_it_was(tiny, tmp
 
     class Spy:  # count the oneDNN calls without changing them
         def __call__(self, *a, **k):
-            calls.append(1)
+            calls.append(a[3] if len(a) > 3 else "none")
             return original(*a, **k)
+
+        def binary(self, *a, **k):
+            calls.append("binary " + a[4])
+            return original.binary(*a, **k)
     r_packed = perplexity(tiny.model, tiny.tokenizer, f"{f}-concat-24", batch_size=2)
     monkeypatch.setenv("FRANKENLAB_PACKED_LINEAR", "0")
     r_plain = perplexity(tiny.model, tiny.tokenizer, f"{f}-concat-24", batch_size=2)
@@ -143,9 +147,21 @@ def test_packed_linears_change_no_number_and_leave_the_model_as_it_was(tiny, tmp
     ids = torch.randint(0, tiny.model.config.vocab_size, (2, 12))
     with packed_linears(tiny.model) as packs:
         nll_sum(tiny.model, ids, ids.clone(), packs)
+    n_layers = len(tiny.model.model.layers)
     n_linear = sum(1 for m in tiny.model.model.layers.modules() if type(m) is nn.Linear)
-    assert len(calls) >= n_linear + 1
-    assert not any("forward" in m.__dict__ for m in tiny.model.modules() if type(m) is nn.Linear)
+    assert len(calls) >= n_linear + 1  # every decoder linear, and the head's blocks
+    assert calls.count("swish") == n_layers and calls.count("binary mul") == n_layers  # each MLP fused
+    assert not any("forward" in m.__dict__ for m in tiny.model.modules())  # all as it was
+    # an MLP whose linears carry a hook runs them one by one, so the hook still sees its input
+    seen = []
+    handle = tiny.model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    try:
+        calls.clear()
+        with packed_linears(tiny.model) as packs:
+            nll_sum(tiny.model, ids, ids.clone(), packs)
+    finally:
+        handle.remove()
+    assert seen and calls.count("swish") == n_layers - 1
     # an in-place edit of a weight inside the block is seen (the pack is keyed by the tensor's version)
     lin = tiny.model.model.layers[0].mlp.down_proj
     x = torch.randn(3, lin.in_features)
