@@ -188,3 +188,51 @@ def test_packed_linears_fall_back_where_they_cannot_help(tiny):
     assert w.grad is not None and torch.allclose(y, F.linear(x, w))
     xb, wb = x.bfloat16(), w.detach().bfloat16()
     assert torch.equal(packs.linear(xb, wb), F.linear(xb, wb))  # not float32: the plain op
+
+
+def test_batch_cuts_pad_least_within_the_budget():
+    import itertools
+    import random
+
+    from evals.perplexity import batch_cuts
+
+    def greedy(lengths, budget):
+        out, b = [], 0
+        while b < len(lengths):
+            rows = max(1, min(len(lengths) - b, budget // lengths[b]))
+            out.append((b, b + rows))
+            b += rows
+        return out
+
+    def cost(lengths, cuts, overhead):
+        return sum((e - b) * lengths[b] + overhead for b, e in cuts)
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = sorted((rng.choice([rng.randint(1, 12), rng.randint(30, 64)]) for _ in range(rng.randint(1, 9))),
+                         reverse=True)
+        budget, overhead = 64, 4
+        cuts = batch_cuts(lengths, budget, overhead)
+        assert [b for b, _ in cuts][0] == 0 and cuts[-1][1] == len(lengths)
+        assert all(cuts[k][1] == cuts[k + 1][0] for k in range(len(cuts) - 1))  # every row once, in order
+        assert all((e - b) * lengths[b] <= budget or e - b == 1 for b, e in cuts)
+        assert cost(lengths, cuts, overhead) <= cost(lengths, greedy(lengths, budget), overhead)
+        # optimal: no admissible set of cut points costs less (brute force over all of them)
+        n = len(lengths)
+        best = min(cost(lengths, c, overhead) for c in (
+            [(a, b) for a, b in zip((0, *pts), (*pts, n))] for r in range(n)
+            for pts in itertools.combinations(range(1, n), r))
+            if all((e - b) * lengths[b] <= budget or e - b == 1 for b, e in c))
+        assert cost(lengths, cuts, overhead) == best
+
+
+def test_rows_protocol_values_unchanged_by_the_batch_cuts(tiny, tmp_path, monkeypatch):
+    import evals.perplexity as P
+
+    f = tmp_path / "text.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t}) for t in LINES * 3))
+    ours = perplexity(tiny.model, tiny.tokenizer, f"{f}-rows-24", batch_size=2)
+    monkeypatch.setattr(P, "batch_cuts", lambda lengths, budget: [(i, i + 1) for i in range(len(lengths))])
+    one_by_one = perplexity(tiny.model, tiny.tokenizer, f"{f}-rows-24", batch_size=2)
+    assert ours.tokens == one_by_one.tokens
+    assert ours.value == pytest.approx(one_by_one.value, rel=1e-5)
