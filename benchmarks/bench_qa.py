@@ -5,7 +5,8 @@
 Printed, not asserted (timings depend on the machine and its load; the load average is printed).
 TriviaQA closed-book prompts ("Question: ...\\nAnswer:", a seeded sample) are batched exactly as
 `evals.generate.generate_greedy` batches them (sorted by length, left padded). Each batch is
-decoded twice, interleaved: by our loop (`evals.generate._decode`: a row leaves the batch, KV cache
+decoded three times, interleaved: by our loop, by our loop on oneDNN-reordered weights (what
+`generate_greedy` runs on a CPU, `evals.packed`), (`evals.generate._decode`: a row leaves the batch, KV cache
 rows included, as soon as it ends its line or emits end-of-sequence) and by Hugging Face's
 `model.generate` (greedy, the same end-of-line rule as a per-row stopping criterion, the same
 end-of-sequence ids, at least one new token), which keeps finished rows in the batch until the
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import load_average, machine_line  # noqa: E402
 from evals.generate import _decode, eos_ids, prompt_batches, token_classes  # noqa: E402
+from evals.packed import packed_linears  # noqa: E402
 from evals.qa import MAX_NEW_TOKENS, build_prompt, load_items  # noqa: E402
 
 
@@ -90,31 +92,39 @@ def main(argv=None) -> dict:
     classes = token_classes(lm.tokenizer) if newline_stop else None
     batches = prompt_batches(lm.tokenizer, prompts, batch_size=args.batch_size)
     _decode(lm.model, batches[0][1][:1], batches[0][2][:1], 2, eos, classes, None)  # warm-up
-    t = {"ours": [0.0, 0.0], "generate": [0.0, 0.0]}
-    same, tokens = 0, 0
+    t = {"ours": [0.0, 0.0], "ours+packed": [0.0, 0.0], "generate": [0.0, 0.0]}
+    same, same_packed, tokens = 0, 0, 0
     for b, (idx, ids, mask) in enumerate(batches):
         w0, c0 = time.perf_counter(), time.process_time()
         ours = _decode(lm.model, ids, mask, MAX_NEW_TOKENS, eos, classes, None)
         w1, c1 = time.perf_counter(), time.process_time()
-        ref = hf_generate(lm.model, lm.tokenizer, ids, mask, MAX_NEW_TOKENS, newline_stop)
+        with packed_linears(lm.model):  # what generate_greedy runs: weights reordered once for oneDNN
+            packed = _decode(lm.model, ids, mask, MAX_NEW_TOKENS, eos, classes, None)
         w2, c2 = time.perf_counter(), time.process_time()
-        t["ours"][0] += w1 - w0
-        t["ours"][1] += c1 - c0
-        t["generate"][0] += w2 - w1
-        t["generate"][1] += c2 - c1
+        ref = hf_generate(lm.model, lm.tokenizer, ids, mask, MAX_NEW_TOKENS, newline_stop)
+        w3, c3 = time.perf_counter(), time.process_time()
+        for k, (wa, ca, wb, cb) in {"ours": (w0, c0, w1, c1), "ours+packed": (w1, c1, w2, c2),
+                                    "generate": (w2, c2, w3, c3)}.items():
+            t[k][0] += wb - wa
+            t[k][1] += cb - ca
         same += sum(a == r for a, r in zip(ours, ref))
+        same_packed += sum(a == r for a, r in zip(packed, ref))
         tokens += sum(map(len, ours))
         print(f"  batch {b}: {len(idx)} prompts of {ids.shape[1]} tokens, new tokens per row "
-              f"{[len(x) for x in ours]}: ours {w1 - w0:.2f} s (cpu {c1 - c0:.2f}), generate {w2 - w1:.2f} s "
-              f"(cpu {c2 - c1:.2f}); identical rows {sum(a == r for a, r in zip(ours, ref))}/{len(idx)}", flush=True)
+              f"{[len(x) for x in ours]}: ours {w1 - w0:.2f} s (cpu {c1 - c0:.2f}), ours packed {w2 - w1:.2f} s "
+              f"(cpu {c2 - c1:.2f}), generate {w3 - w2:.2f} s (cpu {c3 - c2:.2f}); identical rows "
+              f"{sum(a == r for a, r in zip(ours, ref))}/{len(idx)}, packed "
+              f"{sum(a == r for a, r in zip(packed, ref))}/{len(idx)}", flush=True)
     n = len(prompts)
     figures = {"questions": n, "source": source, "match": args.match, "batch_size": args.batch_size,
-               "identical": same, "new_tokens": tokens,
+               "identical": same, "identical_packed": same_packed, "new_tokens": tokens,
                **{f"{k}_s": v[0] for k, v in t.items()}, **{f"{k}_cpu_s": v[1] for k, v in t.items()}}
-    print(f"{n} questions, {tokens} new tokens, identical answers {same}/{n}: ours {n / t['ours'][0]:.2f} q/s "
-          f"({t['ours'][1]:.1f} CPU s), model.generate {n / t['generate'][0]:.2f} q/s ({t['generate'][1]:.1f} CPU s); "
-          f"generate took {t['generate'][0] / t['ours'][0]:.2f}x our wall time, "
-          f"{t['generate'][1] / t['ours'][1]:.2f}x our CPU time")
+    print(f"{n} questions, {tokens} new tokens, identical answers {same}/{n} (packed {same_packed}/{n}): ours "
+          f"{n / t['ours'][0]:.2f} q/s ({t['ours'][1]:.1f} CPU s), ours packed {n / t['ours+packed'][0]:.2f} q/s "
+          f"({t['ours+packed'][1]:.1f} CPU s), model.generate {n / t['generate'][0]:.2f} q/s "
+          f"({t['generate'][1]:.1f} CPU s); generate took {t['generate'][0] / t['ours'][0]:.2f}x our plain loop's "
+          f"wall time ({t['generate'][1] / t['ours'][1]:.2f}x CPU) and {t['generate'][0] / t['ours+packed'][0]:.2f}x "
+          f"the packed loop's ({t['generate'][1] / t['ours+packed'][1]:.2f}x CPU)")
     print(f"load average at end: {load_average()}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))

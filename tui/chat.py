@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from evals.packed import packed_linears
 from pipeline.plans import LayerPlan, planned
 from pipeline.sharing import model_lock
 
@@ -122,7 +123,9 @@ def stream_reply(model, tokenizer, messages: list[dict], *, plan: LayerPlan | No
             failure.append(exc)
             streamer.end()
 
-    with model_lock(model), planned(model, plan):
+    # packed_linears: CPU fp32 weights reordered once for oneDNN (evals.packed): 7-20 % more tokens/s
+    # on the bundled model at one row, the same tokens
+    with model_lock(model), planned(model, plan), packed_linears(model):
         thread = threading.Thread(target=generate, name="frankenlab-generate", daemon=True)
         thread.start()
         try:
