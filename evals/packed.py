@@ -58,7 +58,9 @@ class Packs:
         return self._usable_input(x) and self._usable_weight(weight) and x.shape[-1] == weight.shape[1]
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
-        key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight._version)
+        # inference tensors keep no version counter (and cannot be edited outside inference mode)
+        version = -1 if weight.is_inference() else weight._version
+        key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), version)
         with self._lock:
             packed = self._packs.get(key)
         if packed is None:
