@@ -7,11 +7,18 @@ quantized model is quantized or opened. What this module takes care of, measured
   bf16 / AMX an fp32 `F.linear` is several times faster than bf16 (issue 13), and the model a
   stage hands on stays the fp32 one it was given; gptqmodel's Hessian work is fp32 either way;
 - quantized models open on CPU through gptqmodel's TORCH_FUSED linear (the only CPU kernel that
-  accepts float32 activations) and each quantized weight is then dequantized once to float32 (exact
-  values: codes, scales and zero points are kept and remain what the memory accounting reads).
-  The fused int4 kernel itself (`_weight_int4pack_mm_for_cpu`) was measured slower than an fp32
-  `F.linear` on the bundled model's shapes (bf16 activations; 1.1 ms vs 0.26 ms for 1536x576 at
-  one token), so decoding uses the dequantized weights (`benchmarks/bench_quant.py`);
+  accepts float32 activations); the model then runs in float32 and each quantized linear dispatches
+  by row count (`set_kernel`, `FUSED_MAX_ROWS`): up to 32 rows (decoding) go through aten's fused
+  int4 kernel `_weight_int4pack_mm_for_cpu` on bf16 activations (output back in float32; with
+  float32 activations the same kernel takes a slow path, ~20x slower, which is what an earlier
+  measurement saw), more rows (prefill, perplexity, calibration-sized batches) through float32
+  `F.linear` on the weight dequantized once (exact values), so perplexity numbers do not move.
+  At one row the fused kernel reads 8x fewer weight bytes and is ~7x faster on the bundled model's
+  shapes (`benchmarks/bench_quant.py --parts kernels`). `FRANKENLAB_QUANT_KERNEL=exact` (or
+  `load_quantized(kernel="exact")`) makes every call exact (bit-exact generations, as before);
+  `int4` makes every call fused and frees the float32 copies ("auto" keeps both: 4 bytes per weight
+  for the float32 copy plus 0.5 for the packed one). Codes, scales and zero points are kept either
+  way and remain what the memory accounting reads;
 - masked GPTQ (zeros kept exactly) is `pipeline.quant_mask`;
 - it writes `./logs/` relative to the current directory and offloads finished modules to a temp
   folder; both are pointed into the stage's own work folder.
@@ -22,6 +29,7 @@ the eora stage) naming a quantized folder and its adapter.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import time
@@ -134,13 +142,16 @@ def _layer_hooks(hf_model: torch.nn.Module, on_layer) -> list:
 
 
 def load_quantized(path: str | Path, *, device: torch.device | str = "cpu", adapter: str | Path | None = None,
-                   rank: int | None = None, dims_fit_groups: bool | None = None):
+                   rank: int | None = None, dims_fit_groups: bool | None = None, kernel: str | None = None):
     """A gptqmodel model wrapper for a quantized folder; `.model` is the HF causal LM inside.
 
     `adapter` is an EoRA/LoRA folder written by gptqmodel (applied at every quantized linear).
-    On CPU the model runs in float32 with each quantized weight dequantized once (module docstring).
+    On CPU the model runs in float32 and its quantized linears on `kernel` ("auto", "exact" or
+    "int4"; default $FRANKENLAB_QUANT_KERNEL, else "auto": see `set_kernel` and the module docstring).
     """
     gm = gptqmodel()
+    if torch.device(device).type != "cuda":
+        kernel = kernel_choice(kernel)  # a wrong name fails before the slow load
     device = torch.device(device)
     path = Path(path)
     qcfg = _read_json(path / "quantize_config.json")
@@ -160,7 +171,7 @@ def load_quantized(path: str | Path, *, device: torch.device | str = "cpu", adap
         wrapper = gm.GPTQModel.load(str(path), backend=backend, device=_device_arg(device), dtype=dtype, **kwargs)
     if device.type == "cpu":
         eager_dequantize(wrapper.model)
-        dequantize_for_cpu(wrapper.model)
+        prepare_for_cpu(wrapper.model, kernel)
     _restore_generation_config(wrapper.model, path)
     return wrapper
 
@@ -176,8 +187,36 @@ def eager_dequantize(model: torch.nn.Module) -> None:
         mod.__dict__.pop("dequantize_weight", None)
 
 
-def _fp32_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """A quantized linear's forward with its weight dequantized once (bound per module on CPU)."""
+# -- running quantized linears on CPU ------------------------------------------------------------------
+KERNELS = ("auto", "exact", "int4")
+KERNEL_ENV = "FRANKENLAB_QUANT_KERNEL"
+# Rows (tokens x batch) up to which "auto" takes the fused int4 kernel. Measured on the bundled model's
+# 210 decoder linears (2 threads, no AVX-512 bf16; benchmarks/bench_quant.py --kernels prints the table):
+# fused int4 with bf16 activations over exact fp32 F.linear, time ratio fp32/int4, at M rows:
+# M=1 ~8x, 4 ~7x, 8 ~3.4x, 16 ~2.1x, 32 ~1.7x, 64 ~1.15x, 128 ~1.3x (noisy under load). Decoding
+# (one row per sequence) gains most; past 32 rows the gain is small and prefill, perplexity and
+# calibration-size batches keep the exact fp32 path, so their numbers do not move.
+FUSED_MAX_ROWS = 32
+_KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes aten._weight_int4pack_mm_for_cpu accepts
+kernel_calls: "collections.Counter[str]" = collections.Counter()  # forwards per path, for tests and benchmarks
+
+
+def kernel_choice(kernel: str | None = None) -> str:
+    """`kernel`, else $FRANKENLAB_QUANT_KERNEL, else "auto"; checked against KERNELS."""
+    value = (kernel or os.environ.get(KERNEL_ENV) or "auto").strip().lower()
+    if value not in KERNELS:
+        raise ValueError(f"quantized kernel must be one of {', '.join(KERNELS)} (got {value!r}; "
+                         f"set by ${KERNEL_ENV} or load_quantized(kernel=))")
+    return value
+
+
+def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A quantized linear's forward on CPU (bound per module by `set_kernel`)."""
+    kernel = self._frankenlab_kernel
+    if kernel == "int4" or (kernel == "auto" and x.numel() <= FUSED_MAX_ROWS * x.shape[-1]
+                            and not (x.requires_grad and torch.is_grad_enabled())):
+        return _int4_forward(self, x)
+    kernel_calls["exact"] += 1
     w = self._frankenlab_weight
     out = torch.nn.functional.linear(x.to(w.dtype), w, self._frankenlab_bias)
     if getattr(self, "adapter", None):
@@ -185,23 +224,107 @@ def _fp32_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def dequantize_for_cpu(model: torch.nn.Module) -> int:
-    """Run every quantized linear as float32 `F.linear` on its exact dequantized weight; returns count.
+def _int4_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """aten's fused CPU int4 kernel on bf16 activations (its fast path; fp32 ones are ~20x slower),
+    the output back in float32; bias and the EoRA adapter are applied in float32."""
+    kernel_calls["int4"] += 1
+    packed, group, scales_and_zeros, perm = self._frankenlab_int4
+    shape = x.shape
+    xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+    if perm is not None:  # desc_act: the input channels in the order of their groups
+        xb = xb.index_select(1, perm)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, group, scales_and_zeros)
+    out = out.to(torch.float32).reshape(*shape[:-1], self.out_features)
+    if self._frankenlab_bias is not None:
+        out = out + self._frankenlab_bias
+    if getattr(self, "adapter", None):
+        out = self.adapter.apply(x=x.to(torch.float32), out=out)
+    return out
 
-    The weight is a plain attribute (not a buffer or parameter): the packed codes stay what the model
-    stores and what the memory accounting prices; `model.float()` covers the rest of the model.
+
+@torch.no_grad()
+def int4_pack(module: torch.nn.Module, weight: torch.Tensor | None = None):
+    """(packed, group, scales_and_zeros, perm) for `aten._weight_int4pack_mm_for_cpu`, or None.
+
+    None when the module is not 4-bit, the kernel is missing, the groups do not fit the kernel's
+    group sizes, or the codes do not reproduce `weight` (the exact dequantized weight) bit for bit.
+    The kernel computes w = (q - 8) * scale + offset per group; GPTQ's w = scale * (q - zero), so
+    offset = (8 - zero) * scale (0 for symmetric quantization). Scales are rounded to bf16 there.
+    """
+    if int(getattr(module, "bits", 0)) != 4 or getattr(module, "planar", False) \
+            or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None
+    from .storage import _group_size, quant_codes
+
+    out_f, in_f = int(module.out_features), int(module.in_features)
+    try:
+        codes, zeros = quant_codes(module)  # (out, in), (groups, out)
+    except Exception:  # noqa: BLE001 - a packing we do not read: the exact path serves it
+        return None
+    g_idx = getattr(module, "g_idx", None)
+    g_idx = g_idx.long() if g_idx is not None else torch.arange(in_f) // _group_size(module)
+    scales = module.scales.float()
+    if weight is None:
+        weight = dequantized_weight(module)
+    if not torch.equal(scales[g_idx].T * (codes - zeros[g_idx].T).float(), weight):
+        return None
+    perm = torch.argsort(g_idx, stable=True)
+    sorted_groups = g_idx[perm]
+    group = next((g for g in _KERNEL_GROUPS if in_f % g == 0
+                  and bool((sorted_groups.view(-1, g) == sorted_groups.view(-1, g)[:, :1]).all())), None)
+    if group is None:
+        return None
+    first = sorted_groups[::group]  # the GPTQ group of every kernel group
+    s, z = scales[first], zeros[first].float()  # (in / group, out)
+    scales_and_zeros = torch.stack([s, (8 - z) * s], dim=2).to(torch.bfloat16).contiguous()
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[:, perm].to(torch.int32).contiguous(), 1)
+    except RuntimeError:
+        return None
+    identity = torch.equal(perm, torch.arange(in_f))
+    return packed, group, scales_and_zeros, None if identity else perm
+
+
+@torch.no_grad()
+def set_kernel(model: torch.nn.Module, kernel: str | None = None) -> dict[str, int]:
+    """Run every quantized linear of a CPU model on `kernel` (`kernel_choice`); returns {path: modules}.
+
+    - "exact": float32 `F.linear` on the weight dequantized once (exact values; what perplexity and
+      `frankenlab memory` read); keeps a float32 copy of each weight (4 bytes per weight).
+    - "int4": aten's fused int4 kernel for every call, bf16 activations (logits close, not equal);
+      keeps only the packed copy (0.5 byte per weight plus bf16 group scales); the float32 copy is freed.
+    - "auto": int4 for calls of up to FUSED_MAX_ROWS rows (decoding), exact for more (prefill,
+      perplexity); keeps both copies.
+    A module the kernel cannot take (not 4-bit, groups it does not accept) runs exact in every mode.
+    The packed GPTQ buffers stay what the model stores and what the memory accounting prices.
     """
     import types
 
-    model.float()
-    mods = quantized_linears(model)
-    for mod in mods.values():
-        mod._frankenlab_weight = dequantized_weight(mod).contiguous()
+    kernel = kernel_choice(kernel)
+    counts: collections.Counter[str] = collections.Counter()
+    for mod in quantized_linears(model).values():
+        weight = getattr(mod, "_frankenlab_weight", None)
+        if weight is None:
+            weight = dequantized_weight(mod).contiguous()
+        if kernel != "exact" and not hasattr(mod, "_frankenlab_int4"):
+            mod._frankenlab_int4 = int4_pack(mod, weight)
+        fused = getattr(mod, "_frankenlab_int4", None) is not None
+        mode = kernel if fused else "exact"
+        mod._frankenlab_weight = None if mode == "int4" else weight
         bias = getattr(mod, "bias", None)
         mod._frankenlab_bias = bias.float() if isinstance(bias, torch.Tensor) else None
-        mod.forward = types.MethodType(_fp32_forward, mod)
-    return len(mods)
+        mod._frankenlab_kernel = mode
+        mod.forward = types.MethodType(_cpu_forward, mod)
+        counts[mode] += 1
+    model.frankenlab_kernel = kernel
+    return dict(counts)
+
+
+@torch.no_grad()
+def prepare_for_cpu(model: torch.nn.Module, kernel: str | None = None) -> dict[str, int]:
+    """The whole model in float32 and its quantized linears on `kernel` (`set_kernel`)."""
+    model.float()
+    return set_kernel(model, kernel)
 
 
 def _restore_generation_config(model: torch.nn.Module, path: Path) -> None:
@@ -245,7 +368,7 @@ def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 @torch.no_grad()
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     """The (out, in) float weight a quantized linear computes with (int codes * scale, minus zero)."""
-    cached = getattr(module, "_frankenlab_weight", None)  # dequantized once on CPU (dequantize_for_cpu)
+    cached = getattr(module, "_frankenlab_weight", None)  # dequantized once on CPU (set_kernel)
     if cached is not None:
         return cached
     # gptqmodel's dequantize_weight() is always (in, out); guessing from the shape would leave
