@@ -5,7 +5,8 @@ quantized model is quantized or opened. What this module takes care of, measured
 - `GPTQMODEL_CPU_WORKERS` must be at least 2 there, or quantization fails;
 - calibration runs in float32 on CPU (gptqmodel picks bf16 for CPU on its own): without AVX-512
   bf16 / AMX an fp32 `F.linear` is several times faster than bf16 (issue 13), and the model a
-  stage hands on stays the fp32 one it was given; gptqmodel's Hessian work is fp32 either way;
+  stage hands on stays the fp32 one it was given; gptqmodel's Hessian work is fp32 either way
+  (on a CPU with AVX-512 bf16 the two took about the same time: `benchmarks/bench_quant.py`);
 - quantized models open on CPU through gptqmodel's TORCH_FUSED linear (the only CPU kernel that
   accepts float32 activations); the model then runs in float32 and each quantized linear dispatches
   by row count (`set_kernel`, `FUSED_MAX_ROWS`): up to 32 rows (decoding) go through aten's fused
@@ -191,11 +192,13 @@ def eager_dequantize(model: torch.nn.Module) -> None:
 KERNELS = ("auto", "exact", "int4")
 KERNEL_ENV = "FRANKENLAB_QUANT_KERNEL"
 # Rows (tokens x batch) up to which "auto" takes the fused int4 kernel. Measured on the bundled model's
-# 210 decoder linears (2 threads, no AVX-512 bf16; benchmarks/bench_quant.py --kernels prints the table):
-# fused int4 with bf16 activations over exact fp32 F.linear, time ratio fp32/int4, at M rows:
-# M=1 ~8x, 4 ~7x, 8 ~3.4x, 16 ~2.1x, 32 ~1.7x, 64 ~1.15x, 128 ~1.3x (noisy under load). Decoding
-# (one row per sequence) gains most; past 32 rows the gain is small and prefill, perplexity and
-# calibration-size batches keep the exact fp32 path, so their numbers do not move.
+# 210 quantized decoder linears (2 threads, AMD EPYC with AVX-512 bf16; `benchmarks/bench_quant.py
+# --parts kernels`), exact fp32 F.linear time / fused int4 (bf16 activations) time at M rows:
+#   M      1     2     4     8    16    32    64   128
+#   idle  ~7x    -   7.0x  3.4x  2.2x  1.7x  1.15x 1.3x   (load ~1.3; M=1: 36.5 ms vs 4.3-5.3 ms)
+#   busy  1.3x  3.9x  2.3x  1.6x  2.0x  1.2x  1.0x  1.0x  (load ~3.7, another job on the 2 cores)
+# Past 32 rows the gain is small or gone, and prefill, perplexity and calibration-sized batches keep
+# the exact path, so their numbers do not move.
 FUSED_MAX_ROWS = 32
 _KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes aten._weight_int4pack_mm_for_cpu accepts
 kernel_calls: "collections.Counter[str]" = collections.Counter()  # forwards per path, for tests and benchmarks
@@ -345,7 +348,10 @@ def generate_eora(native_dir: Path, quant_dir: Path, adapter_dir: Path, calib: t
     from gptqmodel.adapter.adapter import Lora
 
     t0 = time.perf_counter()
-    # EoRA stays in bf16 on CPU: gptqmodel's EoRA processor asserts fp16/bf16 weights (7.6.0).
+    # EoRA stays in bf16 on CPU: gptqmodel's EoRA processor asserts fp16/bf16 weights and its
+    # generate() reads the quantized model with TorchLinear, which takes fp16/bf16 only (7.6.0).
+    # Reading the quantized model in bf16 and the native one in fp32 runs, but was not faster on
+    # the bundled model (108 s fp32 vs 95 s bf16, 8 x 128 tokens, rank 8), so it is not done.
     dtype = quant_dtype(device) if device.type == "cuda" else torch.bfloat16
     with logs_inside(Path(work_dir)):
         gm.GPTQModel.adapter.generate(adapter=Lora(rank=rank, path=str(adapter_dir)),
