@@ -251,13 +251,6 @@ def load_model(ref: str | None = None, *, device: str = "auto", dtype: str = "au
 QUANTIZED_KINDS = ("gptq", "gptq+eora")
 
 
-_KERNEL_NOTES = {  # FRANKENLAB_QUANT_KERNEL (pipeline.quant.set_kernel)
-    "auto": "fused int4 for decoding, float32 dequantized weights (exact) for prefill and perplexity",
-    "exact": "float32 dequantized weights (exact) for every call",
-    "int4": "fused int4 (bf16 activations) for every call",
-}
-
-
 def _load_quantized_source(source: ModelSource, dev: torch.device, t0: float) -> LoadedModel:
     """A gptqmodel folder (with its EoRA adapter when the source names one), ready to evaluate and chat.
 
@@ -299,7 +292,7 @@ def _load_quantized_source(source: ModelSource, dev: torch.device, t0: float) ->
     dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     notes = [f"GPTQ {qcfg.get('bits', '?')}-bit g{qcfg.get('group_size', '?')} (gptqmodel)"
              + (" + EoRA adapter" if source.adapter else "")
-             + (f"; CPU kernel {kernel}: {_KERNEL_NOTES[kernel]}" if kernel else "")]
+             + (f"; CPU kernel {kernel}: {quant.KERNEL_NOTES[kernel]}" if kernel else "")]
     return LoadedModel(model, tok, source, dev, dt, time.perf_counter() - t0, notes)
 
 

@@ -191,6 +191,11 @@ def eager_dequantize(model: torch.nn.Module) -> None:
 # -- running quantized linears on CPU ------------------------------------------------------------------
 KERNELS = ("auto", "exact", "int4")
 KERNEL_ENV = "FRANKENLAB_QUANT_KERNEL"
+KERNEL_NOTES = {  # one line per kernel, for load notes and stage reports
+    "auto": "fused int4 (bf16 activations) for decoding, float32 dequantized weights (exact) for prefill and perplexity",
+    "exact": "float32 dequantized weights (exact) for every call",
+    "int4": "fused int4 (bf16 activations) for every call",
+}
 # Rows (tokens x batch) up to which "auto" takes the fused int4 kernel. Measured on the bundled model's
 # 210 quantized decoder linears (2 threads, AMD EPYC with AVX-512 bf16; `benchmarks/bench_quant.py
 # --parts kernels`), exact fp32 F.linear time / fused int4 (bf16 activations) time at M rows:

@@ -89,6 +89,8 @@ def test_gptq_report_and_saved_model(chain):
     st = next(s for s in session.stages if s.kind == "gptq")
     r = st.report
     assert (r["bits"], r["group_size"], r["desc_act"]) == (4, 32, False)
+    assert r["kernel"].startswith("CPU: calibration in float32; inference kernel auto: fused int4")
+    assert session.environment["quant_kernel"] == "auto"
     qdir = Path(r["quantized_path"])
     assert st.artifact == str(qdir) and (qdir / "quantize_config.json").is_file()
     assert json.loads((qdir / "quantize_config.json").read_text())["bits"] == 4

@@ -183,7 +183,8 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         "desc_act": config.desc_act,
         "sym": config.sym,
         "calibration": {"dataset": cal.dataset, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
-        "kernel": ("CPU: calibration in float32; weights dequantized once to float32 for inference"
+        "kernel": (f"CPU: calibration in float32; inference kernel {qmodel.frankenlab_kernel}: "
+                   f"{quant.KERNEL_NOTES[qmodel.frankenlab_kernel]}"
                    if ctx.device.type != "cuda" else "torch (TorchLinear)" if not dims_fit else "auto"),
         "keep_sparsity": keep,
         "masked": masked,
