@@ -4,7 +4,8 @@ The in-memory model (perhaps depth-pruned, width-pruned, LoRA-merged) is saved a
 folder `<stage>/prequant` (EoRA needs it later), quantized with calibration windows into
 `<stage>/quantized` (gptqmodel's format, loadable with `pipeline.quant.load_quantized`), and
 reloaded so the runner evaluates what was saved. On CPU calibration runs in float32 and the
-reloaded model computes with its weights dequantized once to float32 (`pipeline.quant`).
+reloaded model decodes through the fused int4 kernel and computes prefill and perplexity with its
+weights dequantized once to float32 (`pipeline.quant.set_kernel`, `FRANKENLAB_QUANT_KERNEL`).
 
 Sparse weights: GPTQ gives every weight a `bits`-bit code and spreads each column's rounding
 error over the columns not yet quantized, so unmasked, a pruned (zero) weight stays zero only when
