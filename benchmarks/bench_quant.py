@@ -7,7 +7,7 @@ int4 decoding and exact dequantized fp32).
 
 `--parts` picks what runs (default all): direct (gptqmodel directly and the unmasked stage), dtype
 (fp32 vs bf16 calibration), ppl, compact, kernels (fused int4 vs exact fp32 per row count M: the
-crossover behind pipeline.quant.FUSED_MAX_ROWS), speed (greedy tokens/s: fp32 baseline, GPTQ "auto",
+crossover behind pipeline.quant_cpu.FUSED_MAX_ROWS), speed (greedy tokens/s: fp32 baseline, GPTQ "auto",
 GPTQ "exact", interleaved, and how many greedy tokens fused decoding shares with exact). The masked
 stage always runs: it makes the GPTQ model the later parts use.
 
@@ -111,7 +111,7 @@ def kernel_crossover(model, rows=(1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
 
     The two run interleaved (exact, int4, exact, int4) on the same inputs; weights come from memory as
     in decoding (a layer's weights are evicted from cache by the time it runs again)."""
-    from pipeline import quant
+    from pipeline import quant, quant_cpu
 
     mods = [m for m in quant.quantized_linears(model).values() if getattr(m, "_frankenlab_int4", None) is not None
             and getattr(m, "_frankenlab_weight", None) is not None]
@@ -125,7 +125,7 @@ def kernel_crossover(model, rows=(1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
 
         def fused():
             for m in mods:
-                quant._int4_forward(m, xs[int(m.in_features)])
+                quant_cpu._int4_forward(m, xs[int(m.in_features)])
 
         repeats = max(2, 16 // m_rows)
         e1, i1, e2, i2 = timed(exact, repeats), timed(fused, repeats), timed(exact, repeats), timed(fused, repeats)
@@ -142,12 +142,12 @@ def greedy_agreement(model, tokenizer, tokens: int) -> dict:
     """Greedy text from the exact kernel vs from auto (fused decoding) on the same quantized model:
     the identical prefix, the share of identical positions, and the share of next-token choices that
     agree when auto is fed the exact text one token at a time (teacher forcing, fused at every step)."""
-    from pipeline import quant
+    from pipeline import quant_cpu
 
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     runs = {}
     for kernel in ("exact", "auto"):
-        quant.set_kernel(model, kernel)
+        quant_cpu.set_kernel(model, kernel)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
                              do_sample=False)
         runs[kernel] = out[0, ids.shape[1]:]
@@ -155,8 +155,8 @@ def greedy_agreement(model, tokenizer, tokens: int) -> dict:
     n = min(len(a), len(b))
     same = (a[:n] == b[:n])
     prefix = int(same.long().cumprod(0).sum())
-    quant.set_kernel(model, "auto")
-    calls = dict(quant.kernel_calls)
+    quant_cpu.set_kernel(model, "auto")
+    calls = dict(quant_cpu.kernel_calls)
     out = model(input_ids=ids, use_cache=True)  # the prompt: a few rows, fused too
     pkv, agree = out.past_key_values, int(out.logits[0, -1].argmax() == a[0])
     with warnings.catch_warnings():  # transformers renames past_key_values (FutureWarning); both work here
@@ -165,7 +165,7 @@ def greedy_agreement(model, tokenizer, tokens: int) -> dict:
             out = model(input_ids=a[i].view(1, 1), past_key_values=pkv, use_cache=True)
             pkv = out.past_key_values
             agree += int(out.logits[0, -1].argmax() == a[i + 1])
-    fused_calls = quant.kernel_calls["int4"] - calls.get("int4", 0)
+    fused_calls = quant_cpu.kernel_calls["int4"] - calls.get("int4", 0)
     return {"tokens": n, "identical_prefix": prefix, "identical_share": float(same.float().mean()),
             "teacher_forced_agreement": agree / n, "fused_calls_teacher_forced": fused_calls,
             "exact_text": tokenizer.decode(a), "auto_text": tokenizer.decode(b)}
@@ -277,19 +277,19 @@ def main() -> int:
               f"({compact.ratio - 1:+.2%}), max logit diff after reload {diff:.2g}; {t.text()}", flush=True)
         report["compact"] = {**compact.to_dict(), "max_logit_diff": diff}
 
-    from pipeline import quant
+    from pipeline import quant_cpu
 
     qmodel = masked.model
     if "kernels" in parts:
-        print(f"quantized linears, fused int4 vs exact fp32 by rows M (auto: int4 up to M={quant.FUSED_MAX_ROWS}):",
+        print(f"quantized linears, fused int4 vs exact fp32 by rows M (auto: int4 up to M={quant_cpu.FUSED_MAX_ROWS}):",
               flush=True)
         report["kernel_crossover"] = kernel_crossover(qmodel)
     if "speed" in parts:
         if data_dir:  # many rows: "auto" runs the exact kernel, so perplexity does not move
             with torch.inference_mode():
-                quant.set_kernel(qmodel, "exact")
+                quant_cpu.set_kernel(qmodel, "exact")
                 ppl_exact = perplexity(qmodel, lm.tokenizer, data_dir, 2)
-                quant.set_kernel(qmodel, "auto")
+                quant_cpu.set_kernel(qmodel, "auto")
                 ppl_auto = perplexity(qmodel, lm.tokenizer, data_dir, 2)
             print(f"perplexity wikitext2-concat-512:first2, GPTQ masked: exact {ppl_exact!r}, auto {ppl_auto!r} "
                   f"(identical: {ppl_exact == ppl_auto})", flush=True)
@@ -300,7 +300,7 @@ def main() -> int:
             for label, m, kernel in (("fp32 2:4 baseline", baseline, None), ("GPTQ auto (fused int4 decode)", qmodel, "auto"),
                                      ("GPTQ exact (fp32 dequantized)", qmodel, "exact")):
                 if kernel:
-                    quant.set_kernel(m, kernel)
+                    quant_cpu.set_kernel(m, kernel)
                 tps, t = tokens_per_second(m, lm.tokenizer, args.tokens)
                 speeds.setdefault(label, []).append(tps)
                 times.setdefault(label, []).append({"wall_s": t.wall, "cpu_s": t.cpu})
@@ -311,7 +311,7 @@ def main() -> int:
         report["tokens_per_second"] = speeds
         report["generate_seconds"] = times
         agree = greedy_agreement(qmodel, lm.tokenizer, args.agree_tokens)
-        quant.set_kernel(qmodel, "auto")
+        quant_cpu.set_kernel(qmodel, "auto")
         print(f"greedy agreement, fused (auto) vs exact over {agree['tokens']} tokens: identical prefix "
               f"{agree['identical_prefix']}, identical positions {agree['identical_share']:.1%}, next-token agreement "
               f"fed the exact text {agree['teacher_forced_agreement']:.1%}", flush=True)

@@ -204,35 +204,40 @@ def _gptq_folder(chain) -> Path:
 
 @pytest.fixture
 def auto_kernel(monkeypatch):
-    from pipeline import quant
+    """The default kernel ("auto") and a fresh count of forwards per path."""
+    from pipeline import quant_cpu
 
-    monkeypatch.delenv(quant.KERNEL_ENV, raising=False)
-    quant.kernel_calls.clear()
-    return quant
+    monkeypatch.delenv(quant_cpu.KERNEL_ENV, raising=False)
+    quant_cpu.kernel_calls.clear()
+    return quant_cpu
 
 
 def test_fused_kernel_for_few_rows_exact_for_many(chain, auto_kernel):
-    quant = auto_kernel
+    from pipeline import quant
+
+    quant_cpu = auto_kernel
     model = quant.load_quantized(_gptq_folder(chain)).model
     assert model.frankenlab_kernel == "auto"
     mods = quant.quantized_linears(model)
     assert {m._frankenlab_kernel for m in mods.values()} == {"auto"}  # every tiny shape fits the kernel
     few = torch.tensor([[5, 6, 7, 8, 9, 10]])  # 6 rows: decoding-sized
-    many = torch.randint(3, 300, (2, quant.FUSED_MAX_ROWS // 2 + 1))  # 2 x 17 = 34 rows: prefill-sized
+    many = torch.randint(3, 300, (2, quant_cpu.FUSED_MAX_ROWS // 2 + 1))  # 2 x 17 = 34 rows: prefill-sized
     with torch.no_grad():
         model(input_ids=few)
-        assert dict(quant.kernel_calls) == {"int4": len(mods)}
-        quant.kernel_calls.clear()
+        assert dict(quant_cpu.kernel_calls) == {"int4": len(mods)}
+        quant_cpu.kernel_calls.clear()
         model(input_ids=many)
-        assert dict(quant.kernel_calls) == {"exact": len(mods)}
-        quant.kernel_calls.clear()
+        assert dict(quant_cpu.kernel_calls) == {"exact": len(mods)}
+        quant_cpu.kernel_calls.clear()
         model.generate(few, attention_mask=torch.ones_like(few), max_new_tokens=3, do_sample=False)
     # the 6-token prompt and the 2 decoding steps after it (the last token needs no forward)
-    assert dict(quant.kernel_calls) == {"int4": 3 * len(mods)}
+    assert dict(quant_cpu.kernel_calls) == {"int4": 3 * len(mods)}
 
 
 def test_fused_output_close_to_exact(chain, auto_kernel):
-    quant = auto_kernel
+    from pipeline import quant
+
+    quant_cpu = auto_kernel
     model = quant.load_quantized(_gptq_folder(chain)).model
     g = torch.Generator().manual_seed(0)
     for name, mod in quant.quantized_linears(model).items():
@@ -245,9 +250,9 @@ def test_fused_output_close_to_exact(chain, auto_kernel):
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
     with torch.no_grad():
         fused = model(input_ids=ids).logits
-        quant.set_kernel(model, "exact")
+        quant_cpu.set_kernel(model, "exact")
         exact = model(input_ids=ids).logits
-    assert quant.kernel_calls["int4"] > 0 and quant.kernel_calls["exact"] > 0
+    assert quant_cpu.kernel_calls["int4"] > 0 and quant_cpu.kernel_calls["exact"] > 0
     assert _rel(fused, exact) < 3e-2
     assert (fused.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.75
 
@@ -255,10 +260,12 @@ def test_fused_output_close_to_exact(chain, auto_kernel):
 def test_exact_kernel_is_todays_dequantized_path(chain, auto_kernel, monkeypatch):
     """Forced exact (by the environment): every call is fp32 F.linear on the dequantized weight, bit
     for bit, whatever the row count; "auto" on many rows is that same path."""
-    quant = auto_kernel
-    monkeypatch.setenv(quant.KERNEL_ENV, "exact")
+    from pipeline import quant
+
+    quant_cpu = auto_kernel
+    monkeypatch.setenv(quant_cpu.KERNEL_ENV, "exact")
     exact_model = quant.load_quantized(_gptq_folder(chain)).model
-    monkeypatch.delenv(quant.KERNEL_ENV)
+    monkeypatch.delenv(quant_cpu.KERNEL_ENV)
     auto_model = quant.load_quantized(_gptq_folder(chain)).model
     mods = quant.quantized_linears(exact_model)
     assert {m._frankenlab_kernel for m in mods.values()} == {"exact"}
@@ -268,26 +275,28 @@ def test_exact_kernel_is_todays_dequantized_path(chain, auto_kernel, monkeypatch
             x = torch.randn(1, 2, mod.in_features)
             assert torch.equal(mod(x), torch.nn.functional.linear(x, quant.dequantized_weight(mod))), name
         ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-        monkeypatch.setattr(quant, "FUSED_MAX_ROWS", 0)  # auto: every call has "many" rows
+        monkeypatch.setattr(quant_cpu, "FUSED_MAX_ROWS", 0)  # auto: every call has "many" rows
         assert torch.equal(exact_model(input_ids=ids).logits, auto_model(input_ids=ids).logits)
-    assert quant.kernel_calls["int4"] == 0
-    monkeypatch.setenv(quant.KERNEL_ENV, "fast")
+    assert quant_cpu.kernel_calls["int4"] == 0
+    monkeypatch.setenv(quant_cpu.KERNEL_ENV, "fast")
     with pytest.raises(ValueError, match="one of auto, exact, int4"):
         quant.load_quantized(_gptq_folder(chain))
 
 
 def test_int4_kernel_frees_the_fp32_copy(chain, auto_kernel):
-    quant = auto_kernel
+    from pipeline import quant
+
+    quant_cpu = auto_kernel
     folder = _gptq_folder(chain)
     model = quant.load_quantized(folder, kernel="int4").model
     reference = quant.load_quantized(folder, kernel="exact").model
     mods = quant.quantized_linears(model)
     assert all(m._frankenlab_weight is None for m in mods.values())
-    ids = torch.randint(3, 300, (1, 2 * quant.FUSED_MAX_ROWS))
+    ids = torch.randint(3, 300, (1, 2 * quant_cpu.FUSED_MAX_ROWS))
     with torch.no_grad():
-        quant.kernel_calls.clear()
+        quant_cpu.kernel_calls.clear()
         fused = model(input_ids=ids).logits
-        assert dict(quant.kernel_calls) == {"int4": len(mods)}  # many rows too
+        assert dict(quant_cpu.kernel_calls) == {"int4": len(mods)}  # many rows too
         assert _rel(fused, reference(input_ids=ids).logits) < 3e-2
     ref_mods = quant.quantized_linears(reference)
     for name, mod in mods.items():  # still readable from the packed buffers (memory accounting, counts)
@@ -295,7 +304,9 @@ def test_int4_kernel_frees_the_fp32_copy(chain, auto_kernel):
 
 
 def test_eora_adapter_applied_on_the_fused_path(chain, auto_kernel):
-    quant = auto_kernel
+    from pipeline import quant
+
+    quant_cpu = auto_kernel
     session, _, _ = chain
     st = next(s for s in session.stages if s.kind == "eora")
     adapter = Path(st.report["adapter_path"])
@@ -306,15 +317,15 @@ def test_eora_adapter_applied_on_the_fused_path(chain, auto_kernel):
     assert all(getattr(m, "adapter", None) for m in mods.values())
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():
-        quant.kernel_calls.clear()
+        quant_cpu.kernel_calls.clear()
         fused_plain, fused_eora = plain(input_ids=ids).logits, with_eora(input_ids=ids).logits
-        assert dict(quant.kernel_calls) == {"int4": 2 * len(mods)}
-        quant.set_kernel(with_eora, "exact")
+        assert dict(quant_cpu.kernel_calls) == {"int4": 2 * len(mods)}
+        quant_cpu.set_kernel(with_eora, "exact")
         exact_eora = with_eora(input_ids=ids).logits
     assert _rel(fused_eora, exact_eora) < 3e-2  # close to EoRA on the exact path ...
     assert _rel(fused_eora, exact_eora) < 0.5 * _rel(fused_plain, exact_eora)  # ... not to the model without it
     mod = next(iter(mods.values()))
-    quant.set_kernel(with_eora, "auto")
+    quant_cpu.set_kernel(with_eora, "auto")
     x = torch.randn(2, mod.in_features)
     with torch.no_grad():
         lora = (x @ mod.adapter.lora_A.float()) @ mod.adapter.lora_B.float()
@@ -390,7 +401,7 @@ def test_masked_gptq_keeps_every_zero(pruned_2to4, masked_tiny, tmp_path):
 
 def _fused_follows_act_order(model):
     """desc_act: the fused int4 kernel gathers the input channels in the order of their groups."""
-    from pipeline import quant
+    from pipeline import quant, quant_cpu
 
     mods = quant.quantized_linears(model)
     permuted = [m for m in mods.values() if m._frankenlab_int4[3] is not None]
@@ -398,7 +409,7 @@ def _fused_follows_act_order(model):
     for mod in permuted:
         x = torch.randn(4, mod.in_features)
         with torch.no_grad():
-            assert _rel(quant._int4_forward(mod, x), torch.nn.functional.linear(x, quant.dequantized_weight(mod))) < 2e-2
+            assert _rel(quant_cpu._int4_forward(mod, x), torch.nn.functional.linear(x, quant.dequantized_weight(mod))) < 2e-2
 
 
 # -- quantized folders open everywhere -----------------------------------------------------------------
@@ -445,14 +456,14 @@ def test_quantized_folders_in_eval_and_chat(chain, data_dir, capsys):
     printed = capsys.readouterr().out
     assert rc == 0 and "perplexity" in printed and "wikitext2-concat-64" in printed
     lm = load_model(str(Path(next(s for s in session.stages if s.kind == "gptq").artifact).parent))
-    from pipeline import quant
+    from pipeline import quant_cpu
 
-    before = quant.kernel_calls["int4"]
+    before = quant_cpu.kernel_calls["int4"]
     pieces = list(stream_reply(lm.model, lm.tokenizer, [{"role": "user", "content": "Who wrote Hamlet?"}],
                                max_new_tokens=4))
     assert pieces and all(isinstance(p, str) for p in pieces)
     if lm.model.frankenlab_kernel == "auto":  # decoding took the fused int4 kernel
-        assert quant.kernel_calls["int4"] > before
+        assert quant_cpu.kernel_calls["int4"] > before
 
 
 def test_replay_resumes_after_gptq(chain, data_dir, tmp_path):
@@ -489,14 +500,14 @@ def test_compact_form_of_masked_2to4_gptq(masked_tiny, tmp_path, capsys):
     assert abs(report["payload_bytes"] - report["computed_bytes"]) <= 8 * 56 * 4
     restored = load_compact(tmp_path / "c", dtype="float32")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
-    from pipeline import quant
+    from pipeline import quant_cpu
 
-    quant.set_kernel(qmodel, "exact")  # 8 rows would take the fused kernel (bf16 activations)
+    quant_cpu.set_kernel(qmodel, "exact")  # 8 rows would take the fused kernel (bf16 activations)
     try:
         with torch.no_grad():
             assert torch.allclose(restored(input_ids=ids).logits, qmodel(input_ids=ids).logits, atol=1e-4)
     finally:
-        quant.set_kernel(qmodel, "auto")
+        quant_cpu.set_kernel(qmodel, "auto")
 
 
 def test_lab_chat_targets_open_gptq_and_eora_stages(chain, tmp_path):
