@@ -1,8 +1,15 @@
 """GPTQ on CPU, side by side in one run: the lab's stage vs gptqmodel called directly, fp32 vs bf16
-calibration, masked vs unmasked GPTQ on a 2:4 model, and greedy decoding speed fp32 vs GPTQ.
+calibration, masked vs unmasked GPTQ on a 2:4 model, and greedy decoding speed fp32 vs GPTQ (fused
+int4 decoding and exact dequantized fp32).
 
     FRANKENLAB_DATA_DIR=/work/shared/data python benchmarks/bench_quant.py [--layers K] [--samples 16]
-        [--seq-len 128] [--tokens 32] [--ppl-windows 8] [--repeats 1] [--json OUT]
+        [--seq-len 128] [--tokens 32] [--ppl-windows 8] [--dtype-layers 6] [--parts stage,dtype,...] [--json OUT]
+
+`--parts` picks what runs (default all): direct (gptqmodel directly and the unmasked stage), dtype
+(fp32 vs bf16 calibration), ppl, compact, kernels (fused int4 vs exact fp32 per row count M: the
+crossover behind pipeline.quant_cpu.FUSED_MAX_ROWS), speed (greedy tokens/s: fp32 baseline, GPTQ "auto",
+GPTQ "exact", interleaved, and how many greedy tokens fused decoding shares with exact). The masked
+stage always runs: it makes the GPTQ model the later parts use.
 
 The bundled SmolLM2-135M-Instruct is 2:4 pruned by magnitude (the same pattern WANDA gives), then
 quantized 4-bit g128 on the same calibration windows by, interleaved so machine load hits all alike:
@@ -21,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -76,12 +84,91 @@ def perplexity(model, tokenizer, data_dir, windows: int) -> float:
 
 @torch.inference_mode()
 def tokens_per_second(model, tokenizer, tokens: int) -> tuple[float, Timer]:
-    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)  # warm-up
     with Timer() as t:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
                              do_sample=False)
     return (out.shape[1] - ids.shape[1]) / t.wall, t
+
+
+PARTS = ("direct", "dtype", "ppl", "compact", "kernels", "speed")
+PROMPT = "The capital of France is"
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(wall, CPU) milliseconds per call of fn, after one warm-up call."""
+    fn()
+    w, c = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - w) / repeats * 1e3, (time.process_time() - c) / repeats * 1e3
+
+
+@torch.inference_mode()
+def kernel_crossover(model, rows=(1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
+    """All quantized linears of `model` once, fused int4 (bf16 activations) vs exact fp32 F.linear, at M rows.
+
+    The two run interleaved (exact, int4, exact, int4) on the same inputs; weights come from memory as
+    in decoding (a layer's weights are evicted from cache by the time it runs again)."""
+    from pipeline import quant, quant_cpu
+
+    mods = [m for m in quant.quantized_linears(model).values() if getattr(m, "_frankenlab_int4", None) is not None
+            and getattr(m, "_frankenlab_weight", None) is not None]
+    table = {}
+    for m_rows in rows:
+        xs = {k: torch.randn(m_rows, k) for k in {int(m.in_features) for m in mods}}
+
+        def exact():
+            for m in mods:
+                torch.nn.functional.linear(xs[int(m.in_features)], m._frankenlab_weight)
+
+        def fused():
+            for m in mods:
+                quant_cpu._int4_forward(m, xs[int(m.in_features)])
+
+        repeats = max(2, 16 // m_rows)
+        e1, i1, e2, i2 = timed(exact, repeats), timed(fused, repeats), timed(exact, repeats), timed(fused, repeats)
+        ew, ec = (e1[0] + e2[0]) / 2, (e1[1] + e2[1]) / 2
+        iw, ic = (i1[0] + i2[0]) / 2, (i1[1] + i2[1]) / 2
+        table[m_rows] = {"exact_ms": ew, "exact_cpu_ms": ec, "int4_ms": iw, "int4_cpu_ms": ic, "speedup": ew / iw}
+        print(f"  M={m_rows:<4} {len(mods)} linears: exact fp32 {ew:7.1f} ms ({ec:7.1f} CPU), fused int4 {iw:7.1f} ms "
+              f"({ic:7.1f} CPU) -> exact/int4 {ew / iw:5.2f}x  (load {load_average()})", flush=True)
+    return table
+
+
+@torch.inference_mode()
+def greedy_agreement(model, tokenizer, tokens: int) -> dict:
+    """Greedy text from the exact kernel vs from auto (fused decoding) on the same quantized model:
+    the identical prefix, the share of identical positions, and the share of next-token choices that
+    agree when auto is fed the exact text one token at a time (teacher forcing, fused at every step)."""
+    from pipeline import quant_cpu
+
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    runs = {}
+    for kernel in ("exact", "auto"):
+        quant_cpu.set_kernel(model, kernel)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                             do_sample=False)
+        runs[kernel] = out[0, ids.shape[1]:]
+    a, b = runs["exact"], runs["auto"]
+    n = min(len(a), len(b))
+    same = (a[:n] == b[:n])
+    prefix = int(same.long().cumprod(0).sum())
+    quant_cpu.set_kernel(model, "auto")
+    calls = dict(quant_cpu.kernel_calls)
+    out = model(input_ids=ids, use_cache=True)  # the prompt: a few rows, fused too
+    pkv, agree = out.past_key_values, int(out.logits[0, -1].argmax() == a[0])
+    with warnings.catch_warnings():  # transformers renames past_key_values (FutureWarning); both work here
+        warnings.simplefilter("ignore", FutureWarning)
+        for i in range(n - 1):
+            out = model(input_ids=a[i].view(1, 1), past_key_values=pkv, use_cache=True)
+            pkv = out.past_key_values
+            agree += int(out.logits[0, -1].argmax() == a[i + 1])
+    fused_calls = quant_cpu.kernel_calls["int4"] - calls.get("int4", 0)
+    return {"tokens": n, "identical_prefix": prefix, "identical_share": float(same.float().mean()),
+            "teacher_forced_agreement": agree / n, "fused_calls_teacher_forced": fused_calls,
+            "exact_text": tokenizer.decode(a), "auto_text": tokenizer.decode(b)}
 
 
 def main() -> int:
@@ -92,10 +179,15 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens generated per speed measurement")
     p.add_argument("--ppl-windows", type=int, default=8)
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 calibration comparison (the slowest)")
-    p.add_argument("--dtype-layers", type=int, default=4, help="layers quantized for the fp32 vs bf16 comparison")
+    p.add_argument("--dtype-layers", type=int, default=6, help="layers quantized for the fp32 vs bf16 comparison")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared between fused and exact")
     p.add_argument("--out", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if parts - set(PARTS):
+        p.error(f"unknown parts {sorted(parts - set(PARTS))}; choose from {', '.join(PARTS)}")
     data_dir = os.environ.get("FRANKENLAB_DATA_DIR")
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-quant-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -121,21 +213,23 @@ def main() -> int:
     def fresh():
         return load_model(str(src), device="cpu", dtype="float32").model
 
-    with Timer() as t:
-        direct(src, out / "direct-fp32", ids, torch.float32)
-    rows["gptqmodel direct, fp32"] = t
-    print(f"gptqmodel direct, fp32 calibration : {t.text()}", flush=True)
-    with Timer() as t:
-        plain = stage(fresh(), lm.tokenizer, out / "stage-plain", ids, False, data_dir)
-    rows["stage, unmasked"] = t
-    print(f"gptq stage, unmasked               : {t.text()}  -> {rows['stage, unmasked'].wall / rows['gptqmodel direct, fp32'].wall:.3f}x direct "
-          f"(quantize call alone {plain.report['seconds_quantize']:.1f} s)", flush=True)
+    plain = None
+    if "direct" in parts:
+        with Timer() as t:
+            direct(src, out / "direct-fp32", ids, torch.float32)
+        rows["gptqmodel direct, fp32"] = t
+        print(f"gptqmodel direct, fp32 calibration : {t.text()}", flush=True)
+        with Timer() as t:
+            plain = stage(fresh(), lm.tokenizer, out / "stage-plain", ids, False, data_dir)
+        rows["stage, unmasked"] = t
+        print(f"gptq stage, unmasked               : {t.text()}  -> {rows['stage, unmasked'].wall / rows['gptqmodel direct, fp32'].wall:.3f}x direct "
+              f"(quantize call alone {plain.report['seconds_quantize']:.1f} s)", flush=True)
     with Timer() as t:
         masked = stage(fresh(), lm.tokenizer, out / "stage-masked", ids, True, data_dir)
     rows["stage, masked"] = t
-    print(f"gptq stage, masked (keep_sparsity) : {t.text()}  -> {t.wall / rows['gptqmodel direct, fp32'].wall:.3f}x direct",
-          flush=True)
-    if not args.no_bf16:  # on the first --dtype-layers layers: bf16 on the whole model takes too long here
+    versus = (f"  -> {t.wall / rows['gptqmodel direct, fp32'].wall:.3f}x direct" if "direct" in parts else "")
+    print(f"gptq stage, masked (keep_sparsity) : {t.text()}{versus}", flush=True)
+    if "dtype" in parts and not args.no_bf16:  # on the first --dtype-layers layers: bf16 on the whole model takes too long here
         k = min(args.dtype_layers, len(decoder_layers(model)))
         small = out / f"pruned-2of4-{k}layers"
         sub = load_model(str(src), device="cpu", dtype="float32").model
@@ -155,12 +249,14 @@ def main() -> int:
 
     report = {k: {"wall_s": v.wall, "cpu_s": v.cpu} for k, v in rows.items()}
     for label, res in (("unmasked", plain), ("masked", masked)):
+        if res is None:
+            continue
         r = res.report
         print(f"{label:>9}: density {r['density_before']:.4f} -> {r['density_after']:.4f}, zeros kept "
               f"{r['zeros_kept_fraction']:.4%}, pattern_holds {r['pattern_holds']}", flush=True)
         report[f"sparsity {label}"] = {k: r[k] for k in ("density_before", "density_after", "zeros_kept_fraction",
                                                          "pattern_holds")}
-    if data_dir:
+    if data_dir and "ppl" in parts and plain is not None:
         base = perplexity(fresh(), lm.tokenizer, data_dir, args.ppl_windows)
         ppl_plain = perplexity(plain.model, lm.tokenizer, data_dir, args.ppl_windows)
         ppl_masked = perplexity(masked.model, lm.tokenizer, data_dir, args.ppl_windows)
@@ -168,25 +264,59 @@ def main() -> int:
               f"{ppl_plain:.3f}, 2:4 + GPTQ masked {ppl_masked:.3f} (load {load_average()})", flush=True)
         report["perplexity"] = {"2:4 fp32": base, "unmasked": ppl_plain, "masked": ppl_masked}
 
-    from pipeline.compact import load_compact, save_compact
+    if "compact" in parts:
+        from pipeline.compact import load_compact, save_compact
 
-    with Timer() as t:
-        compact = save_compact(masked.model, out / "compact-masked")
-    restored = load_compact(out / "compact-masked", dtype="float32")
-    probe = ids[:1, :64]
-    with torch.no_grad():
-        diff = float((restored(input_ids=probe).logits - masked.model(input_ids=probe).logits).abs().max())
-    print(f"compact 2:4 + int4 file {compact.file_bytes:,} B vs computed {compact.computed_bytes:,} B "
-          f"({compact.ratio - 1:+.2%}), max logit diff after reload {diff:.2g}; {t.text()}", flush=True)
-    report["compact"] = {**compact.to_dict(), "max_logit_diff": diff}
+        with Timer() as t:
+            compact = save_compact(masked.model, out / "compact-masked")
+        restored = load_compact(out / "compact-masked", dtype="float32")
+        probe = ids[:1, :64]  # 64 rows: the exact kernel under "auto"
+        with torch.no_grad():
+            diff = float((restored(input_ids=probe).logits - masked.model(input_ids=probe).logits).abs().max())
+        print(f"compact 2:4 + int4 file {compact.file_bytes:,} B vs computed {compact.computed_bytes:,} B "
+              f"({compact.ratio - 1:+.2%}), max logit diff after reload {diff:.2g}; {t.text()}", flush=True)
+        report["compact"] = {**compact.to_dict(), "max_logit_diff": diff}
 
-    speeds = {}
-    for _ in range(2):  # interleaved, twice
-        for label, m in (("fp32 2:4 baseline", fresh()), ("GPTQ masked (fp32 dequantized)", masked.model)):
-            tps, t = tokens_per_second(m, lm.tokenizer, args.tokens)
-            speeds.setdefault(label, []).append(tps)
-            print(f"greedy {args.tokens} tokens, {label:<31}: {tps:6.1f} tok/s  ({t.text()})", flush=True)
-    report["tokens_per_second"] = speeds
+    from pipeline import quant_cpu
+
+    qmodel = masked.model
+    if "kernels" in parts:
+        print(f"quantized linears, fused int4 vs exact fp32 by rows M (auto: int4 up to M={quant_cpu.FUSED_MAX_ROWS}):",
+              flush=True)
+        report["kernel_crossover"] = kernel_crossover(qmodel)
+    if "speed" in parts:
+        if data_dir:  # many rows: "auto" runs the exact kernel, so perplexity does not move
+            with torch.inference_mode():
+                quant_cpu.set_kernel(qmodel, "exact")
+                ppl_exact = perplexity(qmodel, lm.tokenizer, data_dir, 2)
+                quant_cpu.set_kernel(qmodel, "auto")
+                ppl_auto = perplexity(qmodel, lm.tokenizer, data_dir, 2)
+            print(f"perplexity wikitext2-concat-512:first2, GPTQ masked: exact {ppl_exact!r}, auto {ppl_auto!r} "
+                  f"(identical: {ppl_exact == ppl_auto})", flush=True)
+            report["perplexity_auto_vs_exact"] = {"exact": ppl_exact, "auto": ppl_auto}
+        baseline = fresh()
+        speeds, times = {}, {}
+        for _ in range(2):  # interleaved, twice
+            for label, m, kernel in (("fp32 2:4 baseline", baseline, None), ("GPTQ auto (fused int4 decode)", qmodel, "auto"),
+                                     ("GPTQ exact (fp32 dequantized)", qmodel, "exact")):
+                if kernel:
+                    quant_cpu.set_kernel(m, kernel)
+                tps, t = tokens_per_second(m, lm.tokenizer, args.tokens)
+                speeds.setdefault(label, []).append(tps)
+                times.setdefault(label, []).append({"wall_s": t.wall, "cpu_s": t.cpu})
+                print(f"greedy {args.tokens} tokens, {label:<30}: {tps:6.1f} tok/s  ({t.text()})", flush=True)
+        base = max(speeds["fp32 2:4 baseline"])
+        for label, v in speeds.items():
+            print(f"  best of 2, {label:<30}: {max(v):6.1f} tok/s = {max(v) / base:.2f}x baseline", flush=True)
+        report["tokens_per_second"] = speeds
+        report["generate_seconds"] = times
+        agree = greedy_agreement(qmodel, lm.tokenizer, args.agree_tokens)
+        quant_cpu.set_kernel(qmodel, "auto")
+        print(f"greedy agreement, fused (auto) vs exact over {agree['tokens']} tokens: identical prefix "
+              f"{agree['identical_prefix']}, identical positions {agree['identical_share']:.1%}, next-token agreement "
+              f"fed the exact text {agree['teacher_forced_agreement']:.1%}", flush=True)
+        print(f"  exact: {agree['exact_text']!r}\n  auto : {agree['auto_text']!r}", flush=True)
+        report["greedy_agreement"] = agree
     report["load_average_end"] = load_average()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -262,7 +262,7 @@ def _load_quantized_source(source: ModelSource, dev: torch.device, t0: float) ->
 
     from transformers import AutoTokenizer
 
-    from . import quant
+    from . import quant, quant_cpu
 
     q = quant.describe_folder(source.ref if Path(source.ref).expanduser().is_dir() else source.path) or {}
     try:
@@ -285,11 +285,14 @@ def _load_quantized_source(source: ModelSource, dev: torch.device, t0: float) ->
         info["prequant"] = str(q["prequant"])
     if source.adapter:
         info.update(adapter=source.adapter, rank=q.get("rank"))
+    kernel = getattr(model, "frankenlab_kernel", None)  # CPU only (pipeline.quant_cpu.set_kernel)
+    if kernel:
+        info["kernel"] = kernel
     model.frankenlab_quant = info
     dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     notes = [f"GPTQ {qcfg.get('bits', '?')}-bit g{qcfg.get('group_size', '?')} (gptqmodel)"
              + (" + EoRA adapter" if source.adapter else "")
-             + ("; weights dequantized once to float32 on CPU" if dev.type == "cpu" else "")]
+             + (f"; CPU kernel {kernel}: {quant_cpu.KERNEL_NOTES[kernel]}" if kernel else "")]
     return LoadedModel(model, tok, source, dev, dt, time.perf_counter() - t0, notes)
 
 

@@ -5,13 +5,14 @@ quantized model is quantized or opened. What this module takes care of, measured
 - `GPTQMODEL_CPU_WORKERS` must be at least 2 there, or quantization fails;
 - calibration runs in float32 on CPU (gptqmodel picks bf16 for CPU on its own): without AVX-512
   bf16 / AMX an fp32 `F.linear` is several times faster than bf16 (issue 13), and the model a
-  stage hands on stays the fp32 one it was given; gptqmodel's Hessian work is fp32 either way;
+  stage hands on stays the fp32 one it was given; gptqmodel's Hessian work is fp32 either way
+  (on a CPU with AVX-512 bf16 the two took about the same time: `benchmarks/bench_quant.py`);
 - quantized models open on CPU through gptqmodel's TORCH_FUSED linear (the only CPU kernel that
-  accepts float32 activations) and each quantized weight is then dequantized once to float32 (exact
-  values: codes, scales and zero points are kept and remain what the memory accounting reads).
-  The fused int4 kernel itself (`_weight_int4pack_mm_for_cpu`) was measured slower than an fp32
-  `F.linear` on the bundled model's shapes (bf16 activations; 1.1 ms vs 0.26 ms for 1536x576 at
-  one token), so decoding uses the dequantized weights (`benchmarks/bench_quant.py`);
+  accepts float32 activations); the model then runs in float32 and its quantized linears through
+  `pipeline.quant_cpu`: decoding on aten's fused int4 kernel (bf16 activations), prefill and
+  perplexity on the weights dequantized once to float32 (exact values); `FRANKENLAB_QUANT_KERNEL`
+  chooses. Codes, scales and zero points are kept either way and remain what the memory
+  accounting reads;
 - masked GPTQ (zeros kept exactly) is `pipeline.quant_mask`;
 - it writes `./logs/` relative to the current directory and offloads finished modules to a temp
   folder; both are pointed into the stage's own work folder.
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from . import quant_cpu
 
 QUANT_BITS = (2, 3, 4, 8)
 
@@ -134,13 +137,16 @@ def _layer_hooks(hf_model: torch.nn.Module, on_layer) -> list:
 
 
 def load_quantized(path: str | Path, *, device: torch.device | str = "cpu", adapter: str | Path | None = None,
-                   rank: int | None = None, dims_fit_groups: bool | None = None):
+                   rank: int | None = None, dims_fit_groups: bool | None = None, kernel: str | None = None):
     """A gptqmodel model wrapper for a quantized folder; `.model` is the HF causal LM inside.
 
     `adapter` is an EoRA/LoRA folder written by gptqmodel (applied at every quantized linear).
-    On CPU the model runs in float32 with each quantized weight dequantized once (module docstring).
+    On CPU the model runs in float32 and its quantized linears on `kernel` ("auto", "exact" or
+    "int4"; default $FRANKENLAB_QUANT_KERNEL, else "auto": see `pipeline.quant_cpu.set_kernel`).
     """
     gm = gptqmodel()
+    if torch.device(device).type != "cuda":
+        kernel = quant_cpu.kernel_choice(kernel)  # a wrong name fails before the slow load
     device = torch.device(device)
     path = Path(path)
     qcfg = _read_json(path / "quantize_config.json")
@@ -160,7 +166,7 @@ def load_quantized(path: str | Path, *, device: torch.device | str = "cpu", adap
         wrapper = gm.GPTQModel.load(str(path), backend=backend, device=_device_arg(device), dtype=dtype, **kwargs)
     if device.type == "cpu":
         eager_dequantize(wrapper.model)
-        dequantize_for_cpu(wrapper.model)
+        quant_cpu.prepare_for_cpu(wrapper.model, kernel)
     _restore_generation_config(wrapper.model, path)
     return wrapper
 
@@ -174,34 +180,6 @@ def eager_dequantize(model: torch.nn.Module) -> None:
     """
     for mod in quantized_linears(model).values():
         mod.__dict__.pop("dequantize_weight", None)
-
-
-def _fp32_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """A quantized linear's forward with its weight dequantized once (bound per module on CPU)."""
-    w = self._frankenlab_weight
-    out = torch.nn.functional.linear(x.to(w.dtype), w, self._frankenlab_bias)
-    if getattr(self, "adapter", None):
-        out = self.adapter.apply(x=x.to(w.dtype), out=out)  # EoRA: out += (x @ A) @ B
-    return out
-
-
-@torch.no_grad()
-def dequantize_for_cpu(model: torch.nn.Module) -> int:
-    """Run every quantized linear as float32 `F.linear` on its exact dequantized weight; returns count.
-
-    The weight is a plain attribute (not a buffer or parameter): the packed codes stay what the model
-    stores and what the memory accounting prices; `model.float()` covers the rest of the model.
-    """
-    import types
-
-    model.float()
-    mods = quantized_linears(model)
-    for mod in mods.values():
-        mod._frankenlab_weight = dequantized_weight(mod).contiguous()
-        bias = getattr(mod, "bias", None)
-        mod._frankenlab_bias = bias.float() if isinstance(bias, torch.Tensor) else None
-        mod.forward = types.MethodType(_fp32_forward, mod)
-    return len(mods)
 
 
 def _restore_generation_config(model: torch.nn.Module, path: Path) -> None:
@@ -222,7 +200,10 @@ def generate_eora(native_dir: Path, quant_dir: Path, adapter_dir: Path, calib: t
     from gptqmodel.adapter.adapter import Lora
 
     t0 = time.perf_counter()
-    # EoRA stays in bf16 on CPU: gptqmodel's EoRA processor asserts fp16/bf16 weights (7.6.0).
+    # EoRA stays in bf16 on CPU: gptqmodel's EoRA processor asserts fp16/bf16 weights and its
+    # generate() reads the quantized model with TorchLinear, which takes fp16/bf16 only (7.6.0).
+    # Reading the quantized model in bf16 and the native one in fp32 runs, but was not faster on
+    # the bundled model (108 s fp32 vs 95 s bf16, 8 x 128 tokens, rank 8), so it is not done.
     dtype = quant_dtype(device) if device.type == "cuda" else torch.bfloat16
     with logs_inside(Path(work_dir)):
         gm.GPTQModel.adapter.generate(adapter=Lora(rank=rank, path=str(adapter_dir)),
@@ -245,7 +226,7 @@ def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 @torch.no_grad()
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     """The (out, in) float weight a quantized linear computes with (int codes * scale, minus zero)."""
-    cached = getattr(module, "_frankenlab_weight", None)  # dequantized once on CPU (dequantize_for_cpu)
+    cached = getattr(module, "_frankenlab_weight", None)  # dequantized once on CPU (quant_cpu.set_kernel)
     if cached is not None:
         return cached
     # gptqmodel's dequantize_weight() is always (in, out); guessing from the shape would leave

@@ -83,6 +83,13 @@ def environment(loaded: LoadedModel | None, recipe: Recipe) -> dict:
         env["dtype"] = str(loaded.dtype).replace("torch.", "")
         if loaded.device.type == "cuda":
             env["gpu"] = torch.cuda.get_device_name(loaded.device)
+        else:  # how quantized linears run on CPU (decoding fused int4 or exact): pipeline.quant_cpu.set_kernel
+            from .quant_cpu import kernel_choice
+
+            try:
+                env["quant_kernel"] = kernel_choice()
+            except ValueError:
+                env["quant_kernel"] = None
     return env
 
 

@@ -114,7 +114,7 @@ SESSION_SCHEMA: dict = {
             "properties": {
                 "python": _STR, "platform": _STR, "torch": _STR, "transformers": _STR, "cuda": _STR,
                 "peft": _STR, "gptqmodel": _STR, "datasets": _STR, "device": _STR, "dtype": _STR, "gpu": _STR,
-                "threads": _INT, "seed": _INT,
+                "threads": _INT, "seed": _INT, "quant_kernel": _STR,
             },
         },
         "stages": {"type": "array", "items": STAGE_SCHEMA},

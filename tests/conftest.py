@@ -6,6 +6,8 @@ import pytest
 from tests.tiny import build_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
+# Quantized models run on the default CPU kernel ("auto") in tests; tests that want another set it.
+os.environ.pop("FRANKENLAB_QUANT_KERNEL", None)
 
 
 def shared_data_dir() -> Path:

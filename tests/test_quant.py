@@ -89,6 +89,8 @@ def test_gptq_report_and_saved_model(chain):
     st = next(s for s in session.stages if s.kind == "gptq")
     r = st.report
     assert (r["bits"], r["group_size"], r["desc_act"]) == (4, 32, False)
+    assert r["kernel"].startswith("CPU: calibration in float32; inference kernel auto: fused int4")
+    assert session.environment["quant_kernel"] == "auto"
     qdir = Path(r["quantized_path"])
     assert st.artifact == str(qdir) and (qdir / "quantize_config.json").is_file()
     assert json.loads((qdir / "quantize_config.json").read_text())["bits"] == 4
@@ -190,6 +192,147 @@ def test_dequantized_weights_match_prequant_weights(chain):
     assert checked == 2 * 7
 
 
+# -- CPU kernels: fused int4 for decoding, exact fp32 for many rows ---------------------------------------
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _gptq_folder(chain) -> Path:
+    session, _, _ = chain
+    return Path(next(s for s in session.stages if s.kind == "gptq").report["quantized_path"])
+
+
+@pytest.fixture
+def auto_kernel(monkeypatch):
+    """The default kernel ("auto") and a fresh count of forwards per path."""
+    from pipeline import quant_cpu
+
+    monkeypatch.delenv(quant_cpu.KERNEL_ENV, raising=False)
+    quant_cpu.kernel_calls.clear()
+    return quant_cpu
+
+
+def test_fused_kernel_for_few_rows_exact_for_many(chain, auto_kernel):
+    from pipeline import quant
+
+    quant_cpu = auto_kernel
+    model = quant.load_quantized(_gptq_folder(chain)).model
+    assert model.frankenlab_kernel == "auto"
+    mods = quant.quantized_linears(model)
+    assert {m._frankenlab_kernel for m in mods.values()} == {"auto"}  # every tiny shape fits the kernel
+    few = torch.tensor([[5, 6, 7, 8, 9, 10]])  # 6 rows: decoding-sized
+    many = torch.randint(3, 300, (2, quant_cpu.FUSED_MAX_ROWS // 2 + 1))  # 2 x 17 = 34 rows: prefill-sized
+    with torch.no_grad():
+        model(input_ids=few)
+        assert dict(quant_cpu.kernel_calls) == {"int4": len(mods)}
+        quant_cpu.kernel_calls.clear()
+        model(input_ids=many)
+        assert dict(quant_cpu.kernel_calls) == {"exact": len(mods)}
+        quant_cpu.kernel_calls.clear()
+        model.generate(few, attention_mask=torch.ones_like(few), max_new_tokens=3, do_sample=False)
+    # the 6-token prompt and the 2 decoding steps after it (the last token needs no forward)
+    assert dict(quant_cpu.kernel_calls) == {"int4": 3 * len(mods)}
+
+
+def test_fused_output_close_to_exact(chain, auto_kernel):
+    from pipeline import quant
+
+    quant_cpu = auto_kernel
+    model = quant.load_quantized(_gptq_folder(chain)).model
+    g = torch.Generator().manual_seed(0)
+    for name, mod in quant.quantized_linears(model).items():
+        x = torch.randn(3, mod.in_features, generator=g)
+        with torch.no_grad():
+            fused = mod(x)
+            exact = torch.nn.functional.linear(x, quant.dequantized_weight(mod))
+        assert fused.dtype == torch.float32 and fused.shape == exact.shape
+        assert _rel(fused, exact) < 2e-2, name  # bf16 activations and scales: ~3 significant digits
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        fused = model(input_ids=ids).logits
+        quant_cpu.set_kernel(model, "exact")
+        exact = model(input_ids=ids).logits
+    assert quant_cpu.kernel_calls["int4"] > 0 and quant_cpu.kernel_calls["exact"] > 0
+    assert _rel(fused, exact) < 3e-2
+    assert (fused.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.75
+
+
+def test_exact_kernel_is_todays_dequantized_path(chain, auto_kernel, monkeypatch):
+    """Forced exact (by the environment): every call is fp32 F.linear on the dequantized weight, bit
+    for bit, whatever the row count; "auto" on many rows is that same path."""
+    from pipeline import quant
+
+    quant_cpu = auto_kernel
+    monkeypatch.setenv(quant_cpu.KERNEL_ENV, "exact")
+    exact_model = quant.load_quantized(_gptq_folder(chain)).model
+    monkeypatch.delenv(quant_cpu.KERNEL_ENV)
+    auto_model = quant.load_quantized(_gptq_folder(chain)).model
+    mods = quant.quantized_linears(exact_model)
+    assert {m._frankenlab_kernel for m in mods.values()} == {"exact"}
+    assert not any(getattr(m, "_frankenlab_int4", None) is not None for m in mods.values())  # nothing packed
+    with torch.no_grad():
+        for name, mod in mods.items():
+            x = torch.randn(1, 2, mod.in_features)
+            assert torch.equal(mod(x), torch.nn.functional.linear(x, quant.dequantized_weight(mod))), name
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        monkeypatch.setattr(quant_cpu, "FUSED_MAX_ROWS", 0)  # auto: every call has "many" rows
+        assert torch.equal(exact_model(input_ids=ids).logits, auto_model(input_ids=ids).logits)
+    assert quant_cpu.kernel_calls["int4"] == 0
+    monkeypatch.setenv(quant_cpu.KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="one of auto, exact, int4"):
+        quant.load_quantized(_gptq_folder(chain))
+
+
+def test_int4_kernel_frees_the_fp32_copy(chain, auto_kernel):
+    from pipeline import quant
+
+    quant_cpu = auto_kernel
+    folder = _gptq_folder(chain)
+    model = quant.load_quantized(folder, kernel="int4").model
+    reference = quant.load_quantized(folder, kernel="exact").model
+    mods = quant.quantized_linears(model)
+    assert all(m._frankenlab_weight is None for m in mods.values())
+    ids = torch.randint(3, 300, (1, 2 * quant_cpu.FUSED_MAX_ROWS))
+    with torch.no_grad():
+        quant_cpu.kernel_calls.clear()
+        fused = model(input_ids=ids).logits
+        assert dict(quant_cpu.kernel_calls) == {"int4": len(mods)}  # many rows too
+        assert _rel(fused, reference(input_ids=ids).logits) < 3e-2
+    ref_mods = quant.quantized_linears(reference)
+    for name, mod in mods.items():  # still readable from the packed buffers (memory accounting, counts)
+        assert torch.equal(quant.dequantized_weight(mod), ref_mods[name]._frankenlab_weight), name
+
+
+def test_eora_adapter_applied_on_the_fused_path(chain, auto_kernel):
+    from pipeline import quant
+
+    quant_cpu = auto_kernel
+    session, _, _ = chain
+    st = next(s for s in session.stages if s.kind == "eora")
+    adapter = Path(st.report["adapter_path"])
+    folder = _gptq_folder(chain)
+    plain = quant.load_quantized(folder).model
+    with_eora = quant.load_quantized(folder, adapter=adapter, rank=4).model
+    mods = quant.quantized_linears(with_eora)
+    assert all(getattr(m, "adapter", None) for m in mods.values())
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        quant_cpu.kernel_calls.clear()
+        fused_plain, fused_eora = plain(input_ids=ids).logits, with_eora(input_ids=ids).logits
+        assert dict(quant_cpu.kernel_calls) == {"int4": 2 * len(mods)}
+        quant_cpu.set_kernel(with_eora, "exact")
+        exact_eora = with_eora(input_ids=ids).logits
+    assert _rel(fused_eora, exact_eora) < 3e-2  # close to EoRA on the exact path ...
+    assert _rel(fused_eora, exact_eora) < 0.5 * _rel(fused_plain, exact_eora)  # ... not to the model without it
+    mod = next(iter(mods.values()))
+    quant_cpu.set_kernel(with_eora, "auto")
+    x = torch.randn(2, mod.in_features)
+    with torch.no_grad():
+        lora = (x @ mod.adapter.lora_A.float()) @ mod.adapter.lora_B.float()
+        base = torch.nn.functional.linear(x, quant.dequantized_weight(mod))
+        assert _rel(mod(x), base + lora) < 2e-2
+
+
 # -- masked GPTQ on its own ----------------------------------------------------------------------------
 def _quantize_tiny(src, out, *, keep, desc_act=False):
     from pipeline import quant
@@ -240,7 +383,8 @@ def test_masked_gptq_keeps_every_zero(pruned_2to4, masked_tiny, tmp_path):
     src, reference = pruned_2to4
     masked = _kept_errors(masked_tiny[1], reference)
     plain = _kept_errors(_quantize_tiny(src, tmp_path / "plain", keep=False), reference)
-    ordered = _kept_errors(_quantize_tiny(src, tmp_path / "desc", keep=True, desc_act=True), reference)
+    desc_model = _quantize_tiny(src, tmp_path / "desc", keep=True, desc_act=True)
+    ordered = _kept_errors(desc_model, reference)
     assert len(masked) == len(plain) == len(ordered) == 8 * 7
     assert all(zeros_kept for zeros_kept, _ in masked.values())
     assert all(zeros_kept for zeros_kept, _ in ordered.values())  # the mask follows desc_act's permutation
@@ -252,6 +396,20 @@ def test_masked_gptq_keeps_every_zero(pruned_2to4, masked_tiny, tmp_path):
     # 4-bit rounding of the kept weights costs about the same with or without the mask
     assert 0.02 < err_m < 0.25 and 0.02 < err_o < 0.25
     assert err_m < 1.5 * err_p and err_p < 1.5 * err_m
+    _fused_follows_act_order(desc_model)
+
+
+def _fused_follows_act_order(model):
+    """desc_act: the fused int4 kernel gathers the input channels in the order of their groups."""
+    from pipeline import quant, quant_cpu
+
+    mods = quant.quantized_linears(model)
+    permuted = [m for m in mods.values() if m._frankenlab_int4[3] is not None]
+    assert permuted, "desc_act should reorder some module's groups"
+    for mod in permuted:
+        x = torch.randn(4, mod.in_features)
+        with torch.no_grad():
+            assert _rel(quant_cpu._int4_forward(mod, x), torch.nn.functional.linear(x, quant.dequantized_weight(mod))) < 2e-2
 
 
 # -- quantized folders open everywhere -----------------------------------------------------------------
@@ -298,9 +456,14 @@ def test_quantized_folders_in_eval_and_chat(chain, data_dir, capsys):
     printed = capsys.readouterr().out
     assert rc == 0 and "perplexity" in printed and "wikitext2-concat-64" in printed
     lm = load_model(str(Path(next(s for s in session.stages if s.kind == "gptq").artifact).parent))
+    from pipeline import quant_cpu
+
+    before = quant_cpu.kernel_calls["int4"]
     pieces = list(stream_reply(lm.model, lm.tokenizer, [{"role": "user", "content": "Who wrote Hamlet?"}],
                                max_new_tokens=4))
     assert pieces and all(isinstance(p, str) for p in pieces)
+    if lm.model.frankenlab_kernel == "auto":  # decoding took the fused int4 kernel
+        assert quant_cpu.kernel_calls["int4"] > before
 
 
 def test_replay_resumes_after_gptq(chain, data_dir, tmp_path):
@@ -337,8 +500,14 @@ def test_compact_form_of_masked_2to4_gptq(masked_tiny, tmp_path, capsys):
     assert abs(report["payload_bytes"] - report["computed_bytes"]) <= 8 * 56 * 4
     restored = load_compact(tmp_path / "c", dtype="float32")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
-    with torch.no_grad():
-        assert torch.allclose(restored(input_ids=ids).logits, qmodel(input_ids=ids).logits, atol=1e-4)
+    from pipeline import quant_cpu
+
+    quant_cpu.set_kernel(qmodel, "exact")  # 8 rows would take the fused kernel (bf16 activations)
+    try:
+        with torch.no_grad():
+            assert torch.allclose(restored(input_ids=ids).logits, qmodel(input_ids=ids).logits, atol=1e-4)
+    finally:
+        quant_cpu.set_kernel(qmodel, "auto")
 
 
 def test_lab_chat_targets_open_gptq_and_eora_stages(chain, tmp_path):

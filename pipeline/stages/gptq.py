@@ -4,7 +4,8 @@ The in-memory model (perhaps depth-pruned, width-pruned, LoRA-merged) is saved a
 folder `<stage>/prequant` (EoRA needs it later), quantized with calibration windows into
 `<stage>/quantized` (gptqmodel's format, loadable with `pipeline.quant.load_quantized`), and
 reloaded so the runner evaluates what was saved. On CPU calibration runs in float32 and the
-reloaded model computes with its weights dequantized once to float32 (`pipeline.quant`).
+reloaded model decodes through the fused int4 kernel and computes prefill and perplexity with its
+weights dequantized once to float32 (`pipeline.quant_cpu`, `FRANKENLAB_QUANT_KERNEL`).
 
 Sparse weights: GPTQ gives every weight a `bits`-bit code and spreads each column's rounding
 error over the columns not yet quantized, so unmasked, a pruned (zero) weight stays zero only when
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import quant, quant_mask
+from .. import quant, quant_cpu, quant_mask
 from ..config import RecipeError, option, require
 from ..context import StageContext, StageResult
 from ..models import decoder_layers
@@ -183,7 +184,8 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         "desc_act": config.desc_act,
         "sym": config.sym,
         "calibration": {"dataset": cal.dataset, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
-        "kernel": ("CPU: calibration in float32; weights dequantized once to float32 for inference"
+        "kernel": (f"CPU: calibration in float32; inference kernel {qmodel.frankenlab_kernel}: "
+                   f"{quant_cpu.KERNEL_NOTES[qmodel.frankenlab_kernel]}"
                    if ctx.device.type != "cuda" else "torch (TorchLinear)" if not dims_fit else "auto"),
         "keep_sparsity": keep,
         "masked": masked,
