@@ -37,6 +37,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch  # noqa: E402
 
 from benchmarks.common import load_average, machine_line, prune_2to4  # noqa: E402
+from evals.packed import packed_linears  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 
 
@@ -297,11 +298,17 @@ def main() -> int:
         baseline = fresh()
         speeds, times = {}, {}
         for _ in range(2):  # interleaved, twice
-            for label, m, kernel in (("fp32 2:4 baseline", baseline, None), ("GPTQ auto (fused int4 decode)", qmodel, "auto"),
+            for label, m, kernel in (("fp32 2:4 baseline", baseline, None),
+                                     ("fp32 2:4 baseline, packed", baseline, "packed"),
+                                     ("GPTQ auto (fused int4 decode)", qmodel, "auto"),
                                      ("GPTQ exact (fp32 dequantized)", qmodel, "exact")):
-                if kernel:
-                    quant_cpu.set_kernel(m, kernel)
-                tps, t = tokens_per_second(m, lm.tokenizer, args.tokens)
+                if kernel == "packed":  # fp32 as the lab's chat and QA decode it (evals.packed)
+                    with packed_linears(m):
+                        tps, t = tokens_per_second(m, lm.tokenizer, args.tokens)
+                else:
+                    if kernel:
+                        quant_cpu.set_kernel(m, kernel)
+                    tps, t = tokens_per_second(m, lm.tokenizer, args.tokens)
                 speeds.setdefault(label, []).append(tps)
                 times.setdefault(label, []).append({"wall_s": t.wall, "cpu_s": t.cpu})
                 print(f"greedy {args.tokens} tokens, {label:<30}: {tps:6.1f} tok/s  ({t.text()})", flush=True)

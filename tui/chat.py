@@ -15,7 +15,6 @@ from typing import Callable, Iterator
 
 import torch
 
-from evals.packed import packed_linears
 from pipeline.plans import LayerPlan, planned
 from pipeline.sharing import model_lock
 
@@ -123,9 +122,9 @@ def stream_reply(model, tokenizer, messages: list[dict], *, plan: LayerPlan | No
             failure.append(exc)
             streamer.end()
 
-    # packed_linears: CPU fp32 weights reordered once for oneDNN (evals.packed): 7-20 % more tokens/s
-    # on the bundled model at one row, the same tokens
-    with model_lock(model), planned(model, plan), packed_linears(model):
+    # no evals.packed here: at one row it measured no faster than F.linear (11.8 vs 12.6 tok/s for 32
+    # greedy tokens of the bundled model, benchmarks/bench_quant.py), and it holds a second weight copy
+    with model_lock(model), planned(model, plan):
         thread = threading.Thread(target=generate, name="frankenlab-generate", daemon=True)
         thread.start()
         try:
