@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -65,7 +66,6 @@ def one(label: str, after: float, data_dir: str | None) -> dict:
         try:
             session = record_run(recipe, out, listener=listen, cancel=cancel, data_dir=data_dir)
             result["status"] = session.status
-            result["message"] = getattr(session, "message", "")
         except BaseException as exc:  # noqa: BLE001 - printed
             result["status"] = f"raised {type(exc).__name__}: {exc}"
 
@@ -87,8 +87,9 @@ def one(label: str, after: float, data_dir: str | None) -> dict:
     if saved.exists():
         data = json.loads(saved.read_text())
         stages_saved = [(s.get("kind"), s.get("status")) for s in data.get("stages", [])]
+    shutil.rmtree(out, ignore_errors=True)  # a run folder per scenario, models included: not kept
     return {"label": label, "latency_s": latency, "ran_s": c - t0, "status": result.get("status"),
-            "message": result.get("message"), "session_stages": stages_saved, "out": str(out)}
+            "session_stages": stages_saved}
 
 
 def main(argv=None) -> list[dict]:
