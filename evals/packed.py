@@ -14,7 +14,8 @@ one fused call: SiLU and the gate product in the GEMM epilogues), and
 `Packs.linear` serves callers that slice a weight themselves (the output head in vocabulary
 blocks). Anything else (GPU, float16/bfloat16, autograd, a build without oneDNN, an op that
 refuses) is plain `F.linear`. The reordered copies cost one more copy of the weights while the
-block runs (the bundled model: ~0.5 GB), freed when it ends. `FRANKENLAB_PACKED_LINEAR=0` turns it off.
+block runs (the bundled model: ~0.5 GB), freed when it ends, and are not made when they would take
+more than half the memory still available. `FRANKENLAB_PACKED_LINEAR=0` turns it off.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class Packs:
 
     def __init__(self) -> None:
         self.enabled = available()
-        self._packs: dict[tuple, torch.Tensor] = {}
+        self._packs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def _usable_input(self, x: torch.Tensor) -> bool:
@@ -62,15 +63,16 @@ class Packs:
         version = -1 if weight.is_inference() else weight._version
         key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), version)
         with self._lock:
-            packed = self._packs.get(key)
-        if packed is None:
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-            except (RuntimeError, TypeError):
-                self.enabled = False  # this build or this weight refuses: plain F.linear from now on
-                return None
-            with self._lock:
-                self._packs[key] = packed
+            hit = self._packs.get(key)
+        if hit is not None:
+            return hit[0]
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        except (RuntimeError, TypeError):
+            self.enabled = False  # this build or this weight refuses: plain F.linear from now on
+            return None
+        with self._lock:  # the weight is held with its pack: its address cannot be reused by another
+            self._packs[key] = (packed, weight)
         return packed
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,6 +120,18 @@ class Packs:
             self._packs.clear()
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system can still hand out (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _packed_forward(packs: Packs, original):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not packs.enabled:
@@ -158,6 +172,11 @@ def packed_linears(model: nn.Module, packs: Packs | None = None):
     is as before when the block ends, even on an exception."""
     packs = packs if packs is not None else Packs()
     patched: list[nn.Module] = []
+    if packs.enabled:
+        need = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
+        room = available_memory()
+        if room is not None and need > room // 2:  # the copies must not push the machine into swap or OOM
+            packs.enabled = False
     if packs.enabled:
         for module in model.modules():
             if _fusable_mlp(module):

@@ -239,3 +239,15 @@ def test_rows_protocol_values_unchanged_by_the_batch_cuts(tiny, tmp_path, monkey
     one_by_one = perplexity(tiny.model, tiny.tokenizer, f"{f}-rows-24", batch_size=2)
     assert ours.tokens == one_by_one.tokens
     assert ours.value == pytest.approx(one_by_one.value, rel=1e-5)
+
+
+def test_packed_linears_stay_off_when_memory_is_short(tiny, monkeypatch):
+    import evals.packed as packed
+
+    monkeypatch.setattr(packed, "available_memory", lambda: 1024)  # far less than two copies of the weights
+    ids = torch.randint(0, tiny.model.config.vocab_size, (2, 12))
+    with packed.packed_linears(tiny.model) as packs:
+        assert not packs.enabled
+        assert not any("forward" in m.__dict__ for m in tiny.model.modules())
+        got = nll_sum(tiny.model, ids, ids.clone(), packs)
+    assert got == nll_sum(tiny.model, ids, ids.clone())
