@@ -23,13 +23,17 @@ class LabFooter(Footer):
                      for (_node, binding, enabled, _tip) in screen.active_bindings.values() if binding.show)
 
     def bindings_changed(self, screen) -> None:
+        will_rebuild = screen.app.app_focus and self.is_attached and screen is self.screen  # as Footer decides
+        if not will_rebuild:
+            super().bindings_changed(screen)
+            return
         try:
             shown = self._signature(screen)
         except Exception:  # noqa: BLE001 - a screen mid-teardown: let Footer decide as it always did
             shown = None
         if shown is not None and shown == self._shown and self._bindings_ready:
             return
-        self._shown = shown
+        self._shown = shown  # remembered only for a rebuild that happens
         super().bindings_changed(screen)
 
     def compose(self):
