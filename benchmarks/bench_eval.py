@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,8 @@ import torch  # noqa: E402
 from benchmarks.ceiling import flops_per_token, matmul_rate, plain_loop  # noqa: E402
 from benchmarks.common import load_average, machine_line  # noqa: E402
 from evals.data import load_texts  # noqa: E402
-from evals.perplexity import concat_windows, perplexity  # noqa: E402
+from evals.memory import enabled as memory_tuning  # noqa: E402
+from evals.perplexity import EVAL_WORKERS_ENV, concat_windows, eval_workers, perplexity  # noqa: E402
 from evals.qa import run_qa  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 
@@ -58,10 +60,11 @@ def text_prefix(tokenizer, text: str, tokens: int) -> str:
 
 
 def ours(lm, text_file: Path, windows: int, batch_size: int) -> dict:
-    c0 = time.process_time()
+    c0, f0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     r = perplexity(lm.model, lm.tokenizer, f"{text_file}-concat-{SEQ_LEN}", limit=windows, batch_size=batch_size)
     cpu = time.process_time() - c0
     return {"ppl": r.value, "scored_tokens": r.tokens, "seconds": r.seconds, "cpu_seconds": cpu,
+            "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0,
             "protocol": r.protocol, "tokens_per_s": r.tokens / r.seconds,
             "input_tokens_per_s": r.sequences * SEQ_LEN / r.seconds, "input_tokens_per_cpu_s": r.sequences * SEQ_LEN / cpu}
 
@@ -122,7 +125,11 @@ def main(argv=None) -> dict:
     their_text = text_prefix(lm.tokenizer, joined, args.windows * SEQ_LEN - 1)  # theirs: W rolling windows
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_eval_wikitext2_{os.getpid()}.txt"
     work.write_text(text, encoding="utf-8")  # the same characters for both, from the same file
+    workers = eval_workers(lm.device, 2)
+    print(f"evaluation: {workers} batch(es) side by side ({EVAL_WORKERS_ENV}), freed memory reused: "
+          f"{'yes' if memory_tuning() else 'no'} (FRANKENLAB_MALLOC_TUNING)")
     figures: dict = {"model": lm.source.name, "device": str(lm.device), "threads": torch.get_num_threads(),
+                     "eval_workers": workers, "malloc_tuning": memory_tuning(),
                      "windows": args.windows, "batch_size": args.batch_size, "source": source, "runs": []}
     try:
         import lm_eval
@@ -149,7 +156,7 @@ def main(argv=None) -> dict:
             a = ours(lm, work, args.windows, args.batch_size)
             print(f"[{rep}] ours     {a['protocol']}: ppl {a['ppl']:.3f}, {a['scored_tokens']} scored tokens in "
                   f"{a['seconds']:.1f} s (cpu {a['cpu_seconds']:.1f} s) = {a['input_tokens_per_s']:.0f} input tok/s, "
-                  f"{a['input_tokens_per_cpu_s']:.0f} per CPU-second")
+                  f"{a['input_tokens_per_cpu_s']:.0f} per CPU-second; {a['minor_page_faults']} minor page faults")
             run = {"ours": a, "matmul": rate}
             c = plain(lm, text, args.windows, args.batch_size)
             print(f"[{rep}] plain    full logits + cross-entropy: ppl {c['ppl']:.3f}, {c['scored_tokens']} scored "
@@ -178,9 +185,17 @@ def main(argv=None) -> dict:
         figures.update(ceiling_tokens_per_s=ceiling_w, ceiling_tokens_per_cpu_s=ceiling_c,
                        ours_input_tokens_per_s=ours_w, ours_input_tokens_per_cpu_s=ours_c,
                        ceiling_fraction_wall=ours_w / ceiling_w, ceiling_fraction_cpu=ours_c / ceiling_c)
-        print(f"ceiling: {ceiling_w:.0f} tok/s wall, {ceiling_c:.0f} tok per CPU-second; ours {ours_w:.0f} tok/s = "
-              f"{ours_w / ceiling_w:.2f} of the ceiling by wall time, {ours_c:.0f} per CPU-second = "
-              f"{ours_c / ceiling_c:.2f} by CPU time")
+        print(f"ceiling (the best fp32 GEMM measured): {ceiling_w:.0f} tok/s wall, {ceiling_c:.0f} tok per CPU-second; "
+              f"ours {ours_w:.0f} tok/s = {ours_w / ceiling_w:.2f} of the ceiling by wall time, {ours_c:.0f} per "
+              f"CPU-second = {ours_c / ceiling_c:.2f} by CPU time")
+        default = [r["by_gemm"]["F.linear"] for r in rates if "F.linear" in r["by_gemm"]]
+        if default:  # torch's own fp32 matmul (MKL F.linear on all threads): the usual yardstick
+            lin_w = max(d["gflops_wall"] for d in default) * 1e9 / flops
+            lin_c = max(d["gflops_cpu"] for d in default) * 1e9 / flops
+            figures.update(default_matmul_tokens_per_s=lin_w, default_matmul_fraction_wall=ours_w / lin_w,
+                           default_matmul_fraction_cpu=ours_c / lin_c)
+            print(f"against torch's default fp32 matmul (F.linear on all threads, {lin_w:.0f} tok/s, {lin_c:.0f} per "
+                  f"CPU-second): {ours_w / lin_w:.2f} by wall time, {ours_c / lin_c:.2f} by CPU time")
         for k in ("plain", "lm_eval"):
             if k in tot:
                 figures[f"{k}_over_ours_wall"] = tot[k][0] / tot["ours"][0]

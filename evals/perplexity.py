@@ -10,7 +10,6 @@ A sample limit is part of the name (`...:first16`), so partial numbers are never
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -21,54 +20,15 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .cancel import Cancelled, cancel_between_layers  # noqa: F401 - re-exported
 from .data import load_texts
+from .memory import reuse_freed_memory
 from .packed import Packs, packed_linears
+from .side_by_side import EVAL_WORKERS_ENV, eval_workers, in_pool_thread, score_side_by_side  # noqa: F401
 from .head import VOCAB_BLOCK, blocked_nll, head_token_nll, linear_head  # noqa: F401 - re-exported
 
 PROTOCOL_RE = re.compile(r"^(?P<data>.+)-(?P<mode>rows|concat)-(?P<length>\d+)"
                          r"(?:-stride(?P<stride>\d+))?(?::first(?P<limit>\d+))?$")
-
-
-class Cancelled(Exception):
-    """Raised between batches (and between decoder layers, `cancel_between_layers`) when the caller's
-    cancel flag is set."""
-
-
-def _layer_lists(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
-    return [m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers"]
-
-
-@contextlib.contextmanager
-def cancel_between_layers(model: torch.nn.Module, cancelled: Callable[[], bool] | None):
-    """Check `cancelled` before every decoder layer runs forward, and after each layer's backward.
-
-    Between batches is not often enough on a CPU: a 4 x 512 perplexity batch of the bundled model
-    takes 5 s on 2 idle cores (18 s measured under load), a LoRA step about 20 s; one layer is 1/30
-    of that. Raises `Cancelled` out of the forward (or `.backward()`); the caller keeps what it had
-    before the batch or step. No-op when `cancelled` is None or the model has no `layers` list."""
-    if cancelled is None:
-        yield
-        return
-
-    def check() -> None:
-        if cancelled():
-            raise Cancelled("cancelled by the user")
-
-    def before_layer(_module, args, kwargs):
-        check()
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:  # training: also during backward
-            hidden.register_hook(lambda grad: check())
-        return None
-
-    handles = [layer.register_forward_pre_hook(before_layer, with_kwargs=True)
-               for layers in _layer_lists(model) for layer in layers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @dataclass(frozen=True)
@@ -266,24 +226,35 @@ def score_sequences(model, seqs: list[tuple[torch.Tensor, int]], *, batch_size: 
                     progress: Callable[[float], None] | None = None,
                     cancelled: Callable[[], bool] | None = None) -> tuple[float, int]:
     """Summed NLL and scored-token count of (ids, skip) sequences; cancel is checked between batches
-    and between decoder layers."""
+    and between decoder layers.
+
+    On a CPU two batches run side by side (`eval_workers`) with freed memory reused
+    (`evals.memory`); the sum is taken in batch order, so the result does not depend on which
+    finishes first. `progress` and the return happen on the calling thread."""
     if not seqs:
         return 0.0, 0
     device = next(model.parameters()).device
     max_len = max(s.numel() for s, _ in seqs)
-    total_nll, total_tok, done = 0.0, 0, 0
-    with packed_linears(model) as packs:  # CPU fp32: weights reordered once for the whole evaluation
-        for ids, labels in _batches(seqs, batch_size, max_len, pad_id):
-            if cancelled and cancelled():
-                raise Cancelled("perplexity cancelled")
-            with cancel_between_layers(model, cancelled):
-                nll, n = nll_sum(model, ids.to(device), labels, packs)
-            total_nll += nll
-            total_tok += n
-            done += ids.shape[0]
-            if progress:
-                progress(done / len(seqs))
-    return total_nll, total_tok
+    batches = list(_batches(seqs, batch_size, max_len, pad_id))
+    workers = eval_workers(device, len(batches))
+    if in_pool_thread():
+        workers = 1  # called from inside a batch: never wait on our own pool
+    results: list[tuple[float, int] | None] = [None] * len(batches)
+    with reuse_freed_memory(), packed_linears(model) as packs:  # CPU fp32: weights reordered once
+        if workers == 1:
+            done = 0
+            for i, (ids, labels) in enumerate(batches):
+                if cancelled and cancelled():
+                    raise Cancelled("perplexity cancelled")
+                with cancel_between_layers(model, cancelled):
+                    results[i] = nll_sum(model, ids.to(device), labels, packs)
+                done += ids.shape[0]
+                if progress:
+                    progress(done / len(seqs))
+        else:
+            score_side_by_side(model, batches, results, lambda ids, labels: nll_sum(model, ids, labels, packs),
+                               workers, len(seqs), progress, cancelled)
+    return sum(r[0] for r in results), sum(r[1] for r in results)  # in batch order, as one loop adds
 
 
 def is_file_protocol(data: str) -> bool:

@@ -154,6 +154,132 @@ def test_perplexity_cancel_reaches_inside_a_batch(tiny, tmp_path):
     assert all(not layer._forward_pre_hooks for layer in layers)  # hooks removed after the cancel
 
 
+@pytest.fixture
+def two_threads():
+    """Side-by-side batches need two intra-op threads to share out (the module runs on one)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_side_by_side_batches_give_the_serial_numbers(tiny, tmp_path, monkeypatch, two_threads):
+    """Two batches at once on a CPU: the same NLL as one after the other (summed in batch order),
+    progress on the caller's thread up to 1, the caller's thread count and a later thread's untouched."""
+    import threading
+
+    from evals.perplexity import eval_workers
+    from pipeline.models import decoder_layers
+
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT * 30)
+    protocol = f"{f}-concat-16"
+    monkeypatch.setenv("FRANKENLAB_EVAL_WORKERS", "1")
+    serial = perplexity(tiny.model, tiny.tokenizer, protocol, batch_size=2)
+    monkeypatch.delenv("FRANKENLAB_EVAL_WORKERS")
+    assert eval_workers("cpu", 5) == 2 and eval_workers("cpu", 1) == 1 and eval_workers("cuda", 5) == 1
+    ran_on, seen = set(), []
+    h = decoder_layers(tiny.model)[0].register_forward_hook(
+        lambda *_a: ran_on.add(threading.current_thread().name))
+    caller = threading.current_thread().name
+    try:
+        both = perplexity(tiny.model, tiny.tokenizer, protocol, batch_size=2,
+                          progress=lambda x: seen.append((x, threading.current_thread().name)))
+    finally:
+        h.remove()
+    assert serial.sequences >= 6
+    assert len(ran_on) == 2 and all(n.startswith("frankenlab-eval") for n in ran_on)  # two pool threads
+    assert both.value == pytest.approx(serial.value, rel=1e-9) and both.tokens == serial.tokens
+    assert [x for x, _ in seen] == sorted(x for x, _ in seen) and seen[-1][0] == 1.0
+    assert {n for _, n in seen} == {caller}
+    assert torch.get_num_threads() == 2
+    later = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [2]  # the pool's one-thread setting did not leak to threads started afterwards
+
+
+def test_side_by_side_cancel_and_errors(tiny, tmp_path, two_threads):
+    """A cancel stops both batches in flight at their next layer; an error in one batch (an
+    out-of-memory, say) is raised as itself, the other batch stopped; the pool works afterwards."""
+    from pipeline.models import decoder_layers
+
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT * 30)
+    protocol = f"{f}-concat-16"
+    layers = decoder_layers(tiny.model)
+    clean = perplexity(tiny.model, tiny.tokenizer, protocol, batch_size=2)
+    calls: list[int] = []
+    flag = {"set": False}
+    hs = [layer.register_forward_hook(lambda *_a, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    hs.append(layers[1].register_forward_hook(lambda *_a: flag.update(set=True)))
+    try:
+        with pytest.raises(Cancelled):
+            perplexity(tiny.model, tiny.tokenizer, protocol, batch_size=2, cancelled=lambda: flag["set"])
+    finally:
+        for h in hs:
+            h.remove()
+    assert max(calls) <= 2 and len(calls) <= 2 * 3, calls  # neither batch went past the layer in flight
+
+    seen = {"n": 0}
+
+    def boom(*_a):
+        seen["n"] += 1
+        if seen["n"] == 2:
+            raise RuntimeError("out of memory (simulated)")
+    h = layers[3].register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            perplexity(tiny.model, tiny.tokenizer, protocol, batch_size=2)
+    finally:
+        h.remove()
+    assert all(not layer._forward_pre_hooks for layer in layers)
+    again = perplexity(tiny.model, tiny.tokenizer, protocol, batch_size=2)
+    assert again.value == clean.value
+
+
+def test_freed_memory_settings_hold_while_any_block_is_open(monkeypatch):
+    """glibc's thresholds go up on the first open block, back (and free memory returned) when the
+    last closes; nothing happens with FRANKENLAB_MALLOC_TUNING=0 or without glibc."""
+    from evals import memory
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+    monkeypatch.setattr(memory, "_glibc", lambda: FakeLibc())
+    with memory.reuse_freed_memory():
+        opened = list(calls)
+        with memory.reuse_freed_memory():
+            assert calls == opened  # nested: nothing more
+        assert calls == opened
+    assert dict((p, v) for _, p, v in opened) == {memory.M_MMAP_THRESHOLD: memory.MMAP_THRESHOLD,
+                                                   memory.M_TRIM_THRESHOLD: memory.KEEP_FREE,
+                                                   memory.M_TOP_PAD: memory.TOP_PAD}
+    closed = calls[len(opened):]
+    assert ("trim", 0) == closed[-1]
+    assert {(p, v) for _, p, v in closed[:-1]} == {(memory.M_TRIM_THRESHOLD, memory.DEFAULT_TRIM),
+                                                   (memory.M_TOP_PAD, memory.DEFAULT_TOP_PAD)}
+    assert memory._open == 0
+    calls.clear()
+    monkeypatch.setenv("FRANKENLAB_MALLOC_TUNING", "0")
+    with memory.reuse_freed_memory():
+        pass
+    assert calls == []
+    monkeypatch.delenv("FRANKENLAB_MALLOC_TUNING")
+    monkeypatch.setattr(memory, "_glibc", lambda: None)
+    with memory.reuse_freed_memory():
+        pass
+    assert calls == []
+
+
 # -- generation and QA -------------------------------------------------------------------------------
 
 def _force_tokens(model, first: int, then: int):

@@ -1,0 +1,83 @@
+"""Freed memory reused during an evaluation instead of fresh pages from the kernel (Linux, glibc).
+
+A forward pass allocates and frees the same large tensors over and over (the bundled model at
+4 x 512 tokens: a 12.6 MB MLP intermediate per layer, 8 MB head tiles, ...). glibc hands blocks over
+its mmap threshold straight to the kernel and returns free memory at a heap's top as soon as it
+exceeds the trim threshold, so every such tensor is new memory: a page fault and a zeroed 4 KiB page
+per 4 KiB touched. Measured on this project's 2-core machine, 16 windows of 512 tokens: about
+700,000 minor faults (2.7 GB zeroed) per evaluation, none with the settings below, and 9 % more
+tokens per second (interleaved A/B in one process).
+
+`reuse_freed_memory()` raises glibc's mmap threshold to its 32 MiB maximum, keeps free memory in
+the heaps (trim threshold and top pad), and on leaving the last open block puts the trim
+settings back and returns free memory to the system (`malloc_trim`). Nested and concurrent blocks
+count: the settings hold while any is open. The mmap threshold stays at 32 MiB afterwards (the most
+glibc's own dynamic threshold reaches). No-op elsewhere (macOS, Windows, musl) and with
+`FRANKENLAB_MALLOC_TUNING=0`.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
+KEEP_FREE = 1 << 30  # trim threshold while evaluating: free memory stays for the next batch
+TOP_PAD = 64 << 20  # a per-thread heap grows (and keeps) room for a batch's tensors
+DEFAULT_TRIM, DEFAULT_TOP_PAD = 128 << 10, 128 << 10  # glibc's defaults
+
+_lock = threading.Lock()
+_open = 0
+_libc = None
+_looked = False
+
+
+def _glibc():
+    global _libc, _looked
+    if _looked:
+        return _libc
+    _looked = True
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl has mallopt as a stub
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        _libc = libc
+    except (OSError, AttributeError):
+        _libc = None
+    return _libc
+
+
+def enabled() -> bool:
+    off = os.environ.get("FRANKENLAB_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off")
+    return not off and _glibc() is not None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory():
+    """Inside the block, freed tensors are reused by the next batch instead of faulted in anew."""
+    global _open
+    if not enabled():
+        yield
+        return
+    libc = _glibc()
+    with _lock:
+        if _open == 0:
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREE)
+            libc.mallopt(M_TOP_PAD, TOP_PAD)
+        _open += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _open -= 1
+            if _open == 0:
+                libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM)
+                libc.mallopt(M_TOP_PAD, DEFAULT_TOP_PAD)
+                libc.malloc_trim(0)  # what the evaluation freed goes back to the system
