@@ -237,8 +237,8 @@ def score_sequences(model, seqs: list[tuple[torch.Tensor, int]], *, batch_size: 
     max_len = max(s.numel() for s, _ in seqs)
     batches = list(_batches(seqs, batch_size, max_len, pad_id))
     workers = eval_workers(device, len(batches))
-    if in_pool_thread():
-        workers = 1  # called from inside a batch: never wait on our own pool
+    if in_pool_thread() or any(hasattr(m, "_hf_hook") for m in model.modules()):
+        workers = 1  # inside a batch (never wait on our own pool), or accelerate's hooks move weights per call
     results: list[tuple[float, int] | None] = [None] * len(batches)
     with reuse_freed_memory(), packed_linears(model) as packs:  # CPU fp32: weights reordered once
         if workers == 1:
