@@ -76,18 +76,19 @@ def in_pool_thread() -> bool:
 def score_side_by_side(model, batches, results, score, workers: int, rows: int,
                         progress: Callable[[float], None] | None, cancelled: Callable[[], bool] | None) -> None:
     """`score(ids, labels)` of each (ids, labels) batch, `workers` in flight at once on a pool of
-    threads, results stored by batch index. The first
-    error stops the others between layers; once all have stopped a user's cancel is raised as
-    `Cancelled`, otherwise the first real error (an out-of-memory, say)."""
+    threads, results stored by batch index. The first error stops the others between layers; once
+    all have stopped a user's cancel is raised as `Cancelled`, otherwise the first real error (an
+    out-of-memory, say)."""
     per = max(1, torch.get_num_threads() // workers)
     stop = threading.Event()
 
     def stopped() -> bool:
         return stop.is_set() or bool(cancelled and cancelled())
 
-    pool, pending, errors, nxt, done = _start_pool(workers, per), {}, [], 0, 0
-    try:
-        with cancel_between_layers(model, stopped):
+    pending, errors, nxt, done = {}, [], 0, 0
+    with cancel_between_layers(model, stopped):  # held until the pool is down: a batch in flight can stop
+        pool = _start_pool(workers, per)
+        try:
             while pending or (nxt < len(batches) and not errors):
                 while not errors and nxt < len(batches) and len(pending) < workers:
                     ids, labels = batches[nxt]
@@ -104,9 +105,9 @@ def score_side_by_side(model, batches, results, score, workers: int, rows: int,
                     done += batches[i][0].shape[0]
                     if progress and not errors:
                         progress(done / rows)
-    finally:
-        stop.set()
-        pool.shutdown(wait=True)  # a batch still in flight (a progress callback raised) stops at its next layer
+        finally:
+            stop.set()  # a batch still in flight (a progress callback raised) stops at its next layer
+            pool.shutdown(wait=True)
     if errors:
         if cancelled and cancelled():
             raise Cancelled("perplexity cancelled")

@@ -203,6 +203,8 @@ def test_side_by_side_batches_give_the_serial_numbers(tiny, tmp_path, monkeypatc
 def test_side_by_side_cancel_and_errors(tiny, tmp_path, two_threads):
     """A cancel stops both batches in flight at their next layer; an error in one batch (an
     out-of-memory, say) is raised as itself, the other batch stopped; the pool works afterwards."""
+    import threading
+
     from pipeline.models import decoder_layers
 
     f = tmp_path / "t.txt"
@@ -235,6 +237,13 @@ def test_side_by_side_cancel_and_errors(tiny, tmp_path, two_threads):
     finally:
         h.remove()
     assert all(not layer._forward_pre_hooks for layer in layers)
+
+    def gone(_fraction):  # the screen that showed progress went away
+        raise KeyError("progress display closed")
+    with pytest.raises(KeyError):
+        perplexity(tiny.model, tiny.tokenizer, protocol, batch_size=2, progress=gone)
+    assert all(not layer._forward_pre_hooks for layer in layers)
+    assert not [t for t in threading.enumerate() if t.name.startswith("frankenlab-eval")]  # the pool ended with it
     again = perplexity(tiny.model, tiny.tokenizer, protocol, batch_size=2)
     assert again.value == clean.value
 
