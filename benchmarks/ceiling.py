@@ -42,32 +42,33 @@ def _timed(fn, x, w, seconds: float) -> tuple[int, float, float]:
 
 
 def _side_by_side(fn, x, w, seconds: float, streams: int) -> tuple[int, float, float]:
-    """`streams` threads of one intra-op thread each calling fn(x, w) at once (what evaluation's
-    side-by-side batches do): total calls, wall and CPU seconds."""
-    caller = torch.get_num_threads()
-    counts = [0] * streams
+    """`streams` threads of one intra-op thread each calling fn(x, w) at once, on the pool
+    evaluation's side-by-side batches use (`evals.side_by_side.start_pool`): total calls, wall and
+    CPU seconds."""
+    from evals.side_by_side import start_pool
+
     start = threading.Barrier(streams + 1)
 
-    def run(k: int) -> None:
-        torch.set_num_threads(1)
+    def run() -> int:
         with torch.inference_mode():
             fn(x, w)  # warm-up on this thread
             start.wait()
-            t0 = time.perf_counter()
+            n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
                 fn(x, w)
-                counts[k] += 1
+                n += 1
+            return n
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(streams)]
-    for t in threads:
-        t.start()
-    start.wait()
-    w0, c0 = time.perf_counter(), time.process_time()
-    for t in threads:
-        t.join()
-    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    torch.set_num_threads(caller)  # threads started later begin with the last count set anywhere
-    return sum(counts), wall, cpu
+    pool = start_pool(streams, 1)
+    try:
+        futures = [pool.submit(run) for _ in range(streams)]
+        start.wait()
+        w0, c0 = time.perf_counter(), time.process_time()
+        calls = sum(f.result() for f in futures)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    finally:
+        pool.shutdown(wait=True)
+    return calls, wall, cpu
 
 
 @torch.inference_mode()

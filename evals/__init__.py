@@ -7,3 +7,10 @@
 - `suite`: `EvalConfig` and `evaluate`, what the runner calls after each stage.
 - `data`: where datasets come from (explicit file, data directory, Hugging Face hub or cache).
 """
+
+import os as _os
+
+
+def switched_off(env: str) -> bool:
+    """True when the environment variable `env` says 0, false, no or off (a speed-up's off switch)."""
+    return _os.environ.get(env, "1").strip().lower() in ("0", "false", "no", "off")

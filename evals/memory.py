@@ -4,9 +4,10 @@ A forward pass allocates and frees the same large tensors over and over (the bun
 4 x 512 tokens: a 12.6 MB MLP intermediate per layer, 8 MB head tiles, ...). glibc hands blocks over
 its mmap threshold straight to the kernel and returns free memory at a heap's top as soon as it
 exceeds the trim threshold, so every such tensor is new memory: a page fault and a zeroed 4 KiB page
-per 4 KiB touched. Measured on this project's 2-core machine, 16 windows of 512 tokens: about
-700,000 minor faults (2.7 GB zeroed) per evaluation, none with the settings below, and 9 % more
-tokens per second (interleaved A/B in one process).
+per 4 KiB touched. Measured on this project's 2-core machine, 16 windows of 512 tokens: 0.7-1.8
+million minor faults per evaluation; with the settings below 140,000-190,000, nearly all in each
+worker thread's first batch (`evals.side_by_side`), and with those side-by-side batches 1.09-1.15x
+the tokens per second (interleaved A/B in one process).
 
 `reuse_freed_memory()` raises glibc's mmap threshold to its 32 MiB maximum, keeps free memory in
 the heaps (trim threshold and top pad), and on leaving the last open block puts the trim
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
+import functools
 import sys
 import threading
+
+from . import switched_off
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
@@ -31,15 +34,11 @@ DEFAULT_TRIM, DEFAULT_TOP_PAD = 128 << 10, 128 << 10  # glibc's defaults
 
 _lock = threading.Lock()
 _open = 0
-_libc = None
-_looked = False
 
 
+@functools.cache
 def _glibc():
-    global _libc, _looked
-    if _looked:
-        return _libc
-    _looked = True
+    """The C library if it is glibc (whose malloc these settings are for), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -47,15 +46,13 @@ def _glibc():
         libc.gnu_get_libc_version  # glibc only: musl has mallopt as a stub
         libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-        _libc = libc
+        return libc
     except (OSError, AttributeError):
-        _libc = None
-    return _libc
+        return None
 
 
 def enabled() -> bool:
-    off = os.environ.get("FRANKENLAB_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off")
-    return not off and _glibc() is not None
+    return not switched_off("FRANKENLAB_MALLOC_TUNING") and _glibc() is not None
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ more than half the memory still available. `FRANKENLAB_PACKED_LINEAR=0` turns it
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import types
 
@@ -28,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import switched_off
+
 
 def available() -> bool:
-    if os.environ.get("FRANKENLAB_PACKED_LINEAR", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("FRANKENLAB_PACKED_LINEAR"):
         return False
     try:
         return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")

@@ -39,7 +39,7 @@ def eval_workers(device: torch.device | str, batches: int) -> int:
     return 2 if threads >= 2 else 1
 
 
-def _start_pool(workers: int, threads: int) -> ThreadPoolExecutor:
+def start_pool(workers: int, threads: int) -> ThreadPoolExecutor:
     """`workers` threads of `threads` intra-op threads each, for one evaluation.
 
     torch.set_num_threads also sets the count every thread started later begins with, so the
@@ -87,7 +87,7 @@ def score_side_by_side(model, batches, results, score, workers: int, rows: int,
 
     pending, errors, nxt, done = {}, [], 0, 0
     with cancel_between_layers(model, stopped):  # held until the pool is down: a batch in flight can stop
-        pool = _start_pool(workers, per)
+        pool = start_pool(workers, per)
         try:
             while pending or (nxt < len(batches) and not errors):
                 while not errors and nxt < len(batches) and len(pending) < workers:
