@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.ceiling import flops_per_token, matmul_rate, plain_loop  # noqa: E402
+from benchmarks.ceiling import flops_per_token, matmul_rate, plain_loop, time_breakdown  # noqa: E402
 from benchmarks.common import load_average, machine_line  # noqa: E402
 from evals.data import load_texts  # noqa: E402
 from evals.memory import enabled as memory_tuning  # noqa: E402
@@ -104,6 +104,29 @@ def harness(lm, text: str, batch_size: int) -> dict:
             "windows": harness_windows(hf, text)}
 
 
+def print_breakdown(model, batch_size: int, best_cpu_gflops: float) -> dict:
+    """Where one batch's time goes on one thread, and what that allows at most (see `time_breakdown`)."""
+    b = time_breakdown(model, batch_size, SEQ_LEN)
+    sec, flop = b["seconds"], b["flops"]
+    ideal = (flop["gemm"] + flop["attention"]) / (best_cpu_gflops * 1e9)  # seconds at the best GEMM rate
+    gemm_rate = flop["gemm"] / sec["gemm"] / 1e9
+    attn_rate = flop["attention"] / sec["attention"] / 1e9 if sec["attention"] else float("nan")
+    total = sum(sec.values())
+    b.update(gemm_gflops=gemm_rate, attention_gflops=attn_rate, batch_fraction=ideal / b["wall_seconds"],
+             bound_gemm_only=ideal / sec["gemm"],
+             bound_attention_at_gemm_rate=ideal / (sec["gemm"] + flop["attention"] / (gemm_rate * 1e9)))
+    print(f"where a {batch_size}x{SEQ_LEN} batch's time goes on one thread (profiled, {total:.2f} s of operators, "
+          f"{b['wall_seconds']:.2f} s wall unprofiled): GEMMs {sec['gemm']:.2f} s ({sec['gemm'] / total:.0%}) at "
+          f"{gemm_rate:.0f} GFLOP/s = {gemm_rate / best_cpu_gflops:.2f} of the best GEMM; attention "
+          f"{sec['attention']:.2f} s ({sec['attention'] / total:.0%}) at {attn_rate:.0f} GFLOP/s for "
+          f"{flop['attention'] / (flop['gemm'] + flop['attention']):.0%} of the FLOPs; other {sec['other']:.2f} s "
+          f"({sec['other'] / total:.0%}, no counted FLOPs)")
+    print(f"    this batch: {b['batch_fraction']:.2f} of the ceiling; at most {b['bound_attention_at_gemm_rate']:.2f} "
+          f"with attention at the GEMMs' rate and everything else free, {b['bound_gemm_only']:.2f} with attention "
+          "free as well (the GEMMs as they run)")
+    return b
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model reference (default: the bundled SmolLM2-135M-Instruct)")
@@ -113,6 +136,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--qa", type=int, default=32, help="closed-book questions to time (0: skip)")
     ap.add_argument("--qa-open", type=int, default=16, help="open-book questions to time (0: skip)")
     ap.add_argument("--qa-batch-size", type=int, default=8)
+    ap.add_argument("--no-breakdown", action="store_true",
+                    help="skip the one-thread profile of where a batch's time goes (CPU only)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
 
@@ -188,6 +213,8 @@ def main(argv=None) -> dict:
         print(f"ceiling (the best fp32 GEMM measured): {ceiling_w:.0f} tok/s wall, {ceiling_c:.0f} tok per CPU-second; "
               f"ours {ours_w:.0f} tok/s = {ours_w / ceiling_w:.2f} of the ceiling by wall time, {ours_c:.0f} per "
               f"CPU-second = {ours_c / ceiling_c:.2f} by CPU time")
+        if lm.device.type == "cpu" and not args.no_breakdown:
+            figures["breakdown"] = print_breakdown(lm.model, args.batch_size, max(r["gflops_cpu"] for r in rates))
         default = [r["by_gemm"]["F.linear"] for r in rates if "F.linear" in r["by_gemm"]]
         if default:  # torch's own fp32 matmul (MKL F.linear on all threads): the usual yardstick
             lin_w = max(d["gflops_wall"] for d in default) * 1e9 / flops

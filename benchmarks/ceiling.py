@@ -7,6 +7,8 @@
   much less with other people's work).
 - `flops_per_token`: 2 x (every linear weight of the decoder layers + the output head) plus the
   attention products (QK^T and AV) at the average causal context of a window.
+- `time_breakdown`: where one batch's time goes (GEMMs, attention, everything else) on one thread,
+  which is how far below the ceiling an evaluation built from torch's kernels must stay.
 - `plain_loop`: the textbook evaluation loop on the same windows, for an equal-work ratio: full
   logits, float upcast, `F.cross_entropy`.
 """
@@ -118,6 +120,51 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attn = 2 * 2 * cfg.num_attention_heads * head_dim * (seq_len + 1) / 2 * len(layers)  # QK^T and AV, mean context
     return 2.0 * (linear + head) + attn
+
+
+GEMM_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "mkl::_mkl_linear")
+
+
+def time_breakdown(model: nn.Module, batch: int = 4, seq_len: int = 512) -> dict:
+    """One (batch, seq_len) evaluation batch as `evals.perplexity` scores it, on one thread (what
+    each side-by-side stream runs on), after a warm-up: its wall seconds and its operators' CPU
+    seconds by kind (torch.profiler, self time), with the FLOPs each kind does.
+
+    - gemm: the linear layers and the head's vocabulary blocks (`GEMM_OPS`);
+    - attention: the fused attention kernel (any operator named *attention*);
+    - other: norms, rotary, residual adds, the head's running logsumexp, copies.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from evals.memory import reuse_freed_memory
+    from evals.packed import packed_linears
+    from evals.perplexity import nll_sum
+    from pipeline.models import decoder_layers
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g)
+    layers = decoder_layers(model)
+    linear = sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, nn.Linear))
+    head = model.lm_head.weight.numel() if isinstance(getattr(model, "lm_head", None), nn.Linear) else 0
+    flops = {"gemm": 2.0 * batch * (seq_len * linear + (seq_len - 1) * head),
+             "attention": batch * seq_len * (flops_per_token(model, seq_len) - 2.0 * (linear + head))}
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode(), reuse_freed_memory(), packed_linears(model) as packs:
+            nll_sum(model, ids, ids, packs)  # warm-up: weights reordered, memory in the heap
+            w0 = time.perf_counter()
+            nll_sum(model, ids, ids, packs)
+            wall = time.perf_counter() - w0
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                nll_sum(model, ids, ids, packs)
+    finally:
+        torch.set_num_threads(caller)
+    seconds = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for ev in prof.key_averages():
+        kind = "gemm" if ev.key in GEMM_OPS else "attention" if "attention" in ev.key else "other"
+        seconds[kind] += ev.self_cpu_time_total / 1e6
+    return {"wall_seconds": wall, "seconds": seconds, "flops": flops, "tokens": batch * seq_len}
 
 
 @torch.inference_mode()

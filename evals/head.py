@@ -21,6 +21,17 @@ VOCAB_BLOCK = 4096  # a (512, 4096) fp32 tile is 8 MiB: it stays in a server CPU
 HEAD_CHUNK_TOKENS = 512  # tokens per head call; bounds the tile to HEAD_CHUNK_TOKENS x VOCAB_BLOCK floats
 
 
+def _logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(logits, dim=1) computed in place in the (N, b) tile, which it consumes: the same
+    steps (row max, infinite maxima taken as 0, exp of the difference, sum, log, max added back), so
+    the same values, without a second tile-sized tensor per block. Autograd keeps torch's."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return torch.logsumexp(logits, dim=1)
+    top = logits.amax(dim=1, keepdim=True)  # (N, 1)
+    top.masked_fill_(top.abs() == math.inf, 0.0)
+    return logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
+
+
 def blocked_token_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                       block: int = VOCAB_BLOCK, linear=F.linear) -> torch.Tensor:
     """Per-token cross-entropy of logits x @ weight.T (+ bias) against labels, never holding all logits.
@@ -35,7 +46,7 @@ def blocked_token_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     lse = None  # (N,) running logsumexp over the blocks seen so far
     for v in range(0, weight.shape[0], block):
         logits = linear(x, weight[v:v + block], None if bias is None else bias[v:v + block])  # (N, b)
-        part = torch.logsumexp(logits.float(), dim=1)  # (N,)
+        part = _logsumexp_rows(logits.float())  # (N,)
         lse = part if lse is None else torch.logaddexp(lse, part)
     target = (x.float() * weight[labels].float()).sum(dim=1)  # (N,) the label's logit
     if bias is not None:

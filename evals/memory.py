@@ -10,10 +10,15 @@ worker thread's first batch (`evals.side_by_side`), and with those side-by-side 
 the tokens per second (interleaved A/B in one process).
 
 `reuse_freed_memory()` raises glibc's mmap threshold to its 32 MiB maximum, keeps free memory in
-the heaps (trim threshold and top pad), and on leaving the last open block puts the trim
-settings back and returns free memory to the system (`malloc_trim`). Nested and concurrent blocks
-count: the settings hold while any is open. The mmap threshold stays at 32 MiB afterwards (the most
-glibc's own dynamic threshold reaches). No-op elsewhere (macOS, Windows, musl) and with
+the heaps (trim threshold and top pad), and on leaving the last open block returns free memory to
+the system (`malloc_trim`) and leaves glibc where its own rule would be. Nested and concurrent
+blocks count: the settings hold while any is open. Setting a threshold by hand turns off glibc's
+dynamic one for good, so the block leaves the state that rule reaches once a 32 MiB block is freed
+(mmap threshold 32 MiB, trim threshold twice that, default top pad). Putting the trim threshold
+back to glibc's 128 KiB start instead made later work in the process fault more: a plain
+8-window evaluation loop (full logits) run after an evaluation took 0.96-1.46 million minor faults
+(0.79-1.27 million in a fresh process), and 0.59-0.62 million with the state above; its time
+moved within the machine's noise. No-op elsewhere (macOS, Windows, musl) and with
 `FRANKENLAB_MALLOC_TUNING=0`.
 """
 from __future__ import annotations
@@ -30,7 +35,8 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
 KEEP_FREE = 1 << 30  # trim threshold while evaluating: free memory stays for the next batch
 TOP_PAD = 64 << 20  # a per-thread heap grows (and keeps) room for a batch's tensors
-DEFAULT_TRIM, DEFAULT_TOP_PAD = 128 << 10, 128 << 10  # glibc's defaults
+AFTER_TRIM = 2 * MMAP_THRESHOLD  # glibc's dynamic rule: trim threshold = 2 x mmap threshold
+DEFAULT_TOP_PAD = 128 << 10  # glibc's default
 
 _lock = threading.Lock()
 _open = 0
@@ -75,6 +81,6 @@ def reuse_freed_memory():
         with _lock:
             _open -= 1
             if _open == 0:
-                libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM)
+                libc.mallopt(M_TRIM_THRESHOLD, AFTER_TRIM)
                 libc.mallopt(M_TOP_PAD, DEFAULT_TOP_PAD)
                 libc.malloc_trim(0)  # what the evaluation freed goes back to the system

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.bench_qa import hf_generate
-from benchmarks.ceiling import flops_per_token, plain_loop
+from benchmarks.ceiling import flops_per_token, plain_loop, time_breakdown
 from evals.generate import _decode, eos_ids, generate_greedy, prompt_batches, token_classes
 from evals.head import blocked_token_nll, head_token_nll, linear_head
 from evals.perplexity import Protocol, nll_sum, perplexity, sequences_for
@@ -91,6 +91,40 @@ def test_blocked_token_nll_per_token():
     want = F.cross_entropy(F.linear(x, w), labels, reduction="none")
     got = blocked_token_nll(x, w, None, labels, block=64)
     assert got.shape == (9,) and got.tolist() == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6)
+
+
+def test_in_place_logsumexp_is_torchs():
+    """The head's in-place row logsumexp gives torch.logsumexp's values bit for bit (infinite rows
+    too), consumes only its own tile, and leaves autograd to torch."""
+    from evals.head import _logsumexp_rows
+
+    g = torch.Generator().manual_seed(2)
+    tile = torch.randn(7, 4096, generator=g) * 30
+    tile[1, 5] = math.inf
+    tile[2] = -math.inf
+    tile[3, :100] = -math.inf
+    want = torch.logsumexp(tile, dim=1)
+    got = _logsumexp_rows(tile.clone())
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
+    leaf = torch.randn(3, 50, generator=g, requires_grad=True)
+    lse = _logsumexp_rows(leaf * 1.0)
+    lse.sum().backward()
+    assert torch.allclose(leaf.grad, torch.softmax(leaf.detach(), dim=1))
+
+
+def test_time_breakdown_splits_one_batch(tiny):
+    """The benchmark's one-thread profile: every kind timed, the FLOPs those of the batch (head on
+    the scored positions only), and the caller's thread count left alone."""
+    threads = torch.get_num_threads()
+    b = time_breakdown(tiny.model, batch=2, seq_len=32)
+    assert torch.get_num_threads() == threads
+    assert b["tokens"] == 64 and b["wall_seconds"] > 0
+    assert b["seconds"]["gemm"] > 0 and b["seconds"]["other"] > 0
+    if tiny.model.config._attn_implementation == "sdpa":
+        assert b["seconds"]["attention"] > 0
+    head = tiny.model.lm_head.weight.numel()
+    assert b["flops"]["gemm"] + b["flops"]["attention"] == pytest.approx(
+        64 * flops_per_token(tiny.model, 32) - 2 * 2 * head)  # two unscored last positions
 
 
 def test_flops_per_token_counts_linears_head_and_attention(tiny):
