@@ -109,13 +109,19 @@ def matmul_rate(model: nn.Module, tokens: int = 2048, seconds: float = 1.0) -> d
     return best
 
 
-def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Forward FLOPs per token of a causal window of `seq_len`: linear layers, head, attention products."""
+def _weights(model: nn.Module) -> tuple[list, int, int]:
+    """The decoder layers, their linear weights' element count, and the output head's (0 if none)."""
     from pipeline.models import decoder_layers
 
     layers = decoder_layers(model)
     linear = sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, nn.Linear))
     head = model.lm_head.weight.numel() if isinstance(getattr(model, "lm_head", None), nn.Linear) else 0
+    return layers, linear, head
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Forward FLOPs per token of a causal window of `seq_len`: linear layers, head, attention products."""
+    layers, linear, head = _weights(model)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attn = 2 * 2 * cfg.num_attention_heads * head_dim * (seq_len + 1) / 2 * len(layers)  # QK^T and AV, mean context
@@ -139,13 +145,10 @@ def time_breakdown(model: nn.Module, batch: int = 4, seq_len: int = 512) -> dict
     from evals.memory import reuse_freed_memory
     from evals.packed import packed_linears
     from evals.perplexity import nll_sum
-    from pipeline.models import decoder_layers
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g)
-    layers = decoder_layers(model)
-    linear = sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, nn.Linear))
-    head = model.lm_head.weight.numel() if isinstance(getattr(model, "lm_head", None), nn.Linear) else 0
+    _, linear, head = _weights(model)
     flops = {"gemm": 2.0 * batch * (seq_len * linear + (seq_len - 1) * head),
              "attention": batch * seq_len * (flops_per_token(model, seq_len) - 2.0 * (linear + head))}
     caller = torch.get_num_threads()
