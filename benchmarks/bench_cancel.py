@@ -1,6 +1,6 @@
 """How long a cancel takes to reach each long loop on the bundled model (printed, never asserted).
 
-    FRANKENLAB_DATA_DIR=/work/shared/data .venv/bin/python benchmarks/bench_cancel.py [--only width,lora]
+    FRANKENLAB_DATA_DIR=/work/shared/data .venv/bin/python -m benchmarks.bench_cancel [--only width,lora]
 
 For each loop the lab can be waiting in (the baseline's perplexity evaluation, WANDA's per-layer
 pruning, LoRA's optimizer steps, GPTQ inside gptqmodel's layer loop, the TriviaQA generation), a
@@ -9,19 +9,18 @@ seconds after that stage (or evaluation) reports its first progress, the cancel 
 Ctrl-C, SIGTERM and the lab's cancel key do. Printed: seconds from the cancel to the run's return,
 the run's status and message, and whether session.json was written with the finished stages.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 HEAD = """name = "cancel-{label}"
 [model]
@@ -33,11 +32,11 @@ seq_len = 128
 [evaluation]
 {evaluation}
 """
-NO_EVAL = 'perplexity = []\n'
+NO_EVAL = "perplexity = []\n"
 SCENARIOS = {
     # label: (evaluation table, stages, index of the stage whose progress starts the clock)
     "perplexity": ('perplexity = ["wikitext2-concat-512"]\nppl_limit = 64\n', "", 0),
-    "triviaqa": ('perplexity = []\ntriviaqa_closed = 200\n', "", 0),
+    "triviaqa": ("perplexity = []\ntriviaqa_closed = 200\n", "", 0),
     "width": (NO_EVAL, '[[stages]]\nkind = "width"\npattern = "2:4"\nmethod = "wanda"\n', 1),
     "lora": (NO_EVAL, '[[stages]]\nkind = "lora"\ndataset = "wikitext2"\nsteps = 40\n', 1),
     "gptq": (NO_EVAL, '[[stages]]\nkind = "gptq"\nbits = 4\ngroup_size = 128\n', 1),
@@ -45,9 +44,9 @@ SCENARIOS = {
 
 
 def one(label: str, after: float, data_dir: str | None) -> dict:
-    from pipeline.events import Progress, StageStarted
-    from pipeline.recipe import Recipe
-    from sessions import record_run
+    from frankenlab.pipeline.events import Progress, StageStarted
+    from frankenlab.pipeline.recipe import Recipe
+    from frankenlab.sessions import record_run
 
     evaluation, stages, target = SCENARIOS[label]
     recipe = Recipe.loads(HEAD.format(label=label, evaluation=evaluation) + stages)
@@ -88,8 +87,13 @@ def one(label: str, after: float, data_dir: str | None) -> dict:
         data = json.loads(saved.read_text())
         stages_saved = [(s.get("kind"), s.get("status")) for s in data.get("stages", [])]
     shutil.rmtree(out, ignore_errors=True)  # a run folder per scenario, models included: not kept
-    return {"label": label, "latency_s": latency, "ran_s": c - t0, "status": result.get("status"),
-            "session_stages": stages_saved}
+    return {
+        "label": label,
+        "latency_s": latency,
+        "ran_s": c - t0,
+        "status": result.get("status"),
+        "session_stages": stages_saved,
+    }
 
 
 def main(argv=None) -> list[dict]:
@@ -101,7 +105,7 @@ def main(argv=None) -> list[dict]:
     import os
 
     from benchmarks.common import load_average
-    from tui.cli import _quiet_libraries
+    from frankenlab.tui.cli.main import _quiet_libraries
 
     _quiet_libraries()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -113,8 +117,11 @@ def main(argv=None) -> list[dict]:
         if "error" in row:
             print(f"{label:<10} {row['error']}", flush=True)
             continue
-        print(f"{label:<10} cancel -> return {row['latency_s']:5.2f} s (after {row['ran_s']:.0f} s of run); status "
-              f"{row['status']}; session stages {row['session_stages']}; load {load_average()}", flush=True)
+        print(
+            f"{label:<10} cancel -> return {row['latency_s']:5.2f} s (after {row['ran_s']:.0f} s of run); status "
+            f"{row['status']}; session stages {row['session_stages']}; load {load_average()}",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows

@@ -7,8 +7,9 @@ Each step runs in its own process so its peak RSS is its own:
            true-sequential statistics, one pass per layer)
   wanda-reference  the same with sequential = "layer" (the WANDA reference code, two passes per layer)
   rank     depth importance by perplexity (each unprotected layer removed alone), 8 x 128 tokens
-Usage: python benchmarks/bench_foundation.py [--data-dir DIR]
+Usage: python -m benchmarks.bench_foundation [--data-dir DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,19 +21,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import peak_rss_gib
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-
-from benchmarks.common import peak_rss_gib  # noqa: E402
 
 
 def step(name: str, data_dir: str | None) -> dict:
     import torch
 
-    from pipeline.calibration import CalibrationConfig
-    from pipeline.context import StageContext
-    from pipeline.models import load_model
+    from frankenlab.pipeline.calibration import CalibrationConfig
+    from frankenlab.pipeline.context import StageContext
+    from frankenlab.pipeline.loading import load_model
 
     out: dict = {"step": name, "threads": torch.get_num_threads()}
     if name == "convert":
@@ -51,7 +50,7 @@ def step(name: str, data_dir: str | None) -> dict:
     else:
         lm = load_model()
         if name.startswith("wanda"):
-            from pipeline.stages import width
+            from frankenlab.pipeline.stages import width
 
             ctx = StageContext(lm.tokenizer, lm.device, CalibrationConfig(samples=32, seq_len=128), data_dir)
             t0 = time.perf_counter()
@@ -60,7 +59,7 @@ def step(name: str, data_dir: str | None) -> dict:
             out["seconds"] = time.perf_counter() - t0
             out["density"] = r.report["targeted_density"]
         elif name == "rank":
-            from pipeline.stages import depth
+            from frankenlab.pipeline.stages import depth
 
             ctx = StageContext(lm.tokenizer, lm.device, CalibrationConfig(samples=32, seq_len=128), data_dir)
             ctx.calibration_ids()  # tokenizing calibration text is not part of the ranking
@@ -82,8 +81,12 @@ def main() -> None:
         return
     rows = []
     for name in ("convert", "load", "wanda", "wanda-reference", "rank"):
-        p = subprocess.run([sys.executable, __file__, "--step", name, "--data-dir", args.data_dir],
-                           capture_output=True, text=True, cwd=ROOT)
+        p = subprocess.run(
+            [sys.executable, __file__, "--step", name, "--data-dir", args.data_dir],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if p.returncode:
             print(f"{name}: failed\n{p.stderr[-2000:]}")
             continue

@@ -1,28 +1,27 @@
 """What a user waits for in the lab: toggle a layer, see its what-if perplexity (printed, never asserted).
 
-    FRANKENLAB_DATA_DIR=/work/shared/data .venv/bin/python benchmarks/bench_lab.py [--layers 0,10,20]
+    FRANKENLAB_DATA_DIR=/work/shared/data .venv/bin/python -m benchmarks.bench_lab [--layers 0,10,20]
 
 Drives the real Textual app headless (Pilot) on the bundled model, exactly as keys would: for each
 layer, move the grid cursor, press space (skip it), wait until the what-if line shows that plan's
-first answer (from part of the slice, "≈") and then its exact estimate (on the full slice), press space again (back to the unmodified model, answered without an estimate). The time
-from the key press to the text on screen includes the thread worker, the estimate and the redraw.
+first answer (from part of the slice, "≈") and then its exact estimate (on the full slice), press
+space again (back to the unmodified model, answered without an estimate). The time from the key press
+to the text on screen includes the thread worker, the estimate and the redraw.
 An event-loop probe (a 50 ms timer) runs throughout: its extra delays say whether the screen stayed
 responsive while torch computed. The lab runs the baseline pass by itself at start; the benchmark
 waits for it (as a user reading the screen would) and reports the first toggle apart anyway.
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 
 
 def probe_event_loop(app, gaps: list[float], every: float = 0.05) -> None:
@@ -36,8 +35,9 @@ def probe_event_loop(app, gaps: list[float], every: float = 0.05) -> None:
 
     app.set_interval(every, tick)
 
+
 async def drive(app, layers: list[int], timeout: float) -> tuple[list[tuple[int, float, str, float]], list[float]]:
-    from tui.widgets.whatif import WhatIf
+    from frankenlab.tui.widgets.whatif import WhatIf
 
     gaps: list[float] = []
     rows: list[tuple[int, float, str, float]] = []  # layer, seconds to the first answer, its text, to the exact one
@@ -155,16 +155,21 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default=None, help="layers to toggle, e.g. 0,10,20 (default: all)")
     ap.add_argument("--timeout", type=float, default=120.0)
-    ap.add_argument("--together", type=float, default=None, metavar="SECONDS",
-                    help="instead: a run, a what-if estimate and a chat reply at once for SECONDS; prints the "
-                         "event loop's p99 extra delay (target < 100 ms) and tab-key latency")
+    ap.add_argument(
+        "--together",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="instead: a run, a what-if estimate and a chat reply at once for SECONDS; prints the "
+        "event loop's p99 extra delay (target < 100 ms) and tab-key latency",
+    )
     ap.add_argument("--recipe", default="width1of8", help="with --together: the recipe the run uses")
     args = ap.parse_args(argv)
     if args.together:
         from benchmarks.common import load_average
-        from pipeline.models import load_model
-        from tui.app import create_app
-        from tui.cli import _quiet_libraries
+        from frankenlab.pipeline.loading import load_model
+        from frankenlab.tui.app import create_app
+        from frankenlab.tui.cli.main import _quiet_libraries
 
         _quiet_libraries()
         lm = load_model()
@@ -176,12 +181,18 @@ def main(argv=None) -> dict:
         for phase, label in (("quiet", "no keys"), ("busy", "a tab key every 0.3 s")):
             g = r[phase]
             wall, cpu = r["cpu"]["quiet" if phase == "quiet" else "keys"]
-            figures[phase] = {"ticks": len(g), "p99_extra_ms": _pct(g, 0.99) if g else None,
-                              "max_extra_ms": _pct(g, 1.0) if g else None, "seconds": wall,
-                              "main_thread_cpu_s": cpu}
+            figures[phase] = {
+                "ticks": len(g),
+                "p99_extra_ms": _pct(g, 0.99) if g else None,
+                "max_extra_ms": _pct(g, 1.0) if g else None,
+                "seconds": wall,
+                "main_thread_cpu_s": cpu,
+            }
             if g:
-                print(f"event loop, {label}: {len(g)} ticks, p99 extra {_pct(g, 0.99):.0f} ms, max {_pct(g, 1.0):.0f} "
-                      f"ms; main thread {cpu:.1f} CPU-s in {wall:.1f} s")
+                print(
+                    f"event loop, {label}: {len(g)} ticks, p99 extra {_pct(g, 0.99):.0f} ms, max {_pct(g, 1.0):.0f} "
+                    f"ms; main thread {cpu:.1f} CPU-s in {wall:.1f} s"
+                )
         keys = r["keys"]
         if keys:
             figures["tab_key_p50_ms"], figures["tab_key_max_ms"] = _pct(keys, 0.5), _pct(keys, 1.0)
@@ -189,15 +200,17 @@ def main(argv=None) -> dict:
         for phase, state in r["state"].items():
             done = [k for k, v in state.items() if not v]
             if done:
-                print(f"note: at the end of the {phase} phase {', '.join(done)} had already finished: not all three "
-                      "computed throughout (a longer recipe or reply, or fewer seconds)")
+                print(
+                    f"note: at the end of the {phase} phase {', '.join(done)} had already finished: not all three "
+                    "computed throughout (a longer recipe or reply, or fewer seconds)"
+                )
         print(f"load average after {load_average()}")
         return figures
 
     from benchmarks.common import load_average, machine_line
-    from pipeline.models import decoder_layers, load_model
-    from tui.app import create_app
-    from tui.cli import _quiet_libraries
+    from frankenlab.pipeline.loading import decoder_layers, load_model
+    from frankenlab.tui.app import create_app
+    from frankenlab.tui.cli.main import _quiet_libraries
 
     _quiet_libraries()
     lm = load_model()
@@ -219,13 +232,17 @@ def main(argv=None) -> dict:
         "event_loop_p99_extra_ms": gaps[int(len(gaps) * 0.99)] * 1000 if gaps else None,
     }
     if rest:
-        print(f"key press -> first answer on screen: first toggle {first[1]:.2f} s, "
-              f"then median {figures['median_toggle_s']:.2f} s, max {figures['max_toggle_s']:.2f} s "
-              f"over {len(rest)} toggles; exact estimate on screen: median {figures['median_exact_s']:.2f} s; "
-              f"load average {load_average()}")
+        print(
+            f"key press -> first answer on screen: first toggle {first[1]:.2f} s, "
+            f"then median {figures['median_toggle_s']:.2f} s, max {figures['max_toggle_s']:.2f} s "
+            f"over {len(rest)} toggles; exact estimate on screen: median {figures['median_exact_s']:.2f} s; "
+            f"load average {load_average()}"
+        )
     if gaps:
-        print(f"event loop: {len(gaps)} ticks of 50 ms, largest extra delay {figures['event_loop_max_extra_ms']:.0f} ms, "
-              f"p99 {figures['event_loop_p99_extra_ms']:.0f} ms")
+        print(
+            f"event loop: {len(gaps)} ticks of 50 ms, largest extra delay {figures['event_loop_max_extra_ms']:.0f} ms, "
+            f"p99 {figures['event_loop_p99_extra_ms']:.0f} ms"
+        )
     return figures
 
 

@@ -1,14 +1,15 @@
 """Footprint of the bundled model dense, 2:4, GPTQ 4-bit g128 and both, beside measured file sizes.
 
-    FRANKENLAB_DATA_DIR=/work/shared/data python benchmarks/bench_memory.py [--out DIR] [--no-gptq] [--json F]
+    FRANKENLAB_DATA_DIR=/work/shared/data python -m benchmarks.bench_memory [--out DIR] [--no-gptq] [--json F]
 
-For each state it prints the computed weights footprint (pipeline.memory), the size of the compact
+For each state it prints the computed weights footprint (pipeline.footprint), the size of the compact
 file written by pipeline.compact (must be within 5 %), the plain `save_pretrained` safetensors size
 (what a dense checkpoint costs, the thesis' "no saving" figure), the gptqmodel folder size where
 there is one, the time `footprint_summary` takes, and the Siracusa verdict. 2:4 uses magnitude
 pruning (the pattern, hence the size, is the same as WANDA's); GPTQ runs the lab's gptq stage on
 the CPU with a small calibration set, so it takes minutes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,15 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import prune_2to4  # noqa: E402
-from pipeline.compact import load_compact, save_compact  # noqa: E402
-from pipeline.memory import Assume, fmt_bytes, footprint, footprint_summary  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.targets import load_targets  # noqa: E402
+from benchmarks.common import prune_2to4
+from frankenlab.pipeline.compact import load_compact, save_compact
+from frankenlab.pipeline.footprint import Assume, footprint, footprint_summary
+from frankenlab.pipeline.loading import load_model
+from frankenlab.pipeline.targets import load_targets
+from frankenlab.pipeline.units import fmt_bytes
 
 
 def dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
@@ -35,12 +35,17 @@ def dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
 
 
 def gptq(model, tokenizer, work: Path, data_dir: str | None):
-    from pipeline.calibration import CalibrationConfig
-    from pipeline.context import StageContext
-    from pipeline.stages import gptq as stage
+    from frankenlab.pipeline.calibration import CalibrationConfig
+    from frankenlab.pipeline.context import StageContext
+    from frankenlab.pipeline.stages import gptq as stage
 
-    ctx = StageContext(tokenizer, torch.device("cpu"), CalibrationConfig(samples=16, seq_len=128),
-                       Path(data_dir) if data_dir else None, work_dir=work)
+    ctx = StageContext(
+        tokenizer,
+        torch.device("cpu"),
+        CalibrationConfig(samples=16, seq_len=128),
+        Path(data_dir) if data_dir else None,
+        work_dir=work,
+    )
     result = stage.run(model, ctx, stage.Config(bits=4, group_size=128))
     return result.model, result.report
 
@@ -53,8 +58,14 @@ def measure(label: str, model, tokenizer, out: Path, ids, extra: dict | None = N
     footprint_summary(model)
     repeat = time.perf_counter() - t0
     fp = footprint(model)
-    row = {"state": label, "weights_bytes": fp.weights_bytes, "components": fp.components(),
-           "formats": fp.formats(), "summary_seconds_first": first, "summary_seconds_repeat": repeat}
+    row = {
+        "state": label,
+        "weights_bytes": fp.weights_bytes,
+        "components": fp.components(),
+        "formats": fp.formats(),
+        "summary_seconds_first": first,
+        "summary_seconds_repeat": repeat,
+    }
     compact_dir = out / f"{label}-compact"
     t0 = time.perf_counter()
     report = save_compact(model, compact_dir)
@@ -71,10 +82,12 @@ def measure(label: str, model, tokenizer, out: Path, ids, extra: dict | None = N
     row.update(extra or {})
     siracusa = load_targets()["siracusa"]
     row["siracusa"] = [c.text for c in siracusa.verdict(fp)]
-    print(f"{label:>14}: computed {fmt_bytes(fp.weights_bytes):>11}  compact file {fmt_bytes(report.file_bytes):>11} "
-          f"({report.ratio - 1:+.2%})  save_pretrained {fmt_bytes(row.get('save_pretrained_bytes', 0)):>11}  "
-          f"formats {fp.formats()}  summary {first:.2f}s/{repeat:.3f}s  logits diff {row['compact']['max_logit_diff']:.2g}",
-          flush=True)
+    print(
+        f"{label:>14}: computed {fmt_bytes(fp.weights_bytes):>11}  compact file {fmt_bytes(report.file_bytes):>11} "
+        f"({report.ratio - 1:+.2%})  save_pretrained {fmt_bytes(row.get('save_pretrained_bytes', 0)):>11}  "
+        f"formats {fp.formats()}  summary {first:.2f}s/{repeat:.3f}s  logits diff {row['compact']['max_logit_diff']:.2g}",
+        flush=True,
+    )
     return row
 
 
@@ -99,8 +112,19 @@ def main() -> int:
     rows.append(measure("dense-fp32", model, lm.tokenizer, out, ids))
     if not args.no_gptq:
         qmodel, report = gptq(load_model(device="cpu", dtype="float32").model, lm.tokenizer, out / "gptq", data_dir)
-        rows.append(measure("gptq4", qmodel, lm.tokenizer, out, ids, {"gptq_folder_bytes": report["disk_bytes"],
-                                                                         "gptq_dir_safetensors": dir_bytes(Path(report["quantized_path"]))}))
+        rows.append(
+            measure(
+                "gptq4",
+                qmodel,
+                lm.tokenizer,
+                out,
+                ids,
+                {
+                    "gptq_folder_bytes": report["disk_bytes"],
+                    "gptq_dir_safetensors": dir_bytes(Path(report["quantized_path"])),
+                },
+            )
+        )
     prune_2to4(model)
     rows.append(measure("2:4-fp32", model, lm.tokenizer, out, ids))
     bf16 = model.to(torch.bfloat16)
@@ -108,9 +132,21 @@ def main() -> int:
     if not args.no_gptq:
         pruned = prune_2to4(load_model(device="cpu", dtype="float32").model)
         qmodel, report = gptq(pruned, lm.tokenizer, out / "gptq-2to4", data_dir)
-        rows.append(measure("2:4+gptq4", qmodel, lm.tokenizer, out, ids,
-                            {"gptq_folder_bytes": report["disk_bytes"], "gptq_report": {
-                                k: report.get(k) for k in ("density_before", "density_after", "zeros_kept_fraction")}}))
+        rows.append(
+            measure(
+                "2:4+gptq4",
+                qmodel,
+                lm.tokenizer,
+                out,
+                ids,
+                {
+                    "gptq_folder_bytes": report["disk_bytes"],
+                    "gptq_report": {
+                        k: report.get(k) for k in ("density_before", "density_after", "zeros_kept_fraction")
+                    },
+                },
+            )
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
     print(f"files under {out}")

@@ -2,7 +2,7 @@
 calibration, masked vs unmasked GPTQ on a 2:4 model, and greedy decoding speed fp32 vs GPTQ (fused
 int4 decoding and exact dequantized fp32).
 
-    FRANKENLAB_DATA_DIR=/work/shared/data python benchmarks/bench_quant.py [--layers K] [--samples 16]
+    FRANKENLAB_DATA_DIR=/work/shared/data python -m benchmarks.bench_quant [--layers K] [--samples 16]
         [--seq-len 128] [--tokens 32] [--ppl-windows 8] [--dtype-layers 6] [--parts stage,dtype,...] [--json OUT]
 
 `--parts` picks what runs (default all): direct (gptqmodel directly and the unmasked stage), dtype
@@ -16,29 +16,29 @@ quantized 4-bit g128 on the same calibration windows by, interleaved so machine 
 (a) gptqmodel directly (`GPTQModel.load` + `quantize` + `save`, fp32), (b) the lab's gptq stage
 without the mask, (c) the stage with the mask (keep_sparsity); then gptqmodel directly in fp32
 and in bf16 on the first `--dtype-layers` layers (bf16 on the whole model takes too long here).
-(a) vs (b) is the stage's overhead (saving prequant, reloading, measuring; target <= 1.05x). `--layers K` keeps the first K decoder layers to make a
-loaded machine finish; perplexity is then only comparable within the run. Every figure is printed
+(a) vs (b) is the stage's overhead (saving prequant, reloading, measuring; target <= 1.05x).
+`--layers K` keeps the first K decoder layers to make a loaded machine finish; perplexity is then only
+comparable within the run. Every figure is printed
 with CPU seconds (this process and its threads) beside wall seconds, and the load average.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.common import load_average, machine_line, prune_2to4  # noqa: E402
-from evals.packed import packed_linears  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from benchmarks.common import load_average, machine_line, prune_2to4
+from frankenlab.evals.packed import packed_linears
+from frankenlab.pipeline.loading import load_model
 
 
 class Timer:
@@ -55,11 +55,18 @@ class Timer:
 
 def direct(src: Path, out: Path, ids, dtype) -> None:
     """gptqmodel as its README calls it, with the settings the stage uses."""
-    from pipeline import quant
+    from frankenlab.pipeline import quant
 
     gm = quant.gptqmodel()
-    qc = gm.QuantizeConfig(bits=4, group_size=128, desc_act=False, sym=True, damp_percent=0.05,
-                           offload_to_disk=True, offload_to_disk_path=str(out.parent / (out.name + "-offload")))
+    qc = gm.QuantizeConfig(
+        bits=4,
+        group_size=128,
+        desc_act=False,
+        sym=True,
+        damp_percent=0.05,
+        offload_to_disk=True,
+        offload_to_disk_path=str(out.parent / (out.name + "-offload")),
+    )
     with quant.logs_inside(out.parent / (out.name + "-work")):
         model = gm.GPTQModel.load(str(src), qc, device="cpu", dtype=dtype)
         model.quantize(quant.as_calibration(ids), batch_size=4)
@@ -67,18 +74,23 @@ def direct(src: Path, out: Path, ids, dtype) -> None:
 
 
 def stage(model, tokenizer, work: Path, ids, keep: bool, data_dir):
-    from pipeline.calibration import CalibrationConfig
-    from pipeline.context import StageContext
-    from pipeline.stages import gptq
+    from frankenlab.pipeline.calibration import CalibrationConfig
+    from frankenlab.pipeline.context import StageContext
+    from frankenlab.pipeline.stages import gptq
 
-    ctx = StageContext(tokenizer, torch.device("cpu"), CalibrationConfig(samples=ids.shape[0], seq_len=ids.shape[1]),
-                       Path(data_dir) if data_dir else None, work_dir=work)
+    ctx = StageContext(
+        tokenizer,
+        torch.device("cpu"),
+        CalibrationConfig(samples=ids.shape[0], seq_len=ids.shape[1]),
+        Path(data_dir) if data_dir else None,
+        work_dir=work,
+    )
     ctx._calib_cache[ctx.calibration] = ids  # exactly the windows the direct call got (same config, same data)
     return gptq.run(model, ctx, gptq.Config(bits=4, group_size=128, keep_sparsity=keep))
 
 
 def perplexity(model, tokenizer, data_dir, windows: int) -> float:
-    from evals.perplexity import perplexity as ppl
+    from frankenlab.evals.perplexity import perplexity as ppl
 
     return ppl(model, tokenizer, "wikitext2-concat-512", limit=windows, data_dir=data_dir).value
 
@@ -88,8 +100,9 @@ def tokens_per_second(model, tokenizer, tokens: int) -> tuple[float, Timer]:
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)  # warm-up
     with Timer() as t:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                             do_sample=False)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
+        )
     return (out.shape[1] - ids.shape[1]) / t.wall, t
 
 
@@ -112,19 +125,22 @@ def kernel_crossover(model, rows=(1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
 
     The two run interleaved (exact, int4, exact, int4) on the same inputs; weights come from memory as
     in decoding (a layer's weights are evicted from cache by the time it runs again)."""
-    from pipeline import quant, quant_cpu
+    from frankenlab.pipeline import quant, quant_cpu
 
-    mods = [m for m in quant.quantized_linears(model).values() if getattr(m, "_frankenlab_int4", None) is not None
-            and getattr(m, "_frankenlab_weight", None) is not None]
+    mods = [
+        m
+        for m in quant.quantized_linears(model).values()
+        if getattr(m, "_frankenlab_int4", None) is not None and getattr(m, "_frankenlab_weight", None) is not None
+    ]
     table = {}
     for m_rows in rows:
         xs = {k: torch.randn(m_rows, k) for k in {int(m.in_features) for m in mods}}
 
-        def exact():
+        def exact(xs=xs):
             for m in mods:
                 torch.nn.functional.linear(xs[int(m.in_features)], m._frankenlab_weight)
 
-        def fused():
+        def fused(xs=xs):
             for m in mods:
                 quant_cpu._int4_forward(m, xs[int(m.in_features)])
 
@@ -133,8 +149,11 @@ def kernel_crossover(model, rows=(1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
         ew, ec = (e1[0] + e2[0]) / 2, (e1[1] + e2[1]) / 2
         iw, ic = (i1[0] + i2[0]) / 2, (i1[1] + i2[1]) / 2
         table[m_rows] = {"exact_ms": ew, "exact_cpu_ms": ec, "int4_ms": iw, "int4_cpu_ms": ic, "speedup": ew / iw}
-        print(f"  M={m_rows:<4} {len(mods)} linears: exact fp32 {ew:7.1f} ms ({ec:7.1f} CPU), fused int4 {iw:7.1f} ms "
-              f"({ic:7.1f} CPU) -> exact/int4 {ew / iw:5.2f}x  (load {load_average()})", flush=True)
+        print(
+            f"  M={m_rows:<4} {len(mods)} linears: exact fp32 {ew:7.1f} ms ({ec:7.1f} CPU), fused int4 {iw:7.1f} ms "
+            f"({ic:7.1f} CPU) -> exact/int4 {ew / iw:5.2f}x  (load {load_average()})",
+            flush=True,
+        )
     return table
 
 
@@ -143,18 +162,19 @@ def greedy_agreement(model, tokenizer, tokens: int) -> dict:
     """Greedy text from the exact kernel vs from auto (fused decoding) on the same quantized model:
     the identical prefix, the share of identical positions, and the share of next-token choices that
     agree when auto is fed the exact text one token at a time (teacher forcing, fused at every step)."""
-    from pipeline import quant_cpu
+    from frankenlab.pipeline import quant_cpu
 
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     runs = {}
     for kernel in ("exact", "auto"):
         quant_cpu.set_kernel(model, kernel)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                             do_sample=False)
-        runs[kernel] = out[0, ids.shape[1]:]
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
+        )
+        runs[kernel] = out[0, ids.shape[1] :]
     a, b = runs["exact"], runs["auto"]
     n = min(len(a), len(b))
-    same = (a[:n] == b[:n])
+    same = a[:n] == b[:n]
     prefix = int(same.long().cumprod(0).sum())
     quant_cpu.set_kernel(model, "auto")
     calls = dict(quant_cpu.kernel_calls)
@@ -167,9 +187,15 @@ def greedy_agreement(model, tokenizer, tokens: int) -> dict:
             pkv = out.past_key_values
             agree += int(out.logits[0, -1].argmax() == a[i + 1])
     fused_calls = quant_cpu.kernel_calls["int4"] - calls.get("int4", 0)
-    return {"tokens": n, "identical_prefix": prefix, "identical_share": float(same.float().mean()),
-            "teacher_forced_agreement": agree / n, "fused_calls_teacher_forced": fused_calls,
-            "exact_text": tokenizer.decode(a), "auto_text": tokenizer.decode(b)}
+    return {
+        "tokens": n,
+        "identical_prefix": prefix,
+        "identical_share": float(same.float().mean()),
+        "teacher_forced_agreement": agree / n,
+        "fused_calls_teacher_forced": fused_calls,
+        "exact_text": tokenizer.decode(a),
+        "auto_text": tokenizer.decode(b),
+    }
 
 
 def main() -> int:
@@ -193,22 +219,26 @@ def main() -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-quant-"))
     out.mkdir(parents=True, exist_ok=True)
 
-    from pipeline.calibration import CalibrationConfig, calibration_ids
-    from pipeline.models import decoder_layers
+    from frankenlab.pipeline.calibration import CalibrationConfig, calibration_ids
+    from frankenlab.pipeline.loading import decoder_layers
 
     lm = load_model(device="cpu", dtype="float32")
     print(machine_line(lm), flush=True)
     model = prune_2to4(lm.model)
     if args.layers:
-        del decoder_layers(model)[args.layers:]
+        del decoder_layers(model)[args.layers :]
         model.config.num_hidden_layers = args.layers
     src = out / "pruned-2of4"
     model.save_pretrained(src)
     lm.tokenizer.save_pretrained(src)
-    ids = calibration_ids(lm.tokenizer, CalibrationConfig(samples=args.samples, seq_len=args.seq_len),
-                          data_dir=data_dir)
-    print(f"2:4 magnitude-pruned, {len(decoder_layers(model))} layers; calibration {tuple(ids.shape)} C4 tokens; "
-          f"load {load_average()}", flush=True)
+    ids = calibration_ids(
+        lm.tokenizer, CalibrationConfig(samples=args.samples, seq_len=args.seq_len), data_dir=data_dir
+    )
+    print(
+        f"2:4 magnitude-pruned, {len(decoder_layers(model))} layers; calibration {tuple(ids.shape)} C4 tokens; "
+        f"load {load_average()}",
+        flush=True,
+    )
     rows = {}
 
     def fresh():
@@ -223,14 +253,20 @@ def main() -> int:
         with Timer() as t:
             plain = stage(fresh(), lm.tokenizer, out / "stage-plain", ids, False, data_dir)
         rows["stage, unmasked"] = t
-        print(f"gptq stage, unmasked               : {t.text()}  -> {rows['stage, unmasked'].wall / rows['gptqmodel direct, fp32'].wall:.3f}x direct "
-              f"(quantize call alone {plain.report['seconds_quantize']:.1f} s)", flush=True)
+        ratio = rows["stage, unmasked"].wall / rows["gptqmodel direct, fp32"].wall
+        print(
+            f"gptq stage, unmasked               : {t.text()}  -> {ratio:.3f}x direct "
+            f"(quantize call alone {plain.report['seconds_quantize']:.1f} s)",
+            flush=True,
+        )
     with Timer() as t:
         masked = stage(fresh(), lm.tokenizer, out / "stage-masked", ids, True, data_dir)
     rows["stage, masked"] = t
-    versus = (f"  -> {t.wall / rows['gptqmodel direct, fp32'].wall:.3f}x direct" if "direct" in parts else "")
+    versus = f"  -> {t.wall / rows['gptqmodel direct, fp32'].wall:.3f}x direct" if "direct" in parts else ""
     print(f"gptq stage, masked (keep_sparsity) : {t.text()}{versus}", flush=True)
-    if "dtype" in parts and not args.no_bf16:  # on the first --dtype-layers layers: bf16 on the whole model takes too long here
+    if (
+        "dtype" in parts and not args.no_bf16
+    ):  # on the first --dtype-layers layers: bf16 on the whole model takes too long here
         k = min(args.dtype_layers, len(decoder_layers(model)))
         small = out / f"pruned-2of4-{k}layers"
         sub = load_model(str(src), device="cpu", dtype="float32").model
@@ -245,28 +281,37 @@ def main() -> int:
             rows[name] = t
             print(f"{name:<35}: {t.text()}", flush=True)
         fp32, bf16 = (rows[f"gptqmodel direct, {k} layers, {d}"] for d in ("float32", "bfloat16"))
-        print(f"calibration dtype: bf16 / fp32 = {bf16.wall / fp32.wall:.2f}x wall, {bf16.cpu / max(fp32.cpu, 1e-9):.2f}x CPU",
-              flush=True)
+        print(
+            f"calibration dtype: bf16 / fp32 = {bf16.wall / fp32.wall:.2f}x wall, {bf16.cpu / max(fp32.cpu, 1e-9):.2f}x CPU",
+            flush=True,
+        )
 
     report = {k: {"wall_s": v.wall, "cpu_s": v.cpu} for k, v in rows.items()}
     for label, res in (("unmasked", plain), ("masked", masked)):
         if res is None:
             continue
         r = res.report
-        print(f"{label:>9}: density {r['density_before']:.4f} -> {r['density_after']:.4f}, zeros kept "
-              f"{r['zeros_kept_fraction']:.4%}, pattern_holds {r['pattern_holds']}", flush=True)
-        report[f"sparsity {label}"] = {k: r[k] for k in ("density_before", "density_after", "zeros_kept_fraction",
-                                                         "pattern_holds")}
+        print(
+            f"{label:>9}: density {r['density_before']:.4f} -> {r['density_after']:.4f}, zeros kept "
+            f"{r['zeros_kept_fraction']:.4%}, pattern_holds {r['pattern_holds']}",
+            flush=True,
+        )
+        report[f"sparsity {label}"] = {
+            k: r[k] for k in ("density_before", "density_after", "zeros_kept_fraction", "pattern_holds")
+        }
     if data_dir and "ppl" in parts and plain is not None:
         base = perplexity(fresh(), lm.tokenizer, data_dir, args.ppl_windows)
         ppl_plain = perplexity(plain.model, lm.tokenizer, data_dir, args.ppl_windows)
         ppl_masked = perplexity(masked.model, lm.tokenizer, data_dir, args.ppl_windows)
-        print(f"perplexity wikitext2-concat-512:first{args.ppl_windows}: 2:4 fp32 {base:.3f}, 2:4 + GPTQ unmasked "
-              f"{ppl_plain:.3f}, 2:4 + GPTQ masked {ppl_masked:.3f} (load {load_average()})", flush=True)
+        print(
+            f"perplexity wikitext2-concat-512:first{args.ppl_windows}: 2:4 fp32 {base:.3f}, 2:4 + GPTQ unmasked "
+            f"{ppl_plain:.3f}, 2:4 + GPTQ masked {ppl_masked:.3f} (load {load_average()})",
+            flush=True,
+        )
         report["perplexity"] = {"2:4 fp32": base, "unmasked": ppl_plain, "masked": ppl_masked}
 
     if "compact" in parts:
-        from pipeline.compact import load_compact, save_compact
+        from frankenlab.pipeline.compact import load_compact, save_compact
 
         with Timer() as t:
             compact = save_compact(masked.model, out / "compact-masked")
@@ -274,16 +319,21 @@ def main() -> int:
         probe = ids[:1, :64]  # 64 rows: the exact kernel under "auto"
         with torch.no_grad():
             diff = float((restored(input_ids=probe).logits - masked.model(input_ids=probe).logits).abs().max())
-        print(f"compact 2:4 + int4 file {compact.file_bytes:,} B vs computed {compact.computed_bytes:,} B "
-              f"({compact.ratio - 1:+.2%}), max logit diff after reload {diff:.2g}; {t.text()}", flush=True)
+        print(
+            f"compact 2:4 + int4 file {compact.file_bytes:,} B vs computed {compact.computed_bytes:,} B "
+            f"({compact.ratio - 1:+.2%}), max logit diff after reload {diff:.2g}; {t.text()}",
+            flush=True,
+        )
         report["compact"] = {**compact.to_dict(), "max_logit_diff": diff}
 
-    from pipeline import quant_cpu
+    from frankenlab.pipeline import quant_cpu
 
     qmodel = masked.model
     if "kernels" in parts:
-        print(f"quantized linears, fused int4 vs exact fp32 by rows M (auto: int4 up to M={quant_cpu.FUSED_MAX_ROWS}):",
-              flush=True)
+        print(
+            f"quantized linears, fused int4 vs exact fp32 by rows M (auto: int4 up to M={quant_cpu.FUSED_MAX_ROWS}):",
+            flush=True,
+        )
         report["kernel_crossover"] = kernel_crossover(qmodel)
     if "speed" in parts:
         if data_dir:  # many rows: "auto" runs the exact kernel, so perplexity does not move
@@ -292,16 +342,21 @@ def main() -> int:
                 ppl_exact = perplexity(qmodel, lm.tokenizer, data_dir, 2)
                 quant_cpu.set_kernel(qmodel, "auto")
                 ppl_auto = perplexity(qmodel, lm.tokenizer, data_dir, 2)
-            print(f"perplexity wikitext2-concat-512:first2, GPTQ masked: exact {ppl_exact!r}, auto {ppl_auto!r} "
-                  f"(identical: {ppl_exact == ppl_auto})", flush=True)
+            print(
+                f"perplexity wikitext2-concat-512:first2, GPTQ masked: exact {ppl_exact!r}, auto {ppl_auto!r} "
+                f"(identical: {ppl_exact == ppl_auto})",
+                flush=True,
+            )
             report["perplexity_auto_vs_exact"] = {"exact": ppl_exact, "auto": ppl_auto}
         baseline = fresh()
         speeds, times = {}, {}
         for _ in range(2):  # interleaved, twice
-            for label, m, kernel in (("fp32 2:4 baseline", baseline, None),
-                                     ("fp32 2:4 baseline, packed", baseline, "packed"),
-                                     ("GPTQ auto (fused int4 decode)", qmodel, "auto"),
-                                     ("GPTQ exact (fp32 dequantized)", qmodel, "exact")):
+            for label, m, kernel in (
+                ("fp32 2:4 baseline", baseline, None),
+                ("fp32 2:4 baseline, packed", baseline, "packed"),
+                ("GPTQ auto (fused int4 decode)", qmodel, "auto"),
+                ("GPTQ exact (fp32 dequantized)", qmodel, "exact"),
+            ):
                 if kernel == "packed":  # fp32 as the lab's chat and QA decode it (evals.packed)
                     with packed_linears(m):
                         tps, t = tokens_per_second(m, lm.tokenizer, args.tokens)
@@ -319,9 +374,12 @@ def main() -> int:
         report["generate_seconds"] = times
         agree = greedy_agreement(qmodel, lm.tokenizer, args.agree_tokens)
         quant_cpu.set_kernel(qmodel, "auto")
-        print(f"greedy agreement, fused (auto) vs exact over {agree['tokens']} tokens: identical prefix "
-              f"{agree['identical_prefix']}, identical positions {agree['identical_share']:.1%}, next-token agreement "
-              f"fed the exact text {agree['teacher_forced_agreement']:.1%}", flush=True)
+        print(
+            f"greedy agreement, fused (auto) vs exact over {agree['tokens']} tokens: identical prefix "
+            f"{agree['identical_prefix']}, identical positions {agree['identical_share']:.1%}, next-token agreement "
+            f"fed the exact text {agree['teacher_forced_agreement']:.1%}",
+            flush=True,
+        )
         print(f"  exact: {agree['exact_text']!r}\n  auto : {agree['auto_text']!r}", flush=True)
         report["greedy_agreement"] = agree
     report["load_average_end"] = load_average()

@@ -8,30 +8,31 @@ perplexity before/after each stage with its protocol; writes `bench_recovery.jso
 The thesis' LoRA budget (8192 samples in batches of 8 = 1024 steps) takes hours on a CPU; the
 default here runs a few steps and reports the seconds per step, from which the full run follows.
 
-Usage: python benchmarks/bench_recovery.py [--data-dir DIR] [--out DIR] [--lora-steps N]
+Usage: python -m benchmarks.bench_recovery [--data-dir DIR] [--out DIR] [--lora-steps N]
        [--ppl-limit N] [--skip-eora] [--gptq-samples N] [--quant-only MODEL_DIR]
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import peak_rss_gib
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-
-from benchmarks.common import peak_rss_gib  # noqa: E402
 
 
 def recipe_text(args) -> str:
     gptq_extra = f"samples = {args.gptq_samples}\n" if args.gptq_samples else ""
     eora = "" if args.skip_eora else '[[stages]]\nkind = "eora"\n'
-    prune_and_train = "" if args.quant_only else f"""
+    prune_and_train = (
+        ""
+        if args.quant_only
+        else f"""
 [[stages]]
 kind = "depth"
 k = 2
@@ -41,9 +42,10 @@ pattern = "2:4"
 [[stages]]
 kind = "lora"
 steps = {args.lora_steps}"""
+    )
     return f"""
 name = "bench-recovery"
-model = "{args.quant_only or 'default'}"
+model = "{args.quant_only or "default"}"
 [calibration]
 dataset = "c4"
 samples = 32
@@ -67,13 +69,17 @@ def main() -> None:
     ap.add_argument("--protocol", default="wikitext2-concat-512")
     ap.add_argument("--gptq-samples", type=int, default=0, help="0 = the recipe's calibration samples (32)")
     ap.add_argument("--skip-eora", action="store_true")
-    ap.add_argument("--quant-only", default="", metavar="MODEL_DIR",
-                    help="only GPTQ + EoRA (defaults) on a saved model, e.g. a previous run's stages/03-lora")
+    ap.add_argument(
+        "--quant-only",
+        default="",
+        metavar="MODEL_DIR",
+        help="only GPTQ + EoRA (defaults) on a saved model, e.g. a previous run's stages/03-lora",
+    )
     args = ap.parse_args()
 
-    from pipeline import events as ev
-    from pipeline.recipe import Recipe
-    from sessions import record_run
+    from frankenlab.pipeline import events as ev
+    from frankenlab.pipeline.recipe import Recipe
+    from frankenlab.sessions import record_run
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-recovery-"))
     rss: dict[int, float] = {}
@@ -82,8 +88,11 @@ def main() -> None:
     def listener(e):
         if isinstance(e, ev.StageFinished):
             rss[e.stage] = peak_rss_gib()
-            print(f"[{time.perf_counter() - t_start:7.1f}s] stage {e.stage} {e.kind} {e.status} in {e.seconds:.1f}s; "
-                  f"peak RSS {rss[e.stage]:.2f} GiB; {e.summary}", flush=True)
+            print(
+                f"[{time.perf_counter() - t_start:7.1f}s] stage {e.stage} {e.kind} {e.status} in {e.seconds:.1f}s; "
+                f"peak RSS {rss[e.stage]:.2f} GiB; {e.summary}",
+                flush=True,
+            )
         elif isinstance(e, ev.LogLine) and e.level in ("error", "warning"):
             print(f"  {e.level}: {e.message[-2000:]}", flush=True)
         elif isinstance(e, ev.LogLine):
@@ -97,34 +106,53 @@ def main() -> None:
     for st in session.stages:
         ppl = st.metric("perplexity")
         r = st.report or {}
-        rows.append({
-            "stage": st.index, "kind": st.kind, "status": st.status, "seconds": st.seconds,
-            "stage_seconds": r.get("stage_seconds"),
-            "perplexity": ppl["value"] if ppl else None, "protocol": ppl.get("protocol") if ppl else None,
-            "params": st.params_count, "params_nonzero": st.params_nonzero, "peak_rss_gib": rss.get(st.index),
-            "seconds_per_lora_step": r.get("seconds_per_step"),
-            "lora_loss": [r.get("first_loss"), r.get("final_loss")] if st.kind == "lora" else None,
-            "density": [r.get("density_before"), r.get("density_after")] if "density_after" in r else None,
-            "zeros_kept_fraction": r.get("zeros_kept_fraction"),
-            "gptq_seconds": r.get("seconds_quantize"), "disk_bytes": r.get("disk_bytes"),
-            "eora_seconds": r.get("seconds_generate"), "adapter_bytes": r.get("adapter_bytes"),
-            "sparsity": r.get("sparsity"),
-        })
-    result = {"status": session.status, "threads": __import__("torch").get_num_threads(),
-              "peak_rss_gib": peak_rss_gib(), "wall_seconds": time.perf_counter() - t_start,
-              "lora_steps": args.lora_steps, "stages": rows, "out": str(out)}
+        rows.append(
+            {
+                "stage": st.index,
+                "kind": st.kind,
+                "status": st.status,
+                "seconds": st.seconds,
+                "stage_seconds": r.get("stage_seconds"),
+                "perplexity": ppl["value"] if ppl else None,
+                "protocol": ppl.get("protocol") if ppl else None,
+                "params": st.params_count,
+                "params_nonzero": st.params_nonzero,
+                "peak_rss_gib": rss.get(st.index),
+                "seconds_per_lora_step": r.get("seconds_per_step"),
+                "lora_loss": [r.get("first_loss"), r.get("final_loss")] if st.kind == "lora" else None,
+                "density": [r.get("density_before"), r.get("density_after")] if "density_after" in r else None,
+                "zeros_kept_fraction": r.get("zeros_kept_fraction"),
+                "gptq_seconds": r.get("seconds_quantize"),
+                "disk_bytes": r.get("disk_bytes"),
+                "eora_seconds": r.get("seconds_generate"),
+                "adapter_bytes": r.get("adapter_bytes"),
+                "sparsity": r.get("sparsity"),
+            }
+        )
+    result = {
+        "status": session.status,
+        "threads": __import__("torch").get_num_threads(),
+        "peak_rss_gib": peak_rss_gib(),
+        "wall_seconds": time.perf_counter() - t_start,
+        "lora_steps": args.lora_steps,
+        "stages": rows,
+        "out": str(out),
+    }
     (out / "bench_recovery.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     print("\n| stage | ppl | protocol | seconds | peak RSS GiB | notes |\n|---|---|---|---|---|---|")
     for r in rows:
-        note = {"lora": f"{r['seconds_per_lora_step'] or 0:.2f} s/step, loss {r['lora_loss']}",
-                "gptq": f"quantize {r['gptq_seconds'] or 0:.0f}s, {(r['disk_bytes'] or 0) / 2**20:.1f} MiB, "
-                        f"density {r['density']}, zeros kept {r['zeros_kept_fraction']}",
-                "eora": f"generate {r['eora_seconds'] or 0:.0f}s, adapter {(r['adapter_bytes'] or 0) / 2**20:.1f} MiB"
-                }.get(r["kind"], "")
+        note = {
+            "lora": f"{r['seconds_per_lora_step'] or 0:.2f} s/step, loss {r['lora_loss']}",
+            "gptq": f"quantize {r['gptq_seconds'] or 0:.0f}s, {(r['disk_bytes'] or 0) / 2**20:.1f} MiB, "
+            f"density {r['density']}, zeros kept {r['zeros_kept_fraction']}",
+            "eora": f"generate {r['eora_seconds'] or 0:.0f}s, adapter {(r['adapter_bytes'] or 0) / 2**20:.1f} MiB",
+        }.get(r["kind"], "")
         ppl = f"{r['perplexity']:.2f}" if r["perplexity"] else "-"
-        print(f"| {r['stage']} {r['kind']} | {ppl} | {r['protocol']} | {r['seconds'] or 0:.1f} | "
-              f"{r['peak_rss_gib'] or 0:.2f} | {note} |")
+        print(
+            f"| {r['stage']} {r['kind']} | {ppl} | {r['protocol']} | {r['seconds'] or 0:.1f} | "
+            f"{r['peak_rss_gib'] or 0:.2f} | {note} |"
+        )
 
 
 if __name__ == "__main__":

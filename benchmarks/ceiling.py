@@ -12,6 +12,7 @@
 - `plain_loop`: the textbook evaluation loop on the same windows, for an equal-work ratio: full
   logits, float upcast, `F.cross_entropy`.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ from torch import nn
 
 
 def _linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
-    from pipeline.models import decoder_layers
+    from frankenlab.pipeline.loading import decoder_layers
 
     shapes = {tuple(m.weight.shape) for m in decoder_layers(model)[0].modules() if isinstance(m, nn.Linear)}
     head = getattr(model, "lm_head", None)
@@ -47,7 +48,7 @@ def _side_by_side(fn, x, w, seconds: float, streams: int) -> tuple[int, float, f
     """`streams` threads of one intra-op thread each calling fn(x, w) at once, on the pool
     evaluation's side-by-side batches use (`evals.side_by_side.start_pool`): total calls, wall and
     CPU seconds."""
-    from evals.side_by_side import start_pool
+    from frankenlab.evals.side_by_side import start_pool
 
     start = threading.Barrier(streams + 1)
 
@@ -82,7 +83,7 @@ def matmul_rate(model: nn.Module, tokens: int = 2048, seconds: float = 1.0) -> d
     two or more threads) as two single-thread streams at once (what evaluation's side-by-side
     batches do), and the fastest counts: the ceiling is what the machine's best fp32 matmul allows,
     not what one library or one way of threading reaches."""
-    from evals.packed import Packs
+    from frankenlab.evals.packed import Packs
 
     best = {"gflops_wall": 0.0, "gflops_cpu": 0.0, "shape": None, "gemm": None, "by_gemm": {}}
     packs = Packs()
@@ -93,15 +94,22 @@ def matmul_rate(model: nn.Module, tokens: int = 2048, seconds: float = 1.0) -> d
         flop = 2.0 * tokens * in_f * out_f
         for name, fn in gemms:
             fn(x, w)  # warm-up (and the one reorder)
-            ways = [(name, lambda: _timed(fn, x, w, seconds))]
+            ways = [(name, lambda fn=fn, x=x, w=w: _timed(fn, x, w, seconds))]
             if streams:
-                ways.append((f"{name}, {streams} one-thread streams",
-                             lambda: _side_by_side(fn, x, w, seconds, streams)))
+                ways.append(
+                    (
+                        f"{name}, {streams} one-thread streams",
+                        lambda fn=fn, x=x, w=w: _side_by_side(fn, x, w, seconds, streams),
+                    )
+                )
             for label, way in ways:
                 n, wall, cpu = way()
                 rate_w, rate_c = flop * n / wall / 1e9, flop * n / cpu / 1e9
                 mine = best["by_gemm"].setdefault(label, {"gflops_wall": 0.0, "gflops_cpu": 0.0})
-                mine["gflops_wall"], mine["gflops_cpu"] = max(mine["gflops_wall"], rate_w), max(mine["gflops_cpu"], rate_c)
+                mine["gflops_wall"], mine["gflops_cpu"] = (
+                    max(mine["gflops_wall"], rate_w),
+                    max(mine["gflops_cpu"], rate_c),
+                )
                 if rate_w > best["gflops_wall"]:
                     best.update(gflops_wall=rate_w, shape=(tokens, in_f, out_f), gemm=label)
                 best["gflops_cpu"] = max(best["gflops_cpu"], rate_c)
@@ -111,7 +119,7 @@ def matmul_rate(model: nn.Module, tokens: int = 2048, seconds: float = 1.0) -> d
 
 def _weights(model: nn.Module) -> tuple[list, int, int]:
     """The decoder layers, their linear weights' element count, and the output head's (0 if none)."""
-    from pipeline.models import decoder_layers
+    from frankenlab.pipeline.loading import decoder_layers
 
     layers = decoder_layers(model)
     linear = sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, nn.Linear))
@@ -142,15 +150,17 @@ def time_breakdown(model: nn.Module, batch: int = 4, seq_len: int = 512) -> dict
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from evals.memory import reuse_freed_memory
-    from evals.packed import packed_linears
-    from evals.perplexity import nll_sum
+    from frankenlab.evals.malloc import reuse_freed_memory
+    from frankenlab.evals.packed import packed_linears
+    from frankenlab.evals.perplexity import nll_sum
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g)
     _, linear, head = _weights(model)
-    flops = {"gemm": 2.0 * batch * (seq_len * linear + (seq_len - 1) * head),
-             "attention": batch * seq_len * (flops_per_token(model, seq_len) - 2.0 * (linear + head))}
+    flops = {
+        "gemm": 2.0 * batch * (seq_len * linear + (seq_len - 1) * head),
+        "attention": batch * seq_len * (flops_per_token(model, seq_len) - 2.0 * (linear + head)),
+    }
     caller = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -175,10 +185,13 @@ def plain_loop(model: nn.Module, windows: list[torch.Tensor], batch_size: int) -
     """Summed NLL and count the textbook way: model(ids).logits, upcast, cross-entropy. windows: (T,) each."""
     total, count = 0.0, 0
     for b in range(0, len(windows), batch_size):
-        ids = torch.stack(windows[b:b + batch_size])  # (B, T)
+        ids = torch.stack(windows[b : b + batch_size])  # (B, T)
         logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                       ids[:, 1:].reshape(-1), reduction="sum"))
+        total += float(
+            F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+        )
         count += ids[:, 1:].numel()
     return total, count
 

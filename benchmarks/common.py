@@ -1,4 +1,5 @@
 """What every benchmark prints about the machine it ran on (imported as `benchmarks.common`)."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,10 @@ def machine_line(lm) -> str:
     """Model, device, dtype, torch version, threads and CPU: the header line of a benchmark's output."""
     import torch
 
-    return (f"model {lm.source.name}, {lm.device}, {lm.dtype}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, {platform.processor() or platform.machine()}")
+    return (
+        f"model {lm.source.name}, {lm.device}, {lm.dtype}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, {platform.processor() or platform.machine()}"
+    )
 
 
 def peak_rss_gib() -> float:
@@ -31,9 +34,9 @@ def prune_2to4(model):
     """2:4 by magnitude on every decoder projection, in place (a quick sparse model for benchmarks)."""
     import torch
 
-    from pipeline.layerwise import linear_modules
-    from pipeline.models import decoder_layers
-    from pipeline.stages.width import ALL_PROJECTIONS, nm_prune_mask
+    from frankenlab.pipeline.layerwise import linear_modules
+    from frankenlab.pipeline.loading import decoder_layers
+    from frankenlab.pipeline.stages.width import ALL_PROJECTIONS, nm_prune_mask
 
     with torch.no_grad():
         for layer in decoder_layers(model):

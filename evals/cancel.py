@@ -1,8 +1,9 @@
 """Cancelling evaluation and training work: between batches, and between decoder layers inside one."""
+
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -13,8 +14,11 @@ class Cancelled(Exception):
 
 
 def _layer_lists(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
-    return [m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers"]
+    return [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers"
+    ]
 
 
 @contextlib.contextmanager
@@ -40,8 +44,11 @@ def cancel_between_layers(model: torch.nn.Module, cancelled: Callable[[], bool] 
             hidden.register_hook(lambda grad: check())
         return None
 
-    handles = [layer.register_forward_pre_hook(before_layer, with_kwargs=True)
-               for layers in _layer_lists(model) for layer in layers]
+    handles = [
+        layer.register_forward_pre_hook(before_layer, with_kwargs=True)
+        for layers in _layer_lists(model)
+        for layer in layers
+    ]
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ Fields describe themselves (`option(default, help=..., label=..., form=...)`, as
 config rather than from tables kept beside it: `config_fields(cls)` lists them.
 It lives in `evals/`, the lowest layer, because the evaluation settings are such a config too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,12 +18,10 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from frankenlab.evals.errors import RecipeError
+
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
-
-
-class RecipeError(ValueError):
-    """A recipe or stage config that cannot run; the message says what to change."""
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -105,8 +104,15 @@ def require(condition: bool, message: str) -> None:
 
 
 # -- self-describing fields -------------------------------------------------------------------------
-def option(default: Any = _MISSING, *, help: str, label: str | None = None, form: bool = True,
-           choices: tuple | None = None, default_factory: Any = _MISSING) -> Any:
+def option(
+    default: Any = _MISSING,
+    *,
+    help: str,
+    label: str | None = None,
+    form: bool = True,
+    choices: tuple | None = None,
+    default_factory: Any = _MISSING,
+) -> Any:
     """A dataclass field that says what it is for: `help` (one sentence, shown beside the input),
     `label` (the form's short name; default: the field name with spaces), `form` (False = a
     power-user setting that recipes may set but the lab's form does not show), `choices` (the
@@ -161,7 +167,17 @@ def config_fields(cls: type) -> list[FieldInfo]:
             default = f.default_factory()
         else:
             default = None
-        out.append(FieldInfo(f.name, meta.get("label") or f.name.replace("_", " "), meta.get("help", ""),
-                             hints[f.name], base, optional, default, bool(meta.get("form", True)),
-                             meta.get("choices")))
+        out.append(
+            FieldInfo(
+                f.name,
+                meta.get("label") or f.name.replace("_", " "),
+                meta.get("help", ""),
+                hints[f.name],
+                base,
+                optional,
+                default,
+                bool(meta.get("form", True)),
+                meta.get("choices"),
+            )
+        )
     return out

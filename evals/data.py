@@ -6,6 +6,7 @@ Face hub, or its local `datasets` cache when the hub cannot be reached. When non
 names all three and what file is expected where. Local files are read directly (JSONL, JSONL.gz,
 or plain text one record per line); the hub path goes through `datasets.load_dataset`.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -14,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .hub import hub_endpoint_reachable, offline
+from frankenlab.evals.hub import hub_endpoint_reachable, offline
 
 DATA_DIR_ENV = "FRANKENLAB_DATA_DIR"
 
@@ -35,31 +36,63 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "wikitext2": DatasetInfo("wikitext2", "wikitext2/wikitext-2-raw-v1-test.jsonl",
-                             "WikiText-2 raw test split", ("wikitext", "wikitext-2-raw-v1", "test")),
-    "wikitext2-train": DatasetInfo("wikitext2-train", "wikitext2/wikitext-2-raw-v1-train.jsonl",
-                                   "WikiText-2 raw train split", ("wikitext", "wikitext-2-raw-v1", "train"),
-                                   fallback=("wikitext2/wikitext-2-v1-train.jsonl.gz",
-                                             "WikiText-2 v1 train, the tokenised split: rare words are <unk> "
-                                             "(the raw train split is not available here)")),
-    "c4": DatasetInfo("c4", "c4/c4-en-train-first1000.jsonl", "C4 en train documents (calibration)",
-                      ("allenai/c4", None, "train"),
-                      (("data_files", "en/c4-train.00000-of-01024.json.gz"),)),
-    "triviaqa": DatasetInfo("triviaqa", "triviaqa/triviaqa_validation_2000.jsonl",
-                            "TriviaQA validation questions with aliases",
-                            ("mandarjoshi/trivia_qa", "rc.nocontext", "validation")),
-    "triviaqa-train": DatasetInfo("triviaqa-train", "triviaqa/triviaqa_train_8825.jsonl",
-                                  "TriviaQA train-split questions with aliases (LoRA training)",
-                                  ("mandarjoshi/trivia_qa", "rc.nocontext", "train")),
-    "hellaswag": DatasetInfo("hellaswag", "hellaswag/hellaswag_val_10042.jsonl.gz",
-                             "HellaSwag validation (context, 4 endings, label)", ("Rowan/hellaswag", None, "validation")),
-    "triviaqa-rc": DatasetInfo("triviaqa-rc", "triviaqa/triviaqa_rc_validation.jsonl",
-                               "TriviaQA validation questions with evidence documents (open book)",
-                               ("mandarjoshi/trivia_qa", "rc", "validation")),
-    "nq-open": DatasetInfo("nq-open", "nq_open/nq-open-oracle.jsonl.gz",
-                           "NQ-open questions with gold passages (open book)", None),
-    "wiki": DatasetInfo("wiki", "wiki/wiki_articles.txt", "Wikipedia articles (LoRA training text)",
-                        ("wikitext", "wikitext-2-raw-v1", "train")),
+    "wikitext2": DatasetInfo(
+        "wikitext2",
+        "wikitext2/wikitext-2-raw-v1-test.jsonl",
+        "WikiText-2 raw test split",
+        ("wikitext", "wikitext-2-raw-v1", "test"),
+    ),
+    "wikitext2-train": DatasetInfo(
+        "wikitext2-train",
+        "wikitext2/wikitext-2-raw-v1-train.jsonl",
+        "WikiText-2 raw train split",
+        ("wikitext", "wikitext-2-raw-v1", "train"),
+        fallback=(
+            "wikitext2/wikitext-2-v1-train.jsonl.gz",
+            "WikiText-2 v1 train, the tokenised split: rare words are <unk> "
+            "(the raw train split is not available here)",
+        ),
+    ),
+    "c4": DatasetInfo(
+        "c4",
+        "c4/c4-en-train-first1000.jsonl",
+        "C4 en train documents (calibration)",
+        ("allenai/c4", None, "train"),
+        (("data_files", "en/c4-train.00000-of-01024.json.gz"),),
+    ),
+    "triviaqa": DatasetInfo(
+        "triviaqa",
+        "triviaqa/triviaqa_validation_2000.jsonl",
+        "TriviaQA validation questions with aliases",
+        ("mandarjoshi/trivia_qa", "rc.nocontext", "validation"),
+    ),
+    "triviaqa-train": DatasetInfo(
+        "triviaqa-train",
+        "triviaqa/triviaqa_train_8825.jsonl",
+        "TriviaQA train-split questions with aliases (LoRA training)",
+        ("mandarjoshi/trivia_qa", "rc.nocontext", "train"),
+    ),
+    "hellaswag": DatasetInfo(
+        "hellaswag",
+        "hellaswag/hellaswag_val_10042.jsonl.gz",
+        "HellaSwag validation (context, 4 endings, label)",
+        ("Rowan/hellaswag", None, "validation"),
+    ),
+    "triviaqa-rc": DatasetInfo(
+        "triviaqa-rc",
+        "triviaqa/triviaqa_rc_validation.jsonl",
+        "TriviaQA validation questions with evidence documents (open book)",
+        ("mandarjoshi/trivia_qa", "rc", "validation"),
+    ),
+    "nq-open": DatasetInfo(
+        "nq-open", "nq_open/nq-open-oracle.jsonl.gz", "NQ-open questions with gold passages (open book)", None
+    ),
+    "wiki": DatasetInfo(
+        "wiki",
+        "wiki/wiki_articles.txt",
+        "Wikipedia articles (LoRA training text)",
+        ("wikitext", "wikitext-2-raw-v1", "train"),
+    ),
 }
 
 
@@ -134,8 +167,13 @@ def _from_cache(info: DatasetInfo, limit: int | None) -> list[dict]:
         config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
-def load_dataset_records(name: str, *, path: str | os.PathLike | None = None,
-                         data_dir: str | os.PathLike | None = None, limit: int | None = None) -> tuple[list[dict], str]:
+def load_dataset_records(
+    name: str,
+    *,
+    path: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+) -> tuple[list[dict], str]:
     """Records of dataset `name` and a label saying where they came from."""
     if path:
         p = Path(path).expanduser()
@@ -168,8 +206,10 @@ def load_dataset_records(name: str, *, path: str | os.PathLike | None = None,
                 except Exception as exc:  # noqa: BLE001 - a broken cache becomes a listed attempt
                     tried.append(f"Hugging Face cache: {cached} could not be read ({exc.__class__.__name__}: {exc})")
             else:
-                tried.append(f"Hugging Face hub: {info.hub[0]} cannot be reached (offline) and is not in the "
-                             "local datasets cache")
+                tried.append(
+                    f"Hugging Face hub: {info.hub[0]} cannot be reached (offline) and is not in the "
+                    "local datasets cache"
+                )
     else:
         tried.append("Hugging Face hub: this dataset has no hub source")
     if ddir is not None and info.fallback is not None:

@@ -9,6 +9,7 @@ loops); perplexity alone does not show it. On the generated text only (not the p
   at least twice: `words` covered, the `ngram`, how many `times` (0 words when nothing repeats).
 Words are whitespace-separated, so "(disambiguation)" is one word.
 """
+
 from __future__ import annotations
 
 MAX_NGRAM = 16
@@ -19,7 +20,7 @@ def non_ascii_share(text: str) -> float:
 
 
 def distinct_n(words: list[str], n: int = 2) -> float | None:
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else None
 
 
@@ -33,10 +34,10 @@ def longest_repeat(words: list[str], max_n: int = MAX_NGRAM) -> dict:
         i = 0
         while i + 2 * n <= len(words):
             times = 1
-            while words[i + times * n: i + (times + 1) * n] == words[i: i + n]:
+            while words[i + times * n : i + (times + 1) * n] == words[i : i + n]:
                 times += 1
             if times >= 2 and times * n > best["words"]:
-                best = {"words": times * n, "ngram": " ".join(words[i: i + n]), "times": times}
+                best = {"words": times * n, "ngram": " ".join(words[i : i + n]), "times": times}
             i += (times - 1) * n + 1 if times >= 2 else 1
     return best
 
@@ -44,17 +45,22 @@ def longest_repeat(words: list[str], max_n: int = MAX_NGRAM) -> dict:
 def degeneration(text: str) -> dict:
     words = text.split()
     d2 = distinct_n(words, 2)
-    return {"non_ascii": round(non_ascii_share(text), 4), "distinct_2": None if d2 is None else round(d2, 4),
-            "repeat_run": longest_repeat(words)}
+    return {
+        "non_ascii": round(non_ascii_share(text), 4),
+        "distinct_2": None if d2 is None else round(d2, 4),
+        "repeat_run": longest_repeat(words),
+    }
 
 
 def summary(texts: list[str]) -> dict:
     """Means over texts (distinct-2 over those with two words or more), the worst repeat run."""
     rows = [degeneration(t) for t in texts]
     d2 = [r["distinct_2"] for r in rows if r["distinct_2"] is not None]
-    return {"non_ascii": round(sum(r["non_ascii"] for r in rows) / len(rows), 4) if rows else 0.0,
-            "distinct_2": round(sum(d2) / len(d2), 4) if d2 else None,
-            "longest_repeat_words": max((r["repeat_run"]["words"] for r in rows), default=0)}
+    return {
+        "non_ascii": round(sum(r["non_ascii"] for r in rows) / len(rows), 4) if rows else 0.0,
+        "distinct_2": round(sum(d2) / len(d2), 4) if d2 else None,
+        "longest_repeat_words": max((r["repeat_run"]["words"] for r in rows), default=0),
+    }
 
 
 def describe(d: dict) -> str:

@@ -6,18 +6,19 @@ end-of-sequence or, when `stop_at_newline`, at the first newline that follows so
 leaves the batch (see `_decode`). The cancel flag is checked after every decoding step. The loop is
 our own rather than `model.generate` only to drop finished rows; the model code is Hugging Face's.
 """
+
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from .packed import packed_linears
-from .perplexity import Cancelled
+from frankenlab.evals.cancel import Cancelled
+from frankenlab.evals.packed import packed_linears
 
-_TOKEN_CLASSES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TOKEN_CLASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def token_classes(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,9 +55,15 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def _decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: torch.Tensor,
-            classes: tuple[torch.Tensor, torch.Tensor] | None,
-            cancelled: Callable[[], bool] | None) -> list[list[int]]:
+def _decode(
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    eos: torch.Tensor,
+    classes: tuple[torch.Tensor, torch.Tensor] | None,
+    cancelled: Callable[[], bool] | None,
+) -> list[list[int]]:
     """Greedy decoding of one left-padded batch. ids/mask: (B, T). Returns each row's new tokens.
 
     A row stops at end-of-sequence or, with `classes` (newline ids, whitespace-only ids), at the
@@ -79,7 +86,7 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, e
         if step == 0 and eos.numel():  # at least one new token, as generate's min_new_tokens=1
             logits = logits.index_fill(-1, eos, float("-inf"))
         nxt = logits.argmax(-1)  # (live,)
-        for r, t in zip(rows.tolist(), nxt.tolist()):
+        for r, t in zip(rows.tolist(), nxt.tolist(), strict=False):
             tokens[r].append(t)
         done = torch.isin(nxt, eos)
         if classes is not None:
@@ -97,8 +104,13 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, e
             rows, mask, last_pos, has_text, nxt = rows[keep], mask[keep], last_pos[keep], has_text[keep], nxt[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         last_pos = last_pos + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                    use_cache=True, **{cache_kw: past})
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=last_pos[:, None],
+            use_cache=True,
+            **{cache_kw: past},
+        )
         logits = out.logits[:, -1]
     return tokens
 
@@ -118,12 +130,14 @@ def apply_chat(tokenizer, prompt: str) -> str:
     """The prompt as a single user turn in the model's chat template, ready for the answer."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("chat_template was asked for but this tokenizer has no chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
-def prompt_batches(tokenizer, prompts: list[str], *, batch_size: int = 8, max_prompt_tokens: int | None = None
-                   ) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def prompt_batches(
+    tokenizer, prompts: list[str], *, batch_size: int = 8, max_prompt_tokens: int | None = None
+) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """(caller's indices, ids, mask) per batch: prompts sorted by length, left padded. ids/mask: (B, T).
 
     Templates and tokenizers that add BOS themselves: a prompt that already starts with the
@@ -131,30 +145,40 @@ def prompt_batches(tokenizer, prompts: list[str], *, batch_size: int = 8, max_pr
     its end (the question).
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [tokenizer(p, add_special_tokens=not (tokenizer.bos_token and p.startswith(tokenizer.bos_token))
-                         ).input_ids for p in prompts]
+    encoded = [
+        tokenizer(p, add_special_tokens=not (tokenizer.bos_token and p.startswith(tokenizer.bos_token))).input_ids
+        for p in prompts
+    ]
     if max_prompt_tokens:
         encoded = [ids[-max_prompt_tokens:] for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out = []
     for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
+        idx = order[b : b + batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for r, i in enumerate(idx):
             n = len(encoded[i])
-            ids[r, width - n:] = torch.tensor(encoded[i], dtype=torch.long)  # left padding
-            mask[r, width - n:] = 1
+            ids[r, width - n :] = torch.tensor(encoded[i], dtype=torch.long)  # left padding
+            mask[r, width - n :] = 1
         out.append((idx, ids, mask))
     return out
 
 
 @torch.inference_mode()
-def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 50,
-                    stop_at_newline: bool = True, batch_size: int = 8, max_prompt_tokens: int | None = None,
-                    progress: Callable[[float], None] | None = None,
-                    cancelled: Callable[[], bool] | None = None) -> list[Generation]:
+def generate_greedy(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 50,
+    stop_at_newline: bool = True,
+    batch_size: int = 8,
+    max_prompt_tokens: int | None = None,
+    progress: Callable[[float], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> list[Generation]:
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     device = _device(model)
@@ -165,8 +189,9 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     # CPU fp32: weights reordered once for oneDNN (evals.packed); at 8 rows per step the decoder's
     # linears took 41 instead of 70 ms per token on the bundled model's shapes
     with packed_linears(model):
-        for idx, ids, mask in prompt_batches(tokenizer, prompts, batch_size=batch_size,
-                                             max_prompt_tokens=max_prompt_tokens):
+        for idx, ids, mask in prompt_batches(
+            tokenizer, prompts, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens
+        ):
             if cancelled and cancelled():
                 raise Cancelled("generation cancelled")
             new = _decode(model, ids.to(device), mask.to(device), max_new_tokens, eos, classes, cancelled)

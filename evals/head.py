@@ -9,6 +9,7 @@ so each (tokens, block) tile stays in cache; only positions that are scored reac
 head at all (no padding, no unscored prefix). Per-token values are float32 as before; sums are
 taken in float64, which is closer to a float64 reference than float32 cross-entropy over full logits.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,14 @@ def _logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
 
 
-def blocked_token_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                      block: int = VOCAB_BLOCK, linear=F.linear) -> torch.Tensor:
+def blocked_token_nll(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    block: int = VOCAB_BLOCK,
+    linear=F.linear,
+) -> torch.Tensor:
     """Per-token cross-entropy of logits x @ weight.T (+ bias) against labels, never holding all logits.
 
     x: (N, H), weight: (V, H), bias: (V,) or None, labels: (N,). Returns (N,) float32, equal to
@@ -45,7 +52,7 @@ def blocked_token_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """
     lse = None  # (N,) running logsumexp over the blocks seen so far
     for v in range(0, weight.shape[0], block):
-        logits = linear(x, weight[v:v + block], None if bias is None else bias[v:v + block])  # (N, b)
+        logits = linear(x, weight[v : v + block], None if bias is None else bias[v : v + block])  # (N, b)
         part = _logsumexp_rows(logits.float())  # (N,)
         lse = part if lse is None else torch.logaddexp(lse, part)
     target = (x.float() * weight[labels].float()).sum(dim=1)  # (N,) the label's logit
@@ -54,8 +61,9 @@ def blocked_token_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return lse - target
 
 
-def blocked_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                block: int = VOCAB_BLOCK) -> float:
+def blocked_nll(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, block: int = VOCAB_BLOCK
+) -> float:
     """Summed cross-entropy of logits x @ weight.T (+ bias) against labels (see `blocked_token_nll`)."""
     return float(blocked_token_nll(x, weight, bias, labels, block).double().sum())
 
@@ -70,8 +78,11 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
     from transformers import PreTrainedModel
 
     head = getattr(model, "lm_head", None)
-    if (type(head) is not nn.Linear or not isinstance(model, PreTrainedModel)  # a PEFT wrapper is not
-            or not isinstance(getattr(model, "model", None), PreTrainedModel)):  # LlamaModel under LlamaForCausalLM
+    if (
+        type(head) is not nn.Linear
+        or not isinstance(model, PreTrainedModel)  # a PEFT wrapper is not
+        or not isinstance(getattr(model, "model", None), PreTrainedModel)
+    ):  # LlamaModel under LlamaForCausalLM
         return None
     cfg = getattr(model, "config", None)
     if getattr(cfg, "final_logit_softcapping", None):
@@ -82,8 +93,9 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def head_token_nll(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                   chunk: int = HEAD_CHUNK_TOKENS, linear=F.linear) -> torch.Tensor:
+def head_token_nll(
+    model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = HEAD_CHUNK_TOKENS, linear=F.linear
+) -> torch.Tensor:
     """Per-token NLL of `labels` (N,) from the decoder's final hidden states `hidden` (N, H), final norm applied.
 
     Blocked through `linear_head` where the model allows it, else through `model.lm_head` with full
@@ -92,7 +104,7 @@ def head_token_nll(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     head = linear_head(model)
     out = []
     for s in range(0, hidden.shape[0], chunk):
-        x, y = hidden[s:s + chunk], labels[s:s + chunk]  # (n, H), (n,)
+        x, y = hidden[s : s + chunk], labels[s : s + chunk]  # (n, H), (n,)
         if head is not None:
             out.append(blocked_token_nll(x, head.weight, head.bias, y, linear=linear))
         else:

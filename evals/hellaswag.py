@@ -11,17 +11,18 @@ Items are a seeded sample of the validation file (seed 0), in file order, like t
 the protocol names it: `hellaswag-validation:500`. Layer plans (Franken mode) are scored by
 running this under the plan: `with pipeline.plans.planned(model, plan) as m: hellaswag(m, ...)`.
 """
+
 from __future__ import annotations
 
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from .data import load_dataset_records
-from .loglik import continuation_logprobs
-from .stats import accuracy_fields
+from frankenlab.evals.data import load_dataset_records
+from frankenlab.evals.loglik import continuation_logprobs
+from frankenlab.evals.stats import accuracy_fields
 
 
 def preprocess(text: str) -> str:
@@ -65,8 +66,9 @@ def protocol_name(n: int, seed: int, total: int) -> str:
 def load_items(n: int, *, seed: int = 0, data_dir=None, path=None) -> tuple[list[Item], str, int]:
     records, source = load_dataset_records("hellaswag", path=path, data_dir=data_dir)
     if not 1 <= n <= len(records):
-        raise ValueError(f"{n} HellaSwag items asked for but {source} holds {len(records)}: ask for 1 to "
-                         f"{len(records)}")
+        raise ValueError(
+            f"{n} HellaSwag items asked for but {source} holds {len(records)}: ask for 1 to {len(records)}"
+        )
     picked = sorted(random.Random(seed).sample(range(len(records)), n)) if n < len(records) else range(n)
     return [parse(records[i], i) for i in picked], source, len(records)
 
@@ -86,28 +88,48 @@ class HellaSwagResult:
         out = []
         for name, key in (("hellaswag_acc", "pred"), ("hellaswag_acc_norm", "pred_norm")):
             correct = sum(r[key] == r["label"] for r in self.records)
-            out.append({"name": name, "value": correct / self.n, "protocol": self.protocol,
-                        **accuracy_fields(correct, self.n), "seconds": self.seconds, "source": self.source})
+            out.append(
+                {
+                    "name": name,
+                    "value": correct / self.n,
+                    "protocol": self.protocol,
+                    **accuracy_fields(correct, self.n),
+                    "seconds": self.seconds,
+                    "source": self.source,
+                }
+            )
         return out
 
 
-def hellaswag(model, tokenizer, n: int, *, seed: int = 0, batch_size: int = 16, data_dir=None, path=None,
-              progress: Callable[[float], None] | None = None,
-              cancelled: Callable[[], bool] | None = None) -> HellaSwagResult:
+def hellaswag(
+    model,
+    tokenizer,
+    n: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 16,
+    data_dir=None,
+    path=None,
+    progress: Callable[[float], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> HellaSwagResult:
     """Score n HellaSwag items; `batch_size` counts (query, ending) rows per forward pass."""
     t0 = time.perf_counter()
     items, source, total = load_items(n, seed=seed, data_dir=data_dir, path=path)
     pairs = [(it.query, " " + e) for it in items for e in it.endings]
-    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, progress=progress,
-                                   cancelled=cancelled)
+    scores = continuation_logprobs(
+        model, tokenizer, pairs, batch_size=batch_size, progress=progress, cancelled=cancelled
+    )
     records, at = [], 0
     for it in items:
-        s = scores[at:at + len(it.endings)]
+        s = scores[at : at + len(it.endings)]
         at += len(it.endings)
         raw, norm = pick(s, it.endings)
-        records.append({"index": it.index, "label": it.label, "pred": raw, "pred_norm": norm,
-                        "loglik": [round(x, 4) for x in s]})
+        records.append(
+            {"index": it.index, "label": it.label, "pred": raw, "pred_norm": norm, "loglik": [round(x, 4) for x in s]}
+        )
     acc = sum(r["pred"] == r["label"] for r in records) / len(records)
     acc_norm = sum(r["pred_norm"] == r["label"] for r in records) / len(records)
-    return HellaSwagResult(acc, acc_norm, len(records), protocol_name(n, seed, total), time.perf_counter() - t0,
-                           source, records)
+    return HellaSwagResult(
+        acc, acc_norm, len(records), protocol_name(n, seed, total), time.perf_counter() - t0, source, records
+    )

@@ -1,8 +1,9 @@
 """Whether the Hugging Face hub can be asked at all: offline switches and a quick TCP probe.
 
-Datasets (`evals.data`) and models (`pipeline.models`) both fall back to local copies when the
+Datasets (`evals.data`) and models (`pipeline.loading`) both fall back to local copies when the
 hub cannot be reached; the probe lives here, in the lowest layer, so both can use it.
 """
+
 from __future__ import annotations
 
 import os

@@ -9,13 +9,14 @@ special token is added (the harness' default for causal models).
 Rows are left padded and sorted by length; only the last positions' logits are computed
 (`logits_to_keep`), so the 49k-word output head runs on the continuation alone.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from .perplexity import Cancelled
+from frankenlab.evals.cancel import Cancelled
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -24,14 +25,20 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
     ctx = tokenizer(context, add_special_tokens=False).input_ids
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 @torch.inference_mode()
-def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int = 16,
-                          max_length: int | None = None,
-                          progress: Callable[[float], None] | None = None,
-                          cancelled: Callable[[], bool] | None = None) -> list[float]:
+def continuation_logprobs(
+    model,
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: Callable[[float], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> list[float]:
     """Summed log-probability of each continuation given its context, in the caller's order.
 
     A row longer than `max_length` (default: the model's max_position_embeddings) keeps its end,
@@ -53,23 +60,28 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
     for b in range(0, len(order), batch_size):
         if cancelled and cancelled():
             raise Cancelled("log-likelihood scoring cancelled")
-        idx = order[b:b + batch_size]
+        idx = order[b : b + batch_size]
         width = len(rows[idx[0]][0])
         keep = max(rows[i][1] for i in idx) + 1  # logits at the positions that predict continuation tokens
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for r, i in enumerate(idx):
             toks = rows[i][0]
-            ids[r, width - len(toks):] = torch.tensor(toks)
-            mask[r, width - len(toks):] = 1
+            ids[r, width - len(toks) :] = torch.tensor(toks)
+            mask[r, width - len(toks) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                       use_cache=False, logits_to_keep=keep).logits  # (B, keep, V)
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=pos.to(device),
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits  # (B, keep, V)
         logp = torch.log_softmax(logits.float(), dim=-1)
         for r, i in enumerate(idx):
             n = rows[i][1]
-            target = ids[r, width - n:].to(device)  # the continuation's tokens, at the row's end
-            scored = logp[r, keep - n - 1: keep - 1]  # (n, V): position t predicts token t+1
+            target = ids[r, width - n :].to(device)  # the continuation's tokens, at the row's end
+            scored = logp[r, keep - n - 1 : keep - 1]  # (n, V): position t predicts token t+1
             out[i] = float(scored.gather(1, target[:, None]).sum())
         done += len(idx)
         if progress:

@@ -19,6 +19,7 @@ Match protocols say what text the rules see:
 - `thesis`: the whole generated answer, up to 50 new tokens (the thesis' protocol; more lenient,
   since a rambling answer gets many chances to contain an alias).
 """
+
 from __future__ import annotations
 
 import re
@@ -33,7 +34,8 @@ _SEPARATORS = {"/", "\\", "_"}
 ARTICLES = frozenset({"a", "an", "the"})
 # English function words (NLTK's list without contractions) and "one": an alias that is only one
 # of these says nothing when found inside a longer answer.
-STOPWORDS = frozenset("""
+STOPWORDS = frozenset(
+    """
 i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her
 hers herself it its itself they them their theirs themselves what which who whom this that these
 those am is are was were be been being have has had having do does did doing a an the and but if or
@@ -41,7 +43,8 @@ because as until while of at by for with about against between into through duri
 above below to from up down in out on off over under again further then once here there when where
 why how all any both each few more most other some such no nor not only own same so than too very
 s t can will just don should now d ll m o re ve y ain one
-""".split())
+""".split()
+)
 
 
 def normalize(text: str) -> str:
@@ -75,8 +78,13 @@ class Match:
         return self.rule == "exact"
 
     def to_dict(self) -> dict:
-        return {"correct": self.correct, "exact_match": self.exact_match, "rule": self.rule,
-                "matched_alias": self.alias, "word_fraction": round(self.word_fraction, 4)}
+        return {
+            "correct": self.correct,
+            "exact_match": self.exact_match,
+            "rule": self.rule,
+            "matched_alias": self.alias,
+            "word_fraction": round(self.word_fraction, 4),
+        }
 
 
 def match_answer(prediction: str, aliases: list[str] | tuple[str, ...]) -> Match:

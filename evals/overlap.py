@@ -14,6 +14,7 @@ compared with the whole training file:
 Training on the very file an evaluation reads is refused outright. The words of the shingle
 comparison are case-folded `\\w+` runs with the articles dropped, on both sides.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,10 +22,10 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RecipeError
-from .data import load_texts
-from .matching import ARTICLES, normalize
-from .perplexity import Protocol, is_file_protocol
+from frankenlab.evals.data import load_texts
+from frankenlab.evals.errors import RecipeError
+from frankenlab.evals.matching import ARTICLES, normalize
+from frankenlab.evals.perplexity import Protocol, is_file_protocol
 
 SHINGLE = 5
 ROW_MIN_WORDS = 12
@@ -39,7 +40,7 @@ def words(text: str) -> list[str]:
 
 
 def shingles(ws: list[str], k: int = SHINGLE) -> set[int]:
-    return {hash(tuple(ws[i:i + k])) for i in range(len(ws) - k + 1)}
+    return {hash(tuple(ws[i : i + k])) for i in range(len(ws) - k + 1)}
 
 
 @dataclass
@@ -63,8 +64,10 @@ class Overlap:
         ev = self.evaluated
         n = len(ev.texts)
         example = ev.texts[self.found[0]].strip().replace("\n", " ")[:70]
-        return (f"{len(self.found)} of the {n:,} evaluated {ev.label} are in the {who} training file "
-                f"{train_source} (e.g. {example!r}): {advice}")
+        return (
+            f"{len(self.found)} of the {n:,} evaluated {ev.label} are in the {who} training file "
+            f"{train_source} (e.g. {example!r}): {advice}"
+        )
 
 
 def _evaluated_rows(proto: Protocol, data_dir) -> tuple[list[str], str]:
@@ -89,8 +92,8 @@ def _evaluated_rows(proto: Protocol, data_dir) -> tuple[list[str], str]:
 
 def evaluated_sets(config, data_dir=None) -> list[EvaluatedSet]:
     """Everything an `EvalConfig` will evaluate, as the evaluation itself will choose it."""
-    from .hellaswag import load_items as hellaswag_items
-    from .qa import load_items, protocol_name
+    from frankenlab.evals.hellaswag import load_items as hellaswag_items
+    from frankenlab.evals.qa import load_items, protocol_name
 
     if config.after == "none":
         return []
@@ -99,18 +102,38 @@ def evaluated_sets(config, data_dir=None) -> list[EvaluatedSet]:
         proto = config.protocol(proto_name)
         texts, source = _evaluated_rows(proto, data_dir)
         out.append(EvaluatedSet(f"rows of {proto.name}", "rows", source, texts))
-    for task, n, what in (("closed", config.triviaqa_closed, "closed-book"), ("open", config.triviaqa_open, "open-book")):
+    for task, n, what in (
+        ("closed", config.triviaqa_closed, "closed-book"),
+        ("open", config.triviaqa_open, "open-book"),
+    ):
         if n:
             path = config.triviaqa_file if task == "closed" else None
-            items, source, total = load_items(task, n, seed=config.qa_seed, data_dir=data_dir, path=path,
-                                              open_source=config.open_book)
+            items, source, total = load_items(
+                task, n, seed=config.qa_seed, data_dir=data_dir, path=path, open_source=config.open_book
+            )
             label = protocol_name(task, n, config.qa_seed, False, total, config.open_book, config.match, path)
-            out.append(EvaluatedSet(f"{what} questions ({label})", "questions", source,
-                                    [it.question for it in items], "questions", SHINGLE))
+            out.append(
+                EvaluatedSet(
+                    f"{what} questions ({label})",
+                    "questions",
+                    source,
+                    [it.question for it in items],
+                    "questions",
+                    SHINGLE,
+                )
+            )
     if config.hellaswag:
         items, source, _ = hellaswag_items(config.hellaswag, seed=config.qa_seed, data_dir=data_dir)
-        out.append(EvaluatedSet(f"HellaSwag contexts ({config.hellaswag} items)", "contexts", source,
-                                [it.query for it in items], "rows", CONTEXT_MIN_WORDS))
+        out.append(
+            EvaluatedSet(
+                f"HellaSwag contexts ({config.hellaswag} items)",
+                "contexts",
+                source,
+                [it.query for it in items],
+                "rows",
+                CONTEXT_MIN_WORDS,
+            )
+        )
     return out
 
 
@@ -135,17 +158,22 @@ def find_overlaps(train_texts: list[str], train_questions: list[str], evaluated:
             ws = words(text)
             hits: dict[tuple[int, int], set[int]] = {}
             for j in range(len(ws) - SHINGLE + 1):
-                h = hash(tuple(ws[j:j + SHINGLE]))
+                h = hash(tuple(ws[j : j + SHINGLE]))
                 for key in wanted.get(h, ()):
                     hits.setdefault(key, set()).add(h)
             for key, got in hits.items():
-                need = item_shingles[key] if evaluated[key[0]].kind == "questions" else ROW_CONTAINED * item_shingles[key]
+                need = (
+                    item_shingles[key] if evaluated[key[0]].kind == "questions" else ROW_CONTAINED * item_shingles[key]
+                )
                 if len(got) >= need:
                     contained.add(key)
     out = []
     for s, ev in enumerate(evaluated):
-        found = [i for i, text in enumerate(ev.texts)
-                 if (s, i) in contained or (ev.kind == "questions" and normalize(text) in asked)]
+        found = [
+            i
+            for i, text in enumerate(ev.texts)
+            if (s, i) in contained or (ev.kind == "questions" and normalize(text) in asked)
+        ]
         if found:
             out.append(Overlap(ev, found))
     return out
@@ -158,9 +186,16 @@ def same_file(a: str, b: str) -> bool:
         return False
 
 
-def check_training_data(train_texts: list[str], train_questions: list[str], train_source: str, config,
-                        data_dir=None, *, who: str = "LoRA",
-                        advice: str = "train on a train split, or remove them from the training file") -> list[str]:
+def check_training_data(
+    train_texts: list[str],
+    train_questions: list[str],
+    train_source: str,
+    config,
+    data_dir=None,
+    *,
+    who: str = "LoRA",
+    advice: str = "train on a train split, or remove them from the training file",
+) -> list[str]:
     """Refuse (RecipeError) training data that holds what `config` will evaluate; return warnings.
 
     `train_questions[i]` is record i's question ("" for plain text). Refused: an evaluated
@@ -171,18 +206,22 @@ def check_training_data(train_texts: list[str], train_questions: list[str], trai
     evaluated = evaluated_sets(config, data_dir)
     for ev in evaluated:
         if same_file(train_source, ev.source):
-            raise RecipeError(f"the {who} training file {train_source} is the file the evaluation reads for its "
-                              f"{ev.label}: {advice}")
-    plain = [t for t, q in zip(train_texts, train_questions) if not q]
+            raise RecipeError(
+                f"the {who} training file {train_source} is the file the evaluation reads for its {ev.label}: {advice}"
+            )
+    plain = [t for t, q in zip(train_texts, train_questions, strict=False) if not q]
     asked = [q for q in train_questions if q]
     refused = find_overlaps(plain, asked, evaluated)
     rows = [ev for ev in evaluated if ev.kind == "rows"]
-    refused += find_overlaps([t for t, q in zip(train_texts, train_questions) if q], [], rows)
+    refused += find_overlaps([t for t, q in zip(train_texts, train_questions, strict=False) if q], [], rows)
     if refused:
         raise RecipeError("; ".join(o.message(who, train_source, advice) for o in refused))
     questions = [ev for ev in evaluated if ev.kind == "questions"]
-    near = find_overlaps([t for t, q in zip(train_texts, train_questions) if q], [], questions)
-    return [f"{who}: {len(o.found)} of the {len(o.evaluated.texts):,} evaluated {o.evaluated.label} appear inside "
-            f"longer questions of the training file {train_source} (e.g. "
-            f"{o.evaluated.texts[o.found[0]][:70]!r}): their answers may be learnt; evaluate other questions "
-            "(qa_seed) to rule it out" for o in near]
+    near = find_overlaps([t for t, q in zip(train_texts, train_questions, strict=False) if q], [], questions)
+    return [
+        f"{who}: {len(o.found)} of the {len(o.evaluated.texts):,} evaluated {o.evaluated.label} appear inside "
+        f"longer questions of the training file {train_source} (e.g. "
+        f"{o.evaluated.texts[o.found[0]][:70]!r}): their answers may be learnt; evaluate other questions "
+        "(qa_seed) to rule it out"
+        for o in near
+    ]

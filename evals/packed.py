@@ -17,6 +17,7 @@ refuses) is plain `F.linear`. The reordered copies cost one more copy of the wei
 block runs (the bundled model: ~0.5 GB), freed when it ends, and are not made when they would take
 more than half the memory still available. `FRANKENLAB_PACKED_LINEAR=0` turns it off.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import switched_off
+from frankenlab.evals import switched_off
 
 
 def available() -> bool:
@@ -48,13 +49,22 @@ class Packs:
         self._lock = threading.Lock()
 
     def _usable_input(self, x: torch.Tensor) -> bool:
-        return (self.enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0
-                and not (torch.is_grad_enabled() and x.requires_grad))
+        return (
+            self.enabled
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.numel() > 0
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        )
 
     @staticmethod
     def _usable_weight(weight: torch.Tensor) -> bool:
-        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-                and not (torch.is_grad_enabled() and weight.requires_grad))
+        return (
+            weight.device.type == "cpu"
+            and weight.dtype == torch.float32
+            and weight.dim() == 2
+            and not (torch.is_grad_enabled() and weight.requires_grad)
+        )
 
     def _usable(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return self._usable_input(x) and self._usable_weight(weight) and x.shape[-1] == weight.shape[1]
@@ -97,8 +107,12 @@ class Packs:
         (oneDNN post-ops "swish" and binary "mul"): two passes over a (rows, intermediate) tensor
         fewer, 12-20 % of an MLP's time on the bundled model's shapes. None when it cannot run."""
         weights = (gate.weight, up.weight, down.weight)
-        if not (self._usable(x, gate.weight) and self._usable(x, up.weight) and self._usable_weight(down.weight)
-                and down.weight.shape[1] == gate.weight.shape[0] == up.weight.shape[0]):
+        if not (
+            self._usable(x, gate.weight)
+            and self._usable(x, up.weight)
+            and self._usable_weight(down.weight)
+            and down.weight.shape[1] == gate.weight.shape[0] == up.weight.shape[0]
+        ):
             return None
         if any(b is not None and b.dtype != torch.float32 for b in (gate.bias, up.bias, down.bias)):
             return None
@@ -138,6 +152,7 @@ def _packed_forward(packs: Packs, original):
         if not packs.enabled:
             return original(x)
         return packs.linear(x, self.weight, self.bias)
+
     return forward
 
 
@@ -148,19 +163,25 @@ def _is_silu(act) -> bool:
 def _fusable_mlp(module: nn.Module) -> bool:
     """A LLaMA MLP, down(act(gate(x)) * up(x)), of plain linears with SiLU and no hooks to honour."""
     parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    return (all(type(p) is nn.Linear for p in parts) and _is_silu(getattr(module, "act_fn", None))
-            and type(module).__name__.endswith("MLP") and "forward" not in module.__dict__
-            and not any(p._forward_hooks or p._forward_pre_hooks for p in parts))
+    return (
+        all(type(p) is nn.Linear for p in parts)
+        and _is_silu(getattr(module, "act_fn", None))
+        and type(module).__name__.endswith("MLP")
+        and "forward" not in module.__dict__
+        and not any(p._forward_hooks or p._forward_pre_hooks for p in parts)
+    )
 
 
 def _mlp_forward(packs: Packs, original):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if packs.enabled and not any(p._forward_hooks or p._forward_pre_hooks
-                                     for p in (self.gate_proj, self.up_proj, self.down_proj)):
+        if packs.enabled and not any(
+            p._forward_hooks or p._forward_pre_hooks for p in (self.gate_proj, self.up_proj, self.down_proj)
+        ):
             out = packs.gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj)
             if out is not None:
                 return out
         return original(x)
+
     return forward
 
 

@@ -8,27 +8,30 @@ Perplexity depends on how text is cut into sequences, so every number carries it
   tokens not seen by the previous window.
 A sample limit is part of the name (`...:first16`), so partial numbers are never mistaken for full ones.
 """
+
 from __future__ import annotations
 
 import math
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from .cancel import Cancelled, cancel_between_layers  # noqa: F401 - re-exported
-from .data import load_texts
-from .memory import reuse_freed_memory
-from .packed import Packs, packed_linears
-from .side_by_side import EVAL_WORKERS_ENV, eval_workers, in_pool_thread, score_side_by_side  # noqa: F401
-from .head import VOCAB_BLOCK, blocked_nll, head_token_nll, linear_head  # noqa: F401 - re-exported
+from frankenlab.evals.cancel import Cancelled, cancel_between_layers
+from frankenlab.evals.data import load_texts
+from frankenlab.evals.head import head_token_nll, linear_head
+from frankenlab.evals.malloc import reuse_freed_memory
+from frankenlab.evals.packed import Packs, packed_linears
+from frankenlab.evals.side_by_side import eval_workers, in_pool_thread, score_side_by_side
 
-PROTOCOL_RE = re.compile(r"^(?P<data>.+)-(?P<mode>rows|concat)-(?P<length>\d+)"
-                         r"(?:-stride(?P<stride>\d+))?(?::first(?P<limit>\d+))?$")
+PROTOCOL_RE = re.compile(
+    r"^(?P<data>.+)-(?P<mode>rows|concat)-(?P<length>\d+)"
+    r"(?:-stride(?P<stride>\d+))?(?::first(?P<limit>\d+))?$"
+)
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,13 @@ class Protocol:
     limit: int | None = None  # rows or windows scored; None = all
 
     @classmethod
-    def parse(cls, name: str, *, limit: int | None = None, stride: int | None = None) -> "Protocol":
+    def parse(cls, name: str, *, limit: int | None = None, stride: int | None = None) -> Protocol:
         m = PROTOCOL_RE.match(name)
         if not m:
-            raise ValueError(f"unknown perplexity protocol {name!r}: use <data>-rows-<len> or <data>-concat-<len>, "
-                             "e.g. wikitext2-rows-512 or wikitext2-concat-512")
+            raise ValueError(
+                f"unknown perplexity protocol {name!r}: use <data>-rows-<len> or <data>-concat-<len>, "
+                "e.g. wikitext2-rows-512 or wikitext2-concat-512"
+            )
         length = int(m["length"])
         stride = stride or (int(m["stride"]) if m["stride"] else None)
         limit = limit or (int(m["limit"]) if m["limit"] else None)
@@ -82,19 +87,26 @@ class PerplexityResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
     def to_dict(self) -> dict:
-        return {"value": self.value, "protocol": self.protocol, "tokens": self.tokens,
-                "sequences": self.sequences, "seconds": self.seconds, "source": self.source}
+        return {
+            "value": self.value,
+            "protocol": self.protocol,
+            "tokens": self.tokens,
+            "sequences": self.sequences,
+            "seconds": self.seconds,
+            "source": self.source,
+        }
 
 
-def concat_windows(tokenizer, texts: list[str], seq_len: int, stride: int | None = None,
-                   limit: int | None = None) -> list[tuple[torch.Tensor, int]]:
+def concat_windows(
+    tokenizer, texts: list[str], seq_len: int, stride: int | None = None, limit: int | None = None
+) -> list[tuple[torch.Tensor, int]]:
     """(window ids, number of leading tokens not to score) for the joined text."""
     stride = stride or seq_len
     ids = _tokenize_prefix(tokenizer, "\n\n".join(texts), (limit - 1) * stride + seq_len if limit else None)
     out = []
     if stride == seq_len:
         for start in range(0, ids.numel() - seq_len + 1, seq_len):
-            out.append((ids[start:start + seq_len], 0))
+            out.append((ids[start : start + seq_len], 0))
             if limit and len(out) >= limit:
                 break
         return out
@@ -118,6 +130,7 @@ def _tokenize_prefix(tokenizer, text: str, needed: int | None) -> torch.Tensor:
     for WikiText-2) would be wasted. The prefix is cut at a blank line and kept only if it yields a
     margin of tokens past `needed`: the ids we use are then exactly those of the full tokenization.
     """
+
     def encode(t: str) -> torch.Tensor:
         return tokenizer(t, return_tensors="pt", verbose=False).input_ids[0]
 
@@ -177,8 +190,9 @@ def batch_cuts(lengths: list[int], budget: int, overhead: int = BATCH_OVERHEAD_T
     return out
 
 
-def _batches(seqs: list[tuple[torch.Tensor, int]], batch_size: int, max_len: int, pad_id: int
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    seqs: list[tuple[torch.Tensor, int]], batch_size: int, max_len: int, pad_id: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Length-sorted, right-padded batches under a token budget of batch_size full-length sequences.
 
     Sorting keeps padding to a few tokens per row and `batch_cuts` places the cuts where they pad
@@ -196,7 +210,7 @@ def _batches(seqs: list[tuple[torch.Tensor, int]], batch_size: int, max_len: int
         for r, (s, skip) in enumerate(chunk):
             n = s.numel()
             ids[r, :n] = s
-            labels[r, max(skip, 1):n] = s[max(skip, 1):]  # the first token is never predicted
+            labels[r, max(skip, 1) : n] = s[max(skip, 1) :]  # the first token is never predicted
         yield ids, labels
 
 
@@ -217,19 +231,26 @@ def nll_sum(model, ids: torch.Tensor, labels: torch.Tensor, packs: Packs | None 
         scored = logits[:, :-1][keep].float()  # (N, V)
         return float(F.cross_entropy(scored, shift_labels[keep], reduction="sum")), int(keep.sum())
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H), final norm applied
-    nll = head_token_nll(model, hidden[:, :-1][keep], shift_labels[keep],
-                         linear=packs.linear if packs is not None else F.linear)  # (N,)
+    nll = head_token_nll(
+        model, hidden[:, :-1][keep], shift_labels[keep], linear=packs.linear if packs is not None else F.linear
+    )  # (N,)
     return float(nll.double().sum()), int(keep.sum())
 
 
-def score_sequences(model, seqs: list[tuple[torch.Tensor, int]], *, batch_size: int = 4, pad_id: int = 0,
-                    progress: Callable[[float], None] | None = None,
-                    cancelled: Callable[[], bool] | None = None) -> tuple[float, int]:
+def score_sequences(
+    model,
+    seqs: list[tuple[torch.Tensor, int]],
+    *,
+    batch_size: int = 4,
+    pad_id: int = 0,
+    progress: Callable[[float], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> tuple[float, int]:
     """Summed NLL and scored-token count of (ids, skip) sequences; cancel is checked between batches
     and between decoder layers.
 
     On a CPU two batches run side by side (`eval_workers`) with freed memory reused
-    (`evals.memory`); the sum is taken in batch order, so the result does not depend on which
+    (`evals.malloc`); the sum is taken in batch order, so the result does not depend on which
     finishes first. `progress` and the return happen on the calling thread."""
     if not seqs:
         return 0.0, 0
@@ -252,8 +273,16 @@ def score_sequences(model, seqs: list[tuple[torch.Tensor, int]], *, batch_size: 
                 if progress:
                     progress(done / len(seqs))
         else:
-            score_side_by_side(model, batches, results, lambda ids, labels: nll_sum(model, ids, labels, packs),
-                               workers, len(seqs), progress, cancelled)
+            score_side_by_side(
+                model,
+                batches,
+                results,
+                lambda ids, labels: nll_sum(model, ids, labels, packs),
+                workers,
+                len(seqs),
+                progress,
+                cancelled,
+            )
     return sum(r[0] for r in results), sum(r[1] for r in results)  # in batch order, as one loop adds
 
 
@@ -266,8 +295,9 @@ def sequences_for(protocol: Protocol, tokenizer, *, data_dir=None) -> tuple[list
         path = Path(protocol.data).expanduser()
         if protocol.mode == "concat" and ".json" not in path.suffixes and path.suffix != ".gz" and path.is_file():
             # a plain text file is scored as written; joining its lines with "\n\n" would change it
-            return concat_windows(tokenizer, [path.read_text(encoding="utf-8")], protocol.seq_len,
-                                  protocol.stride, protocol.limit), str(path)
+            return concat_windows(
+                tokenizer, [path.read_text(encoding="utf-8")], protocol.seq_len, protocol.stride, protocol.limit
+            ), str(path)
         texts, source = load_texts("file", path=path)
     else:
         texts, source = load_texts(protocol.data, data_dir=data_dir)
@@ -276,10 +306,17 @@ def sequences_for(protocol: Protocol, tokenizer, *, data_dir=None) -> tuple[list
     return [(s, 0) for s in row_sequences(tokenizer, texts, protocol.seq_len, protocol.limit)], source
 
 
-def perplexity(model, tokenizer, protocol: str | Protocol = "wikitext2-concat-512", *, data_dir=None,
-               limit: int | None = None, batch_size: int = 4,
-               progress: Callable[[float], None] | None = None,
-               cancelled: Callable[[], bool] | None = None) -> PerplexityResult:
+def perplexity(
+    model,
+    tokenizer,
+    protocol: str | Protocol = "wikitext2-concat-512",
+    *,
+    data_dir=None,
+    limit: int | None = None,
+    batch_size: int = 4,
+    progress: Callable[[float], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> PerplexityResult:
     if isinstance(protocol, str):
         protocol = Protocol.parse(protocol, limit=limit)
     t0 = time.perf_counter()

@@ -17,19 +17,19 @@ matched alias, rule) so failures, and lenient matches, can be inspected; under `
 record also says whether the first line alone would have been correct. Accuracies carry their
 question count and 95 % Wilson interval (`evals.stats`).
 """
+
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
-
 from pathlib import Path
 
-from .data import DATASETS, load_dataset_records
-from .generate import apply_chat, generate_greedy
-from .matching import MATCH_PROTOCOLS, answer_text, first_line, match_answer
-from .stats import accuracy_fields
+from frankenlab.evals.data import DATASETS, load_dataset_records
+from frankenlab.evals.generate import apply_chat, generate_greedy
+from frankenlab.evals.matching import MATCH_PROTOCOLS, answer_text, first_line, match_answer
+from frankenlab.evals.stats import accuracy_fields
 
 TASKS = ("closed", "open")
 CLOSED_PROMPT = "Question: {question}\nAnswer:"
@@ -63,9 +63,16 @@ class QAResult:
         return self.n / self.seconds if self.seconds else 0.0
 
     def metric(self, name: str) -> dict:
-        out = {"name": name, "value": self.accuracy, "protocol": self.protocol, "match": self.match,
-               "exact_match": self.exact_match, **accuracy_fields(sum(r["correct"] for r in self.records), self.n),
-               "seconds": self.seconds, "rules": self.rules}
+        out = {
+            "name": name,
+            "value": self.accuracy,
+            "protocol": self.protocol,
+            "match": self.match,
+            "exact_match": self.exact_match,
+            **accuracy_fields(sum(r["correct"] for r in self.records), self.n),
+            "seconds": self.seconds,
+            "rules": self.rules,
+        }
         if self.match == "thesis" and self.records:
             out["first_line_accuracy"] = sum(r["first_line_correct"] for r in self.records) / len(self.records)
         return out
@@ -109,8 +116,10 @@ def parse_nq_open(rec: dict, index: int) -> QAItem:
     return QAItem(index, rec["question"], tuple(rec["answers"]), passage["text"].strip())
 
 
-OPEN_SOURCES = {"nq-open": ("nq-open-oracle-openbook", parse_nq_open),
-                "triviaqa-rc": ("triviaqa-rc-openbook-validation", parse_triviaqa_rc)}
+OPEN_SOURCES = {
+    "nq-open": ("nq-open-oracle-openbook", parse_nq_open),
+    "triviaqa-rc": ("triviaqa-rc-openbook-validation", parse_triviaqa_rc),
+}
 
 
 def question_set(task: str, path=None, open_source: str = "nq-open") -> str:
@@ -125,8 +134,16 @@ def question_set(task: str, path=None, open_source: str = "nq-open") -> str:
     return f"triviaqa-closed-{stem}" if task == "closed" else f"{stem}-openbook"
 
 
-def protocol_name(task: str, n: int, seed: int, chat: bool, total: int, open_source: str = "nq-open",
-                  match: str = "first-line", path=None) -> str:
+def protocol_name(
+    task: str,
+    n: int,
+    seed: int,
+    chat: bool,
+    total: int,
+    open_source: str = "nq-open",
+    match: str = "first-line",
+    path=None,
+) -> str:
     s = f"{question_set(task, path, open_source)}:{n}"
     if seed and n < total:
         s += f":seed{seed}"
@@ -135,8 +152,9 @@ def protocol_name(task: str, n: int, seed: int, chat: bool, total: int, open_sou
     return f"{s}:{match}"
 
 
-def load_items(task: str, n: int, *, seed: int = 0, data_dir=None, path=None,
-               open_source: str = "nq-open") -> tuple[list[QAItem], str, int]:
+def load_items(
+    task: str, n: int, *, seed: int = 0, data_dir=None, path=None, open_source: str = "nq-open"
+) -> tuple[list[QAItem], str, int]:
     """A seeded sample of n questions, in file order; the source label and the file's size.
 
     The open-book source is NQ-open with gold passages (local) or TriviaQA rc (hub, large download).
@@ -153,8 +171,10 @@ def load_items(task: str, n: int, *, seed: int = 0, data_dir=None, path=None,
     try:
         return [parse(records[i], i) for i in picked], source, len(records)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{source}: {exc}. Each row needs a question (`question`, or `context` as "
-                         "\"Question: ...\\nAnswer:\") and an `answer` or `aliases`") from None
+        raise ValueError(
+            f"{source}: {exc}. Each row needs a question (`question`, or `context` as "
+            '"Question: ...\\nAnswer:") and an `answer` or `aliases`'
+        ) from None
 
 
 def build_prompt(item: QAItem, *, chat: bool = False, tokenizer=None) -> str:
@@ -169,14 +189,21 @@ def score(items: list[QAItem], generations, match: str = "first-line") -> tuple[
     """Per-question records, accuracy, strict exact match and how many questions each rule decided."""
     records, correct, exact = [], 0, 0
     rules = {"exact": 0, "substring": 0, "words": 0, "none": 0}
-    for item, g in zip(items, generations):
+    for item, g in zip(items, generations, strict=False):
         pred = answer_text(g.text, match)
         m = match_answer(pred, item.aliases)
         correct += m.correct
         exact += m.exact_match
         rules[m.rule or "none"] += 1
-        rec = {"index": item.index, "question": item.question, "prediction": pred,
-               "generated": g.text, "new_tokens": g.new_tokens, **m.to_dict(), "aliases": list(item.aliases)}
+        rec = {
+            "index": item.index,
+            "question": item.question,
+            "prediction": pred,
+            "generated": g.text,
+            "new_tokens": g.new_tokens,
+            **m.to_dict(),
+            "aliases": list(item.aliases),
+        }
         if match == "thesis":
             rec["first_line_correct"] = match_answer(first_line(g.text), item.aliases).correct
         records.append(rec)
@@ -184,10 +211,23 @@ def score(items: list[QAItem], generations, match: str = "first-line") -> tuple[
     return records, correct / n, exact / n, rules
 
 
-def run_qa(model, tokenizer, task: str, n: int, *, seed: int = 0, batch_size: int = 8, chat: bool = False,
-           data_dir=None, path=None, open_source: str = "nq-open", max_new_tokens: int = MAX_NEW_TOKENS,
-           match: str = "first-line", progress: Callable[[float], None] | None = None,
-           cancelled: Callable[[], bool] | None = None) -> QAResult:
+def run_qa(
+    model,
+    tokenizer,
+    task: str,
+    n: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    chat: bool = False,
+    data_dir=None,
+    path=None,
+    open_source: str = "nq-open",
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    match: str = "first-line",
+    progress: Callable[[float], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> QAResult:
     """`path`: a question file in TriviaQA's format (closed book) instead of the validation split."""
     if match not in MATCH_PROTOCOLS:
         raise ValueError(f"unknown match protocol {match!r}; use one of {', '.join(MATCH_PROTOCOLS)}")
@@ -197,10 +237,27 @@ def run_qa(model, tokenizer, task: str, n: int, *, seed: int = 0, batch_size: in
     # A prompt longer than the model's context keeps its end (the question and "Answer:").
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     room = max_pos - max_new_tokens if isinstance(max_pos, int) and max_pos > max_new_tokens else None
-    gens = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                           stop_at_newline=match == "first-line", batch_size=batch_size, max_prompt_tokens=room,
-                           progress=progress, cancelled=cancelled)
+    gens = generate_greedy(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        stop_at_newline=match == "first-line",
+        batch_size=batch_size,
+        max_prompt_tokens=room,
+        progress=progress,
+        cancelled=cancelled,
+    )
     records, acc, em, rules = score(items, gens, match)
-    return QAResult(task, protocol_name(task, n, seed, chat, total, open_source, match, path), acc, em, len(items),
-                    time.perf_counter() - t0, source, rules, records, match)
-
+    return QAResult(
+        task,
+        protocol_name(task, n, seed, chat, total, open_source, match, path),
+        acc,
+        em,
+        len(items),
+        time.perf_counter() - t0,
+        source,
+        rules,
+        records,
+        match,
+    )

@@ -6,13 +6,14 @@ model does. Samples stop at end-of-sequence or after `max_new_tokens`, not at a 
 sample carries its degeneration metrics (`evals.degeneration`: non-ASCII share, distinct-2, the
 longest repeated n-gram run), and the set a summary of them.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from .degeneration import degeneration, summary
-from .generate import generate_greedy
+from frankenlab.evals.degeneration import degeneration, summary
+from frankenlab.evals.generate import generate_greedy
 
 PROMPTS: tuple[str, ...] = (
     "Question: Who was the man behind The Chipmunks?\nAnswer:",
@@ -24,14 +25,33 @@ PROMPTS: tuple[str, ...] = (
 MAX_NEW_TOKENS = 40
 
 
-def generation_samples(model, tokenizer, prompts: tuple[str, ...] | list[str] = PROMPTS, *,
-                       max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8,
-                       progress: Callable[[float], None] | None = None,
-                       cancelled: Callable[[], bool] | None = None) -> dict:
+def generation_samples(
+    model,
+    tokenizer,
+    prompts: tuple[str, ...] | list[str] = PROMPTS,
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 8,
+    progress: Callable[[float], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> dict:
     t0 = time.perf_counter()
-    gens = generate_greedy(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
-                           stop_at_newline=False, batch_size=batch_size, progress=progress, cancelled=cancelled)
-    return {"protocol": f"greedy:{max_new_tokens}", "seconds": time.perf_counter() - t0,
-            "items": [{"prompt": g.prompt, "output": g.text, "new_tokens": g.new_tokens,
-                       "degeneration": degeneration(g.text)} for g in gens],
-            "degeneration": summary([g.text for g in gens])}
+    gens = generate_greedy(
+        model,
+        tokenizer,
+        list(prompts),
+        max_new_tokens=max_new_tokens,
+        stop_at_newline=False,
+        batch_size=batch_size,
+        progress=progress,
+        cancelled=cancelled,
+    )
+    return {
+        "protocol": f"greedy:{max_new_tokens}",
+        "seconds": time.perf_counter() - t0,
+        "items": [
+            {"prompt": g.prompt, "output": g.text, "new_tokens": g.new_tokens, "degeneration": degeneration(g.text)}
+            for g in gens
+        ],
+        "degeneration": summary([g.text for g in gens]),
+    }

@@ -4,16 +4,17 @@ Every operation of a forward split over the cores makes the threads meet at its 
 ones (norms, rotary, adds, softmax tiles) are mostly meeting; two batches side by side, one core
 each, meet nowhere. `evals.perplexity.score_sequences` uses it.
 """
+
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from typing import Callable
 
 import torch
 
-from .cancel import Cancelled, cancel_between_layers
+from frankenlab.evals.cancel import Cancelled, cancel_between_layers
 
 EVAL_WORKERS_ENV = "FRANKENLAB_EVAL_WORKERS"
 _POOL_PREFIX = "frankenlab-eval"
@@ -23,7 +24,7 @@ def eval_workers(device: torch.device | str, batches: int) -> int:
     """Batches scored at once: on a CPU two, each on half the threads; elsewhere one.
 
     Measured on this project's 2-core machine (bundled model, 16-24 windows of 512 tokens,
-    interleaved A/B in one process): with freed memory reused (`evals.memory`) 1.09-1.15x the
+    interleaved A/B in one process): with freed memory reused (`evals.malloc`) 1.09-1.15x the
     tokens per wall and per CPU second of one batch on both threads, the same NLL to 1e-9; without
     that, no gain (each thread's page faults ate it). `FRANKENLAB_EVAL_WORKERS=1` turns it off,
     `=N` asks for N (at most one per thread)."""
@@ -49,8 +50,9 @@ def start_pool(workers: int, threads: int) -> ThreadPoolExecutor:
     from 4.1 to 3.0 questions/s while they lived."""
     caller = torch.get_num_threads()
     ready = threading.Barrier(workers)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix=_POOL_PREFIX,
-                              initializer=torch.set_num_threads, initargs=(threads,))
+    pool = ThreadPoolExecutor(
+        workers, thread_name_prefix=_POOL_PREFIX, initializer=torch.set_num_threads, initargs=(threads,)
+    )
     try:
         for f in [pool.submit(ready.wait, 60) for _ in range(workers)]:  # every thread up and set
             f.result()
@@ -73,8 +75,16 @@ def in_pool_thread() -> bool:
     return threading.current_thread().name.startswith(_POOL_PREFIX)
 
 
-def score_side_by_side(model, batches, results, score, workers: int, rows: int,
-                        progress: Callable[[float], None] | None, cancelled: Callable[[], bool] | None) -> None:
+def score_side_by_side(
+    model,
+    batches,
+    results,
+    score,
+    workers: int,
+    rows: int,
+    progress: Callable[[float], None] | None,
+    cancelled: Callable[[], bool] | None,
+) -> None:
     """`score(ids, labels)` of each (ids, labels) batch, `workers` in flight at once on a pool of
     threads, results stored by batch index. The first error stops the others between layers; once
     all have stopped a user's cancel is raised as `Cancelled`, otherwise the first real error (an

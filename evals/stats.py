@@ -5,6 +5,7 @@ most differences between configurations are noise. The Wilson interval (Wilson 1
 lm-evaluation-harness' users and statsmodels' `proportion_confint(method="wilson")` reach for: unlike
 the normal approximation it stays inside [0, 1] and is honest at 0 of n and n of n.
 """
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 As in the GPTQ and WANDA reference code: pick a random document long enough, then a random
 window inside it, `samples` times, from a seeded generator so runs are repeatable.
 """
+
 from __future__ import annotations
 
 import random
@@ -10,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from evals.data import load_dataset_records
-
-from .config import RecipeError, option, require
+from frankenlab.evals.config import option, require
+from frankenlab.evals.data import load_dataset_records
+from frankenlab.evals.errors import RecipeError
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,12 @@ class CalibrationConfig:
 def calibration_ids(tokenizer, config: CalibrationConfig, *, data_dir=None) -> torch.Tensor:
     """(samples, seq_len) token ids."""
     is_file = any(config.dataset.endswith(s) for s in (".txt", ".jsonl", ".gz", ".json"))
-    records, source = load_dataset_records(config.dataset if not is_file else "file",
-                                           path=config.dataset if is_file else None, data_dir=data_dir,
-                                           limit=None)
+    records, source = load_dataset_records(
+        config.dataset if not is_file else "file",
+        path=config.dataset if is_file else None,
+        data_dir=data_dir,
+        limit=None,
+    )
     texts = [r.get("text", "") for r in records if r.get("text", "").strip()]
     rng = random.Random(config.seed)
     order = list(range(len(texts)))
@@ -43,7 +47,7 @@ def calibration_ids(tokenizer, config: CalibrationConfig, *, data_dir=None) -> t
         ids = tokenizer(texts[i], return_tensors="pt").input_ids[0]
         if ids.numel() > config.seq_len:
             start = rng.randint(0, ids.numel() - config.seq_len - 1)
-            windows.append(ids[start:start + config.seq_len])
+            windows.append(ids[start : start + config.seq_len])
         else:
             short.append(ids)
         if len(windows) >= config.samples:
@@ -52,10 +56,12 @@ def calibration_ids(tokenizer, config: CalibrationConfig, *, data_dir=None) -> t
         # Few long documents (e.g. short wiki lines): join the short ones and cut windows.
         joined = torch.cat(short)
         for start in range(0, joined.numel() - config.seq_len + 1, config.seq_len):
-            windows.append(joined[start:start + config.seq_len])
+            windows.append(joined[start : start + config.seq_len])
             if len(windows) >= config.samples:
                 break
     if len(windows) < config.samples:
-        raise RecipeError(f"calibration data {source} yields only {len(windows)} windows of {config.seq_len} "
-                          f"tokens; lower calibration.samples or seq_len")
+        raise RecipeError(
+            f"calibration data {source} yields only {len(windows)} windows of {config.seq_len} "
+            f"tokens; lower calibration.samples or seq_len"
+        )
     return torch.stack(windows)

@@ -1,13 +1,14 @@
 """A compact on-disk form whose size is the computed footprint, and its loader.
 
 `save_compact` writes one safetensors file (no pickle) that stores each tensor exactly as
-`pipeline.memory` prices it: N:M matrices as kept values plus packed index bits, unstructured
+`pipeline.footprint` prices it: N:M matrices as kept values plus packed index bits, unstructured
 sparse ones as values plus a 1-bit mask, GPTQ linears as packed integer codes (only the kept ones
 when N:M) with fp16 scales and packed zero points, everything else dense. A JSON header in the
 safetensors metadata carries the model config and each tensor's layout, so `load_compact`
 rebuilds a plain dense Hugging Face model (GPTQ weights dequantized) with the same logits.
 The file is for storage and transport: it proves the footprint is real bytes, not a runtime format.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import RecipeError, require
-from .files import atomic_path
-from .memory import Assume, footprint
-from .storage import Storage, g_idx_trivial, is_quantized_linear, parse_dtype, quant_codes
+from frankenlab.evals.config import require
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.atomic import atomic_path
+from frankenlab.pipeline.footprint import Assume, footprint
+from frankenlab.pipeline.tensor_formats import Storage, g_idx_trivial, is_quantized_linear, parse_dtype, quant_codes
 
 COMPACT_FILE = "model.compact.safetensors"
 FORMAT = "frankenlab-compact"
@@ -52,7 +54,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
         return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count].long()
-    stream = ((packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[:count * bits]
+    stream = ((packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: count * bits]
     stream = stream.reshape(count, bits).long()
     return (stream << torch.arange(bits)).sum(-1)
 
@@ -111,8 +113,7 @@ def _encode_quant(name: str, module: nn.Module, s: Storage, out: dict, layouts: 
     bits, group = s.quant
     codes, zeros = quant_codes(module)  # (out, in), (groups, out)
     rows, cols = codes.shape
-    g_idx = module.g_idx.long().cpu() if getattr(module, "g_idx", None) is not None else \
-        torch.arange(cols) // group
+    g_idx = module.g_idx.long().cpu() if getattr(module, "g_idx", None) is not None else torch.arange(cols) // group
     layout = {"kind": "quant", "bits": bits, "group": group, "shape": [rows, cols], "groups": zeros.shape[0]}
     codes = codes.cpu()
     if s.nm:
@@ -178,7 +179,7 @@ def _decode(name: str, layout: dict, get) -> torch.Tensor:
 class CompactReport:
     path: Path
     file_bytes: int
-    computed_bytes: int  # weights footprint of the same tensors (pipeline.memory)
+    computed_bytes: int  # weights footprint of the same tensors (pipeline.footprint)
     header_bytes: int = 0  # safetensors + JSON header (config, layouts): fixed cost, ~1 KB per 10 tensors
 
     @property
@@ -190,8 +191,14 @@ class CompactReport:
         return self.file_bytes - self.header_bytes
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "file_bytes": self.file_bytes, "computed_bytes": self.computed_bytes,
-                "header_bytes": self.header_bytes, "payload_bytes": self.payload_bytes, "ratio": self.ratio}
+        return {
+            "path": str(self.path),
+            "file_bytes": self.file_bytes,
+            "computed_bytes": self.computed_bytes,
+            "header_bytes": self.header_bytes,
+            "payload_bytes": self.payload_bytes,
+            "ratio": self.ratio,
+        }
 
 
 def header_size(path: str | Path) -> int:
@@ -211,8 +218,10 @@ def save_compact(model: nn.Module, out_dir: str | Path, *, tokenizer=None, dtype
     from safetensors.torch import save_file
 
     if any("lora_" in n for n, _ in model.named_parameters()) or any("lora_" in n for n, _ in model.named_buffers()):
-        raise RecipeError("the compact form stores plain and GPTQ weights only: merge the LoRA/EoRA adapter into "
-                          "the model first (the sparsity pattern must be re-applied after a merge)")
+        raise RecipeError(
+            "the compact form stores plain and GPTQ weights only: merge the LoRA/EoRA adapter into "
+            "the model first (the sparsity pattern must be re-applied after a merge)"
+        )
     fp = footprint(model, assume=Assume(dtype=dtype) if dtype else None)
     cast = parse_dtype(dtype) if dtype else None
     modules = dict(model.named_modules())
@@ -236,9 +245,15 @@ def save_compact(model: nn.Module, out_dir: str | Path, *, tokenizer=None, dtype
             tensor = tensor.to(cast)
         _encode_float(e.name, tensor, s, out, layouts)
     dtypes = [t.dtype for t in out.values() if t.is_floating_point() and t.dtype != torch.float16] or [torch.float16]
-    header = {"format": FORMAT, "version": VERSION, "config": _hf_config(model), "tensors": layouts,
-              "dtype": str(max(set(dtypes), key=dtypes.count)).replace("torch.", ""),
-              "computed_bytes": fp.weights_bytes, "formats": fp.formats()}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": _hf_config(model),
+        "tensors": layouts,
+        "dtype": str(max(set(dtypes), key=dtypes.count)).replace("torch.", ""),
+        "computed_bytes": fp.weights_bytes,
+        "formats": fp.formats(),
+    }
     out_dir = Path(out_dir)
     with atomic_path(out_dir / COMPACT_FILE) as tmp:
         save_file(out, tmp, metadata={"frankenlab": json.dumps(header)})
@@ -266,8 +281,10 @@ def read_header(path: str | Path) -> dict:
         meta = f.metadata() or {}
     require("frankenlab" in meta, f"{path} is not a frankenlab compact file (no frankenlab header)")
     header = json.loads(meta["frankenlab"])
-    require(header.get("format") == FORMAT and header.get("version") == VERSION,
-            f"{path}: unsupported compact format {header.get('format')!r} version {header.get('version')!r}")
+    require(
+        header.get("format") == FORMAT and header.get("version") == VERSION,
+        f"{path}: unsupported compact format {header.get('format')!r} version {header.get('version')!r}",
+    )
     return header
 
 
@@ -295,8 +312,10 @@ def load_compact(path: str | Path, *, device: str | torch.device = "cpu", dtype:
             state[name] = t.to(torch_dtype) if t.is_floating_point() else t
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k} if getattr(config, "tie_word_embeddings", False) else set()
-    require(not (set(missing) - tied) and not unexpected,
-            f"{file}: the compact file does not match the model config (missing {sorted(set(missing) - tied)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]})")
+    require(
+        not (set(missing) - tied) and not unexpected,
+        f"{file}: the compact file does not match the model config (missing {sorted(set(missing) - tied)[:5]}, "
+        f"unexpected {sorted(unexpected)[:5]})",
+    )
     model.tie_weights()
     return model.to(device).eval()

@@ -6,6 +6,7 @@ context (`for_stage`): its index, a folder of its own, and its input artifact (t
 model it receives), so no stage needs to know how the runner names folders. Only the
 calibration cache is shared between the contexts of one run.
 """
+
 from __future__ import annotations
 
 import threading
@@ -15,10 +16,9 @@ from typing import Any
 
 import torch
 
-from evals.perplexity import Cancelled
-
-from .calibration import CalibrationConfig, calibration_ids
-from .events import Listener, LogLine, MetricMeasured, Progress, ignore
+from frankenlab.evals.cancel import Cancelled
+from frankenlab.pipeline.calibration import CalibrationConfig, calibration_ids
+from frankenlab.pipeline.events import Listener, LogLine, MetricMeasured, Progress, ignore
 
 
 @dataclass
@@ -43,8 +43,7 @@ class StageContext:
     input_artifact: Path | None = None  # the saved folder of the model this stage receives, when known
     _calib_cache: dict = field(default_factory=dict, repr=False)
 
-    def for_stage(self, index: int, work_dir: Path | None = None,
-                  input_artifact: Path | None = None) -> "StageContext":
+    def for_stage(self, index: int, work_dir: Path | None = None, input_artifact: Path | None = None) -> StageContext:
         """The context of stage `index`: same run (tokenizer, data, listener, cancel flag, calibration
         cache), its own index, folder and input."""
         return replace(self, index=index, work_dir=work_dir, input_artifact=input_artifact)

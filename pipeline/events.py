@@ -8,11 +8,13 @@ RunStarted (the recipe and the stages it will run), ModelReady (source, environm
 StageStarted, Progress, MetricMeasured, LogLine, StageFinished (the whole stage record),
 RunFailed, RunFinished.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

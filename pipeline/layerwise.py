@@ -6,6 +6,7 @@ Both need the hidden states entering a layer plus the keyword arguments the mode
 every layer (causal mask, rotary position embeddings). We capture those once with a pre-hook on
 the first layer and stop the forward pass there, so nothing of the modeling code is copied.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import decoder_layers
+from frankenlab.pipeline.loading import decoder_layers
 
 
 class _Stop(Exception):
@@ -47,7 +48,7 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for b in range(0, ids.shape[0], batch_size):
-            chunk = ids[b:b + batch_size].to(device)
+            chunk = ids[b : b + batch_size].to(device)
             try:
                 model.model(input_ids=chunk, attention_mask=torch.ones_like(chunk), use_cache=False)
             except _Stop:
@@ -68,8 +69,10 @@ class _SquareSums:
 
     def __init__(self, linears: dict[str, nn.Linear], on_input=None):
         self.linears = linears
-        self.sums = {name: torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
-                     for name, lin in linears.items()}
+        self.sums = {
+            name: torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
+            for name, lin in linears.items()
+        }
         self.seen: set[str] = set()
         self.on_input = on_input  # called as on_input(name, linear) after its sums are complete
         self._last: tuple = (None, None)  # previous hook's input and its reduction: q, k, v share one
@@ -85,6 +88,7 @@ class _SquareSums:
                 self.on_input(name, self.linears[name])
             elif len(self.seen) == len(self.linears):
                 raise _Stop  # statistics only: the rest of the layer's work is not needed
+
         return hook
 
     def run(self, layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
@@ -106,7 +110,9 @@ class _SquareSums:
 
 
 @torch.inference_mode()
-def input_square_sums(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[LayerInput]) -> dict[str, torch.Tensor]:
+def input_square_sums(
+    layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[LayerInput]
+) -> dict[str, torch.Tensor]:
     """Per input feature, the summed squares of what each of `linears` receives when `layer` runs on `inputs`.
 
     Returns float32 vectors (in_features,), WANDA's ||X_j||_2 squared. The forward pass of each batch

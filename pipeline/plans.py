@@ -10,19 +10,20 @@ holes. While a plan is applied nobody else may use the model: `planned` holds `m
 
 We patch only `self_attn.layer_idx` around each call; the modeling code stays Hugging Face's.
 """
+
 from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from .models import decoder_layers
-from .sharing import model_lock
+from frankenlab.pipeline.loading import decoder_layers
+from frankenlab.pipeline.sharing import model_lock
 
 
 class PlanError(ValueError):
@@ -44,11 +45,11 @@ class LayerPlan:
             raise PlanError(f"layer indices {bad} are out of range: the model has layers 0..{self.n_source - 1}")
 
     @classmethod
-    def identity(cls, n: int) -> "LayerPlan":
+    def identity(cls, n: int) -> LayerPlan:
         return cls(tuple(range(n)), n)
 
     @classmethod
-    def from_counts(cls, counts: Iterable[int]) -> "LayerPlan":
+    def from_counts(cls, counts: Iterable[int]) -> LayerPlan:
         """From a per-layer run count (0 = skip, 1 = keep, 2+ = repeat), as the layer grid edits it."""
         counts = list(counts)
         if any(c < 0 for c in counts):
@@ -56,12 +57,12 @@ class LayerPlan:
         return cls(tuple(i for i, c in enumerate(counts) for _ in range(c)), len(counts))
 
     @classmethod
-    def without(cls, n: int, removed: Iterable[int]) -> "LayerPlan":
+    def without(cls, n: int, removed: Iterable[int]) -> LayerPlan:
         gone = set(removed)
         return cls(tuple(i for i in range(n) if i not in gone), n)
 
     @classmethod
-    def parse(cls, text: str | list, n_source: int) -> "LayerPlan":
+    def parse(cls, text: str | list, n_source: int) -> LayerPlan:
         """Accept "0-3,5,5,6-29", "0 1 2 2 3" or a list of ints."""
         if isinstance(text, (list, tuple)):
             return cls(tuple(int(i) for i in text), n_source)
@@ -114,10 +115,10 @@ class LayerPlan:
             i = j + 1
         return ",".join(parts)
 
-    def common_prefix(self, other: "LayerPlan") -> int:
+    def common_prefix(self, other: LayerPlan) -> int:
         """How many leading positions two plans share (the what-if estimator restarts after it)."""
         n = 0
-        for a, b in zip(self.order, other.order):
+        for a, b in zip(self.order, other.order, strict=False):
             if a != b:
                 break
             n += 1
@@ -211,9 +212,14 @@ def materialize(model: nn.Module, plan: LayerPlan) -> nn.Module:
 
 
 @torch.inference_mode()
-def greedy_tokens(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
-                  use_cache: bool) -> list[int]:
+def greedy_tokens(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, use_cache: bool) -> list[int]:
     """Greedy continuation, used to check that cached and uncached runs agree."""
-    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, use_cache=use_cache, pad_token_id=0)
-    return out[0, input_ids.shape[1]:].tolist()
+    out = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=use_cache,
+        pad_token_id=0,
+    )
+    return out[0, input_ids.shape[1] :].tolist()

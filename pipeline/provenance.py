@@ -7,6 +7,7 @@ and densities are relative to the zeros the file already had. Any model converte
 quantized GGUF file gets the same note. The quantization type is read from the file name
 (llama.cpp's convention, "name.Q4_1.gguf"): parsing the header would read the whole vocabulary.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,9 +28,12 @@ def weights_origin(source: dict) -> dict | None:
     quant = gguf_quant_type(gguf) if gguf else None
     if quant is None:
         return None
-    return {"format": f"{quant} GGUF, dequantized to fp32", "quant": quant,
-            "note": f"dequantized to fp32 from a {quant} GGUF file: the weights are already {quant}-rounded, so "
-                    "quantization costs measured on it understate those on a full-precision model"}
+    return {
+        "format": f"{quant} GGUF, dequantized to fp32",
+        "quant": quant,
+        "note": f"dequantized to fp32 from a {quant} GGUF file: the weights are already {quant}-rounded, so "
+        "quantization costs measured on it understate those on a full-precision model",
+    }
 
 
 def describe_zeros(params: int, nonzero: int) -> str:

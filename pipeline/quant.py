@@ -21,17 +21,18 @@ Folders that open (`describe_folder`): a gptqmodel folder (`quantize_config.json
 folder holding one (`quantized/`), and an EoRA manifest folder (`frankenlab-quant.json`, written by
 the eora stage) naming a quantized folder and its adapter.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from . import quant_cpu
+from frankenlab.pipeline import quant_cpu
 
 QUANT_BITS = (2, 3, 4, 8)
 
@@ -48,7 +49,7 @@ def gptqmodel():
     try:
         import gptqmodel as gm
     except ImportError as exc:  # pragma: no cover - depends on the install
-        from .config import RecipeError
+        from frankenlab.evals.errors import RecipeError
 
         raise RecipeError(f"GPTQ/EoRA need the gptqmodel package ({exc}); re-run the README's set-up") from exc
     return gm
@@ -96,22 +97,42 @@ def as_calibration(ids: torch.Tensor) -> list[dict]:
     return [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
 
 
-def quantize(src_dir: Path, out_dir: Path, calib: torch.Tensor, *, bits: int, group_size: int, desc_act: bool,
-             sym: bool, damp_percent: float, batch_size: int, device: torch.device, work_dir: Path,
-             on_layer=None, keep_sparsity: bool = False, dtype: torch.dtype | None = None) -> float:
+def quantize(
+    src_dir: Path,
+    out_dir: Path,
+    calib: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    desc_act: bool,
+    sym: bool,
+    damp_percent: float,
+    batch_size: int,
+    device: torch.device,
+    work_dir: Path,
+    on_layer=None,
+    keep_sparsity: bool = False,
+    dtype: torch.dtype | None = None,
+) -> float:
     """GPTQ-quantize the HF folder `src_dir` into `out_dir` (gptqmodel format); returns seconds.
 
     `keep_sparsity` keeps every exact zero of the weights (masked GPTQ, `pipeline.quant_mask`).
     `dtype` overrides the calibration dtype (float32 on CPU). `on_layer(i, n)` is called whenever
     decoder layer i starts a forward pass (gptqmodel has no progress callback).
     """
-    from .quant_mask import masking
+    from frankenlab.pipeline.quant_mask import masking
 
     gm = gptqmodel()
     work_dir = Path(work_dir)
-    qc = gm.QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
-                           damp_percent=damp_percent, offload_to_disk=True,
-                           offload_to_disk_path=str(work_dir / "offload"))
+    qc = gm.QuantizeConfig(
+        bits=bits,
+        group_size=group_size,
+        desc_act=desc_act,
+        sym=sym,
+        damp_percent=damp_percent,
+        offload_to_disk=True,
+        offload_to_disk_path=str(work_dir / "offload"),
+    )
     t0 = time.perf_counter()
     with logs_inside(work_dir), masking(keep_sparsity):
         model = gm.GPTQModel.load(str(src_dir), qc, device=_device_arg(device), dtype=dtype or quant_dtype(device))
@@ -136,8 +157,15 @@ def _layer_hooks(hf_model: torch.nn.Module, on_layer) -> list:
     return [layer.register_forward_pre_hook(lambda *_a, i=i: on_layer(i, n)) for i, layer in enumerate(layers)]
 
 
-def load_quantized(path: str | Path, *, device: torch.device | str = "cpu", adapter: str | Path | None = None,
-                   rank: int | None = None, dims_fit_groups: bool | None = None, kernel: str | None = None):
+def load_quantized(
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    adapter: str | Path | None = None,
+    rank: int | None = None,
+    dims_fit_groups: bool | None = None,
+    kernel: str | None = None,
+):
     """A gptqmodel model wrapper for a quantized folder; `.model` is the HF causal LM inside.
 
     `adapter` is an EoRA/LoRA folder written by gptqmodel (applied at every quantized linear).
@@ -157,8 +185,9 @@ def load_quantized(path: str | Path, *, device: torch.device | str = "cpu", adap
         from gptqmodel.adapter.adapter import Lora
 
         kwargs["adapter"] = Lora(rank=rank or 0, path=str(adapter))
-    backend = backend_for(device, dims_fit_groups, bits=int(qcfg.get("bits", 4)),
-                          group_size=int(qcfg.get("group_size", 128)))
+    backend = backend_for(
+        device, dims_fit_groups, bits=int(qcfg.get("bits", 4)), group_size=int(qcfg.get("group_size", 128))
+    )
     dtype = quant_dtype(device)
     if device.type != "cuda" and backend != gm.BACKEND.TORCH_FUSED:
         dtype = torch.bfloat16  # the torch kernel takes fp16/bf16 only; cast to float32 below
@@ -193,8 +222,18 @@ def _restore_generation_config(model: torch.nn.Module, path: Path) -> None:
             model.generation_config.do_sample = False
 
 
-def generate_eora(native_dir: Path, quant_dir: Path, adapter_dir: Path, calib: torch.Tensor, *, rank: int,
-                  batch_size: int, device: torch.device, work_dir: Path, tokenizer=None) -> float:
+def generate_eora(
+    native_dir: Path,
+    quant_dir: Path,
+    adapter_dir: Path,
+    calib: torch.Tensor,
+    *,
+    rank: int,
+    batch_size: int,
+    device: torch.device,
+    work_dir: Path,
+    tokenizer=None,
+) -> float:
     """EoRA adapter for `quant_dir` from the pre-quantization model `native_dir`; returns seconds."""
     gm = gptqmodel()
     from gptqmodel.adapter.adapter import Lora
@@ -206,10 +245,16 @@ def generate_eora(native_dir: Path, quant_dir: Path, adapter_dir: Path, calib: t
     # the bundled model (108 s fp32 vs 95 s bf16, 8 x 128 tokens, rank 8), so it is not done.
     dtype = quant_dtype(device) if device.type == "cuda" else torch.bfloat16
     with logs_inside(Path(work_dir)):
-        gm.GPTQModel.adapter.generate(adapter=Lora(rank=rank, path=str(adapter_dir)),
-                                      model_id_or_path=str(native_dir), quantized_model_id_or_path=str(quant_dir),
-                                      calibration_dataset=as_calibration(calib), batch_size=batch_size,
-                                      tokenizer=tokenizer, dtype=dtype, device=_device_arg(device))
+        gm.GPTQModel.adapter.generate(
+            adapter=Lora(rank=rank, path=str(adapter_dir)),
+            model_id_or_path=str(native_dir),
+            quantized_model_id_or_path=str(quant_dir),
+            calibration_dataset=as_calibration(calib),
+            batch_size=batch_size,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=_device_arg(device),
+        )
     # The native model is loaded with the quantized folder's config, whose offload folder is the
     # gptq stage's `offload/` (see quantize): remove it again once done.
     _cleanup(Path(quant_dir).parent / "offload")
@@ -262,8 +307,9 @@ def _dims_fit_groups(path: Path) -> bool:
 MANIFEST = "frankenlab-quant.json"
 
 
-def write_manifest(folder: Path, quantized: Path, *, adapter: Path | None = None, rank: int | None = None,
-                   prequant: Path | None = None) -> Path:
+def write_manifest(
+    folder: Path, quantized: Path, *, adapter: Path | None = None, rank: int | None = None, prequant: Path | None = None
+) -> Path:
     """`folder/frankenlab-quant.json`: which quantized folder (and adapter) this folder stands for.
 
     Paths are stored relative to `folder` so a run folder can be moved or copied as a whole.
@@ -276,8 +322,14 @@ def write_manifest(folder: Path, quantized: Path, *, adapter: Path | None = None
     def rel(p: Path | None) -> str | None:
         return None if p is None else os.path.relpath(Path(p).resolve(), folder.resolve())
 
-    data = {"format": "gptqmodel", "quantized": rel(quantized), "adapter": rel(adapter),
-            "adapter_type": "eora" if adapter is not None else None, "rank": rank, "prequant": rel(prequant)}
+    data = {
+        "format": "gptqmodel",
+        "quantized": rel(quantized),
+        "adapter": rel(adapter),
+        "adapter_type": "eora" if adapter is not None else None,
+        "rank": rank,
+        "prequant": rel(prequant),
+    }
     path = folder / MANIFEST
     path.write_text(json.dumps({k: v for k, v in data.items() if v is not None}, indent=2))
     return path
@@ -304,17 +356,29 @@ def describe_folder(path: str | Path) -> dict | None:
 
         qdir, adapter = resolve("quantized"), resolve("adapter")
         if not (qdir / "quantize_config.json").is_file():
-            raise ValueError(f"{manifest} names the quantized folder {qdir}, which holds no quantize_config.json "
-                             "(was the gptq stage's folder moved or deleted?)")
+            raise ValueError(
+                f"{manifest} names the quantized folder {qdir}, which holds no quantize_config.json "
+                "(was the gptq stage's folder moved or deleted?)"
+            )
         if adapter is not None and not (adapter / "adapter_config.json").is_file():
             raise ValueError(f"{manifest} names the adapter folder {adapter}, which holds no adapter_config.json")
         prequant = resolve("prequant") or _sibling_prequant(qdir)
-        return {"kind": "gptq+eora" if adapter is not None else "gptq", "quantized": qdir, "adapter": adapter,
-                "rank": data.get("rank"), "prequant": prequant}
+        return {
+            "kind": "gptq+eora" if adapter is not None else "gptq",
+            "quantized": qdir,
+            "adapter": adapter,
+            "rank": data.get("rank"),
+            "prequant": prequant,
+        }
     for qdir in (path, path / "quantized"):  # a gptqmodel folder, or a gptq stage folder holding one
         if (qdir / "quantize_config.json").is_file() and (qdir / "config.json").is_file():
-            return {"kind": "gptq", "quantized": qdir.resolve(), "adapter": None, "rank": None,
-                    "prequant": _sibling_prequant(qdir)}
+            return {
+                "kind": "gptq",
+                "quantized": qdir.resolve(),
+                "adapter": None,
+                "rank": None,
+                "prequant": _sibling_prequant(qdir),
+            }
     return None
 
 

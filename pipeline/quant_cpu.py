@@ -9,6 +9,7 @@ it is ~20x slower), more rows (prefill, perplexity, calibration-sized batches) t
 `FRANKENLAB_QUANT_KERNEL` (or `load_quantized(kernel=)`) picks "auto" (that split), "exact" (every
 call exact: bit-exact generations) or "int4" (every call fused; the float32 copies are freed).
 """
+
 from __future__ import annotations
 
 import collections
@@ -35,23 +36,28 @@ KERNEL_NOTES = {  # one line per kernel, for load notes and stage reports
 # the exact path, so their numbers do not move.
 FUSED_MAX_ROWS = 32
 _KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes aten._weight_int4pack_mm_for_cpu accepts
-kernel_calls: "collections.Counter[str]" = collections.Counter()  # forwards per path, for tests and benchmarks
+kernel_calls: collections.Counter[str] = collections.Counter()  # forwards per path, for tests and benchmarks
 
 
 def kernel_choice(kernel: str | None = None) -> str:
     """`kernel`, else $FRANKENLAB_QUANT_KERNEL, else "auto"; checked against KERNELS."""
     value = (kernel or os.environ.get(KERNEL_ENV) or "auto").strip().lower()
     if value not in KERNELS:
-        raise ValueError(f"quantized kernel must be one of {', '.join(KERNELS)} (got {value!r}; "
-                         f"set by ${KERNEL_ENV} or load_quantized(kernel=))")
+        raise ValueError(
+            f"quantized kernel must be one of {', '.join(KERNELS)} (got {value!r}; "
+            f"set by ${KERNEL_ENV} or load_quantized(kernel=))"
+        )
     return value
 
 
 def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
     """A quantized linear's forward on CPU (bound per module by `set_kernel`)."""
     kernel = self._frankenlab_kernel
-    if kernel == "int4" or (kernel == "auto" and x.numel() <= FUSED_MAX_ROWS * x.shape[-1]
-                            and not (x.requires_grad and torch.is_grad_enabled())):
+    if kernel == "int4" or (
+        kernel == "auto"
+        and x.numel() <= FUSED_MAX_ROWS * x.shape[-1]
+        and not (x.requires_grad and torch.is_grad_enabled())
+    ):
         return _int4_forward(self, x)
     kernel_calls["exact"] += 1
     w = self._frankenlab_weight
@@ -88,12 +94,15 @@ def int4_pack(module: torch.nn.Module, weight: torch.Tensor | None = None):
     The kernel computes w = (q - 8) * scale + offset per group; GPTQ's w = scale * (q - zero), so
     offset = (8 - zero) * scale (0 for symmetric quantization). Scales are rounded to bf16 there.
     """
-    if int(getattr(module, "bits", 0)) != 4 or getattr(module, "planar", False) \
-            or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+    if (
+        int(getattr(module, "bits", 0)) != 4
+        or getattr(module, "planar", False)
+        or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    ):
         return None
-    from .storage import _group_size, quant_codes
+    from frankenlab.pipeline.tensor_formats import _group_size, quant_codes
 
-    out_f, in_f = int(module.out_features), int(module.in_features)
+    _out_f, in_f = int(module.out_features), int(module.in_features)
     try:
         codes, zeros = quant_codes(module)  # (out, in), (groups, out)
     except Exception:  # noqa: BLE001 - a packing we do not read: the exact path serves it
@@ -102,15 +111,21 @@ def int4_pack(module: torch.nn.Module, weight: torch.Tensor | None = None):
     g_idx = g_idx.long() if g_idx is not None else torch.arange(in_f) // _group_size(module)
     scales = module.scales.float()
     if weight is None:
-        from .quant import dequantized_weight
+        from frankenlab.pipeline.quant import dequantized_weight
 
         weight = dequantized_weight(module)
     if not torch.equal(scales[g_idx].T * (codes - zeros[g_idx].T).float(), weight):
         return None
     perm = torch.argsort(g_idx, stable=True)
     sorted_groups = g_idx[perm]
-    group = next((g for g in _KERNEL_GROUPS if in_f % g == 0
-                  and bool((sorted_groups.view(-1, g) == sorted_groups.view(-1, g)[:, :1]).all())), None)
+    group = next(
+        (
+            g
+            for g in _KERNEL_GROUPS
+            if in_f % g == 0 and bool((sorted_groups.view(-1, g) == sorted_groups.view(-1, g)[:, :1]).all())
+        ),
+        None,
+    )
     if group is None:
         return None
     first = sorted_groups[::group]  # the GPTQ group of every kernel group
@@ -137,7 +152,7 @@ def set_kernel(model: torch.nn.Module, kernel: str | None = None) -> dict[str, i
     A module the kernel cannot take (not 4-bit, groups it does not accept) runs exact in every mode.
     The packed GPTQ buffers stay what the model stores and what the memory accounting prices.
     """
-    from .quant import dequantized_weight, quantized_linears
+    from frankenlab.pipeline.quant import dequantized_weight, quantized_linears
 
     kernel = kernel_choice(kernel)
     counts: collections.Counter[str] = collections.Counter()

@@ -25,6 +25,7 @@ zeros set on their result, which is exact for round-to-nearest; they are counted
 Swapping the quantizer's class also keeps gptqmodel off its fused CUDA block kernel (it checks
 `type(quantizer) is Quantizer`), which would bypass the per-column calls.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -159,7 +160,7 @@ def _masked_class(base: type) -> type:
                 return super().find_params(x, weight=weight)
             if weight and x.dim() == 2 and self._fl_perm_mask is not None:
                 start = self._fl_col  # a group starts at the next column to be quantized
-                part = self._fl_perm_mask[:, start: start + x.shape[1]]
+                part = self._fl_perm_mask[:, start : start + x.shape[1]]
                 if part.shape == x.shape:
                     x = x.masked_fill(part, 0)
             return super().find_params(x, weight=weight)
@@ -167,7 +168,7 @@ def _masked_class(base: type) -> type:
         def quantize(self, x):
             perm_mask = self._fl_perm_mask
             if perm_mask is not None and x.dim() == 2 and x.shape[1] == 1 and 0 <= self._fl_col < perm_mask.shape[1]:
-                x.masked_fill_(perm_mask[:, self._fl_col: self._fl_col + 1], 0)  # in place: its error becomes 0
+                x.masked_fill_(perm_mask[:, self._fl_col : self._fl_col + 1], 0)  # in place: its error becomes 0
                 self._fl_col += 1
             return super().quantize(x)
 

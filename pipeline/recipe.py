@@ -4,21 +4,22 @@ Plain data, TOML on disk. Loading validates everything it can without weights; `
 validates what needs the model's depth (protected layers) once the model config is known.
 Everything kind-specific is asked of the stage registry (order rules, layers after a stage).
 """
+
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
-from evals.suite import EvalConfig
-
-from .calibration import CalibrationConfig
-from .config import RecipeError, from_dict, require, to_dict
-from .files import atomic_write_text
-from .stages import stage_kind, stage_names
+from frankenlab.evals.config import from_dict, require, to_dict
+from frankenlab.evals.errors import RecipeError
+from frankenlab.evals.suite import EvalConfig
+from frankenlab.pipeline.atomic import atomic_write_text
+from frankenlab.pipeline.calibration import CalibrationConfig
+from frankenlab.pipeline.stages import stage_kind, stage_names
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -31,8 +32,10 @@ class ModelSpec:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        require(self.dtype in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
-                f"unknown dtype {self.dtype!r}")
+        require(
+            self.dtype in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+            f"unknown dtype {self.dtype!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class Recipe:
 
     # -- reading ---------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict) -> "Recipe":
+    def from_dict(cls, data: dict) -> Recipe:
         data = dict(data)
         known = {"name", "description", "model", "calibration", "evaluation", "stages"}
         unknown = sorted(set(data) - known)
@@ -88,13 +91,17 @@ class Recipe:
                 stype.check_order([s.kind for s in stages[:-1]])
             except RecipeError as exc:
                 raise RecipeError(f"stage {i} ({kind}): {exc}") from None
-        return cls(name=str(data.get("name", "untitled")), description=str(data.get("description", "")),
-                   model=from_dict(ModelSpec, model, "model"),
-                   calibration=from_dict(CalibrationConfig, data.get("calibration"), "calibration"),
-                   evaluation=evaluation, stages=stages)
+        return cls(
+            name=str(data.get("name", "untitled")),
+            description=str(data.get("description", "")),
+            model=from_dict(ModelSpec, model, "model"),
+            calibration=from_dict(CalibrationConfig, data.get("calibration"), "calibration"),
+            evaluation=evaluation,
+            stages=stages,
+        )
 
     @classmethod
-    def loads(cls, text: str) -> "Recipe":
+    def loads(cls, text: str) -> Recipe:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -102,7 +109,7 @@ class Recipe:
         return cls.from_dict(data)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
+    def load(cls, path: str | Path) -> Recipe:
         p = Path(path)
         if not p.is_file() and (RECIPES_DIR / f"{path}.toml").is_file():
             p = RECIPES_DIR / f"{path}.toml"  # a bundled recipe by name

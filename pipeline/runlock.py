@@ -8,6 +8,7 @@ process. A second run into a live run's folder is refused; a lock left by a dead
 over, with a message saying so. Plain files only: no package, works on every POSIX machine
 (without /proc the start time is not checked and a reused pid reads as alive).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,8 @@ import socket
 import time
 from pathlib import Path
 
-from .config import RecipeError
-from .files import atomic_write_text
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.atomic import atomic_write_text
 
 LOCK_FILE = ".frankenlab-run.lock"
 _IMPORTED = time.time()
@@ -56,7 +57,7 @@ def process_start_time(pid: int) -> float | None:
     boot = _boot_time()
     if boot is None:
         return None
-    fields = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces and parentheses
+    fields = stat[stat.rfind(")") + 2 :].split()  # the command name may hold spaces and parentheses
     try:
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (IndexError, ValueError, OSError):
@@ -98,7 +99,7 @@ def _zombie(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return stat[stat.rfind(")") + 2:].startswith("Z")
+    return stat[stat.rfind(")") + 2 :].startswith("Z")
 
 
 def describe_owner(owner: dict) -> str:
@@ -132,17 +133,25 @@ class RunLock:
             other = json.loads(self.path.read_text())
         except (OSError, ValueError):
             other = None
-        if isinstance(other, dict) and other.get("pid") == self.owner["pid"] \
-                and other.get("host") == self.owner["host"]:
-            raise RunFolderBusy(f"{self.folder} is already in use by another run of this process: "
-                                "choose another folder (--out DIR)")
+        if (
+            isinstance(other, dict)
+            and other.get("pid") == self.owner["pid"]
+            and other.get("host") == self.owner["host"]
+        ):
+            raise RunFolderBusy(
+                f"{self.folder} is already in use by another run of this process: choose another folder (--out DIR)"
+            )
         alive = owner_alive(other)
         if alive is None and isinstance(other, dict):
-            raise RunFolderBusy(f"{self.folder} is in use by a run on another machine ({describe_owner(other)}): "
-                                f"choose another folder (--out DIR), or delete {self.path} if that run is gone")
+            raise RunFolderBusy(
+                f"{self.folder} is in use by a run on another machine ({describe_owner(other)}): "
+                f"choose another folder (--out DIR), or delete {self.path} if that run is gone"
+            )
         if alive:
-            raise RunFolderBusy(f"{self.folder} is in use by a live run ({describe_owner(other)}): wait for it "
-                                "to finish, or choose another folder (--out DIR)")
+            raise RunFolderBusy(
+                f"{self.folder} is in use by a live run ({describe_owner(other)}): wait for it "
+                "to finish, or choose another folder (--out DIR)"
+            )
         atomic_write_text(self.path, text)
         self.held = True
         who = describe_owner(other) if isinstance(other, dict) else "an unreadable lock file"

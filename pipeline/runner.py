@@ -8,6 +8,7 @@ and each stage's model under OUT/stages/NN-kind. Cancellation is cooperative (a 
 checked between batches); a cancelled or failed run still reports every finished stage.
 What a stage kind needs (calibration, layers after it) is asked of the stage registry.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,26 +16,43 @@ import platform
 import threading
 import time
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from evals.data import DataNotFound, load_dataset_records
-from evals.perplexity import Cancelled, Protocol
-from evals.suite import evaluate
-
-from .config import RecipeError
-from .context import StageContext
-from .events import (Event, Listener, LogLine, MetricMeasured, ModelReady, RunFailed, RunFinished, RunStarted,
-                     StageFinished, StageStarted)
-from .memory import footprint_summary
-from .models import LoadedModel, ModelLoadError, count_parameters, decoder_layers, load_model, resolve_source
-from .provenance import describe_zeros, weights_origin
-from .recipe import Recipe, StageSpec
-from .runlock import RunLock
-from .stages import stage_kind
+from frankenlab.evals.cancel import Cancelled
+from frankenlab.evals.data import DataNotFound, load_dataset_records
+from frankenlab.evals.errors import RecipeError
+from frankenlab.evals.perplexity import Protocol
+from frankenlab.evals.suite import evaluate
+from frankenlab.pipeline.context import StageContext
+from frankenlab.pipeline.events import (
+    Event,
+    Listener,
+    LogLine,
+    MetricMeasured,
+    ModelReady,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    StageFinished,
+    StageStarted,
+)
+from frankenlab.pipeline.footprint import footprint_summary
+from frankenlab.pipeline.loading import (
+    LoadedModel,
+    ModelLoadError,
+    count_parameters,
+    decoder_layers,
+    load_model,
+    resolve_source,
+)
+from frankenlab.pipeline.provenance import describe_zeros, weights_origin
+from frankenlab.pipeline.recipe import Recipe, StageSpec
+from frankenlab.pipeline.runlock import RunLock
+from frankenlab.pipeline.stages import stage_kind
 
 
 @dataclass
@@ -84,7 +102,7 @@ def environment(loaded: LoadedModel | None, recipe: Recipe) -> dict:
         if loaded.device.type == "cuda":
             env["gpu"] = torch.cuda.get_device_name(loaded.device)
         else:  # how quantized linears run on CPU (decoding fused int4 or exact): pipeline.quant_cpu.set_kernel
-            from .quant_cpu import kernel_choice
+            from frankenlab.pipeline.quant_cpu import kernel_choice
 
             try:
                 env["quant_kernel"] = kernel_choice()
@@ -115,8 +133,10 @@ def preflight(recipe: Recipe, data_dir: Path | None) -> list[str]:
     warnings = []
     for i, s in enumerate(recipe.stages, 1):  # e.g. LoRA: its training data holds nothing evaluated
         try:
-            warnings += [f"stage {i} ({s.kind}): {w}" for w in stage_kind(s.kind).preflight(s.config, recipe.evaluation,
-                                                                                             data_dir)]
+            warnings += [
+                f"stage {i} ({s.kind}): {w}"
+                for w in stage_kind(s.kind).preflight(s.config, recipe.evaluation, data_dir)
+            ]
         except RecipeError as exc:
             err = RecipeError(f"stage {i} ({s.kind}): {exc}")
             err.stage = i
@@ -157,14 +177,15 @@ class Runner:
         rec = self.recipe
         first = self.opt.start_stage
         planned = [{"index": 0, "kind": "baseline", "name": "baseline", "params": {}}] + [
-            {"index": i, "kind": s.kind, "name": s.label, "params": s.params()} for i, s in enumerate(rec.stages, 1)]
+            {"index": i, "kind": s.kind, "name": s.label, "params": s.params()} for i, s in enumerate(rec.stages, 1)
+        ]
         lock, lock_error, took_over = RunLock(self.out), None, None
         try:  # a live run in this folder refuses (RunFolderBusy) before anything is written
             took_over = lock.acquire()
         except OSError as exc:  # e.g. a read-only parent: reported as the run's failure below
             lock_error = exc
         self.emit(RunStarted(-1, rec.to_dict(), str(self.out), planned, first))
-        remaining = replace(rec, stages=rec.stages[first - 1:])  # what depth checks apply to
+        remaining = replace(rec, stages=rec.stages[first - 1 :])  # what depth checks apply to
         index, status, message, model, cause = -1, "done", "", None, ""
         try:
             if lock_error is not None:
@@ -179,8 +200,12 @@ class Runner:
                 if depth is not None:
                     self._check_depth(remaining, depth, first)
                 self.emit(LogLine(-1, f"loading model {rec.model.source!r}"))
-                self.loaded = load_model(rec.model.source, device=rec.model.device, dtype=rec.model.dtype,
-                                         trust_remote_code=rec.model.trust_remote_code)
+                self.loaded = load_model(
+                    rec.model.source,
+                    device=rec.model.device,
+                    dtype=rec.model.dtype,
+                    trust_remote_code=rec.model.trust_remote_code,
+                )
             lm = self.loaded
             self._check_depth(remaining, len(decoder_layers(lm.model)), first)
             source_info = {"ref": rec.model.source, **lm.source.to_dict()}
@@ -188,11 +213,22 @@ class Runner:
             if origin:  # e.g. the bundled Q4_1 GGUF: a quantization stage's cost on it is understated
                 source_info["weights_origin"] = origin
             self.emit(ModelReady(-1, source_info, environment(lm, rec)))
-            self.emit(LogLine(-1, f"loaded {lm.source.name} ({count_parameters(lm.model):,} params) "
-                                  f"on {lm.device} as {str(lm.dtype).replace('torch.', '')} in {lm.load_seconds:.1f}s"))
+            self.emit(
+                LogLine(
+                    -1,
+                    f"loaded {lm.source.name} ({count_parameters(lm.model):,} params) "
+                    f"on {lm.device} as {str(lm.dtype).replace('torch.', '')} in {lm.load_seconds:.1f}s",
+                )
+            )
             model = lm.model
-            run_ctx = StageContext(lm.tokenizer, lm.device, rec.calibration, self.opt.data_dir,
-                                   listener=self.emit, cancel_event=self.cancel)
+            run_ctx = StageContext(
+                lm.tokenizer,
+                lm.device,
+                rec.calibration,
+                self.opt.data_dir,
+                listener=self.emit,
+                cancel_event=self.cancel,
+            )
             index = 0
             if first == 1 and self.opt.baseline:
                 self._baseline(model, run_ctx.for_stage(0))
@@ -203,14 +239,22 @@ class Runner:
                 model, source = self._stage(index, spec, model, run_ctx, source)
         except (Cancelled, KeyboardInterrupt):
             status = "cancelled"
-            message = ("cancelled by the user; finished stages are kept" if self.records
-                       else "cancelled by the user; no stage had finished")
+            message = (
+                "cancelled by the user; finished stages are kept"
+                if self.records
+                else "cancelled by the user; no stage had finished"
+            )
         except (RecipeError, DataNotFound, ModelLoadError) as exc:
             status, message, cause = "failed", str(exc), "input"
             index = getattr(exc, "stage", None) or index  # a stage's refusal is that stage's row
         except torch.OutOfMemoryError:
-            status, message = "failed", ("out of memory: lower the batch size or calibration samples, "
-                                         "or run on a device with more memory; finished stages are kept")
+            status, message = (
+                "failed",
+                (
+                    "out of memory: lower the batch size or calibration samples, "
+                    "or run on a device with more memory; finished stages are kept"
+                ),
+            )
         except OSError as exc:  # a full disk, a read-only folder: the user can fix it, no traceback
             status, message, cause = "failed", write_problem(exc, self.out), "input"
         except Exception as exc:  # noqa: BLE001 - any stage failure is reported, finished stages kept
@@ -247,10 +291,17 @@ class Runner:
         when = self.recipe.evaluation.after
         if when == "none" or (when == "last" and not final and record["index"] != 0):
             return
-        result = evaluate(model, ctx.tokenizer, self.recipe.evaluation, data_dir=self.opt.data_dir,
-                          progress=lambda f, msg: ctx.progress(f, msg), cancelled=lambda: ctx.cancelled,
-                          on_metric=lambda m: self.emit(MetricMeasured(record["index"], m["name"], m["value"],
-                                                                       m.get("protocol", ""))))
+        result = evaluate(
+            model,
+            ctx.tokenizer,
+            self.recipe.evaluation,
+            data_dir=self.opt.data_dir,
+            progress=lambda f, msg: ctx.progress(f, msg),
+            cancelled=lambda: ctx.cancelled,
+            on_metric=lambda m: self.emit(
+                MetricMeasured(record["index"], m["name"], m["value"], m.get("protocol", ""))
+            ),
+        )
         record["metrics"], record["details"] = result.metrics, result.details
 
     def _finish(self, record: dict, t0: float) -> None:
@@ -302,7 +353,8 @@ class Runner:
         (d / "README.md").write_text(
             f"# {self.recipe.name}: after stage {index} ({spec.kind})\n\nMade by frankenlab from "
             f"`{self.recipe.model.source}` with the stages in `frankenlab-recipe.toml`.\n"
-            f"Loads with `AutoModelForCausalLM.from_pretrained(\"{d}\")`.\n")
+            f'Loads with `AutoModelForCausalLM.from_pretrained("{d}")`.\n'
+        )
         return d
 
 
@@ -311,36 +363,63 @@ def write_problem(exc: OSError, out: Path) -> str:
     import errno
 
     if exc.errno == errno.ENOSPC:
-        return (f"cannot write the run folder {out}: the disk is full; free some space or choose another "
-                "folder (--out DIR); finished stages are kept")
-    return (f"cannot write the run folder {out} ({exc.strerror or exc}): choose a folder you can write to "
-            "(--out DIR)")
+        return (
+            f"cannot write the run folder {out}: the disk is full; free some space or choose another "
+            "folder (--out DIR); finished stages are kept"
+        )
+    return f"cannot write the run folder {out} ({exc.strerror or exc}): choose a folder you can write to (--out DIR)"
 
 
 def new_record(index: int, kind: str, name: str, params: dict) -> dict:
     """A stage record as plain data (the fields of sessions.StageRecord)."""
-    return {"index": index, "kind": kind, "name": name, "params": params, "status": "running", "metrics": [],
-            "params_count": None, "params_nonzero": None, "num_layers": None, "footprint": None,
-            "seconds": None, "artifact": None, "report": {}, "details": {}}
+    return {
+        "index": index,
+        "kind": kind,
+        "name": name,
+        "params": params,
+        "status": "running",
+        "metrics": [],
+        "params_count": None,
+        "params_nonzero": None,
+        "num_layers": None,
+        "footprint": None,
+        "seconds": None,
+        "artifact": None,
+        "report": {},
+        "details": {},
+    }
 
 
 def summary(record: dict) -> dict:
-    out = {"params": record.get("params_count"), "params_nonzero": record.get("params_nonzero"),
-           "layers": record.get("num_layers")}
+    out = {
+        "params": record.get("params_count"),
+        "params_nonzero": record.get("params_nonzero"),
+        "layers": record.get("num_layers"),
+    }
     for m in record.get("metrics") or []:
         out[f"{m['name']}[{m.get('protocol', '')}]"] = m["value"]
     return out
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path, *, listener: Listener | None = None,
-               listeners: Iterable[Listener] = (), cancel: threading.Event | None = None,
-               loaded: LoadedModel | None = None, save_models: bool = True, data_dir: str | Path | None = None,
-               start_stage: int = 1, baseline: bool = True) -> RunResult:
+def run_recipe(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    listener: Listener | None = None,
+    listeners: Iterable[Listener] = (),
+    cancel: threading.Event | None = None,
+    loaded: LoadedModel | None = None,
+    save_models: bool = True,
+    data_dir: str | Path | None = None,
+    start_stage: int = 1,
+    baseline: bool = True,
+) -> RunResult:
     """Run `recipe`, telling `listener` (and `listeners`) everything; artifacts go to out_dir.
 
     Nothing records a session unless a recorder listens: `sessions.record_run` is this function
     with a `SessionRecorder` attached, returning the session."""
     every = tuple(listeners) + ((listener,) if listener is not None else ())
-    opts = RunOptions(Path(out_dir), save_models, Path(data_dir) if data_dir else None, every, cancel, start_stage,
-                      baseline)
+    opts = RunOptions(
+        Path(out_dir), save_models, Path(data_dir) if data_dir else None, every, cancel, start_stage, baseline
+    )
     return Runner(recipe, opts, loaded).run()

@@ -5,23 +5,24 @@ the memory panel's footprint, the run's copy of the baseline. `planned(model, pl
 model's layer list (and its config's depth) while it runs, so anyone else reading the model
 meanwhile would run or count the wrong layers. The rule: use a model that others may also use
 only while holding `model_lock(model)`. `planned` takes it itself, as do the estimator while it
-computes and `pipeline.memory.footprint`; re-entrant, so a holder may call them.
+computes and `pipeline.footprint.footprint`; re-entrant, so a holder may call them.
 
 Locks are kept in a `WeakKeyDictionary` keyed by the model object, so a model that is garbage
 collected takes its lock with it, and a new model at a reused address gets its own (keys by
 `id(model)` did neither). Not an attribute on the model: `copy.deepcopy` of a model (the runner
 copies the lab's) cannot copy a lock. An RLock must be released by the thread that took it.
 """
+
 from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
-from evals.perplexity import Cancelled
+from frankenlab.evals.cancel import Cancelled
 
-_LOCKS: "weakref.WeakKeyDictionary[object, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[object, threading.RLock] = weakref.WeakKeyDictionary()
 _GUARD = threading.Lock()
 POLL_SECONDS = 0.05
 

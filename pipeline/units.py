@@ -1,4 +1,5 @@
 """Numbers as people read them; no torch here, so session tables can use it without loading a model stack."""
+
 from __future__ import annotations
 
 

@@ -11,15 +11,48 @@ The API the lab and the CLI use (none of it imports Textual; only `replay` impor
 - `SessionRecorder(path)`: a runner listener that builds and saves the session from events;
   `record_run(recipe, out_dir, ...) -> Session` runs a recipe with one attached.
 """
-from .compare import CompareTable, compare_rows, compare_table, describe_stage, format_table, headline
-from .record import SCHEMA_VERSION, Session, SessionError, StageRecord, load_session
-from .recorder import SessionRecorder, record_run
-from .replay import DEFAULT_TOLERANCE, MetricDiff, ReplayResult, compare_sessions, replay
-from .store import SessionEntry, default_session_dirs, list_sessions, save_to_user_dir, user_sessions_dir
+
+from frankenlab.sessions.compare import (
+    CompareTable,
+    compare_rows,
+    compare_table,
+    describe_stage,
+    format_table,
+    headline,
+)
+from frankenlab.sessions.recorder import SessionRecorder, record_run
+from frankenlab.sessions.replay import DEFAULT_TOLERANCE, MetricDiff, ReplayResult, compare_sessions, replay
+from frankenlab.sessions.session import SCHEMA_VERSION, Session, SessionError, StageRecord, load_session
+from frankenlab.sessions.store import (
+    SessionEntry,
+    default_session_dirs,
+    list_sessions,
+    save_to_user_dir,
+    user_sessions_dir,
+)
 
 __all__ = [
-    "SCHEMA_VERSION", "Session", "SessionRecorder", "record_run", "StageRecord", "SessionError", "load_session",
-    "SessionEntry", "list_sessions", "default_session_dirs", "user_sessions_dir", "save_to_user_dir",
-    "CompareTable", "compare_table", "compare_rows", "format_table", "describe_stage", "headline",
-    "DEFAULT_TOLERANCE", "MetricDiff", "ReplayResult", "compare_sessions", "replay",
+    "SCHEMA_VERSION",
+    "Session",
+    "SessionRecorder",
+    "record_run",
+    "StageRecord",
+    "SessionError",
+    "load_session",
+    "SessionEntry",
+    "list_sessions",
+    "default_session_dirs",
+    "user_sessions_dir",
+    "save_to_user_dir",
+    "CompareTable",
+    "compare_table",
+    "compare_rows",
+    "format_table",
+    "describe_stage",
+    "headline",
+    "DEFAULT_TOLERANCE",
+    "MetricDiff",
+    "ReplayResult",
+    "compare_sessions",
+    "replay",
 ]

@@ -11,6 +11,7 @@ Accuracies (TriviaQA, HellaSwag) recorded with their question count get a 95 % W
 column beside them. The first row with a value is the reference ("ref"); a later value that lies
 inside the reference's interval is marked "≈": at that question count the difference is noise.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,18 +20,18 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from pipeline.stages import generic_description, known_kind
-from pipeline.units import fmt_bytes
-
-from evals.stats import wilson
-
-from .record import Session, StageRecord, finite
+from frankenlab.evals.stats import wilson
+from frankenlab.pipeline.stages import generic_description, known_kind
+from frankenlab.pipeline.units import fmt_bytes
+from frankenlab.sessions.session import Session, StageRecord, finite
 
 NM_NOTE = "N:M = N of every M consecutive weights pruned (thesis notation: 1:8 removes 12.5 %)"
 QA_METRICS = {"triviaqa_closed": "TriviaQA closed", "triviaqa_open": "TriviaQA open"}
 ACCURACIES = {**QA_METRICS, "hellaswag_acc": "HellaSwag acc", "hellaswag_acc_norm": "HellaSwag acc_norm"}
-CI_NOTE = ("95 % CI: Wilson interval of an accuracy; ≈ = inside the interval of the column's first value (ref): "
-           "a difference that is noise at that question count")
+CI_NOTE = (
+    "95 % CI: Wilson interval of an accuracy; ≈ = inside the interval of the column's first value (ref): "
+    "a difference that is noise at that question count"
+)
 
 
 # -- describing stages ------------------------------------------------------------------------------
@@ -58,12 +59,14 @@ def _join(stages: list[StageRecord], role: str) -> str | None:
     return " + ".join(parts) or None
 
 
-SIZE_KEYS = {"weights": ("weights_bytes", "weights", "bytes", "total_bytes", "total"),
-             "total": ("total_bytes", "total", "bytes")}
+SIZE_KEYS = {
+    "weights": ("weights_bytes", "weights", "bytes", "total_bytes", "total"),
+    "total": ("total_bytes", "total", "bytes"),
+}
 
 
 def footprint_bytes(footprint, which: str = "weights") -> int | None:
-    """Bytes from a footprint record (pipeline.memory.footprint_summary or an older shape):
+    """Bytes from a footprint record (pipeline.footprint.footprint_summary or an older shape):
     `weights` = the model's stored weights, `total` = weights + KV cache + activations."""
     if footprint is None:
         return None
@@ -164,8 +167,15 @@ def compare_table(sessions: list[Session], *, all_stages: bool = False) -> Compa
         targets = done if all_stages else done[-1:]
         if not targets:  # nothing finished: still show the session and why
             targets = []
-            rows.append({"session": s.title, "id": s.id, "stage": None, "status": s.status,
-                         "configuration": configuration([st for st in s.stages if st.index > 0])})
+            rows.append(
+                {
+                    "session": s.title,
+                    "id": s.id,
+                    "stage": None,
+                    "status": s.status,
+                    "configuration": configuration([st for st in s.stages if st.index > 0]),
+                }
+            )
         for st in targets:
             upto = [x for x in s.stages if x.index <= st.index and x.status == "done"]
             rows.append(_row(s, st, upto))
@@ -175,8 +185,12 @@ def compare_table(sessions: list[Session], *, all_stages: bool = False) -> Compa
     cols = [Column("session", "session"), Column("id", "id")]
     if all_stages:
         cols.append(Column("stage", "stage", "int"))
-    cols += [Column("status", "status"), Column("configuration", "configuration"),
-             Column("lora", "LoRA"), Column("quantization", "quantization")]
+    cols += [
+        Column("status", "status"),
+        Column("configuration", "configuration"),
+        Column("lora", "LoRA"),
+        Column("quantization", "quantization"),
+    ]
     # TriviaQA closed/open are always shown (as in the thesis' tables), one column per protocol seen:
     # numbers over different question sets are not comparable, so they never share a column.
     for name, title in QA_METRICS.items():
@@ -204,10 +218,14 @@ def compare_table(sessions: list[Session], *, all_stages: bool = False) -> Compa
     for key, m in metric_cols.items():
         if _metric_key(m, "_ci") in present:
             _mark_noise(rows, key, _metric_key(m, "_ci"))
-    cols += [Column("params", "params", "int"), Column("params_nonzero", "nonzero params", "int"),
-             Column("layers", "layers", "int"), Column("size", "size (weights)", "bytes"),
-             Column("memory", "memory (total)", "bytes"),
-             Column("seconds", "seconds", "seconds")]
+    cols += [
+        Column("params", "params", "int"),
+        Column("params_nonzero", "nonzero params", "int"),
+        Column("layers", "layers", "int"),
+        Column("size", "size (weights)", "bytes"),
+        Column("memory", "memory (total)", "bytes"),
+        Column("seconds", "seconds", "seconds"),
+    ]
     notes = [NM_NOTE] if any(":" in (r.get("configuration") or "") for r in rows) else []
     if "size" not in present:
         notes.append("size: no memory footprint recorded in these sessions")
@@ -246,8 +264,10 @@ def _md_cell(text: str) -> str:
 
 
 def to_markdown(table: CompareTable) -> str:
-    lines = ["| " + " | ".join(_md_cell(c.title) for c in table.columns) + " |",
-             "|" + "|".join("---:" if c.kind != "text" else "---" for c in table.columns) + "|"]
+    lines = [
+        "| " + " | ".join(_md_cell(c.title) for c in table.columns) + " |",
+        "|" + "|".join("---:" if c.kind != "text" else "---" for c in table.columns) + "|",
+    ]
     for r in table.rows:
         lines.append("| " + " | ".join(_md_cell(format_value(r.get(c.key), c.kind)) for c in table.columns) + " |")
     if table.notes:
@@ -270,8 +290,9 @@ def _json_safe(v):
 
 def to_json(table: CompareTable) -> str:
     rows = [{k: _json_safe(v) for k, v in r.items()} for r in table.as_dicts()]
-    return json.dumps({"columns": [c.title for c in table.columns], "rows": rows, "notes": table.notes},
-                      indent=2) + "\n"
+    return (
+        json.dumps({"columns": [c.title for c in table.columns], "rows": rows, "notes": table.notes}, indent=2) + "\n"
+    )
 
 
 FORMATS = {"md": to_markdown, "csv": to_csv, "json": to_json}

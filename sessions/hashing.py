@@ -5,6 +5,7 @@ each file's digest is cached by (real path, size, mtime) in the frankenlab cache
 computed once. Files inside a Hugging Face cache snapshot are links to blobs already named by
 their sha256; those names are used directly.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def _cache_file() -> Path:
     env = os.environ.get("FRANKENLAB_CACHE")
-    base = Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "frankenlab"
+    base = (
+        Path(env).expanduser()
+        if env
+        else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "frankenlab"
+    )
     return base / "weight-hashes.json"
 
 
@@ -81,7 +86,7 @@ def weights_digest(path: str | Path | None) -> dict | None:
         if len(cache) > 500:  # forget files that no longer exist
             cache = {k: v for k, v in cache.items() if Path(k.split("|")[0]).exists()}
         try:
-            from .record import atomic_write_text
+            from frankenlab.pipeline.atomic import atomic_write_text
 
             atomic_write_text(cache_path, json.dumps(cache, indent=0))
         except OSError:

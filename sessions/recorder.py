@@ -7,16 +7,16 @@ already measured. `record_run` is "run the recipe with a recorder attached" and 
 session. The recorder runs in the runner's thread; it never raises into the run: a save that
 fails (disk full, folder removed) is kept in `save_error` and retried at the next event.
 """
+
 from __future__ import annotations
 
 import threading
 from pathlib import Path
 
-from pipeline import events as ev
-from pipeline.events import Listener
-
-from .hashing import weights_digest
-from .record import SESSION_FILE, Session, StageRecord
+from frankenlab.pipeline import events as ev
+from frankenlab.pipeline.events import Listener
+from frankenlab.sessions.hashing import weights_digest
+from frankenlab.sessions.session import SESSION_FILE, Session, StageRecord
 
 
 class SessionRecorder:
@@ -47,15 +47,17 @@ class SessionRecorder:
 
     # -- the events that change the record -------------------------------------------------------
     def _on_RunStarted(self, e: ev.RunStarted) -> None:
-        from pipeline.runlock import process_identity
+        from frankenlab.pipeline.runlock import process_identity
 
-        self.session = Session(recipe=e.recipe, model_source={"ref": (e.recipe.get("model") or {}).get("source")},
-                               owner=process_identity())
+        self.session = Session(
+            recipe=e.recipe, model_source={"ref": (e.recipe.get("model") or {}).get("source")}, owner=process_identity()
+        )
         self.session.events.append(log_entry(e))
         if self.path is None:
             self.path = Path(e.out_dir) / SESSION_FILE
-        self.session.stages = [StageRecord(s["index"], s["kind"], s.get("name", ""), s.get("params", {}))
-                               for s in e.stages]
+        self.session.stages = [
+            StageRecord(s["index"], s["kind"], s.get("name", ""), s.get("params", {})) for s in e.stages
+        ]
         for st in self.session.stages:
             if 0 < st.index < e.start_stage or (st.index == 0 and e.start_stage > 1):
                 st.status = "skipped"  # resuming (replay --from-stage): earlier stages are not run again
@@ -71,8 +73,11 @@ class SessionRecorder:
             s.model_source["weights"] = weights_digest(e.model_source.get("path"))
         except OSError as exc:
             s.model_source["weights"] = None
-            s.events.append(ev.LogLine(-1, f"could not hash the model weights ({exc}); the session records none",
-                                       "warning").to_dict())
+            s.events.append(
+                ev.LogLine(
+                    -1, f"could not hash the model weights ({exc}); the session records none", "warning"
+                ).to_dict()
+            )
 
     def _on_StageStarted(self, e: ev.StageStarted) -> None:
         st = self._stage(e.stage)
@@ -119,8 +124,10 @@ class SessionRecorder:
             self.session.save(self.path)
             self.save_error = None
         except OSError as exc:
-            self.save_error = (f"the session could not be saved to {self.path} ({exc.strerror or exc}); "
-                               "its numbers are kept in memory: save it elsewhere (ctrl+s in the lab)")
+            self.save_error = (
+                f"the session could not be saved to {self.path} ({exc.strerror or exc}); "
+                "its numbers are kept in memory: save it elsewhere (ctrl+s in the lab)"
+            )
 
 
 # what the records already hold in full is not copied into the event log a second time
@@ -135,11 +142,18 @@ def log_entry(event: ev.Event) -> dict:
     return d
 
 
-def record_run(recipe, out_dir: str | Path, *, listener: Listener | None = None, listeners=(),
-               session_path: str | Path | None = None, **kwargs) -> Session:
+def record_run(
+    recipe,
+    out_dir: str | Path,
+    *,
+    listener: Listener | None = None,
+    listeners=(),
+    session_path: str | Path | None = None,
+    **kwargs,
+) -> Session:
     """Run `recipe` (pipeline.runner.run_recipe) with a SessionRecorder attached; returns the session,
     saved as out_dir/session.json (or `session_path`). Other keyword arguments go to run_recipe."""
-    from pipeline.runner import run_recipe
+    from frankenlab.pipeline.runner import run_recipe
 
     recorder = SessionRecorder(session_path or Path(out_dir) / SESSION_FILE)
     every = (recorder, *listeners) + ((listener,) if listener is not None else ())

@@ -7,17 +7,18 @@ relative tolerance is flagged. Parameter counts must match exactly. What differs
 environment (device, dtype, library versions) or in the weights' hash is reported as notes,
 because that is the usual reason for a changed number.
 """
+
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace as dc_replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
-from typing import Callable
 
-from pipeline.stages import known_kind
-
-from .record import Session, SessionError, StageRecord
+from frankenlab.pipeline.stages import known_kind
+from frankenlab.sessions.session import Session, SessionError, StageRecord
 
 DEFAULT_TOLERANCE = 0.01  # relative: 1 %
 ENV_KEYS = ("device", "dtype", "gpu", "torch", "transformers", "cuda", "threads")
@@ -98,8 +99,7 @@ def diff_stage(saved: StageRecord, new: StageRecord | None, tolerance: float) ->
     out = []
     new_metrics = new.metrics if new is not None and new.status == "done" else []
     keys = [(m["name"], m.get("protocol", "")) for m in saved.metrics]
-    keys += [(m["name"], m.get("protocol", "")) for m in new_metrics
-             if (m["name"], m.get("protocol", "")) not in keys]
+    keys += [(m["name"], m.get("protocol", "")) for m in new_metrics if (m["name"], m.get("protocol", "")) not in keys]
     for name, proto in keys:
         old_m = saved.metric(name, proto)
         new_m = new.metric(name, proto) if new is not None and new.status == "done" else None
@@ -112,8 +112,9 @@ def diff_stage(saved: StageRecord, new: StageRecord | None, tolerance: float) ->
     return out
 
 
-def compare_sessions(saved: Session, new: Session, tolerance: float = DEFAULT_TOLERANCE,
-                     from_stage: int = 0) -> list[MetricDiff]:
+def compare_sessions(
+    saved: Session, new: Session, tolerance: float = DEFAULT_TOLERANCE, from_stage: int = 0
+) -> list[MetricDiff]:
     """Metric differences for every stage the saved session finished, from `from_stage` on
     (a stage the replay did not finish shows its metrics as missing)."""
     diffs: list[MetricDiff] = []
@@ -138,8 +139,10 @@ def weights_note(saved: Session, new: Session) -> str | None:
     a = (saved.model_source.get("weights") or {}).get("digest")
     b = (new.model_source.get("weights") or {}).get("digest")
     if a and b and a != b:
-        return (f"the model weights differ from the saved session's (sha256 {a[:12]} then, {b[:12]} now): "
-                "numbers are expected to change")
+        return (
+            f"the model weights differ from the saved session's (sha256 {a[:12]} then, {b[:12]} now): "
+            "numbers are expected to change"
+        )
     if a and b:
         return f"same model weights (sha256 {a[:12]})"
     return None
@@ -148,7 +151,7 @@ def weights_note(saved: Session, new: Session) -> str | None:
 def resume_problem(saved: Session, k: int) -> str | None:
     """Why stage k cannot start from the model saved after stage k-1, or None when it can.
 
-    Resuming needs a model folder `pipeline.models.load_model` opens: a plain one, or a gptq / eora
+    Resuming needs a model folder `pipeline.loading.load_model` opens: a plain one, or a gptq / eora
     stage's quantized folder (with its EoRA manifest); an unmerged LoRA stage saves only its adapter.
     """
     prev = next((s for s in saved.stages if s.index == k - 1), None)
@@ -164,10 +167,12 @@ def resume_problem(saved: Session, k: int) -> str | None:
     if path is None:
         p = Path(saved.path).parent / prev.artifact if saved.path else Path(prev.artifact)
         if Path(prev.artifact).is_dir() or p.is_dir():
-            return (f"the folder saved after stage {k - 1} ({prev.kind}) is not a full model "
-                    "(e.g. an unmerged LoRA adapter)")
+            return (
+                f"the folder saved after stage {k - 1} ({prev.kind}) is not a full model "
+                "(e.g. an unmerged LoRA adapter)"
+            )
         return f"the model saved after stage {k - 1} ({prev.kind}) is not here (looked for {prev.artifact})"
-    from pipeline.quant import describe_folder
+    from frankenlab.pipeline.quant import describe_folder
 
     try:
         if describe_folder(path) is not None:  # a gptqmodel folder (+ EoRA manifest): load_model opens it
@@ -183,21 +188,32 @@ def resume_problem(saved: Session, k: int) -> str | None:
     return None
 
 
-def replay(saved: Session, out_dir: str | Path, *, from_stage: int = 1, tolerance: float = DEFAULT_TOLERANCE,
-           model: str | None = None, device: str | None = None, dtype: str | None = None,
-           data_dir: str | Path | None = None, listener: Callable | None = None, cancel=None,
-           save_models: bool = True, on_diff: Callable[[MetricDiff], None] | None = None) -> ReplayResult:
+def replay(
+    saved: Session,
+    out_dir: str | Path,
+    *,
+    from_stage: int = 1,
+    tolerance: float = DEFAULT_TOLERANCE,
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    data_dir: str | Path | None = None,
+    listener: Callable | None = None,
+    cancel=None,
+    save_models: bool = True,
+    on_diff: Callable[[MetricDiff], None] | None = None,
+) -> ReplayResult:
     """Re-run `saved`'s recipe into `out_dir` and compare; raises SessionError when it cannot start.
 
     `model`, `device`, `dtype` override the recipe's (e.g. the model lives elsewhere on this machine).
     `listener` gets the runner's events; `on_diff` gets each metric's comparison as soon as it is
     measured (a TUI can fill its table live). The new session records `replay_of`.
     """
-    from pipeline.config import RecipeError
-    from pipeline.events import MetricMeasured, ignore
-    from pipeline.models import ModelLoadError, load_model
-    from pipeline.recipe import Recipe
-    from .recorder import record_run
+    from frankenlab.evals.errors import RecipeError
+    from frankenlab.pipeline.events import MetricMeasured, ignore
+    from frankenlab.pipeline.loading import ModelLoadError, load_model
+    from frankenlab.pipeline.recipe import Recipe
+    from frankenlab.sessions.recorder import record_run
 
     if tolerance < 0:
         raise SessionError(f"tolerance must be 0 or more, got {tolerance}")
@@ -219,12 +235,19 @@ def replay(saved: Session, out_dir: str | Path, *, from_stage: int = 1, toleranc
         problem = resume_problem(saved, from_stage)
         if problem:
             ok = next((k for k in range(from_stage - 1, 1, -1) if resume_problem(saved, k) is None), 1)
-            raise SessionError(f"cannot resume from stage {from_stage}: {problem}; replay with --from-stage {ok} "
-                               + ("(from the start) " if ok == 1 else "") + "instead")
+            raise SessionError(
+                f"cannot resume from stage {from_stage}: {problem}; replay with --from-stage {ok} "
+                + ("(from the start) " if ok == 1 else "")
+                + "instead"
+            )
         artifact = saved.artifact_path(from_stage - 1)
         try:
-            loaded = load_model(str(artifact), device=recipe.model.device, dtype=recipe.model.dtype,
-                                trust_remote_code=recipe.model.trust_remote_code)
+            loaded = load_model(
+                str(artifact),
+                device=recipe.model.device,
+                dtype=recipe.model.dtype,
+                trust_remote_code=recipe.model.trust_remote_code,
+            )
         except ModelLoadError as exc:
             raise SessionError(f"cannot load the model saved after stage {from_stage - 1}: {exc}") from None
 
@@ -237,13 +260,30 @@ def replay(saved: Session, out_dir: str | Path, *, from_stage: int = 1, toleranc
             st = by_index.get(event.stage)
             old = st.metric(event.name, event.protocol) if st is not None else None
             try:
-                on_diff(MetricDiff(event.stage, st.kind if st else "", event.name, event.protocol,
-                                   _value(old), float(event.value), tolerance))
+                on_diff(
+                    MetricDiff(
+                        event.stage,
+                        st.kind if st else "",
+                        event.name,
+                        event.protocol,
+                        _value(old),
+                        float(event.value),
+                        tolerance,
+                    )
+                )
             except Exception:  # noqa: BLE001 - a broken callback must not stop the run
                 pass
 
-    new = record_run(recipe, out_dir, listener=watch, cancel=cancel, loaded=loaded, save_models=save_models,
-                     data_dir=data_dir, start_stage=from_stage)
+    new = record_run(
+        recipe,
+        out_dir,
+        listener=watch,
+        cancel=cancel,
+        loaded=loaded,
+        save_models=save_models,
+        data_dir=data_dir,
+        start_stage=from_stage,
+    )
     if from_stage > 1:  # the new session is complete: earlier stages are the saved records
         for i, st in enumerate(new.stages):
             if st.index < from_stage and st.index in by_index:

@@ -6,6 +6,7 @@ properties, additionalProperties, items, minimum), so loading needs no extra pac
 session is never more than JSON data: nothing in it is imported, evaluated or unpickled.
 Unknown keys are allowed (a newer minor writer may add some); they survive a load/save round trip.
 """
+
 from __future__ import annotations
 
 import json
@@ -112,9 +113,20 @@ SESSION_SCHEMA: dict = {
         "environment": {
             "type": "object",
             "properties": {
-                "python": _STR, "platform": _STR, "torch": _STR, "transformers": _STR, "cuda": _STR,
-                "peft": _STR, "gptqmodel": _STR, "datasets": _STR, "device": _STR, "dtype": _STR, "gpu": _STR,
-                "threads": _INT, "seed": _INT, "quant_kernel": _STR,
+                "python": _STR,
+                "platform": _STR,
+                "torch": _STR,
+                "transformers": _STR,
+                "cuda": _STR,
+                "peft": _STR,
+                "gptqmodel": _STR,
+                "datasets": _STR,
+                "device": _STR,
+                "dtype": _STR,
+                "gpu": _STR,
+                "threads": _INT,
+                "seed": _INT,
+                "quant_kernel": _STR,
             },
         },
         "stages": {"type": "array", "items": STAGE_SCHEMA},

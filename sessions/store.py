@@ -8,6 +8,7 @@ Two places, both predictable:
   `~/.local/share/frankenlab/sessions`, holding `<name>-<id>.json` files.
 `frankenlab sessions` and `frankenlab compare` with no arguments look in both.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .record import SESSION_FILE, Session, SessionError, load_session
+from frankenlab.sessions.session import SESSION_FILE, Session, SessionError, load_session
 
 SESSIONS_ENV = "FRANKENLAB_SESSIONS"
 RUNS_DIR = Path("runs")
@@ -49,7 +50,7 @@ def find_session_files(paths: list[str | Path] | None = None, max_depth: int = 3
     """Session files named by `paths`: files as given, folders searched (session.json up to
     `max_depth` levels down, plus session-looking *.json files directly inside)."""
     found: list[Path] = []
-    for root in (default_session_dirs() if paths is None else [Path(p).expanduser() for p in paths]):
+    for root in default_session_dirs() if paths is None else [Path(p).expanduser() for p in paths]:
         if root.is_file():
             found.append(root)
             continue

@@ -31,7 +31,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny(tiny_model_dir):
     """A fresh LoadedModel of the tiny LLaMA on CPU (fp32), safe to modify."""
-    from pipeline.models import load_model
+    from frankenlab.pipeline.loading import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
 

@@ -5,14 +5,15 @@ MODE "hang": stage 2 never proceeds (the test sends kill -9). MODE "wait-cancel"
 until the run's cancel flag is set (the test sends SIGTERM), then the run goes on and must stop.
 The marker file is written once stage 1's record is saved and stage 2 has started.
 """
+
 import sys
 import time
 
-from pipeline import events as ev
-from tui.commands import run as runcmd
+from frankenlab.pipeline import events as ev
+from frankenlab.tui.cli import run as runcmd
 
 mode, marker = sys.argv[1], sys.argv[2]
-args = sys.argv[sys.argv.index("--") + 1:]
+args = sys.argv[sys.argv.index("--") + 1 :]
 flags = {}
 _orig_cancels = runcmd.ctrl_c_cancels
 
@@ -41,6 +42,6 @@ def _call(self, e):
 runcmd.ctrl_c_cancels = _capture
 runcmd.ProgressView.__call__ = _call
 
-from tui.cli import main  # noqa: E402
+from frankenlab.tui.cli.main import main  # noqa: E402
 
 sys.exit(main(args))

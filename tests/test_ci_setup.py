@@ -1,5 +1,6 @@
 """Issue 14: `.ci/setup` says what it installs and roughly how long it takes, and hides the
 editable-install warnings (run against a stand-in venv whose python only pretends to install)."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,13 @@ def test_setup_says_what_it_installs_and_hides_editable_warnings(tmp_path):
     py = venv / "bin" / "python"
     py.write_text(FAKE_PYTHON)
     py.chmod(0o755)
-    out = subprocess.run(["bash", str(ROOT / ".ci" / "setup")], env={**os.environ, "FRANKENLAB_VENV": str(venv)},
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "setup")],
+        env={**os.environ, "FRANKENLAB_VENV": str(venv)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
     assert "installing frankenlab and its libraries" in text and "usually" in text and "ready after" in text

@@ -1,9 +1,9 @@
 """Issue 14: commands that need no model never import torch/transformers; a missing model path is told
 before anything heavy loads; `frankenlab sessions` reads well at 80 columns and as plain text in a pipe;
 JSON errors say what they mean."""
+
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from sessions.record import SessionError, loads_session
+from frankenlab.sessions.session import SessionError, loads_session
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+ENV = dict(os.environ)
 PROBE = """
 import sys
-from tui.cli import main
+from frankenlab.tui.cli.main import main
 try:
     rc = main(sys.argv[1:])
 except SystemExit as exc:
@@ -33,15 +33,26 @@ HANG_GUARD = 900
 
 
 def _probe(*args, cwd=None):
-    out = subprocess.run([sys.executable, "-c", PROBE, *args], env=ENV, cwd=cwd, capture_output=True, text=True,
-                         timeout=HANG_GUARD)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, *args], env=ENV, cwd=cwd, capture_output=True, text=True, timeout=HANG_GUARD
+    )
     last = out.stderr.strip().splitlines()[-1]
     return out, last
 
 
-@pytest.mark.parametrize("args", [["recipes"], ["sessions"], ["--help"], ["run", "--help"], ["sessions", "--help"],
-                                  ["--model", "/no/such/folder"], ["run", "depth2", "--model", "./missing.gguf"],
-                                  ["compare", "/no/such/session.json"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["recipes"],
+        ["sessions"],
+        ["--help"],
+        ["run", "--help"],
+        ["sessions", "--help"],
+        ["--model", "/no/such/folder"],
+        ["run", "depth2", "--model", "./missing.gguf"],
+        ["compare", "/no/such/session.json"],
+    ],
+)
 def test_light_commands_import_no_torch(args, tmp_path):
     out, last = _probe(*args, cwd=tmp_path)
     assert last.startswith("HEAVY= "), (args, last, out.stdout[-500:])
@@ -62,21 +73,36 @@ def test_recipes_lists_every_bundled_recipe(tmp_path):
 
 
 def _sessions_folder(tmp_path) -> Path:
-    from sessions.record import Session, StageRecord
+    from frankenlab.sessions.session import Session, StageRecord
 
     for i in range(2):
-        st = StageRecord(1, "width", "Width 1:8", {"pattern": "1:8"}, "done",
-                         metrics=[{"name": "perplexity", "value": 20.5 + i, "protocol": "wikitext2-concat-512:first32"}],
-                         params_count=134515008, params_nonzero=120000000)
-        Session(recipe={"name": f"a-rather-long-recipe-name-{i}", "stages": [{"kind": "width", "pattern": "1:8"}]},
-                stages=[StageRecord(0, "baseline", status="done"), st], status="done").save(tmp_path / f"r{i}" / "session.json")
+        st = StageRecord(
+            1,
+            "width",
+            "Width 1:8",
+            {"pattern": "1:8"},
+            "done",
+            metrics=[{"name": "perplexity", "value": 20.5 + i, "protocol": "wikitext2-concat-512:first32"}],
+            params_count=134515008,
+            params_nonzero=120000000,
+        )
+        Session(
+            recipe={"name": f"a-rather-long-recipe-name-{i}", "stages": [{"kind": "width", "pattern": "1:8"}]},
+            stages=[StageRecord(0, "baseline", status="done"), st],
+            status="done",
+        ).save(tmp_path / f"r{i}" / "session.json")
     return tmp_path
 
 
 def test_sessions_piped_is_plain_text(tmp_path):
     folder = _sessions_folder(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "tui", "sessions", str(folder)], env=ENV, capture_output=True,
-                         text=True, timeout=HANG_GUARD)
+    out = subprocess.run(
+        [sys.executable, "-m", "frankenlab.tui", "sessions", str(folder)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+    )
     lines = out.stdout.splitlines()
     assert lines[0].split("\t")[:3] == ["created", "name", "status"]
     assert len(lines) == 3 and all(len(line.split("\t")) == 9 for line in lines)
@@ -87,12 +113,30 @@ def test_sessions_piped_is_plain_text(tmp_path):
 def test_sessions_table_fits_80_columns_without_strips(tmp_path):
     from rich.console import Console
 
-    from tui.commands.sessions import sessions_table
+    from frankenlab.tui.cli.sessions import sessions_table
 
-    cols = ("created", "name", "status", "stages", "configuration", "perplexity", "TriviaQA c/o",
-            "params (nonzero)", "path")
-    row = ("2026-12-02 16:35", "a-rather-long-recipe-name (0123456789ab)", "done", "2/2", "Depth 2 + Width 1:8",
-           "20.50 (wikitext2-concat-512:first32)", "9.5% / -", "134,515,008 (120,000,000)", "/a/long/path/session.json")
+    cols = (
+        "created",
+        "name",
+        "status",
+        "stages",
+        "configuration",
+        "perplexity",
+        "TriviaQA c/o",
+        "params (nonzero)",
+        "path",
+    )
+    row = (
+        "2026-12-02 16:35",
+        "a-rather-long-recipe-name (0123456789ab)",
+        "done",
+        "2/2",
+        "Depth 2 + Width 1:8",
+        "20.50 (wikitext2-concat-512:first32)",
+        "9.5% / -",
+        "134,515,008 (120,000,000)",
+        "/a/long/path/session.json",
+    )
     console = Console(width=80, record=True, file=open(os.devnull, "w"))
     console.print(sessions_table(cols, [row], 80, "runs"))
     text = console.export_text()

@@ -1,7 +1,8 @@
 """Degeneration metrics on hand-written strings, and the samples that carry them."""
+
 import pytest
 
-from evals.degeneration import degeneration, describe, distinct_n, longest_repeat, non_ascii_share, summary
+from frankenlab.evals.degeneration import degeneration, describe, distinct_n, longest_repeat, non_ascii_share, summary
 
 
 def test_non_ascii_share():
@@ -27,8 +28,11 @@ def test_longest_repeat_finds_the_loop_unit():
 
 def test_degeneration_record_and_summary():
     d = degeneration(" The The The end")
-    assert d == {"non_ascii": 0.0, "distinct_2": pytest.approx(2 / 3, abs=1e-4),
-                 "repeat_run": {"words": 3, "ngram": "The", "times": 3}}
+    assert d == {
+        "non_ascii": 0.0,
+        "distinct_2": pytest.approx(2 / 3, abs=1e-4),
+        "repeat_run": {"words": 3, "ngram": "The", "times": 3},
+    }
     assert describe(d) == "non-ASCII 0 %, distinct-2 0.67, repeat: 'The' x3"
     s = summary(["clean text here", "\u00e9\u00e9 ab", "x"])
     assert s["non_ascii"] == pytest.approx((0 + 0.4 + 0) / 3, abs=1e-4)  # 2 of 5 characters in the second
@@ -36,7 +40,7 @@ def test_degeneration_record_and_summary():
 
 
 def test_samples_carry_degeneration_metrics(tiny):
-    from evals.samples import generation_samples
+    from frankenlab.evals.samples import generation_samples
 
     out = generation_samples(tiny.model, tiny.tokenizer, ["The river", "Paris is"], max_new_tokens=6)
     for item in out["items"]:

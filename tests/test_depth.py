@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from pipeline.calibration import CalibrationConfig
-from pipeline.config import RecipeError
-from pipeline.context import StageContext
-from pipeline.models import decoder_layers
-from pipeline.stages import depth
-from pipeline.stages.depth import Config
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.calibration import CalibrationConfig
+from frankenlab.pipeline.context import StageContext
+from frankenlab.pipeline.loading import decoder_layers
+from frankenlab.pipeline.stages import depth
+from frankenlab.pipeline.stages.depth import Config
 
 
 def _ctx(tiny, data_dir):
@@ -34,7 +34,7 @@ def test_identity_layer_ranks_least_important(tiny, data_dir, metric):
 
 
 def test_perplexity_metric_scores_and_removes_the_cheapest_layers(tiny, data_dir):
-    from evals.perplexity import perplexity_of_ids
+    from frankenlab.evals.perplexity import perplexity_of_ids
 
     _neuter(tiny.model, 5)
     ctx = _ctx(tiny, data_dir)
@@ -50,8 +50,8 @@ def test_perplexity_metric_scores_and_removes_the_cheapest_layers(tiny, data_dir
 
 
 def test_perplexity_metric_equals_plain_perplexity_without_the_layer(tiny, data_dir):
-    from evals.perplexity import perplexity_of_ids
-    from pipeline.plans import LayerPlan, planned
+    from frankenlab.evals.perplexity import perplexity_of_ids
+    from frankenlab.pipeline.plans import LayerPlan, planned
 
     ctx = _ctx(tiny, data_dir)
     ids = ctx.calibration_ids()[:4]

@@ -1,4 +1,5 @@
 """End to end on the bundled SmolLM2-135M-Instruct: `frankenlab run` as a user would run it."""
+
 import json
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM
 
-from pipeline.stages.width import ALL_PROJECTIONS, satisfies_nm
+from frankenlab.pipeline.stages.width import ALL_PROJECTIONS, satisfies_nm
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +35,22 @@ pattern = "2:4"
 
 def test_frankenlab_run_on_bundled_model(tmp_path, data_dir):
     (tmp_path / "r.toml").write_text(RECIPE)
-    out = subprocess.run([sys.executable, "-m", "tui", "run", str(tmp_path / "r.toml"), "--out", str(tmp_path / "o"),
-                          "--data-dir", str(data_dir)], capture_output=True, text=True,
-                         timeout=3600)  # only a guard against a hung run: minutes idle, far longer under load
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "frankenlab.tui",
+            "run",
+            str(tmp_path / "r.toml"),
+            "--out",
+            str(tmp_path / "o"),
+            "--data-dir",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )  # only a guard against a hung run: minutes idle, far longer under load
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     session = json.loads((tmp_path / "o" / "session.json").read_text())
     base, depth, width = session["stages"]

@@ -5,15 +5,16 @@ the stages run with small settings: L1 depth ranking, 2 LoRA steps, 8 calibratio
 GPTQ and EoRA, EoRA rank 8. `benchmarks/bench_recovery.py` runs the chain with the defaults.
 Perplexity is measured on the baseline and the final model only, on 4 windows (named protocol).
 """
+
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import Recipe
-from sessions import record_run
-from pipeline.stages.width import satisfies_nm
+from frankenlab.pipeline.recipe import Recipe
+from frankenlab.pipeline.stages.width import satisfies_nm
+from frankenlab.sessions import record_run
 
 pytestmark = pytest.mark.slow
 

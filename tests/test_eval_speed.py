@@ -1,4 +1,5 @@
 """Evaluation at the ceiling, on the tiny LLaMA: the blocked output head changes no number, QA decoding is greedy."""
+
 import json
 import math
 
@@ -9,14 +10,19 @@ from torch import nn
 
 from benchmarks.bench_qa import hf_generate
 from benchmarks.ceiling import flops_per_token, plain_loop, time_breakdown
-from evals.generate import _decode, eos_ids, generate_greedy, prompt_batches, token_classes
-from evals.head import blocked_token_nll, head_token_nll, linear_head
-from evals.perplexity import Protocol, nll_sum, perplexity, sequences_for
-from evals.qa import build_prompt, load_items
+from frankenlab.evals.generate import _decode, eos_ids, generate_greedy, prompt_batches, token_classes
+from frankenlab.evals.head import blocked_token_nll, head_token_nll, linear_head
+from frankenlab.evals.perplexity import Protocol, nll_sum, perplexity, sequences_for
+from frankenlab.evals.qa import build_prompt, load_items
 
-LINES = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and the river Thames "
-         "flows through London.", "", "Numbers 0 1 2 3 4 5 6 7 8 9 appear in text.", "Who wrote Hamlet?",
-         "Valkyrie, Robert Boulter, Senjō no Valkyria 3: Unrecorded Chronicles is a tactical role-playing game."]
+LINES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France and the river Thames flows through London.",
+    "",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 appear in text.",
+    "Who wrote Hamlet?",
+    "Valkyrie, Robert Boulter, Senjō no Valkyria 3: Unrecorded Chronicles is a tactical role-playing game.",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -87,7 +93,11 @@ def test_no_full_logits_and_a_wrapped_head_falls_back(tiny):
 
 def test_blocked_token_nll_per_token():
     g = torch.Generator().manual_seed(1)
-    x, w, labels = torch.randn(9, 8, generator=g), torch.randn(300, 8, generator=g), torch.randint(0, 300, (9,), generator=g)
+    x, w, labels = (
+        torch.randn(9, 8, generator=g),
+        torch.randn(300, 8, generator=g),
+        torch.randint(0, 300, (9,), generator=g),
+    )
     want = F.cross_entropy(F.linear(x, w), labels, reduction="none")
     got = blocked_token_nll(x, w, None, labels, block=64)
     assert got.shape == (9,) and got.tolist() == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6)
@@ -96,7 +106,7 @@ def test_blocked_token_nll_per_token():
 def test_in_place_logsumexp_is_torchs():
     """The head's in-place row logsumexp gives torch.logsumexp's values bit for bit (infinite rows
     too), consumes only its own tile, and leaves autograd to torch."""
-    from evals.head import _logsumexp_rows
+    from frankenlab.evals.head import _logsumexp_rows
 
     g = torch.Generator().manual_seed(2)
     tile = torch.randn(7, 4096, generator=g) * 30
@@ -124,12 +134,17 @@ def test_time_breakdown_splits_one_batch(tiny):
         assert b["seconds"]["attention"] > 0
     head = tiny.model.lm_head.weight.numel()
     assert b["flops"]["gemm"] + b["flops"]["attention"] == pytest.approx(
-        64 * flops_per_token(tiny.model, 32) - 2 * 2 * head)  # two unscored last positions
+        64 * flops_per_token(tiny.model, 32) - 2 * 2 * head
+    )  # two unscored last positions
 
 
 def test_flops_per_token_counts_linears_head_and_attention(tiny):
     cfg = tiny.model.config
-    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (h_dim := cfg.hidden_size // cfg.num_attention_heads)
+    h, i, kv = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_key_value_heads * (h_dim := cfg.hidden_size // cfg.num_attention_heads),
+    )
     per_layer = h * h * 2 + h * kv * 2 + 3 * h * i  # q, o; k, v; gate, up, down
     linear = cfg.num_hidden_layers * per_layer + cfg.vocab_size * h
     attn = 2 * 2 * cfg.num_attention_heads * h_dim * (64 + 1) / 2 * cfg.num_hidden_layers
@@ -142,19 +157,21 @@ def test_our_batched_greedy_equals_model_generate(tiny, data_dir, newline):
     prompts = [build_prompt(it) for it in items]
     eos = torch.tensor(eos_ids(tiny.model, tiny.tokenizer))
     classes = token_classes(tiny.tokenizer) if newline else None
-    for idx, ids, mask in prompt_batches(tiny.tokenizer, prompts, batch_size=3):
+    for _idx, ids, mask in prompt_batches(tiny.tokenizer, prompts, batch_size=3):
         ours = _decode(tiny.model, ids, mask, 12, eos, classes, None)
         assert ours == hf_generate(tiny.model, tiny.tokenizer, ids, mask, 12, newline)
     # and generate_greedy hands the same batches' answers back in the caller's order
-    gens = generate_greedy(tiny.model, tiny.tokenizer, prompts, max_new_tokens=12, stop_at_newline=newline,
-                           batch_size=3)
+    gens = generate_greedy(
+        tiny.model, tiny.tokenizer, prompts, max_new_tokens=12, stop_at_newline=newline, batch_size=3
+    )
     assert [g.prompt for g in gens] == prompts
 
 
 # -- linear layers on reordered weights (evals.packed) --------------------------------------------
 
+
 def test_packed_linears_change_no_number_and_leave_the_model_as_it_was(tiny, tmp_path, monkeypatch):
-    from evals.packed import Packs, available, packed_linears
+    from frankenlab.evals.packed import Packs, available, packed_linears
 
     if not available():
         pytest.skip("this torch build has no oneDNN linear")
@@ -171,6 +188,7 @@ def test_packed_linears_change_no_number_and_leave_the_model_as_it_was(tiny, tmp
         def binary(self, *a, **k):
             calls.append("binary " + a[4])
             return original.binary(*a, **k)
+
     r_packed = perplexity(tiny.model, tiny.tokenizer, f"{f}-concat-24", batch_size=2)
     monkeypatch.setenv("FRANKENLAB_PACKED_LINEAR", "0")
     r_plain = perplexity(tiny.model, tiny.tokenizer, f"{f}-concat-24", batch_size=2)
@@ -212,7 +230,7 @@ def test_packed_linears_change_no_number_and_leave_the_model_as_it_was(tiny, tmp
 
 
 def test_packed_linears_fall_back_where_they_cannot_help(tiny):
-    from evals.packed import Packs
+    from frankenlab.evals.packed import Packs
 
     packs = Packs()
     w = torch.randn(5, 4, requires_grad=True)
@@ -231,7 +249,7 @@ def test_batch_cuts_pad_least_within_the_budget():
     import itertools
     import random
 
-    from evals.perplexity import batch_cuts
+    from frankenlab.evals.perplexity import batch_cuts
 
     def greedy(lengths, budget):
         out, b = [], 0
@@ -246,8 +264,9 @@ def test_batch_cuts_pad_least_within_the_budget():
 
     rng = random.Random(0)
     for _ in range(40):
-        lengths = sorted((rng.choice([rng.randint(1, 12), rng.randint(30, 64)]) for _ in range(rng.randint(1, 9))),
-                         reverse=True)
+        lengths = sorted(
+            (rng.choice([rng.randint(1, 12), rng.randint(30, 64)]) for _ in range(rng.randint(1, 9))), reverse=True
+        )
         budget, overhead = 64, 4
         cuts = batch_cuts(lengths, budget, overhead)
         assert [b for b, _ in cuts][0] == 0 and cuts[-1][1] == len(lengths)
@@ -256,15 +275,20 @@ def test_batch_cuts_pad_least_within_the_budget():
         assert cost(lengths, cuts, overhead) <= cost(lengths, greedy(lengths, budget), overhead)
         # optimal: no admissible set of cut points costs less (brute force over all of them)
         n = len(lengths)
-        best = min(cost(lengths, c, overhead) for c in (
-            [(a, b) for a, b in zip((0, *pts), (*pts, n))] for r in range(n)
-            for pts in itertools.combinations(range(1, n), r))
-            if all((e - b) * lengths[b] <= budget or e - b == 1 for b, e in c))
+        best = min(
+            cost(lengths, c, overhead)
+            for c in (
+                [(a, b) for a, b in zip((0, *pts), (*pts, n), strict=False)]
+                for r in range(n)
+                for pts in itertools.combinations(range(1, n), r)
+            )
+            if all((e - b) * lengths[b] <= budget or e - b == 1 for b, e in c)
+        )
         assert cost(lengths, cuts, overhead) == best
 
 
 def test_rows_protocol_values_unchanged_by_the_batch_cuts(tiny, tmp_path, monkeypatch):
-    import evals.perplexity as P
+    import frankenlab.evals.perplexity as P
 
     f = tmp_path / "text.jsonl"
     f.write_text("\n".join(json.dumps({"text": t}) for t in LINES * 3))
@@ -276,7 +300,7 @@ def test_rows_protocol_values_unchanged_by_the_batch_cuts(tiny, tmp_path, monkey
 
 
 def test_packed_linears_stay_off_when_memory_is_short(tiny, monkeypatch):
-    import evals.packed as packed
+    import frankenlab.evals.packed as packed
 
     monkeypatch.setattr(packed, "available_memory", lambda: 1024)  # far less than two copies of the weights
     ids = torch.randint(0, tiny.model.config.vocab_size, (2, 12))

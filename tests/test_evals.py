@@ -1,4 +1,5 @@
 """Evaluation on the tiny LLaMA: perplexity protocols, QA records, samples, the suite, data, the CLI."""
+
 import gzip
 import json
 import math
@@ -6,11 +7,12 @@ import math
 import pytest
 import torch
 
-from evals import data as evdata
-from evals.generate import generate_greedy, newline_token_ids
-from evals.perplexity import Cancelled, Protocol, concat_windows, perplexity, row_sequences
-from evals.qa import build_prompt, load_items, parse_triviaqa, protocol_name, run_qa, score
-from evals.suite import EvalConfig, evaluate
+from frankenlab.evals import data as evdata
+from frankenlab.evals.cancel import Cancelled
+from frankenlab.evals.generate import generate_greedy, newline_token_ids
+from frankenlab.evals.perplexity import Protocol, concat_windows, perplexity, row_sequences
+from frankenlab.evals.qa import build_prompt, load_items, parse_triviaqa, protocol_name, run_qa, score
+from frankenlab.evals.suite import EvalConfig, evaluate
 
 TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
 
@@ -30,6 +32,7 @@ def hand_perplexity(model, ids: list[int]) -> float:
 
 # -- perplexity ------------------------------------------------------------------------------------
 
+
 def test_perplexity_matches_hand_computed_value(tiny, tmp_path):
     f = tmp_path / "tiny.txt"
     f.write_text(TEXT)
@@ -44,8 +47,13 @@ def test_perplexity_matches_hand_computed_value(tiny, tmp_path):
 
 
 def test_rows_protocol_masks_padding_and_batches_agree(tiny, tmp_path):
-    lines = ["The quick brown fox.", "Paris is the capital of France and the river Thames flows through London.",
-             "", "Numbers 0 1 2 3 4 5 6 7 8 9 appear in text.", "Who wrote Hamlet?"]
+    lines = [
+        "The quick brown fox.",
+        "Paris is the capital of France and the river Thames flows through London.",
+        "",
+        "Numbers 0 1 2 3 4 5 6 7 8 9 appear in text.",
+        "Who wrote Hamlet?",
+    ]
     f = tmp_path / "rows.jsonl"
     f.write_text("\n".join(json.dumps({"text": t}) for t in lines))
     nll, count = 0.0, 0
@@ -91,29 +99,33 @@ def test_both_wikitext_protocols_on_tiny(tiny, data_dir):
         assert r.source.endswith("wikitext-2-raw-v1-test.jsonl")
     # the limited prefix tokenization gives exactly the full tokenization's first windows
     full = concat_windows(tiny.tokenizer, evdata.load_texts("wikitext2", data_dir=data_dir)[0], 128)
-    again = perplexity(tiny.model, tiny.tokenizer, Protocol("wikitext2", "concat", 128, limit=4),
-                       data_dir=data_dir)
+    again = perplexity(tiny.model, tiny.tokenizer, Protocol("wikitext2", "concat", 128, limit=4), data_dir=data_dir)
     assert again.value == pytest.approx(concat.value)
-    from evals.perplexity import score_sequences
+    from frankenlab.evals.perplexity import score_sequences
 
     nll, n = score_sequences(tiny.model, full[:4])
     assert math.exp(nll / n) == pytest.approx(concat.value, rel=1e-5)
 
 
-@pytest.mark.parametrize("name, parsed", [
-    ("wikitext2-rows-512", ("wikitext2", "rows", 512, None, None)),
-    ("c4-concat-2048", ("c4", "concat", 2048, None, None)),
-    ("wikitext2-concat-512-stride256:first8", ("wikitext2", "concat", 512, 256, 8)),
-    ("/data/my-notes.txt-concat-64", ("/data/my-notes.txt", "concat", 64, None, None)),
-])
+@pytest.mark.parametrize(
+    "name, parsed",
+    [
+        ("wikitext2-rows-512", ("wikitext2", "rows", 512, None, None)),
+        ("c4-concat-2048", ("c4", "concat", 2048, None, None)),
+        ("wikitext2-concat-512-stride256:first8", ("wikitext2", "concat", 512, 256, 8)),
+        ("/data/my-notes.txt-concat-64", ("/data/my-notes.txt", "concat", 64, None, None)),
+    ],
+)
 def test_protocol_names_round_trip(name, parsed):
     p = Protocol.parse(name)
     assert (p.data, p.mode, p.seq_len, p.stride, p.limit) == parsed
     assert Protocol.parse(p.name).name == p.name
 
 
-@pytest.mark.parametrize("bad", ["wikitext2", "wikitext2-rows", "wikitext2-rows-1", "wikitext2-rows-512-stride8",
-                                 "wikitext2-concat-64-stride128"])
+@pytest.mark.parametrize(
+    "bad",
+    ["wikitext2", "wikitext2-rows", "wikitext2-rows-1", "wikitext2-rows-512-stride8", "wikitext2-concat-64-stride128"],
+)
 def test_bad_protocols(bad):
     with pytest.raises(ValueError):
         Protocol.parse(bad)
@@ -131,8 +143,8 @@ def test_perplexity_cancel_and_progress(tiny, tmp_path):
 
 def test_perplexity_cancel_reaches_inside_a_batch(tiny, tmp_path):
     """A cancel set while a batch is in the decoder stops at the next layer, not after the batch."""
-    from evals.perplexity import cancel_between_layers
-    from pipeline.models import decoder_layers
+    from frankenlab.evals.cancel import cancel_between_layers
+    from frankenlab.pipeline.loading import decoder_layers
 
     f = tmp_path / "t.txt"
     f.write_text(TEXT * 20)
@@ -168,8 +180,8 @@ def test_side_by_side_batches_give_the_serial_numbers(tiny, tmp_path, monkeypatc
     progress on the caller's thread up to 1, the caller's thread count and a later thread's untouched."""
     import threading
 
-    from evals.perplexity import eval_workers
-    from pipeline.models import decoder_layers
+    from frankenlab.evals.side_by_side import eval_workers
+    from frankenlab.pipeline.loading import decoder_layers
 
     f = tmp_path / "t.txt"
     f.write_text(TEXT * 30)
@@ -179,12 +191,16 @@ def test_side_by_side_batches_give_the_serial_numbers(tiny, tmp_path, monkeypatc
     monkeypatch.delenv("FRANKENLAB_EVAL_WORKERS")
     assert eval_workers("cpu", 5) == 2 and eval_workers("cpu", 1) == 1 and eval_workers("cuda", 5) == 1
     ran_on, seen = set(), []
-    h = decoder_layers(tiny.model)[0].register_forward_hook(
-        lambda *_a: ran_on.add(threading.current_thread().name))
+    h = decoder_layers(tiny.model)[0].register_forward_hook(lambda *_a: ran_on.add(threading.current_thread().name))
     caller = threading.current_thread().name
     try:
-        both = perplexity(tiny.model, tiny.tokenizer, protocol, batch_size=2,
-                          progress=lambda x: seen.append((x, threading.current_thread().name)))
+        both = perplexity(
+            tiny.model,
+            tiny.tokenizer,
+            protocol,
+            batch_size=2,
+            progress=lambda x: seen.append((x, threading.current_thread().name)),
+        )
     finally:
         h.remove()
     assert serial.sequences >= 6
@@ -205,7 +221,7 @@ def test_side_by_side_cancel_and_errors(tiny, tmp_path, two_threads):
     out-of-memory, say) is raised as itself, the other batch stopped; the pool works afterwards."""
     import threading
 
-    from pipeline.models import decoder_layers
+    from frankenlab.pipeline.loading import decoder_layers
 
     f = tmp_path / "t.txt"
     f.write_text(TEXT * 30)
@@ -230,6 +246,7 @@ def test_side_by_side_cancel_and_errors(tiny, tmp_path, two_threads):
         seen["n"] += 1
         if seen["n"] == 2:
             raise RuntimeError("out of memory (simulated)")
+
     h = layers[3].register_forward_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="out of memory"):
@@ -240,6 +257,7 @@ def test_side_by_side_cancel_and_errors(tiny, tmp_path, two_threads):
 
     def gone(_fraction):  # the screen that showed progress went away
         raise KeyError("progress display closed")
+
     with pytest.raises(KeyError):
         perplexity(tiny.model, tiny.tokenizer, protocol, batch_size=2, progress=gone)
     assert all(not layer._forward_pre_hooks for layer in layers)
@@ -251,7 +269,7 @@ def test_side_by_side_cancel_and_errors(tiny, tmp_path, two_threads):
 def test_freed_memory_settings_hold_while_any_block_is_open(monkeypatch):
     """glibc's thresholds go up on the first open block, to glibc's own dynamic state (and free
     memory returned) when the last closes; nothing happens with FRANKENLAB_MALLOC_TUNING=0 or without glibc."""
-    from evals import memory
+    from frankenlab.evals import memory
 
     calls = []
 
@@ -263,21 +281,26 @@ def test_freed_memory_settings_hold_while_any_block_is_open(monkeypatch):
         def malloc_trim(self, pad):
             calls.append(("trim", pad))
             return 1
+
     monkeypatch.setattr(memory, "_glibc", lambda: FakeLibc())
     with memory.reuse_freed_memory():
         opened = list(calls)
         with memory.reuse_freed_memory():
             assert calls == opened  # nested: nothing more
         assert calls == opened
-    assert dict((p, v) for _, p, v in opened) == {memory.M_MMAP_THRESHOLD: memory.MMAP_THRESHOLD,
-                                                   memory.M_TRIM_THRESHOLD: memory.KEEP_FREE,
-                                                   memory.M_TOP_PAD: memory.TOP_PAD}
-    closed = calls[len(opened):]
+    assert dict((p, v) for _, p, v in opened) == {
+        memory.M_MMAP_THRESHOLD: memory.MMAP_THRESHOLD,
+        memory.M_TRIM_THRESHOLD: memory.KEEP_FREE,
+        memory.M_TOP_PAD: memory.TOP_PAD,
+    }
+    closed = calls[len(opened) :]
     assert ("trim", 0) == closed[-1]
     # left where glibc's own dynamic rule lands once the 32 MiB mmap threshold is reached, not at
     # its 128 KiB starting trim threshold (which made later work in the process fault far more)
-    assert {(p, v) for _, p, v in closed[:-1]} == {(memory.M_TRIM_THRESHOLD, 2 * memory.MMAP_THRESHOLD),
-                                                   (memory.M_TOP_PAD, 128 << 10)}
+    assert {(p, v) for _, p, v in closed[:-1]} == {
+        (memory.M_TRIM_THRESHOLD, 2 * memory.MMAP_THRESHOLD),
+        (memory.M_TOP_PAD, 128 << 10),
+    }
     assert memory._open == 0
     calls.clear()
     monkeypatch.setenv("FRANKENLAB_MALLOC_TUNING", "0")
@@ -293,6 +316,7 @@ def test_freed_memory_settings_hold_while_any_block_is_open(monkeypatch):
 
 # -- generation and QA -------------------------------------------------------------------------------
 
+
 def _force_tokens(model, first: int, then: int):
     """Make greedy decoding pick `first`, then `then` at every later step (a hook on the output head)."""
     calls = []
@@ -302,6 +326,7 @@ def _force_tokens(model, first: int, then: int):
         output[..., first if not calls else then] = output.abs().max() + 100.0
         calls.append(1)
         return output
+
     return model.lm_head.register_forward_hook(hook)
 
 
@@ -331,24 +356,35 @@ def test_generation_stops_at_end_of_line_and_caps_at_50(tiny):
 
 
 def test_left_padded_batches_match_one_by_one(tiny):
-    prompts = ["Question: Who wrote Hamlet?\nAnswer:", "The river",
-               "Context: The Chipmunks were created by Ross Bagdasarian.\nQuestion: Who created them?\nAnswer:"]
-    one = [generate_greedy(tiny.model, tiny.tokenizer, [p], max_new_tokens=8, stop_at_newline=False)[0]
-           for p in prompts]
-    batched = generate_greedy(tiny.model, tiny.tokenizer, prompts, max_new_tokens=8, stop_at_newline=False,
-                              batch_size=3)
+    prompts = [
+        "Question: Who wrote Hamlet?\nAnswer:",
+        "The river",
+        "Context: The Chipmunks were created by Ross Bagdasarian.\nQuestion: Who created them?\nAnswer:",
+    ]
+    one = [
+        generate_greedy(tiny.model, tiny.tokenizer, [p], max_new_tokens=8, stop_at_newline=False)[0] for p in prompts
+    ]
+    batched = generate_greedy(
+        tiny.model, tiny.tokenizer, prompts, max_new_tokens=8, stop_at_newline=False, batch_size=3
+    )
     assert [g.text for g in batched] == [g.text for g in one]
     assert [g.prompt for g in batched] == prompts  # the caller's order, though batches sort by length
-    for p, g in zip(prompts, one):  # our loop decodes exactly as Hugging Face's greedy generate does
+    for p, g in zip(prompts, one, strict=False):  # our loop decodes exactly as Hugging Face's greedy generate does
         ids = tiny.tokenizer(p, return_tensors="pt").input_ids
-        ref = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
-                                  min_new_tokens=8, pad_token_id=tiny.tokenizer.pad_token_id)
-        assert g.text == tiny.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+        ref = tiny.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=8,
+            min_new_tokens=8,
+            pad_token_id=tiny.tokenizer.pad_token_id,
+        )
+        assert g.text == tiny.tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_finished_rows_leave_the_batch(tiny):
     """A row that stops early leaves the batch; the rows that go on decode exactly as they would alone."""
-    from evals.generate import _decode
+    from frankenlab.evals.generate import _decode
 
     tok = tiny.tokenizer
     prompts = ["Question: Who wrote Hamlet?\nAnswer:", "The river Thames flows", "Paris is the capital"]
@@ -357,17 +393,18 @@ def test_finished_rows_leave_the_batch(tiny):
     ids = torch.full((3, width), tok.pad_token_id)
     mask = torch.zeros((3, width), dtype=torch.long)
     for r, e in enumerate(enc):
-        ids[r, width - len(e):], mask[r, width - len(e):] = torch.tensor(e), 1
+        ids[r, width - len(e) :], mask[r, width - len(e) :] = torch.tensor(e), 1
     no_eos = torch.tensor([], dtype=torch.long)
-    alone = [_decode(tiny.model, torch.tensor([e]), torch.ones(1, len(e), dtype=torch.long), 8, no_eos, None,
-                     None)[0] for e in enc]
+    alone = [
+        _decode(tiny.model, torch.tensor([e]), torch.ones(1, len(e), dtype=torch.long), 8, no_eos, None, None)[0]
+        for e in enc
+    ]
 
     def cut(toks, stop):
-        return toks[:toks.index(stop) + 1] if stop in toks else toks
+        return toks[: toks.index(stop) + 1] if stop in toks else toks
 
     # treat a token as a line end such that the rows stop at different steps
-    stop = next(t for t in sorted({t for a in alone for t in a})
-                if len({len(cut(a, t)) for a in alone}) > 1)
+    stop = next(t for t in sorted({t for a in alone for t in a}) if len({len(cut(a, t)) for a in alone}) > 1)
     classes = (torch.tensor([stop]), torch.tensor([], dtype=torch.long))
     together = _decode(tiny.model, ids, mask, 8, no_eos, classes, None)
     assert together == [cut(a, stop) for a in alone]
@@ -385,8 +422,11 @@ def test_triviaqa_items_and_prompts(data_dir, tiny):
     assert build_prompt(it) == f"Question: {it.question}\nAnswer:"
     chat = build_prompt(it, chat=True, tokenizer=tiny.tokenizer)
     assert chat.startswith("<|im_start|>user\nQuestion: ") and chat.endswith("<|im_start|>assistant\n")
-    row = {"context": "Question: Who was the man behind The Chipmunks?\nAnswer:", "answer": "David Seville",
-           "aliases": ["Ross Bagdasarian", "David Seville"]}
+    row = {
+        "context": "Question: Who was the man behind The Chipmunks?\nAnswer:",
+        "answer": "David Seville",
+        "aliases": ["Ross Bagdasarian", "David Seville"],
+    }
     parsed = parse_triviaqa(row, 7)
     assert parsed.question == "Who was the man behind The Chipmunks?"
     assert parsed.aliases == ("Ross Bagdasarian", "David Seville")
@@ -404,25 +444,45 @@ def test_open_book_is_nq_open_with_gold_passage(data_dir):
         assert it.aliases == tuple(rows[it.index]["answers"])
         assert build_prompt(it) == f"Context: {it.context}\nQuestion: {it.question}\nAnswer:"
     assert protocol_name("open", 3, 0, False, 2655) == "nq-open-oracle-openbook:3:first-line"
-    assert protocol_name("closed", 200, 3, True, 2000, match="thesis") == "triviaqa-closed-validation:200:seed3+chat:thesis"
+    assert (
+        protocol_name("closed", 200, 3, True, 2000, match="thesis")
+        == "triviaqa-closed-validation:200:seed3+chat:thesis"
+    )
 
 
 def test_qa_records_from_scoring():
-    from evals.generate import Generation
-    from evals.qa import QAItem
+    from frankenlab.evals.generate import Generation
+    from frankenlab.evals.qa import QAItem
 
-    items = [QAItem(0, "Capital of France?", ("Paris",)), QAItem(1, "Who wrote Hamlet?", ("William Shakespeare",)),
-             QAItem(2, "Chipmunks?", ("Ross Bagdasarian Sr",)), QAItem(3, "Largest planet?", ("Jupiter",))]
-    gens = [Generation("", " Paris\nQuestion: x", 3), Generation("", " It was William Shakespeare.", 7),
-            Generation("", " Bagdasarian, Ross Sr", 6), Generation("", " Saturn", 2)]
+    items = [
+        QAItem(0, "Capital of France?", ("Paris",)),
+        QAItem(1, "Who wrote Hamlet?", ("William Shakespeare",)),
+        QAItem(2, "Chipmunks?", ("Ross Bagdasarian Sr",)),
+        QAItem(3, "Largest planet?", ("Jupiter",)),
+    ]
+    gens = [
+        Generation("", " Paris\nQuestion: x", 3),
+        Generation("", " It was William Shakespeare.", 7),
+        Generation("", " Bagdasarian, Ross Sr", 6),
+        Generation("", " Saturn", 2),
+    ]
     records, acc, em, rules = score(items, gens)
     assert acc == 0.75 and em == 0.25
     assert rules == {"exact": 1, "substring": 1, "words": 1, "none": 1}
     assert [r["rule"] for r in records] == ["exact", "substring", "words", None]
     assert records[0]["prediction"] == "Paris" and records[0]["generated"] == " Paris\nQuestion: x"
     assert records[1]["matched_alias"] == "William Shakespeare" and records[3]["matched_alias"] is None
-    assert set(records[0]) >= {"index", "question", "prediction", "correct", "exact_match", "rule",
-                               "matched_alias", "aliases", "new_tokens"}
+    assert set(records[0]) >= {
+        "index",
+        "question",
+        "prediction",
+        "correct",
+        "exact_match",
+        "rule",
+        "matched_alias",
+        "aliases",
+        "new_tokens",
+    }
 
 
 def test_run_qa_on_tiny_keeps_a_record_per_question(tiny, data_dir):
@@ -435,16 +495,33 @@ def test_run_qa_on_tiny_keeps_a_record_per_question(tiny, data_dir):
 
 # -- the suite -------------------------------------------------------------------------------------
 
+
 def test_evaluate_runs_everything_configured(tiny, data_dir):
-    cfg = EvalConfig(perplexity=("wikitext2-rows-512", "wikitext2-concat-64"), ppl_limit=3, triviaqa_closed=4,
-                     triviaqa_open=2, qa_batch_size=4, samples=True)
+    cfg = EvalConfig(
+        perplexity=("wikitext2-rows-512", "wikitext2-concat-64"),
+        ppl_limit=3,
+        triviaqa_closed=4,
+        triviaqa_open=2,
+        qa_batch_size=4,
+        samples=True,
+    )
     progress, metrics = [], []
-    r = evaluate(tiny.model, tiny.tokenizer, cfg, data_dir=data_dir,
-                 progress=lambda f, m: progress.append((f, m)), on_metric=metrics.append)
+    r = evaluate(
+        tiny.model,
+        tiny.tokenizer,
+        cfg,
+        data_dir=data_dir,
+        progress=lambda f, m: progress.append((f, m)),
+        on_metric=metrics.append,
+    )
     assert [m["name"] for m in r.metrics] == ["perplexity", "perplexity", "triviaqa_closed", "triviaqa_open"]
     assert metrics == r.metrics
-    assert [m["protocol"] for m in r.metrics] == ["wikitext2-rows-512:first3", "wikitext2-concat-64:first3",
-                                                  "triviaqa-closed-validation:4:first-line", "nq-open-oracle-openbook:2:first-line"]
+    assert [m["protocol"] for m in r.metrics] == [
+        "wikitext2-rows-512:first3",
+        "wikitext2-concat-64:first3",
+        "triviaqa-closed-validation:4:first-line",
+        "nq-open-oracle-openbook:2:first-line",
+    ]
     qa = r.get("triviaqa_closed")
     assert {"exact_match", "n", "value", "protocol"} <= set(qa) and qa["n"] == 4
     assert len(r.details["triviaqa_closed"]["records"]) == 4 and len(r.details["triviaqa_open"]["records"]) == 2
@@ -471,19 +548,24 @@ def test_evaluate_cancels_between_batches(tiny, data_dir):
 
 
 def test_eval_config_validation():
-    from pipeline.config import RecipeError, from_dict
+    from frankenlab.evals.config import from_dict
+    from frankenlab.evals.errors import RecipeError
 
     with pytest.raises(RecipeError, match="unknown perplexity protocol"):
         EvalConfig(perplexity=("wikitext-512",))
     with pytest.raises(RecipeError, match="stride"):
         from_dict(EvalConfig, {"ppl_stride": 0}, "evaluation")
-    cfg = from_dict(EvalConfig, {"perplexity": ["wikitext2-concat-512", "wikitext2-rows-512"], "ppl_stride": 256,
-                                 "ppl_limit": 4}, "evaluation")
+    cfg = from_dict(
+        EvalConfig,
+        {"perplexity": ["wikitext2-concat-512", "wikitext2-rows-512"], "ppl_stride": 256, "ppl_limit": 4},
+        "evaluation",
+    )
     assert cfg.protocol("wikitext2-concat-512").name == "wikitext2-concat-512-stride256:first4"
     assert cfg.protocol("wikitext2-rows-512").name == "wikitext2-rows-512:first4"  # stride: concat only
 
 
 # -- data resolution ---------------------------------------------------------------------------------
+
 
 def test_data_resolution_order(tmp_path, monkeypatch, data_dir):
     monkeypatch.setattr(evdata, "_hub_reachable", lambda: True)
@@ -523,16 +605,39 @@ def test_data_not_found_names_all_three_sources(tmp_path, monkeypatch):
 
 # -- the command line ---------------------------------------------------------------------------------
 
+
 def test_eval_command_writes_json(tiny_model_dir, data_dir, tmp_path, capsys):
-    from tui.cli import main
+    from frankenlab.tui.cli.main import main
 
     out = tmp_path / "res.json"
-    rc = main(["--device", "cpu", "eval", "--model", str(tiny_model_dir), "--ppl", "wikitext2-concat-64",
-               "--limit", "2", "--triviaqa-closed", "3", "--samples", "--failures", "1", "--json", str(out),
-               "--data-dir", str(data_dir)])
+    rc = main(
+        [
+            "--device",
+            "cpu",
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--ppl",
+            "wikitext2-concat-64",
+            "--limit",
+            "2",
+            "--triviaqa-closed",
+            "3",
+            "--samples",
+            "--failures",
+            "1",
+            "--json",
+            str(out),
+            "--data-dir",
+            str(data_dir),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
-    assert [m["protocol"] for m in res["metrics"]] == ["wikitext2-concat-64:first2", "triviaqa-closed-validation:3:first-line"]
+    assert [m["protocol"] for m in res["metrics"]] == [
+        "wikitext2-concat-64:first2",
+        "triviaqa-closed-validation:3:first-line",
+    ]
     assert len(res["details"]["triviaqa_closed"]["records"]) == 3 and res["details"]["samples"]["items"]
     printed = capsys.readouterr().out
     assert "wikitext2-concat-64:first2" in printed and "triviaqa-closed-validation:3:first-line" in printed
@@ -543,9 +648,10 @@ def test_eval_command_writes_json(tiny_model_dir, data_dir, tmp_path, capsys):
 
 # -- the bundled model --------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_bundled_model_perplexity_and_answers(data_dir):
-    from pipeline.models import load_model
+    from frankenlab.pipeline.loading import load_model
 
     lm = load_model(device="cpu")
     r = perplexity(lm.model, lm.tokenizer, "wikitext2-concat-512", data_dir=data_dir, limit=4)
@@ -566,12 +672,14 @@ def test_hub_cache_is_used_when_offline(tmp_path, monkeypatch):
 
 
 def test_triviaqa_rc_open_book_uses_shortest_evidence(tmp_path):
-    from evals.qa import parse_triviaqa_rc
+    from frankenlab.evals.qa import parse_triviaqa_rc
 
-    row = {"question": "Who created The Chipmunks?",
-           "answer": {"value": "Ross Bagdasarian", "aliases": ["David Seville"]},
-           "entity_pages": {"wiki_context": ["A long page about Alvin and the Chipmunks. " * 20]},
-           "search_results": {"search_context": ["", "The Chipmunks were created by Ross Bagdasarian."]}}
+    row = {
+        "question": "Who created The Chipmunks?",
+        "answer": {"value": "Ross Bagdasarian", "aliases": ["David Seville"]},
+        "entity_pages": {"wiki_context": ["A long page about Alvin and the Chipmunks. " * 20]},
+        "search_results": {"search_context": ["", "The Chipmunks were created by Ross Bagdasarian."]},
+    }
     f = tmp_path / "rc.jsonl"
     f.write_text(json.dumps(row) + "\n")
     items, source, total = load_items("open", 1, path=f, open_source="triviaqa-rc")
@@ -584,11 +692,31 @@ def test_triviaqa_rc_open_book_uses_shortest_evidence(tmp_path):
 
 @pytest.mark.parametrize("match", ["first-line", "thesis"])
 def test_eval_command_match_protocols(tiny_model_dir, data_dir, tmp_path, capsys, match):
-    from tui.cli import main
+    from frankenlab.tui.cli.main import main
 
     out = tmp_path / f"{match}.json"
-    assert main(["--device", "cpu", "eval", "--model", str(tiny_model_dir), "--triviaqa-closed", "3", "--match", match,
-                 "--qa-batch-size", "3", "--json", str(out), "--data-dir", str(data_dir)]) == 0
+    assert (
+        main(
+            [
+                "--device",
+                "cpu",
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--triviaqa-closed",
+                "3",
+                "--match",
+                match,
+                "--qa-batch-size",
+                "3",
+                "--json",
+                str(out),
+                "--data-dir",
+                str(data_dir),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     (m,) = res["metrics"]
     assert m["protocol"] == f"triviaqa-closed-validation:3:{match}" and m["match"] == match
@@ -603,33 +731,73 @@ def test_eval_command_match_protocols(tiny_model_dir, data_dir, tmp_path, capsys
 
 
 def test_eval_command_question_file_is_named_in_the_protocol(tiny_model_dir, data_dir, tmp_path, capsys):
-    from tui.cli import main
+    from frankenlab.tui.cli.main import main
 
     qs = tmp_path / "pub_quiz.jsonl"
-    qs.write_text("".join(json.dumps({"question": q, "answer": a, "aliases": [a]}) + "\n"
-                          for q, a in [("Capital of France?", "Paris"), ("Who wrote Hamlet?", "Shakespeare")]))
+    qs.write_text(
+        "".join(
+            json.dumps({"question": q, "answer": a, "aliases": [a]}) + "\n"
+            for q, a in [("Capital of France?", "Paris"), ("Who wrote Hamlet?", "Shakespeare")]
+        )
+    )
     out = tmp_path / "quiz.json"
-    assert main(["--device", "cpu", "eval", "--model", str(tiny_model_dir), "--triviaqa-closed", "2",
-                 "--triviaqa-file", str(qs), "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--device",
+                "cpu",
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--triviaqa-closed",
+                "2",
+                "--triviaqa-file",
+                str(qs),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (m,) = json.loads(out.read_text())["metrics"]
     assert m["protocol"] == "triviaqa-closed-pub_quiz:2:first-line" and m["source"] == str(qs)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "no question here"}) + "\n")
     capsys.readouterr()
-    assert main(["--device", "cpu", "eval", "--model", str(tiny_model_dir), "--triviaqa-closed", "1",
-                 "--triviaqa-file", str(bad)]) == 2
+    assert (
+        main(
+            [
+                "--device",
+                "cpu",
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--triviaqa-closed",
+                "1",
+                "--triviaqa-file",
+                str(bad),
+            ]
+        )
+        == 2
+    )
     printed = capsys.readouterr().out
     assert "Each row needs a question" in printed and "Traceback" not in printed
 
 
 def test_thesis_preset_expands_and_keys_beside_it_win():
-    from evals.config import from_dict, to_dict
-    from tui.cli import build_parser
-    from tui.commands.eval import build_config
+    from frankenlab.evals.config import from_dict, to_dict
+    from frankenlab.tui.cli.eval import build_config
+    from frankenlab.tui.cli.main import build_parser
 
     cfg = from_dict(EvalConfig, {"preset": "thesis"}, "evaluation")
     assert (cfg.perplexity, cfg.ppl_limit, cfg.triviaqa_closed, cfg.triviaqa_open, cfg.match, cfg.samples) == (
-        ("wikitext2-rows-512",), 0, 1200, 1200, "thesis", True)
+        ("wikitext2-rows-512",),
+        0,
+        1200,
+        1200,
+        "thesis",
+        True,
+    )
     assert from_dict(EvalConfig, {"preset": "thesis", "triviaqa_open": 0}, "evaluation").triviaqa_open == 0
     again = from_dict(EvalConfig, to_dict(cfg), "evaluation")
     assert again == cfg  # dumped and reloaded, the same evaluation

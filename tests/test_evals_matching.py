@@ -1,30 +1,34 @@
 """The answer matcher: normalisation and each of the thesis' three rules, with strict EM beside it;
 the two match protocols; degenerate aliases; Wilson intervals."""
+
 import pytest
 
-from evals.generate import Generation
-from evals.matching import answer_text, first_line, is_degenerate, match_answer, normalize
-from evals.qa import QAItem, score
-from evals.stats import format_accuracy, wilson
+from frankenlab.evals.generate import Generation
+from frankenlab.evals.matching import answer_text, first_line, is_degenerate, match_answer, normalize
+from frankenlab.evals.qa import QAItem, score
+from frankenlab.evals.stats import format_accuracy, wilson
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("  The  Mikado! ", "mikado"),  # articles go, as in SQuAD / lm-evaluation-harness
-    ("A Tale of Two Cities", "tale of two cities"),
-    ("an apple, the end", "apple end"),
-    ("Theatre Anthem", "theatre anthem"),  # only whole words are articles
-    ("U.S.A.", "usa"),
-    ("Jay-Z", "jay z"),
-    ("AC/DC", "ac dc"),
-    ("Rock\u2013and\u2014roll", "rock and roll"),  # en and em dashes
-    ("\u201cSmart quotes\u201d", "smart quotes"),
-    ("Senj\u014d no Valkyria", "senj\u014d no valkyria"),  # accents are kept
-    ("\uff21\uff22\uff23", "abc"),  # full-width letters fold under NFKC
-    ("STRASSE", "strasse"),
-    ("Stra\u00dfe", "strasse"),  # casefold, not lower
-    ("\tline\nbreak ", "line break"),
-    ("?!.", ""),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("  The  Mikado! ", "mikado"),  # articles go, as in SQuAD / lm-evaluation-harness
+        ("A Tale of Two Cities", "tale of two cities"),
+        ("an apple, the end", "apple end"),
+        ("Theatre Anthem", "theatre anthem"),  # only whole words are articles
+        ("U.S.A.", "usa"),
+        ("Jay-Z", "jay z"),
+        ("AC/DC", "ac dc"),
+        ("Rock\u2013and\u2014roll", "rock and roll"),  # en and em dashes
+        ("\u201cSmart quotes\u201d", "smart quotes"),
+        ("Senj\u014d no Valkyria", "senj\u014d no valkyria"),  # accents are kept
+        ("\uff21\uff22\uff23", "abc"),  # full-width letters fold under NFKC
+        ("STRASSE", "strasse"),
+        ("Stra\u00dfe", "strasse"),  # casefold, not lower
+        ("\tline\nbreak ", "line break"),
+        ("?!.", ""),
+    ],
+)
 def test_normalize(text, expected):
     assert normalize(text) == expected
 
@@ -80,8 +84,7 @@ def test_wrong_and_empty():
 
 def test_record_dict():
     d = match_answer("Onions", ["Onion", "Onions"]).to_dict()
-    assert d == {"correct": True, "exact_match": True, "rule": "exact", "matched_alias": "Onions",
-                 "word_fraction": 1.0}
+    assert d == {"correct": True, "exact_match": True, "rule": "exact", "matched_alias": "Onions", "word_fraction": 1.0}
 
 
 def test_degenerate_aliases_do_not_match_by_substring_or_words():
@@ -105,12 +108,18 @@ def test_protocols_score_different_text():
 
 
 def test_score_under_both_protocols_answer_after_the_first_line():
-    items = [QAItem(0, "Capital of France?", ("Paris",)), QAItem(1, "Who wrote Hamlet?", ("William Shakespeare",)),
-             QAItem(2, "Band?", ("The Beatles",)), QAItem(3, "Largest planet?", ("Jupiter",))]
-    gens = [Generation("", " Paris\nQuestion: x", 3),  # right on the first line
-            Generation("", " I think\nit was William Shakespeare.", 9),  # right only after the first line
-            Generation("", " Beatles", 2),  # exact once the article is dropped
-            Generation("", " Saturn\nQuestion: Largest moon?\nAnswer: Ganymede", 12)]  # wrong either way
+    items = [
+        QAItem(0, "Capital of France?", ("Paris",)),
+        QAItem(1, "Who wrote Hamlet?", ("William Shakespeare",)),
+        QAItem(2, "Band?", ("The Beatles",)),
+        QAItem(3, "Largest planet?", ("Jupiter",)),
+    ]
+    gens = [
+        Generation("", " Paris\nQuestion: x", 3),  # right on the first line
+        Generation("", " I think\nit was William Shakespeare.", 9),  # right only after the first line
+        Generation("", " Beatles", 2),  # exact once the article is dropped
+        Generation("", " Saturn\nQuestion: Largest moon?\nAnswer: Ganymede", 12),
+    ]  # wrong either way
     rec_first, acc_first, em_first, rules_first = score(items, gens, "first-line")
     assert (acc_first, em_first) == (0.5, 0.5)
     assert [r["correct"] for r in rec_first] == [True, False, True, False]
@@ -124,7 +133,10 @@ def test_score_under_both_protocols_answer_after_the_first_line():
 
 def test_wilson_interval():
     lo, hi = wilson(19, 200)  # the bundled model's 9.5 % of 200 closed-book questions
-    assert (round(lo, 4), round(hi, 4)) == (0.0617, 0.1436)  # by hand: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)
+    assert (round(lo, 4), round(hi, 4)) == (
+        0.0617,
+        0.1436,
+    )  # by hand: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)
     assert wilson(0, 10)[0] == 0.0 and 0.27 < wilson(0, 10)[1] < 0.28  # honest at 0 of n
     assert wilson(10, 10)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)
     assert format_accuracy(0.095, 200) == "9.5 % (19/200, 95 % CI 6.2-14.4 %)"

@@ -1,22 +1,46 @@
 """HellaSwag on the tiny LLaMA: lm-evaluation-harness' acc and acc_norm from hand-computed log-likelihoods."""
+
 import gzip
 import json
 
 import pytest
 import torch
 
-from evals.hellaswag import hellaswag, load_items, parse, pick, preprocess
-from evals.loglik import continuation_logprobs, encode_pair
+from frankenlab.evals.hellaswag import hellaswag, load_items, parse, pick, preprocess
+from frankenlab.evals.loglik import continuation_logprobs, encode_pair
 
 ROWS = [
-    {"idx": 0, "activity_label": "Roof shingle removal", "ctx": "A man is sitting on a roof. he",
-     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
-                 "starts pulling up roofing on a roof."], "label": 3},
-    {"idx": 1, "activity_label": "Clean and jerk", "ctx": "A lady walks to a barbell. She bends down and grabs the pole.",
-     "endings": ["swings.", "pulls the barbell forward.", "pulls a rope attached to the barbell [title] and more.",
-                 "stands and lifts the weight over her head."], "label": 3},
-    {"idx": 2, "activity_label": "Cooking", "ctx": "The river Thames flows through London. Paris",
-     "endings": ["is the capital of France.", "jumps over the lazy dog.", "wrote Hamlet.", "0 1 2 3"], "label": 0},
+    {
+        "idx": 0,
+        "activity_label": "Roof shingle removal",
+        "ctx": "A man is sitting on a roof. he",
+        "endings": [
+            "is using wrap to wrap a pair of skis.",
+            "is ripping level tiles off.",
+            "is holding a rubik's cube.",
+            "starts pulling up roofing on a roof.",
+        ],
+        "label": 3,
+    },
+    {
+        "idx": 1,
+        "activity_label": "Clean and jerk",
+        "ctx": "A lady walks to a barbell. She bends down and grabs the pole.",
+        "endings": [
+            "swings.",
+            "pulls the barbell forward.",
+            "pulls a rope attached to the barbell [title] and more.",
+            "stands and lifts the weight over her head.",
+        ],
+        "label": 3,
+    },
+    {
+        "idx": 2,
+        "activity_label": "Cooking",
+        "ctx": "The river Thames flows through London. Paris",
+        "endings": ["is the capital of France.", "jumps over the lazy dog.", "wrote Hamlet.", "0 1 2 3"],
+        "label": 0,
+    },
 ]
 
 
@@ -35,7 +59,7 @@ def hand_loglik(model, tokenizer, context: str, continuation: str) -> float:
     """One unpadded forward over context + continuation; sum of the continuation tokens' log-probabilities."""
     ctx = tokenizer(context, add_special_tokens=False).input_ids
     whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
-    cont = whole[len(ctx):]
+    cont = whole[len(ctx) :]
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].double(), -1)
     return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
@@ -77,7 +101,7 @@ def test_hellaswag_acc_and_acc_norm_follow_the_harness(tiny, hs_file):
     r = hellaswag(tiny.model, tiny.tokenizer, 3, path=hs_file, batch_size=4)
     assert (r.n, r.protocol, r.source) == (3, "hellaswag-validation:3", str(hs_file))
     correct = correct_norm = 0
-    for rec, row in zip(r.records, ROWS):
+    for rec, row in zip(r.records, ROWS, strict=False):
         item = parse(row, row["idx"])
         lls = [hand_loglik(tiny.model, tiny.tokenizer, item.query, " " + e) for e in item.endings]
         assert rec["loglik"] == pytest.approx(lls, abs=2e-3)
@@ -104,22 +128,60 @@ def test_items_are_a_seeded_sample_of_the_validation_file(data_dir):
 
 
 def test_eval_command_prints_acc_and_acc_norm(tiny_model_dir, data_dir, tmp_path, capsys):
-    from tui.cli import main
+    from frankenlab.tui.cli.main import main
 
     out = tmp_path / "hs.json"
-    assert main(["--device", "cpu", "eval", "--model", str(tiny_model_dir), "--hellaswag", "4", "--json", str(out),
-                 "--data-dir", str(data_dir)]) == 0
+    assert (
+        main(
+            [
+                "--device",
+                "cpu",
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--hellaswag",
+                "4",
+                "--json",
+                str(out),
+                "--data-dir",
+                str(data_dir),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "hellaswag_acc " in printed.replace("=", " ") and "hellaswag_acc_norm" in printed
     res = json.loads(out.read_text())
     assert [m["name"] for m in res["metrics"]] == ["hellaswag_acc", "hellaswag_acc_norm"]
-    assert res["metrics"][0]["protocol"] == "hellaswag-validation:4" and len(res["details"]["hellaswag"]["records"]) == 4
+    assert (
+        res["metrics"][0]["protocol"] == "hellaswag-validation:4" and len(res["details"]["hellaswag"]["records"]) == 4
+    )
     # the same items under a layer plan (layer 1 skipped, layer 2 twice) score differently, and bad plans are one line
-    assert main(["--device", "cpu", "eval", "--model", str(tiny_model_dir), "--hellaswag", "4", "--plan", "0,2,2,3-7",
-                 "--json", str(tmp_path / "plan.json"), "--data-dir", str(data_dir)]) == 0
+    assert (
+        main(
+            [
+                "--device",
+                "cpu",
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--hellaswag",
+                "4",
+                "--plan",
+                "0,2,2,3-7",
+                "--json",
+                str(tmp_path / "plan.json"),
+                "--data-dir",
+                str(data_dir),
+            ]
+        )
+        == 0
+    )
     planned = json.loads((tmp_path / "plan.json").read_text())
     assert planned["plan"] == "0,2,2,3-7"
-    assert planned["details"]["hellaswag"]["records"][0]["loglik"] != res["details"]["hellaswag"]["records"][0]["loglik"]
+    assert (
+        planned["details"]["hellaswag"]["records"][0]["loglik"] != res["details"]["hellaswag"]["records"][0]["loglik"]
+    )
     capsys.readouterr()
     assert main(["--device", "cpu", "eval", "--model", str(tiny_model_dir), "--hellaswag", "4", "--plan", "0,99"]) == 2
     assert "plan error" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """The lab's state without an app: run folders, chat targets, the live session, the grid's plan, replay text."""
+
 from __future__ import annotations
 
 import gc
@@ -12,14 +13,21 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import events as ev
-from pipeline.config import option
-from pipeline.plans import LayerPlan
-from pipeline.recipe import Recipe, StageSpec
-from pipeline.stages import depth, register, unregister, width
-from sessions import Session, SessionError, StageRecord
-from tui.lab import LabState, grid_plan, layer_scores, protected_layers, replay_diff_line, replay_verdict
-from tui.latency import LatencyProbe
+from frankenlab.evals.config import option
+from frankenlab.pipeline import events as ev
+from frankenlab.pipeline.plans import LayerPlan
+from frankenlab.pipeline.recipe import Recipe, StageSpec
+from frankenlab.pipeline.stages import depth, register, unregister, width
+from frankenlab.sessions import Session, SessionError, StageRecord
+from frankenlab.tui.lab_state import (
+    LabState,
+    grid_plan,
+    layer_scores,
+    protected_layers,
+    replay_diff_line,
+    replay_verdict,
+)
+from frankenlab.tui.latency import LatencyProbe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,8 +40,9 @@ class FakeLoader:
 
     def __call__(self, ref, **kw):
         self.calls.append((ref, kw))
-        return SimpleNamespace(model=f"model@{ref}", tokenizer=f"tok@{ref}",
-                               source=SimpleNamespace(name=Path(ref).name))
+        return SimpleNamespace(
+            model=f"model@{ref}", tokenizer=f"tok@{ref}", source=SimpleNamespace(name=Path(ref).name)
+        )
 
 
 def make_lab(tmp_path, **kw) -> LabState:
@@ -75,17 +84,23 @@ def test_chat_targets_from_model_grid_plan_and_session_stages(tmp_path):
     lab.loaded = SimpleNamespace(model="base-model", tokenizer="base-tok", source=SimpleNamespace(name="tiny"))
     run = tmp_path / "runs" / "short-1"
     d1 = saved_model(run / "stages" / "1-depth")
-    lab.session = Session(recipe={"name": "r"}, stages=[
-        StageRecord(0, "baseline", "baseline", status="done"),
-        StageRecord(1, "depth", "depth", status="done", artifact=str(d1)),
-        StageRecord(2, "width", "width", status="done", artifact=str(run / "stages" / "2-width")),  # folder gone
-        StageRecord(3, "lora", "lora", status="failed", artifact=str(d1)),
-        StageRecord(4, "gptq", "", status="done"),  # saved no model
-    ])
+    lab.session = Session(
+        recipe={"name": "r"},
+        stages=[
+            StageRecord(0, "baseline", "baseline", status="done"),
+            StageRecord(1, "depth", "depth", status="done", artifact=str(d1)),
+            StageRecord(2, "width", "width", status="done", artifact=str(run / "stages" / "2-width")),  # folder gone
+            StageRecord(3, "lora", "lora", status="failed", artifact=str(d1)),
+            StageRecord(4, "gptq", "", status="done"),  # saved no model
+        ],
+    )
     plan = LayerPlan.without(8, [2])
     targets = lab.chat_targets(plan)
-    assert [t.label for t in targets.values()] == ["baseline (tiny)", f"baseline + plan {plan.to_text()}",
-                                                   "stage 1 depth"]
+    assert [t.label for t in targets.values()] == [
+        "baseline (tiny)",
+        f"baseline + plan {plan.to_text()}",
+        "stage 1 depth",
+    ]
     assert targets["base"].resolve() == ("base-model", "base-tok")
     assert targets["plan"].plan == plan and targets["plan"].resolve() == ("base-model", "base-tok")
     assert not loader.calls, "a stage model loads only when someone chats with it"
@@ -99,8 +114,10 @@ def test_chat_targets_find_stage_models_of_a_moved_run_folder(tmp_path):
     moved = tmp_path / "elsewhere"
     saved_model(moved / "stages" / "1-depth")
     lab = make_lab(tmp_path)
-    lab.session = Session(recipe={"name": "r"}, stages=[StageRecord(1, "depth", "depth", status="done",
-                                              artifact="runs/gone-123/stages/1-depth")])
+    lab.session = Session(
+        recipe={"name": "r"},
+        stages=[StageRecord(1, "depth", "depth", status="done", artifact="runs/gone-123/stages/1-depth")],
+    )
     lab.session.path = str(moved / "session.json")
     (target,) = lab.chat_targets().values()
     assert target.label == "stage 1 depth"
@@ -110,18 +127,47 @@ def test_chat_targets_find_stage_models_of_a_moved_run_folder(tmp_path):
 
 # -- the live session -------------------------------------------------------------------------------
 def run_events(out: Path, artifact: Path) -> list[ev.Event]:
-    record = {"index": 1, "kind": "depth", "name": "depth", "params": {"k": 1}, "status": "done",
-              "metrics": [{"name": "perplexity", "value": 12.5, "protocol": "p"}], "params_count": 10,
-              "params_nonzero": 10, "num_layers": 7, "footprint": {"total_bytes": 1234}, "seconds": 1.0,
-              "artifact": str(artifact), "report": {"scores": {"1": 3.0, "2": 1.0}}, "details": {}}
+    record = {
+        "index": 1,
+        "kind": "depth",
+        "name": "depth",
+        "params": {"k": 1},
+        "status": "done",
+        "metrics": [{"name": "perplexity", "value": 12.5, "protocol": "p"}],
+        "params_count": 10,
+        "params_nonzero": 10,
+        "num_layers": 7,
+        "footprint": {"total_bytes": 1234},
+        "seconds": 1.0,
+        "artifact": str(artifact),
+        "report": {"scores": {"1": 3.0, "2": 1.0}},
+        "details": {},
+    }
     return [
-        ev.RunStarted(-1, recipe={"name": "short", "stages": [{"kind": "depth", "k": 1}]}, out_dir=str(out),
-                      stages=[{"index": 0, "kind": "baseline", "name": "baseline", "params": {}},
-                              {"index": 1, "kind": "depth", "name": "depth", "params": {"k": 1}}]),
+        ev.RunStarted(
+            -1,
+            recipe={"name": "short", "stages": [{"kind": "depth", "k": 1}]},
+            out_dir=str(out),
+            stages=[
+                {"index": 0, "kind": "baseline", "name": "baseline", "params": {}},
+                {"index": 1, "kind": "depth", "name": "depth", "params": {"k": 1}},
+            ],
+        ),
         ev.StageStarted(0, kind="baseline", params={}),
-        ev.StageFinished(0, kind="baseline", status="done", seconds=0.5, summary={},
-                         record={"index": 0, "kind": "baseline", "name": "baseline", "status": "done",
-                                 "footprint": {"total_bytes": 2000}}),
+        ev.StageFinished(
+            0,
+            kind="baseline",
+            status="done",
+            seconds=0.5,
+            summary={},
+            record={
+                "index": 0,
+                "kind": "baseline",
+                "name": "baseline",
+                "status": "done",
+                "footprint": {"total_bytes": 2000},
+            },
+        ),
         ev.StageStarted(1, kind="depth", params={"k": 1}),
         ev.Progress(1, fraction=0.5),
         ev.StageFinished(1, kind="depth", status="done", seconds=1.0, summary={}, record=record),
@@ -182,8 +228,9 @@ def test_grid_plan_from_a_recipe_through_the_stage_hook():
     assert grid_plan(recipe(StageSpec("depth", depth.Config(k=1, metric="l1"))), 8) is None  # known after the run
     after_width = recipe(StageSpec("width", width.Config(pattern="2:4")), StageSpec("depth", depth.Config(layers=(4,))))
     assert grid_plan(after_width, 8) == LayerPlan.without(8, [4])  # width keeps the layers
-    after_rank = recipe(StageSpec("depth", depth.Config(k=1, metric="l1")),
-                        StageSpec("depth", depth.Config(layers=(4,))))
+    after_rank = recipe(
+        StageSpec("depth", depth.Config(k=1, metric="l1")), StageSpec("depth", depth.Config(layers=(4,)))
+    )
     assert grid_plan(after_rank, 8) is None  # a plan over 7 layers cannot be drawn on the model's 8
     with pytest.raises(ValueError):
         grid_plan(recipe(StageSpec("depth", depth.Config(plan="0-9"))), 8)
@@ -206,8 +253,13 @@ def test_grid_plan_asks_the_registry_not_the_kind_name():
 
 
 def test_layer_scores_and_protected_layers():
-    s = Session(recipe={"name": "r"}, stages=[StageRecord(0, "baseline", "baseline"),
-                        StageRecord(1, "depth", "depth", report={"scores": {"3": 5.0, "1": 2.5}})])
+    s = Session(
+        recipe={"name": "r"},
+        stages=[
+            StageRecord(0, "baseline", "baseline"),
+            StageRecord(1, "depth", "depth", report={"scores": {"3": 5.0, "1": 2.5}}),
+        ],
+    )
     assert layer_scores(s, 8) == {3: 5.0, 1: 2.5}
     assert layer_scores(s, 3) is None  # scores of a deeper model
     assert layer_scores(Session(recipe={"name": "r"}, stages=[StageRecord(1, "width", "width", report={})]), 8) is None
@@ -238,8 +290,9 @@ def test_open_session_validates_and_says_why(tmp_path):
 def test_replay_texts():
     diff = SimpleNamespace(stage=1, name="perplexity", protocol="p", saved=12.5, new=12.75, relative=0.02, status="ok")
     assert replay_diff_line(diff) == ("replay [1] perplexity (p): saved 12.5 new 12.75 (+2.00%) ok", "info")
-    off = SimpleNamespace(stage=2, name="triviaqa_closed", protocol="q", saved=0.5, new=0.25, relative=None,
-                          status="differs")
+    off = SimpleNamespace(
+        stage=2, name="triviaqa_closed", protocol="q", saved=0.5, new=0.25, relative=None, status="differs"
+    )
     assert replay_diff_line(off) == ("replay [2] triviaqa_closed (q): saved 0.5 new 0.25 differs", "warning")
     ok = SimpleNamespace(ok=True, diffs=[diff, diff], flagged=[], tolerance=0.02)
     assert replay_verdict(ok) == ("replay reproduced: 2 metrics compared, 0 outside tolerance 2.0%", "info")
@@ -276,8 +329,10 @@ def test_latency_probe_counts_only_while_active():
 
 
 def test_lab_state_imports_without_textual():
-    code = ("import sys, tui.lab, tui.latency, tui.palette\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'textual'))")
+    code = (
+        "import sys, tui.lab_state, tui.latency, tui.palette\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'textual'))"
+    )
     # the timeout only guards against a hung interpreter: these imports take seconds idle and can take
     # minutes on a loaded machine, so it is far above either
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=1800)

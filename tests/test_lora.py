@@ -1,14 +1,16 @@
 """LoRA recovery stage on the tiny random LLaMA: training, mask after merge, cancel, validation."""
+
 import threading
 
 import pytest
 import torch
 
-from evals.perplexity import Cancelled
-from pipeline import events as ev
-from pipeline.config import RecipeError, from_dict
-from pipeline.context import StageContext
-from pipeline.stages import lora, width
+from frankenlab.evals.cancel import Cancelled
+from frankenlab.evals.config import from_dict
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline import events as ev
+from frankenlab.pipeline.context import StageContext
+from frankenlab.pipeline.stages import lora, width
 from tests.tiny import TRAIN_TEXT
 
 
@@ -95,7 +97,7 @@ def test_cancel_keeps_last_completed_step(tiny, tmp_path, text_file):
 def test_cancel_inside_a_step_drops_only_that_step(tiny, tmp_path, text_file):
     """A cancel raised during step 3's backward (after its first layer's gradient) ends the stage at
     once: the adapter of the 2 completed steps is saved, step 3 is not."""
-    from pipeline.models import decoder_layers
+    from frankenlab.pipeline.loading import decoder_layers
 
     cancel = threading.Event()
     steps_done = []
@@ -108,10 +110,13 @@ def test_cancel_inside_a_step_drops_only_that_step(tiny, tmp_path, text_file):
     def arm(module, args, kwargs):  # during step 3, set the flag once the last layer's backward ran
         hidden = args[0] if args else kwargs.get("hidden_states")
         if len(steps_done) == 2 and hidden.requires_grad:
+
             def on_grad(grad):
                 backward_seen.append(1)
                 cancel.set()
+
             hidden.register_hook(on_grad)
+
     handle = decoder_layers(tiny.model)[-1].register_forward_pre_hook(arm, with_kwargs=True)
     try:
         with pytest.raises(Cancelled):
@@ -123,22 +128,26 @@ def test_cancel_inside_a_step_drops_only_that_step(tiny, tmp_path, text_file):
 
 
 def test_triviaqa_pairs_become_training_text(tiny, data_dir):
-    windows, source = lora.training_windows(tiny.tokenizer, lora.Config(dataset="triviaqa", seq_len=64),
-                                            data_dir, needed=4)
+    windows, source = lora.training_windows(
+        tiny.tokenizer, lora.Config(dataset="triviaqa", seq_len=64), data_dir, needed=4
+    )
     assert windows.shape == (windows.shape[0], 64) and windows.shape[0] >= 4
     assert "triviaqa" in source
     assert "Answer:" in tiny.tokenizer.decode(windows[0])
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"rank": 0}, "rank must be at least 1"),
-    ({"dropout": 1.0}, "dropout must be in [0, 1)"),
-    ({"targets": ["q_proj", "qkv"]}, "unknown target projection"),
-    ({"dataset": "imagenet"}, "unknown training dataset"),
-    ({"lr": 0}, "lr (learning rate) must be positive"),
-    ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
-    ({"batch": 8}, "unknown key(s) batch"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"rank": 0}, "rank must be at least 1"),
+        ({"dropout": 1.0}, "dropout must be in [0, 1)"),
+        ({"targets": ["q_proj", "qkv"]}, "unknown target projection"),
+        ({"dataset": "imagenet"}, "unknown training dataset"),
+        ({"lr": 0}, "lr (learning rate) must be positive"),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
+        ({"batch": 8}, "unknown key(s) batch"),
+    ],
+)
 def test_config_validation(data, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         from_dict(lora.Config, data, "stage 1 (lora)")

@@ -1,20 +1,26 @@
 """Memory accounting: bytes of hand-built tensors in every format, tied storage, KV cache, targets, CLI."""
+
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from pipeline.config import RecipeError
-from pipeline.memory import (Assume, Storage, detect_storage, footprint, footprint_summary, nm_index_bits,
-                             quantized_storage)
-from pipeline.targets import Target, load_targets, parse_size, parse_targets
-from pipeline.stages.width import nm_prune_mask
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.footprint import (
+    Assume,
+    Storage,
+    detect_storage,
+    footprint,
+    footprint_summary,
+    quantized_storage,
+)
+from frankenlab.pipeline.stages.width import nm_prune_mask
+from frankenlab.pipeline.targets import Target, load_targets, parse_size, parse_targets
+from frankenlab.pipeline.tensor_formats import nm_index_bits
 
 
 # -- a stand-in for a gptqmodel quantized linear (same buffers, same packing) -----------------------
@@ -23,19 +29,25 @@ def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per = 32 // bits
     c = codes.long().reshape(-1, per, codes.shape[1])
     words = sum(c[:, j] << (bits * j) for j in range(per))
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
+    words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)
 
 
 class FakeQuantLinear(nn.Module):
     """Asymmetric per-group quantization with gptqmodel's qweight/qzeros/scales/g_idx buffers."""
 
-    def __init__(self, weight: torch.Tensor, bits: int = 4, group: int = 128, g_idx: torch.Tensor | None = None,
-                 keep_zeros: bool = True):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bits: int = 4,
+        group: int = 128,
+        g_idx: torch.Tensor | None = None,
+        keep_zeros: bool = True,
+    ):
         super().__init__()
         out_f, in_f = weight.shape
         self.bits, self.group_size, self.in_features, self.out_features = bits, group, in_f, out_f
-        maxq = 2 ** bits - 1
+        maxq = 2**bits - 1
         g_idx = torch.arange(in_f) // group if g_idx is None else g_idx
         groups = int(g_idx.max()) + 1
         w = weight.float()
@@ -53,7 +65,7 @@ class FakeQuantLinear(nn.Module):
         self.bias = None
 
     def dequantized(self) -> torch.Tensor:
-        from pipeline.storage import quant_codes
+        from frankenlab.pipeline.tensor_formats import quant_codes
 
         codes, zeros = quant_codes(self)
         g = self.g_idx.long()
@@ -64,9 +76,9 @@ class FakeQuantLinear(nn.Module):
 
 
 def quantize_decoder(model: nn.Module, bits: int = 4, group: int = 32) -> nn.Module:
-    from pipeline.layerwise import linear_modules
-    from pipeline.models import decoder_layers
-    from pipeline.stages.width import ALL_PROJECTIONS
+    from frankenlab.pipeline.layerwise import linear_modules
+    from frankenlab.pipeline.loading import decoder_layers
+    from frankenlab.pipeline.stages.width import ALL_PROJECTIONS
 
     for layer in decoder_layers(model):
         for name, lin in linear_modules(layer, ALL_PROJECTIONS).items():
@@ -75,9 +87,9 @@ def quantize_decoder(model: nn.Module, bits: int = 4, group: int = 32) -> nn.Mod
 
 
 def prune_nm(model: nn.Module, n: int, m: int) -> nn.Module:
-    from pipeline.layerwise import linear_modules
-    from pipeline.models import decoder_layers
-    from pipeline.stages.width import ALL_PROJECTIONS
+    from frankenlab.pipeline.layerwise import linear_modules
+    from frankenlab.pipeline.loading import decoder_layers
+    from frankenlab.pipeline.stages.width import ALL_PROJECTIONS
 
     with torch.no_grad():
         for layer in decoder_layers(model):
@@ -101,24 +113,27 @@ def test_index_bits_per_group():
     assert nm_index_bits(1, 2) == 1
 
 
-@pytest.mark.parametrize("storage, expected", [
-    (Storage((64, 128), "float32"), 64 * 128 * 4),
-    (Storage((64, 128), "bfloat16"), 64 * 128 * 2),
-    # 2:4 fp32: half the values + 2 bits per kept value (4 bits per group of 4)
-    (Storage((64, 128), "float32", nm=(2, 4)), 64 * 64 * 4 + 64 * 32 * 4 // 8),
-    # 2:4 fp16: 8192 x 2 bytes + 2048 groups x 4 bits
-    (Storage((128, 128), "float16", nm=(2, 4)), 128 * 64 * 2 + 128 * 32 // 2),
-    # 1:8 bf16: 7 of 8 values kept + 3 bits per group
-    (Storage((16, 64), "bfloat16", nm=(1, 8)), 16 * 56 * 2 + 16 * 8 * 3 // 8),
-    # int4 g128: 4 bits per weight + per (group, output) one fp16 scale and one 4-bit zero
-    (Storage((64, 256), "float16", quant=(4, 128)), 64 * 256 // 2 + 2 * 64 * 2 + 2 * 64 // 2),
-    # 2:4 + int4 g128: kept codes only, index bits, same scales and zeros
-    (Storage((64, 256), "float16", nm=(2, 4), quant=(4, 128)), 64 * 128 // 2 + 64 * 64 // 2 + 2 * 64 * 2 + 64),
-    # unstructured: nonzeros + 1-bit mask
-    (Storage((10, 80), "float32", nnz=400), 400 * 4 + 100),
-    # int4 with a bias and a non-trivial g_idx
-    (Storage((8, 32), "float16", quant=(4, 32), extra_bytes=8 * 2 + 32 * 4), 8 * 32 // 2 + 8 * 2 + 4 + 16 + 128),
-])
+@pytest.mark.parametrize(
+    "storage, expected",
+    [
+        (Storage((64, 128), "float32"), 64 * 128 * 4),
+        (Storage((64, 128), "bfloat16"), 64 * 128 * 2),
+        # 2:4 fp32: half the values + 2 bits per kept value (4 bits per group of 4)
+        (Storage((64, 128), "float32", nm=(2, 4)), 64 * 64 * 4 + 64 * 32 * 4 // 8),
+        # 2:4 fp16: 8192 x 2 bytes + 2048 groups x 4 bits
+        (Storage((128, 128), "float16", nm=(2, 4)), 128 * 64 * 2 + 128 * 32 // 2),
+        # 1:8 bf16: 7 of 8 values kept + 3 bits per group
+        (Storage((16, 64), "bfloat16", nm=(1, 8)), 16 * 56 * 2 + 16 * 8 * 3 // 8),
+        # int4 g128: 4 bits per weight + per (group, output) one fp16 scale and one 4-bit zero
+        (Storage((64, 256), "float16", quant=(4, 128)), 64 * 256 // 2 + 2 * 64 * 2 + 2 * 64 // 2),
+        # 2:4 + int4 g128: kept codes only, index bits, same scales and zeros
+        (Storage((64, 256), "float16", nm=(2, 4), quant=(4, 128)), 64 * 128 // 2 + 64 * 64 // 2 + 2 * 64 * 2 + 64),
+        # unstructured: nonzeros + 1-bit mask
+        (Storage((10, 80), "float32", nnz=400), 400 * 4 + 100),
+        # int4 with a bias and a non-trivial g_idx
+        (Storage((8, 32), "float16", quant=(4, 32), extra_bytes=8 * 2 + 32 * 4), 8 * 32 // 2 + 8 * 2 + 4 + 16 + 128),
+    ],
+)
 def test_storage_bytes(storage, expected):
     assert storage.bytes == expected
 
@@ -170,12 +185,22 @@ def test_gptqmodel_unpacking_matches_its_dequantize():
     pytest.importorskip("gptqmodel")
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
-    from pipeline.storage import quant_codes
+    from frankenlab.pipeline.tensor_formats import quant_codes
 
     torch.manual_seed(0)
     lin = nn.Linear(256, 64, bias=False)
-    q = TorchLinear(bits=4, group_size=128, sym=False, desc_act=False, in_features=256, out_features=64, bias=False,
-                    pack_dtype=torch.int32, register_buffers=True, backend=None)
+    q = TorchLinear(
+        bits=4,
+        group_size=128,
+        sym=False,
+        desc_act=False,
+        in_features=256,
+        out_features=64,
+        bias=False,
+        pack_dtype=torch.int32,
+        register_buffers=True,
+        backend=None,
+    )
     w = lin.weight.detach().reshape(64, 2, 128)
     lo, hi = w.min(-1).values, w.max(-1).values
     scale = (hi - lo) / 15
@@ -198,7 +223,7 @@ def test_tied_embeddings_counted_once(tiny):
     assert comps["embeddings"] == cfg.vocab_size * cfg.hidden_size * 4
     assert comps["head"] == 0
     assert any("lm_head.weight is tied" in n for n in fp.notes)
-    from pipeline.models import count_parameters
+    from frankenlab.pipeline.loading import count_parameters
 
     assert fp.weights_bytes == count_parameters(model) * 4
     # untie: the head becomes its own tensor
@@ -266,15 +291,15 @@ def test_bundled_targets():
     t = load_targets()
     assert {"siracusa", "gtx1080ti", "sbc8g", "h100"} <= set(t)
     s = t["siracusa"]
-    assert (s.weights, s.activations, s.l1, s.memory) == (4 * 2 ** 20, 4 * 2 ** 20, 256 * 2 ** 10, None)
-    assert t["gtx1080ti"].memory == 11 * 2 ** 30 and t["h100"].memory == 80 * 2 ** 30
+    assert (s.weights, s.activations, s.l1, s.memory) == (4 * 2**20, 4 * 2**20, 256 * 2**10, None)
+    assert t["gtx1080ti"].memory == 11 * 2**30 and t["h100"].memory == 80 * 2**30
 
 
 def test_sizes():
-    assert parse_size("4 MiB", "x") == 4 * 2 ** 20
-    assert parse_size("256KiB", "x") == 2 ** 18
-    assert parse_size("8 GB", "x") == 8 * 10 ** 9
-    assert parse_size("1.5 GiB", "x") == 3 * 2 ** 29
+    assert parse_size("4 MiB", "x") == 4 * 2**20
+    assert parse_size("256KiB", "x") == 2**18
+    assert parse_size("8 GB", "x") == 8 * 10**9
+    assert parse_size("1.5 GiB", "x") == 3 * 2**29
     assert parse_size(1024, "x") == 1024
     for bad in ("4 MB of RAM", "lots", "-1 MiB", 0, True, [1]):
         with pytest.raises(RecipeError):
@@ -282,28 +307,31 @@ def test_sizes():
 
 
 def test_verdicts():
-    s = Target("siracusa", weights=4 * 2 ** 20, activations=4 * 2 ** 20)
-    w, a = s.checks(weights_bytes=269_030_016, runtime_bytes=2 * 2 ** 20)
-    assert not w.fits and w.text == f"misses by {269_030_016 / 2 ** 22:.1f}\u00d7" and a.fits
+    s = Target("siracusa", weights=4 * 2**20, activations=4 * 2**20)
+    w, a = s.checks(weights_bytes=269_030_016, runtime_bytes=2 * 2**20)
+    assert not w.fits and w.text == f"misses by {269_030_016 / 2**22:.1f}\u00d7" and a.fits
     assert a.text == "fits (50% of activations)"
-    gpu = Target("gpu", memory=11 * 2 ** 30)
-    (c,) = gpu.verdict({"weights_bytes": 2 * 2 ** 30, "runtime_bytes": 2 ** 30})
-    assert c.fits and c.need == 3 * 2 ** 30 and math.isclose(c.factor, 3 / 11)
+    gpu = Target("gpu", memory=11 * 2**30)
+    (c,) = gpu.verdict({"weights_bytes": 2 * 2**30, "runtime_bytes": 2**30})
+    assert c.fits and c.need == 3 * 2**30 and math.isclose(c.factor, 3 / 11)
     (c,) = Target("tiny", memory=1000).checks(1500, 0)
     assert c.text == "misses by 1.50\u00d7"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[targets.x]\nmemory = \"4 MiB\"\nram = 3", "unknown key(s) ram"),
-    ("[targets.x]\nlabel = \"no sizes\"", "needs either memory"),
-    ("[targets.x]\nmemory = \"4 MiB\"\nweights = \"1 MiB\"", "gives both memory and weights"),
-    ("[targets.x]\nmemory = \"four megs\"", "is not a size"),
-    ("[targets.x]\nmemory = -5", "must be positive"),
-    ("[targets.x\nmemory = 1", "not valid TOML"),
-    ("", "no targets found"),
-    ("[boards.x]\nmemory = \"1 GiB\"", "unknown top-level key(s) boards"),
-    ("[targets.\"a b\"]\nmemory = \"1 GiB\"", "may hold only letters"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[targets.x]\nmemory = "4 MiB"\nram = 3', "unknown key(s) ram"),
+        ('[targets.x]\nlabel = "no sizes"', "needs either memory"),
+        ('[targets.x]\nmemory = "4 MiB"\nweights = "1 MiB"', "gives both memory and weights"),
+        ('[targets.x]\nmemory = "four megs"', "is not a size"),
+        ("[targets.x]\nmemory = -5", "must be positive"),
+        ("[targets.x\nmemory = 1", "not valid TOML"),
+        ("", "no targets found"),
+        ('[boards.x]\nmemory = "1 GiB"', "unknown top-level key(s) boards"),
+        ('[targets."a b"]\nmemory = "1 GiB"', "may hold only letters"),
+    ],
+)
 def test_bad_target_files_are_rejected(text, message):
     with pytest.raises(RecipeError, match="mine.toml") as err:
         parse_targets(text, "mine.toml")
@@ -312,19 +340,18 @@ def test_bad_target_files_are_rejected(text, message):
 
 def test_user_targets_file(tmp_path):
     f = tmp_path / "t.toml"
-    f.write_text("[targets.myboard]\nlabel = \"my board\"\nweights = \"2 MiB\"\nactivations = \"512 KiB\"\n")
+    f.write_text('[targets.myboard]\nlabel = "my board"\nweights = "2 MiB"\nactivations = "512 KiB"\n')
     t = load_targets(f)
-    assert t["myboard"].weights == 2 * 2 ** 20 and "siracusa" in t
+    assert t["myboard"].weights == 2 * 2**20 and "siracusa" in t
     with pytest.raises(RecipeError, match="does not exist"):
         load_targets(tmp_path / "missing.toml")
 
 
 # -- command line ----------------------------------------------------------------------------------
 def test_cli_json(tiny_model_dir, capsys):
-    from tui.cli import main
+    from frankenlab.tui.cli.main import main
 
-    rc = main(["memory", "--model", str(tiny_model_dir), "--target", "siracusa", "--what-if", "2:4+int4-g32",
-               "--json"])
+    rc = main(["memory", "--model", str(tiny_model_dir), "--target", "siracusa", "--what-if", "2:4+int4-g32", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["footprints"]) == {"as is", "2:4+int4-g32"}
@@ -334,13 +361,13 @@ def test_cli_json(tiny_model_dir, capsys):
 
 
 def test_cli_tables_and_errors(tiny_model_dir, tmp_path, capsys):
-    from tui.cli import main
+    from frankenlab.tui.cli.main import main
 
     assert main(["memory", "--model", str(tiny_model_dir), "--target", "sbc8g"]) == 0
     text = capsys.readouterr().out
     assert "embeddings" in text and "fits" in text
     bad = tmp_path / "bad.toml"
-    bad.write_text("[targets.x]\nmemory = \"4 MiB\"\nweights = \"1 MiB\"\n")
+    bad.write_text('[targets.x]\nmemory = "4 MiB"\nweights = "1 MiB"\n')
     assert main(["memory", "--model", str(tiny_model_dir), "--targets-file", str(bad)]) == 2
     assert "gives both memory and weights" in capsys.readouterr().out
     assert main(["memory", "--model", str(tiny_model_dir), "--target", "nope"]) == 2
@@ -351,7 +378,7 @@ def test_cli_tables_and_errors(tiny_model_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bundled_model_footprint():
-    from pipeline.models import count_parameters, load_model
+    from frankenlab.pipeline.loading import count_parameters, load_model
 
     lm = load_model(device="cpu", dtype="float32")
     fp = footprint(lm.model)
@@ -364,15 +391,16 @@ def test_bundled_model_footprint():
     both = fp.assuming(Assume.parse("2:4+int4-g128+bf16")).weights_bytes
     siracusa = load_targets()["siracusa"]
     (w, a) = siracusa.verdict(fp.assuming(Assume.parse("2:4+int4-g128+bf16")))
-    assert not w.fits and w.factor == both / 2 ** 22
+    assert not w.fits and w.factor == both / 2**22
 
 
 def test_runner_records_footprints(tiny, tmp_path, data_dir):
-    from pipeline.recipe import Recipe
-    from sessions import record_run
+    from frankenlab.pipeline.recipe import Recipe
+    from frankenlab.sessions import record_run
 
-    recipe = Recipe.loads('name = "t"\n[evaluation]\nafter = "none"\n'
-                          '[[stages]]\nkind = "width"\npattern = "2:4"\nmethod = "magnitude"\n')
+    recipe = Recipe.loads(
+        'name = "t"\n[evaluation]\nafter = "none"\n[[stages]]\nkind = "width"\npattern = "2:4"\nmethod = "magnitude"\n'
+    )
     session = record_run(recipe, tmp_path, loaded=tiny, save_models=False, data_dir=data_dir)
     assert session.status == "done"
     base, pruned = (st.footprint for st in session.stages)
@@ -397,5 +425,7 @@ def test_what_if_dtype_scales_runtime_and_keeps_ints(tiny):
     assert half.cache.bytes * 2 == fp.cache.bytes and half.activation_bytes * 2 == fp.activation_bytes
     d = half.to_dict()
     assert d["parts"] == {"values": half.weights_bytes} and len(d["layers"]) == 8
-    assert Storage((4, 4), "int64").bytes == 128 and Assume(dtype="bfloat16").apply(
-        footprint(tiny.model).entries[0]).storage.dtype == "bfloat16"
+    assert (
+        Storage((4, 4), "int64").bytes == 128
+        and Assume(dtype="bfloat16").apply(footprint(tiny.model).entries[0]).storage.dtype == "bfloat16"
+    )

@@ -1,4 +1,5 @@
 """The compact on-disk form: its size is the computed footprint, and it loads back to the same logits."""
+
 from __future__ import annotations
 
 import json
@@ -6,10 +7,18 @@ import json
 import pytest
 import torch
 
-from pipeline.compact import (COMPACT_FILE, decode_index, encode_index, exact_keep, load_compact, read_header,
-                              save_compact)
-from pipeline.config import RecipeError
-from pipeline.memory import Assume, footprint, nm_index_bits
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.compact import (
+    COMPACT_FILE,
+    decode_index,
+    encode_index,
+    exact_keep,
+    load_compact,
+    read_header,
+    save_compact,
+)
+from frankenlab.pipeline.footprint import Assume, footprint
+from frankenlab.pipeline.tensor_formats import nm_index_bits
 from tests.test_memory import nm_matrix, prune_nm, quantize_decoder
 
 
@@ -54,9 +63,9 @@ def test_2to4_compact_size_and_logits(tiny, tmp_path, ids):
 def test_other_sparsity_in_bf16(tiny, tmp_path, ids, pattern):
     model = tiny.model
     if pattern == "unstructured":
-        from pipeline.layerwise import linear_modules
-        from pipeline.models import decoder_layers
-        from pipeline.stages.width import ALL_PROJECTIONS, unstructured_prune_mask
+        from frankenlab.pipeline.layerwise import linear_modules
+        from frankenlab.pipeline.loading import decoder_layers
+        from frankenlab.pipeline.stages.width import ALL_PROJECTIONS, unstructured_prune_mask
 
         with torch.no_grad():
             for layer in decoder_layers(model):
@@ -86,7 +95,7 @@ def test_quantized_compact(tiny, tmp_path, ids, sparse):
     if sparse == "2:4":
         prune_nm(model, 2, 4)
     if sparse == "unstructured":  # zeros without a pattern
-        from pipeline.stages.width import unstructured_prune_mask
+        from frankenlab.pipeline.stages.width import unstructured_prune_mask
 
         with torch.no_grad():
             for p in model.model.layers.parameters():
@@ -117,7 +126,7 @@ def test_bad_inputs(tiny, tmp_path):
     with pytest.raises(RecipeError, match="not a frankenlab compact file"):
         load_compact(tmp_path)
     # PEFT-style adapters (lora_A / lora_B beside the base weight) count as adapters, and are refused
-    from pipeline.models import decoder_layers
+    from frankenlab.pipeline.loading import decoder_layers
 
     for layer in decoder_layers(tiny.model):
         for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj):
@@ -130,11 +139,12 @@ def test_bad_inputs(tiny, tmp_path):
 
 
 def test_cli_compact(tiny_model_dir, tmp_path, capsys):
-    from tui.cli import main
+    from frankenlab.tui.cli.main import main
 
     out = tmp_path / "compact"
-    assert main(["memory", "--model", str(tiny_model_dir), "--target", "siracusa", "--compact", str(out),
-                 "--json"]) == 0
+    assert (
+        main(["memory", "--model", str(tiny_model_dir), "--target", "siracusa", "--compact", str(out), "--json"]) == 0
+    )
     report = json.loads(capsys.readouterr().out)["compact"]
     assert report["computed_bytes"] == report["payload_bytes"]
     # the compact folder loads back through the same command

@@ -1,10 +1,8 @@
 import os
-import subprocess
-import sys
 
 import pytest
 
-from pipeline.models import ModelLoadError, count_parameters, load_model, resolve_source
+from frankenlab.pipeline.loading import ModelLoadError, count_parameters, load_model, resolve_source
 
 
 def test_load_local_folder(tiny):
@@ -14,11 +12,14 @@ def test_load_local_folder(tiny):
     assert tiny.model.lm_head.weight is tiny.model.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("ref, message", [
-    ("/no/such/folder", "does not exist"),
-    ("./missing-model", "does not exist"),
-    ("missing.gguf", "GGUF file 'missing.gguf' does not exist"),
-])
+@pytest.mark.parametrize(
+    "ref, message",
+    [
+        ("/no/such/folder", "does not exist"),
+        ("./missing-model", "does not exist"),
+        ("missing.gguf", "GGUF file 'missing.gguf' does not exist"),
+    ],
+)
 def test_missing_paths_are_clear(ref, message):
     with pytest.raises(ModelLoadError, match=message):
         load_model(ref)
@@ -37,7 +38,7 @@ def test_hub_id_fails_fast_offline(monkeypatch, tmp_path):
 
 
 def test_gguf_file_and_default_share_one_conversion():
-    from pipeline.models import bundled_gguf_path, cache_dir
+    from frankenlab.pipeline.loading import bundled_gguf_path, cache_dir
 
     try:
         gguf = bundled_gguf_path()

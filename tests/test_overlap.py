@@ -1,19 +1,21 @@
 """Never train on what is evaluated: the overlap guard, the train splits LoRA uses, and the run refusing early."""
+
 import gzip
 import json
 
 import pytest
 import torch
 
-from evals.config import RecipeError, from_dict
-from evals.data import load_dataset_records
-from evals.overlap import evaluated_sets, find_overlaps, words
-from evals.qa import load_items
-from evals.suite import EvalConfig
-from pipeline import events as ev
-from pipeline.recipe import Recipe
-from pipeline.stages import lora
-from sessions import record_run
+from frankenlab.evals.config import from_dict
+from frankenlab.evals.data import load_dataset_records
+from frankenlab.evals.errors import RecipeError
+from frankenlab.evals.overlap import evaluated_sets, find_overlaps, words
+from frankenlab.evals.qa import load_items
+from frankenlab.evals.suite import EvalConfig
+from frankenlab.pipeline import events as ev
+from frankenlab.pipeline.recipe import Recipe
+from frankenlab.pipeline.stages import lora
+from frankenlab.sessions import record_run
 
 QA200 = EvalConfig(perplexity=(), triviaqa_closed=200, samples=False)
 
@@ -41,14 +43,18 @@ def test_default_triviaqa_lora_passes_on_200_evaluated_questions(data_dir):
 
 def test_evaluated_questions_in_the_training_file_are_refused(tmp_path, data_dir):
     items, _, _ = load_items("closed", 200, data_dir=data_dir)
-    train = write_jsonl(tmp_path / "my_train.jsonl",
-                        [{"question": it.question.upper() + "  ", "answer": it.aliases[0]} for it in items[5:8]]
-                        + [{"question": "Which fox is quick and brown?", "answer": "that one"}])
+    train = write_jsonl(
+        tmp_path / "my_train.jsonl",
+        [{"question": it.question.upper() + "  ", "answer": it.aliases[0]} for it in items[5:8]]
+        + [{"question": "Which fox is quick and brown?", "answer": "that one"}],
+    )
     with pytest.raises(RecipeError) as e:
         lora.preflight(lora.Config(dataset=str(train)), QA200, data_dir)
     msg = str(e.value)
-    assert msg.startswith("3 of the 200 evaluated closed-book questions (triviaqa-closed-validation:200:first-line) "
-                          f"are in the LoRA training file {train}")
+    assert msg.startswith(
+        "3 of the 200 evaluated closed-book questions (triviaqa-closed-validation:200:first-line) "
+        f"are in the LoRA training file {train}"
+    )
     assert "use the train split" in msg and "\n" not in msg
 
 
@@ -75,7 +81,9 @@ def test_training_text_holding_evaluated_wikitext_rows_is_refused(tmp_path, data
     with pytest.raises(RecipeError, match=r"1 of the 40 evaluated rows of wikitext2-rows-512:first40"):
         lora.preflight(lora.Config(dataset=str(mine)), cfg, data_dir)
     # rows past the evaluated ones are not evaluated: training on them is allowed
-    later = next(t for t in load_dataset_records("wikitext2", data_dir=data_dir)[0][2000:] if len(t["text"].split()) > 40)
+    later = next(
+        t for t in load_dataset_records("wikitext2", data_dir=data_dir)[0][2000:] if len(t["text"].split()) > 40
+    )
     mine.write_text(later["text"])
     assert lora.preflight(lora.Config(dataset=str(mine)), cfg, data_dir) == []
 
@@ -85,14 +93,15 @@ def test_training_on_the_evaluated_file_itself_is_refused(data_dir):
     with pytest.raises(RecipeError, match="is the file the evaluation reads"):
         lora.preflight(lora.Config(dataset=val), QA200, data_dir)
     with pytest.raises(RecipeError, match="is the file the evaluation reads"):
-        lora.preflight(lora.Config(dataset=str(data_dir / "wikitext2/wikitext-2-raw-v1-test.jsonl")),
-                       EvalConfig(), data_dir)
+        lora.preflight(
+            lora.Config(dataset=str(data_dir / "wikitext2/wikitext-2-raw-v1-test.jsonl")), EvalConfig(), data_dir
+        )
     # nothing evaluated, nothing to compare
     assert lora.preflight(lora.Config(dataset=val), EvalConfig(after="none"), data_dir) == []
 
 
 def test_overlap_needs_most_of_a_row_and_ignores_short_rows():
-    from evals.overlap import EvaluatedSet
+    from frankenlab.evals.overlap import EvaluatedSet
 
     row = "the quick brown fox jumps over the lazy dog while paris stays the capital of france for ever"
     ev = EvaluatedSet("rows", "rows", "x", [row, "= Heading ="])
@@ -103,11 +112,12 @@ def test_overlap_needs_most_of_a_row_and_ignores_short_rows():
 
 
 def test_run_is_refused_before_any_weights_load(tiny_model_dir, tmp_path, data_dir, monkeypatch):
-    import pipeline.runner as runner
+    import frankenlab.pipeline.runner as runner
 
     items, _, _ = load_items("closed", 50, data_dir=data_dir)
-    train = write_jsonl(tmp_path / "leaky.jsonl", [{"question": it.question, "answer": it.aliases[0]}
-                                                   for it in items[:3]])
+    train = write_jsonl(
+        tmp_path / "leaky.jsonl", [{"question": it.question, "answer": it.aliases[0]} for it in items[:3]]
+    )
     recipe = Recipe.loads(f"""
 name = "leaky"
 model = "{tiny_model_dir}"
@@ -168,7 +178,7 @@ def test_lora_config_from_a_recipe_refuses_unknown_sets():
 
 
 def test_wikitext2_train_prefers_the_raw_split_where_it_exists(tmp_path, monkeypatch):
-    import evals.data as evdata
+    import frankenlab.evals.data as evdata
 
     monkeypatch.setattr(evdata, "_hub_reachable", lambda: False)
     monkeypatch.setattr(evdata, "_hub_cache_path", lambda info: None)
@@ -183,7 +193,7 @@ def test_wikitext2_train_prefers_the_raw_split_where_it_exists(tmp_path, monkeyp
 
 
 def test_runner_preflight_passes_near_duplicate_warnings_on(tmp_path, data_dir):
-    from pipeline.runner import preflight
+    from frankenlab.pipeline.runner import preflight
 
     items, _, _ = load_items("closed", 200, data_dir=data_dir)
     long_q = next(it for it in items if len(words(it.question)) >= 8)

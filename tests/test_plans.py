@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from pipeline import sharing
-from pipeline.models import decoder_layers
-from pipeline.plans import LayerPlan, PlanError, apply_plan, greedy_tokens, materialize, planned
-from pipeline.sharing import model_lock
+from frankenlab.pipeline import sharing
+from frankenlab.pipeline.loading import decoder_layers
+from frankenlab.pipeline.plans import LayerPlan, PlanError, apply_plan, greedy_tokens, materialize, planned
+from frankenlab.pipeline.sharing import model_lock
 
 PLANS = [
     "0-7",  # identity
@@ -68,7 +68,7 @@ def test_runtime_plan_equals_materialized(tiny, tiny_model_dir, tmp_path):
         expected = tiny.model(ids).logits
     materialize(tiny.model, plan)
     assert tiny.model.config.num_hidden_layers == 6
-    assert [l.self_attn.layer_idx for l in decoder_layers(tiny.model)] == list(range(6))
+    assert [layer.self_attn.layer_idx for layer in decoder_layers(tiny.model)] == list(range(6))
     tiny.model.save_pretrained(tmp_path / "m")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert reloaded.config.num_hidden_layers == 6

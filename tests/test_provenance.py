@@ -1,5 +1,6 @@
 """Where the weights came from: a dequantized GGUF is said to be one, wherever the model is named."""
-from pipeline.provenance import describe_zeros, gguf_quant_type, weights_origin
+
+from frankenlab.pipeline.provenance import describe_zeros, gguf_quant_type, weights_origin
 
 
 def test_quant_type_from_llama_cpp_file_names():
@@ -16,5 +17,4 @@ def test_weights_origin_note():
     assert "already Q4_1-rounded" in origin["note"] and "understate" in origin["note"]
     assert weights_origin({"kind": "folder", "ref": "./m"}) is None
     assert weights_origin({"kind": "gguf", "ref": "m.gguf", "gguf_file": "m-f32.gguf"}) is None
-    assert describe_zeros(134_515_008, 134_515_008 - 325_128) == \
-        "325,128 exact zeros (0.24 %) in the weights as loaded"
+    assert describe_zeros(134_515_008, 134_515_008 - 325_128) == "325,128 exact zeros (0.24 %) in the weights as loaded"

@@ -3,6 +3,7 @@
 One quantization is shared by the tests of this module (gptqmodel on a 2-core CPU takes tens of
 seconds even for the tiny model). Group size 32 fits the tiny model's 64 / 160 dimensions.
 """
+
 import json
 import math
 from pathlib import Path
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import RecipeError
-from pipeline.recipe import Recipe
-from sessions import record_run
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.recipe import Recipe
+from frankenlab.sessions import record_run
 
 CHAIN = """
 [[stages]]
@@ -117,7 +118,7 @@ def test_parameter_count_survives_quantization(chain):
 
 
 def test_eora_adapter_produced_and_applied(chain):
-    from pipeline import quant
+    from frankenlab.pipeline import quant
 
     session, out, _ = chain
     st = next(s for s in session.stages if s.kind == "eora")
@@ -138,16 +139,19 @@ def test_eora_adapter_produced_and_applied(chain):
     assert reply.shape == (1, ids.shape[1] + 3)  # chat works on the quantized model with its adapter
 
 
-@pytest.mark.parametrize("stages, message", [
-    ('[[stages]]\nkind = "eora"', "eora needs a gptq stage before it"),
-    ('[[stages]]\nkind = "gptq"\n[[stages]]\nkind = "lora"', "LoRA after GPTQ is not supported"),
-    ('[[stages]]\nkind = "gptq"\nbits = 5', "bits must be one of 2, 3, 4, 8"),
-    ('[[stages]]\nkind = "gptq"\ngroup_size = 100', "group_size must be -1"),
-    ('[[stages]]\nkind = "gptq"\n[[stages]]\nkind = "eora"\nrank = 0', "rank must be at least 1"),
-    ('[[stages]]\nkind = "gptq"\ndesc_act = "yes"', "expected true or false"),
-    ('[[stages]]\nkind = "lora"\nalpha = -1', "alpha must be positive"),
-    ('[[stages]]\nkind = "gptq"\n[[stages]]\nkind = "eora"\ndataset = "imagenet"', "unknown calibration dataset"),
-])
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ('[[stages]]\nkind = "eora"', "eora needs a gptq stage before it"),
+        ('[[stages]]\nkind = "gptq"\n[[stages]]\nkind = "lora"', "LoRA after GPTQ is not supported"),
+        ('[[stages]]\nkind = "gptq"\nbits = 5', "bits must be one of 2, 3, 4, 8"),
+        ('[[stages]]\nkind = "gptq"\ngroup_size = 100', "group_size must be -1"),
+        ('[[stages]]\nkind = "gptq"\n[[stages]]\nkind = "eora"\nrank = 0', "rank must be at least 1"),
+        ('[[stages]]\nkind = "gptq"\ndesc_act = "yes"', "expected true or false"),
+        ('[[stages]]\nkind = "lora"\nalpha = -1', "alpha must be positive"),
+        ('[[stages]]\nkind = "gptq"\n[[stages]]\nkind = "eora"\ndataset = "imagenet"', "unknown calibration dataset"),
+    ],
+)
 def test_recipe_validation(stages, message):
     with pytest.raises(RecipeError, match=message):
         Recipe.loads(recipe_text("default", stages))
@@ -160,8 +164,8 @@ def test_full_chain_recipe_round_trips():
 
 
 def test_eora_without_quantized_model_fails_clearly(tiny):
-    from pipeline.context import StageContext
-    from pipeline.stages import eora
+    from frankenlab.pipeline.context import StageContext
+    from frankenlab.pipeline.stages import eora
 
     with pytest.raises(RecipeError, match="eora needs a gptq stage"):
         eora.run(tiny.model, StageContext(tiny.tokenizer, torch.device("cpu")), eora.Config())
@@ -171,7 +175,7 @@ def test_dequantized_weights_match_prequant_weights(chain):
     """Square projections (q_proj, o_proj) must not come back transposed."""
     from safetensors.torch import load_file
 
-    from pipeline import quant
+    from frankenlab.pipeline import quant
 
     session, out, _ = chain
     st = next(s for s in session.stages if s.kind == "gptq")
@@ -205,7 +209,7 @@ def _gptq_folder(chain) -> Path:
 @pytest.fixture
 def auto_kernel(monkeypatch):
     """The default kernel ("auto") and a fresh count of forwards per path."""
-    from pipeline import quant_cpu
+    from frankenlab.pipeline import quant_cpu
 
     monkeypatch.delenv(quant_cpu.KERNEL_ENV, raising=False)
     quant_cpu.kernel_calls.clear()
@@ -213,7 +217,7 @@ def auto_kernel(monkeypatch):
 
 
 def test_fused_kernel_for_few_rows_exact_for_many(chain, auto_kernel):
-    from pipeline import quant
+    from frankenlab.pipeline import quant
 
     quant_cpu = auto_kernel
     model = quant.load_quantized(_gptq_folder(chain)).model
@@ -235,7 +239,7 @@ def test_fused_kernel_for_few_rows_exact_for_many(chain, auto_kernel):
 
 
 def test_fused_output_close_to_exact(chain, auto_kernel):
-    from pipeline import quant
+    from frankenlab.pipeline import quant
 
     quant_cpu = auto_kernel
     model = quant.load_quantized(_gptq_folder(chain)).model
@@ -260,7 +264,7 @@ def test_fused_output_close_to_exact(chain, auto_kernel):
 def test_exact_kernel_is_todays_dequantized_path(chain, auto_kernel, monkeypatch):
     """Forced exact (by the environment): every call is fp32 F.linear on the dequantized weight, bit
     for bit, whatever the row count; "auto" on many rows is that same path."""
-    from pipeline import quant
+    from frankenlab.pipeline import quant
 
     quant_cpu = auto_kernel
     monkeypatch.setenv(quant_cpu.KERNEL_ENV, "exact")
@@ -284,7 +288,7 @@ def test_exact_kernel_is_todays_dequantized_path(chain, auto_kernel, monkeypatch
 
 
 def test_int4_kernel_frees_the_fp32_copy(chain, auto_kernel):
-    from pipeline import quant
+    from frankenlab.pipeline import quant
 
     quant_cpu = auto_kernel
     folder = _gptq_folder(chain)
@@ -304,7 +308,7 @@ def test_int4_kernel_frees_the_fp32_copy(chain, auto_kernel):
 
 
 def test_eora_adapter_applied_on_the_fused_path(chain, auto_kernel):
-    from pipeline import quant
+    from frankenlab.pipeline import quant
 
     quant_cpu = auto_kernel
     session, _, _ = chain
@@ -335,14 +339,25 @@ def test_eora_adapter_applied_on_the_fused_path(chain, auto_kernel):
 
 # -- masked GPTQ on its own ----------------------------------------------------------------------------
 def _quantize_tiny(src, out, *, keep, desc_act=False):
-    from pipeline import quant
+    from frankenlab.pipeline import quant
 
     ids = torch.randint(3, 300, (8, 32), generator=torch.Generator().manual_seed(1))
-    quant.quantize(src, out, ids, bits=4, group_size=32, desc_act=desc_act, sym=True, damp_percent=0.05,
-                   batch_size=4, device=torch.device("cpu"), work_dir=out.parent / (out.name + "-work"),
-                   keep_sparsity=keep)
+    quant.quantize(
+        src,
+        out,
+        ids,
+        bits=4,
+        group_size=32,
+        desc_act=desc_act,
+        sym=True,
+        damp_percent=0.05,
+        batch_size=4,
+        device=torch.device("cpu"),
+        work_dir=out.parent / (out.name + "-work"),
+        keep_sparsity=keep,
+    )
     if keep:  # every module went through the per-column patch; none needed zeros set afterwards
-        from pipeline.quant_mask import stats
+        from frankenlab.pipeline.quant_mask import stats
 
         assert stats()["modules"] == 8 * 7 and stats()["fixed_after"] == 0
     return quant.load_quantized(out).model
@@ -350,7 +365,7 @@ def _quantize_tiny(src, out, *, keep, desc_act=False):
 
 @pytest.fixture(scope="module")
 def pruned_2to4(tiny_model_dir, tmp_path_factory):
-    from pipeline.models import load_model
+    from frankenlab.pipeline.loading import load_model
     from tests.test_memory import prune_nm
 
     lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
@@ -362,7 +377,7 @@ def pruned_2to4(tiny_model_dir, tmp_path_factory):
 
 
 def _kept_errors(qmodel, reference):
-    from pipeline import quant
+    from frankenlab.pipeline import quant
 
     out = {}
     for name, mod in quant.quantized_linears(qmodel).items():
@@ -401,7 +416,7 @@ def test_masked_gptq_keeps_every_zero(pruned_2to4, masked_tiny, tmp_path):
 
 def _fused_follows_act_order(model):
     """desc_act: the fused int4 kernel gathers the input channels in the order of their groups."""
-    from pipeline import quant, quant_cpu
+    from frankenlab.pipeline import quant, quant_cpu
 
     mods = quant.quantized_linears(model)
     permuted = [m for m in mods.values() if m._frankenlab_int4[3] is not None]
@@ -409,20 +424,26 @@ def _fused_follows_act_order(model):
     for mod in permuted:
         x = torch.randn(4, mod.in_features)
         with torch.no_grad():
-            assert _rel(quant_cpu._int4_forward(mod, x), torch.nn.functional.linear(x, quant.dequantized_weight(mod))) < 2e-2
+            assert (
+                _rel(quant_cpu._int4_forward(mod, x), torch.nn.functional.linear(x, quant.dequantized_weight(mod)))
+                < 2e-2
+            )
 
 
 # -- quantized folders open everywhere -----------------------------------------------------------------
 def test_loader_opens_all_three_folder_kinds(chain):
-    from pipeline.models import load_model
+    from frankenlab.pipeline.loading import load_model
 
     session, out, _ = chain
     by_kind = {s.kind: s for s in session.stages}
     qdir = Path(by_kind["gptq"].artifact)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     logits = {}
-    for label, ref, kind in (("folder", qdir, "gptq"), ("stage", qdir.parent, "gptq"),
-                             ("eora", Path(by_kind["eora"].artifact), "gptq+eora")):
+    for label, ref, kind in (
+        ("folder", qdir, "gptq"),
+        ("stage", qdir.parent, "gptq"),
+        ("eora", Path(by_kind["eora"].artifact), "gptq+eora"),
+    ):
         lm = load_model(str(ref), device="cpu")
         assert lm.source.kind == kind and lm.dtype == torch.float32, label
         assert lm.model.frankenlab_quant["prequant"] == str(qdir.parent / "prequant")
@@ -434,8 +455,8 @@ def test_loader_opens_all_three_folder_kinds(chain):
 
 
 def test_broken_manifest_is_one_clear_line(tmp_path, capsys):
-    from pipeline.models import ModelLoadError, load_model
-    from tui.cli import main
+    from frankenlab.pipeline.loading import ModelLoadError, load_model
+    from frankenlab.tui.cli.main import main
 
     (tmp_path / "frankenlab-quant.json").write_text(json.dumps({"quantized": "../gone", "adapter": "eora"}))
     with pytest.raises(ModelLoadError, match="holds no quantize_config.json"):
@@ -445,30 +466,32 @@ def test_broken_manifest_is_one_clear_line(tmp_path, capsys):
 
 
 def test_quantized_folders_in_eval_and_chat(chain, data_dir, capsys):
-    from pipeline.models import load_model
-    from tui.chat import stream_reply
-    from tui.cli import main
+    from frankenlab.pipeline.loading import load_model
+    from frankenlab.tui.chat import stream_reply
+    from frankenlab.tui.cli.main import main
 
     session, out, _ = chain
     stage_dir = Path(next(s for s in session.stages if s.kind == "eora").artifact)
-    rc = main(["eval", "--model", str(stage_dir), "--ppl", "wikitext2-concat-64", "--limit", "2",
-               "--data-dir", str(data_dir)])
+    rc = main(
+        ["eval", "--model", str(stage_dir), "--ppl", "wikitext2-concat-64", "--limit", "2", "--data-dir", str(data_dir)]
+    )
     printed = capsys.readouterr().out
     assert rc == 0 and "perplexity" in printed and "wikitext2-concat-64" in printed
     lm = load_model(str(Path(next(s for s in session.stages if s.kind == "gptq").artifact).parent))
-    from pipeline import quant_cpu
+    from frankenlab.pipeline import quant_cpu
 
     before = quant_cpu.kernel_calls["int4"]
-    pieces = list(stream_reply(lm.model, lm.tokenizer, [{"role": "user", "content": "Who wrote Hamlet?"}],
-                               max_new_tokens=4))
+    pieces = list(
+        stream_reply(lm.model, lm.tokenizer, [{"role": "user", "content": "Who wrote Hamlet?"}], max_new_tokens=4)
+    )
     assert pieces and all(isinstance(p, str) for p in pieces)
     if lm.model.frankenlab_kernel == "auto":  # decoding took the fused int4 kernel
         assert quant_cpu.kernel_calls["int4"] > before
 
 
 def test_replay_resumes_after_gptq(chain, data_dir, tmp_path):
-    from sessions import load_session, replay
-    from sessions.replay import resume_problem
+    from frankenlab.sessions import load_session, replay
+    from frankenlab.sessions.replay import resume_problem
 
     session, out, _ = chain
     saved = load_session(out)
@@ -482,17 +505,20 @@ def test_replay_resumes_after_gptq(chain, data_dir, tmp_path):
 
 def test_compact_form_of_masked_2to4_gptq(masked_tiny, tmp_path, capsys):
     """`frankenlab memory --compact` on 2:4 + GPTQ: N:M-packed int4 codes, size = computed, same logits."""
-    from pipeline.compact import load_compact
-    from tui.cli import main
+    from frankenlab.pipeline.compact import load_compact
+    from frankenlab.tui.cli.main import main
 
     folder, qmodel = masked_tiny
-    assert main(["memory", "--model", str(folder), "--target", "siracusa", "--compact", str(tmp_path / "c"),
-                 "--json"]) == 0
+    assert (
+        main(["memory", "--model", str(folder), "--target", "siracusa", "--compact", str(tmp_path / "c"), "--json"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     formats = out["footprints"]["as is"]["formats"]
     quantized = {k: v for k, v in formats.items() if k.endswith("int4 g32")}
-    assert sum(quantized.values()) == 8 * 7 and all(k.split()[0] in ("2:4", "4:8", "8:16", "16:32")
-                                                    for k in quantized)  # the codes are found N:M half-sparse
+    assert sum(quantized.values()) == 8 * 7 and all(
+        k.split()[0] in ("2:4", "4:8", "8:16", "16:32") for k in quantized
+    )  # the codes are found N:M half-sparse
     report = out["compact"]
     # tensor bytes equal the computed footprint up to byte rounding per packed tensor; the JSON header
     # (config, one layout per tensor) is a fixed ~40 KB that only a model this tiny notices
@@ -500,7 +526,7 @@ def test_compact_form_of_masked_2to4_gptq(masked_tiny, tmp_path, capsys):
     assert abs(report["payload_bytes"] - report["computed_bytes"]) <= 8 * 56 * 4
     restored = load_compact(tmp_path / "c", dtype="float32")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
-    from pipeline import quant_cpu
+    from frankenlab.pipeline import quant_cpu
 
     quant_cpu.set_kernel(qmodel, "exact")  # 8 rows would take the fused kernel (bf16 activations)
     try:
@@ -512,9 +538,9 @@ def test_compact_form_of_masked_2to4_gptq(masked_tiny, tmp_path, capsys):
 
 def test_lab_chat_targets_open_gptq_and_eora_stages(chain, tmp_path):
     """The lab's chat A/B offers every saved stage; the gptq and eora ones load as quantized models."""
-    from pipeline.models import load_model
-    from sessions import load_session
-    from tui.lab import LabState
+    from frankenlab.pipeline.loading import load_model
+    from frankenlab.sessions import load_session
+    from frankenlab.tui.lab_state import LabState
 
     session, out, _ = chain
     lab = LabState(loader=load_model, runner=lambda *a, **k: None, runs_dir=tmp_path, device="cpu", dtype="float32")
@@ -529,8 +555,8 @@ def test_lab_chat_targets_open_gptq_and_eora_stages(chain, tmp_path):
 
 CANCEL_CHILD = """
 import sys, threading
-from pipeline.recipe import Recipe
-from sessions import record_run
+from frankenlab.pipeline.recipe import Recipe
+from frankenlab.sessions import record_run
 recipe = Recipe.load(sys.argv[1])
 cancel = threading.Event()
 def listener(event):
@@ -550,11 +576,16 @@ def test_cancel_inside_gptq_stops_cleanly(tiny_model_dir, tmp_path, data_dir):
     import sys
 
     recipe = tmp_path / "r.toml"
-    recipe.write_text(recipe_text(tiny_model_dir, CHAIN.split("[[stages]]\nkind = \"eora\"")[0]))
+    recipe.write_text(recipe_text(tiny_model_dir, CHAIN.split('[[stages]]\nkind = "eora"')[0]))
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "-c", CANCEL_CHILD, str(recipe), str(tmp_path / "out"), str(data_dir)],
-                          capture_output=True, text=True, cwd=root, timeout=3600,  # a hang guard, not a speed check
-                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    proc = subprocess.run(
+        [sys.executable, "-c", CANCEL_CHILD, str(recipe), str(tmp_path / "out"), str(data_dir)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=3600,  # a hang guard, not a speed check
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STATUS")]
     assert lines, f"the run did not come back from the cancel (exit {proc.returncode}): {proc.stderr[-2000:]}"
     assert "cancelled" in lines[-1] and lines[-1].count("'done'") == 4, lines  # baseline, depth, width, lora

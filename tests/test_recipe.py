@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import RecipeError
-from pipeline.recipe import Recipe, bundled_recipes
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.recipe import Recipe, bundled_recipes
 
 FULL = """
 name = "t"
@@ -50,19 +50,22 @@ def test_bundled_headline_recipes_exist():
     assert {"depth2", "width1of8", "width2of4", "depth2-width1of8"} <= set(bundled_recipes())
 
 
-@pytest.mark.parametrize("text, message", [
-    ('[[stages]]\nkind = "width"\npattern = "4:4"', "N must be smaller than M"),
-    ('[[stages]]\nkind = "width"\nn = 1\nm = 0', "M must be a positive integer"),
-    ('[[stages]]\nkind = "width"\nn = 1\nm = 2.5', "expected a whole number"),
-    ('[[stages]]\nkind = "prune"', "unknown stage kind 'prune'"),
-    ('[[stages]]\nkind = "depth"\nmetric = "cosine"', "unknown importance metric 'cosine'"),
-    ('[[stages]]\nkind = "depth"\nk = "two"', "expected a whole number"),
-    ('[[stages]]\nk = 2', "every stage needs a kind"),
-    ('colour = "red"', "unknown key"),
-    ('[evaluation]\nperplexity = ["wikitext2-windows"]', "unknown perplexity protocol"),
-    ('[calibration]\nsamples = 0', "calibration.samples must be at least 1"),
-    ('name = "x"\n[[stages]\n', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[[stages]]\nkind = "width"\npattern = "4:4"', "N must be smaller than M"),
+        ('[[stages]]\nkind = "width"\nn = 1\nm = 0', "M must be a positive integer"),
+        ('[[stages]]\nkind = "width"\nn = 1\nm = 2.5', "expected a whole number"),
+        ('[[stages]]\nkind = "prune"', "unknown stage kind 'prune'"),
+        ('[[stages]]\nkind = "depth"\nmetric = "cosine"', "unknown importance metric 'cosine'"),
+        ('[[stages]]\nkind = "depth"\nk = "two"', "expected a whole number"),
+        ("[[stages]]\nk = 2", "every stage needs a kind"),
+        ('colour = "red"', "unknown key"),
+        ('[evaluation]\nperplexity = ["wikitext2-windows"]', "unknown perplexity protocol"),
+        ("[calibration]\nsamples = 0", "calibration.samples must be at least 1"),
+        ('name = "x"\n[[stages]\n', "not valid TOML"),
+    ],
+)
 def test_validation_messages(text, message):
     with pytest.raises(RecipeError, match=message):
         Recipe.loads(text)

@@ -1,13 +1,14 @@
 """The session is built from the runner's events alone, by a listener; the runner writes no session."""
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
-from pipeline import events as ev
-from pipeline.runner import run_recipe
-from sessions import SessionRecorder, load_session, record_run
+from frankenlab.pipeline import events as ev
+from frankenlab.pipeline.runner import run_recipe
+from frankenlab.sessions import SessionRecorder, load_session, record_run
 from tests.test_runner import DEPTH_WIDTH, tiny_recipe
 
 VOLATILE = ("id", "created", "updated", "events")
@@ -26,8 +27,9 @@ def comparable(session) -> dict:
 def test_runner_alone_writes_no_session_and_events_rebuild_it(tiny_model_dir, tmp_path, data_dir):
     seen = []
     live = SessionRecorder(tmp_path / "live.json")
-    result = run_recipe(tiny_recipe(tiny_model_dir, DEPTH_WIDTH), tmp_path / "run", listeners=[live, seen.append],
-                        data_dir=data_dir)
+    result = run_recipe(
+        tiny_recipe(tiny_model_dir, DEPTH_WIDTH), tmp_path / "run", listeners=[live, seen.append], data_dir=data_dir
+    )
     assert result.status == "done" and len(result.records) == 3
     assert not (tmp_path / "run" / "session.json").exists()  # the runner only tells
     assert (tmp_path / "run" / "recipe.toml").is_file()
@@ -56,8 +58,12 @@ def test_unwritable_run_folder_is_one_line(tiny_model_dir, tmp_path, data_dir):
     assert "--out" in session.stages[0].error and session.save_error
     recipe = tmp_path / "r.toml"
     tiny_recipe(tiny_model_dir, DEPTH_WIDTH).save(recipe)
-    cli = subprocess.run([sys.executable, "-m", "tui", "run", str(recipe), "--out", str(out), "--data-dir",
-                          str(data_dir)], capture_output=True, text=True, timeout=300)
+    cli = subprocess.run(
+        [sys.executable, "-m", "frankenlab.tui", "run", str(recipe), "--out", str(out), "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 2 and "Traceback" not in cli.stdout + cli.stderr
     assert "cannot write the run folder" in cli.stdout
 
@@ -65,8 +71,12 @@ def test_unwritable_run_folder_is_one_line(tiny_model_dir, tmp_path, data_dir):
 def test_a_failing_save_does_not_stop_the_run(tiny_model_dir, tmp_path, data_dir):
     (tmp_path / "file").write_text("x")
     recorder = SessionRecorder(tmp_path / "file" / "session.json")  # every save fails
-    result = run_recipe(tiny_recipe(tiny_model_dir, '[[stages]]\nkind = "depth"\nk = 1'), tmp_path / "run",
-                        listeners=[recorder], data_dir=data_dir)
+    result = run_recipe(
+        tiny_recipe(tiny_model_dir, '[[stages]]\nkind = "depth"\nk = 1'),
+        tmp_path / "run",
+        listeners=[recorder],
+        data_dir=data_dir,
+    )
     assert result.status == "done"
     assert recorder.session.status == "done" and recorder.session.stages[1].metrics  # nothing measured is lost
     assert "could not be saved" in recorder.save_error

@@ -5,10 +5,10 @@ import threading
 
 from transformers import AutoModelForCausalLM
 
-from pipeline import events as ev
-from pipeline.recipe import Recipe
-from sessions import record_run
-from pipeline.stages.width import satisfies_nm
+from frankenlab.pipeline import events as ev
+from frankenlab.pipeline.recipe import Recipe
+from frankenlab.pipeline.stages.width import satisfies_nm
+from frankenlab.sessions import record_run
 
 
 def tiny_recipe(model_dir, stages: str, ppl="wikitext2-concat-64") -> Recipe:
@@ -52,7 +52,7 @@ def test_run_writes_session_and_models(tiny_model_dir, tmp_path, data_dir):
     assert saved["stages"][2]["params_nonzero"] < saved["stages"][1]["params_nonzero"]
     model = AutoModelForCausalLM.from_pretrained(saved["stages"][2]["artifact"])
     assert model.config.num_hidden_layers == 6
-    assert all(satisfies_nm(l.mlp.up_proj.weight, 2, 4) for l in model.model.layers)
+    assert all(satisfies_nm(layer.mlp.up_proj.weight, 2, 4) for layer in model.model.layers)
 
 
 def test_failing_stage_keeps_finished_stages(tiny_model_dir, tmp_path, data_dir):
@@ -72,8 +72,9 @@ def test_cancel_between_batches(tiny_model_dir, tmp_path, data_dir):
         if isinstance(e, ev.StageStarted) and e.kind == "width":
             cancel.set()
 
-    session = record_run(tiny_recipe(tiny_model_dir, DEPTH_WIDTH), tmp_path, listener=listener, cancel=cancel,
-                         data_dir=data_dir)
+    session = record_run(
+        tiny_recipe(tiny_model_dir, DEPTH_WIDTH), tmp_path, listener=listener, cancel=cancel, data_dir=data_dir
+    )
     saved = json.loads((tmp_path / "session.json").read_text())
     assert session.status == "cancelled"
     assert [s["status"] for s in saved["stages"]] == ["done", "done", "cancelled"]
@@ -83,11 +84,17 @@ def test_missing_data_fails_before_loading(tiny_model_dir, tmp_path, monkeypatch
     monkeypatch.delenv("FRANKENLAB_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     seen = []
-    session = record_run(tiny_recipe(tiny_model_dir, DEPTH_WIDTH), tmp_path / "out", listener=seen.append,
-                         data_dir=tmp_path / "empty")
+    session = record_run(
+        tiny_recipe(tiny_model_dir, DEPTH_WIDTH), tmp_path / "out", listener=seen.append, data_dir=tmp_path / "empty"
+    )
     assert session.status == "failed"
     err = session.stages[0].error
-    assert "c4/c4-en-train-first1000.jsonl" in err and "data directory" in err and "explicit file path" in err and "hub" in err
+    assert (
+        "c4/c4-en-train-first1000.jsonl" in err
+        and "data directory" in err
+        and "explicit file path" in err
+        and "hub" in err
+    )
     assert not any(isinstance(e, ev.StageStarted) for e in seen)
 
 
@@ -103,8 +110,22 @@ def test_recipe_checked_against_model_depth_before_loading(tiny_model_dir, tmp_p
 def test_cli_run_headless(tiny_model_dir, tmp_path, data_dir):
     recipe = tiny_recipe(tiny_model_dir, DEPTH_WIDTH)
     recipe.save(tmp_path / "r.toml")
-    out = subprocess.run([sys.executable, "-m", "tui", "run", str(tmp_path / "r.toml"), "--out", str(tmp_path / "o"),
-                          "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "frankenlab.tui",
+            "run",
+            str(tmp_path / "r.toml"),
+            "--out",
+            str(tmp_path / "o"),
+            "--data-dir",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "perplexity" in out.stdout and "wikitext2-concat-64:first4" in out.stdout
     assert json.loads((tmp_path / "o" / "session.json").read_text())["status"] == "done"
@@ -112,7 +133,11 @@ def test_cli_run_headless(tiny_model_dir, tmp_path, data_dir):
 
 def test_cli_bad_recipe_message(tmp_path):
     (tmp_path / "bad.toml").write_text('[[stages]]\nkind = "width"\npattern = "4:2"\n')
-    out = subprocess.run([sys.executable, "-m", "tui", "run", str(tmp_path / "bad.toml")], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "frankenlab.tui", "run", str(tmp_path / "bad.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "N must be smaller than M" in out.stdout

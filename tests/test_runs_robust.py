@@ -3,6 +3,7 @@
 Kills and signals are real: a `frankenlab run` child process (tests/run_child.py) is held at the
 start of stage 2, then killed with SIGKILL or sent SIGTERM.
 """
+
 from __future__ import annotations
 
 import errno
@@ -16,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runlock import LOCK_FILE, RunFolderBusy, RunLock, owner_alive, process_identity, safe_slug
-from sessions import load_session, record_run
+from frankenlab.pipeline.runlock import LOCK_FILE, RunFolderBusy, RunLock, owner_alive, process_identity, safe_slug
+from frankenlab.sessions import load_session, record_run
 from tests.test_runner import DEPTH_WIDTH, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+ENV = dict(os.environ)
 
 
 # -- path traversal ------------------------------------------------------------------------------
@@ -32,8 +33,8 @@ def test_names_become_one_safe_folder_name(name):
 
 
 def test_default_folders_stay_under_runs(tmp_path):
-    from tui.commands.run import default_out
-    from tui.lab import LabState
+    from frankenlab.tui.cli.run import default_out
+    from frankenlab.tui.lab_state import LabState
 
     for name in ("../../../../elsewhere/x", "/etc/x"):
         for out in (default_out(name), default_out(name, "-replay")):
@@ -48,9 +49,23 @@ def test_cli_run_without_out_never_escapes(tiny_model_dir, tmp_path, data_dir):
     text = recipe.dumps().replace('name = "tiny"', 'name = "../../../../elsewhere/x"')
     (tmp_path / "work").mkdir()
     (tmp_path / "r.toml").write_text(text)
-    out = subprocess.run([sys.executable, "-m", "tui", "run", str(tmp_path / "r.toml"), "--data-dir", str(data_dir),
-                          "--no-save-models"], cwd=tmp_path / "work", env=ENV, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "frankenlab.tui",
+            "run",
+            str(tmp_path / "r.toml"),
+            "--data-dir",
+            str(data_dir),
+            "--no-save-models",
+        ],
+        cwd=tmp_path / "work",
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     made = list((tmp_path / "work" / "runs").iterdir())
     assert len(made) == 1 and made[0].name.startswith("elsewhere-x-")
@@ -60,9 +75,25 @@ def test_cli_run_without_out_never_escapes(tiny_model_dir, tmp_path, data_dir):
 
 # -- owner, interrupted, lock ----------------------------------------------------------------------
 def _child(mode, marker, recipe_path, out, data_dir):
-    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "run_child.py"), mode, str(marker), "--", "run",
-                             str(recipe_path), "--out", str(out), "--data-dir", str(data_dir)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "run_child.py"),
+            mode,
+            str(marker),
+            "--",
+            "run",
+            str(recipe_path),
+            "--out",
+            str(out),
+            "--data-dir",
+            str(data_dir),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen):
@@ -72,8 +103,7 @@ def _wait_for(path: Path, proc: subprocess.Popen):
         time.sleep(0.1)
 
 
-def test_kill_9_reads_interrupted_lock_refuses_then_taken_over_and_replay_resumes(tiny_model_dir, tmp_path,
-                                                                                  data_dir):
+def test_kill_9_reads_interrupted_lock_refuses_then_taken_over_and_replay_resumes(tiny_model_dir, tmp_path, data_dir):
     recipe_path, out = tmp_path / "r.toml", tmp_path / "run"
     tiny_recipe(tiny_model_dir, DEPTH_WIDTH).save(recipe_path)
     proc = _child("hang", tmp_path / "marker", recipe_path, out, data_dir)
@@ -82,8 +112,23 @@ def test_kill_9_reads_interrupted_lock_refuses_then_taken_over_and_replay_resume
         live = load_session(out)
         assert live.status == "running" and live.owner["pid"] == proc.pid  # alive: really running
         # a second run into the same folder is refused while the first lives
-        second = subprocess.run([sys.executable, "-m", "tui", "run", str(recipe_path), "--out", str(out),
-                                 "--data-dir", str(data_dir)], env=ENV, capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "frankenlab.tui",
+                "run",
+                str(recipe_path),
+                "--out",
+                str(out),
+                "--data-dir",
+                str(data_dir),
+            ],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert second.returncode == 2, second.stdout + second.stderr
         assert "in use by a live run" in second.stdout and f"pid {proc.pid}" in second.stdout
         assert "Traceback" not in second.stdout + second.stderr
@@ -96,13 +141,34 @@ def test_kill_9_reads_interrupted_lock_refuses_then_taken_over_and_replay_resume
     assert dead.stages[1].status == "done" and dead.stages[2].status == "interrupted"
     assert "ended without finishing" in dead.stages[2].error
     assert json.loads((out / "session.json").read_text())["status"] == "running"  # the file is not rewritten
-    listing = subprocess.run([sys.executable, "-m", "tui", "sessions", str(tmp_path), "--format", "json"], env=ENV,
-                             capture_output=True, text=True, timeout=120)
+    listing = subprocess.run(
+        [sys.executable, "-m", "frankenlab.tui", "sessions", str(tmp_path), "--format", "json"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert json.loads(listing.stdout)[0]["status"] == "interrupted"
     # replay --from-stage 2 resumes after the last finished stage
-    resumed = subprocess.run([sys.executable, "-m", "tui", "replay", str(out), "--from-stage", "2", "--out",
-                              str(tmp_path / "resumed"), "--data-dir", str(data_dir)], env=ENV, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "frankenlab.tui",
+            "replay",
+            str(out),
+            "--from-stage",
+            "2",
+            "--out",
+            str(tmp_path / "resumed"),
+            "--data-dir",
+            str(data_dir),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "Traceback" not in resumed.stdout + resumed.stderr, resumed.stdout + resumed.stderr
     new = load_session(tmp_path / "resumed")
     assert new.status == "done" and new.stages[2].status == "done" and new.stages[1].reused_from == dead.id
@@ -110,8 +176,10 @@ def test_kill_9_reads_interrupted_lock_refuses_then_taken_over_and_replay_resume
     assert (out / LOCK_FILE).exists()
     again = record_run(tiny_recipe(tiny_model_dir, ""), out, data_dir=data_dir, save_models=False)
     assert again.status == "done"
-    assert any("took over the run folder" in e.get("message", "") and f"pid {proc.pid}" in e.get("message", "")
-               for e in again.events)
+    assert any(
+        "took over the run folder" in e.get("message", "") and f"pid {proc.pid}" in e.get("message", "")
+        for e in again.events
+    )
     assert not (out / LOCK_FILE).exists()  # released at the end
 
 
@@ -159,7 +227,7 @@ def test_cancel_before_any_stage_says_so(tiny_model_dir, tmp_path, data_dir):
 
 # -- faults: full disk, corrupt model files ----------------------------------------------------------
 def test_full_disk_during_a_save_keeps_the_previous_session(tiny_model_dir, tmp_path, data_dir, monkeypatch):
-    import pipeline.files as files
+    import frankenlab.pipeline.atomic as files
 
     out = tmp_path / "o"
     first = record_run(tiny_recipe(tiny_model_dir, ""), out, data_dir=data_dir, save_models=False)
@@ -182,9 +250,13 @@ def test_full_disk_during_a_save_keeps_the_previous_session(tiny_model_dir, tmp_
 def test_corrupt_or_truncated_gguf_is_one_line_exit_2(tmp_path, content):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(content)
-    out = subprocess.run([sys.executable, "-m", "tui", "run", "depth2", "--model", str(bad), "--out",
-                          str(tmp_path / "o")], env={**ENV, "FRANKENLAB_CACHE": str(tmp_path / "cache")},
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "frankenlab.tui", "run", "depth2", "--model", str(bad), "--out", str(tmp_path / "o")],
+        env={**ENV, "FRANKENLAB_CACHE": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     text = " ".join((out.stdout + out.stderr).split())  # the console wraps long lines
     assert out.returncode == 2, text
     assert "Traceback" not in text and "not a readable GGUF model" in text and "corrupt or truncated" in text, text

@@ -3,6 +3,7 @@
 No model is loaded here; replay on the tiny model is in test_sessions_replay.py, tables in
 test_sessions_compare.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,11 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from sessions import (Session, SessionError, StageRecord, list_sessions, load_session, save_to_user_dir,
-                      user_sessions_dir)
-from sessions.hashing import weights_digest
-from sessions.record import SCHEMA_VERSION, loads_session
-from sessions.schema import SESSION_SCHEMA, STAGE_SCHEMA, validate
+from frankenlab.sessions import (
+    Session,
+    SessionError,
+    StageRecord,
+    list_sessions,
+    load_session,
+    save_to_user_dir,
+    user_sessions_dir,
+)
+from frankenlab.sessions.hashing import weights_digest
+from frankenlab.sessions.schema import SESSION_SCHEMA, STAGE_SCHEMA, validate
+from frankenlab.sessions.session import SCHEMA_VERSION, loads_session
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,28 +39,65 @@ ROOT = Path(__file__).resolve().parent.parent
 def full_session() -> Session:
     """A session with every field set to something other than its default."""
     stages = [
-        StageRecord(0, "baseline", "baseline", {}, "done",
-                    [{"name": "perplexity", "value": 26.61, "protocol": "wikitext2-rows-512", "tokens": 1000}],
-                    params_count=1000, params_nonzero=1000, num_layers=8, footprint={"total_bytes": 4000},
-                    seconds=1.5, artifact=None, report={"note": "x"}, details={"samples": ["a"]}, error=None),
-        StageRecord(1, "width", "prune", {"n": 1, "m": 8, "method": "wanda", "targets": ["q_proj"]}, "failed",
-                    [{"name": "triviaqa_closed", "value": 0.25, "protocol": "triviaqa:first100", "exact_match": 0.2},
-                     {"name": "perplexity", "value": math.inf, "protocol": "wikitext2-concat-512"}],
-                    params_count=900, params_nonzero=800, num_layers=6, footprint={"weights": {"bytes": 3}},
-                    seconds=2.25, artifact="stages/01-width", report={"density": 0.875, "nested": [1, [2, 3]]},
-                    details={"q": [{"ok": True}]}, error="boom", reused_from="abc123",
-                    extra={"future_field": {"x": 1}}),
+        StageRecord(
+            0,
+            "baseline",
+            "baseline",
+            {},
+            "done",
+            [{"name": "perplexity", "value": 26.61, "protocol": "wikitext2-rows-512", "tokens": 1000}],
+            params_count=1000,
+            params_nonzero=1000,
+            num_layers=8,
+            footprint={"total_bytes": 4000},
+            seconds=1.5,
+            artifact=None,
+            report={"note": "x"},
+            details={"samples": ["a"]},
+            error=None,
+        ),
+        StageRecord(
+            1,
+            "width",
+            "prune",
+            {"n": 1, "m": 8, "method": "wanda", "targets": ["q_proj"]},
+            "failed",
+            [
+                {"name": "triviaqa_closed", "value": 0.25, "protocol": "triviaqa:first100", "exact_match": 0.2},
+                {"name": "perplexity", "value": math.inf, "protocol": "wikitext2-concat-512"},
+            ],
+            params_count=900,
+            params_nonzero=800,
+            num_layers=6,
+            footprint={"weights": {"bytes": 3}},
+            seconds=2.25,
+            artifact="stages/01-width",
+            report={"density": 0.875, "nested": [1, [2, 3]]},
+            details={"q": [{"ok": True}]},
+            error="boom",
+            reused_from="abc123",
+            extra={"future_field": {"x": 1}},
+        ),
     ]
     return Session(
         recipe={"name": "r", "model": {"source": "default"}, "stages": [{"kind": "width", "pattern": "1:8"}]},
-        model_source={"ref": "default", "kind": "default", "path": "/m", "name": "Smol",
-                      "weights": {"algorithm": "sha256", "digest": "ab" * 32, "files": ["model.safetensors"],
-                                  "bytes": 10}},
+        model_source={
+            "ref": "default",
+            "kind": "default",
+            "path": "/m",
+            "name": "Smol",
+            "weights": {"algorithm": "sha256", "digest": "ab" * 32, "files": ["model.safetensors"], "bytes": 10},
+        },
         environment={"torch": "2.13", "device": "cpu", "dtype": "float32", "seed": 3, "threads": 2},
         stages=stages,
         events=[{"event": "LogLine", "stage": -1, "time": 1.0, "message": "hi", "level": "info"}],
-        status="failed", id="0123456789ab", name="my run", created=100.0, updated=200.0,
-        schema_version=SCHEMA_VERSION, writer={"program": "frankenlab", "version": "9.9"},
+        status="failed",
+        id="0123456789ab",
+        name="my run",
+        created=100.0,
+        updated=200.0,
+        schema_version=SCHEMA_VERSION,
+        writer={"program": "frankenlab", "version": "9.9"},
         replay_of={"session_id": "fedcba987654", "path": "/x/session.json", "from_stage": 2},
         owner={"pid": 4242, "host": "lab-box", "started": 99.5},
         extra={"comment": "kept"},
@@ -64,13 +109,19 @@ def test_every_field_is_exercised():
     for f in dataclasses.fields(Session):
         if f.name in ("path", "save_error", "schema_version", "updated"):  # not serialized
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else object())
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else object())
+        )
         assert getattr(s, f.name) != default, f"full_session() leaves Session.{f.name} at its default"
     for f in dataclasses.fields(StageRecord):
         values = [getattr(st, f.name) for st in s.stages]
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else object())
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else object())
+        )
         assert any(v != default for v in values), f"no stage sets StageRecord.{f.name}"
 
 
@@ -86,7 +137,7 @@ def test_round_trip_every_field(tmp_path):
     for f in dataclasses.fields(Session):
         if f.name not in ("path", "stages", "updated"):
             assert getattr(loaded, f.name) == getattr(s, f.name), f.name
-    for x, y in zip(s.stages, loaded.stages):
+    for x, y in zip(s.stages, loaded.stages, strict=False):
         assert x == y
     assert loaded.stages[1].metric("perplexity")["value"] == math.inf
     assert loaded.stages[1].extra == {"future_field": {"x": 1}}
@@ -103,8 +154,9 @@ def test_round_trip_every_field(tmp_path):
 
 
 def test_save_accepts_odd_values_and_folders(tmp_path):
-    s = Session(recipe={"name": "x"}, stages=[StageRecord(0, "baseline", report={"p": Path("/a"), "t": (1, 2),
-                                                                                 3: "int key"})])
+    s = Session(
+        recipe={"name": "x"}, stages=[StageRecord(0, "baseline", report={"p": Path("/a"), "t": (1, 2), 3: "int key"})]
+    )
     p = s.save(tmp_path)  # a folder gets session.json
     assert p == tmp_path / "session.json"
     st = load_session(tmp_path).stages[0]
@@ -159,9 +211,7 @@ def test_kill_9_during_saves_leaves_a_valid_session(tmp_path):
     """A process saving a growing session in a loop is SIGKILLed; the file must still load."""
     target = tmp_path / "run" / "session.json"
     script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(ROOT)!r})
-        from sessions.record import Session, StageRecord
+        from frankenlab.sessions.session import Session, StageRecord
         s = Session(recipe={{"name": "loop"}})
         i = 0
         while True:
@@ -211,32 +261,47 @@ def test_truncated_message_says_truncated(tmp_path):
     assert "truncated" in _message(_write(tmp_path, text[: len(text) // 2]))
 
 
-@pytest.mark.parametrize("content,words", [
-    (b"", "empty"),
-    (b"   \n", "empty"),
-    (b"\x80\x81\xfe\xff garbage", "not a text file"),
-    (pickle.dumps({"recipe": {}}), "not"),
-    ('{"a": 1,, }', "corrupted"),
-    ("[1, 2, 3]", "expected an object, got list"),
-    ('{"hello": "world"}', "not a frankenlab session"),
-    ('{"format": "something-else", "schema_version": 1}', "not a frankenlab session"),
-    ('{"format": "frankenlab-session", "schema_version": 99, "recipe": {}, "stages": []}', "newer frankenlab"),
-    ('{"format": "frankenlab-session", "schema_version": 0, "recipe": {}, "stages": []}', "does not exist"),
-    ('{"format": "frankenlab-session", "schema_version": "1", "recipe": {}, "stages": []}', "whole number"),
-    ('{"format": "frankenlab-session", "schema_version": 1, "stages": []}', "missing 'recipe'"),
-    ('{"format": "frankenlab-session", "schema_version": 1, "recipe": {}, "stages": {}}', "stages: expected array"),
-    ('{"format": "frankenlab-session", "schema_version": 1, "recipe": {}, "status": "bogus", "stages": []}',
-     "status: must be one of"),
-    ('{"format": "frankenlab-session", "schema_version": 1, "recipe": {}, "stages": [{"index": 0, "kind": "b", '
-     '"status": "done", "metrics": [{"name": "perplexity", "value": "abc"}]}]}', "stages[0].metrics[0].value"),
-    ('{"format": "frankenlab-session", "schema_version": 1, "recipe": {}, "stages": [{"index": true, "kind": "b", '
-     '"status": "done"}]}', "stages[0].index: expected integer"),
-    ('{"format": "frankenlab-session", "schema_version": 1, "recipe": {}, "stages": [{"kind": "b"}]}',
-     "missing 'index'"),
-    ('{"format": "frankenlab-session", "schema_version": 1, "recipe": {"stages": "x"}, "stages": []}',
-     "recipe.stages"),
-    pytest.param("[" * 100000, "nested too deeply", id="deeply-nested"),
-])
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        (b"", "empty"),
+        (b"   \n", "empty"),
+        (b"\x80\x81\xfe\xff garbage", "not a text file"),
+        (pickle.dumps({"recipe": {}}), "not"),
+        ('{"a": 1,, }', "corrupted"),
+        ("[1, 2, 3]", "expected an object, got list"),
+        ('{"hello": "world"}', "not a frankenlab session"),
+        ('{"format": "something-else", "schema_version": 1}', "not a frankenlab session"),
+        ('{"format": "frankenlab-session", "schema_version": 99, "recipe": {}, "stages": []}', "newer frankenlab"),
+        ('{"format": "frankenlab-session", "schema_version": 0, "recipe": {}, "stages": []}', "does not exist"),
+        ('{"format": "frankenlab-session", "schema_version": "1", "recipe": {}, "stages": []}', "whole number"),
+        ('{"format": "frankenlab-session", "schema_version": 1, "stages": []}', "missing 'recipe'"),
+        ('{"format": "frankenlab-session", "schema_version": 1, "recipe": {}, "stages": {}}', "stages: expected array"),
+        (
+            '{"format": "frankenlab-session", "schema_version": 1, "recipe": {}, "status": "bogus", "stages": []}',
+            "status: must be one of",
+        ),
+        (
+            '{"format": "frankenlab-session", "schema_version": 1, "recipe": {}, "stages": [{"index": 0, "kind": "b", '
+            '"status": "done", "metrics": [{"name": "perplexity", "value": "abc"}]}]}',
+            "stages[0].metrics[0].value",
+        ),
+        (
+            '{"format": "frankenlab-session", "schema_version": 1, "recipe": {}, "stages": [{"index": true, "kind": "b", '
+            '"status": "done"}]}',
+            "stages[0].index: expected integer",
+        ),
+        (
+            '{"format": "frankenlab-session", "schema_version": 1, "recipe": {}, "stages": [{"kind": "b"}]}',
+            "missing 'index'",
+        ),
+        (
+            '{"format": "frankenlab-session", "schema_version": 1, "recipe": {"stages": "x"}, "stages": []}',
+            "recipe.stages",
+        ),
+        pytest.param("[" * 100000, "nested too deeply", id="deeply-nested"),
+    ],
+)
 def test_damaged_files_give_clear_messages(tmp_path, content, words):
     msg = _message(_write(tmp_path, content))
     assert words in msg, msg
@@ -317,8 +382,10 @@ def test_save_to_user_dir_makes_artifacts_absolute(tmp_path):
     run = tmp_path / "runs" / "r"
     (run / "stages" / "01-depth").mkdir(parents=True)
     (run / "stages" / "01-depth" / "config.json").write_text("{}")
-    s = Session(recipe={"name": "r"}, stages=[StageRecord(0, "baseline"), StageRecord(1, "depth",
-                                                                                      artifact="runs/r/stages/01-depth")])
+    s = Session(
+        recipe={"name": "r"},
+        stages=[StageRecord(0, "baseline"), StageRecord(1, "depth", artifact="runs/r/stages/01-depth")],
+    )
     s.save(run / "session.json")
     moved = load_session(run)
     assert moved.artifact_path(1) == run / "stages" / "01-depth"  # found beside the session file
@@ -354,19 +421,23 @@ def test_weights_digest(tmp_path, monkeypatch):
 
 
 def test_core_imports_no_textual_and_no_torch():
-    code = ("import sys, sessions, sessions.replay, sessions.compare, sessions.store, sessions.hashing; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('textual', 'torch')]; print(bad)")
+    code = (
+        "import sys, sessions, sessions.replay, sessions.compare, sessions.store, sessions.hashing; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('textual', 'torch')]; print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_version_1_wanda_stages_keep_the_statistics_they_ran_with():
-    from pipeline.recipe import Recipe
+    from frankenlab.pipeline.recipe import Recipe
 
     d = full_session().to_dict()
     d["schema_version"] = 1
-    d["recipe"]["stages"] = [{"kind": "width", "pattern": "2:4"}, {"kind": "width", "pattern": "1:8",
-                                                                    "method": "magnitude"}]
+    d["recipe"]["stages"] = [
+        {"kind": "width", "pattern": "2:4"},
+        {"kind": "width", "pattern": "1:8", "method": "magnitude"},
+    ]
     d["stages"][1]["kind"] = "width"
     d["stages"][1]["params"] = {"pattern": "2:4"}
     s = loads_session(json.dumps(d))

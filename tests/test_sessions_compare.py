@@ -1,4 +1,5 @@
 """`frankenlab compare` / `frankenlab sessions`: tables derived from session data, in every format."""
+
 from __future__ import annotations
 
 import csv
@@ -8,8 +9,16 @@ import math
 
 import pytest
 
-from sessions import Session, StageRecord, compare_rows, compare_table, describe_stage, format_table, headline
-from tui.cli import main
+from frankenlab.sessions import (
+    Session,
+    StageRecord,
+    compare_rows,
+    compare_table,
+    describe_stage,
+    format_table,
+    headline,
+)
+from frankenlab.tui.cli.main import main
 
 PPL = "wikitext2-rows-512"
 PPL2 = "wikitext2-concat-512:first32"
@@ -22,41 +31,94 @@ def _metrics(ppl=None, closed=None, open_=None, em=None, proto=PPL):
     if ppl is not None:
         out.append({"name": "perplexity", "value": ppl, "protocol": proto})
     if closed is not None:
-        out.append({"name": "triviaqa_closed", "value": closed, "protocol": "triviaqa-closed-validation:200",
-                    **({"exact_match": em} if em is not None else {})})
+        out.append(
+            {
+                "name": "triviaqa_closed",
+                "value": closed,
+                "protocol": "triviaqa-closed-validation:200",
+                **({"exact_match": em} if em is not None else {}),
+            }
+        )
     if open_ is not None:
         out.append({"name": "triviaqa_open", "value": open_, "protocol": "nq-open-oracle-openbook:200"})
     return out
 
 
 def make(name, stages, status="done", created=1.0) -> Session:
-    recs = [StageRecord(0, "baseline", "baseline", status="done", metrics=_metrics(26.61, 0.42, 0.61, 0.30),
-                        params_count=1_235_814_400, params_nonzero=1_235_814_400, num_layers=16, seconds=10.0)]
+    recs = [
+        StageRecord(
+            0,
+            "baseline",
+            "baseline",
+            status="done",
+            metrics=_metrics(26.61, 0.42, 0.61, 0.30),
+            params_count=1_235_814_400,
+            params_nonzero=1_235_814_400,
+            num_layers=16,
+            seconds=10.0,
+        )
+    ]
     for i, (kind, params, st_status, metrics, extra) in enumerate(stages, 1):
         recs.append(StageRecord(i, kind, kind, params, st_status, metrics, seconds=5.0, **extra))
-    return Session(recipe={"name": name, "stages": [{"kind": k, **p} for k, p, *_ in stages]}, stages=recs,
-                   status=status, created=created, id=f"{name[:6]:0<6}abcdef"[:12])
+    return Session(
+        recipe={"name": name, "stages": [{"kind": k, **p} for k, p, *_ in stages]},
+        stages=recs,
+        status=status,
+        created=created,
+        id=f"{name[:6]:0<6}abcdef"[:12],
+    )
 
 
 @pytest.fixture
 def sessions():
     base = make("base", [])
-    depth_width = make("dw", [
-        ("depth", {"k": 2, "metric": "perplexity"}, "done", _metrics(30.5),
-         {"params_count": 1_100_000_000, "params_nonzero": 1_100_000_000, "num_layers": 14}),
-        ("width", {"pattern": "1:8", "method": "wanda"}, "done", _metrics(33.25, 0.30, 0.5),
-         {"params_count": 1_100_000_000, "params_nonzero": 990_000_000, "num_layers": 14,
-          "footprint": {"weights_bytes": 3 * (1 << 30), "total_bytes": (3 << 30) + (5 << 20)}}),
-    ], created=2.0)
-    full = make("full", [
-        ("width", {"n": 2, "m": 4, "method": "wanda"}, "done", [], {}),
-        ("lora", {"rank": 8, "dataset": "wikitext2-train", "dropout": 0.1}, "done", _metrics(40.0), {}),
-        ("gptq", {"bits": 4, "group_size": 128}, "done", [], {}),
-        ("eora", {"rank": 32}, "done", _metrics(41.0, 0.2, 0.45, 0.1, proto=PPL2),
-         {"params_count": 900, "params_nonzero": 800, "footprint": {"weights": {"bytes": 1 << 20}}}),
-    ], created=3.0)
-    failed = make("failed", [("depth", {"k": 40}, "failed", [], {"error": "cannot remove 40 layers"})],
-                  status="failed", created=4.0)
+    depth_width = make(
+        "dw",
+        [
+            (
+                "depth",
+                {"k": 2, "metric": "perplexity"},
+                "done",
+                _metrics(30.5),
+                {"params_count": 1_100_000_000, "params_nonzero": 1_100_000_000, "num_layers": 14},
+            ),
+            (
+                "width",
+                {"pattern": "1:8", "method": "wanda"},
+                "done",
+                _metrics(33.25, 0.30, 0.5),
+                {
+                    "params_count": 1_100_000_000,
+                    "params_nonzero": 990_000_000,
+                    "num_layers": 14,
+                    "footprint": {"weights_bytes": 3 * (1 << 30), "total_bytes": (3 << 30) + (5 << 20)},
+                },
+            ),
+        ],
+        created=2.0,
+    )
+    full = make(
+        "full",
+        [
+            ("width", {"n": 2, "m": 4, "method": "wanda"}, "done", [], {}),
+            ("lora", {"rank": 8, "dataset": "wikitext2-train", "dropout": 0.1}, "done", _metrics(40.0), {}),
+            ("gptq", {"bits": 4, "group_size": 128}, "done", [], {}),
+            (
+                "eora",
+                {"rank": 32},
+                "done",
+                _metrics(41.0, 0.2, 0.45, 0.1, proto=PPL2),
+                {"params_count": 900, "params_nonzero": 800, "footprint": {"weights": {"bytes": 1 << 20}}},
+            ),
+        ],
+        created=3.0,
+    )
+    failed = make(
+        "failed",
+        [("depth", {"k": 40}, "failed", [], {"error": "cannot remove 40 layers"})],
+        status="failed",
+        created=4.0,
+    )
     failed.stages[0].status = "skipped"  # nothing finished at all
     return [base, depth_width, full, failed]
 
@@ -97,8 +159,7 @@ def test_rows_derive_columns_from_the_data(sessions):
 
 def test_all_stages_gives_one_row_per_finished_stage(sessions):
     rows = compare_rows(sessions[1:2], all_stages=True)
-    assert [(r["stage"], r["configuration"]) for r in rows] == [(0, "Base"), (1, "Depth 2"),
-                                                                (2, "Depth 2 + Width 1:8")]
+    assert [(r["stage"], r["configuration"]) for r in rows] == [(0, "Base"), (1, "Depth 2"), (2, "Depth 2 + Width 1:8")]
     assert [r[f"PPL [{PPL}]"] for r in rows] == [26.61, 30.5, 33.25]
 
 
@@ -109,9 +170,15 @@ def test_markdown(sessions):
     assert f"PPL [{PPL}]" in lines[0] and f"PPL [{PPL2}]" in lines[0]
     assert set(lines[1]) <= set("|-:")
     assert "| dw |" in md and "| Depth 2 + Width 1:8 |" in md
-    assert "| 33.25 |" in md and "| 30.0 % |" in md and "| 990,000,000 |" in md and "| 3.00 GiB |" in md and "| 3.00 GiB |" in md
+    assert (
+        "| 33.25 |" in md
+        and "| 30.0 % |" in md
+        and "| 990,000,000 |" in md
+        and "| 3.00 GiB |" in md
+        and "| 3.00 GiB |" in md
+    )
     assert "N:M = N of every M" in md  # the convention is named with the numbers
-    assert len([l for l in lines if l.startswith("| ")]) == 1 + len(sessions)
+    assert len([row for row in lines if row.startswith("| ")]) == 1 + len(sessions)
 
 
 def test_csv(sessions):
@@ -149,7 +216,7 @@ def saved(tmp_path, sessions):
     for s in sessions:
         paths.append(s.save(tmp_path / "runs" / s.title / "session.json"))
     (tmp_path / "runs" / "junk").mkdir()
-    (tmp_path / "runs" / "junk" / "session.json").write_text("{\"format\": \"frankenlab-session\"")
+    (tmp_path / "runs" / "junk" / "session.json").write_text('{"format": "frankenlab-session"')
     return tmp_path, paths
 
 
@@ -229,12 +296,20 @@ def test_sessions_save_copies_into_the_user_folder(saved, capsys, monkeypatch, t
 
 
 def test_accuracies_carry_wilson_intervals_and_noise_is_marked():
-    from evals.stats import wilson
+    from frankenlab.evals.stats import wilson
 
     def qa(value, n):
-        return [{"name": "triviaqa_closed", "value": value, "protocol": "triviaqa-closed-validation:200:first-line",
-                 "n": n, "correct": round(value * n), "ci95": list(wilson(round(value * n), n))},
-                {"name": "hellaswag_acc_norm", "value": value + 0.2, "protocol": "hellaswag-validation:500", "n": n}]
+        return [
+            {
+                "name": "triviaqa_closed",
+                "value": value,
+                "protocol": "triviaqa-closed-validation:200:first-line",
+                "n": n,
+                "correct": round(value * n),
+                "ci95": list(wilson(round(value * n), n)),
+            },
+            {"name": "hellaswag_acc_norm", "value": value + 0.2, "protocol": "hellaswag-validation:500", "n": n},
+        ]
 
     base, near, far = make("base", []), make("near", []), make("far", [])
     base.stages[0].metrics, near.stages[0].metrics, far.stages[0].metrics = qa(0.095, 200), qa(0.12, 200), qa(0.2, 200)

@@ -1,5 +1,6 @@
 """Replay on the tiny model: same numbers come back, an edited saved number is flagged,
 --from-stage resumes from the saved intermediate model, a cancel leaves a valid session."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,11 @@ import threading
 
 import pytest
 
-from pipeline import events as ev
-from pipeline.recipe import Recipe
-from sessions import record_run
-from sessions import Session, SessionError, StageRecord, compare_sessions, load_session, replay
-from sessions.replay import resume_problem
-from tui.cli import main
+from frankenlab.pipeline import events as ev
+from frankenlab.pipeline.recipe import Recipe
+from frankenlab.sessions import Session, SessionError, StageRecord, compare_sessions, load_session, record_run, replay
+from frankenlab.sessions.replay import resume_problem
+from frankenlab.tui.cli.main import main
 
 
 def tiny_recipe(model_dir) -> Recipe:
@@ -85,14 +85,19 @@ def test_replay_detects_a_changed_metric(original, data_dir, tmp_path, capsys):
     # against the untouched original, every number is back: baseline, both stages, and the counts
     same = compare_sessions(original, new, 0.01)
     assert same and not [d for d in same if d.flagged]
-    assert {(d.stage, d.name) for d in same} >= {(0, "perplexity"), (1, "perplexity"), (2, "perplexity"),
-                                                (2, "nonzero params")}
+    assert {(d.stage, d.name) for d in same} >= {
+        (0, "perplexity"),
+        (1, "perplexity"),
+        (2, "perplexity"),
+        (2, "nonzero params"),
+    }
 
 
 def test_replay_from_stage_resumes_from_the_saved_model(original, data_dir, tmp_path):
     seen = []
-    result = replay(original, tmp_path / "resumed", from_stage=2, data_dir=data_dir, save_models=False,
-                    on_diff=seen.append)
+    result = replay(
+        original, tmp_path / "resumed", from_stage=2, data_dir=data_dir, save_models=False, on_diff=seen.append
+    )
     assert result.ok, [(d.stage, d.name, d.saved, d.new) for d in result.flagged]
     assert {d.stage for d in result.diffs} == {2}
     assert [(d.stage, d.name, d.status) for d in seen] == [(2, "perplexity", "ok")]
@@ -130,8 +135,9 @@ def test_cancel_leaves_a_valid_session_with_finished_stages(tiny_model_dir, data
             cancel.set()
 
     out = tmp_path / "cancelled"
-    s = record_run(tiny_recipe(tiny_model_dir), out, data_dir=data_dir, cancel=cancel, listener=listener,
-                   save_models=False)
+    s = record_run(
+        tiny_recipe(tiny_model_dir), out, data_dir=data_dir, cancel=cancel, listener=listener, save_models=False
+    )
     loaded = load_session(out)
     assert loaded.status == s.status == "cancelled"
     assert [st.status for st in loaded.stages[:2]] == ["done", "done"]
@@ -150,13 +156,20 @@ def test_resuming_needs_a_plain_saved_model(tmp_path):
             (d / "adapter_config.json").write_text("{}")
         return str(d)
 
-    stages = [StageRecord(0, "baseline", status="done"),
-              StageRecord(1, "depth", status="done", artifact=folder("01-depth", {"num_hidden_layers": 6})),
-              StageRecord(2, "lora", status="done", artifact=folder("02-lora", None)),
-              StageRecord(3, "gptq", status="done", artifact=folder("03-gptq", {"quantization_config": {"bits": 4}})),
-              StageRecord(4, "eora", status="done")]
-    s = Session(recipe={"name": "r", "stages": [{"kind": "depth", "k": 2}, {"kind": "lora"}, {"kind": "gptq"},
-                                                {"kind": "eora"}]}, stages=stages)
+    stages = [
+        StageRecord(0, "baseline", status="done"),
+        StageRecord(1, "depth", status="done", artifact=folder("01-depth", {"num_hidden_layers": 6})),
+        StageRecord(2, "lora", status="done", artifact=folder("02-lora", None)),
+        StageRecord(3, "gptq", status="done", artifact=folder("03-gptq", {"quantization_config": {"bits": 4}})),
+        StageRecord(4, "eora", status="done"),
+    ]
+    s = Session(
+        recipe={
+            "name": "r",
+            "stages": [{"kind": "depth", "k": 2}, {"kind": "lora"}, {"kind": "gptq"}, {"kind": "eora"}],
+        },
+        stages=stages,
+    )
     s.save(tmp_path / "run" / "session.json")
     assert resume_problem(s, 2) is None
     assert "not a full model" in resume_problem(s, 3)

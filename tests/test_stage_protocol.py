@@ -5,6 +5,7 @@ artifact), is recorded by the session recorder from events alone, appears in com
 migrates its params when an old session is loaded, and is offered and edited by the lab's form
 (an input per form field, with its help and the config's own refusals).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from pipeline.config import RecipeError, option, require
-from pipeline.context import StageResult
-from pipeline.recipe import Recipe
-from pipeline.stages import register, stage_kind, unregister
+from frankenlab.evals.config import option, require
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.context import StageResult
+from frankenlab.pipeline.recipe import Recipe
+from frankenlab.pipeline.stages import register, stage_kind, unregister
 
 
 def make_toy_module():
@@ -104,8 +106,8 @@ def test_toy_stage_loads_validates_and_round_trips(toy, tiny_model_dir):
 def test_toy_stage_runs_is_recorded_and_compared(toy, tiny_model_dir, tmp_path, data_dir):
     from transformers import AutoModelForCausalLM
 
-    from sessions import compare_table, load_session, record_run
-    from sessions.compare import format_table
+    from frankenlab.sessions import compare_table, load_session, record_run
+    from frankenlab.sessions.compare import format_table
 
     stages = '[[stages]]\nkind = "toy"\nfactor = 0.5\nnote = "hi"\n[[stages]]\nkind = "toy"\nfactor = 0.5'
     session = record_run(Recipe.loads(recipe_text(tiny_model_dir, stages)), tmp_path / "run", data_dir=data_dir)
@@ -128,7 +130,7 @@ def test_toy_stage_runs_is_recorded_and_compared(toy, tiny_model_dir, tmp_path, 
 
 
 def test_toy_params_migrate_from_older_sessions(toy):
-    from sessions.record import loads_session
+    from frankenlab.sessions.session import loads_session
     from tests.test_sessions import full_session
 
     d = full_session().to_dict()
@@ -145,7 +147,7 @@ def test_toy_params_migrate_from_older_sessions(toy):
 # -- the lab's form: built from the registry and the config metadata alone -------------------------
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    from pipeline.models import load_model
+    from frankenlab.pipeline.loading import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
 
@@ -198,15 +200,19 @@ async def test_form_stage_order_and_repeats(toy, loaded, tmp_path, data_dir):
     build(), and an order rule (the kind's check_order) is shown on the stage and refused by build()."""
     from textual.widgets import Button
 
-    from pipeline.recipe import StageSpec
-    from pipeline.stages import depth, width
+    from frankenlab.pipeline.recipe import StageSpec
+    from frankenlab.pipeline.stages import depth, width
+    from frankenlab.tui.widgets.stage_editor import StageEditor
     from tests.test_tui import make_app, wait_for
-    from tui.widgets.stage_editor import StageEditor
 
-    recipe = Recipe(name="order", stages=[
-        StageSpec("width", width.Config(pattern="2:4")),
-        StageSpec("depth", depth.Config(k=1, metric="l1", protected_first=1, protected_last=1)),
-        StageSpec("width", width.Config(pattern="1:8", method="magnitude"), name="second width")])
+    recipe = Recipe(
+        name="order",
+        stages=[
+            StageSpec("width", width.Config(pattern="2:4")),
+            StageSpec("depth", depth.Config(k=1, metric="l1", protected_first=1, protected_last=1)),
+            StageSpec("width", width.Config(pattern="1:8", method="magnitude"), name="second width"),
+        ],
+    )
 
     def shape(r):
         return [(s.kind, s.name, s.params()) for s in r.stages]
@@ -240,9 +246,14 @@ async def test_form_stage_order_and_repeats(toy, loaded, tmp_path, data_dir):
         # an order rule of the kind itself: shown on the stage, refused by build(), gone once moved
         toy.check_order = lambda before: require("width" not in before, "toy must come before any width stage")
         added = form.add_stage("toy")
-        await wait_for(pilot, lambda: added.query(".stage-problem")
-                       and "toy must come before any width" in str(added.query_one(".stage-problem").render()),
-                       timeout=10)
+        await wait_for(
+            pilot,
+            lambda: (
+                added.query(".stage-problem")
+                and "toy must come before any width" in str(added.query_one(".stage-problem").render())
+            ),
+            timeout=10,
+        )
         with pytest.raises(RecipeError, match=r"stage 3 \(toy\): toy must come before any width stage"):
             form.build()
         assert form.move_stage(added, -2)
@@ -255,7 +266,7 @@ async def test_form_stage_order_and_repeats(toy, loaded, tmp_path, data_dir):
 
 
 async def test_bundled_recipes_round_trip_through_the_form(loaded, tmp_path, data_dir):
-    from pipeline.recipe import bundled_recipes
+    from frankenlab.pipeline.recipe import bundled_recipes
     from tests.test_tui import make_app
 
     app = make_app(loaded, tmp_path, data_dir)

@@ -1,20 +1,31 @@
 """Sweeps on the tiny model: expansion and validation, prefix keys, jobs, resume, tables, Ray."""
+
 import json
-import shutil
 import threading
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from sessions import load_session
-from sessions.sweep import (NodeFinished, SweepError, build_tree, load_record, parse_sweep, plan_jobs, prefix_key,
-                            run_sweep)
-from sessions.sweep.results import pareto_points, sweep_sessions, write_results
+from frankenlab.sessions import load_session
+from frankenlab.sessions.sweep import (
+    NodeFinished,
+    SweepError,
+    build_tree,
+    load_record,
+    parse_sweep,
+    plan_jobs,
+    prefix_key,
+    run_sweep,
+)
+from frankenlab.sessions.sweep.results import pareto_points, sweep_sessions, write_results
 
 
 def sweep_text(model_dir, axes: str, stages: str = None, extra: str = "") -> str:
-    stages = stages if stages is not None else ('[[base.stages]]\nkind = "depth"\nk = 1\n'
-                                                '[[base.stages]]\nkind = "width"\npattern = "1:8"\n')
+    stages = (
+        stages
+        if stages is not None
+        else ('[[base.stages]]\nkind = "depth"\nk = 1\n[[base.stages]]\nkind = "width"\npattern = "1:8"\n')
+    )
     return f"""
 name = "tiny-sweep"
 {extra}
@@ -38,8 +49,9 @@ GRID = '"depth.k" = [0, 1]\n"width.pattern" = ["1:8", "2:4"]'
 
 # -- expansion and validation ---------------------------------------------------------------------
 def test_axes_expand_in_file_order(tiny_model_dir):
-    sw = parse_sweep(sweep_text(tiny_model_dir, GRID + '\nquant = ["none", "gptq+eora"]',
-                                extra="[defaults.eora]\nrank = 4"))
+    sw = parse_sweep(
+        sweep_text(tiny_model_dir, GRID + '\nquant = ["none", "gptq+eora"]', extra="[defaults.eora]\nrank = 4")
+    )
     configs = sw.expand()
     assert len(configs) == 8
     first, last = configs[0], configs[-1]
@@ -51,27 +63,38 @@ def test_axes_expand_in_file_order(tiny_model_dir):
 
 
 def test_nested_axis_keys_plan_and_slots(tiny_model_dir):
-    stages = ('[[base.stages]]\nkind = "width"\npattern = "1:8"\n[[base.stages]]\nslot = "recovery"\n'
-              '[[base.stages]]\nkind = "width"\nname = "late"\npattern = "1:8"\n')
-    axes = ('plan = ["0-3,5,5,6-7", "none"]\nrecovery = ["none", [{ kind = "lora", steps = 2, dataset = "wiki" }]]\n'
-            'late.pattern = ["1:8"]')
+    stages = (
+        '[[base.stages]]\nkind = "width"\npattern = "1:8"\n[[base.stages]]\nslot = "recovery"\n'
+        '[[base.stages]]\nkind = "width"\nname = "late"\npattern = "1:8"\n'
+    )
+    axes = (
+        'plan = ["0-3,5,5,6-7", "none"]\nrecovery = ["none", [{ kind = "lora", steps = 2, dataset = "wiki" }]]\n'
+        'late.pattern = ["1:8"]'
+    )
     configs = parse_sweep(sweep_text(tiny_model_dir, axes, stages)).expand()
     assert len(configs) == 4
     kinds = [[s.kind for s in c.recipe.stages] for c in configs]
-    assert kinds == [["depth", "width", "width"], ["depth", "width", "lora", "width"], ["width", "width"],
-                     ["width", "lora", "width"]]
+    assert kinds == [
+        ["depth", "width", "width"],
+        ["depth", "width", "lora", "width"],
+        ["width", "width"],
+        ["width", "lora", "width"],
+    ]
     assert configs[0].recipe.stages[0].config.plan == "0-3,5,5,6-7"
 
 
-@pytest.mark.parametrize("axes, expected", [
-    ('"width.pattern" = ["1:8", "1:x"]', "configuration 2 (width.pattern=1:x): stage 2 (width): pattern '1:x'"),
-    ('"depth.k" = [1, 7]', "configuration 2 (depth.k=7): stage 1 (depth): cannot remove 7 of 8 layers"),
-    ('"width.patern" = ["1:8"]', "axis 'width.patern': a width stage has no field 'patern'"),
-    ('"lora.rank" = [4]', "axis 'lora.rank': the base recipe has no stage 'lora'"),
-    ('quant = ["eora"]', "configuration 1 (quant=eora): stage 3 (eora)"),
-    ('"evaluation.ppl_limit" = [-1]', "configuration 1 (evaluation.ppl_limit=-1): evaluation"),
-    ('"depth.k" = []', "axis 'depth.k' has no values"),
-])
+@pytest.mark.parametrize(
+    "axes, expected",
+    [
+        ('"width.pattern" = ["1:8", "1:x"]', "configuration 2 (width.pattern=1:x): stage 2 (width): pattern '1:x'"),
+        ('"depth.k" = [1, 7]', "configuration 2 (depth.k=7): stage 1 (depth): cannot remove 7 of 8 layers"),
+        ('"width.patern" = ["1:8"]', "axis 'width.patern': a width stage has no field 'patern'"),
+        ('"lora.rank" = [4]', "axis 'lora.rank': the base recipe has no stage 'lora'"),
+        ('quant = ["eora"]', "configuration 1 (quant=eora): stage 3 (eora)"),
+        ('"evaluation.ppl_limit" = [-1]', "configuration 1 (evaluation.ppl_limit=-1): evaluation"),
+        ('"depth.k" = []', "axis 'depth.k' has no values"),
+    ],
+)
 def test_validation_names_configuration_and_field(tiny_model_dir, axes, expected):
     with pytest.raises(SweepError) as err:
         parse_sweep(sweep_text(tiny_model_dir, axes), "my.toml").expand()
@@ -88,8 +111,11 @@ def test_equal_prefixes_share_and_any_change_does_not(tiny_model_dir):
     ident = {"weights": "abc"}
     data = configs[2].recipe.to_dict()
     assert prefix_key(ident, data, 1) == prefix_key(ident, json.loads(json.dumps(data)), 1)
-    for change in (lambda d: d["stages"][0].update(metric="l1"), lambda d: d["calibration"].update(samples=9),
-                   lambda d: d["evaluation"].update(ppl_limit=3)):
+    for change in (
+        lambda d: d["stages"][0].update(metric="l1"),
+        lambda d: d["calibration"].update(samples=9),
+        lambda d: d["evaluation"].update(ppl_limit=3),
+    ):
         other = json.loads(json.dumps(data))
         change(other)
         assert prefix_key(ident, other, 1) != prefix_key(ident, data, 1)
@@ -164,8 +190,13 @@ def test_sweep_runs_each_prefix_once_and_resumes(tiny_model_dir, tmp_path, data_
 
 
 def test_tables_in_every_format_and_pareto_svg(tiny_model_dir, tmp_path, data_dir):
-    sw = parse_sweep(sweep_text(tiny_model_dir, '"width.pattern" = ["1:8", "2:4"]\nrecovery = ["none", '
-                                '[{ kind = "lora", steps = 1, dataset = "wiki", seq_len = 32, batch_size = 2 }]]'))
+    sw = parse_sweep(
+        sweep_text(
+            tiny_model_dir,
+            '"width.pattern" = ["1:8", "2:4"]\nrecovery = ["none", '
+            '[{ kind = "lora", steps = 1, dataset = "wiki", seq_len = 32, batch_size = 2 }]]',
+        )
+    )
     out = tmp_path / "sweep"
     assert run_sweep(sw, out, data_dir=data_dir)["status"] == "done"
     written = write_results(out)
@@ -191,7 +222,7 @@ def test_tables_in_every_format_and_pareto_svg(tiny_model_dir, tmp_path, data_di
 
 
 def test_cli_dry_run_and_bad_sweep(tiny_model_dir, tmp_path, capsys):
-    from tui.cli import main
+    from frankenlab.tui.cli.main import main
 
     f = tmp_path / "s.toml"
     f.write_text(sweep_text(tiny_model_dir, GRID))
@@ -207,10 +238,10 @@ def test_cli_dry_run_and_bad_sweep(tiny_model_dir, tmp_path, capsys):
 
 def test_ray_gives_the_local_numbers(tiny_model_dir, tmp_path, data_dir):
     ray = pytest.importorskip("ray")
-    from sessions.sweep import RayExecutor
+    from frankenlab.sessions.sweep import RayExecutor
 
     sw = parse_sweep(sweep_text(tiny_model_dir, '"width.pattern" = ["1:8", "2:4"]'))
-    local = run_sweep(sw, tmp_path / "local", data_dir=data_dir)
+    run_sweep(sw, tmp_path / "local", data_dir=data_dir)
     executor = RayExecutor(num_cpus=2)
     try:
         remote = run_sweep(sw, tmp_path / "ray", executor=executor, data_dir=data_dir)
@@ -220,7 +251,7 @@ def test_ray_gives_the_local_numbers(tiny_model_dir, tmp_path, data_dir):
     assert remote["status"] == "done" and remote["runs"][-1]["executor"] == "ray"
     assert remote["runs"][-1]["nodes_computed"] == len(remote["nodes"]) == 4
     a, b = sweep_sessions(tmp_path / "local")[1], sweep_sessions(tmp_path / "ray")[1]
-    for sa, sb in zip(a, b):
+    for sa, sb in zip(a, b, strict=False):
         ma, mb = sa.final_stage().metric("perplexity"), sb.final_stage().metric("perplexity")
         assert ma["protocol"] == mb["protocol"] and ma["value"] == pytest.approx(mb["value"], rel=1e-4)
         assert sa.final_stage().params_nonzero == sb.final_stage().params_nonzero

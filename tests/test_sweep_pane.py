@@ -1,11 +1,12 @@
 """The lab's Sweep pane with Pilot: launch a sweep file in the background, rows fill, a row opens its session."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
+from frankenlab.tui.cli.main import _quiet_libraries
 from tests.test_sweep import sweep_text
-from tui.cli import _quiet_libraries
 
 _quiet_libraries()
 torch.set_num_threads(1)
@@ -13,7 +14,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    from pipeline.models import load_model
+    from frankenlab.pipeline.loading import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
 
@@ -29,13 +30,19 @@ async def wait_for(pilot, cond, timeout=180.0):
 async def test_sweep_pane_runs_and_opens_a_row(loaded, tiny_model_dir, tmp_path, data_dir):
     from textual.widgets import DataTable, Input, TabbedContent
 
-    from tui.app import create_app
-    from tui.widgets.sweep_pane import SweepPane
+    from frankenlab.tui.app import create_app
+    from frankenlab.tui.widgets.sweep_pane import SweepPane
 
     f = tmp_path / "grid.toml"
     f.write_text(sweep_text(tiny_model_dir, '"width.pattern" = ["1:8", "2:4"]'))
-    app = create_app(loaded=loaded, model_ref=loaded.source.ref, data_dir=data_dir, runs_dir=tmp_path / "runs",
-                     chat_tokens=8, whatif=False)
+    app = create_app(
+        loaded=loaded,
+        model_ref=loaded.source.ref,
+        data_dir=data_dir,
+        runs_dir=tmp_path / "runs",
+        chat_tokens=8,
+        whatif=False,
+    )
     async with app.run_test(size=(120, 44)) as pilot:
         await pilot.press("7")
         assert app.query_one(TabbedContent).active == "sweep"

@@ -1,4 +1,5 @@
 """Pilot tests of the lab on the tiny model: layers, N:M, a short run, cancel, sessions, chat."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tui.cli import _quiet_libraries
+from frankenlab.tui.cli.main import _quiet_libraries
 
 _quiet_libraries()
 torch.set_num_threads(1)  # the tiny model gains nothing from threads; a busy CI box loses a lot
@@ -18,31 +19,43 @@ SIZE = (100, 40)
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    from pipeline.models import load_model
+    from frankenlab.pipeline.loading import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
 
 
 def short_recipe(**evaluation):
-    from evals.suite import EvalConfig
-    from pipeline.calibration import CalibrationConfig
-    from pipeline.recipe import Recipe, StageSpec
-    from pipeline.stages import depth, width
+    from frankenlab.evals.suite import EvalConfig
+    from frankenlab.pipeline.calibration import CalibrationConfig
+    from frankenlab.pipeline.recipe import Recipe, StageSpec
+    from frankenlab.pipeline.stages import depth, width
 
     ev = dict(perplexity=("wikitext2-concat-64",), ppl_limit=2, samples=False)
     ev.update(evaluation)
-    return Recipe(name="short", calibration=CalibrationConfig("c4", samples=4, seq_len=32),
-                  evaluation=EvalConfig(**ev),
-                  stages=[StageSpec("depth", depth.Config(k=1, metric="l1", protected_first=1, protected_last=1)),
-                          StageSpec("width", width.Config(pattern="2:4"))])
+    return Recipe(
+        name="short",
+        calibration=CalibrationConfig("c4", samples=4, seq_len=32),
+        evaluation=EvalConfig(**ev),
+        stages=[
+            StageSpec("depth", depth.Config(k=1, metric="l1", protected_first=1, protected_last=1)),
+            StageSpec("width", width.Config(pattern="2:4")),
+        ],
+    )
 
 
 def make_app(loaded, tmp_path, data_dir, **kw):
-    from tui.app import create_app
+    from frankenlab.tui.app import create_app
 
     kw.setdefault("whatif", False)
-    return create_app(loaded=loaded, model_ref=loaded.source.ref, data_dir=data_dir, runs_dir=tmp_path / "runs",
-                      save_models=True, chat_tokens=8, **kw)
+    return create_app(
+        loaded=loaded,
+        model_ref=loaded.source.ref,
+        data_dir=data_dir,
+        runs_dir=tmp_path / "runs",
+        save_models=True,
+        chat_tokens=8,
+        **kw,
+    )
 
 
 async def wait_for(pilot, cond, timeout=60.0):
@@ -62,7 +75,7 @@ async def test_toggle_layers_and_use_plan(loaded, tmp_path, data_dir):
         await pilot.press("right", "right", "space")  # skip layer 2
         await pilot.press("right", "plus")  # repeat layer 3
         assert grid.counts[:4] == [1, 1, 0, 2]
-        from tui.widgets.layer_grid import CELL_W
+        from frankenlab.tui.widgets.layer_grid import CELL_W
 
         await pilot.click("#grid", offset=(CELL_W * 5 + 2, 0))  # a click on cell 5 skips it
         assert grid.counts[5] == 0
@@ -79,12 +92,17 @@ async def test_toggle_layers_and_use_plan(loaded, tmp_path, data_dir):
 
 async def test_whatif_in_the_lab(loaded, tmp_path, data_dir):
     """Toggle -> estimate on the what-if line and its delta beside the cell; latest toggle wins; scan."""
-    from pipeline.plans import LayerPlan
-    from pipeline.whatif import WhatIfEstimator
-    from tui.widgets.layer_grid import format_delta
+    from frankenlab.pipeline.plans import LayerPlan
+    from frankenlab.pipeline.whatif import WhatIfEstimator
+    from frankenlab.tui.widgets.layer_grid import format_delta
 
-    app = make_app(loaded, tmp_path, data_dir, whatif=True, estimator_factory=lambda lm, d: WhatIfEstimator(
-        lm.model, lm.tokenizer, data_dir=d, samples=2, seq_len=64))
+    app = make_app(
+        loaded,
+        tmp_path,
+        data_dir,
+        whatif=True,
+        estimator_factory=lambda lm, d: WhatIfEstimator(lm.model, lm.tokenizer, data_dir=d, samples=2, seq_len=64),
+    )
     async with app.run_test(size=SIZE) as pilot:
         grid, line = app.query_one("#grid"), app.query_one("#whatif")
         await wait_for(pilot, lambda: line.scheduler is not None)
@@ -120,14 +138,15 @@ async def test_whatif_in_the_lab(loaded, tmp_path, data_dir):
         assert any("importance scan (exact)" in t for t in shown)
         exact = {i: est.known(LayerPlan.without(8, [i])) for i in range(8)}
         # the grid's messages may still be queued behind the last line update: wait for the exact values
-        await wait_for(pilot, lambda: all(grid.tried.get(i) == e.delta and grid.scores.get(i) == e.ppl
-                                          for i, e in exact.items()))
+        await wait_for(
+            pilot, lambda: all(grid.tried.get(i) == e.delta and grid.scores.get(i) == e.ppl for i, e in exact.items())
+        )
 
 
 async def test_width_nm_and_refusals(loaded, tmp_path, data_dir):
     from textual.widgets import Button, Input, Select
 
-    from pipeline.config import RecipeError
+    from frankenlab.evals.errors import RecipeError
 
     app = make_app(loaded, tmp_path, data_dir)
     async with app.run_test(size=SIZE) as pilot:
@@ -153,8 +172,9 @@ async def test_width_nm_and_refusals(loaded, tmp_path, data_dir):
         custom.value = "5:4"  # typed keys can race focus on a loaded machine; the value path is the same
         await pilot.pause()
         field = form.query_one("#width-custom-field")
-        await wait_for(pilot, lambda: "N must be smaller than M" in str(field.query_one(".field-error").render()),
-                       timeout=10)
+        await wait_for(
+            pilot, lambda: "N must be smaller than M" in str(field.query_one(".field-error").render()), timeout=10
+        )
         assert field.has_class("invalid")
         with pytest.raises(RecipeError):
             form.build()
@@ -203,31 +223,46 @@ async def test_run_results_save_and_reopen(loaded, tmp_path, data_dir):
         assert sel.value == "baseline"
         # every save says where it wrote: a typed folder gets session.json inside it
         (tmp_path / "folder").mkdir()
-        for typed, expect in ((str(tmp_path / "folder") + "/", tmp_path / "folder" / "session.json"),
-                              (str(tmp_path / "saved.json"), tmp_path / "saved.json")):
+        for typed, expect in (
+            (str(tmp_path / "folder") + "/", tmp_path / "folder" / "session.json"),
+            (str(tmp_path / "saved.json"), tmp_path / "saved.json"),
+        ):
             await pilot.press("ctrl+s")
             await wait_for(pilot, lambda: app.screen.query("#prompt-input"), timeout=10)
             inp = app.screen.query_one("#prompt-input")
             inp.value = typed
             await pilot.press("enter")
-            await wait_for(pilot, lambda: expect.exists(), timeout=10)
-            await wait_for(pilot, lambda: any(f"session saved to {expect}" in str(n.message)
-                                              for n in app._notifications), timeout=10)
+            await wait_for(pilot, lambda expect=expect: expect.exists(), timeout=10)
+            await wait_for(
+                pilot,
+                lambda expect=expect: any(f"session saved to {expect}" in str(n.message) for n in app._notifications),
+                timeout=10,
+            )
         # ... or why it could not
         (tmp_path / "plainfile").write_text("x")
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: app.screen.query("#prompt-input"), timeout=10)
         app.screen.query_one("#prompt-input").value = str(tmp_path / "plainfile" / "s.json")
         await pilot.press("enter")
-        await wait_for(pilot, lambda: any("cannot write" in str(n.message) and "plainfile" in str(n.message)
-                                          for n in app._notifications), timeout=10)
+        await wait_for(
+            pilot,
+            lambda: any("cannot write" in str(n.message) and "plainfile" in str(n.message) for n in app._notifications),
+            timeout=10,
+        )
     saved = tmp_path / "saved.json"
     assert json.loads(saved.read_text())["status"] == "done"
     # reopen it in a fresh lab
     app2 = make_app(loaded, tmp_path, data_dir, session_path=saved)
     async with app2.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app2.lab.session is not None and app2.query("#results-table")
-                       and app2.query_one("#results-table").row_count == 3, timeout=20)
+        await wait_for(
+            pilot,
+            lambda: (
+                app2.lab.session is not None
+                and app2.query("#results-table")
+                and app2.query_one("#results-table").row_count == 3
+            ),
+            timeout=20,
+        )
         assert app2.lab.session.id == s.id
         assert app2.query_one("#results-table").row_count == 3
         assert app2.query_one("#tabs").active == "results"
@@ -237,8 +272,8 @@ async def test_run_results_save_and_reopen(loaded, tmp_path, data_dir):
 
 
 async def test_cancel_leaves_a_valid_session(loaded, tmp_path, data_dir):
-    from pipeline import events as ev
-    from sessions import record_run
+    from frankenlab.pipeline import events as ev
+    from frankenlab.sessions import record_run
 
     reached, gate = threading.Event(), threading.Event()
 
@@ -248,6 +283,7 @@ async def test_cancel_leaves_a_valid_session(loaded, tmp_path, data_dir):
             if isinstance(e, ev.StageStarted) and e.stage == 1:
                 reached.set()
                 gate.wait(30)  # the test presses x meanwhile
+
         return record_run(recipe, out, listener=hold, **kw)
 
     app = make_app(loaded, tmp_path, data_dir, runner=runner)
@@ -269,14 +305,12 @@ async def test_cancel_leaves_a_valid_session(loaded, tmp_path, data_dir):
 async def test_live_results_come_from_stage_records(loaded, tmp_path, data_dir, monkeypatch):
     """While a run goes, footprints, stage models and memory bars come from StageFinished.record;
     the lab never reads the session file the run is writing."""
-    import tui.app_files
-    import tui.app_run
-    import tui.lab
-    from pipeline import events as ev
-    from sessions import record_run
+    from frankenlab.pipeline import events as ev
+    from frankenlab.sessions import record_run
+    from frankenlab.tui import app_files, app_run, lab_state
 
     reads = []
-    for module in (tui.lab, tui.app_run, tui.app_files):
+    for module in (lab_state, app_run, app_files):
         monkeypatch.setattr(module, "load_session", lambda p, real=module.load_session: reads.append(p) or real(p))
     reached, gate = threading.Event(), threading.Event()
 
@@ -286,6 +320,7 @@ async def test_live_results_come_from_stage_records(loaded, tmp_path, data_dir, 
             if isinstance(e, ev.StageStarted) and e.stage == 2:
                 reached.set()
                 gate.wait(30)  # stage 1 is finished and recorded; the run waits for the test
+
         return record_run(recipe, out, listener=hold, **kw)
 
     app = make_app(loaded, tmp_path, data_dir, runner=runner)
@@ -305,7 +340,7 @@ async def test_live_results_come_from_stage_records(loaded, tmp_path, data_dir, 
 
 
 async def test_chat_streams_and_ab(loaded, tmp_path, data_dir, monkeypatch):
-    import tui.widgets.chat_panel as chat_panel
+    import frankenlab.tui.widgets.chat_panel as chat_panel
 
     pieces = []
     real_stream = chat_panel.stream_reply
@@ -353,13 +388,18 @@ async def test_chat_streams_and_ab(loaded, tmp_path, data_dir, monkeypatch):
         await pilot.pause()
         chat.query_one("#chat-input").focus()
         await pilot.press(*"hi", "enter")
-        await wait_for(pilot, lambda: len(chat.query("#transcript-b .msg.stats")) == 1
-                       and len(chat.query("#transcript-a .msg.stats")) == 1, timeout=120)
+        await wait_for(
+            pilot,
+            lambda: (
+                len(chat.query("#transcript-b .msg.stats")) == 1 and len(chat.query("#transcript-a .msg.stats")) == 1
+            ),
+            timeout=120,
+        )
         assert chat.query_one("#transcript-b").display
 
 
 async def test_model_that_cannot_load_keeps_the_app(tmp_path, data_dir):
-    from tui.app import create_app
+    from frankenlab.tui.app import create_app
 
     app = create_app(model_ref=str(tmp_path / "missing-model"), data_dir=data_dir, runs_dir=tmp_path, whatif=False)
     async with app.run_test(size=SIZE) as pilot:
@@ -388,12 +428,22 @@ async def test_failing_stage_and_missing_data_are_reported(loaded, tmp_path):
 
 
 async def test_help_palette_and_sessions_compare(loaded, tmp_path, data_dir):
-    from sessions.record import Session, StageRecord
+    from frankenlab.sessions.session import Session, StageRecord
 
     for i, ppl in enumerate((20.0, 30.0)):
-        s = Session(recipe={"name": f"r{i}"}, status="done",
-                    stages=[StageRecord(0, "baseline", "baseline", status="done",
-                                        metrics=[{"name": "perplexity", "value": ppl, "protocol": "p"}])])
+        s = Session(
+            recipe={"name": f"r{i}"},
+            status="done",
+            stages=[
+                StageRecord(
+                    0,
+                    "baseline",
+                    "baseline",
+                    status="done",
+                    metrics=[{"name": "perplexity", "value": ppl, "protocol": "p"}],
+                )
+            ],
+        )
         s.save(tmp_path / "runs" / f"r{i}" / "session.json")
     app = make_app(loaded, tmp_path, data_dir)
     async with app.run_test(size=SIZE) as pilot:
@@ -401,8 +451,16 @@ async def test_help_palette_and_sessions_compare(loaded, tmp_path, data_dir):
         assert type(app.screen).__name__ == "HelpScreen"
         await pilot.press("escape")
         titles = [c.title for c in app.get_system_commands(app.screen)]
-        for t in ("Run the recipe", "Cancel the run", "Save the session as", "Open a session", "Chat A/B",
-                  "Load a recipe", "Write the recipe", "Importance scan"):
+        for t in (
+            "Run the recipe",
+            "Cancel the run",
+            "Save the session as",
+            "Open a session",
+            "Chat A/B",
+            "Load a recipe",
+            "Write the recipe",
+            "Importance scan",
+        ):
             assert t in titles
         await pilot.press("6")
         await pilot.pause()
@@ -417,14 +475,19 @@ async def test_help_palette_and_sessions_compare(loaded, tmp_path, data_dir):
 
 async def test_form_keeps_the_fields_it_does_not_show(loaded, tmp_path, data_dir):
     """Loading a recipe into the form and building it again must not reset what the form hides."""
-    from pipeline.recipe import Recipe, StageSpec
-    from pipeline.stages import depth, lora, width
+    from frankenlab.pipeline.recipe import Recipe, StageSpec
+    from frankenlab.pipeline.stages import depth, lora, width
 
-    recipe = Recipe(name="hidden", stages=[
-        StageSpec("depth", depth.Config(k=1, metric="l1", protected_first=1, protected_last=1, samples=3)),
-        StageSpec("width", width.Config(pattern="2:4", targets=("q_proj", "up_proj"), batch_size=4,
-                                        sequential="layer")),
-        StageSpec("lora", lora.Config(steps=2, lr=1e-3, targets=("q_proj", "v_proj"), merge=False))])
+    recipe = Recipe(
+        name="hidden",
+        stages=[
+            StageSpec("depth", depth.Config(k=1, metric="l1", protected_first=1, protected_last=1, samples=3)),
+            StageSpec(
+                "width", width.Config(pattern="2:4", targets=("q_proj", "up_proj"), batch_size=4, sequential="layer")
+            ),
+            StageSpec("lora", lora.Config(steps=2, lr=1e-3, targets=("q_proj", "v_proj"), merge=False)),
+        ],
+    )
     app = make_app(loaded, tmp_path, data_dir)
     async with app.run_test(size=SIZE) as pilot:
         form = app.query_one("#form")
@@ -443,7 +506,7 @@ async def test_fast_tab_keys_end_on_the_last_tab_asked_for(loaded, tmp_path, dat
     between Results and Run forever (pending focus calls switched each other's tab back)."""
     from textual.widgets import TabbedContent
 
-    from tui.widgets.run_panel import RunPanel
+    from frankenlab.tui.widgets.run_panel import RunPanel
 
     app = make_app(loaded, tmp_path, data_dir)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -465,8 +528,14 @@ async def test_fast_tab_keys_end_on_the_last_tab_asked_for(loaded, tmp_path, dat
                 last = {"1": "layers", "2": "recipe", "3": "run", "4": "results", "5": "chat"}[keys[-1]]
                 # wait for the state, not a moment: on a loaded machine the last switch can still be
                 # queued when focus first sits inside some tab (a CI run saw 'run' there, then 'results')
-                await wait_for(pilot, lambda: tabs.active == last and app.focused is not None and tabs.active in
-                               {a.id for a in app.focused.ancestors_with_self})
+                await wait_for(
+                    pilot,
+                    lambda last=last: (
+                        tabs.active == last
+                        and app.focused is not None
+                        and tabs.active in {a.id for a in app.focused.ancestors_with_self}
+                    ),
+                )
                 seen = set()
                 for _ in range(20):  # it stays: nothing switches it back later
                     await pilot.pause(0.02)
@@ -489,16 +558,21 @@ async def test_footer_at_80x24_shows_run_and_help_on_every_pane(loaded, tmp_path
     app = make_app(loaded, tmp_path, data_dir)
     async with app.run_test(size=(80, 24)) as pilot:
         tabs = app.query_one(TabbedContent)
-        for key, pane in zip("123456", ("layers", "recipe", "run", "results", "chat", "sessions")):
+        for key, pane in zip("123456", ("layers", "recipe", "run", "results", "chat", "sessions"), strict=False):
             await pilot.press(f"alt+{key}")
-            await wait_for(pilot, lambda: tabs.active == pane and app.focused is not None
-                           and pane in {a.id for a in app.focused.ancestors_with_self})
+            await wait_for(
+                pilot,
+                lambda pane=pane: (
+                    tabs.active == pane
+                    and app.focused is not None
+                    and pane in {a.id for a in app.focused.ancestors_with_self}
+                ),
+            )
             await pilot.pause()
             keys = list(app.query(FooterKey))
             palette = [fk for fk in keys if fk.action.endswith("command_palette")]
             edge = palette[0].region.x if palette else 80  # the palette key is docked over the right end
-            shown = {fk.action for fk in keys
-                     if fk.region.width > 0 and fk.region.right <= edge and fk.region.y == 23}
+            shown = {fk.action for fk in keys if fk.region.width > 0 and fk.region.right <= edge and fk.region.y == 23}
             assert {"run", "cancel_run", "help"} <= {a.split(".")[-1] for a in shown}, (pane, shown)
 
 
@@ -522,7 +596,7 @@ async def test_footer_recomposes_only_when_its_keys_change():
     from textual.widgets import Button
     from textual.widgets._footer import FooterKey
 
-    from tui.widgets.footer import LabFooter
+    from frankenlab.tui.widgets.footer import LabFooter
 
     class Special(Button):
         BINDINGS = [Binding("x", "special", "Special key")]
@@ -551,6 +625,7 @@ async def test_footer_recomposes_only_when_its_keys_change():
         async def counting():
             builds.append(1)
             await original()
+
         footer.recompose = counting
         app.query_one("#a").focus()
         await pilot.pause(0.2)

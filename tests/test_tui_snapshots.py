@@ -1,4 +1,5 @@
 """SVG snapshots of the lab's main panes at 80x24 and 160x48 (tiny model, fixed session, no timings)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -6,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tui.cli import _quiet_libraries
+from frankenlab.tui.cli.main import _quiet_libraries
 
 _quiet_libraries()
 torch.set_num_threads(1)
@@ -16,7 +17,7 @@ SIZES = [(80, 24), (160, 48)]
 
 @pytest.fixture(scope="module")
 def fixed_model(tiny_model_dir):
-    from pipeline.models import ModelSource, load_model
+    from frankenlab.pipeline.loading import ModelSource, load_model
 
     lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     return replace(lm, source=ModelSource("folder", "models/tiny-llama", "/models/tiny-llama", "tiny-llama"))
@@ -24,40 +25,98 @@ def fixed_model(tiny_model_dir):
 
 def fixed_session(path):
     """A session with fixed numbers (no run, no timings)."""
-    from sessions.record import Session, StageRecord
+    from frankenlab.sessions.session import Session, StageRecord
 
     def fp(w):
-        return {"components": {"embeddings": 81920, "attention": w // 2, "mlp": w // 2, "cache": 65536,
-                               "activations": 4096}, "weights_bytes": 81920 + w, "runtime_bytes": 69632,
-                "total_bytes": 81920 + w + 69632}
+        return {
+            "components": {
+                "embeddings": 81920,
+                "attention": w // 2,
+                "mlp": w // 2,
+                "cache": 65536,
+                "activations": 4096,
+            },
+            "weights_bytes": 81920 + w,
+            "runtime_bytes": 69632,
+            "total_bytes": 81920 + w + 69632,
+        }
 
     stages = [
-        StageRecord(0, "baseline", "baseline", status="done", params_count=365632, params_nonzero=365632,
-                    num_layers=8, seconds=1.0, footprint=fp(1_300_000),
-                    metrics=[{"name": "perplexity", "value": 412.5, "protocol": "wikitext2-concat-64:first2"},
-                             {"name": "triviaqa_closed", "value": 0.0, "protocol": "triviaqa:first8"}]),
-        StageRecord(1, "depth", "depth", status="done", params_count=330000, params_nonzero=330000, num_layers=7,
-                    seconds=2.0, footprint=fp(1_150_000),
-                    report={"scores": {"1": 500.0, "2": 430.0, "3": 470.0, "4": 420.0, "5": 415.0, "6": 600.0}},
-                    metrics=[{"name": "perplexity", "value": 455.25, "protocol": "wikitext2-concat-64:first2"}]),
-        StageRecord(2, "width", "width", status="done", params_count=330000, params_nonzero=180000, num_layers=7,
-                    seconds=3.0, footprint=fp(700_000),
-                    metrics=[{"name": "perplexity", "value": 620.0, "protocol": "wikitext2-concat-64:first2"}]),
+        StageRecord(
+            0,
+            "baseline",
+            "baseline",
+            status="done",
+            params_count=365632,
+            params_nonzero=365632,
+            num_layers=8,
+            seconds=1.0,
+            footprint=fp(1_300_000),
+            metrics=[
+                {"name": "perplexity", "value": 412.5, "protocol": "wikitext2-concat-64:first2"},
+                {"name": "triviaqa_closed", "value": 0.0, "protocol": "triviaqa:first8"},
+            ],
+        ),
+        StageRecord(
+            1,
+            "depth",
+            "depth",
+            status="done",
+            params_count=330000,
+            params_nonzero=330000,
+            num_layers=7,
+            seconds=2.0,
+            footprint=fp(1_150_000),
+            report={"scores": {"1": 500.0, "2": 430.0, "3": 470.0, "4": 420.0, "5": 415.0, "6": 600.0}},
+            metrics=[{"name": "perplexity", "value": 455.25, "protocol": "wikitext2-concat-64:first2"}],
+        ),
+        StageRecord(
+            2,
+            "width",
+            "width",
+            status="done",
+            params_count=330000,
+            params_nonzero=180000,
+            num_layers=7,
+            seconds=3.0,
+            footprint=fp(700_000),
+            metrics=[{"name": "perplexity", "value": 620.0, "protocol": "wikitext2-concat-64:first2"}],
+        ),
     ]
-    recipe = {"name": "snap", "description": "", "model": {"source": "models/tiny-llama"},
-              "stages": [{"kind": "depth", "k": 1, "metric": "l1"}, {"kind": "width", "pattern": "2:4"}]}
-    events = [{"event": "MetricMeasured", "stage": 3, "name": "lora_loss", "value": 3.0 - 0.1 * i, "step": i,
-               "protocol": "", "time": 0.0} for i in range(10)]
+    recipe = {
+        "name": "snap",
+        "description": "",
+        "model": {"source": "models/tiny-llama"},
+        "stages": [{"kind": "depth", "k": 1, "metric": "l1"}, {"kind": "width", "pattern": "2:4"}],
+    }
+    events = [
+        {
+            "event": "MetricMeasured",
+            "stage": 3,
+            "name": "lora_loss",
+            "value": 3.0 - 0.1 * i,
+            "step": i,
+            "protocol": "",
+            "time": 0.0,
+        }
+        for i in range(10)
+    ]
     s = Session(recipe=recipe, stages=stages, events=events, status="done", id="0123456789ab", created=0.0)
     s.save(path)
     return path
 
 
 def make(fixed_model, tmp_path, data_dir, **kw):
-    from tui.app import create_app
+    from frankenlab.tui.app import create_app
 
-    return create_app(loaded=fixed_model, model_ref="models/tiny-llama", data_dir=data_dir,
-                      runs_dir=tmp_path / "runs", whatif=False, **kw)
+    return create_app(
+        loaded=fixed_model,
+        model_ref="models/tiny-llama",
+        data_dir=data_dir,
+        runs_dir=tmp_path / "runs",
+        whatif=False,
+        **kw,
+    )
 
 
 async def settle(pilot, until=lambda app: True):
@@ -78,15 +137,18 @@ async def settle(pilot, until=lambda app: True):
 
 def recipe_shown(app) -> bool:
     form = app.query_one("#form")
-    return (app.query_one("#tabs").active == "recipe" and bool(form.query("#width-ratio"))
-            and app.focused is None)
+    return app.query_one("#tabs").active == "recipe" and bool(form.query("#width-ratio")) and app.focused is None
 
 
 def results_shown(app) -> bool:
     memory = app.query_one("#memory")
-    return (app.query_one("#tabs").active == "results" and app.query_one("#results-table").row_count == 3
-            and "baseline" in memory.footprints and app.query_one("#memory-state").value == "stage 2 width"
-            and bool(str(app.query_one("#memory-bars").render()).strip()))
+    return (
+        app.query_one("#tabs").active == "results"
+        and app.query_one("#results-table").row_count == 3
+        and "baseline" in memory.footprints
+        and app.query_one("#memory-state").value == "stage 2 width"
+        and bool(str(app.query_one("#memory-bars").render()).strip())
+    )
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -122,8 +184,12 @@ def test_results_pane(snap_compare, fixed_model, tmp_path, data_dir, size):
     app = make(fixed_model, tmp_path, data_dir, session_path=fixed_session(tmp_path / "s" / "session.json"))
 
     async def before(pilot):
-        await settle(pilot, lambda app: app.query_one("#results-table").row_count == 3
-                     and "baseline" in app.query_one("#memory").footprints)
+        await settle(
+            pilot,
+            lambda app: (
+                app.query_one("#results-table").row_count == 3 and "baseline" in app.query_one("#memory").footprints
+            ),
+        )
         pilot.app.query_one("#memory-state").value = "stage 2 width"
         await settle(pilot, results_shown)
 

@@ -4,13 +4,15 @@ import pytest
 import torch
 
 from benchmarks.bench_whatif import naive_estimate  # the naive full recompute, the reference
-from evals.perplexity import Cancelled, blocked_nll, perplexity
-from pipeline.context import StageContext
-from pipeline.models import decoder_layers
-from pipeline.plans import LayerPlan, PlanError, planned
-from pipeline.sharing import model_lock
-from pipeline.stages import depth
-from pipeline.whatif import EstimateScheduler, WhatIfEstimator
+from frankenlab.evals.cancel import Cancelled
+from frankenlab.evals.head import blocked_nll
+from frankenlab.evals.perplexity import perplexity
+from frankenlab.pipeline.context import StageContext
+from frankenlab.pipeline.loading import decoder_layers
+from frankenlab.pipeline.plans import LayerPlan, PlanError, planned
+from frankenlab.pipeline.sharing import model_lock
+from frankenlab.pipeline.stages import depth
+from frankenlab.pipeline.whatif import EstimateScheduler, WhatIfEstimator
 
 PLANS = [
     "0-2,4-7",  # one skip
@@ -209,7 +211,7 @@ def test_scheduler_cancel_stops_a_scan_and_a_rescan_resumes(tiny):
     sched = EstimateScheduler(est)
     seen = []
     with pytest.raises(Cancelled):
-        for i, e in sched.scan():
+        for i, _e in sched.scan():
             seen.append(i)
             if len(seen) == 3:
                 sched.cancel()
@@ -310,7 +312,7 @@ def test_the_estimator_borrows_the_model_lock(tiny):
 # -- progressive answers: a first answer from part of the slice, refined to the exact number ----------
 def _nll_rows(est, plan, rows):
     """Summed NLL and count of `plan` on some rows of the slice, by the evaluation code (no reuse)."""
-    from evals.perplexity import score_sequences
+    from frankenlab.evals.perplexity import score_sequences
 
     with planned(est.model, plan):
         return score_sequences(est.model, [(est.ids[r], 0) for r in rows])

@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from pipeline.config import RecipeError, from_dict
-from pipeline.context import StageContext
-from pipeline.calibration import CalibrationConfig
-from pipeline.layerwise import linear_modules
-from pipeline.models import decoder_layers
-from pipeline.stages import width
-from pipeline.stages.width import Config, nm_prune_mask, satisfies_nm, unstructured_prune_mask, wanda_scores
+from frankenlab.evals.config import from_dict
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.calibration import CalibrationConfig
+from frankenlab.pipeline.context import StageContext
+from frankenlab.pipeline.layerwise import linear_modules
+from frankenlab.pipeline.loading import decoder_layers
+from frankenlab.pipeline.stages import width
+from frankenlab.pipeline.stages.width import Config, nm_prune_mask, satisfies_nm, unstructured_prune_mask, wanda_scores
 
 
 def test_nm_mask_drops_the_n_lowest_of_every_m():
@@ -50,11 +51,13 @@ def test_nm_pattern_exact_after_stage(tiny, data_dir, pattern):
 
 
 def test_wanda_differs_from_magnitude_and_respects_targets(tiny, tiny_model_dir, data_dir):
-    from pipeline.models import load_model
+    from frankenlab.pipeline.loading import load_model
 
     other = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     width.run(tiny.model, _ctx(tiny, data_dir), Config(pattern="2:4", targets=("q_proj", "up_proj")))
-    width.run(other.model, _ctx(other, data_dir), Config(pattern="2:4", method="magnitude", targets=("q_proj", "up_proj")))
+    width.run(
+        other.model, _ctx(other, data_dir), Config(pattern="2:4", method="magnitude", targets=("q_proj", "up_proj"))
+    )
     a = decoder_layers(tiny.model)[3].mlp.up_proj.weight
     b = decoder_layers(other.model)[3].mlp.up_proj.weight
     assert satisfies_nm(a, 2, 4) and satisfies_nm(b, 2, 4)
@@ -68,21 +71,24 @@ def test_unstructured_ratio(tiny, data_dir):
     assert result.report["targeted_density"] == pytest.approx(0.7, abs=0.01)
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"pattern": "4:4"}, "N must be smaller than M"),
-    ({"pattern": "8:4"}, "N must be smaller than M"),
-    ({"n": 1, "m": 0}, "M must be a positive integer"),
-    ({"n": 1, "m": -4}, "M must be a positive integer"),
-    ({"n": 1, "m": "four"}, "expected a whole number"),
-    ({"pattern": "2-4"}, "not of the form N:M"),
-    ({"pattern": "0:4"}, "N must be at least 1"),
-    ({"pattern": "2:4", "ratio": 0.5}, "either an N:M pattern or an unstructured ratio"),
-    ({"ratio": 1.5}, "between 0 and 1"),
-    ({"pattern": "2:4", "method": "sparsegpt"}, "unknown width method"),
-    ({"pattern": "2:4", "targets": ["q_proj", "lm_head"]}, "unknown target"),
-    ({"pattern": "2:4", "sparsity": 0.5}, "unknown key"),
-    ({}, "needs a pattern"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"pattern": "4:4"}, "N must be smaller than M"),
+        ({"pattern": "8:4"}, "N must be smaller than M"),
+        ({"n": 1, "m": 0}, "M must be a positive integer"),
+        ({"n": 1, "m": -4}, "M must be a positive integer"),
+        ({"n": 1, "m": "four"}, "expected a whole number"),
+        ({"pattern": "2-4"}, "not of the form N:M"),
+        ({"pattern": "0:4"}, "N must be at least 1"),
+        ({"pattern": "2:4", "ratio": 0.5}, "either an N:M pattern or an unstructured ratio"),
+        ({"ratio": 1.5}, "between 0 and 1"),
+        ({"pattern": "2:4", "method": "sparsegpt"}, "unknown width method"),
+        ({"pattern": "2:4", "targets": ["q_proj", "lm_head"]}, "unknown target"),
+        ({"pattern": "2:4", "sparsity": 0.5}, "unknown key"),
+        ({}, "needs a pattern"),
+    ],
+)
 def test_width_config_errors(data, message):
     with pytest.raises(RecipeError, match=message):
         from_dict(Config, data, "stage 1 (width)")
@@ -95,14 +101,14 @@ def test_m_must_divide_the_layer_widths(tiny, data_dir):
 
 def _reference_wanda(model, ids, n, m):
     """WANDA as in the paper's code: per layer, a full forward with hooks, prune, a second forward."""
-    from pipeline.layerwise import capture_inputs, run_layer
+    from frankenlab.pipeline.layerwise import capture_inputs, run_layer
 
     inputs = capture_inputs(model, ids, batch_size=4)
     for layer in decoder_layers(model):
         linears = linear_modules(layer, width.ALL_PROJECTIONS)
         sums = {name: torch.zeros(lin.in_features) for name, lin in linears.items()}
 
-        def hook(_mod, args, _out, name):
+        def hook(_mod, args, _out, name, sums=sums):
             sums[name] += args[0].float().pow(2).sum(dim=(0, 1))
 
         handles = [lin.register_forward_hook(lambda *a, name=name: hook(*a, name)) for name, lin in linears.items()]
@@ -116,20 +122,23 @@ def _reference_wanda(model, ids, n, m):
 
 
 def test_stage_matches_the_reference_two_pass_wanda(tiny, tiny_model_dir, data_dir):
-    from pipeline.models import load_model
+    from frankenlab.pipeline.loading import load_model
 
     ctx = _ctx(tiny, data_dir)
     reference = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     _reference_wanda(reference.model, ctx.calibration_ids(), 2, 4)
     width.run(tiny.model, ctx, Config(pattern="2:4", batch_size=4, sequential="layer"))
-    for ours, ref in zip(decoder_layers(tiny.model), decoder_layers(reference.model)):
-        for (name, a), b in zip(linear_modules(ours, width.ALL_PROJECTIONS).items(),
-                                linear_modules(ref, width.ALL_PROJECTIONS).values()):
+    for ours, ref in zip(decoder_layers(tiny.model), decoder_layers(reference.model), strict=False):
+        for (name, a), b in zip(
+            linear_modules(ours, width.ALL_PROJECTIONS).items(),
+            linear_modules(ref, width.ALL_PROJECTIONS).values(),
+            strict=False,
+        ):
             assert torch.equal(a.weight == 0, b.weight == 0), f"{name}: mask differs from reference WANDA"
 
 
 def test_input_statistics_stop_before_the_work_they_do_not_need(tiny, data_dir):
-    from pipeline.layerwise import capture_inputs, input_square_sums
+    from frankenlab.pipeline.layerwise import capture_inputs, input_square_sums
 
     layer = decoder_layers(tiny.model)[2]
     inputs = capture_inputs(tiny.model, _ctx(tiny, data_dir).calibration_ids(), batch_size=4)
@@ -141,15 +150,16 @@ def test_input_statistics_stop_before_the_work_they_do_not_need(tiny, data_dir):
         only_q = input_square_sums(layer, linear_modules(layer, ("q_proj",)), inputs)
     finally:
         handle.remove()
-    assert set(sums) == {f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")} | \
-        {f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert set(sums) == {f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
+        f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")
+    }
     assert torch.equal(sums["self_attn.q_proj"], sums["self_attn.v_proj"])
     assert torch.equal(only_q["self_attn.q_proj"], sums["self_attn.q_proj"])
     assert all(bool((s > 0).all()) for s in sums.values())
 
 
 def test_true_sequential_scores_each_projection_on_the_inputs_it_receives(tiny, tiny_model_dir, data_dir):
-    from pipeline.models import load_model
+    from frankenlab.pipeline.loading import load_model
 
     ctx = _ctx(tiny, data_dir)
     reference = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
@@ -164,7 +174,7 @@ def test_true_sequential_scores_each_projection_on_the_inputs_it_receives(tiny, 
 
 
 def test_one_pass_output_is_the_edited_layers_output(tiny, data_dir):
-    from pipeline.layerwise import capture_inputs, edit_as_it_runs, run_layer
+    from frankenlab.pipeline.layerwise import capture_inputs, edit_as_it_runs, run_layer
 
     layer = decoder_layers(tiny.model)[1]
     ids = _ctx(tiny, data_dir).calibration_ids()
@@ -177,15 +187,24 @@ def test_one_pass_output_is_the_edited_layers_output(tiny, data_dir):
             lin.weight.mul_(nm_prune_mask(wanda_scores(lin.weight, sq_sum), 1, 4))
 
     out = edit_as_it_runs(layer, linear_modules(layer, width.ALL_PROJECTIONS), x, edit)
-    assert [n.split(".")[-1] for n in order] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                 "down_proj"]
+    assert [n.split(".")[-1] for n in order] == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
     assert torch.allclose(out.hidden, run_layer(layer, [x])[0].hidden, atol=1e-6)
 
 
 def test_one_batch_out_of_memory_says_what_to_change(tiny, data_dir, monkeypatch):
     def no_memory(*_a, **_k):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
-                           "you tried to allocate 81604378624 bytes")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 81604378624 bytes"
+        )
 
     monkeypatch.setattr(width, "edit_as_it_runs", no_memory)
     with pytest.raises(RecipeError, match="sequential = 'layer' with a smaller batch_size"):

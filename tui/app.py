@@ -1,18 +1,19 @@
 """The lab: a Textual app over the pipeline. Panes are widgets in `tui/widgets/`; this module wires them.
 
 What the lab holds and decides (the model, the session, run folders, chat targets, replay text)
-is `tui.lab.LabState`, free of Textual; the app hands its data down to the panes and turns what
+is `tui.lab_state.LabState`, free of Textual; the app hands its data down to the panes and turns what
 the panes and the thread workers say (messages, `tui/messages.py`) into calls on it. Runs and
 replays are wired in `tui/app_run.py`, recipe and session files in `tui/app_files.py`, the
 command palette's entries are `tui/palette.py`. All torch work happens in thread workers.
 `create_app` takes the dependencies (a loaded model or a loader, the runner function, data and
 runs folders) so tests run it on a tiny model.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -21,26 +22,26 @@ from textual.containers import VerticalScroll
 from textual.css.query import NoMatches
 from textual.widgets import Header, Static, TabbedContent, TabPane
 
-from pipeline.plans import LayerPlan
-from sessions import SessionError, load_session
-from tui.app_files import FileActions
-from tui.app_run import RunActions
-from tui.lab import LabState, layer_scores, protected_layers
-from tui.latency import TICK, LatencyProbe
-from tui.messages import AppLogHandler, EstimateReady, ModelLoaded, ModelLoadFailed
-from tui.palette import TABS, lab_commands
-from tui.screens.help import HelpScreen
-from tui.widgets.chat_panel import ChatPanel
-from tui.widgets.footer import LabFooter
-from tui.widgets.layer_grid import LayerGrid
-from tui.widgets.memory import MemoryPanel
-from tui.widgets.model_info import ModelInfo, describe_plan
-from tui.widgets.recipe_form import RecipeForm
-from tui.widgets.results import ResultsPanel
-from tui.widgets.run_panel import RunPanel
-from tui.widgets.sessions_panel import SessionsPanel
-from tui.widgets.sweep_pane import SweepPane
-from tui.widgets.whatif import WhatIf
+from frankenlab.pipeline.plans import LayerPlan
+from frankenlab.sessions import SessionError, load_session
+from frankenlab.tui.app_files import FileActions
+from frankenlab.tui.app_run import RunActions
+from frankenlab.tui.lab_state import LabState, layer_scores, protected_layers
+from frankenlab.tui.latency import TICK, LatencyProbe
+from frankenlab.tui.messages import AppLogHandler, EstimateReady, ModelLoaded, ModelLoadFailed
+from frankenlab.tui.palette import TABS, lab_commands
+from frankenlab.tui.screens.help import HelpScreen
+from frankenlab.tui.widgets.chat_panel import ChatPanel
+from frankenlab.tui.widgets.footer import LabFooter
+from frankenlab.tui.widgets.layer_grid import LayerGrid
+from frankenlab.tui.widgets.memory import MemoryPanel
+from frankenlab.tui.widgets.model_info import ModelInfo, describe_plan
+from frankenlab.tui.widgets.recipe_form import RecipeForm
+from frankenlab.tui.widgets.results import ResultsPanel
+from frankenlab.tui.widgets.run_panel import RunPanel
+from frankenlab.tui.widgets.sessions_panel import SessionsPanel
+from frankenlab.tui.widgets.sweep_pane import SweepPane
+from frankenlab.tui.widgets.whatif import WhatIf
 
 
 class FrankenLab(RunActions, FileActions, App):
@@ -57,23 +58,51 @@ class FrankenLab(RunActions, FileActions, App):
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         *[Binding(f"{i + 1},alt+{i + 1}", f"tab('{t}')", t.capitalize(), show=False) for i, t in enumerate(TABS)],
     ]
-    FOCUS = {"layers": "#grid", "recipe": "#form", "run": "#run-log", "results": "#results-table",
-             "chat": "#chat-input", "sessions": "#sessions-list", "sweep": "#sweep-file"}
+    FOCUS = {
+        "layers": "#grid",
+        "recipe": "#form",
+        "run": "#run-log",
+        "results": "#results-table",
+        "chat": "#chat-input",
+        "sessions": "#sessions-list",
+        "sweep": "#sweep-file",
+    }
 
-    def __init__(self, *, model_ref: str = "default", loaded=None, loader: Callable | None = None,
-                 runner: Callable | None = None, data_dir: str | Path | None = None,
-                 runs_dir: str | Path = "runs", session_path: str | Path | None = None,
-                 recipe: str | Path | None = None, device: str = "auto", dtype: str = "auto",
-                 trust_remote_code: bool = False, save_models: bool = True, chat_tokens: int = 96,
-                 estimator_factory: Callable | None = None, whatif: bool = True):
+    def __init__(
+        self,
+        *,
+        model_ref: str = "default",
+        loaded=None,
+        loader: Callable | None = None,
+        runner: Callable | None = None,
+        data_dir: str | Path | None = None,
+        runs_dir: str | Path = "runs",
+        session_path: str | Path | None = None,
+        recipe: str | Path | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        save_models: bool = True,
+        chat_tokens: int = 96,
+        estimator_factory: Callable | None = None,
+        whatif: bool = True,
+    ):
         super().__init__()
         self._widgets: dict = {}  # _cached
-        from pipeline.models import load_model
-        from sessions import record_run
+        from frankenlab.pipeline.loading import load_model
+        from frankenlab.sessions import record_run
 
-        self.lab = LabState(loader=loader or load_model, runner=runner or record_run, runs_dir=runs_dir,
-                            data_dir=data_dir, model_ref=model_ref, device=device, dtype=dtype,
-                            trust_remote_code=trust_remote_code, save_models=save_models)
+        self.lab = LabState(
+            loader=loader or load_model,
+            runner=runner or record_run,
+            runs_dir=runs_dir,
+            data_dir=data_dir,
+            model_ref=model_ref,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            save_models=save_models,
+        )
         self.first_model, self.session_path, self.recipe_arg = loaded, session_path, recipe
         self.chat_tokens, self.estimator_factory, self.whatif_enabled = chat_tokens, estimator_factory, whatif
         self.probe = LatencyProbe()
@@ -89,10 +118,13 @@ class FrankenLab(RunActions, FileActions, App):
                     yield LayerGrid(id="grid")
                     yield Static("", id="plan-text")
                     yield WhatIf(id="whatif", factory=self.estimator_factory, enabled=self.whatif_enabled)
-                    yield Static("space/click keep·skip  +/- repeat  0 reset  u plan→depth stage  e estimate  "
-                                 "i importance scan · underlined = protected · colour = importance rank "
-                                 "(green = cheapest to remove) · +3.31 = ppl delta when the cell was tried",
-                                 id="grid-legend", classes="hint")
+                    yield Static(
+                        "space/click keep·skip  +/- repeat  0 reset  u plan→depth stage  e estimate  "
+                        "i importance scan · underlined = protected · colour = importance rank "
+                        "(green = cheapest to remove) · +3.31 = ppl delta when the cell was tried",
+                        id="grid-legend",
+                        classes="hint",
+                    )
             with TabPane("2 Recipe", id="recipe"):
                 yield RecipeForm(id="form")
             with TabPane("3 Run", id="run"):
@@ -315,9 +347,14 @@ def run_lab(args) -> int:
             model_ref = (load_session(args.session).model_source or {}).get("ref")
         except SessionError:  # the app reports the session error itself
             model_ref = None
-    app = create_app(model_ref=model_ref or "default", data_dir=args.data_dir, session_path=args.session,
-                     recipe=args.recipe, device=args.device, dtype=args.dtype,
-                     trust_remote_code=args.trust_remote_code)
+    app = create_app(
+        model_ref=model_ref or "default",
+        data_dir=args.data_dir,
+        session_path=args.session,
+        recipe=args.recipe,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
     app.run()
     return 0
-

@@ -4,34 +4,37 @@ A mixin of `tui.app.FrankenLab` (handlers by name: Textual's `@on` needs the app
 Sessions are read only through `sessions.load_session`, which validates them; every problem
 (missing, corrupted, not a session, a recipe this lab cannot read) is a one-line notification.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from textual.widgets import TabbedContent
 
-from pipeline.config import RecipeError
-from sessions import SessionError, load_session
-from tui.lab import grid_plan
-from tui.screens.compare import CompareScreen
-from tui.screens.prompt import PromptScreen
-from tui.widgets.layer_grid import LayerGrid
-from tui.widgets.memory import MemoryPanel
-from tui.widgets.run_panel import RunPanel
-from tui.widgets.recipe_form import RecipeForm
-from tui.widgets.results import ResultsPanel
-from tui.widgets.sessions_panel import SessionsPanel
+from frankenlab.evals.errors import RecipeError
+from frankenlab.sessions import SessionError, load_session
+from frankenlab.tui.lab_state import grid_plan
+from frankenlab.tui.screens.compare import CompareScreen
+from frankenlab.tui.screens.prompt import PromptScreen
+from frankenlab.tui.widgets.layer_grid import LayerGrid
+from frankenlab.tui.widgets.memory import MemoryPanel
+from frankenlab.tui.widgets.recipe_form import RecipeForm
+from frankenlab.tui.widgets.results import ResultsPanel
+from frankenlab.tui.widgets.run_panel import RunPanel
+from frankenlab.tui.widgets.sessions_panel import SessionsPanel
 
 
 class FileActions:
     def action_load_recipe(self) -> None:
-        self.push_screen(PromptScreen("Load recipe (TOML file or bundled name):", placeholder="depth2"),
-                         lambda p: p and self._load_recipe_file(p))
+        self.push_screen(
+            PromptScreen("Load recipe (TOML file or bundled name):", placeholder="depth2"),
+            lambda p: p and self._load_recipe_file(p),
+        )
 
     def _load_recipe_file(self, path: str) -> None:
-        from pipeline.recipe import Recipe
+        from frankenlab.pipeline.recipe import Recipe
 
         try:
             recipe = Recipe.load(path)
@@ -49,7 +52,7 @@ class FileActions:
 
     def _show_saved_recipe(self, session) -> str | None:
         """Show a session's recipe in the form and the grid; the problem when this lab cannot read it."""
-        from pipeline.recipe import Recipe
+        from frankenlab.pipeline.recipe import Recipe
 
         try:
             self._show_recipe(Recipe.from_dict(session.recipe))
@@ -63,18 +66,24 @@ class FileActions:
         except RecipeError as exc:
             self.notify(str(exc), title="recipe refused", severity="error")
             return
-        self.push_screen(PromptScreen("Write recipe to:", f"{recipe.name}.toml"),
-                         lambda p: p and self._write(recipe.save, p, "recipe written to", "recipe not written",
-                                                     f"{recipe.name}.toml"))
+        self.push_screen(
+            PromptScreen("Write recipe to:", f"{recipe.name}.toml"),
+            lambda p: (
+                p and self._write(recipe.save, p, "recipe written to", "recipe not written", f"{recipe.name}.toml")
+            ),
+        )
 
     def action_save_session(self) -> None:
         if self.lab.session is None:
             self.notify("no session yet: run a recipe or open a session", severity="warning")
             return
         session = self.lab.session
-        self.push_screen(PromptScreen("Save session as:", self.lab.save_session_default()),
-                         lambda path: path and self._write(session.save, path, "session saved to", "session not saved",
-                                                           "session.json"))
+        self.push_screen(
+            PromptScreen("Save session as:", self.lab.save_session_default()),
+            lambda path: (
+                path and self._write(session.save, path, "session saved to", "session not saved", "session.json")
+            ),
+        )
 
     def _write(self, save: Callable, path: str, done: str, failed: str, file_name: str) -> None:
         """Every save says where it wrote (the full path), or why it could not, in a notification and
@@ -95,8 +104,9 @@ class FileActions:
         self.query_one(RunPanel).write(f"{done} {where}", "green")
 
     def action_open_session(self) -> None:
-        self.push_screen(PromptScreen("Open session (session.json or run folder):"),
-                         lambda p: p and self._open_session(Path(p)))
+        self.push_screen(
+            PromptScreen("Open session (session.json or run folder):"), lambda p: p and self._open_session(Path(p))
+        )
 
     def _open_session(self, path: Path) -> bool:
         try:
@@ -132,4 +142,3 @@ class FileActions:
                 self.push_screen(CompareScreen(sessions))
         elif event.action == "replay":
             self.replay(event.paths[0])
-

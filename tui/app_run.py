@@ -5,26 +5,27 @@ The run itself is `LabState.run` / `LabState.replay` in a thread worker; its eve
 `RunEventArrived` messages and feed the live session (`LabState.apply`), whose stage records give
 the Results and Memory panes their footprints and the chat its stage models as each stage ends.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from textual import work
 from textual.widgets import TabbedContent
 from textual.worker import Worker, WorkerState
 
-from pipeline import events as ev
-from pipeline.config import RecipeError
-from sessions import SessionError, load_session
-from tui.lab import replay_diff_line, replay_verdict
-from tui.messages import LogWritten, RunEnded, RunEventArrived
-from tui.widgets.memory import MemoryPanel
-from tui.widgets.recipe_form import RecipeForm
-from tui.widgets.results import ResultsPanel
-from tui.widgets.run_panel import RunPanel
-from tui.widgets.sessions_panel import SessionsPanel
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline import events as ev
+from frankenlab.sessions import SessionError, load_session
+from frankenlab.tui.lab_state import replay_diff_line, replay_verdict
+from frankenlab.tui.messages import LogWritten, RunEnded, RunEventArrived
+from frankenlab.tui.widgets.memory import MemoryPanel
+from frankenlab.tui.widgets.recipe_form import RecipeForm
+from frankenlab.tui.widgets.results import ResultsPanel
+from frankenlab.tui.widgets.run_panel import RunPanel
+from frankenlab.tui.widgets.sessions_panel import SessionsPanel
 
 
 class RunActions:
@@ -78,15 +79,20 @@ class RunActions:
         if self.lab.apply(e):  # a stage record arrived: footprint, artifact, scores
             # the pane takes a footprint from the summary; the stage record carries it
             self.query_one(ResultsPanel).handle(
-                replace(e, summary={**e.summary, "footprint": e.record.get("footprint")}))
+                replace(e, summary={**e.summary, "footprint": e.record.get("footprint")})
+            )
             self.query_one(MemoryPanel).set_session(self.lab.session)
             self._show_scores(self.lab.session)
             self._refresh_chat_targets()
             return
         self.query_one(ResultsPanel).handle(e)
         if isinstance(e, ev.RunFailed):
-            self.notify(e.message, title=f"run {e.error_type or 'failed'}",
-                        severity="warning" if e.error_type == "cancelled" else "error", timeout=10)
+            self.notify(
+                e.message,
+                title=f"run {e.error_type or 'failed'}",
+                severity="warning" if e.error_type == "cancelled" else "error",
+                timeout=10,
+            )
 
     def on_run_ended(self, message: RunEnded) -> None:
         self.lab.end_run(message.session)
@@ -131,6 +137,7 @@ class RunActions:
 
     def _replay_job(self, saved, out: Path):
         """(thread) The replay, its per-metric lines and its verdict in the run log; returns the new session."""
+
         def on_diff(d) -> None:
             self.post_message(LogWritten(*replay_diff_line(d)))
 

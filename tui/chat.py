@@ -6,17 +6,18 @@ layer plan is applied around the whole generation with `planned(model, plan)`; t
 (`pipeline.sharing.model_lock`) is held throughout, so two chats (or a chat and a what-if estimate)
 never swap its layers under each other.
 """
+
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
-from pipeline.plans import LayerPlan, planned
-from pipeline.sharing import model_lock
+from frankenlab.pipeline.plans import LayerPlan, planned
+from frankenlab.pipeline.sharing import model_lock
 
 
 @dataclass
@@ -91,9 +92,17 @@ class Sampling:
         return f"{head}{rep}, up to {self.max_new_tokens} new tokens"
 
 
-def stream_reply(model, tokenizer, messages: list[dict], *, plan: LayerPlan | None = None,
-                 max_new_tokens: int = 96, cancelled: Callable[[], bool] = lambda: False,
-                 sampling: Sampling | None = None, stats: "ReplyStats | None" = None) -> Iterator[str]:
+def stream_reply(
+    model,
+    tokenizer,
+    messages: list[dict],
+    *,
+    plan: LayerPlan | None = None,
+    max_new_tokens: int = 96,
+    cancelled: Callable[[], bool] = lambda: False,
+    sampling: Sampling | None = None,
+    stats: ReplyStats | None = None,
+) -> Iterator[str]:
     """Yield the reply to `messages` piece by piece (greedy unless `sampling` says otherwise);
     `stats.tokens` counts the tokens generated (a text piece can hold several, or none yet)."""
     from transformers import StoppingCriteriaList, TextIteratorStreamer
@@ -115,9 +124,14 @@ def stream_reply(model, tokenizer, messages: list[dict], *, plan: LayerPlan | No
     def generate():
         try:
             with torch.inference_mode():
-                model.generate(ids, attention_mask=torch.ones_like(ids), **sampling.generate_kwargs(),
-                               pad_token_id=pad, streamer=streamer,
-                               stopping_criteria=StoppingCriteriaList([_Stop(cancelled)]))
+                model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    **sampling.generate_kwargs(),
+                    pad_token_id=pad,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_Stop(cancelled)]),
+                )
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             failure.append(exc)
             streamer.end()

@@ -4,6 +4,7 @@ The app calls `tick()` every `TICK` seconds from a Textual interval; when the lo
 call comes late, and the extra delay is recorded with the last event the screen handled before
 it, so a slow handler names itself in the run log. No Textual import: the app owns the timer.
 """
+
 from __future__ import annotations
 
 import time
@@ -40,6 +41,8 @@ class LatencyProbe:
             return "event loop: no samples"
         gaps = sorted(self.gaps)
         p99 = gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))]
-        return (f"event loop during the run: {len(gaps)} ticks of {self.tick_s * 1000:.0f} ms; largest extra delay "
-                f"{gaps[-1] * 1000:.0f} ms (after: {self._worst[1]}), p99 {p99 * 1000:.0f} ms, "
-                f"median {gaps[len(gaps) // 2] * 1000:.0f} ms")
+        return (
+            f"event loop during the run: {len(gaps)} ticks of {self.tick_s * 1000:.0f} ms; largest extra delay "
+            f"{gaps[-1] * 1000:.0f} ms (after: {self._worst[1]}), p99 {p99 * 1000:.0f} ms, "
+            f"median {gaps[len(gaps) // 2] * 1000:.0f} ms"
+        )

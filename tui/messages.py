@@ -1,5 +1,6 @@
 """Messages thread workers send to the app (past tense: something happened), and the logging
 handler that turns Python logging from any thread into such messages."""
+
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from textual.message import Message
 
-from pipeline import events as ev
+from frankenlab.pipeline import events as ev
 
 
 class ModelLoaded(Message):

@@ -12,6 +12,7 @@ Records are buffered until a command names its log file (`attach`: `frankenlab r
 OUT/run.log, `frankenlab eval --json X` uses X.log); otherwise they go to
 `$FRANKENLAB_CACHE/logs/` (default ~/.cache/frankenlab/logs/) when the process exits.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -24,8 +25,8 @@ import time
 import warnings
 from pathlib import Path
 
-OURS = ("evals", "pipeline", "sessions", "tui", "benchmarks", "tests", "__main__")
-_ROOT = Path(__file__).resolve().parent.parent
+OURS = ("evals", "pipeline", "sessions", "tui", "benchmarks", "tests")  # folders under _ROOT
+_ROOT = Path(__file__).resolve().parent.parent  # the checkout, or site-packages/frankenlab when installed
 
 
 def _is_ours_file(filename: str) -> bool:
@@ -37,7 +38,7 @@ def _is_ours_file(filename: str) -> bool:
 
 
 def _is_ours_logger(name: str) -> bool:
-    return name.split(".")[0] in OURS
+    return name.split(".")[0] in ("frankenlab", "benchmarks", "tests", "__main__")
 
 
 class NoiseLog:
@@ -75,8 +76,10 @@ class NoiseLog:
 
     def flush_default(self) -> None:
         if self.lines and self.path is None:
-            base = Path(os.environ.get("FRANKENLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME")
-                                                                    or Path.home() / ".cache") / "frankenlab")
+            base = Path(
+                os.environ.get("FRANKENLAB_CACHE")
+                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "frankenlab"
+            )
             self.attach(base / "logs" / f"frankenlab-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
 
 

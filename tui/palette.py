@@ -1,7 +1,8 @@
 """The lab's entries in the command palette (ctrl+p): every action, with the key that also does it."""
+
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 TABS = ("layers", "recipe", "run", "results", "chat", "sessions", "sweep")
 
@@ -11,8 +12,11 @@ def lab_commands(app) -> Iterator[tuple[str, str, Callable]]:
     yield from (
         ("Run the recipe", "start a run of the recipe in the Recipe pane (ctrl+r)", app.action_run),
         ("Cancel the run", "stop after the current batch, keep finished stages (ctrl+x)", app.action_cancel_run),
-        ("Use the grid's plan as the depth stage", "the layer grid becomes the recipe's depth stage (u)",
-         app.action_use_plan),
+        (
+            "Use the grid's plan as the depth stage",
+            "the layer grid becomes the recipe's depth stage (u)",
+            app.action_use_plan,
+        ),
         ("Reset the layer plan", "keep every layer once", lambda: app.query_one("#grid").action_reset()),
         ("Estimate the plan's perplexity", "what-if estimate of the grid's plan (e)", app.action_estimate),
         ("Importance scan", "perplexity without each layer, as heat colours (i)", app.action_scan),
@@ -21,11 +25,17 @@ def lab_commands(app) -> Iterator[tuple[str, str, Callable]]:
         ("Save the session as", "write the current session to a file (ctrl+s)", app.action_save_session),
         ("Open a session", "reopen a saved session (ctrl+o)", app.action_open_session),
         ("Compare sessions", "pick sessions in the Sessions pane, then Compare", lambda: app.action_tab("sessions")),
-        ("Chat A/B", "answer one prompt with two models side by side",
-         lambda: (app.action_tab("chat"), app.query_one("#chatpanel").select(ab=True))),
+        (
+            "Chat A/B",
+            "answer one prompt with two models side by side",
+            lambda: (app.action_tab("chat"), app.query_one("#chatpanel").select(ab=True)),
+        ),
         ("New chat", "clear the chat history", lambda: app.query_one("#chatpanel").action_new_chat()),
-        ("Run a sweep", "a grid of configurations sharing prefixes, in the background (Sweep pane, 7)",
-         lambda: app.action_tab("sweep")),
+        (
+            "Run a sweep",
+            "a grid of configurations sharing prefixes, in the background (Sweep pane, 7)",
+            lambda: app.action_tab("sweep"),
+        ),
         ("Toggle dark/light theme", "ctrl+t", app.action_toggle_theme),
         ("Help", "keys and panes (f1)", app.action_help),
     )

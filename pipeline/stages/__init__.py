@@ -1,7 +1,7 @@
 """The stage registry: what the rest of the house may ask about a stage kind.
 
 A stage kind is one module (or any object) with
-- `Config`: a frozen dataclass whose fields describe themselves (`pipeline.config.option`);
+- `Config`: a frozen dataclass whose fields describe themselves (`evals.config.option`);
   `Config.check_for(n_layers)` (optional) validates it against the model's depth;
 - `run(model, ctx, config) -> StageResult`;
 and, where the default does not fit, small hooks the runner, the recipe, the session tables, the
@@ -26,13 +26,15 @@ Modules are imported lazily so that reading a recipe never imports gptqmodel or 
 packages can add kinds with the `frankenlab.stages` entry point group (name = kind,
 value = module path), tests with `register(name, module)`.
 """
+
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import RecipeError, config_fields
+from frankenlab.evals.config import config_fields
+from frankenlab.evals.errors import RecipeError
 
 ROLES = ("structure", "adapter", "quant")
 
@@ -42,7 +44,7 @@ class StageType:
     """One registered stage kind: its module, loaded on first use, and its hooks with defaults."""
 
     name: str
-    target: Any  # a module path ("pipeline.stages.depth") or the module/object itself
+    target: Any  # a module path ("frankenlab.pipeline.stages.depth") or the module/object itself
     summary: str = ""
     _module: Any = field(default=None, repr=False)
 
@@ -53,8 +55,10 @@ class StageType:
                 try:
                     self._module = importlib.import_module(self.target)
                 except ImportError as exc:
-                    raise RecipeError(f"stage {self.name!r} is not available: {exc}. Re-run the README's set-up "
-                                      "(it installs the optional packages this stage needs)") from exc
+                    raise RecipeError(
+                        f"stage {self.name!r} is not available: {exc}. Re-run the README's set-up "
+                        "(it installs the optional packages this stage needs)"
+                    ) from exc
             else:
                 self._module = self.target
         return self._module
@@ -71,7 +75,7 @@ class StageType:
         return self.load().run(model, ctx, config)
 
     def fields(self):
-        """The config's fields with help text and form flags (`pipeline.config.FieldInfo`)."""
+        """The config's fields with help text and form flags (`evals.config.FieldInfo`)."""
         return config_fields(self.Config)
 
     @property
@@ -148,18 +152,34 @@ class StageType:
 
 
 def generic_description(kind: str, params: dict | None) -> str:
-    shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in (params or {}).items() if isinstance(v, (int, float, str)))[:40]
+    shown = ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in (params or {}).items()
+        if isinstance(v, (int, float, str))
+    )[:40]
     return kind.capitalize() + (f" ({shown})" if shown else "")
 
 
-STAGES: dict[str, StageType] = {s.name: s for s in [
-    StageType("depth", "pipeline.stages.depth", "Depth pruning: remove the k least important decoder layers"),
-    StageType("width", "pipeline.stages.width", "Width pruning: WANDA N:M (prunes N of every M), unstructured or magnitude"),
-    StageType("lora", "pipeline.stages.lora", "LoRA recovery fine-tuning (PEFT)"),
-    StageType("gptq", "pipeline.stages.gptq", "GPTQ 4-bit quantization (gptqmodel)"),
-    StageType("eora", "pipeline.stages.eora", "EoRA low-rank compensation of the quantization error (gptqmodel)"),
-]}
+STAGES: dict[str, StageType] = {
+    s.name: s
+    for s in [
+        StageType(
+            "depth", "frankenlab.pipeline.stages.depth", "Depth pruning: remove the k least important decoder layers"
+        ),
+        StageType(
+            "width",
+            "frankenlab.pipeline.stages.width",
+            "Width pruning: WANDA N:M (prunes N of every M), unstructured or magnitude",
+        ),
+        StageType("lora", "frankenlab.pipeline.stages.lora", "LoRA recovery fine-tuning (PEFT)"),
+        StageType("gptq", "frankenlab.pipeline.stages.gptq", "GPTQ 4-bit quantization (gptqmodel)"),
+        StageType(
+            "eora",
+            "frankenlab.pipeline.stages.eora",
+            "EoRA low-rank compensation of the quantization error (gptqmodel)",
+        ),
+    ]
+}
 _ENTRY_POINTS_READ = False
 
 

@@ -8,6 +8,7 @@ Importance metrics:
 The first `protected_first` and last `protected_last` layers are never removed. A `plan` (from the
 layer grid) or explicit `layers` replaces the ranking with the user's choice.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import RecipeError, option, require
-from ..context import StageContext, StageResult
-from ..models import count_parameters, decoder_layers
-from ..plans import LayerPlan, materialize
-from ..whatif import WhatIfEstimator
+from frankenlab.evals.config import option, require
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.context import StageContext, StageResult
+from frankenlab.pipeline.loading import count_parameters, decoder_layers
+from frankenlab.pipeline.plans import LayerPlan, materialize
+from frankenlab.pipeline.whatif import WhatIfEstimator
 
 METRICS = ("perplexity", "l1", "taylor")
 
@@ -27,17 +29,23 @@ METRICS = ("perplexity", "l1", "taylor")
 @dataclass(frozen=True)
 class Config:
     k: int = option(2, help="how many decoder layers to remove (the least important ones)", label="k")
-    metric: str = option("perplexity", choices=METRICS,
-                         help="how importance is ranked: ppl without the layer (thesis), L1 weight size, or Taylor")
+    metric: str = option(
+        "perplexity",
+        choices=METRICS,
+        help="how importance is ranked: ppl without the layer (thesis), L1 weight size, or Taylor",
+    )
     protected_first: int = option(4, label="protect first", help="the first layers are never removed")
     protected_last: int = option(2, label="protect last", help="the last layers are never removed")
     samples: int = option(8, form=False, help="calibration windows used for the ranking")
     layers: tuple[int, ...] | None = option(None, form=False, help="remove exactly these layers (skips the ranking)")
-    plan: str | None = option(None, help="a full layer plan, e.g. 0-3,5,5,6-29 (repeats become copies); "
-                                         "set from the layer grid")
+    plan: str | None = option(
+        None, help="a full layer plan, e.g. 0-3,5,5,6-29 (repeats become copies); set from the layer grid"
+    )
 
     def __post_init__(self):
-        require(self.metric in METRICS, f"unknown importance metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+        require(
+            self.metric in METRICS, f"unknown importance metric {self.metric!r}; choose one of {', '.join(METRICS)}"
+        )
         require(self.k >= 0, f"k (layers to remove) must be 0 or more, got {self.k}")
         require(self.protected_first >= 0 and self.protected_last >= 0, "protected layer counts cannot be negative")
         require(self.samples >= 1, "samples must be at least 1")
@@ -50,14 +58,20 @@ class Config:
         protected = protected_layers(n_layers, self.protected_first, self.protected_last)
         if self.layers is not None:
             bad = sorted(set(self.layers) & protected)
-            require(not bad, f"cannot remove layers {bad}: they are protected (first {self.protected_first}, "
-                             f"last {self.protected_last}); lower protected_first/protected_last to allow it")
+            require(
+                not bad,
+                f"cannot remove layers {bad}: they are protected (first {self.protected_first}, "
+                f"last {self.protected_last}); lower protected_first/protected_last to allow it",
+            )
             out = [i for i in self.layers if not 0 <= i < n_layers]
             require(not out, f"layers {out} do not exist: the model has layers 0..{n_layers - 1}")
             return
         free = n_layers - len(protected)
-        require(self.k <= free, f"cannot remove {self.k} of {n_layers} layers: {len(protected)} are protected "
-                                f"(first {self.protected_first}, last {self.protected_last}), so at most {free} can go")
+        require(
+            self.k <= free,
+            f"cannot remove {self.k} of {n_layers} layers: {len(protected)} are protected "
+            f"(first {self.protected_first}, last {self.protected_last}), so at most {free} can go",
+        )
 
 
 # -- hooks the registry asks (pipeline/stages/__init__.py) -----------------------------------------
@@ -103,8 +117,10 @@ def protected_layers(n: int, first: int, last: int) -> set[int]:
 # -- importance metrics ----------------------------------------------------------------------------
 def l1_scores(model: nn.Module, candidates: list[int]) -> dict[int, float]:
     layers = decoder_layers(model)
-    return {i: float(sum(p.detach().abs().sum() for n, p in layers[i].named_parameters() if p.dim() == 2))
-            for i in candidates}
+    return {
+        i: float(sum(p.detach().abs().sum() for n, p in layers[i].named_parameters() if p.dim() == 2))
+        for i in candidates
+    }
 
 
 def taylor_scores(model: nn.Module, ids: torch.Tensor, candidates: list[int], ctx: StageContext) -> dict[int, float]:
@@ -124,7 +140,7 @@ def taylor_scores(model: nn.Module, ids: torch.Tensor, candidates: list[int], ct
         with torch.enable_grad():
             for b in range(0, ids.shape[0], 4):
                 ctx.check_cancel()
-                chunk = ids[b:b + 4].to(device)
+                chunk = ids[b : b + 4].to(device)
                 loss = model(input_ids=chunk, labels=chunk).loss * chunk.shape[0] / ids.shape[0]
                 loss.backward()
         return {i: float(sum((p.detach() * p.grad).abs().sum() for p in ps)) for i, ps in weights.items()}
@@ -135,7 +151,9 @@ def taylor_scores(model: nn.Module, ids: torch.Tensor, candidates: list[int], ct
         model.train(was_training)
 
 
-def perplexity_scores(model: nn.Module, ids: torch.Tensor, candidates: list[int], ctx: StageContext) -> dict[int, float]:
+def perplexity_scores(
+    model: nn.Module, ids: torch.Tensor, candidates: list[int], ctx: StageContext
+) -> dict[int, float]:
     """Perplexity with each candidate layer alone removed.
 
     This is the what-if estimator's leave-one-out scan on `ids`, so the layer grid's heat colours

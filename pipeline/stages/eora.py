@@ -7,8 +7,9 @@ pre-quantization folder and the quantized folder the preceding gptq stage left o
 (`model.frankenlab_quant`), saves the adapter in `<stage>/eora` and returns the quantized model
 reloaded with the adapter applied. `<stage>/frankenlab-quant.json` names both folders (relative
 paths), so the stage folder itself is the artifact: `frankenlab eval --model <stage>`, the lab and
-`replay` open it as the quantized model with its adapter applied (`pipeline.models.load_model`).
+`replay` open it as the quantized model with its adapter applied (`pipeline.loading.load_model`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,12 +18,15 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import quant
-from ..config import RecipeError, option, require
-from ..context import StageContext, StageResult
+from frankenlab.evals.config import option, require
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline import quant
+from frankenlab.pipeline.context import StageContext, StageResult
 
-NEEDS_GPTQ = ("eora needs a gptq stage before it in the same recipe (it compensates that stage's quantization "
-              "error): add [[stages]] kind = \"gptq\" before the eora stage")
+NEEDS_GPTQ = (
+    "eora needs a gptq stage before it in the same recipe (it compensates that stage's quantization "
+    'error): add [[stages]] kind = "gptq" before the eora stage'
+)
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,12 @@ class Config:
     def __post_init__(self):
         require(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
         require(self.samples >= 1, f"samples must be at least 1, got {self.samples}")
-        from evals.data import DATASETS
+        from frankenlab.evals.data import DATASETS
 
-        require(self.dataset in DATASETS or self.dataset.endswith((".txt", ".jsonl", ".json", ".gz")),
-                f"unknown calibration dataset {self.dataset!r}: use c4, wikitext2, wiki, or a .txt/.jsonl file path")
+        require(
+            self.dataset in DATASETS or self.dataset.endswith((".txt", ".jsonl", ".json", ".gz")),
+            f"unknown calibration dataset {self.dataset!r}: use c4, wikitext2, wiki, or a .txt/.jsonl file path",
+        )
         require(self.seq_len is None or self.seq_len >= 8, "seq_len must be at least 8 tokens")
         require(self.batch_size >= 1, "batch_size must be at least 1")
 
@@ -74,24 +80,40 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     if ctx.work_dir is None:
         raise RecipeError("the eora stage needs a work folder (run it through the runner)")
     smallest = min(min(m.in_features, m.out_features) for m in quant.quantized_linears(model).values())
-    require(config.rank <= smallest, f"rank {config.rank} is larger than the smallest quantized matrix "
-                                     f"dimension ({smallest}); choose rank <= {smallest}")
+    require(
+        config.rank <= smallest,
+        f"rank {config.rank} is larger than the smallest quantized matrix "
+        f"dimension ({smallest}); choose rank <= {smallest}",
+    )
     work = Path(ctx.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    cal = dataclasses.replace(ctx.calibration, dataset=config.dataset, samples=config.samples,
-                              seq_len=config.seq_len or ctx.calibration.seq_len)
+    cal = dataclasses.replace(
+        ctx.calibration,
+        dataset=config.dataset,
+        samples=config.samples,
+        seq_len=config.seq_len or ctx.calibration.seq_len,
+    )
     ids = ctx.calibration_ids(cal)
     ctx.check_cancel()
     adapter = work / "eora"
     qdir = Path(info["quantized"])
     ctx.progress(0.05, f"EoRA rank {config.rank}: {ids.shape[0]} x {ids.shape[1]} calibration tokens")
-    seconds = quant.generate_eora(Path(info["prequant"]), qdir, adapter, ids, rank=config.rank,
-                                  batch_size=config.batch_size, device=ctx.device, work_dir=work,
-                                  tokenizer=ctx.tokenizer)
+    seconds = quant.generate_eora(
+        Path(info["prequant"]),
+        qdir,
+        adapter,
+        ids,
+        rank=config.rank,
+        batch_size=config.batch_size,
+        device=ctx.device,
+        work_dir=work,
+        tokenizer=ctx.tokenizer,
+    )
     ctx.check_cancel()
     ctx.progress(0.9, "reloading the quantized model with the EoRA adapter")
-    wrapper = quant.load_quantized(qdir, device=ctx.device, adapter=adapter, rank=config.rank,
-                                   dims_fit_groups=info.get("dims_fit_groups"))
+    wrapper = quant.load_quantized(
+        qdir, device=ctx.device, adapter=adapter, rank=config.rank, dims_fit_groups=info.get("dims_fit_groups")
+    )
     qmodel = wrapper.model
     qmodel.eval()
     if getattr(model, "generation_config", None) is not None:
@@ -111,6 +133,8 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         "quantized_path": str(qdir),
         "layers_with_adapter": applied,
     }
-    ctx.log(f"eora: rank {config.rank} adapter on {applied} layers in {seconds:.0f}s "
-            f"({report['adapter_bytes'] / 2**20:.1f} MiB)")
+    ctx.log(
+        f"eora: rank {config.rank} adapter on {applied} layers in {seconds:.0f}s "
+        f"({report['adapter_bytes'] / 2**20:.1f} MiB)"
+    )
     return StageResult(qmodel, report, {"model": str(work), "adapter": str(adapter), "quantized": str(qdir)})

@@ -17,6 +17,7 @@ weights: `pattern_holds` (every former zero is still zero), density after, share
 Handing over to EoRA: the returned model carries `frankenlab_quant` (a dict with the quantized
 and pre-quantization folders and the settings), which the eora stage reads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,33 +28,42 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import quant, quant_cpu, quant_mask
-from ..config import RecipeError, option, require
-from ..context import StageContext, StageResult
-from ..models import decoder_layers
+from frankenlab.evals.config import option, require
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline import quant, quant_cpu, quant_mask
+from frankenlab.pipeline.context import StageContext, StageResult
+from frankenlab.pipeline.loading import decoder_layers
 
 
 @dataclass(frozen=True)
 class Config:
     bits: int = option(4, choices=quant.QUANT_BITS, help="bits per weight")
     group_size: int = option(128, label="group size", help="weights sharing one scale and zero; -1 = one group per row")
-    desc_act: bool = option(False, form=False, help="quantize columns in order of activation size "
-                                                   "(slower, sometimes better)")
+    desc_act: bool = option(
+        False, form=False, help="quantize columns in order of activation size (slower, sometimes better)"
+    )
     sym: bool = option(True, form=False, help="symmetric quantization (zero point in the middle)")
     damp_percent: float = option(0.05, form=False, help="dampening added to the Hessian diagonal")
     samples: int | None = option(None, help="calibration windows; empty = the recipe's calibration samples")
     seq_len: int | None = option(None, form=False, help="calibration window length; empty = the recipe's")
     batch_size: int = option(4, form=False, help="calibration windows per forward")
-    keep_sparsity: bool = option(True, label="keep sparsity",
-                                 help="keep pruned weights exactly zero (masked GPTQ); only matters when the "
-                                      "model has zeros (after width pruning)")
+    keep_sparsity: bool = option(
+        True,
+        label="keep sparsity",
+        help="keep pruned weights exactly zero (masked GPTQ); only matters when the "
+        "model has zeros (after width pruning)",
+    )
 
     def __post_init__(self):
-        require(self.bits in quant.QUANT_BITS,
-                f"bits must be one of {', '.join(map(str, quant.QUANT_BITS))}, got {self.bits}")
+        require(
+            self.bits in quant.QUANT_BITS,
+            f"bits must be one of {', '.join(map(str, quant.QUANT_BITS))}, got {self.bits}",
+        )
         g = self.group_size
-        require(g == -1 or (g > 0 and g & (g - 1) == 0),
-                f"group_size must be -1 (per row) or a positive power of 2 (32, 64, 128...), got {g}")
+        require(
+            g == -1 or (g > 0 and g & (g - 1) == 0),
+            f"group_size must be -1 (per row) or a positive power of 2 (32, 64, 128...), got {g}",
+        )
         require(0.0 < self.damp_percent < 1.0, f"damp_percent must be between 0 and 1, got {self.damp_percent}")
         require(self.samples is None or self.samples >= 1, "samples must be at least 1")
         require(self.seq_len is None or self.seq_len >= 8, "seq_len must be at least 8 tokens")
@@ -102,8 +112,9 @@ def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _linear_count(model: nn.Module) -> int:
-    return sum(mod.weight.numel() for layer in decoder_layers(model)
-               for mod in layer.modules() if isinstance(mod, nn.Linear))
+    return sum(
+        mod.weight.numel() for layer in decoder_layers(model) for mod in layer.modules() if isinstance(mod, nn.Linear)
+    )
 
 
 def sparsity_after(qmodel: nn.Module, zeros_before: dict[str, torch.Tensor]) -> dict:
@@ -118,14 +129,16 @@ def sparsity_after(qmodel: nn.Module, zeros_before: dict[str, torch.Tensor]) -> 
         if before is not None and before.shape == zero.shape:
             kept += int((zero & before).sum())
     was = sum(int(z.sum()) for z in zeros_before.values())
-    return {"density_after": nz / total if total else 1.0,
-            "zeros_before": was,
-            "zeros_kept_fraction": kept / was if was else None,
-            "pattern_holds": kept == was if was else None}
+    return {
+        "density_after": nz / total if total else 1.0,
+        "zeros_before": was,
+        "zeros_kept_fraction": kept / was if was else None,
+        "pattern_holds": kept == was if was else None,
+    }
 
 
 def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
-    from .lora import is_peft, merge_keeping_mask
+    from frankenlab.pipeline.stages.lora import is_peft, merge_keeping_mask
 
     if ctx.work_dir is None:
         raise RecipeError("the gptq stage needs a work folder (run it through the runner)")
@@ -155,16 +168,28 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     qdir = work / "quantized"
     ctx.progress(0.05, f"GPTQ {config.bits}-bit, group {g}: {ids.shape[0]} x {ids.shape[1]} calibration tokens")
     keep = config.keep_sparsity and bool(zeros_before)
-    seconds = quant.quantize(prequant, qdir, ids, bits=config.bits, group_size=g, desc_act=config.desc_act,
-                             sym=config.sym, damp_percent=config.damp_percent, batch_size=config.batch_size,
-                             device=ctx.device, work_dir=work, keep_sparsity=keep,
-                             on_layer=lambda i, n: _layer_started(ctx, i, n))
+    seconds = quant.quantize(
+        prequant,
+        qdir,
+        ids,
+        bits=config.bits,
+        group_size=g,
+        desc_act=config.desc_act,
+        sym=config.sym,
+        damp_percent=config.damp_percent,
+        batch_size=config.batch_size,
+        device=ctx.device,
+        work_dir=work,
+        keep_sparsity=keep,
+        on_layer=lambda i, n: _layer_started(ctx, i, n),
+    )
     masked = quant_mask.stats() if keep else None
     (work / "README.md").write_text(
         f"# GPTQ {config.bits}-bit, group size {g}\n\n- `quantized/`: gptqmodel format; load with "
-        "`frankenlab eval --model` on this folder, `pipeline.models.load_model(path)` or `GPTQModel.load(path)`.\n"
+        "`frankenlab eval --model` on this folder, `pipeline.loading.load_model(path)` or `GPTQModel.load(path)`.\n"
         "- `prequant/`: the model as it entered this stage (plain HF folder; EoRA's input).\n"
-        "- `logs/`: gptqmodel's per-module quantization log.\n")
+        "- `logs/`: gptqmodel's per-module quantization log.\n"
+    )
     ctx.check_cancel()
     ctx.progress(0.9, "reloading the quantized model")
     wrapper = quant.load_quantized(qdir, device=ctx.device, dims_fit_groups=dims_fit)
@@ -174,19 +199,31 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         qmodel.generation_config = model.generation_config  # gptqmodel's loader turns do_sample on
     sparse = sparsity_after(qmodel, zeros_before)
     if keep and not sparse["pattern_holds"]:
-        raise RecipeError("masked GPTQ left pruned weights nonzero; set keep_sparsity = false to quantize "
-                          "without the mask, and report this as a bug")
-    qmodel.frankenlab_quant = {"quantized": str(qdir), "prequant": str(prequant), "bits": config.bits,
-                               "group_size": g, "dims_fit_groups": dims_fit}
+        raise RecipeError(
+            "masked GPTQ left pruned weights nonzero; set keep_sparsity = false to quantize "
+            "without the mask, and report this as a bug"
+        )
+    qmodel.frankenlab_quant = {
+        "quantized": str(qdir),
+        "prequant": str(prequant),
+        "bits": config.bits,
+        "group_size": g,
+        "dims_fit_groups": dims_fit,
+    }
     report = {
         "bits": config.bits,
         "group_size": g,
         "desc_act": config.desc_act,
         "sym": config.sym,
         "calibration": {"dataset": cal.dataset, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
-        "kernel": (f"CPU: calibration in float32; inference kernel {qmodel.frankenlab_kernel}: "
-                   f"{quant_cpu.KERNEL_NOTES[qmodel.frankenlab_kernel]}"
-                   if ctx.device.type != "cuda" else "torch (TorchLinear)" if not dims_fit else "auto"),
+        "kernel": (
+            f"CPU: calibration in float32; inference kernel {qmodel.frankenlab_kernel}: "
+            f"{quant_cpu.KERNEL_NOTES[qmodel.frankenlab_kernel]}"
+            if ctx.device.type != "cuda"
+            else "torch (TorchLinear)"
+            if not dims_fit
+            else "auto"
+        ),
         "keep_sparsity": keep,
         "masked": masked,
         "seconds_quantize": seconds,
@@ -197,17 +234,23 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         "quantized_linears": len(quant.quantized_linears(qmodel)),
         "density_before": density_before,
         **sparse,
-        "sparsity_note": (("masked GPTQ: rounding error propagated onto kept weights only, pruned weights kept "
-                           "exactly zero. " if keep else
-                           "GPTQ re-codes every weight and spreads rounding error over later columns; a pruned "
-                           "weight stays zero only when its code equals the group's zero point. ")
-                          + "Densities are measured on the dequantized weights of the decoder's linear layers."),
+        "sparsity_note": (
+            (
+                "masked GPTQ: rounding error propagated onto kept weights only, pruned weights kept exactly zero. "
+                if keep
+                else "GPTQ re-codes every weight and spreads rounding error over later columns; a pruned "
+                "weight stays zero only when its code equals the group's zero point. "
+            )
+            + "Densities are measured on the dequantized weights of the decoder's linear layers."
+        ),
         "notes": notes,
     }
     kept = sparse["zeros_kept_fraction"]
-    ctx.log(f"gptq: {config.bits}-bit g{g} in {seconds:.0f}s, {report['disk_bytes'] / 2**20:.1f} MiB on disk; "
-            f"density {density_before:.4f} -> {sparse['density_after']:.4f}"
-            + (f" ({kept:.1%} of zeros kept{', masked' if keep else ''})" if kept is not None else ""))
+    ctx.log(
+        f"gptq: {config.bits}-bit g{g} in {seconds:.0f}s, {report['disk_bytes'] / 2**20:.1f} MiB on disk; "
+        f"density {density_before:.4f} -> {sparse['density_after']:.4f}"
+        + (f" ({kept:.1%} of zeros kept{', masked' if keep else ''})" if kept is not None else "")
+    )
     if not math.isfinite(sparse["density_after"]):
         raise RecipeError("quantized weights could not be read back")
     return StageResult(qmodel, report, {"model": str(qdir), "prequant": str(prequant)})

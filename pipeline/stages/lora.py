@@ -21,6 +21,7 @@ Cancelling takes effect within a step, at the next decoder layer of its forward 
 (a step of the bundled model takes ~20 s on a CPU); the unfinished step is dropped, the adapter of
 the last completed step is saved and recorded, then the run ends as cancelled.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,12 +33,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from evals.data import load_dataset_records, source_note
-from evals.overlap import check_training_data
-from evals.perplexity import Cancelled, cancel_between_layers
-
-from ..config import RecipeError, option, require
-from ..context import StageContext, StageResult
+from frankenlab.evals.cancel import Cancelled, cancel_between_layers
+from frankenlab.evals.config import option, require
+from frankenlab.evals.data import load_dataset_records, source_note
+from frankenlab.evals.errors import RecipeError
+from frankenlab.evals.overlap import check_training_data
+from frankenlab.pipeline.context import StageContext, StageResult
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -51,10 +52,17 @@ class Config:
     rank: int = option(8, help="LoRA rank r of the adapter matrices (thesis: 8)")
     alpha: float = option(16.0, form=False, help="LoRA scaling alpha (the update is scaled by alpha / rank)")
     dropout: float = option(0.1, form=False, help="dropout on the adapter's input during training")
-    targets: tuple[str, ...] = option(("q_proj", "k_proj", "v_proj", "o_proj"), form=False,
-                                      help="projections that get an adapter (thesis: the attention ones)")
-    dataset: str = option("wiki", label="data", help="training text: wikitext2 (WikiText-2 train), triviaqa (train "
-                                                     "questions), wiki (30 Wikipedia articles), or a .txt/.jsonl file")
+    targets: tuple[str, ...] = option(
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        form=False,
+        help="projections that get an adapter (thesis: the attention ones)",
+    )
+    dataset: str = option(
+        "wiki",
+        label="data",
+        help="training text: wikitext2 (WikiText-2 train), triviaqa (train "
+        "questions), wiki (30 Wikipedia articles), or a .txt/.jsonl file",
+    )
     samples: int = option(8192, help="training sequences in all (thesis: 8192 in batches of 8)")
     steps: int | None = option(None, help="optimizer steps; when given it replaces samples")
     batch_size: int = option(8, form=False, help="sequences per micro-batch")
@@ -62,10 +70,10 @@ class Config:
     lr: float = option(2e-4, form=False, help="peak learning rate (linear decay to 10 %)")
     warmup_steps: int = option(0, form=False, help="linear warm-up steps")
     seq_len: int = option(256, form=False, help="tokens per training window")
-    mixed_precision: str = option("auto", form=False, choices=PRECISIONS,
-                                  help="auto: bf16/fp16 on GPU, fp32 on CPU")
-    merge: bool = option(True, form=False, help="merge into the weights and re-apply the sparsity mask; "
-                                                "false keeps the adapter separate")
+    mixed_precision: str = option("auto", form=False, choices=PRECISIONS, help="auto: bf16/fp16 on GPU, fp32 on CPU")
+    merge: bool = option(
+        True, form=False, help="merge into the weights and re-apply the sparsity mask; false keeps the adapter separate"
+    )
     seed: int = option(0, form=False, help="seed for data order and adapter initialisation")
 
     def __post_init__(self):
@@ -76,8 +84,10 @@ class Config:
         require(not bad, f"unknown target projection(s) {bad}; choose from {', '.join(PROJECTIONS)}")
         require(len(self.targets) > 0, "targets must name at least one projection (e.g. q_proj, v_proj)")
         is_file = self.dataset.endswith(FILE_SUFFIXES)
-        require(is_file or self.dataset in TRAINING_SETS,
-                f"unknown training dataset {self.dataset!r}: use {', '.join(TRAINING_SETS)}, or a .txt/.jsonl file path")
+        require(
+            is_file or self.dataset in TRAINING_SETS,
+            f"unknown training dataset {self.dataset!r}: use {', '.join(TRAINING_SETS)}, or a .txt/.jsonl file path",
+        )
         require(self.samples >= 1, f"samples must be at least 1, got {self.samples}")
         require(self.steps is None or self.steps >= 1, f"steps must be at least 1, got {self.steps}")
         require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
@@ -85,8 +95,10 @@ class Config:
         require(self.lr > 0, f"lr (learning rate) must be positive, got {self.lr}")
         require(self.warmup_steps >= 0, "warmup_steps cannot be negative")
         require(self.seq_len >= 8, f"seq_len must be at least 8 tokens, got {self.seq_len}")
-        require(self.mixed_precision in PRECISIONS,
-                f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        require(
+            self.mixed_precision in PRECISIONS,
+            f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}",
+        )
 
     @property
     def total_steps(self) -> int:
@@ -110,8 +122,11 @@ def resume_problem(record: dict) -> str | None:
 
 def check_order(kinds_before: list[str]) -> None:
     """Called by the recipe with the kinds of the stages before this one."""
-    require("gptq" not in kinds_before, "LoRA after GPTQ is not supported: put the lora stage before gptq "
-                                        "(EoRA is the training-free way to recover after quantizing)")
+    require(
+        "gptq" not in kinds_before,
+        "LoRA after GPTQ is not supported: put the lora stage before gptq "
+        "(EoRA is the training-free way to recover after quantizing)",
+    )
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -148,8 +163,15 @@ def preflight(config: Config, evaluation, data_dir=None) -> list[str]:
     near duplicates come back as warnings for the run's log."""
     records, source, _ = training_records(config, data_dir)
     texts = [record_text(r) for r in records]
-    return check_training_data(texts, [record_question(r) for r in records], source, evaluation, data_dir, who="LoRA",
-                        advice="use the train split (dataset = \"triviaqa\" or \"wikitext2\") or exclude them")
+    return check_training_data(
+        texts,
+        [record_question(r) for r in records],
+        source,
+        evaluation,
+        data_dir,
+        who="LoRA",
+        advice='use the train split (dataset = "triviaqa" or "wikitext2") or exclude them',
+    )
 
 
 def training_windows(tokenizer, config: Config, data_dir=None, needed: int | None = None) -> tuple[torch.Tensor, str]:
@@ -160,7 +182,7 @@ def training_windows(tokenizer, config: Config, data_dir=None, needed: int | Non
         raise RecipeError(f"LoRA training data {source} holds no text (expected 'text' or question/answer fields)")
     random.Random(config.seed).shuffle(texts)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    want = (needed or len(texts) * 10 ** 6) * config.seq_len
+    want = (needed or len(texts) * 10**6) * config.seq_len
     ids: list[int] = []
     for t in texts:  # tokenize only as much as the run can use
         ids.extend(tokenizer(t).input_ids + [eos])
@@ -268,22 +290,33 @@ def source_note_for(config: Config, source: str) -> str:
 def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     LoraConfig, get_peft_model = _peft()
     if is_peft(model):
-        raise RecipeError("the model already carries an unmerged LoRA adapter: use merge = true in the first "
-                          "lora stage, or only one lora stage")
+        raise RecipeError(
+            "the model already carries an unmerged LoRA adapter: use merge = true in the first "
+            "lora stage, or only one lora stage"
+        )
     work = Path(ctx.work_dir) if ctx.work_dir else None
     steps = config.total_steps
     per_step = config.batch_size * config.grad_accum
     windows, source = training_windows(ctx.tokenizer, config, ctx.data_dir, needed=steps * per_step)
     note = source_note_for(config, source)
-    ctx.log(f"lora: {windows.shape[0]} windows of {config.seq_len} tokens from {source}; "
-            f"{steps} steps x {per_step} sequences" + (f" ({note})" if note else ""))
+    ctx.log(
+        f"lora: {windows.shape[0]} windows of {config.seq_len} tokens from {source}; "
+        f"{steps} steps x {per_step} sequences" + (f" ({note})" if note else "")
+    )
     density_before = targeted_density(model, config.targets)
     masks_before = len(sparse_masks(model, config.targets))
 
     torch.manual_seed(config.seed)
-    peft_model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha,
-                                                  lora_dropout=config.dropout, target_modules=list(config.targets),
-                                                  task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=list(config.targets),
+            task_type="CAUSAL_LM",
+        ),
+    )
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     optim = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
@@ -389,6 +422,8 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         "density_after": targeted_density(out, config.targets),
         "adapter": str(adapter_dir) if adapter_dir is not None else None,
     }
-    ctx.log(f"lora: loss {report['first_loss']:.4f} -> {report['final_loss']:.4f} in {done} steps; {sparsity}; "
-            f"targeted density {report['density_after']:.4f}")
+    ctx.log(
+        f"lora: loss {report['first_loss']:.4f} -> {report['final_loss']:.4f} in {done} steps; {sparsity}; "
+        f"targeted density {report['density_after']:.4f}"
+    )
     return StageResult(out, report, artifacts)

@@ -13,6 +13,7 @@ layers before it. Within a layer, `sequential` picks where the statistics come f
               measured WikiText-2 ppl 188.3 vs 198.0 at 2:4 and 30.35 vs 30.31 at 1:8.
 The tensor math is in the pure functions at the top; `run` is the stage.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,17 +22,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import RecipeError, option, require
-from ..context import StageContext, StageResult
-from ..layerwise import capture_inputs, edit_as_it_runs, input_square_sums, linear_modules, run_layer
-from ..models import count_parameters, decoder_layers
+from frankenlab.evals.config import option, require
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.context import StageContext, StageResult
+from frankenlab.pipeline.layerwise import capture_inputs, edit_as_it_runs, input_square_sums, linear_modules, run_layer
+from frankenlab.pipeline.loading import count_parameters, decoder_layers
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("wanda", "magnitude")
 SEQUENTIAL = {
     "layer": "per layer: every projection scored on the unpruned layer's activations (WANDA reference code)",
     "projection": "per projection: each scored on the inputs it receives after the projections before it "
-                  "in the layer are pruned (true-sequential, one pass per layer)",
+    "in the layer are pruned (true-sequential, one pass per layer)",
 }
 
 
@@ -76,18 +78,26 @@ def satisfies_nm(weight: torch.Tensor, n: int, m: int) -> bool:
 class Config:
     """`pattern = "2:4"` (or n, m) for structured N:M; `ratio` for unstructured sparsity instead."""
 
-    pattern: str | None = option(None, label="N:M", help="structured N:M: prunes N of every M consecutive weights "
-                                                        "of each row (thesis notation; 2:4 removes 50 %)")
+    pattern: str | None = option(
+        None,
+        label="N:M",
+        help="structured N:M: prunes N of every M consecutive weights of each row (thesis notation; 2:4 removes 50 %)",
+    )
     n: int | None = option(None, form=False, help="N of an N:M pattern (or give pattern)")
     m: int | None = option(None, form=False, help="M of an N:M pattern (or give pattern)")
     ratio: float | None = option(None, help="unstructured instead: the fraction of each row pruned")
-    method: str = option("wanda", choices=METHODS, help="wanda scores |W|*||X|| with calibration inputs; "
-                                                         "magnitude uses |W| alone")
+    method: str = option(
+        "wanda", choices=METHODS, help="wanda scores |W|*||X|| with calibration inputs; magnitude uses |W| alone"
+    )
     targets: tuple[str, ...] = option(ALL_PROJECTIONS, form=False, help="projections of each decoder layer to prune")
     batch_size: int = option(32, form=False, help="calibration windows per forward (sequential = layer)")
-    sequential: str = option("projection", label="statistics", choices=tuple(SEQUENTIAL),
-                             help="projection: one pass, each projection scored on the inputs it really receives; "
-                                  "layer: the WANDA reference code (two passes per layer)")
+    sequential: str = option(
+        "projection",
+        label="statistics",
+        choices=tuple(SEQUENTIAL),
+        help="projection: one pass, each projection scored on the inputs it really receives; "
+        "layer: the WANDA reference code (two passes per layer)",
+    )
 
     def __post_init__(self):
         n, m = self.n, self.m
@@ -105,15 +115,20 @@ class Config:
             require(n is not None and m is not None, "width pruning needs a pattern N:M (e.g. 2:4) or a ratio")
             require(m >= 1, f"M must be a positive integer, got {m}")
             require(n >= 1, f"N must be at least 1 (N:M prunes N of every M weights), got {n}")
-            require(n < m, f"N must be smaller than M: {n}:{m} would prune every weight "
-                           f"(thesis notation: N:M prunes N of every M)")
+            require(
+                n < m,
+                f"N must be smaller than M: {n}:{m} would prune every weight "
+                f"(thesis notation: N:M prunes N of every M)",
+            )
         require(self.method in METHODS, f"unknown width method {self.method!r}; choose one of {', '.join(METHODS)}")
         bad = [t for t in self.targets if t not in ALL_PROJECTIONS]
         require(not bad, f"unknown target projection(s) {bad}; choose from {', '.join(ALL_PROJECTIONS)}")
         require(len(self.targets) > 0, "targets must name at least one projection")
         require(self.batch_size >= 1, "batch_size must be at least 1")
-        require(self.sequential in SEQUENTIAL,
-                f"unknown sequential {self.sequential!r}; choose one of {', '.join(SEQUENTIAL)}")
+        require(
+            self.sequential in SEQUENTIAL,
+            f"unknown sequential {self.sequential!r}; choose one of {', '.join(SEQUENTIAL)}",
+        )
 
     @property
     def structured(self) -> bool:
@@ -130,8 +145,12 @@ class Config:
         return f"unstructured {self.ratio:.1%}"
 
     def to_dict(self) -> dict:
-        d = {"method": self.method, "targets": list(self.targets), "batch_size": self.batch_size,
-             "sequential": self.sequential}
+        d = {
+            "method": self.method,
+            "targets": list(self.targets),
+            "batch_size": self.batch_size,
+            "sequential": self.sequential,
+        }
         if self.structured:
             d["pattern"] = f"{self.n}:{self.m}"
         else:
@@ -171,8 +190,10 @@ def check_dimensions(model: nn.Module, config: Config) -> None:
     for li, layer in enumerate(decoder_layers(model)):
         for name, lin in linear_modules(layer, config.targets).items():
             if lin.in_features % config.m:
-                raise RecipeError(f"layer {li} {name}: {lin.in_features} inputs are not a multiple of M={config.m}; "
-                                  "choose an M that divides the hidden and intermediate sizes")
+                raise RecipeError(
+                    f"layer {li} {name}: {lin.in_features} inputs are not a multiple of M={config.m}; "
+                    "choose an M that divides the hidden and intermediate sizes"
+                )
 
 
 # -- stage -----------------------------------------------------------------------------------------
@@ -216,9 +237,11 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
                     raise
-                raise RecipeError(f"width: out of memory at layer {li} running the {ids.shape[0]} calibration "
-                                  "windows as one batch (sequential = 'projection'); set sequential = 'layer' "
-                                  "with a smaller batch_size, or fewer calibration samples") from exc
+                raise RecipeError(
+                    f"width: out of memory at layer {li} running the {ids.shape[0]} calibration "
+                    "windows as one batch (sequential = 'projection'); set sequential = 'layer' "
+                    "with a smaller batch_size, or fewer calibration samples"
+                ) from exc
         else:
             # statistics of this layer's inputs (the forward stops once the last projection has its input)
             sq_sums = input_square_sums(layer, linears, inputs) if use_acts else {}
@@ -247,5 +270,8 @@ def verify(model: nn.Module, config: Config) -> bool:
     """Every targeted matrix satisfies the N:M pattern (always True for unstructured)."""
     if not config.structured:
         return True
-    return all(satisfies_nm(lin.weight, config.n, config.m)
-               for layer in decoder_layers(model) for lin in linear_modules(layer, config.targets).values())
+    return all(
+        satisfies_nm(lin.weight, config.n, config.m)
+        for layer in decoder_layers(model)
+        for lin in linear_modules(layer, config.targets).values()
+    )

@@ -20,7 +20,8 @@ Final numbers are exact, not approximations: an estimate equals a full forward o
 model through the evaluation code up to float summation order (`benchmarks/bench_whatif.py` times both;
 tests check it for every kind of plan).
 """
-from .estimator import DEFAULT_CACHE_BYTES, CancelFn, Estimate, WhatIfEstimator
-from .scheduler import EstimateScheduler
+
+from frankenlab.pipeline.whatif.estimator import DEFAULT_CACHE_BYTES, CancelFn, Estimate, WhatIfEstimator
+from frankenlab.pipeline.whatif.scheduler import EstimateScheduler
 
 __all__ = ["DEFAULT_CACHE_BYTES", "CancelFn", "Estimate", "EstimateScheduler", "WhatIfEstimator"]

@@ -10,12 +10,13 @@ only for a plan that shares every position before it.
 
 Not thread-safe on its own: the estimator calls it under its lock (`held` may be read anywhere).
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 
@@ -35,7 +36,7 @@ class Trail:
     def best_restart(self, order: tuple[int, ...]) -> int:
         """The latest stored position whose state `order` shares (-1 if none)."""
         shared = 0
-        for a, b in zip(self.order, order):
+        for a, b in zip(self.order, order, strict=False):
             if a != b:
                 break
             shared += 1
@@ -51,7 +52,7 @@ def kwargs_bytes(kwargs: dict) -> int:
     """Bytes of the tensors among a layer call's keyword arguments (masks, rotary tables)."""
     total = 0
     for v in kwargs.values():
-        for t in (v if isinstance(v, (tuple, list)) else (v,)):
+        for t in v if isinstance(v, (tuple, list)) else (v,):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
@@ -118,8 +119,7 @@ class StateCache:
 
     def wants(self, trail: Trail | None, pos: int) -> bool:
         """Whether `trail` would keep its input of position `pos` (a checkpoint it does not hold yet)."""
-        return (trail is not None and pos < len(trail.order) and pos % self.stride == 0
-                and pos not in trail.states)
+        return trail is not None and pos < len(trail.order) and pos % self.stride == 0 and pos not in trail.states
 
     def offer(self, trail: Trail | None, pos: int, x: States) -> None:
         """Keep `x` as `trail`'s input of position `pos` if it is a checkpoint and fits."""

@@ -19,27 +19,28 @@ scan's coarse pass included).
 The model is borrowed, not owned: every computation holds `pipeline.sharing.model_lock(model)`,
 so a chat or a footprint on the same model waits for the layer boundary and never sees a plan.
 """
+
 from __future__ import annotations
 
 import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from evals.head import head_token_nll
-from evals.perplexity import Cancelled, Protocol, sequences_for
-
-from ..layerwise import capture_inputs, layer_hidden
-from ..models import decoder_layers
-from ..plans import LayerPlan, PlanError, PlanSlot
-from ..sharing import borrowed, model_lock
-from .cache import StateCache, kwargs_bytes
-from .progressive import Estimate, partial_ppl
+from frankenlab.evals.cancel import Cancelled
+from frankenlab.evals.head import head_token_nll
+from frankenlab.evals.perplexity import Protocol, sequences_for
+from frankenlab.pipeline.layerwise import capture_inputs, layer_hidden
+from frankenlab.pipeline.loading import decoder_layers
+from frankenlab.pipeline.plans import LayerPlan, PlanError, PlanSlot
+from frankenlab.pipeline.sharing import borrowed, model_lock
+from frankenlab.pipeline.whatif.cache import StateCache, kwargs_bytes
+from frankenlab.pipeline.whatif.progressive import Estimate, partial_ppl
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
 MEMO_SIZE = 4096
@@ -56,9 +57,20 @@ class WhatIfEstimator:
     stage modifies them (or build a new estimator).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, data: str = "wikitext2", samples: int = 4,
-                 seq_len: int = 256, data_dir=None, max_cache_bytes: int | None = DEFAULT_CACHE_BYTES,
-                 ids: torch.Tensor | None = None, batch_size: int = 8, coarse_rows: int = 1):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        data: str = "wikitext2",
+        samples: int = 4,
+        seq_len: int = 256,
+        data_dir=None,
+        max_cache_bytes: int | None = DEFAULT_CACHE_BYTES,
+        ids: torch.Tensor | None = None,
+        batch_size: int = 8,
+        coarse_rows: int = 1,
+    ):
         if ids is not None and (ids.dim() != 2 or ids.shape[1] < 2):
             raise ValueError(f"ids must be (sequences, tokens) with at least 2 tokens, got {tuple(ids.shape)}")
         if samples < 1 or seq_len < 2:
@@ -69,8 +81,11 @@ class WhatIfEstimator:
         self.batch_size = max(1, batch_size)
         self.coarse_rows = max(0, coarse_rows)  # samples in the first answer (0: no progressive answers)
         self._given_ids = ids
-        self.protocol = (f"ids-{ids.shape[0]}x{ids.shape[1]}" if ids is not None
-                         else Protocol(data, "concat", seq_len, limit=samples).name)
+        self.protocol = (
+            f"ids-{ids.shape[0]}x{ids.shape[1]}"
+            if ids is not None
+            else Protocol(data, "concat", seq_len, limit=samples).name
+        )
         self._lock = threading.RLock()
         self._memo_lock = threading.Lock()
         self._memo: OrderedDict[tuple[int, ...], Estimate] = OrderedDict()
@@ -186,8 +201,7 @@ class WhatIfEstimator:
         parts = self._split()
         first = -(-parts[0].shape[0] // self.batch_size) if len(parts) > 1 else len(captured)  # batches of part 0
         self._groups = [g for g in (list(range(first)), list(range(first, len(captured)))) if g]
-        self._cache.configure(len(layers), [c.hidden for c in captured],
-                              sum(kwargs_bytes(k) for k in self._kwargs))
+        self._cache.configure(len(layers), [c.hidden for c in captured], sum(kwargs_bytes(k) for k in self._kwargs))
         self._layers = layers
 
     def prepare(self, cancelled: CancelFn = None) -> None:
@@ -213,8 +227,15 @@ class WhatIfEstimator:
             raise Cancelled("what-if estimate cancelled")
 
     @torch.inference_mode()
-    def _compute(self, order: tuple[int, ...], groups: list[list[int]], cancelled: CancelFn, *, record: bool,
-                 on_group: Callable[[int, int, bool], None] | None = None) -> tuple[int, bool]:
+    def _compute(
+        self,
+        order: tuple[int, ...],
+        groups: list[list[int]],
+        cancelled: CancelFn,
+        *,
+        record: bool,
+        on_group: Callable[[int, int, bool], None] | None = None,
+    ) -> tuple[int, bool]:
         """Per-token NLL of `order` for the batches in `groups`, group after group (stored per batch).
 
         Returns the restart position and whether it came from the cache; `on_group(g, start,
@@ -256,7 +277,7 @@ class WhatIfEstimator:
     def _head(self, hidden: torch.Tensor, batch: int) -> torch.Tensor:
         """Per-token next-token NLL (B, T-1) of one batch from the last layer's output (B, T, H)."""
         row = sum(self._batch_rows[:batch])
-        labels = self.ids[row:row + hidden.shape[0], 1:].to(hidden.device)  # (B, T-1)
+        labels = self.ids[row : row + hidden.shape[0], 1:].to(hidden.device)  # (B, T-1)
         x = self.model.model.norm(hidden[:, :-1])  # (B, T-1, H): the last position predicts nothing
         return head_token_nll(self.model, x.reshape(-1, x.shape[-1]), labels.reshape(-1)).view(labels.shape)
 
@@ -275,8 +296,9 @@ class WhatIfEstimator:
     def _sum(results: dict[int, torch.Tensor]) -> float:
         return float(torch.cat([results[b].reshape(-1) for b in sorted(results)]).double().sum())
 
-    def _make(self, plan: LayerPlan, results: dict[int, torch.Tensor], seconds: float, start: int,
-              reused: bool) -> Estimate:
+    def _make(
+        self, plan: LayerPlan, results: dict[int, torch.Tensor], seconds: float, start: int, reused: bool
+    ) -> Estimate:
         """The estimate from the batches computed so far: exact when all are there, else partial."""
         tokens = sum(t.numel() for t in results.values())
         rows = sum(self._batch_rows[b] for b in results)
@@ -284,11 +306,27 @@ class WhatIfEstimator:
             ppl, se = math.exp(self._sum(results) / self.tokens), None
         else:
             batches = sorted(results)
-            ppl, se = partial_ppl(torch.cat([results[b].reshape(-1) for b in batches]),
-                                  torch.cat([self._base_parts[b].reshape(-1) for b in batches]),
-                                  self._baseline_nll[0], self.tokens)
-        return Estimate(ppl, ppl - self.baseline_ppl, seconds, start, plan.to_text(), reused, self.protocol, len(plan) - start,
-                        tokens, self.tokens, rows, self.ids.shape[0], se)
+            ppl, se = partial_ppl(
+                torch.cat([results[b].reshape(-1) for b in batches]),
+                torch.cat([self._base_parts[b].reshape(-1) for b in batches]),
+                self._baseline_nll[0],
+                self.tokens,
+            )
+        return Estimate(
+            ppl,
+            ppl - self.baseline_ppl,
+            seconds,
+            start,
+            plan.to_text(),
+            reused,
+            self.protocol,
+            len(plan) - start,
+            tokens,
+            self.tokens,
+            rows,
+            self.ids.shape[0],
+            se,
+        )
 
     def _remember(self, order: tuple[int, ...], est: Estimate) -> None:
         with self._memo_lock:
@@ -305,11 +343,21 @@ class WhatIfEstimator:
     # -- the API -----------------------------------------------------------------------------
     def _memo_answer(self, plan: LayerPlan, t0: float) -> Estimate | None:
         hit = self.known(plan)
-        return None if hit is None else replace(hit, seconds=time.perf_counter() - t0, restarted_at=len(plan),
-                                                layers_run=0)
+        return (
+            None
+            if hit is None
+            else replace(hit, seconds=time.perf_counter() - t0, restarted_at=len(plan), layers_run=0)
+        )
 
-    def estimate(self, plan: LayerPlan, cancelled: CancelFn = None, *, record: bool = True,
-                 use_memo: bool = True, on_partial: Callable[[Estimate], None] | None = None) -> Estimate:
+    def estimate(
+        self,
+        plan: LayerPlan,
+        cancelled: CancelFn = None,
+        *,
+        record: bool = True,
+        use_memo: bool = True,
+        on_partial: Callable[[Estimate], None] | None = None,
+    ) -> Estimate:
         """Perplexity of `plan` on the slice and its delta to the unmodified model.
 
         Raises `evals.perplexity.Cancelled` when `cancelled()` turns true (checked before every
@@ -335,11 +383,15 @@ class WhatIfEstimator:
 
                 def partial(g: int, start: int, reused: bool) -> None:
                     if on_partial is not None and g < len(todo) - 1:
-                        on_partial(self._make(plan, self._parts_of(plan.order), time.perf_counter() - t1,
-                                              start, reused))
+                        on_partial(
+                            self._make(plan, self._parts_of(plan.order), time.perf_counter() - t1, start, reused)
+                        )
 
-                start, reused = (self._compute(plan.order, todo, cancelled, record=record, on_group=partial)
-                                 if todo else (len(plan), True))
+                start, reused = (
+                    self._compute(plan.order, todo, cancelled, record=record, on_group=partial)
+                    if todo
+                    else (len(plan), True)
+                )
             est = self._make(plan, self._parts_of(plan.order), time.perf_counter() - t1, start, reused)
             self._remember(plan.order, est)
             return est
@@ -359,15 +411,17 @@ class WhatIfEstimator:
             with borrowed(self.model, cancelled):
                 t1 = time.perf_counter()
                 first = [b for b in self._groups[0] if b not in self._parts_of(plan.order)]
-                start, reused = (self._compute(plan.order, [first], cancelled, record=False)
-                                 if first else (len(plan), True))
+                start, reused = (
+                    self._compute(plan.order, [first], cancelled, record=False) if first else (len(plan), True)
+                )
             est = self._make(plan, self._parts_of(plan.order), time.perf_counter() - t1, start, reused)
             if est.final:
                 self._remember(plan.order, est)
             return est
 
-    def scan(self, cancelled: CancelFn = None, layers: Iterable[int] | None = None, *,
-             coarse_first: bool = False) -> Iterator[tuple[int, Estimate]]:
+    def scan(
+        self, cancelled: CancelFn = None, layers: Iterable[int] | None = None, *, coarse_first: bool = False
+    ) -> Iterator[tuple[int, Estimate]]:
         """Leave-one-out estimate for each layer, yielded as it is computed.
 
         Default order is last layer first: leaving out layer i restarts at i, so late layers are

@@ -14,6 +14,7 @@ nearby tokens are correlated, blocks much less), carried to perplexity by the de
 of the slice could differ. Once every part is done the estimate is the exact slice perplexity
 (the same number as a single full pass, up to float summation order) and carries no error.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ def batch_means_se(values: torch.Tensor) -> float:
     return float(means.std(unbiased=True) / math.sqrt(k))
 
 
-def partial_ppl(plan_nll: torch.Tensor, base_nll: torch.Tensor, base_total: float, total_tokens: int
-                ) -> tuple[float, float]:
+def partial_ppl(
+    plan_nll: torch.Tensor, base_nll: torch.Tensor, base_total: float, total_tokens: int
+) -> tuple[float, float]:
     """(estimated slice perplexity, its standard error) from the part's per-token NLLs of plan and baseline.
 
     plan_nll, base_nll: (n,) per-token NLL on the same scored tokens of the part (row-major);
@@ -49,7 +51,7 @@ def partial_ppl(plan_nll: torch.Tensor, base_nll: torch.Tensor, base_total: floa
 
 
 def coverage_text(tokens: int, total_tokens: int, rows: int, total_rows: int) -> str:
-    """"1/4 of the slice (255/1020 tokens)" or "full slice (1020 tokens)"."""
+    """ "1/4 of the slice (255/1020 tokens)" or "full slice (1020 tokens)"."""
     if tokens >= total_tokens:
         return f"full slice ({total_tokens} tokens)"
     return f"{rows}/{total_rows} of the slice ({tokens}/{total_tokens} tokens)"

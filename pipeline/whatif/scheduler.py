@@ -1,18 +1,18 @@
 """The what-if scheduler between the TUI's thread workers and the estimator: latest toggle wins."""
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
 
-from evals.perplexity import Cancelled
-
-from ..plans import LayerPlan
-from .estimator import CancelFn, Estimate, WhatIfEstimator
+from frankenlab.evals.cancel import Cancelled
+from frankenlab.pipeline.plans import LayerPlan
+from frankenlab.pipeline.whatif.estimator import CancelFn, Estimate, WhatIfEstimator
 
 
 class EstimateScheduler:
-    """"Latest wins" for the TUI: every submit (or scan) makes all earlier ones stale.
+    """ "Latest wins" for the TUI: every submit (or scan) makes all earlier ones stale.
 
     Call `submit(plan)` from a thread worker; it blocks until the estimate is ready and returns it,
     or raises `evals.perplexity.Cancelled` once a newer submit, scan or `cancel()` has superseded
@@ -60,8 +60,9 @@ class EstimateScheduler:
             self._running.release()
             raise Cancelled("superseded by a newer what-if request")
 
-    def submit(self, plan: LayerPlan, cancelled: CancelFn = None,
-               on_partial: Callable[[Estimate], None] | None = None) -> Estimate:
+    def submit(
+        self, plan: LayerPlan, cancelled: CancelFn = None, on_partial: Callable[[Estimate], None] | None = None
+    ) -> Estimate:
         """The plan's exact estimate; with `on_partial`, its first answer from part of the slice before it.
 
         `on_partial` runs on the estimator's thread and only while this request is the newest.
@@ -77,13 +78,15 @@ class EstimateScheduler:
 
         self._acquire(stale)
         try:
-            return self._on_thread(self.estimator.estimate, plan, stale,
-                                   on_partial=None if on_partial is None else partial)
+            return self._on_thread(
+                self.estimator.estimate, plan, stale, on_partial=None if on_partial is None else partial
+            )
         finally:
             self._running.release()
 
-    def scan(self, cancelled: CancelFn = None, layers: Iterable[int] | None = None, *,
-             coarse_first: bool = False) -> Iterator[tuple[int, Estimate]]:
+    def scan(
+        self, cancelled: CancelFn = None, layers: Iterable[int] | None = None, *, coarse_first: bool = False
+    ) -> Iterator[tuple[int, Estimate]]:
         """The estimator's scan, one layer at a time under the same latest-wins rule.
 
         With `coarse_first`, every layer's first answer (from part of the slice) comes before
@@ -107,8 +110,11 @@ class EstimateScheduler:
                 if self.estimator.known(plan) is None:
                     self._acquire(stale)
                     try:
-                        est = (self._on_thread(self.estimator.estimate_first, plan, stale) if coarse else
-                               self._on_thread(self.estimator.estimate, plan, stale, record=False))
+                        est = (
+                            self._on_thread(self.estimator.estimate_first, plan, stale)
+                            if coarse
+                            else self._on_thread(self.estimator.estimate, plan, stale, record=False)
+                        )
                     finally:
                         self._running.release()
                 else:

@@ -7,13 +7,41 @@
 - `LocalExecutor()`, `RayExecutor(address=None)`;
 - `sweep_sessions(out)`, `thesis_tables(...)`, `pareto_front(...)`: the results (sessions.sweep.results).
 """
-from .executors import LocalExecutor, RayExecutor
-from .run import (ConfigFinished, NodeFinished, NodeProgress, NodeStarted, SweepFinished, SweepStarted,
-                  load_record, run_sweep)
-from .spec import Configuration, Sweep, SweepError, bundled_sweeps, load_sweep, parse_sweep
-from .tree import Job, Node, build_tree, plan_jobs, prefix_key
 
-__all__ = ["LocalExecutor", "RayExecutor", "run_sweep", "load_record", "SweepStarted", "NodeStarted",
-           "NodeProgress", "NodeFinished", "ConfigFinished", "SweepFinished", "Configuration", "Sweep",
-           "SweepError", "bundled_sweeps", "load_sweep", "parse_sweep", "Job", "Node", "build_tree", "plan_jobs",
-           "prefix_key"]
+from frankenlab.sessions.sweep.executors import LocalExecutor, RayExecutor
+from frankenlab.sessions.sweep.run import (
+    ConfigFinished,
+    NodeFinished,
+    NodeProgress,
+    NodeStarted,
+    SweepFinished,
+    SweepStarted,
+    load_record,
+    run_sweep,
+)
+from frankenlab.sessions.sweep.spec import Configuration, Sweep, SweepError, bundled_sweeps, load_sweep, parse_sweep
+from frankenlab.sessions.sweep.tree import Job, Node, build_tree, plan_jobs, prefix_key
+
+__all__ = [
+    "LocalExecutor",
+    "RayExecutor",
+    "run_sweep",
+    "load_record",
+    "SweepStarted",
+    "NodeStarted",
+    "NodeProgress",
+    "NodeFinished",
+    "ConfigFinished",
+    "SweepFinished",
+    "Configuration",
+    "Sweep",
+    "SweepError",
+    "bundled_sweeps",
+    "load_sweep",
+    "parse_sweep",
+    "Job",
+    "Node",
+    "build_tree",
+    "plan_jobs",
+    "prefix_key",
+]

@@ -4,20 +4,18 @@ Both hand back `concurrent.futures.Future`s of `run_job`'s result, so the sweep'
 on them the same way. The local executor runs one job at a time on CPU (a job already uses every
 core through torch) and one job per GPU where there are several; it streams the runner's events
 (progress bars in the CLI and the lab). Ray tasks report when they finish; each asks for one GPU
-when the job wants CUDA. Workers import frankenlab from this source tree (PYTHONPATH in the
-task's runtime_env), so the sweep folder and the tree must be on storage every node sees.
+when the job wants CUDA. Workers import the `frankenlab` package installed on their node (install
+it on every node), and the sweep folder must be on storage every node sees.
 """
+
 from __future__ import annotations
 
 import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
-from .jobs import run_job
-
-ROOT = Path(__file__).resolve().parents[2]  # the source tree that holds pipeline/, sessions/, ...
+from frankenlab.sessions.sweep.jobs import run_job
 
 
 def local_devices(device: str) -> list[str | None]:
@@ -78,14 +76,18 @@ class RayExecutor:
         except ImportError:
             raise RuntimeError("Ray is not installed: re-run the README's set-up (it installs ray)") from None
         self.ray = ray
-        env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+        env = {}  # workers import the installed frankenlab package, as this process does
         for var in ("FRANKENLAB_DATA_DIR", "FRANKENLAB_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
             if os.environ.get(var):
                 env[var] = os.environ[var]
         self.started_here = not ray.is_initialized()
         if self.started_here:
-            kwargs = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": False,
-                      "logging_level": "ERROR"}
+            kwargs = {
+                "runtime_env": {"env_vars": env},
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "logging_level": "ERROR",
+            }
             if address:
                 kwargs["address"] = address
             elif num_cpus:
@@ -93,8 +95,10 @@ class RayExecutor:
             try:
                 ray.init(**kwargs)
             except Exception as exc:  # noqa: BLE001 - connection refused, bad address, ...
-                raise RuntimeError(f"cannot start or reach Ray{f' at {address}' if address else ''}: "
-                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                raise RuntimeError(
+                    f"cannot start or reach Ray{f' at {address}' if address else ''}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from None
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         self.wants_gpu = gpus > 0 and device in ("auto", "cuda") or device.startswith("cuda")

@@ -6,6 +6,7 @@ session and stage models go to `nodes/<last key>/`, and each node it computes ge
 `nodes/<key>/node.json`, written atomically once the node is finished. A node is finished exactly
 when its node.json exists: a kill mid-job leaves no node.json, and the next run does it again.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,11 +40,10 @@ def read_node(sweep_dir: Path, key: str) -> dict | None:
 def run_job(spec: dict, listener=None, cancel=None) -> dict:
     """Run one job (see `Job`); returns {"status", "message", "nodes": [keys finished], "seconds",
     "cpu_seconds", "pid"}. Never raises for a failed stage: the status says it."""
-    from pipeline.models import ModelLoadError, load_model
-    from pipeline.recipe import Recipe
-
-    from ..record import atomic_write_text
-    from ..recorder import record_run
+    from frankenlab.pipeline.atomic import atomic_write_text
+    from frankenlab.pipeline.loading import ModelLoadError, load_model
+    from frankenlab.pipeline.recipe import Recipe
+    from frankenlab.sessions.recorder import record_run
 
     t0, c0 = time.perf_counter(), time.process_time()
     sweep_dir = Path(spec["sweep_dir"]).resolve()
@@ -59,25 +59,46 @@ def run_job(spec: dict, listener=None, cancel=None) -> dict:
     loaded = None
     if spec.get("start_artifact"):
         try:
-            loaded = load_model(str(sweep_dir / spec["start_artifact"]), device=recipe.model.device,
-                                dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
+            loaded = load_model(
+                str(sweep_dir / spec["start_artifact"]),
+                device=recipe.model.device,
+                dtype=recipe.model.dtype,
+                trust_remote_code=recipe.model.trust_remote_code,
+            )
         except ModelLoadError as exc:
             return _result("failed", f"cannot load the saved model of the node it starts from: {exc}", [], t0, c0)
-    session = record_run(recipe, out, listener=listener, cancel=cancel, loaded=loaded, data_dir=spec.get("data_dir"),
-                         start_stage=max(first, 1), baseline=first == 0)
+    session = record_run(
+        recipe,
+        out,
+        listener=listener,
+        cancel=cancel,
+        loaded=loaded,
+        data_dir=spec.get("data_dir"),
+        start_stage=max(first, 1),
+        baseline=first == 0,
+    )
     finished = []
     by_index = {st.index: st for st in session.stages}
-    for key, index in zip(spec["keys"], range(first, first + len(spec["keys"]))):
+    for key, index in zip(spec["keys"], range(first, first + len(spec["keys"])), strict=False):
         st = by_index.get(index)
         if st is None or st.status != "done":
             continue
         record = st.to_dict()
         if record.get("artifact"):
             record["artifact"] = os.path.relpath(Path(record["artifact"]).resolve(), sweep_dir)
-        node = {"key": key, "index": index, "kind": st.kind, "status": "done", "record": record,
-                "job": spec["keys"][-1], "session": os.path.relpath(out / "session.json", sweep_dir),
-                "model_source": session.model_source, "environment": session.environment,
-                "seconds": st.seconds, "finished": time.time()}
+        node = {
+            "key": key,
+            "index": index,
+            "kind": st.kind,
+            "status": "done",
+            "record": record,
+            "job": spec["keys"][-1],
+            "session": os.path.relpath(out / "session.json", sweep_dir),
+            "model_source": session.model_source,
+            "environment": session.environment,
+            "seconds": st.seconds,
+            "finished": time.time(),
+        }
         d = node_dir(sweep_dir, key)
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_text(d / NODE_FILE, json.dumps(node, indent=2, default=str))
@@ -89,5 +110,11 @@ def run_job(spec: dict, listener=None, cancel=None) -> dict:
 
 
 def _result(status: str, message: str, finished: list, t0: float, c0: float) -> dict:
-    return {"status": status, "message": message, "nodes": finished, "seconds": time.perf_counter() - t0,
-            "cpu_seconds": time.process_time() - c0, "pid": os.getpid()}
+    return {
+        "status": status,
+        "message": message,
+        "nodes": finished,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "pid": os.getpid(),
+    }

@@ -8,6 +8,7 @@ md, csv, json and LaTeX plus `pareto.svg` into DIR/tables. The Pareto front keep
 no other one beats on both size and quality; the budget line is a deployment target's weight
 memory (Siracusa's 4 MiB MRAM by default).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,14 +16,25 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.units import fmt_bytes
+from frankenlab.pipeline.atomic import atomic_write_text
+from frankenlab.pipeline.units import fmt_bytes
+from frankenlab.sessions.compare import Column, CompareTable, compare_table, format_table, format_value
+from frankenlab.sessions.session import Session, SessionError, load_session
+from frankenlab.sessions.sweep.run import RECORD_FILE, load_record
 
-from ..compare import CompareTable, Column, compare_table, format_table, format_value
-from ..record import Session, SessionError, atomic_write_text, load_session
-from .run import RECORD_FILE, load_record
-
-LATEX_SPECIALS = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}", "≈": r"$\approx$"}
+LATEX_SPECIALS = {
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+    "≈": r"$\approx$",
+}
 FORMATS = ("md", "csv", "json", "tex")
 
 
@@ -50,8 +62,12 @@ def _pick(full: CompareTable, rows: list[dict], with_training: bool) -> CompareT
     for c in full.columns:
         if c.key.startswith(("triviaqa_closed", "triviaqa_open", "perplexity", "hellaswag")) and "_em" not in c.key:
             keep.append(c)
-    keep += [Column("params", "#Params", "int"), Column("params_nonzero", "#Params (nonzero)", "int"),
-             Column("size", "Size (weights)", "bytes"), Column("session", "session")]
+    keep += [
+        Column("params", "#Params", "int"),
+        Column("params_nonzero", "#Params (nonzero)", "int"),
+        Column("size", "Size (weights)", "bytes"),
+        Column("session", "session"),
+    ]
     return CompareTable(keep, rows, list(full.notes))
 
 
@@ -75,8 +91,14 @@ def _tex(text: str) -> str:
 def to_latex(table: CompareTable, caption: str = "") -> str:
     """A booktabs tabular (needs \\usepackage{booktabs}); numbers as the Markdown table prints them."""
     align = "".join("l" if c.kind == "text" else "r" for c in table.columns)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
-             " & ".join(_tex(c.title) for c in table.columns) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\begin{{tabular}}{{{align}}}",
+        r"\toprule",
+        " & ".join(_tex(c.title) for c in table.columns) + r" \\",
+        r"\midrule",
+    ]
     for r in table.rows:
         lines.append(" & ".join(_tex(format_value(r.get(c.key), c.kind)) for c in table.columns) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
@@ -119,7 +141,7 @@ def pareto_points(sessions: list[Session]) -> tuple[list[Point], str, bool]:
     pts = [(r.get("session") or r.get("configuration"), r.get("size"), r.get(key)) for r in table.rows]
     pts = [(lab, b, q) for lab, b, q in pts if isinstance(b, int) and isinstance(q, (int, float)) and math.isfinite(q)]
     best, front = None, set()
-    for lab, b, q in sorted(pts, key=lambda p: (p[1], p[2] if lower else -p[2])):
+    for lab, _b, q in sorted(pts, key=lambda p: (p[1], p[2] if lower else -p[2])):
         if best is None or (q < best if lower else q > best):
             best = q
             front.add(lab)
@@ -128,7 +150,7 @@ def pareto_points(sessions: list[Session]) -> tuple[list[Point], str, bool]:
 
 def budget_bytes(target: str = "siracusa") -> tuple[str, int] | None:
     try:
-        from pipeline.targets import load_targets
+        from frankenlab.pipeline.targets import load_targets
 
         t = load_targets().get(target)
     except Exception:  # noqa: BLE001 - a broken targets file must not stop the tables
@@ -150,8 +172,9 @@ def _bounds(points: list[Point], budget: int | None) -> tuple[float, float, floa
     return min(xs) / 1.15, max(xs) * 1.15, min(ys), max(ys), ylog
 
 
-def pareto_text(points: list[Point], title: str, budget: tuple[str, int] | None, width: int = 64,
-                height: int = 14) -> str:
+def pareto_text(
+    points: list[Point], title: str, budget: tuple[str, int] | None, width: int = 64, height: int = 14
+) -> str:
     """A character plot: ● on the front, · off it, | the budget; log bytes across."""
     if not points:
         return "no configuration has both a size and a quality number yet\n"
@@ -172,8 +195,14 @@ def pareto_text(points: list[Point], title: str, budget: tuple[str, int] | None,
     lines.append(" " * 11 + f"{fmt_bytes(int(x0))}".ljust(width - 10) + fmt_bytes(int(x1)))
     if budget:
         lines.append(f"| budget: {budget[0]}, {fmt_bytes(budget[1])} of weights")
-    lines.append("front: " + ", ".join(f"{p.label} ({fmt_bytes(p.bytes)}, {p.quality:.4g})"
-                                       for p in sorted(points, key=lambda p: p.bytes) if p.front))
+    lines.append(
+        "front: "
+        + ", ".join(
+            f"{p.label} ({fmt_bytes(p.bytes)}, {p.quality:.4g})"
+            for p in sorted(points, key=lambda p: p.bytes)
+            if p.front
+        )
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -185,11 +214,14 @@ def pareto_svg(points: list[Point], title: str, lower: bool, budget: tuple[str, 
     """A self-contained SVG: points, the front as a step line, the budget as a dashed line."""
     W, H, L, R, T, B = 720, 440, 80, 30, 40, 60
     pw, ph = W - L - R, H - T - B
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
-           'font-family="sans-serif" font-size="11">', f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="14">Pareto front: {_esc(title)} '
-           f'({"lower" if lower else "higher"} is better) vs weight bytes</text>',
-           f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<rect width="{W}" height="{H}" fill="white"/>',
+        f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="14">Pareto front: {_esc(title)} '
+        f"({'lower' if lower else 'higher'} is better) vs weight bytes</text>",
+        f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>',
+    ]
     if not points:
         out.append(f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle">no results yet</text></svg>')
         return "\n".join(out) + "\n"
@@ -213,19 +245,24 @@ def pareto_svg(points: list[Point], title: str, lower: bool, budget: tuple[str, 
     if budget:
         bx = px(budget[1])
         out.append(f'<line x1="{bx:.1f}" y1="{T}" x2="{bx:.1f}" y2="{T + ph}" stroke="#c00" stroke-dasharray="6 4"/>')
-        out.append(f'<text x="{bx + 4:.1f}" y="{T + 12}" fill="#c00">{_esc(budget[0])}: {_esc(fmt_bytes(budget[1]))}'
-                   '</text>')
+        out.append(
+            f'<text x="{bx + 4:.1f}" y="{T + 12}" fill="#c00">{_esc(budget[0])}: {_esc(fmt_bytes(budget[1]))}</text>'
+        )
     front = sorted((p for p in points if p.front), key=lambda p: p.bytes)
     if len(front) > 1:
         path = " ".join(f"{px(p.bytes):.1f},{py(p.quality):.1f}" for p in front)
         out.append(f'<polyline points="{path}" fill="none" stroke="#1565c0" stroke-width="1.5"/>')
     for p in points:
         colour = "#1565c0" if p.front else "#999"
-        out.append(f'<circle cx="{px(p.bytes):.1f}" cy="{py(p.quality):.1f}" r="4" fill="{colour}">'
-                   f'<title>{_esc(p.label)}: {_esc(fmt_bytes(p.bytes))}, {p.quality:.4g}</title></circle>')
+        out.append(
+            f'<circle cx="{px(p.bytes):.1f}" cy="{py(p.quality):.1f}" r="4" fill="{colour}">'
+            f"<title>{_esc(p.label)}: {_esc(fmt_bytes(p.bytes))}, {p.quality:.4g}</title></circle>"
+        )
         if p.front:
-            out.append(f'<text x="{px(p.bytes) + 6:.1f}" y="{py(p.quality) - 6:.1f}" fill="#1565c0">'
-                       f'{_esc(p.label[:40])}</text>')
+            out.append(
+                f'<text x="{px(p.bytes) + 6:.1f}" y="{py(p.quality) - 6:.1f}" fill="#1565c0">'
+                f"{_esc(p.label[:40])}</text>"
+            )
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -237,8 +274,10 @@ def write_results(out: str | Path, sessions: list[Session] | None = None) -> dic
         _, sessions = sweep_sessions(out)
     d = out / "tables"
     written = {}
-    captions = {"table-4.1": "Pruned configurations (thesis Table 4.1 / A.1 layout).",
-                "table-4.2": "LoRA and quantization (thesis Table 4.2 / A.2 layout)."}
+    captions = {
+        "table-4.1": "Pruned configurations (thesis Table 4.1 / A.1 layout).",
+        "table-4.2": "LoRA and quantization (thesis Table 4.2 / A.2 layout).",
+    }
     for name, table in thesis_tables(sessions).items():
         written[name] = []
         for fmt in FORMATS:
@@ -248,7 +287,18 @@ def write_results(out: str | Path, sessions: list[Session] | None = None) -> dic
     points, title, lower = pareto_points(sessions)
     svg = d / "pareto.svg"
     atomic_write_text(svg, pareto_svg(points, title, lower, budget_bytes()))
-    atomic_write_text(d / "pareto.json", json.dumps({"quality": title, "lower_is_better": lower, "points": [
-        {"label": p.label, "bytes": p.bytes, "quality": p.quality, "front": p.front} for p in points]}, indent=2))
+    atomic_write_text(
+        d / "pareto.json",
+        json.dumps(
+            {
+                "quality": title,
+                "lower_is_better": lower,
+                "points": [
+                    {"label": p.label, "bytes": p.bytes, "quality": p.quality, "front": p.front} for p in points
+                ],
+            },
+            indent=2,
+        ),
+    )
     written["pareto"] = [str(svg), str(d / "pareto.json")]
     return written

@@ -8,6 +8,7 @@ paths pointing into `nodes/`). Finished nodes are found from their node.json fil
 the same sweep reuses everything finished, whatever stopped the previous run. It tells a listener
 what happens through the small events below (the CLI's progress lines, the lab's Sweep pane).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,12 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline import events as ev
-
-from ..record import Session, StageRecord, atomic_write_text
-from .jobs import read_node
-from .spec import Configuration, Sweep
-from .tree import Node, build_tree, plan_jobs
+from frankenlab.pipeline import events as ev
+from frankenlab.pipeline.atomic import atomic_write_text
+from frankenlab.sessions.session import Session, StageRecord
+from frankenlab.sessions.sweep.jobs import read_node
+from frankenlab.sessions.sweep.spec import Configuration, Sweep
+from frankenlab.sessions.sweep.tree import Node, build_tree, plan_jobs
 
 RECORD_FILE = "sweep.json"
 FORMAT = "frankenlab-sweep"
@@ -88,8 +89,16 @@ def load_record(out: Path) -> dict:
         return {}
 
 
-def run_sweep(sweep: Sweep, out: str | Path, *, executor=None, listener=None, cancel: threading.Event | None = None,
-              data_dir: str | Path | None = None, configs: list[Configuration] | None = None) -> dict:
+def run_sweep(
+    sweep: Sweep,
+    out: str | Path,
+    *,
+    executor=None,
+    listener=None,
+    cancel: threading.Event | None = None,
+    data_dir: str | Path | None = None,
+    configs: list[Configuration] | None = None,
+) -> dict:
     """Run `sweep` into `out` (created; reused when it holds an earlier run) and return the sweep record."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -102,23 +111,35 @@ def run_sweep(sweep: Sweep, out: str | Path, *, executor=None, listener=None, ca
     finished: dict[str, dict] = {k: n for k in nodes if (n := read_node(out, k)) is not None}
     reused = set(finished)
     if executor is None:
-        from .executors import LocalExecutor
+        from frankenlab.sessions.sweep.executors import LocalExecutor
 
         executor = LocalExecutor(configs[0].recipe.model.device if configs else "auto")
     t_start = time.time()
-    run_entry = {"started": t_start, "executor": executor.name, "jobs": 0, "nodes_computed": 0,
-                 "nodes_reused": len(reused), "status": "running"}
+    run_entry = {
+        "started": t_start,
+        "executor": executor.name,
+        "jobs": 0,
+        "nodes_computed": 0,
+        "nodes_reused": len(reused),
+        "status": "running",
+    }
     record = _new_record(sweep, configs, nodes, chains, previous, out, run_entry)
     for k in reused:
         record["nodes"][k].update(status="done", reused=True, seconds=finished[k].get("seconds"))
     if sweep.text:
         atomic_write_text(out / "sweep.toml", sweep.text)
-    state = {"record": record, "out": out, "nodes": nodes, "finished": finished, "chains": chains,
-             "configs": by_index}
+    state = {"record": record, "out": out, "nodes": nodes, "finished": finished, "chains": chains, "configs": by_index}
     _save(state)
     jobs = {j.id: j for j in plan_jobs(nodes, set(finished))}
-    tell(SweepStarted(sweep.name, [{"index": c.index, "label": c.label, "slug": c.slug} for c in configs],
-                      len(nodes), len({k for j in jobs.values() for k in j.keys if k not in finished}), executor.name))
+    tell(
+        SweepStarted(
+            sweep.name,
+            [{"index": c.index, "label": c.label, "slug": c.slug} for c in configs],
+            len(nodes),
+            len({k for j in jobs.values() for k in j.keys if k not in finished}),
+            executor.name,
+        )
+    )
     for c in configs:  # configurations already complete from an earlier run
         _write_config(state, c.index, tell)
     failed: dict[str, str] = {}
@@ -135,14 +156,18 @@ def run_sweep(sweep: Sweep, out: str | Path, *, executor=None, listener=None, ca
                 try:
                     result = fut.result()
                 except BaseException as exc:  # noqa: BLE001 - a Ray task killed, cancelled or crashed
-                    result = {"status": "cancelled" if cancel.is_set() else "failed",
-                              "message": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}",
-                              "nodes": [], "seconds": None, "cpu_seconds": None}
+                    result = {
+                        "status": "cancelled" if cancel.is_set() else "failed",
+                        "message": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}",
+                        "nodes": [],
+                        "seconds": None,
+                        "cpu_seconds": None,
+                    }
                 _job_done(state, job, result, failed, tell)
     except KeyboardInterrupt:
         cancel.set()
         executor.cancel()
-        for fut, job in running.items():
+        for job in running.values():
             _job_done(state, job, {"status": "cancelled", "message": "interrupted", "nodes": []}, failed, tell)
     finally:
         if cancel.is_set():
@@ -196,10 +221,16 @@ def _job_spec(state, job, data_dir) -> dict:
     nodes, configs = state["nodes"], state["configs"]
     last = nodes[job.id]
     recipe = configs[last.configs[0]].recipe.to_dict()
-    recipe["stages"] = recipe["stages"][:last.index]
+    recipe["stages"] = recipe["stages"][: last.index]
     start = state["finished"][job.start]["record"]["artifact"] if job.start else None
-    return {"sweep_dir": str(state["out"]), "recipe": recipe, "keys": job.keys, "first": nodes[job.keys[0]].index,
-            "start_artifact": start, "data_dir": str(data_dir) if data_dir else None}
+    return {
+        "sweep_dir": str(state["out"]),
+        "recipe": recipe,
+        "keys": job.keys,
+        "first": nodes[job.keys[0]].index,
+        "start_artifact": start,
+        "data_dir": str(data_dir) if data_dir else None,
+    }
 
 
 def _progress_listener(job, nodes: dict[str, Node], tell):
@@ -223,9 +254,16 @@ def _job_done(state, job, result: dict, failed: dict, tell) -> None:
             continue
         if node is not None:
             finished[k] = node
-            entry.update(status="done", seconds=node.get("seconds"), job_seconds=result.get("seconds"),
-                         cpu_seconds=result.get("cpu_seconds"), finished=time.time(), reused=False,
-                         computed=entry.get("computed", 0) + 1, error=None)
+            entry.update(
+                status="done",
+                seconds=node.get("seconds"),
+                job_seconds=result.get("seconds"),
+                cpu_seconds=result.get("cpu_seconds"),
+                finished=time.time(),
+                reused=False,
+                computed=entry.get("computed", 0) + 1,
+                error=None,
+            )
             record["runs"][-1]["nodes_computed"] += 1
             tell(NodeFinished(k, nodes[k].label, "done", node.get("seconds")))
         else:
@@ -243,18 +281,45 @@ def _job_done(state, job, result: dict, failed: dict, tell) -> None:
 def _new_record(sweep, configs, nodes, chains, previous, out, run_entry) -> dict:
     old_nodes = previous.get("nodes", {})
     return {
-        "format": FORMAT, "version": 1, "name": sweep.name, "description": sweep.description,
-        "source": sweep.source, "axes": [{"name": a.name, "values": list(a.values)} for a in sweep.axes],
-        "status": "running", "started": previous.get("started", run_entry["started"]), "updated": time.time(),
-        "configs": [{"index": c.index, "label": c.label, "slug": c.slug, "values": c.values,
-                     "session": f"configs/{c.slug}/session.json", "nodes": chains[c.index], "status": "pending"}
-                    for c in configs],
-        "nodes": {k: {"index": n.index, "kind": n.kind, "label": n.label, "parent": n.parent, "configs": n.configs,
-                      "shared_by": len(n.configs), "status": "pending",
-                      "computed": old_nodes.get(k, {}).get("computed", 0)} for k, n in nodes.items()},
+        "format": FORMAT,
+        "version": 1,
+        "name": sweep.name,
+        "description": sweep.description,
+        "source": sweep.source,
+        "axes": [{"name": a.name, "values": list(a.values)} for a in sweep.axes],
+        "status": "running",
+        "started": previous.get("started", run_entry["started"]),
+        "updated": time.time(),
+        "configs": [
+            {
+                "index": c.index,
+                "label": c.label,
+                "slug": c.slug,
+                "values": c.values,
+                "session": f"configs/{c.slug}/session.json",
+                "nodes": chains[c.index],
+                "status": "pending",
+            }
+            for c in configs
+        ],
+        "nodes": {
+            k: {
+                "index": n.index,
+                "kind": n.kind,
+                "label": n.label,
+                "parent": n.parent,
+                "configs": n.configs,
+                "shared_by": len(n.configs),
+                "status": "pending",
+                "computed": old_nodes.get(k, {}).get("computed", 0),
+            }
+            for k, n in nodes.items()
+        },
         # a run still "running" in the old record was killed (kill -9, power cut): it never finished
-        "runs": [{**r, "status": "interrupted"} if r.get("status") == "running" else r
-                 for r in previous.get("runs", [])] + [run_entry],
+        "runs": [
+            {**r, "status": "interrupted"} if r.get("status") == "running" else r for r in previous.get("runs", [])
+        ]
+        + [run_entry],
     }
 
 
@@ -294,8 +359,11 @@ def _write_config(state, index: int, tell, final: bool = False) -> None:
         tell(ConfigFinished(index, c.label, "done", str(path)))
         return
     base = finished.get(chain[0], {})
-    session = Session(recipe=c.recipe.to_dict(), model_source=base.get("model_source") or {},
-                      environment=base.get("environment") or {})
+    session = Session(
+        recipe=c.recipe.to_dict(),
+        model_source=base.get("model_source") or {},
+        environment=base.get("environment") or {},
+    )
     for k in chain:
         node = state["nodes"][k]
         if k in finished:
@@ -305,16 +373,26 @@ def _write_config(state, index: int, tell, final: bool = False) -> None:
             rec["sweep_node"] = k
             session.stages.append(StageRecord.from_dict(rec))
         else:
-            st = StageRecord(node.index, node.kind, node.stage.get("name", ""),
-                             {kk: v for kk, v in node.stage.items() if kk not in ("kind", "name")})
-            st.status = record["nodes"][k]["status"] if record["nodes"][k]["status"] in ("failed", "cancelled") \
-                else "skipped"
+            st = StageRecord(
+                node.index,
+                node.kind,
+                node.stage.get("name", ""),
+                {kk: v for kk, v in node.stage.items() if kk not in ("kind", "name")},
+            )
+            st.status = (
+                record["nodes"][k]["status"] if record["nodes"][k]["status"] in ("failed", "cancelled") else "skipped"
+            )
             st.error = record["nodes"][k].get("error")
             session.stages.append(st)
     statuses = {record["nodes"][k]["status"] for k in chain}
     session.status = "done" if complete else ("cancelled" if "cancelled" in statuses else "failed")
-    session.extra["sweep"] = {"name": record["name"], "config": c.label, "values": c.values, "nodes": chain,
-                              "record": os.path.relpath(out / RECORD_FILE, path.parent)}
+    session.extra["sweep"] = {
+        "name": record["name"],
+        "config": c.label,
+        "values": c.values,
+        "nodes": chain,
+        "record": os.path.relpath(out / RECORD_FILE, path.parent),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     session.save(path)
     entry["status"] = session.status

@@ -15,18 +15,20 @@ The cartesian product of the axes, in file order, gives the configurations; ever
 with the recipe's own validation (and against the model's depth when its config.json is at hand),
 and an error names the configuration and the field.
 """
+
 from __future__ import annotations
 
 import copy
 import itertools
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from pipeline.config import RecipeError
-from pipeline.recipe import Recipe
-from pipeline.stages import stage_kind
+import tomllib
+
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.recipe import Recipe
+from frankenlab.pipeline.stages import stage_kind
 
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
 SECTIONS = ("calibration", "evaluation", "model")
@@ -83,7 +85,7 @@ class Sweep:
         combos = list(itertools.product(*(a.values for a in self.axes))) if self.axes else [()]
         out, depth_cache = [], {}
         for i, combo in enumerate(combos, 1):
-            values = {a.name: v for a, v in zip(self.axes, combo)}
+            values = {a.name: v for a, v in zip(self.axes, combo, strict=False)}
             where = f"configuration {i} ({' '.join(f'{k}={_text(v)}' for k, v in values.items()) or 'base'})"
             try:
                 data = self._apply(values)
@@ -92,7 +94,7 @@ class Sweep:
                 if check_depth:
                     src = recipe.model.source
                     if src not in depth_cache:
-                        from pipeline.runner import model_depth
+                        from frankenlab.pipeline.runner import model_depth
 
                         depth_cache[src] = model_depth(src)
                     if depth_cache[src] is not None:
@@ -142,10 +144,10 @@ class Sweep:
                 if slot is None:
                     kept += seq
                 else:
-                    kept[slot:slot + 1] = seq
+                    kept[slot : slot + 1] = seq
         stray = [s["slot"] for s in kept if "slot" in s]
         if stray:
-            raise RecipeError(f"the base recipe holds {{ slot = \"{stray[0]}\" }} but there is no axis {stray[0]!r}")
+            raise RecipeError(f'the base recipe holds {{ slot = "{stray[0]}" }} but there is no axis {stray[0]!r}')
         data["stages"] = kept
         return data
 
@@ -157,8 +159,10 @@ class Sweep:
             return [{"kind": k, **self.defaults.get(k, {})} for k in kinds]
         if isinstance(value, (list, tuple)) and all(isinstance(s, dict) and "kind" in s for s in value):
             return [dict(s) for s in value]
-        raise RecipeError(f"axis {name!r}: {value!r} is not a stage sequence; write \"none\", \"gptq+eora\" "
-                          "or a list of stage tables such as [{ kind = \"gptq\", bits = 4 }]")
+        raise RecipeError(
+            f'axis {name!r}: {value!r} is not a stage sequence; write "none", "gptq+eora" '
+            'or a list of stage tables such as [{ kind = "gptq", bits = 4 }]'
+        )
 
 
 def _text(v) -> str:
@@ -171,12 +175,15 @@ def _find(stages: list[dict], target: str, axis: str, required: bool = True) -> 
     hits = [i for i, s in enumerate(stages) if s.get("name") == target]
     hits = hits or [i for i, s in enumerate(stages) if s.get("kind") == target]
     if len(hits) > 1:
-        raise RecipeError(f"axis {axis!r}: the base recipe has {len(hits)} {target} stages; give each a name "
-                          f"(name = \"...\") and use it in the axis")
+        raise RecipeError(
+            f"axis {axis!r}: the base recipe has {len(hits)} {target} stages; give each a name "
+            f'(name = "...") and use it in the axis'
+        )
     if not hits and required:
         known = ", ".join(s.get("name") or s.get("kind", "?") for s in stages) or "none"
-        raise RecipeError(f"axis {axis!r}: the base recipe has no stage {target!r} (its stages: {known}); add one "
-                          "to [[base.stages]]")
+        raise RecipeError(
+            f"axis {axis!r}: the base recipe has no stage {target!r} (its stages: {known}); add one to [[base.stages]]"
+        )
     return hits[0] if hits else None
 
 
@@ -185,7 +192,7 @@ def _identity(stage: dict) -> bool:
     if "slot" in stage or "kind" not in stage:
         return False
     try:
-        from pipeline.config import from_dict
+        from frankenlab.evals.config import from_dict
 
         stype = stage_kind(stage["kind"])
         cfg = from_dict(stype.Config, {k: v for k, v in stage.items() if k not in ("kind", "name")}, stage["kind"])
@@ -211,14 +218,16 @@ def _check_axis(axis: Axis, base: dict, where: str) -> None:
         raise SweepError(f"{where}: axis {axis.name!r} has no values; give a list such as [0, 2, 4]")
     if axis.kind == "section":
         section, key = axis.name.split(".", 1)
-        from pipeline.recipe import ModelSpec
-        from pipeline.calibration import CalibrationConfig
-        from evals.suite import EvalConfig
+        from frankenlab.evals.suite import EvalConfig
+        from frankenlab.pipeline.calibration import CalibrationConfig
+        from frankenlab.pipeline.recipe import ModelSpec
 
         cls = {"model": ModelSpec, "calibration": CalibrationConfig, "evaluation": EvalConfig}[section]
         names = [f.name for f in fields(cls)]
         if key not in names:
-            raise SweepError(f"{where}: axis {axis.name!r}: {section} has no field {key!r} (fields: {', '.join(names)})")
+            raise SweepError(
+                f"{where}: axis {axis.name!r}: {section} has no field {key!r} (fields: {', '.join(names)})"
+            )
     elif axis.kind == "stage":
         target, key = axis.name.split(".", 1)
         stages = base.get("stages", [])
@@ -229,8 +238,9 @@ def _check_axis(axis: Axis, base: dict, where: str) -> None:
             raise SweepError(f"{where}: {exc}") from None
         names = [f.name for f in fields(stype.Config)]
         if key not in names:
-            raise SweepError(f"{where}: axis {axis.name!r}: a {stype.name} stage has no field {key!r} "
-                             f"(fields: {', '.join(names)})")
+            raise SweepError(
+                f"{where}: axis {axis.name!r}: a {stype.name} stage has no field {key!r} (fields: {', '.join(names)})"
+            )
 
 
 def parse_sweep(text: str, source: str = "<sweep>") -> Sweep:
@@ -249,23 +259,26 @@ def parse_sweep(text: str, source: str = "<sweep>") -> Sweep:
         except RecipeError as exc:
             raise SweepError(f"{source}: base: {exc}") from None
     if not isinstance(base, dict):
-        raise SweepError(f"{source}: a sweep needs a base recipe: a [base] table (a recipe) or base = \"RECIPE\"")
+        raise SweepError(f'{source}: a sweep needs a base recipe: a [base] table (a recipe) or base = "RECIPE"')
     axes_raw = data.get("axes", {})
     if not isinstance(axes_raw, dict):
-        raise SweepError(f"{source}: [axes] must be a table of lists, e.g. \"depth.k\" = [0, 2, 4]")
+        raise SweepError(f'{source}: [axes] must be a table of lists, e.g. "depth.k" = [0, 2, 4]')
     axes = []
     for name, values in _flatten(axes_raw).items():
         if not isinstance(values, list):
             raise SweepError(f"{source}: axis {name!r} must be a list of values, got {values!r}")
-        axis = Axis(name, tuple(tuple(v) if isinstance(v, list) and not any(isinstance(x, dict) for x in v) else v
-                                for v in values))
+        axis = Axis(
+            name,
+            tuple(tuple(v) if isinstance(v, list) and not any(isinstance(x, dict) for x in v) else v for v in values),
+        )
         _check_axis(axis, base, source)
         axes.append(axis)
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict) or not all(isinstance(v, dict) for v in defaults.values()):
         raise SweepError(f"{source}: [defaults.KIND] tables hold stage parameters, e.g. [defaults.gptq] bits = 4")
-    return Sweep(str(data.get("name") or Path(source).stem), base, axes, defaults,
-                 str(data.get("description", "")), source, text)
+    return Sweep(
+        str(data.get("name") or Path(source).stem), base, axes, defaults, str(data.get("description", "")), source, text
+    )
 
 
 def bundled_sweeps() -> list[str]:

@@ -12,15 +12,15 @@ saved model a run cannot start from (a GPTQ model: its kind's `resume_problem`) 
 inside its child's job, together with it; a pending node of that kind that has a pending child is
 computed inside the child's job, not twice.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass, field
 
-from pipeline.stages import known_kind
-
-from .spec import Configuration
+from frankenlab.pipeline.stages import known_kind
+from frankenlab.sessions.sweep.spec import Configuration
 
 
 @dataclass
@@ -45,28 +45,30 @@ class Node:
 
 def model_identity(model: dict) -> dict:
     """The model as content: its weights' sha256 when the source resolves here, else the reference."""
-    from pipeline.models import ModelLoadError, resolve_source
-
-    from ..hashing import weights_digest
+    from frankenlab.pipeline.loading import ModelLoadError, resolve_source
+    from frankenlab.sessions.hashing import weights_digest
 
     spec = {k: v for k, v in model.items() if k not in ("source", "device")}
     try:
         digest = weights_digest(resolve_source(model.get("source")).path)
     except (ModelLoadError, OSError):
         digest = None
-    return {"weights": digest["digest"] if digest else None,
-            "source": None if digest else model.get("source"), **spec}
+    return {"weights": digest["digest"] if digest else None, "source": None if digest else model.get("source"), **spec}
 
 
 def prefix_key(identity: dict, recipe: dict, i: int) -> str:
-    content = {"model": identity, "calibration": recipe.get("calibration"), "evaluation": recipe.get("evaluation"),
-               "stages": [{k: v for k, v in s.items() if k != "name"} for s in recipe.get("stages", [])[:i]]}
+    content = {
+        "model": identity,
+        "calibration": recipe.get("calibration"),
+        "evaluation": recipe.get("evaluation"),
+        "stages": [{k: v for k, v in s.items() if k != "name"} for s in recipe.get("stages", [])[:i]],
+    }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def build_tree(configs: list[Configuration], identities: dict | None = None) -> tuple[dict, dict]:
     """(nodes by key, each configuration's chain of node keys from the baseline to its last stage)."""
-    from ..compare import describe_stage
+    from frankenlab.sessions.compare import describe_stage
 
     identities = {} if identities is None else identities
     nodes: dict[str, Node] = {}
@@ -83,8 +85,9 @@ def build_tree(configs: list[Configuration], identities: dict | None = None) -> 
             if i:
                 labels.append(describe_stage(stage["kind"], {k: v for k, v in stage.items() if k != "kind"}))
             if key not in nodes:
-                nodes[key] = Node(key, i, stage.get("kind", "baseline"), parent, stage,
-                                  " > ".join(labels) or "Baseline")
+                nodes[key] = Node(
+                    key, i, stage.get("kind", "baseline"), parent, stage, " > ".join(labels) or "Baseline"
+                )
             nodes[key].configs.append(c.index)
             chain.append(key)
             parent = key

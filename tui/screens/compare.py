@@ -1,4 +1,5 @@
 """Several sessions side by side: every stage's perplexity, TriviaQA, parameters, footprint, time."""
+
 from __future__ import annotations
 
 from textual.app import ComposeResult
@@ -7,7 +8,7 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label
 
-from sessions.compare import compare_table, format_value
+from frankenlab.sessions.compare import compare_table, format_value
 
 
 class CompareScreen(ModalScreen):

@@ -1,4 +1,5 @@
 """The help screen: what each pane does and every key."""
+
 from __future__ import annotations
 
 from textual.app import ComposeResult

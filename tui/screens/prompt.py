@@ -1,4 +1,5 @@
 """A one-line question (a path to open or save); dismisses with the text, or None on escape."""
+
 from __future__ import annotations
 
 from textual import on

@@ -3,6 +3,7 @@
 Each side keeps its own history. Replies stream token by token from a thread worker
 (`tui.chat.stream_reply`); the widget only ever sees text pieces via `call_from_thread`.
 """
+
 from __future__ import annotations
 
 from textual import on, work
@@ -13,9 +14,8 @@ from textual.message import Message
 from textual.widgets import Checkbox, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
-from tui.widgets.tickbox import TickBox
-from tui.chat import ChatTarget, ReplyStats, Sampling, stream_reply, timed
-
+from frankenlab.tui.chat import ChatTarget, ReplyStats, Sampling, stream_reply, timed
+from frankenlab.tui.widgets.tickbox import TickBox
 
 # (key, label, default, tooltip): the sampling row, shared by the single and the A/B view
 SAMPLING_FIELDS = (
@@ -58,14 +58,19 @@ class ChatPanel(Vertical):
         with Horizontal(id="chat-controls"):
             yield Label("A", classes="side-label")
             yield Select([], prompt="model (A)", id="chat-a", compact=True)
-            yield TickBox("A/B", False, id="chat-ab", compact=True,
-                           tooltip="A/B: answer the same prompt with two models side by side")
+            yield TickBox(
+                "A/B",
+                False,
+                id="chat-ab",
+                compact=True,
+                tooltip="A/B: answer the same prompt with two models side by side",
+            )
             yield Select([], prompt="model (B)", id="chat-b", compact=True)
         with Horizontal(id="transcripts"):
             yield Transcript("a")
             yield Transcript("b")
         with Horizontal(id="chat-sampling"):  # greedy by default, so A/B comparisons are deterministic
-            for key, label, value, tip in SAMPLING_FIELDS:
+            for key, label, _value, tip in SAMPLING_FIELDS:
                 yield Label(label, classes="field-label")
                 yield Input(self._sampling_defaults[key], id=f"chat-{key}", compact=True, tooltip=tip)
         yield Input(placeholder="say something to the model (enter sends, esc stops)", id="chat-input", compact=True)
@@ -79,8 +84,12 @@ class ChatPanel(Vertical):
                 values[key] = int(text) if key == "max" else float(text)
             except ValueError:
                 raise ValueError(f"{label.strip()} must be a number, got {text!r}") from None
-        return Sampling(temperature=values["temp"], top_p=values["topp"], repetition_penalty=values["rep"],
-                        max_new_tokens=values["max"])
+        return Sampling(
+            temperature=values["temp"],
+            top_p=values["topp"],
+            repetition_penalty=values["rep"],
+            max_new_tokens=values["max"],
+        )
 
     def on_mount(self) -> None:
         self._sync_ab()
@@ -150,23 +159,32 @@ class ChatPanel(Vertical):
             self._answer(side, target, list(tr.history), reply, sampling)
 
     @work(thread=True, group="chat")
-    def _answer(self, side: str, target: ChatTarget, messages: list[dict], reply: Static,
-                sampling: Sampling) -> None:
+    def _answer(self, side: str, target: ChatTarget, messages: list[dict], reply: Static, sampling: Sampling) -> None:
         worker = get_current_worker()
         stats = ReplyStats()
         text, error = "", None
         prefix = f"{target.label}: "
         try:
             model, tokenizer = target.resolve()
-            for piece in timed(stream_reply(model, tokenizer, messages, plan=target.plan, sampling=sampling,
-                                            stats=stats, cancelled=lambda: worker.is_cancelled), stats):
+            for piece in timed(
+                stream_reply(
+                    model,
+                    tokenizer,
+                    messages,
+                    plan=target.plan,
+                    sampling=sampling,
+                    stats=stats,
+                    cancelled=lambda: worker.is_cancelled,
+                ),
+                stats,
+            ):
                 text += piece
                 self.app.call_from_thread(reply.update, prefix + text)
         except Exception as exc:  # noqa: BLE001 - shown in the transcript, the app keeps running
             error = f"{type(exc).__name__}: {exc}"
         self.post_message(self.ReplyDone(side, text, stats, error, sampling.describe()))
 
-    def on_chat_panel_reply_done(self, event: "ChatPanel.ReplyDone") -> None:
+    def on_chat_panel_reply_done(self, event: ChatPanel.ReplyDone) -> None:
         tr = self.query_one(f"#transcript-{event.side}", Transcript)
         if event.error:
             tr.add("error", event.error)

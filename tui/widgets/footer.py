@@ -7,6 +7,7 @@ the largest single cost of a tab switch on the event loop (benchmarks/bench_lab.
 Here the footer recomposes only when the keys it shows (key, description, enabled) changed, and
 its keys are born with the `-compact` class, so binding it later changes nothing.
 """
+
 from __future__ import annotations
 
 from textual.widgets import Footer
@@ -19,8 +20,11 @@ class LabFooter(Footer):
         self._shown: tuple | None = None
 
     def _signature(self, screen) -> tuple:
-        return tuple((binding.key, binding.description, enabled)
-                     for (_node, binding, enabled, _tip) in screen.active_bindings.values() if binding.show)
+        return tuple(
+            (binding.key, binding.description, enabled)
+            for (_node, binding, enabled, _tip) in screen.active_bindings.values()
+            if binding.show
+        )
 
     def bindings_changed(self, screen) -> None:
         will_rebuild = screen.app.app_focus and self.is_attached and screen is self.screen  # as Footer decides

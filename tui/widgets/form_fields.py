@@ -1,4 +1,4 @@
-"""Form inputs built from a config's own field metadata (`pipeline.config.config_fields`).
+"""Form inputs built from a config's own field metadata (`evals.config.config_fields`).
 
 `FieldEditor` is one field: a Select when the field declares `choices`, a Checkbox for a bool,
 an Input with a validator otherwise. Its label and help come from the field's `option(...)`
@@ -12,10 +12,12 @@ gets in `frankenlab run`, so the reason under a field is the one the runner woul
 A field keeps its value in Python until its widget is mounted, so a form filled by `load()` can
 be built at once, before the screen has drawn it.
 """
+
 from __future__ import annotations
 
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from textual import on
 from textual.app import ComposeResult
@@ -23,9 +25,9 @@ from textual.containers import Horizontal, Vertical
 from textual.validation import ValidationResult, Validator
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
-from pipeline.config import FieldInfo, RecipeError, config_fields, from_dict
-
-from tui.widgets.tickbox import TickBox
+from frankenlab.evals.config import FieldInfo, config_fields, from_dict
+from frankenlab.evals.errors import RecipeError
+from frankenlab.tui.widgets.tickbox import TickBox
 
 
 def field_text(value: Any) -> str:
@@ -73,7 +75,7 @@ def parse_text(info: FieldInfo, text: str) -> Any:
 
 def strip_where(message: str, where: str) -> str:
     """`from_dict` prefixes its messages with the place in the recipe; under a field it is noise."""
-    return message[len(where) + 2:] if message.startswith(f"{where}: ") else message
+    return message[len(where) + 2 :] if message.startswith(f"{where}: ") else message
 
 
 class FnValidator(Validator):
@@ -94,8 +96,15 @@ class FnValidator(Validator):
 class FieldEditor(Vertical):
     """A label, the input the field's type calls for, its help while focused, and the refusal reason."""
 
-    def __init__(self, info: FieldInfo, value: Any, check: Callable[[Any], Any] | None = None, *,
-                 prefix: str, input_id: str | None = None):
+    def __init__(
+        self,
+        info: FieldInfo,
+        value: Any,
+        check: Callable[[Any], Any] | None = None,
+        *,
+        prefix: str,
+        input_id: str | None = None,
+    ):
         self.input_id = input_id or f"{prefix}-{info.name.replace('_', '-')}"
         super().__init__(classes="field", id=f"{self.input_id}-field")
         self.info, self.check = info, check
@@ -108,14 +117,24 @@ class FieldEditor(Vertical):
             yield Label(info.label, classes="field-label", markup=False)
             if info.choices:
                 value = self._value if self._value in info.choices else Select.NULL
-                widget = Select([(str(c), c) for c in info.choices], value=value, compact=True, id=self.input_id,
-                                allow_blank=info.optional or value is Select.NULL)
+                widget = Select(
+                    [(str(c), c) for c in info.choices],
+                    value=value,
+                    compact=True,
+                    id=self.input_id,
+                    allow_blank=info.optional or value is Select.NULL,
+                )
             elif info.base is bool:
                 widget = TickBox("", bool(self._value), compact=True, id=self.input_id)
             else:
-                widget = Input(field_text(self._value), placeholder="empty" if info.optional else "",
-                               validators=[FnValidator(self._check_text)], validate_on=["changed", "submitted"],
-                               compact=True, id=self.input_id)
+                widget = Input(
+                    field_text(self._value),
+                    placeholder="empty" if info.optional else "",
+                    validators=[FnValidator(self._check_text)],
+                    validate_on=["changed", "submitted"],
+                    compact=True,
+                    id=self.input_id,
+                )
             if info.help:
                 widget.tooltip = info.help
             self._widget = widget
@@ -197,15 +216,26 @@ class FieldEditor(Vertical):
 class ConfigEditor(Vertical):
     """The `form=True` fields of a config dataclass, less `skip`; `data()` is every field as plain data."""
 
-    def __init__(self, cls: type, base: Any, *, prefix: str, where: str, skip: frozenset[str] | set = frozenset(),
-                 id: str | None = None, classes: str = ""):
+    def __init__(
+        self,
+        cls: type,
+        base: Any,
+        *,
+        prefix: str,
+        where: str,
+        skip: frozenset[str] | set = frozenset(),
+        id: str | None = None,
+        classes: str = "",
+    ):
         super().__init__(id=id, classes=classes)
         self.cls, self.base, self.where = cls, base, where
         self.infos = config_fields(cls)
         start = self.base_data()
         self.fields: dict[str, FieldEditor] = {
             f.name: FieldEditor(f, start.get(f.name, f.default), self._checker(f.name), prefix=prefix)
-            for f in self.infos if f.form and f.name not in skip}
+            for f in self.infos
+            if f.form and f.name not in skip
+        }
 
     def compose(self) -> ComposeResult:
         yield from self.fields.values()
@@ -230,6 +260,7 @@ class ConfigEditor(Vertical):
 
     def _checker(self, name: str) -> Callable[[Any], None]:
         """Check one field as the config would: the base config with only this field changed."""
+
         def check(value: Any) -> None:
             ref = self.base_data() if self.base is not None else self._current_others(name)
             ref[name] = value
@@ -237,6 +268,7 @@ class ConfigEditor(Vertical):
                 from_dict(self.cls, ref, self.where)
             except RecipeError as exc:
                 raise RecipeError(strip_where(str(exc), self.where)) from None
+
         return check
 
     def _current_others(self, name: str) -> dict:

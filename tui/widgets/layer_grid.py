@@ -7,6 +7,7 @@ Importance scores, when known, colour each cell from green (cheap to remove) to 
 A cell that has been tried (changed, then estimated by the what-if line, or scanned) shows the
 perplexity delta against the unmodified model of the plan it produced.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from pipeline.plans import LayerPlan
+from frankenlab.pipeline.plans import LayerPlan
 
 CELL_W = 14  # " 14 ✗ +3.31  ": index, mark, the tried delta
 MAX_REPEAT = 9
@@ -66,14 +67,14 @@ class LayerGrid(Widget, can_focus=True):
     cursor = reactive(0)
 
     class PlanChanged(Message):
-        def __init__(self, grid: "LayerGrid", plan: LayerPlan | None, cell: int | None = None):
+        def __init__(self, grid: LayerGrid, plan: LayerPlan | None, cell: int | None = None):
             super().__init__()
             self.grid = grid
             self.plan = plan  # None when every layer would be skipped
             self.cell = cell  # the cell whose change made this plan (None: reset, loaded plan, new model)
 
         @property
-        def control(self) -> "LayerGrid":
+        def control(self) -> LayerGrid:
             return self.grid
 
     def __init__(self, n_layers: int = 0, *, id: str | None = None, classes: str | None = None):

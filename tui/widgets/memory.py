@@ -1,10 +1,11 @@
 """Memory bars: a model state's footprint by component, against a hardware target's budgets.
 
-Footprints come from `pipeline.memory` (storage-format accounting: N:M values plus indexes, int4
+Footprints come from `pipeline.footprint` (storage-format accounting: N:M values plus indexes, int4
 codes plus scales, ...). The live baseline is measured in a thread worker; stages come from the
 session record (the runner stores `footprint` per stage). Targets and their fit verdicts come
 from `pipeline.targets`.
 """
+
 from __future__ import annotations
 
 from rich.table import Table
@@ -14,8 +15,9 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, Select, Static
 
-from pipeline.memory import fmt_bytes, footprint_summary
-from pipeline.targets import load_targets
+from frankenlab.pipeline.footprint import footprint_summary
+from frankenlab.pipeline.targets import load_targets
+from frankenlab.pipeline.units import fmt_bytes
 
 BAR_W = 24
 
@@ -53,8 +55,9 @@ class MemoryPanel(Vertical):
                 names = list(self.targets)
                 default = next((n for n in names if "siracusa" in n.lower()), names[0])
                 yield Label(" on ", classes="field-label")
-                yield Select([(n, n) for n in names], value=default,
-                             allow_blank=False, id="memory-target", compact=True)
+                yield Select(
+                    [(n, n) for n in names], value=default, allow_blank=False, id="memory-target", compact=True
+                )
         yield Static("", id="memory-bars")
 
     # -- feeding ------------------------------------------------------------------------------
@@ -133,16 +136,21 @@ class MemoryPanel(Vertical):
         table.add_column(width=22)
         table.add_column(no_wrap=True)
         table.add_column()
-        table.add_row(Text(f"on {name}", style="bold"), Text(getattr(target, "label", "") or "", style="dim"),
-                      Text(""))
+        table.add_row(Text(f"on {name}", style="bold"), Text(getattr(target, "label", "") or "", style="dim"), Text(""))
         if target is None:
             return table
         for check in target.verdict(fp):
-            table.add_row(f"{check.what}", bar(check.factor, width=16),
-                          Text(f"{check.text}: {fmt_bytes(check.need)} of {fmt_bytes(check.have)}",
-                               style="green" if check.fits else "bold red"))
+            table.add_row(
+                f"{check.what}",
+                bar(check.factor, width=16),
+                Text(
+                    f"{check.text}: {fmt_bytes(check.need)} of {fmt_bytes(check.have)}",
+                    style="green" if check.fits else "bold red",
+                ),
+            )
         l1 = getattr(target, "l1", None)
         if l1:
-            table.add_row("L1 (reference)", Text(""), Text(f"{fmt_bytes(l1)} scratchpad; tiles stream through it",
-                                                          style="dim"))
+            table.add_row(
+                "L1 (reference)", Text(""), Text(f"{fmt_bytes(l1)} scratchpad; tiles stream through it", style="dim")
+            )
         return table

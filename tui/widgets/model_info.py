@@ -1,12 +1,13 @@
 """The model card at the top of the Layers pane: name, source, parameters, layers, dtype, device, and
 where the weights came from when that matters (a dequantized GGUF is already 4-bit rounded)."""
+
 from __future__ import annotations
 
 from rich.text import Text
 from textual.widgets import Static
 
-from pipeline.plans import LayerPlan
-from pipeline.provenance import weights_origin
+from frankenlab.pipeline.plans import LayerPlan
+from frankenlab.pipeline.provenance import weights_origin
 
 
 def describe_plan(plan: LayerPlan | None, n: int) -> Text:
@@ -36,20 +37,25 @@ class ModelInfo(Static):
         self.update(t)
 
     def show(self, lm) -> None:
-        from pipeline.models import count_parameters, decoder_layers
+        from frankenlab.pipeline.loading import count_parameters, decoder_layers
 
         cfg = lm.model.config
         t = Text()
         t.append(lm.source.name or lm.source.ref, style="bold")
         kind = {"default": "bundled default", "folder": "HF folder", "gguf": "GGUF file", "hub": "hub"}.get(
-            lm.source.kind, lm.source.kind)
+            lm.source.kind, lm.source.kind
+        )
         t.append(f"  ({kind}: {lm.source.ref})\n", style="dim")
-        t.append(f"{count_parameters(lm.model) / 1e6:.1f}M parameters · {len(decoder_layers(lm.model))} layers · "
-                 f"hidden {getattr(cfg, 'hidden_size', '?')} · vocab {getattr(cfg, 'vocab_size', '?')} · "
-                 f"{str(lm.dtype).replace('torch.', '')} · {lm.device}")
+        t.append(
+            f"{count_parameters(lm.model) / 1e6:.1f}M parameters · {len(decoder_layers(lm.model))} layers · "
+            f"hidden {getattr(cfg, 'hidden_size', '?')} · vocab {getattr(cfg, 'vocab_size', '?')} · "
+            f"{str(lm.dtype).replace('torch.', '')} · {lm.device}"
+        )
         origin = weights_origin(lm.source.to_dict())
         if origin:  # the bundled model is a dequantized Q4_1 GGUF: say so wherever the model is named
-            t.append(f"\nbaseline: {origin['format']} (already {origin['quant']}-rounded: a "
-                     "quantization stage's cost on it is understated)",
-                     style="yellow")
+            t.append(
+                f"\nbaseline: {origin['format']} (already {origin['quant']}-rounded: a "
+                "quantization stage's cost on it is understated)",
+                style="yellow",
+            )
         self.update(t)

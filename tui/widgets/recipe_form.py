@@ -13,9 +13,11 @@ The app talks to it through attributes and a few calls (attributes down, message
 `grid_plan` / `set_grid_plan()`, `use_grid_plan()`, `set_width()`, `protected`, `model_source`,
 `build()`, `load()`, and the `Changed` message.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from textual import on
 from textual.app import ComposeResult
@@ -25,14 +27,14 @@ from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
-from evals.suite import EvalConfig
-from pipeline.calibration import CalibrationConfig
-from pipeline.config import FieldInfo, RecipeError, to_dict
-from pipeline.recipe import ModelSpec, Recipe
-from pipeline.stages import stage_kind, stage_names
-
-from .form_fields import ConfigEditor, FieldEditor
-from .stage_editor import StageEditor
+from frankenlab.evals.config import FieldInfo, to_dict
+from frankenlab.evals.errors import RecipeError
+from frankenlab.evals.suite import EvalConfig
+from frankenlab.pipeline.calibration import CalibrationConfig
+from frankenlab.pipeline.recipe import ModelSpec, Recipe
+from frankenlab.pipeline.stages import stage_kind, stage_names
+from frankenlab.tui.widgets.form_fields import ConfigEditor, FieldEditor
+from frankenlab.tui.widgets.stage_editor import StageEditor
 
 NAME = FieldInfo("name", "name", "the recipe's name; a run is saved as runs/<name>-<time>", str, str, False, "lab")
 
@@ -68,10 +70,12 @@ class RecipeForm(VerticalScroll):
         self._uid = 0
         self.kinds, self.unavailable = self._read_kinds()
         self.name_field = FieldEditor(NAME, "lab", _check_name, prefix="recipe")
-        self.evaluation = ConfigEditor(EvalConfig, EvalConfig(), prefix="eval", where="evaluation",
-                                       id="sec-eval", classes="section")
-        self.calibration = ConfigEditor(CalibrationConfig, CalibrationConfig(), prefix="cal", where="calibration",
-                                        id="sec-calib", classes="section")
+        self.evaluation = ConfigEditor(
+            EvalConfig, EvalConfig(), prefix="eval", where="evaluation", id="sec-eval", classes="section"
+        )
+        self.calibration = ConfigEditor(
+            CalibrationConfig, CalibrationConfig(), prefix="cal", where="calibration", id="sec-calib", classes="section"
+        )
 
     @staticmethod
     def _read_kinds() -> tuple[dict[str, str], dict[str, str]]:
@@ -89,15 +93,26 @@ class RecipeForm(VerticalScroll):
     # -- layout -------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield self.name_field
-        yield Static("no stages: a run only evaluates the model as it is. Add one below (ctrl+n)",
-                     id="stages-empty", classes="hint")
+        yield Static(
+            "no stages: a run only evaluates the model as it is. Add one below (ctrl+n)",
+            id="stages-empty",
+            classes="hint",
+        )
         yield Vertical(*self.editors, id="stages")
         with Horizontal(id="add-row", classes="field-row"):
             yield Label("add a stage", classes="field-label")
-            options = [(f"{k}: {self.kinds[k]}" if k in self.kinds else f"{k}: not available", k)
-                       for k in stage_names() if k in self.kinds or k in self.unavailable]
-            yield Select(options, value=options[0][1] if options else Select.NULL, allow_blank=not options,
-                         compact=True, id="add-kind")
+            options = [
+                (f"{k}: {self.kinds[k]}" if k in self.kinds else f"{k}: not available", k)
+                for k in stage_names()
+                if k in self.kinds or k in self.unavailable
+            ]
+            yield Select(
+                options,
+                value=options[0][1] if options else Select.NULL,
+                allow_blank=not options,
+                compact=True,
+                id="add-kind",
+            )
             yield Button("add", id="add-stage", compact=True)
         yield Static("", id="add-hint", classes="hint", markup=False)
         self.evaluation.border_title = "Evaluation"
@@ -177,8 +192,9 @@ class RecipeForm(VerticalScroll):
         self.remove_stage(message.editor)
 
     # -- the stage list ------------------------------------------------------------------------
-    def add_stage(self, kind: str, config: Any = None, *, index: int | None = None,
-                  stage_name: str = "") -> StageEditor:
+    def add_stage(
+        self, kind: str, config: Any = None, *, index: int | None = None, stage_name: str = ""
+    ) -> StageEditor:
         """Insert a stage of `kind` (at the end by default); RecipeError when the kind cannot run here."""
         if kind in self.unavailable:
             raise RecipeError(self.unavailable[kind])
@@ -313,8 +329,13 @@ class RecipeForm(VerticalScroll):
             except RecipeError as exc:
                 raise RecipeError(f"{key}: {exc}") from None
         name = str(self.name_field.value).strip() or "lab"
-        return {"name": name, "description": self.description,
-                "model": {**to_dict(self.base_model), "source": self.model_source}, **sections, "stages": stages}
+        return {
+            "name": name,
+            "description": self.description,
+            "model": {**to_dict(self.base_model), "source": self.model_source},
+            **sections,
+            "stages": stages,
+        }
 
     def build(self) -> Recipe:
         """The recipe the form describes, validated as `frankenlab run` validates a file."""

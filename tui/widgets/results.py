@@ -3,6 +3,7 @@
 Rows are fed from runner events during a run (`handle`) and from a session record when one is
 opened or a run ends (`show_session`). Every perplexity is printed with its protocol.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,8 +14,8 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable
 from textual_plotext import PlotextPlot
 
-from pipeline import events as ev
-from pipeline.memory import fmt_bytes
+from frankenlab.pipeline import events as ev
+from frankenlab.pipeline.units import fmt_bytes
 
 
 def fmt_params(n: int | None) -> str:
@@ -49,8 +50,19 @@ def footprint_total(fp: dict | None) -> float | None:
 class ResultsPanel(Vertical):
     BINDINGS = [Binding("m", "app.focus_memory", "Memory")]  # the memory-bar selector, by keyboard
 
-    COLUMNS = ("#", "stage", "status", "perplexity (protocol)", "TQA closed", "TQA open", "params", "nonzero",
-               "layers", "footprint", "s")
+    COLUMNS = (
+        "#",
+        "stage",
+        "status",
+        "perplexity (protocol)",
+        "TQA closed",
+        "TQA open",
+        "params",
+        "nonzero",
+        "layers",
+        "footprint",
+        "s",
+    )
 
     def __init__(self, *, id: str | None = None):
         super().__init__(id=id)
@@ -92,7 +104,9 @@ class ResultsPanel(Vertical):
             row.nonzero = e.summary.get("params_nonzero") or row.nonzero
             row.layers = e.summary.get("layers") or row.layers
             fp = e.summary.get("footprint")
-            row.footprint = footprint_total(fp) if isinstance(fp, dict) else (fp if isinstance(fp, (int, float)) else row.footprint)
+            row.footprint = (
+                footprint_total(fp) if isinstance(fp, dict) else (fp if isinstance(fp, (int, float)) else row.footprint)
+            )
         elif isinstance(e, ev.RunFailed):
             for r in self.rows.values():
                 if r.status in ("running", "pending"):
@@ -105,13 +119,24 @@ class ResultsPanel(Vertical):
         """Fill from a session record (keeps the loss curve collected live, or rebuilds it from events)."""
         self.rows = {}
         for st in session.stages:
-            r = Row(st.index, st.name or st.kind, st.status, params=st.params_count, nonzero=st.params_nonzero,
-                    layers=st.num_layers, footprint=footprint_total(st.footprint), seconds=st.seconds)
+            r = Row(
+                st.index,
+                st.name or st.kind,
+                st.status,
+                params=st.params_count,
+                nonzero=st.params_nonzero,
+                layers=st.num_layers,
+                footprint=footprint_total(st.footprint),
+                seconds=st.seconds,
+            )
             for m in st.metrics:
                 r.metrics[m["name"]] = (m["value"], m.get("protocol", ""))
             self.rows[st.index] = r
-        loss = [(e["step"], e["value"]) for e in session.events
-                if e.get("event") == "MetricMeasured" and e.get("name") == "lora_loss" and e.get("step") is not None]
+        loss = [
+            (e["step"], e["value"])
+            for e in session.events
+            if e.get("event") == "MetricMeasured" and e.get("name") == "lora_loss" and e.get("step") is not None
+        ]
         if loss:
             self.loss = loss
         self.redraw()
@@ -127,11 +152,19 @@ class ResultsPanel(Vertical):
             ppl = r.metrics.get("perplexity")
             tc, to = r.metrics.get("triviaqa_closed"), r.metrics.get("triviaqa_open")
             table.add_row(
-                str(i), r.kind, r.status,
+                str(i),
+                r.kind,
+                r.status,
                 f"{ppl[0]:.2f} ({ppl[1]})" if ppl else "-",
-                f"{tc[0]:.1%}" if tc else "-", f"{to[0]:.1%}" if to else "-",
-                fmt_params(r.params), fmt_params(r.nonzero), str(r.layers or "-"), fmt_bytes(r.footprint),
-                f"{r.seconds:.1f}" if r.seconds is not None else "-", key=str(i))
+                f"{tc[0]:.1%}" if tc else "-",
+                f"{to[0]:.1%}" if to else "-",
+                fmt_params(r.params),
+                fmt_params(r.nonzero),
+                str(r.layers or "-"),
+                fmt_bytes(r.footprint),
+                f"{r.seconds:.1f}" if r.seconds is not None else "-",
+                key=str(i),
+            )
         self._plot_ppl()
         self._plot_loss()
 
@@ -148,8 +181,9 @@ class ResultsPanel(Vertical):
 
     def _plot_ppl(self) -> None:
         def draw(plt):
-            pts = [(str(i), r.metrics["perplexity"][0]) for i, r in sorted(self.rows.items())
-                   if "perplexity" in r.metrics]
+            pts = [
+                (str(i), r.metrics["perplexity"][0]) for i, r in sorted(self.rows.items()) if "perplexity" in r.metrics
+            ]
             protos = {r.metrics["perplexity"][1] for r in self.rows.values() if "perplexity" in r.metrics}
             plt.title("ppl " + (", ".join(sorted(protos)) if protos else "per stage"))
             if pts:

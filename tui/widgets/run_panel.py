@@ -2,6 +2,7 @@
 
 The app forwards runner events here (attributes down); the panel never touches the runner itself.
 """
+
 from __future__ import annotations
 
 from rich.text import Text
@@ -10,7 +11,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, ProgressBar, RichLog, Static
 
-from pipeline import events as ev
+from frankenlab.pipeline import events as ev
 
 
 class StageRow(Horizontal):

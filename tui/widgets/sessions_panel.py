@@ -3,6 +3,7 @@
 It only lists (through `sessions.list_sessions`, which validates every file and names the broken
 ones) and asks; the app does the opening with `sessions.load_session` (messages up).
 """
+
 from __future__ import annotations
 
 import time
@@ -15,7 +16,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, SelectionList, Static
 
-from sessions import list_sessions
+from frankenlab.sessions import list_sessions
 
 
 class SessionsPanel(Vertical):
@@ -54,7 +55,8 @@ class SessionsPanel(Vertical):
                 label = f"{name:<18} {s.status:<9} {len(s.stages)} stages  {when}  {entry.path.parent.name}"
             sl.add_option((Text(label), str(entry.path)))  # an error message is not markup
         self.query_one("#sessions-where", Static).update(
-            f"{len(found)} session(s) under {self.runs_dir}/ (space selects; select several to compare)")
+            f"{len(found)} session(s) under {self.runs_dir}/ (space selects; select several to compare)"
+        )
 
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:

@@ -7,6 +7,7 @@ A custom editor names the config fields it owns (`FIELDS`, matched against a sta
 anything (k and metric once a plan is given). A kind whose custom fields no editor owns keeps
 them as loaded.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,9 +19,9 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, Select, Static
 
-from pipeline.config import FieldInfo, RecipeError, config_fields, from_dict
-
-from .form_fields import FieldEditor, strip_where
+from frankenlab.evals.config import FieldInfo, config_fields, from_dict
+from frankenlab.evals.errors import RecipeError
+from frankenlab.tui.widgets.form_fields import FieldEditor, strip_where
 
 # The thesis' width ratios (thesis notation: N:M prunes N of every M).
 THESIS_RATIOS = ("1:2", "2:4", "3:4", "1:8", "4:8", "6:8", "1:16", "8:16", "12:16")
@@ -57,21 +58,33 @@ class NMPicker(Vertical):
         pattern = f"{config.n}:{config.m}" if config is not None and not unstructured and config.n else "1:8"
         self.choice = "unstructured" if unstructured else pattern if pattern in THESIS_RATIOS else "custom"
         self._select: Select | None = None
-        custom = FieldInfo("custom", "custom N:M", "thesis notation: N:M prunes N of every M consecutive weights "
-                                                   "of each row", str, str, False, "1:8")
+        custom = FieldInfo(
+            "custom",
+            "custom N:M",
+            "thesis notation: N:M prunes N of every M consecutive weights of each row",
+            str,
+            str,
+            False,
+            "1:8",
+        )
         self.custom = FieldEditor(custom, pattern, lambda v: _check(cls, {"pattern": v}, prefix), prefix=prefix)
         ratio = replace(self.infos["ratio"], label="ratio", optional=False)
-        self.unstructured = FieldEditor(ratio, config.ratio if unstructured else 0.5,
-                                        lambda v: _check(cls, {"ratio": v}, prefix), prefix=prefix,
-                                        input_id=f"{prefix}-unstructured")
+        self.unstructured = FieldEditor(
+            ratio,
+            config.ratio if unstructured else 0.5,
+            lambda v: _check(cls, {"ratio": v}, prefix),
+            prefix=prefix,
+            input_id=f"{prefix}-unstructured",
+        )
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="field-row"):
             yield Label(self.infos["pattern"].label, classes="field-label")
             options = [(f"{r}  ({nm_text(r).split(' (')[0]})", r) for r in THESIS_RATIOS]
             options += [("custom N:M", "custom"), ("unstructured ratio", "unstructured")]
-            self._select = Select(options, value=self.choice, allow_blank=False, compact=True,
-                                  id=f"{self.prefix}-ratio")
+            self._select = Select(
+                options, value=self.choice, allow_blank=False, compact=True, id=f"{self.prefix}-ratio"
+            )
             self._select.tooltip = self.infos["pattern"].help
             yield self._select
         yield self.custom
@@ -144,10 +157,17 @@ class PlanPicker(Vertical):
     def compose(self) -> ComposeResult:
         with Horizontal(classes="field-row"):
             yield Label("layers", classes="field-label")
-            self._select = Select([("rank by importance (k, metric)", "rank"), ("the layer grid's plan", "plan")],
-                                  value=self.mode, allow_blank=False, compact=True, id=f"{self.prefix}-mode")
-            self._select.tooltip = "rank: remove the k least important layers; plan: skip and repeat layers " \
-                                   "as the grid in 1 Layers shows (u there makes this stage use it)"
+            self._select = Select(
+                [("rank by importance (k, metric)", "rank"), ("the layer grid's plan", "plan")],
+                value=self.mode,
+                allow_blank=False,
+                compact=True,
+                id=f"{self.prefix}-mode",
+            )
+            self._select.tooltip = (
+                "rank: remove the k least important layers; plan: skip and repeat layers "
+                "as the grid in 1 Layers shows (u there makes this stage use it)"
+            )
             yield self._select
         yield Static("", id=f"{self.prefix}-plan-text", classes="hint says", markup=False)
 
@@ -183,8 +203,10 @@ class PlanPicker(Vertical):
             return {"plan": None, "layers": list(self.recipe_layers)}
         if linked:
             raise RecipeError("the layer grid keeps every layer: skip or repeat some in 1 Layers, or rank by k")
-        raise RecipeError("only the first depth stage in plan mode follows the layer grid, and this one has no "
-                          "plan of its own: rank by k instead")
+        raise RecipeError(
+            "only the first depth stage in plan mode follows the layer grid, and this one has no "
+            "plan of its own: rank by k instead"
+        )
 
     def sync(self, fields: dict, *, grid_plan: str | None = None, linked: bool = False, **_ctx) -> None:
         by_plan = self.wants_grid
@@ -197,8 +219,11 @@ class PlanPicker(Vertical):
         if by_plan:
             try:
                 v = self.values(grid_plan=grid_plan, linked=linked)
-                text = (f"plan: {v['plan']}" + (" (the layer grid's)" if linked else " (the recipe's)")
-                        if v["plan"] else f"removes layers {v['layers']} (the recipe's)")
+                text = (
+                    f"plan: {v['plan']}" + (" (the layer grid's)" if linked else " (the recipe's)")
+                    if v["plan"]
+                    else f"removes layers {v['layers']} (the recipe's)"
+                )
             except RecipeError as exc:
                 text = str(exc)
         shown = self.query_one(f"#{self.prefix}-plan-text", Static)

@@ -7,6 +7,7 @@ plan, the N:M picker; `stage_custom.py`), or are kept as loaded when none does. 
 so a recipe survives a load and build unchanged. The editor itself holds no order: the form
 numbers it and moves it (order is data).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,11 +18,11 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, Static
 
-from pipeline.config import RecipeError, from_dict
-from pipeline.stages import stage_kind
-
-from .form_fields import ConfigEditor, FieldEditor, strip_where
-from .stage_custom import custom_editor_for
+from frankenlab.evals.config import from_dict
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.stages import stage_kind
+from frankenlab.tui.widgets.form_fields import ConfigEditor, FieldEditor, strip_where
+from frankenlab.tui.widgets.stage_custom import custom_editor_for
 
 
 def starting_config(stype, custom) -> Any:
@@ -36,12 +37,12 @@ class StageEditor(Vertical):
     """A bordered box: the stage's description, move/remove buttons, its fields, and what is wrong."""
 
     class Move(Message):
-        def __init__(self, editor: "StageEditor", delta: int):
+        def __init__(self, editor: StageEditor, delta: int):
             super().__init__()
             self.editor, self.delta = editor, delta
 
     class Remove(Message):
-        def __init__(self, editor: "StageEditor"):
+        def __init__(self, editor: StageEditor):
             super().__init__()
             self.editor = editor
 
@@ -53,17 +54,20 @@ class StageEditor(Vertical):
         if config is None:
             config = starting_config(self.stype, custom_cls)
         self.custom = custom_cls(self.stype.Config, config, prefix=kind) if custom_cls else None
-        self.generic = ConfigEditor(self.stype.Config, config, prefix=kind, where=kind, skip=self.stype.form_custom,
-                                    classes="stage-fields")
+        self.generic = ConfigEditor(
+            self.stype.Config, config, prefix=kind, where=kind, skip=self.stype.form_custom, classes="stage-fields"
+        )
         self.index = 0
         self.focus_when_mounted = False  # a stage the user just added takes the cursor
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="stage-head"):
             yield Static(self.stype.description, classes="stage-desc", markup=False)
-            for bid, label, tip in (("stage-up", "↑", "move this stage up (ctrl+up)"),
-                                    ("stage-down", "↓", "move this stage down (ctrl+down)"),
-                                    ("stage-remove", "✕", "remove this stage (ctrl+delete)")):
+            for bid, label, tip in (
+                ("stage-up", "↑", "move this stage up (ctrl+up)"),
+                ("stage-down", "↓", "move this stage down (ctrl+down)"),
+                ("stage-remove", "✕", "remove this stage (ctrl+delete)"),
+            ):
                 button = Button(label, id=bid, compact=True, classes="stage-button")
                 button.tooltip = tip
                 button.can_focus = False  # Tab goes through the fields; the keys are ctrl+up/down/delete

@@ -6,6 +6,7 @@ its session) and redraws the Pareto front; selecting a row asks the app to open 
 (`SweepPane.OpenSession`, results and chat with its model). Stop cancels after the current batch:
 finished nodes are kept and launching the same sweep again into the same folder does the rest.
 """
+
 from __future__ import annotations
 
 import threading
@@ -51,8 +52,11 @@ class SweepPane(Vertical):
             yield Button("Check", id="sweep-check")
             yield Button("Launch", id="sweep-launch", variant="primary")
             yield Button("Stop", id="sweep-stop", disabled=True)
-        yield Static("pick a sweep file (frankenlab sweeps lists the bundled ones), then Launch", id="sweep-status",
-                     classes="hint")
+        yield Static(
+            "pick a sweep file (frankenlab sweeps lists the bundled ones), then Launch",
+            id="sweep-status",
+            classes="hint",
+        )
         yield ProgressBar(total=1.0, show_eta=False, id="sweep-progress")
         yield DataTable(id="sweep-table", cursor_type="row", zebra_stripes=True)
         with Horizontal(id="sweep-bottom"):
@@ -64,7 +68,7 @@ class SweepPane(Vertical):
 
     # -- controls ---------------------------------------------------------------------------------
     def _load(self):
-        from sessions.sweep import SweepError, load_sweep
+        from frankenlab.sessions.sweep import SweepError, load_sweep
 
         name = self.query_one("#sweep-file", Input).value.strip()
         if not name:
@@ -81,13 +85,14 @@ class SweepPane(Vertical):
     def check(self) -> None:
         loaded = self._load()
         if loaded:
-            from sessions.sweep import build_tree
+            from frankenlab.sessions.sweep import build_tree
 
             sweep, configs = loaded
             nodes, _ = build_tree(configs)
             shared = sum(1 for n in nodes.values() if n.index > 0 and len(n.configs) > 1)
-            self._status(f"{sweep.name}: {len(configs)} configuration(s), {len(nodes)} node(s), "
-                         f"{shared} shared prefix(es)")
+            self._status(
+                f"{sweep.name}: {len(configs)} configuration(s), {len(nodes)} node(s), {shared} shared prefix(es)"
+            )
 
     @on(Button.Pressed, "#sweep-launch")
     def launch(self) -> None:
@@ -116,20 +121,27 @@ class SweepPane(Vertical):
 
     @work(thread=True, exclusive=True, group="sweep")
     def run_worker_thread(self, sweep, configs, out: Path) -> None:
-        from sessions.sweep import run_sweep
+        from frankenlab.sessions.sweep import run_sweep
 
         try:
-            run_sweep(sweep, out, listener=lambda e: self.post_message(self.Event(e)), cancel=self.cancel,
-                      data_dir=self.data_dir, configs=configs)
+            run_sweep(
+                sweep,
+                out,
+                listener=lambda e: self.post_message(self.Event(e)),
+                cancel=self.cancel,
+                data_dir=self.data_dir,
+                configs=configs,
+            )
         except Exception as exc:  # noqa: BLE001 - shown to the user, never a traceback on screen
-            self.app.call_from_thread(self.app.notify, f"{type(exc).__name__}: {exc}", title="sweep failed",
-                                      severity="error")
+            self.app.call_from_thread(
+                self.app.notify, f"{type(exc).__name__}: {exc}", title="sweep failed", severity="error"
+            )
             self.post_message(self.Event(None))
 
     # -- events -----------------------------------------------------------------------------------
     @on(Event)
     def _event(self, message: Event) -> None:
-        from sessions import sweep as sw
+        from frankenlab.sessions import sweep as sw
 
         e, log = message.event, self.query_one("#sweep-log", RichLog)
         bar = self.query_one("#sweep-progress", ProgressBar)
@@ -158,9 +170,8 @@ class SweepPane(Vertical):
             self._finished(e.status)
 
     def _add_row(self, e) -> None:
-        from sessions import SessionError, headline, load_session
-
-        from sessions.compare import format_value
+        from frankenlab.sessions import SessionError, headline, load_session
+        from frankenlab.sessions.compare import format_value
 
         table = self.query_one("#sweep-table", DataTable)
         try:
@@ -169,9 +180,15 @@ class SweepPane(Vertical):
             self.query_one("#sweep-log", RichLog).write(f"config {e.index}: {exc}")
             return
         key = str(e.index)
-        cells = (key, e.label, e.status, format_value(h["perplexity"], "float"),
-                 format_value(h["triviaqa_closed"], "pct"), format_value(h["size"], "bytes"),
-                 format_value(h["params_nonzero"], "int"))
+        cells = (
+            key,
+            e.label,
+            e.status,
+            format_value(h["perplexity"], "float"),
+            format_value(h["triviaqa_closed"], "pct"),
+            format_value(h["size"], "bytes"),
+            format_value(h["params_nonzero"], "int"),
+        )
         if key in table.rows:
             table.remove_row(key)
         table.add_row(*(Text(c) for c in cells), key=key)
@@ -179,8 +196,8 @@ class SweepPane(Vertical):
         self._pareto()
 
     def _pareto(self) -> None:
-        from sessions import SessionError, load_session
-        from sessions.sweep.results import budget_bytes, pareto_points, pareto_text
+        from frankenlab.sessions import SessionError, load_session
+        from frankenlab.sessions.sweep.results import budget_bytes, pareto_points, pareto_text
 
         try:
             sessions = []
@@ -191,15 +208,16 @@ class SweepPane(Vertical):
         except SessionError:
             return
         points, title, _ = pareto_points(sessions)
-        self.query_one("#sweep-pareto", Static).update(Text(pareto_text(points, title, budget_bytes(), width=40,
-                                                                        height=10)))
+        self.query_one("#sweep-pareto", Static).update(
+            Text(pareto_text(points, title, budget_bytes(), width=40, height=10))
+        )
 
     def _finished(self, status: str = "failed") -> None:
         self.running = False
         self._buttons()
         if self.out is not None and status in ("done", "cancelled", "failed"):
             try:
-                from sessions.sweep.results import write_results
+                from frankenlab.sessions.sweep.results import write_results
 
                 write_results(self.out)
             except Exception:  # noqa: BLE001 - no finished configuration yet

@@ -3,6 +3,7 @@
 Textual's Checkbox draws `▐X▌` in both states and tells them apart by colour alone, which a
 monochrome terminal, a screen reader or a `tmux capture-pane` cannot see: on is `▐X▌`, off `▐ ▌`.
 """
+
 from __future__ import annotations
 
 from textual.widgets import Checkbox

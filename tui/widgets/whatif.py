@@ -5,6 +5,7 @@ the importance scan run in thread workers; the line's tooltip says what the esti
 A toggle shows a first answer from part of the slice at once ("≈", its coverage and standard
 error), then the exact number on the full slice; the scan fills the grid coarse-first the same way.
 """
+
 from __future__ import annotations
 
 from rich.text import Text
@@ -12,10 +13,10 @@ from textual import work
 from textual.widgets import Static
 from textual.worker import get_current_worker
 
-from evals.perplexity import Cancelled
-from pipeline.plans import LayerPlan
-from pipeline.whatif import Estimate, EstimateScheduler, WhatIfEstimator
-from tui.messages import EstimateReady
+from frankenlab.evals.cancel import Cancelled
+from frankenlab.pipeline.plans import LayerPlan
+from frankenlab.pipeline.whatif import Estimate, EstimateScheduler, WhatIfEstimator
+from frankenlab.tui.messages import EstimateReady
 
 
 def status_line(estimator: WhatIfEstimator) -> str:
@@ -30,8 +31,10 @@ def estimate_line(est: Estimate) -> Text:
     t = Text("what-if ", style="bold")
     if est.final:
         t.append(f"ppl {est.ppl:.2f} ({est.delta:+.2f} vs {est.baseline:.2f}, {est.relative:+.1%}) ")
-        t.append(f"[{est.protocol}, {est.coverage_text}] {est.seconds:.2f}s, restarted at position "
-                 f"{est.restarted_at}", style="dim")
+        t.append(
+            f"[{est.protocol}, {est.coverage_text}] {est.seconds:.2f}s, restarted at position {est.restarted_at}",
+            style="dim",
+        )
         return t
     se = f" ± {est.stderr:.2f}" if est.stderr is not None and est.stderr == est.stderr else ""
     t.append(f"ppl ≈{est.ppl:.2f}{se} ({est.delta:+.2f} vs {est.baseline:.2f}) ")
@@ -62,8 +65,13 @@ class WhatIf(Static):
             self.update(Text(f"what-if estimates unavailable: {exc}", style="dim"))
             return
         self.scheduler = EstimateScheduler(estimator)
-        self.update(Text("what-if: toggle a layer (or press e) to estimate the plan's perplexity; "
-                         "i scans every layer's importance", style="dim"))
+        self.update(
+            Text(
+                "what-if: toggle a layer (or press e) to estimate the plan's perplexity; "
+                "i scans every layer's importance",
+                style="dim",
+            )
+        )
         self._warm_up(self.scheduler)
 
     @work(thread=True, group="whatif-warm", exclusive=True, exit_on_error=False)
@@ -100,8 +108,11 @@ class WhatIf(Static):
         worker = get_current_worker()
         self.app.call_from_thread(self.update, Text(f"what-if: estimating {plan.to_text()}…", style="italic"))
         try:
-            est = self.scheduler.submit(plan, lambda: worker.is_cancelled,
-                                        on_partial=lambda e: self.app.call_from_thread(self.update, estimate_line(e)))
+            est = self.scheduler.submit(
+                plan,
+                lambda: worker.is_cancelled,
+                on_partial=lambda e: self.app.call_from_thread(self.update, estimate_line(e)),
+            )
         except Cancelled:
             return  # a newer toggle took over
         except Exception as exc:  # noqa: BLE001 - e.g. the data set is missing
@@ -125,16 +136,24 @@ class WhatIf(Static):
         try:
             for i, est in self.scheduler.scan(lambda: worker.is_cancelled, coarse_first=True):
                 scores[i] = est.ppl
-                self.post_message(EstimateReady(f"layer {i}: ppl without it {est.ppl:.2f}", dict(scores),
-                                                tried={i: est.delta}))
+                self.post_message(
+                    EstimateReady(f"layer {i}: ppl without it {est.ppl:.2f}", dict(scores), tried={i: est.delta})
+                )
                 phase = "exact" if est.final else f"coarse, {est.coverage_text}"
-                self.app.call_from_thread(self.update, Text(f"importance scan ({phase}): layer {i} without it: ppl "
-                                                            f"{'' if est.final else '≈'}{est.ppl:.2f} "
-                                                            f"[{est.protocol}]", style="dim"))
+                self.app.call_from_thread(
+                    self.update,
+                    Text(
+                        f"importance scan ({phase}): layer {i} without it: ppl "
+                        f"{'' if est.final else '≈'}{est.ppl:.2f} "
+                        f"[{est.protocol}]",
+                        style="dim",
+                    ),
+                )
         except Cancelled:
             return
         except Exception as exc:  # noqa: BLE001
             self.app.call_from_thread(self.update, Text(f"importance scan failed: {exc}", style="red"))
             return
-        self.app.call_from_thread(self.update, Text(f"importance scan done: {len(scores)} layers (green = "
-                                                    "cheapest to remove)", style="dim"))
+        self.app.call_from_thread(
+            self.update, Text(f"importance scan done: {len(scores)} layers (green = cheapest to remove)", style="dim")
+        )

@@ -27,9 +27,10 @@ counted by its storage format, read off the model itself:
 
 What-if accounting (`Assume`) re-prices the same tensors as if a planned stage had run
 ("as if 2:4", "as if int4 g128", "as if bf16"), so the lab can draw bars before running it.
-Per-tensor formats live in `pipeline/storage.py`; this module adds them up per model.
+Per-tensor formats live in `pipeline/tensor_formats.py`; this module adds them up per model.
 Nothing here imports Textual.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,12 +40,23 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .config import RecipeError, require
-from .storage import (DECODER_LINEARS, Storage, _DTYPE_NAMES, _LAYER, _SHORT, _itemsize, cached, detect_storage,
-                      dtype_name, is_quantized_linear, parse_dtype, quantized_storage)
-from .storage import nm_index_bits  # noqa: F401 - part of this module's API
-from .units import fmt_bytes  # noqa: F401 - part of this module's API
-from .sharing import model_lock
+from frankenlab.evals.config import require
+from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.sharing import model_lock
+from frankenlab.pipeline.tensor_formats import (
+    _DTYPE_NAMES,
+    _LAYER,
+    _SHORT,
+    DECODER_LINEARS,
+    Storage,
+    _itemsize,
+    cached,
+    detect_storage,
+    dtype_name,
+    is_quantized_linear,
+    parse_dtype,
+    quantized_storage,
+)
 
 DEFAULT_CONTEXT = 512  # the thesis scored rows truncated to 512 tokens
 WEIGHT_COMPONENTS = ("embeddings", "head", "attention", "mlp", "norms", "adapters", "other")
@@ -105,7 +117,7 @@ class Assume:
     targets: tuple[str, ...] = DECODER_LINEARS
 
     @classmethod
-    def parse(cls, spec: str) -> "Assume":
+    def parse(cls, spec: str) -> Assume:
         """'2:4', 'int4', 'int4-g128', 'bf16', joined with '+': '2:4+int4-g128+bf16'."""
         nm = quant = dtype = None
         for part in (p.strip().lower() for p in spec.split("+") if p.strip()):
@@ -120,15 +132,18 @@ class Assume:
             elif part in _DTYPE_NAMES:
                 dtype = dtype_name(_DTYPE_NAMES[part])
             else:
-                raise RecipeError(f"what-if {part!r} not understood; use e.g. 2:4, int4-g128, bf16 or "
-                                  "combinations like 2:4+int4-g128")
+                raise RecipeError(
+                    f"what-if {part!r} not understood; use e.g. 2:4, int4-g128, bf16 or combinations like 2:4+int4-g128"
+                )
         return cls(nm, quant, dtype)
 
     @property
     def label(self) -> str:
-        parts = ([f"{self.nm[0]}:{self.nm[1]}"] if self.nm else []) + \
-                ([f"int{self.quant[0]}-g{self.quant[1]}"] if self.quant else []) + \
-                ([_SHORT.get(self.dtype, self.dtype)] if self.dtype else [])
+        parts = (
+            ([f"{self.nm[0]}:{self.nm[1]}"] if self.nm else [])
+            + ([f"int{self.quant[0]}-g{self.quant[1]}"] if self.quant else [])
+            + ([_SHORT.get(self.dtype, self.dtype)] if self.dtype else [])
+        )
         return "+".join(parts) or "as is"
 
     def apply(self, entry: Entry) -> Entry:
@@ -191,7 +206,7 @@ class Footprint:
             out.update(e.storage.parts())
         return dict(out)
 
-    def assuming(self, assume: Assume) -> "Footprint":
+    def assuming(self, assume: Assume) -> Footprint:
         entries = [assume.apply(e) for e in self.entries]
         cache = replace(self.cache, dtype=assume.dtype) if self.cache and assume.dtype else self.cache
         act = self.activation_bytes
@@ -237,18 +252,23 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def kv_cache(model: nn.Module, context: int = DEFAULT_CONTEXT, batch: int = 1, dtype: str | None = None) -> KVCache | None:
+def kv_cache(
+    model: nn.Module, context: int = DEFAULT_CONTEXT, batch: int = 1, dtype: str | None = None
+) -> KVCache | None:
     cfg = _model_config(model)
     if cfg is None or not getattr(cfg, "num_attention_heads", None):
         return None
     heads = int(cfg.num_attention_heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    return KVCache(_num_layers(model, cfg), kv_heads, head_dim, context, batch, dtype or dtype_name(_float_dtype(model)))
+    return KVCache(
+        _num_layers(model, cfg), kv_heads, head_dim, context, batch, dtype or dtype_name(_float_dtype(model))
+    )
 
 
-def decode_activation_bytes(model: nn.Module, context: int = DEFAULT_CONTEXT, batch: int = 1,
-                            dtype: str | None = None) -> int:
+def decode_activation_bytes(
+    model: nn.Module, context: int = DEFAULT_CONTEXT, batch: int = 1, dtype: str | None = None
+) -> int:
     """Live tensors of one decode step: residual + the larger of the attention / MLP / logits phase."""
     cfg = _model_config(model)
     if cfg is None or not getattr(cfg, "hidden_size", None):
@@ -264,8 +284,14 @@ def decode_activation_bytes(model: nn.Module, context: int = DEFAULT_CONTEXT, ba
     return batch * (h + max(attention, mlp, logits)) * size
 
 
-def footprint(model: nn.Module, *, context: int = DEFAULT_CONTEXT, batch: int = 1, kv_dtype: str | None = None,
-              assume: Assume | None = None) -> Footprint:
+def footprint(
+    model: nn.Module,
+    *,
+    context: int = DEFAULT_CONTEXT,
+    batch: int = 1,
+    kv_dtype: str | None = None,
+    assume: Assume | None = None,
+) -> Footprint:
     """Per-tensor storage of every parameter and persistent buffer, tied storage counted once."""
     with model_lock(model):  # planned() swaps the layer list and the config's depth: read the model alone
         entries: list[Entry] = []
@@ -284,8 +310,11 @@ def footprint(model: nn.Module, *, context: int = DEFAULT_CONTEXT, batch: int = 
                     if isinstance(t, torch.Tensor):
                         seen.add(id(t))
             tensors = [(n, p) for n, p in module._parameters.items() if p is not None]
-            tensors += [(n, b) for n, b in module._buffers.items()
-                        if b is not None and n not in module._non_persistent_buffers_set]
+            tensors += [
+                (n, b)
+                for n, b in module._buffers.items()
+                if b is not None and n not in module._non_persistent_buffers_set
+            ]
             for local, t in tensors:
                 name = prefix + local
                 key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.device.type != "meta" else id(t)
@@ -299,8 +328,10 @@ def footprint(model: nn.Module, *, context: int = DEFAULT_CONTEXT, batch: int = 
                 names_by_storage[id(t)] = names_by_storage[key] = name
                 entries.append(Entry(name, component_of(name), cached(t, lambda x: detect_storage(x.detach()))))
         if quant_modules:
-            notes.append(f"{quant_modules} GPTQ linears counted as codes + fp16 scales + packed zeros "
-                         "(g_idx only when act-order makes it non-trivial)")
+            notes.append(
+                f"{quant_modules} GPTQ linears counted as codes + fp16 scales + packed zeros "
+                "(g_idx only when act-order makes it non-trivial)"
+            )
         if any(e.storage.nm == (2, 4) for e in entries):
             notes.append("2:4 counted in NVIDIA's compressed layout: kept values + 2-bit index per kept value")
         if any(e.storage.nm and e.storage.nm != (2, 4) for e in entries):

@@ -1,9 +1,10 @@
 """How one tensor is stored, read off the tensor itself: dense, N:M sparse, bitmask sparse, GPTQ int4.
 
-The byte counts and the reasoning behind each format are in `pipeline/memory.py`'s docstring;
+The byte counts and the reasoning behind each format are in `pipeline/footprint.py`'s docstring;
 this module holds the per-tensor half (`Storage`, `detect_storage`, quantized linears),
 `memory.py` the per-model half (footprints, KV cache, what-if assumptions).
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .config import RecipeError, require
+from frankenlab.evals.config import require
+from frankenlab.evals.errors import RecipeError
 
 NM_CANDIDATE_M = (2, 4, 8, 16, 32)
 BITMASK_MIN_SAVING = 0.10  # unstructured sparsity counts only when the bitmask form saves >= 10 %
@@ -22,8 +24,14 @@ DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 SCALE_BYTES = 2  # GPTQ scales are fp16
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
-_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
@@ -114,8 +122,9 @@ class Storage:
         return " ".join(bits)
 
 
-def detect_storage(weight: torch.Tensor, *, candidates: tuple[int, ...] = NM_CANDIDATE_M,
-                   base: Storage | None = None) -> Storage:
+def detect_storage(
+    weight: torch.Tensor, *, candidates: tuple[int, ...] = NM_CANDIDATE_M, base: Storage | None = None
+) -> Storage:
     """The cheapest honest storage of a tensor's zeros: dense, N:M (per-matrix pattern) or bitmask.
 
     `base` prices the candidates in another value format (a quantized matrix's codes).
@@ -215,7 +224,9 @@ def quantized_storage(module: nn.Module) -> tuple[Storage, int]:
         extra += bias.numel() * bias.element_size()
     if not g_idx_trivial(module):
         extra += module.g_idx.numel() * module.g_idx.element_size()
-    buffers = sum(getattr(module, b).numel() * getattr(module, b).element_size() for b in ("qweight", "qzeros", "scales"))
+    buffers = sum(
+        getattr(module, b).numel() * getattr(module, b).element_size() for b in ("qweight", "qzeros", "scales")
+    )
     storage = Storage(shape, "float16", quant=(bits, group), extra_bytes=extra)
     if bits in (2, 4, 8):
         storage = cached(module.qweight, lambda _q: _quant_sparsity(module, storage))
@@ -229,16 +240,20 @@ def _quant_sparsity(module: nn.Module, storage: Storage, sample_rows: int = 64) 
     for any index but enough to defeat a zero-count fast path; a few output rows decide first.
     """
     bits, (rows, cols) = int(module.bits), storage.shape
-    g_idx = module.g_idx.long() if getattr(module, "g_idx", None) is not None else \
-        torch.arange(cols, device=module.qweight.device) // _group_size(module)
+    g_idx = (
+        module.g_idx.long()
+        if getattr(module, "g_idx", None) is not None
+        else torch.arange(cols, device=module.qweight.device) // _group_size(module)
+    )
     zeros = _unpack_rows(module.qzeros.T, bits, rows).T  # (groups, out)
     k = min(rows, sample_rows)
     sample = _unpack_rows(module.qweight[:, :k], bits, cols).T != zeros[g_idx, :k].T  # (k, in) nonzero
     m = max(NM_CANDIDATE_M)
     nm_possible = cols % m == 0 and bool((~sample.reshape(k, cols // m, m)).any(-1).all())
     z = 1 - sample.float().mean().item()  # sampled zero fraction
-    if not nm_possible and replace(storage, nnz=int(rows * cols * (1 - 1.5 * z))).bytes > \
-            storage.bytes * (1 - BITMASK_MIN_SAVING):
+    if not nm_possible and replace(storage, nnz=int(rows * cols * (1 - 1.5 * z))).bytes > storage.bytes * (
+        1 - BITMASK_MIN_SAVING
+    ):
         return storage  # neither a pattern nor enough zeros for a bitmask
     codes, zeros = quant_codes(module)
     nonzero = (codes != zeros[g_idx].T).to(torch.uint8)  # (out, in)

@@ -1,8 +1,9 @@
 """The `frankenlab` command: the lab (no subcommand) or a headless subcommand.
 
-Each subcommand lives in its own module under `tui/commands/` with `register(subparsers)`; the
+Each subcommand lives in its own module under `tui/cli/` with `register(subparsers)`; the
 lab itself is imported only when it opens, so headless commands never import Textual widgets.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ import pkgutil
 import sys
 from pathlib import Path
 
-from tui import commands, noise
+from frankenlab.tui import cli, noise
 
 
 def _quiet_libraries() -> None:
@@ -28,7 +29,7 @@ def _quiet_libraries() -> None:
 
 def model_ref_problem(ref: str | None) -> str | None:
     """A --model that names a local path that is not there, told before anything heavy loads
-    (the same rules as pipeline.models.resolve_source, which needs torch)."""
+    (the same rules as pipeline.loading.resolve_source, which needs torch)."""
     if not ref or ref == "default":
         return None
     path = Path(ref).expanduser()
@@ -37,8 +38,10 @@ def model_ref_problem(ref: str | None) -> str | None:
     if path.suffix == ".gguf":
         return f"GGUF file {ref!r} does not exist: check the path"
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        return (f"model path {ref!r} does not exist (expected an HF folder, a .gguf file, a hub id like "
-                "org/name, or nothing for the bundled default)")
+        return (
+            f"model path {ref!r} does not exist (expected an HF folder, a .gguf file, a hub id like "
+            "org/name, or nothing for the bundled default)"
+        )
     return None
 
 
@@ -46,19 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="frankenlab",
         description="A terminal lab for compressing small LLaMA-architecture language models. "
-                    "With no subcommand, opens the lab.")
-    parser.add_argument("--model", default=None,
-                        help="model to open: an HF folder, a .gguf file, a hub id, or omit for the bundled "
-                             "SmolLM2-135M-Instruct")
+        "With no subcommand, opens the lab.",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model to open: an HF folder, a .gguf file, a hub id, or omit for the bundled SmolLM2-135M-Instruct",
+    )
     parser.add_argument("--session", default=None, help="reopen a saved session file in the lab")
     parser.add_argument("--recipe", default=None, help="start the lab with this recipe (TOML file or bundled name)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     parser.add_argument("--data-dir", default=None, help="folder with evaluation data (or $FRANKENLAB_DATA_DIR)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"tui.commands.{info.name}")
+    for info in sorted(pkgutil.iter_modules(cli.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"frankenlab.tui.cli.{info.name}")
         if hasattr(module, "register"):
             module.register(sub)
     return parser
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     noise.route(terminal=args.command is not None)  # third-party warnings and log lines to a log file
     if args.command is None:
-        from tui.app import run_lab
+        from frankenlab.tui.app import run_lab
 
         return run_lab(args) or 0
     return args.func(args) or 0

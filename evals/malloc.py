@@ -21,6 +21,7 @@ back to glibc's 128 KiB start instead made later work in the process fault more:
 moved within the machine's noise. No-op elsewhere (macOS, Windows, musl) and with
 `FRANKENLAB_MALLOC_TUNING=0`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,7 @@ import functools
 import sys
 import threading
 
-from . import switched_off
+from frankenlab.evals import switched_off
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
@@ -49,7 +50,7 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: musl has mallopt as a stub
+        _ = libc.gnu_get_libc_version  # glibc only: musl has mallopt as a stub
         libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
         return libc

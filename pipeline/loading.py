@@ -9,6 +9,7 @@ folder, a gptq stage folder, or an eora stage folder whose manifest names the qu
 its EoRA adapter. Those load through gptqmodel (`pipeline.quant.load_quantized`), so `eval`,
 `memory`, the lab, its chat, `compare` and `replay` open them like any other model.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from evals.hub import hub_endpoint_reachable, offline
+from frankenlab.evals.hub import hub_endpoint_reachable, offline
 
 DEFAULT_MODEL = "default"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
@@ -80,8 +81,14 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """fp32 on CPU (bf16 is about 2x slower on CPUs without AMX), bf16 on GPU."""
     if dtype in ("auto", "", None):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
     return table[dtype]
@@ -121,8 +128,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     try:
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                         dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         except Exception as exc:  # noqa: BLE001 - the gguf reader's errors ("cannot reshape array") are opaque
             raise ModelLoadError(gguf_problem(gguf, exc)) from None
         # GGUF loading marks the model as quantized; the weights are plain fp32 by now.
@@ -145,8 +151,10 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 def gguf_problem(gguf: Path, exc: Exception | None = None) -> str:
     """One line for a .gguf file that cannot be read: which file, why, what to do."""
     why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:120] if exc is not None else ""
-    return (f"{gguf} is not a readable GGUF model ({why or 'it does not start with the GGUF magic bytes'}): "
-            "the file is corrupt or truncated; download it again, or pass an HF folder with --model")
+    return (
+        f"{gguf} is not a readable GGUF model ({why or 'it does not start with the GGUF magic bytes'}): "
+        "the file is corrupt or truncated; download it again, or pass an HF folder with --model"
+    )
 
 
 def ensure_converted(gguf: Path) -> Path:
@@ -196,7 +204,7 @@ def resolve_source(ref: str | None) -> ModelSource:
             raise ModelLoadError(f"GGUF file {ref!r} does not exist")
         return ModelSource("gguf", ref, str(ensure_converted(path)), path.stem, str(path))
     if path.is_dir():
-        from .quant import describe_folder
+        from frankenlab.pipeline.quant import describe_folder
 
         try:
             q = describe_folder(path)
@@ -204,17 +212,20 @@ def resolve_source(ref: str | None) -> ModelSource:
             raise ModelLoadError(str(exc)) from None
         if q is not None:
             name = path.resolve().name if path.name not in ("quantized", "") else path.resolve().parent.name
-            return ModelSource(q["kind"], ref, str(q["quantized"]), name,
-                               adapter=str(q["adapter"]) if q["adapter"] else None)
+            return ModelSource(
+                q["kind"], ref, str(q["quantized"]), name, adapter=str(q["adapter"]) if q["adapter"] else None
+            )
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{ref!r} is a folder but holds no config.json: not a Hugging Face model folder")
         return ModelSource("folder", ref, str(path.resolve()), path.name)
     looks_local = ref.startswith((".", "/", "~")) or ref.count("/") != 1
     if path.exists() or looks_local:
-        raise ModelLoadError(f"model path {ref!r} does not exist (expected an HF folder, a .gguf file, "
-                             "a hub id like org/name, or nothing for the bundled default)")
+        raise ModelLoadError(
+            f"model path {ref!r} does not exist (expected an HF folder, a .gguf file, "
+            "a hub id like org/name, or nothing for the bundled default)"
+        )
     snapshot = _resolve_hub(ref)
-    from .quant import describe_folder
+    from frankenlab.pipeline.quant import describe_folder
 
     q = describe_folder(snapshot)  # a GPTQ checkpoint on the hub opens through gptqmodel too
     if q is not None:
@@ -222,8 +233,9 @@ def resolve_source(ref: str | None) -> ModelSource:
     return ModelSource("hub", ref, str(snapshot), ref.split("/")[-1])
 
 
-def load_model(ref: str | None = None, *, device: str = "auto", dtype: str = "auto",
-               trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    ref: str | None = None, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -234,11 +246,11 @@ def load_model(ref: str | None = None, *, device: str = "auto", dtype: str = "au
         return _load_quantized_source(source, dev, t0)
     try:
         tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dt,
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dt, trust_remote_code=trust_remote_code)
     except torch.OutOfMemoryError as exc:
-        raise ModelLoadError(f"out of memory loading {source.ref!r} on {dev}: try --device cpu "
-                             "or a smaller dtype") from exc
+        raise ModelLoadError(
+            f"out of memory loading {source.ref!r} on {dev}: try --device cpu or a smaller dtype"
+        ) from exc
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {source.ref!r} from {source.path}: {exc}") from exc
     if tok.pad_token is None:
@@ -262,7 +274,7 @@ def _load_quantized_source(source: ModelSource, dev: torch.device, t0: float) ->
 
     from transformers import AutoTokenizer
 
-    from . import quant, quant_cpu
+    from frankenlab.pipeline import quant, quant_cpu
 
     q = quant.describe_folder(source.ref if Path(source.ref).expanduser().is_dir() else source.path) or {}
     try:
@@ -290,9 +302,11 @@ def _load_quantized_source(source: ModelSource, dev: torch.device, t0: float) ->
         info["kernel"] = kernel
     model.frankenlab_quant = info
     dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    notes = [f"GPTQ {qcfg.get('bits', '?')}-bit g{qcfg.get('group_size', '?')} (gptqmodel)"
-             + (" + EoRA adapter" if source.adapter else "")
-             + (f"; CPU kernel {kernel}: {quant_cpu.KERNEL_NOTES[kernel]}" if kernel else "")]
+    notes = [
+        f"GPTQ {qcfg.get('bits', '?')}-bit g{qcfg.get('group_size', '?')} (gptqmodel)"
+        + (" + EoRA adapter" if source.adapter else "")
+        + (f"; CPU kernel {kernel}: {quant_cpu.KERNEL_NOTES[kernel]}" if kernel else "")
+    ]
     return LoadedModel(model, tok, source, dev, dt, time.perf_counter() - t0, notes)
 
 
@@ -311,7 +325,7 @@ def count_parameters(model: torch.nn.Module, *, nonzero: bool = False) -> int:
     A GPTQ linear holds its weight as packed integer buffers, not parameters: it counts as
     out x in parameters, and its nonzero ones are the codes that do not dequantize to zero.
     """
-    from .storage import is_quantized_linear
+    from frankenlab.pipeline.tensor_formats import is_quantized_linear
 
     seen: set[int] = set()
     total = 0
@@ -336,9 +350,12 @@ def _quantized_count(module: torch.nn.Module, nonzero: bool) -> int:
     weight = getattr(module, "_frankenlab_weight", None)  # dequantized once on CPU
     if weight is not None:
         return int(torch.count_nonzero(weight).item())
-    from .storage import quant_codes, _group_size
+    from frankenlab.pipeline.tensor_formats import _group_size, quant_codes
 
     codes, zeros = quant_codes(module)  # (out, in), (groups, out)
-    g_idx = module.g_idx.long() if getattr(module, "g_idx", None) is not None else \
-        torch.arange(cols, device=codes.device) // _group_size(module)
+    g_idx = (
+        module.g_idx.long()
+        if getattr(module, "g_idx", None) is not None
+        else torch.arange(cols, device=codes.device) // _group_size(module)
+    )
     return int((codes != zeros[g_idx].T).sum().item())

@@ -6,6 +6,7 @@ columns for planned stages (--what-if 2:4+int4-g128), and for each target whethe
 what factor it misses. `--compact DIR` also writes the compact safetensors form and prints its
 measured size beside the computed one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,25 +19,49 @@ from rich.table import Table
 
 
 def register(sub) -> None:
-    p = sub.add_parser("memory", help="footprint of a model by storage format, against hardware budgets",
-                       description="Bytes per component computed from how each tensor is stored (dense, N:M "
-                                   "sparse with index metadata, int4 with group scales and zeros, adapters), "
-                                   "the KV cache at --context, and fits / misses-by verdicts for memory targets.")
-    p.add_argument("--model", dest="mem_model", default=None,
-                   help="HF folder, .gguf file, hub id, GPTQ folder, compact folder/file, or omit for the bundled model")
+    p = sub.add_parser(
+        "memory",
+        help="footprint of a model by storage format, against hardware budgets",
+        description="Bytes per component computed from how each tensor is stored (dense, N:M "
+        "sparse with index metadata, int4 with group scales and zeros, adapters), "
+        "the KV cache at --context, and fits / misses-by verdicts for memory targets.",
+    )
+    p.add_argument(
+        "--model",
+        dest="mem_model",
+        default=None,
+        help="HF folder, .gguf file, hub id, GPTQ folder, compact folder/file, or omit for the bundled model",
+    )
     p.add_argument("--dtype", dest="mem_dtype", default=None, help="load dtype (default: the top-level --dtype)")
-    p.add_argument("--target", action="append", default=None,
-                   help="budget to compare with (repeatable; default: all). See --list-targets")
-    p.add_argument("--targets-file", action="append", default=[],
-                   help="TOML file with [targets.NAME] tables (memory = \"8 GiB\", or weights + activations)")
+    p.add_argument(
+        "--target",
+        action="append",
+        default=None,
+        help="budget to compare with (repeatable; default: all). See --list-targets",
+    )
+    p.add_argument(
+        "--targets-file",
+        action="append",
+        default=[],
+        help='TOML file with [targets.NAME] tables (memory = "8 GiB", or weights + activations)',
+    )
     p.add_argument("--list-targets", action="store_true", help="list the known targets and exit")
-    p.add_argument("--what-if", action="append", default=[], metavar="SPEC",
-                   help="also price the model as if a stage had run: 2:4, int4-g128, bf16, or combined "
-                        "2:4+int4-g128 (repeatable; N:M = N pruned of every M)")
+    p.add_argument(
+        "--what-if",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="also price the model as if a stage had run: 2:4, int4-g128, bf16, or combined "
+        "2:4+int4-g128 (repeatable; N:M = N pruned of every M)",
+    )
     p.add_argument("--context", type=int, default=512, help="KV cache length in tokens (default 512)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded at once (default 1)")
-    p.add_argument("--compact", default=None, metavar="DIR",
-                   help="write the compact safetensors form to DIR and report its size on disk")
+    p.add_argument(
+        "--compact",
+        default=None,
+        metavar="DIR",
+        help="write the compact safetensors form to DIR and report its size on disk",
+    )
     p.add_argument("--compact-dtype", default=None, help="cast dense floats when writing --compact (e.g. bfloat16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=main)
@@ -45,8 +70,8 @@ def register(sub) -> None:
 def load_for_memory(ref: str | None, device: str, dtype: str):
     """A torch model from any source the lab knows, including compact folders and (through
     `load_model`) GPTQ folders, gptq / eora stage folders."""
-    from pipeline.compact import COMPACT_FILE, load_compact
-    from pipeline.models import load_model
+    from frankenlab.pipeline.compact import COMPACT_FILE, load_compact
+    from frankenlab.pipeline.loading import load_model
 
     path = Path(ref).expanduser() if ref else None
     if path is not None and (path.suffix == ".safetensors" and path.is_file() or (path / COMPACT_FILE).is_file()):
@@ -56,9 +81,9 @@ def load_for_memory(ref: str | None, device: str, dtype: str):
 
 
 def main(args) -> int:
-    from pipeline.config import RecipeError
-    from pipeline.models import ModelLoadError
-    from pipeline.targets import load_targets
+    from frankenlab.evals.errors import RecipeError
+    from frankenlab.pipeline.loading import ModelLoadError
+    from frankenlab.pipeline.targets import load_targets
 
     console = Console()
     try:
@@ -72,7 +97,7 @@ def main(args) -> int:
             raise RecipeError(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(sorted(targets))}")
         if args.context < 1 or args.batch < 1:
             raise RecipeError("--context and --batch must be at least 1")
-        from pipeline.memory import Assume, footprint
+        from frankenlab.pipeline.footprint import Assume, footprint
 
         assumes = [Assume.parse(s) for s in args.what_if]
         with contextlib.redirect_stdout(sys.stderr):  # loaders print (gptqmodel dumps configs); keep --json clean
@@ -81,7 +106,7 @@ def main(args) -> int:
         columns = [("as is", base)] + [(a.label, base.assuming(a)) for a in assumes]
         compact = None
         if args.compact:
-            from pipeline.compact import save_compact
+            from frankenlab.pipeline.compact import save_compact
 
             compact = save_compact(model, args.compact, dtype=args.compact_dtype)
     except (RecipeError, ModelLoadError) as exc:
@@ -89,32 +114,45 @@ def main(args) -> int:
         return 2
     chosen = {n: targets[n] for n in names}
     if args.json:
-        out = {"model": name, "footprints": {label: fp.to_dict() for label, fp in columns},
-               "targets": {n: {"target": t.to_dict(),
-                               "verdicts": {label: [c.to_dict() for c in t.verdict(fp)] for label, fp in columns}}
-                           for n, t in chosen.items()}}
+        out = {
+            "model": name,
+            "footprints": {label: fp.to_dict() for label, fp in columns},
+            "targets": {
+                n: {
+                    "target": t.to_dict(),
+                    "verdicts": {label: [c.to_dict() for c in t.verdict(fp)] for label, fp in columns},
+                }
+                for n, t in chosen.items()
+            },
+        }
         if compact is not None:
             out["compact"] = compact.to_dict()
         print(json.dumps(out, indent=2, default=str))
         return 0
-    console.print(f"[bold]{name}[/bold]: KV cache at {args.context} tokens x batch {args.batch}; "
-                  "N:M = N pruned of every M")
+    console.print(
+        f"[bold]{name}[/bold]: KV cache at {args.context} tokens x batch {args.batch}; N:M = N pruned of every M"
+    )
     console.print(components_table(columns))
     for label, fp in columns:
-        console.print(f"[dim]{label}: formats " + ", ".join(f"{k} x{v}" for k, v in sorted(fp.formats().items())) + "[/dim]")
+        console.print(
+            f"[dim]{label}: formats " + ", ".join(f"{k} x{v}" for k, v in sorted(fp.formats().items())) + "[/dim]"
+        )
     for note in dict.fromkeys(base.notes):
         console.print(f"[dim]note: {note}[/dim]")
     console.print(verdict_table(chosen, columns))
     if compact is not None:
-        from pipeline.memory import fmt_bytes
+        from frankenlab.pipeline.units import fmt_bytes
 
-        console.print(f"compact form written to [bold]{compact.path}[/bold]: {fmt_bytes(compact.file_bytes)} on disk, "
-                      f"{fmt_bytes(compact.computed_bytes)} computed ({compact.ratio - 1:+.2%})")
+        console.print(
+            f"compact form written to [bold]{compact.path}[/bold]: {fmt_bytes(compact.file_bytes)} on disk, "
+            f"{fmt_bytes(compact.computed_bytes)} computed ({compact.ratio - 1:+.2%})"
+        )
     return 0
 
 
 def components_table(columns) -> Table:
-    from pipeline.memory import RUNTIME_COMPONENTS, WEIGHT_COMPONENTS, fmt_bytes
+    from frankenlab.pipeline.footprint import RUNTIME_COMPONENTS, WEIGHT_COMPONENTS
+    from frankenlab.pipeline.units import fmt_bytes
 
     table = Table(title="footprint by component")
     table.add_column("component")
@@ -136,7 +174,7 @@ def components_table(columns) -> Table:
 
 
 def verdict_table(targets, columns) -> Table:
-    from pipeline.memory import fmt_bytes
+    from frankenlab.pipeline.units import fmt_bytes
 
     table = Table(title="budgets (W: weights vs weight memory, A: KV cache + activations vs activation memory)")
     table.add_column("target")
@@ -144,8 +182,11 @@ def verdict_table(targets, columns) -> Table:
     for label, _ in columns:
         table.add_column(label)
     for name, t in targets.items():
-        budget = fmt_bytes(t.memory) if t.memory else \
-            f"W {fmt_bytes(t.weights)}" + (f"\nA {fmt_bytes(t.activations)}" if t.activations else "")
+        budget = (
+            fmt_bytes(t.memory)
+            if t.memory
+            else f"W {fmt_bytes(t.weights)}" + (f"\nA {fmt_bytes(t.activations)}" if t.activations else "")
+        )
         cells = []
         for _, fp in columns:
             parts = []
@@ -159,10 +200,11 @@ def verdict_table(targets, columns) -> Table:
 
 
 def targets_table(targets) -> Table:
-    from pipeline.memory import fmt_bytes
+    from frankenlab.pipeline.units import fmt_bytes
 
     table = Table("name", "label", "memory", "weights", "activations", "l1", "from")
     for n, t in sorted(targets.items()):
-        table.add_row(n, t.label, *(fmt_bytes(v) if v else "-" for v in (t.memory, t.weights, t.activations, t.l1)),
-                      t.source)
+        table.add_row(
+            n, t.label, *(fmt_bytes(v) if v else "-" for v in (t.memory, t.weights, t.activations, t.l1)), t.source
+        )
     return table

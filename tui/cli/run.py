@@ -3,6 +3,7 @@
 Ctrl-C once asks the runner to stop after the current batch (the session keeps every finished
 stage); Ctrl-C twice stops at once, still writing the session.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,14 +13,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipeline import events as ev
-
-from tui.commands.common import ctrl_c_cancels
+from frankenlab.pipeline import events as ev
+from frankenlab.tui.cli.signals import ctrl_c_cancels
 
 
 def register(sub) -> None:
-    p = sub.add_parser("run", help="run a recipe headless and write DIR/session.json",
-                       description="Run a recipe (TOML file, or a bundled recipe name such as depth2) headless.")
+    p = sub.add_parser(
+        "run",
+        help="run a recipe headless and write DIR/session.json",
+        description="Run a recipe (TOML file, or a bundled recipe name such as depth2) headless.",
+    )
     p.add_argument("recipe", help="recipe TOML file, or the name of a bundled recipe (see `frankenlab recipes`)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>-<time>)")
     p.add_argument("--model", dest="run_model", default=None, help="override the recipe's model source")
@@ -33,12 +36,13 @@ def register(sub) -> None:
 def list_recipes(args) -> int:
     """One line per bundled recipe: name, stages, description (cut to the terminal's width)."""
     import tomllib
-
     from rich.text import Text
 
-    import pipeline
+    import frankenlab.pipeline
 
-    RECIPES_DIR = Path(pipeline.__file__).parent / "recipes"  # pipeline.recipe.RECIPES_DIR, without its imports
+    RECIPES_DIR = (
+        Path(frankenlab.pipeline.__file__).parent / "recipes"
+    )  # pipeline.recipe.RECIPES_DIR, without its imports
     console = Console()  # the TOML is read as it is: validating would import every stage (and torch)
     rows = []
     for path in sorted(RECIPES_DIR.glob("*.toml")):
@@ -59,7 +63,7 @@ def default_out(recipe_name: str, suffix: str = "") -> Path:
     """runs/<slug of the name><suffix>-<time>: a recipe's name never leaves ./runs ("../x", "/etc/x")."""
     import time
 
-    from pipeline.runlock import safe_slug
+    from frankenlab.pipeline.runlock import safe_slug
 
     return Path("runs") / f"{safe_slug(recipe_name, 'run')}{suffix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -76,8 +80,7 @@ class ProgressView:
         if isinstance(e, ev.StageStarted):
             self.tasks[e.stage] = self.progress.add_task(f"[{e.stage}] {e.kind}", total=1.0)
         elif isinstance(e, ev.Progress) and e.stage in self.tasks:
-            self.progress.update(self.tasks[e.stage], completed=e.fraction,
-                                 description=f"[{e.stage}] {e.message[:60]}")
+            self.progress.update(self.tasks[e.stage], completed=e.fraction, description=f"[{e.stage}] {e.message[:60]}")
         elif isinstance(e, ev.MetricMeasured) and e.step is None:
             self.console.print(f"  [{e.stage}] {e.name} = {e.value:.4g}  [dim]({e.protocol})[/dim]")
         elif isinstance(e, ev.LogLine):
@@ -87,8 +90,9 @@ class ProgressView:
             else:
                 self.console.print(f"[{style}]{e.message}[/{style}]")
         elif isinstance(e, ev.StageFinished) and e.stage in self.tasks:
-            self.progress.update(self.tasks[e.stage], completed=1.0, description=f"[{e.stage}] {e.kind} done "
-                                                                                  f"({e.seconds:.1f}s)")
+            self.progress.update(
+                self.tasks[e.stage], completed=1.0, description=f"[{e.stage}] {e.kind} done ({e.seconds:.1f}s)"
+            )
         elif isinstance(e, ev.RunFailed):
             self.failure_cause = e.cause
             self.console.print(f"[bold red]{e.error_type}: {escape(e.message)}[/bold red]")
@@ -98,7 +102,7 @@ def _value(m: dict) -> str:
     """A perplexity as a number; an accuracy with its count and 95 % Wilson interval."""
     if m.get("n") is None or m["name"] == "perplexity" or m.get("value") is None:
         return f"{m['value']:.3f}" if isinstance(m.get("value"), (int, float)) else str(m.get("value"))
-    from evals.stats import format_accuracy
+    from frankenlab.evals.stats import format_accuracy
 
     return format_accuracy(m["value"], m["n"], m.get("ci95"))
 
@@ -110,15 +114,22 @@ def results_table(session) -> Table:
     for st in session.stages:
         metrics = ", ".join(f"{m['name']} {_value(m)} ({m.get('protocol', '')})" for m in st.metrics)
         params = f"{st.params_count:,} ({st.params_nonzero:,})" if st.params_count else "-"
-        table.add_row(str(st.index), st.name or st.kind, st.status, str(st.num_layers or "-"), params,
-                      metrics or "-", f"{st.seconds:.1f}" if st.seconds else "-")
+        table.add_row(
+            str(st.index),
+            st.name or st.kind,
+            st.status,
+            str(st.num_layers or "-"),
+            params,
+            metrics or "-",
+            f"{st.seconds:.1f}" if st.seconds else "-",
+        )
     return table
 
 
 def main(args) -> int:
-    from pipeline.config import RecipeError
-    from pipeline.recipe import Recipe
-    from sessions import record_run
+    from frankenlab.evals.errors import RecipeError
+    from frankenlab.pipeline.recipe import Recipe
+    from frankenlab.sessions import record_run
 
     console = Console()
     try:
@@ -131,19 +142,25 @@ def main(args) -> int:
 
         recipe.model = replace(recipe.model, source=args.run_model or args.model)
     out = Path(args.out) if args.out else default_out(recipe.name)
-    from tui import noise
+    from frankenlab.tui import noise
 
     noise_log = noise.attach(out / "run.log")  # third-party warnings and log lines, not the terminal
     cancel, restore_sigint = ctrl_c_cancels(console, "cancelling")
-    from pipeline.runlock import RunFolderBusy
+    from frankenlab.pipeline.runlock import RunFolderBusy
 
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                      console=console) as progress:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
             view = ProgressView(console, progress)
-            session = record_run(recipe, out, listener=view, cancel=cancel,
-                                 save_models=not args.no_save_models,
-                                 data_dir=args.run_data_dir or args.data_dir)
+            session = record_run(
+                recipe,
+                out,
+                listener=view,
+                cancel=cancel,
+                save_models=not args.no_save_models,
+                data_dir=args.run_data_dir or args.data_dir,
+            )
     except RunFolderBusy as exc:
         console.print(f"[bold red]cannot run:[/bold red] {escape(str(exc))}")
         return 2

@@ -5,13 +5,14 @@ so the rename itself survives a power cut. A crash, a kill -9 or Ctrl-C at any p
 half-written file and no temporary one behind (except after a kill -9, whose `*.tmp` is harmless).
 Sessions, recipes and the compact model file all save this way.
 """
+
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 @contextmanager

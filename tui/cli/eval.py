@@ -10,6 +10,7 @@ With no task named it scores both WikiText-2 protocols. Every number is printed 
 accuracies with their question count and 95 % Wilson interval; `--json` writes metrics,
 per-question records and samples (with degeneration metrics) for later inspection.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,58 +21,123 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tui.commands.common import ctrl_c_cancels
+from frankenlab.tui.cli.signals import ctrl_c_cancels
 
 DEFAULT_PPL = ("wikitext2-rows-512", "wikitext2-concat-512")
 
 
-
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model: perplexity, TriviaQA, generation samples",
-                       description="Evaluate a model headless. Perplexity protocols: <data>-rows-<len> (each row a "
-                                   "sequence, the thesis protocol) or <data>-concat-<len> (rows joined with blank "
-                                   "lines, non-overlapping windows, GPTQ/WANDA); <data> is wikitext2, c4, wiki or "
-                                   "a local .txt/.jsonl file.")
-    p.add_argument("--model", dest="eval_model", default=None, metavar="MODEL",
-                   help="HF folder, .gguf file, hub id, or omit for the bundled SmolLM2-135M-Instruct")
-    p.add_argument("--ppl", action="append", default=None, metavar="PROTOCOL",
-                   help="perplexity protocol, repeatable (default, when no task is named: "
-                        + " and ".join(DEFAULT_PPL) + ")")
-    p.add_argument("--limit", type=int, default=None,
-                   help="score only the first N rows/windows per protocol (default: the whole split)")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model: perplexity, TriviaQA, generation samples",
+        description="Evaluate a model headless. Perplexity protocols: <data>-rows-<len> (each row a "
+        "sequence, the thesis protocol) or <data>-concat-<len> (rows joined with blank "
+        "lines, non-overlapping windows, GPTQ/WANDA); <data> is wikitext2, c4, wiki or "
+        "a local .txt/.jsonl file.",
+    )
+    p.add_argument(
+        "--model",
+        dest="eval_model",
+        default=None,
+        metavar="MODEL",
+        help="HF folder, .gguf file, hub id, or omit for the bundled SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--ppl",
+        action="append",
+        default=None,
+        metavar="PROTOCOL",
+        help="perplexity protocol, repeatable (default, when no task is named: " + " and ".join(DEFAULT_PPL) + ")",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="score only the first N rows/windows per protocol (default: the whole split)",
+    )
     p.add_argument("--stride", type=int, default=None, help="window stride for concat protocols (default: length)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="B",
-                   help="perplexity batch, in full-length sequences (default 4)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help="perplexity batch, in full-length sequences (default 4)",
+    )
     p.add_argument("--triviaqa-closed", type=int, default=None, metavar="N", help="closed-book TriviaQA questions")
-    p.add_argument("--triviaqa-open", type=int, default=None, metavar="N",
-                   help="open-book questions (NQ-open with gold passages offline)")
-    p.add_argument("--open-book", default=None, choices=("nq-open", "triviaqa-rc"),
-                   help="open-book source: NQ-open with gold passages (local data, default) or TriviaQA rc (hub)")
+    p.add_argument(
+        "--triviaqa-open",
+        type=int,
+        default=None,
+        metavar="N",
+        help="open-book questions (NQ-open with gold passages offline)",
+    )
+    p.add_argument(
+        "--open-book",
+        default=None,
+        choices=("nq-open", "triviaqa-rc"),
+        help="open-book source: NQ-open with gold passages (local data, default) or TriviaQA rc (hub)",
+    )
     p.add_argument("--qa-batch-size", type=int, default=None, metavar="B", help="questions generated together (8)")
-    p.add_argument("--match", default=None, choices=("first-line", "thesis"),
-                   help="QA match protocol: first-line (default: the answer's first line) or thesis (the whole "
-                        "answer, up to 50 new tokens, as the thesis scored it; more lenient)")
-    p.add_argument("--triviaqa-file", default=None, metavar="PATH",
-                   help="closed-book questions from this file (JSONL with question or context, answer, aliases); "
-                        "its name goes into the protocol")
-    p.add_argument("--hellaswag", type=int, default=None, metavar="N",
-                   help="HellaSwag validation items: acc and acc_norm (lm-evaluation-harness' formula)")
-    p.add_argument("--hellaswag-batch-size", type=int, default=None, metavar="B",
-                   help="HellaSwag (context, ending) rows per forward pass (16)")
-    p.add_argument("--preset", default=None, choices=("thesis",),
-                   help="a named evaluation; thesis = rows-512 perplexity on the whole test split, 1,200 TriviaQA "
-                        "questions closed and open book (thesis matching), samples. Slow on a CPU (hours). "
-                        "Options given beside it override it")
-    p.add_argument("--plan", default=None, metavar="PLAN",
-                   help="evaluate under a Franken layer plan applied at run time, e.g. 0-3,5,5,6-29 (skips, repeats)")
-    p.add_argument("--failures", type=int, default=0, metavar="N",
-                   help="print N wrongly answered questions per QA task (all are in --json)")
+    p.add_argument(
+        "--match",
+        default=None,
+        choices=("first-line", "thesis"),
+        help="QA match protocol: first-line (default: the answer's first line) or thesis (the whole "
+        "answer, up to 50 new tokens, as the thesis scored it; more lenient)",
+    )
+    p.add_argument(
+        "--triviaqa-file",
+        default=None,
+        metavar="PATH",
+        help="closed-book questions from this file (JSONL with question or context, answer, aliases); "
+        "its name goes into the protocol",
+    )
+    p.add_argument(
+        "--hellaswag",
+        type=int,
+        default=None,
+        metavar="N",
+        help="HellaSwag validation items: acc and acc_norm (lm-evaluation-harness' formula)",
+    )
+    p.add_argument(
+        "--hellaswag-batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help="HellaSwag (context, ending) rows per forward pass (16)",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=("thesis",),
+        help="a named evaluation; thesis = rows-512 perplexity on the whole test split, 1,200 TriviaQA "
+        "questions closed and open book (thesis matching), samples. Slow on a CPU (hours). "
+        "Options given beside it override it",
+    )
+    p.add_argument(
+        "--plan",
+        default=None,
+        metavar="PLAN",
+        help="evaluate under a Franken layer plan applied at run time, e.g. 0-3,5,5,6-29 (skips, repeats)",
+    )
+    p.add_argument(
+        "--failures",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print N wrongly answered questions per QA task (all are in --json)",
+    )
     p.add_argument("--seed", type=int, default=None, help="which questions and HellaSwag items are sampled (0)")
     p.add_argument("--chat-template", action="store_true", help="wrap QA prompts in the model's chat template")
     p.add_argument("--samples", action="store_true", help="greedy generation samples on the fixed prompts")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the full results here")
-    p.add_argument("--data-dir", dest="eval_data_dir", default=None, metavar="DIR",
-                   help="evaluation data folder (or $FRANKENLAB_DATA_DIR)")
+    p.add_argument(
+        "--data-dir",
+        dest="eval_data_dir",
+        default=None,
+        metavar="DIR",
+        help="evaluation data folder (or $FRANKENLAB_DATA_DIR)",
+    )
     p.set_defaults(func=main)
 
 
@@ -108,7 +174,7 @@ def metric_line(m: dict) -> str:
     if m["name"] == "perplexity" or m.get("n") is None:
         value = f"{m['value']:.4g}"
     else:
-        from evals.stats import format_accuracy
+        from frankenlab.evals.stats import format_accuracy
 
         value = format_accuracy(m["value"], m["n"], m.get("ci95"))
     return f"  {m['name']} = {value}  [dim]({m['protocol']})[/dim]"
@@ -116,14 +182,24 @@ def metric_line(m: dict) -> str:
 
 def build_config(args):
     """The EvalConfig from the options given (a preset's values under the ones given beside it)."""
-    from evals.config import from_dict
-    from evals.suite import EvalConfig
+    from frankenlab.evals.config import from_dict
+    from frankenlab.evals.suite import EvalConfig
 
-    given = {"ppl_limit": args.limit, "ppl_stride": args.stride, "batch_size": args.batch_size,
-             "triviaqa_closed": args.triviaqa_closed, "triviaqa_open": args.triviaqa_open,
-             "qa_seed": args.seed, "qa_batch_size": args.qa_batch_size, "open_book": args.open_book,
-             "match": args.match, "triviaqa_file": args.triviaqa_file, "hellaswag": args.hellaswag,
-             "hellaswag_batch_size": args.hellaswag_batch_size, "preset": args.preset}
+    given = {
+        "ppl_limit": args.limit,
+        "ppl_stride": args.stride,
+        "batch_size": args.batch_size,
+        "triviaqa_closed": args.triviaqa_closed,
+        "triviaqa_open": args.triviaqa_open,
+        "qa_seed": args.seed,
+        "qa_batch_size": args.qa_batch_size,
+        "open_book": args.open_book,
+        "match": args.match,
+        "triviaqa_file": args.triviaqa_file,
+        "hellaswag": args.hellaswag,
+        "hellaswag_batch_size": args.hellaswag_batch_size,
+        "preset": args.preset,
+    }
     data = {k: v for k, v in given.items() if v is not None}
     if args.limit is None and not args.preset:
         data["ppl_limit"] = 0  # the command's default: the whole split
@@ -140,13 +216,13 @@ def build_config(args):
 
 
 def main(args) -> int:
-    from evals.data import DataNotFound
-    from evals.perplexity import Cancelled
-    from evals.suite import PRESET_NOTES, evaluate
-    from pipeline.config import RecipeError
-    from pipeline.models import ModelLoadError, load_model
-    from pipeline.provenance import weights_origin
-    from tui import noise
+    from frankenlab.evals.cancel import Cancelled
+    from frankenlab.evals.data import DataNotFound
+    from frankenlab.evals.errors import RecipeError
+    from frankenlab.evals.suite import PRESET_NOTES, evaluate
+    from frankenlab.pipeline.loading import ModelLoadError, load_model
+    from frankenlab.pipeline.provenance import weights_origin
+    from frankenlab.tui import noise
 
     console = Console()
     try:
@@ -158,8 +234,12 @@ def main(args) -> int:
         noise.attach(str(args.json_out) + ".log")  # third-party warnings beside the results, not on screen
     data_dir = args.eval_data_dir or args.data_dir
     try:
-        lm = load_model(args.eval_model or args.model, device=args.device, dtype=args.dtype,
-                        trust_remote_code=args.trust_remote_code)
+        lm = load_model(
+            args.eval_model or args.model,
+            device=args.device,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+        )
     except ModelLoadError as exc:
         console.print(f"[bold red]model error:[/bold red] {exc}")
         return 2
@@ -177,13 +257,27 @@ def main(args) -> int:
     cancel, restore_sigint = ctrl_c_cancels(console, "stopping")
     t0 = time.perf_counter()
     try:
-        with model_cm as model, Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                                         TimeElapsedColumn(), console=console, transient=True) as progress:
+        with (
+            model_cm as model,
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as progress,
+        ):
             task = progress.add_task("evaluating", total=1.0)
             result = evaluate(
-                model, lm.tokenizer, config, data_dir=data_dir, cancelled=cancel.is_set,
+                model,
+                lm.tokenizer,
+                config,
+                data_dir=data_dir,
+                cancelled=cancel.is_set,
                 progress=lambda f, msg: progress.update(task, completed=f, description=msg[:60]),
-                on_metric=lambda m: console.print(metric_line(m)))
+                on_metric=lambda m: console.print(metric_line(m)),
+            )
     except (DataNotFound, ValueError) as exc:
         console.print(f"[bold red]error:[/bold red] {exc}")
         return 2
@@ -195,24 +289,36 @@ def main(args) -> int:
     console.print(results_table(result.metrics))
     for name in ("triviaqa_closed", "triviaqa_open"):
         wrong = [r for r in result.details.get(name, {}).get("records", []) if not r["correct"]]
-        for r in wrong[:args.failures]:
+        for r in wrong[: args.failures]:
             aliases = ", ".join(r["aliases"][:3]) + (" ..." if len(r["aliases"]) > 3 else "")
-            console.print(f"[red]x[/red] {name} #{r['index']}: {r['question']}\n    said {r['prediction']!r}; "
-                          f"expected {aliases}", highlight=False)
+            console.print(
+                f"[red]x[/red] {name} #{r['index']}: {r['question']}\n    said {r['prediction']!r}; expected {aliases}",
+                highlight=False,
+            )
     samples = result.details.get("samples")
     if samples:
-        from evals.degeneration import describe
+        from frankenlab.evals.degeneration import describe
 
         for item in samples["items"]:
-            console.print(f"[bold]{item['prompt']!r}[/bold] -> {item['output']!r}\n    [dim]"
-                          f"{describe(item['degeneration'])}[/dim]", highlight=False)
+            console.print(
+                f"[bold]{item['prompt']!r}[/bold] -> {item['output']!r}\n    [dim]"
+                f"{describe(item['degeneration'])}[/dim]",
+                highlight=False,
+            )
     if args.json_out:
         out = Path(args.json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"model": lm.source.to_dict(), "device": str(lm.device),
-                   "dtype": str(lm.dtype).replace("torch.", ""), "seconds": time.perf_counter() - t0,
-                   "weights_origin": origin, "plan": args.plan,
-                   "config": _config_dict(config), "metrics": result.metrics, "details": result.details}
+        payload = {
+            "model": lm.source.to_dict(),
+            "device": str(lm.device),
+            "dtype": str(lm.dtype).replace("torch.", ""),
+            "seconds": time.perf_counter() - t0,
+            "weights_origin": origin,
+            "plan": args.plan,
+            "config": _config_dict(config),
+            "metrics": result.metrics,
+            "details": result.details,
+        }
         tmp = out.with_suffix(out.suffix + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
         tmp.replace(out)
@@ -226,14 +332,14 @@ def _plan_context(model, plan_text: str | None):
 
     if not plan_text:
         return contextlib.nullcontext(model)
-    from pipeline.models import decoder_layers
-    from pipeline.plans import LayerPlan, planned
+    from frankenlab.pipeline.loading import decoder_layers
+    from frankenlab.pipeline.plans import LayerPlan, planned
 
     plan = LayerPlan.parse(plan_text, len(decoder_layers(model)))  # PlanError is a ValueError
     return planned(model, plan)
 
 
 def _config_dict(config) -> dict:
-    from pipeline.config import to_dict
+    from frankenlab.evals.config import to_dict
 
     return to_dict(config)

@@ -6,6 +6,7 @@ never half of one. Loading reads plain JSON only (no pickle, no object hooks, no
 checks it against `sessions.schema.SESSION_SCHEMA` and turns every problem into a `SessionError`
 whose message a user can act on. The format is documented in sessions/SCHEMA.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.files import atomic_write_text  # noqa: F401 - one atomic writer for the house
-
-from .schema import FORMAT, SCHEMA_VERSION, SESSION_SCHEMA, validate
+from frankenlab.pipeline.atomic import atomic_write_text
+from frankenlab.sessions.schema import FORMAT, SCHEMA_VERSION, SESSION_SCHEMA, validate
 
 STATUSES = ("running", "done", "failed", "cancelled", "interrupted")
 STAGE_STATUSES = ("pending", "running", "done", "failed", "cancelled", "skipped", "interrupted")
@@ -61,8 +61,10 @@ class StageRecord:
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept for the round trip
 
     def metric(self, name: str, protocol: str | None = None) -> dict | None:
-        return next((m for m in self.metrics
-                     if m["name"] == name and (protocol is None or m.get("protocol", "") == protocol)), None)
+        return next(
+            (m for m in self.metrics if m["name"] == name and (protocol is None or m.get("protocol", "") == protocol)),
+            None,
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -70,10 +72,9 @@ class StageRecord:
         return {**extra, **d}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StageRecord":
+    def from_dict(cls, d: dict) -> StageRecord:
         known = {f.name for f in fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in d.items() if k in known},
-                   extra={k: v for k, v in d.items() if k not in known})
+        return cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
 
 
 @dataclass
@@ -125,8 +126,9 @@ class Session:
                 candidates.append(here / p)
             candidates.append(here / "stages" / p.name)
         # a model folder, or an eora stage folder whose manifest names its quantized model and adapter
-        return next((c for c in candidates if (c / "config.json").exists() or (c / "frankenlab-quant.json").exists()),
-                    None)
+        return next(
+            (c for c in candidates if (c / "config.json").exists() or (c / "frankenlab-quant.json").exists()), None
+        )
 
     # -- (de)serialization ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -146,7 +148,7 @@ class Session:
     def mark_interrupted(self) -> bool:
         """A session still "running" whose owning process is gone (kill -9, power cut) becomes
         "interrupted", and so does the stage it was in; True when that happened."""
-        from pipeline.runlock import describe_owner, owner_alive
+        from frankenlab.pipeline.runlock import describe_owner, owner_alive
 
         if self.status != "running" or owner_alive(self.owner) is not False:
             return False
@@ -158,15 +160,18 @@ class Session:
         return True
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Session":
+    def from_dict(cls, d: dict) -> Session:
         """Build from a dict already validated (`load_session` does that) or trusted (from `to_dict`)."""
         d = dict(d)
         d.pop("format", None)
         d.setdefault("writer", {})  # a file without one was not written by this frankenlab
         stages = [StageRecord.from_dict(s) for s in d.pop("stages", [])]
         known = {f.name for f in fields(cls)} - {"extra", "path", "save_error", "stages"}
-        return cls(stages=stages, **{k: v for k, v in d.items() if k in known},
-                   extra={k: v for k, v in d.items() if k not in known})
+        return cls(
+            stages=stages,
+            **{k: v for k, v in d.items() if k in known},
+            extra={k: v for k, v in d.items() if k not in known},
+        )
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=_json_default)
@@ -222,8 +227,10 @@ def _constant(name: str):
 def loads_session(text: str, where: str = "session") -> Session:
     """Parse and validate session JSON text; raises SessionError."""
     if not text.strip():
-        raise SessionError(f"{where} is empty: the file was created but never written (a crash before the "
-                           "first save?). Delete it, or re-run the recipe.")
+        raise SessionError(
+            f"{where} is empty: the file was created but never written (a crash before the "
+            "first save?). Delete it, or re-run the recipe."
+        )
     try:
         data = json.loads(text, parse_constant=_constant)
     except json.JSONDecodeError as exc:
@@ -235,9 +242,11 @@ def loads_session(text: str, where: str = "session") -> Session:
             hint = "it ends early: the file was truncated (copied while being written, or the disk filled up)"
         else:
             hint = "it is corrupted"
-        raise SessionError(f"{where} is not valid JSON ({what} at line {exc.lineno}, column {exc.colno}): "
-                           f"{hint}. If the run folder holds a session.json.*.tmp file, that is an unfinished "
-                           "save and can be deleted.") from None
+        raise SessionError(
+            f"{where} is not valid JSON ({what} at line {exc.lineno}, column {exc.colno}): "
+            f"{hint}. If the run folder holds a session.json.*.tmp file, that is an unfinished "
+            "save and can be deleted."
+        ) from None
     except RecursionError:
         raise SessionError(f"{where} is nested too deeply to be a frankenlab session") from None
     return session_from_data(data, where)
@@ -265,19 +274,22 @@ def _ends_early(text: str) -> bool:
 
 def session_from_data(data: Any, where: str = "session") -> Session:
     if not isinstance(data, dict):
-        raise SessionError(f"{where} is JSON but not a frankenlab session (expected an object, "
-                           f"got {type(data).__name__})")
+        raise SessionError(
+            f"{where} is JSON but not a frankenlab session (expected an object, got {type(data).__name__})"
+        )
     fmt = data.get("format")
     if fmt is not None and fmt != FORMAT:
         raise SessionError(f"{where} is a {fmt!r} file, not a frankenlab session")
     if fmt is None and not {"schema_version", "recipe", "stages"} <= set(data):
-        raise SessionError(f"{where} is JSON but not a frankenlab session (no \"format\": \"{FORMAT}\" field)")
+        raise SessionError(f'{where} is JSON but not a frankenlab session (no "format": "{FORMAT}" field)')
     version = data.get("schema_version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise SessionError(f"{where}: schema_version must be a whole number, got {version!r}")
     if version > SCHEMA_VERSION:
-        raise SessionError(f"{where} was written by a newer frankenlab (session schema version {version}; this "
-                           f"frankenlab reads versions up to {SCHEMA_VERSION}). Upgrade frankenlab to open it.")
+        raise SessionError(
+            f"{where} was written by a newer frankenlab (session schema version {version}; this "
+            f"frankenlab reads versions up to {SCHEMA_VERSION}). Upgrade frankenlab to open it."
+        )
     if version < 1:
         raise SessionError(f"{where}: schema_version {version} does not exist (versions start at 1)")
     data = migrate(data)
@@ -295,7 +307,7 @@ def migrate(data: dict) -> dict:
     1 -> 2: `sequential` appeared with the default "projection", so a version-1 WANDA stage is
     pinned to the "layer" statistics it ran); kinds this frankenlab does not know stay as they are.
     """
-    from pipeline.stages import known_kind
+    from frankenlab.pipeline.stages import known_kind
 
     version = data.get("schema_version", SCHEMA_VERSION)
     if version >= SCHEMA_VERSION:
@@ -308,14 +320,23 @@ def migrate(data: dict) -> dict:
     data = dict(data)
     recipe = data.get("recipe")
     if isinstance(recipe, dict) and isinstance(recipe.get("stages"), list):
-        recipe = {**recipe, "stages": [{"kind": spec["kind"], **moved(spec["kind"],
-                                                                      {k: v for k, v in spec.items() if k != "kind"})}
-                                       if isinstance(spec, dict) and "kind" in spec else spec
-                                       for spec in recipe["stages"]]}
+        recipe = {
+            **recipe,
+            "stages": [
+                {"kind": spec["kind"], **moved(spec["kind"], {k: v for k, v in spec.items() if k != "kind"})}
+                if isinstance(spec, dict) and "kind" in spec
+                else spec
+                for spec in recipe["stages"]
+            ],
+        }
         data["recipe"] = recipe
     if isinstance(data.get("stages"), list):
-        data["stages"] = [{**rec, "params": moved(rec.get("kind"), rec.get("params"))}
-                          if isinstance(rec, dict) and "params" in rec else rec for rec in data["stages"]]
+        data["stages"] = [
+            {**rec, "params": moved(rec.get("kind"), rec.get("params"))}
+            if isinstance(rec, dict) and "params" in rec
+            else rec
+            for rec in data["stages"]
+        ]
     data["schema_version"] = SCHEMA_VERSION
     return data
 

@@ -9,6 +9,7 @@ sessions look in ./runs and the user's session folder ($FRANKENLAB_SESSIONS, els
 $XDG_DATA_HOME/frankenlab/sessions, else ~/.local/share/frankenlab/sessions).
 Exit codes: 0 fine, 1 a replay number out of tolerance (or the replay did not finish), 2 unusable input.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,47 +22,83 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tui.commands.common import ctrl_c_cancels
+from frankenlab.tui.cli.signals import ctrl_c_cancels
 
 
 def register(sub) -> None:
-    r = sub.add_parser("replay", help="re-run a saved session's recipe and compare every metric with the saved one",
-                       description="Re-run the recipe of a saved session into a new run folder and print each "
-                                   "metric beside the saved value, flagging differences beyond the tolerance.")
+    r = sub.add_parser(
+        "replay",
+        help="re-run a saved session's recipe and compare every metric with the saved one",
+        description="Re-run the recipe of a saved session into a new run folder and print each "
+        "metric beside the saved value, flagging differences beyond the tolerance.",
+    )
     r.add_argument("session", help="session.json file or the run folder holding it")
-    r.add_argument("--from-stage", type=int, default=1, metavar="K",
-                   help="resume at stage K from the model the session saved after stage K-1 (default 1: all)")
-    r.add_argument("--tolerance", type=float, default=None, metavar="REL",
-                   help="relative tolerance before a difference is flagged (default 0.01 = 1 %%)")
+    r.add_argument(
+        "--from-stage",
+        type=int,
+        default=1,
+        metavar="K",
+        help="resume at stage K from the model the session saved after stage K-1 (default 1: all)",
+    )
+    r.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        metavar="REL",
+        help="relative tolerance before a difference is flagged (default 0.01 = 1 %%)",
+    )
     r.add_argument("--out", default=None, help="output folder (default: runs/<recipe>-replay-<time>)")
-    r.add_argument("--model", dest="replay_model", default=None,
-                   help="use this model source instead of the session's (e.g. the same model at another path)")
+    r.add_argument(
+        "--model",
+        dest="replay_model",
+        default=None,
+        help="use this model source instead of the session's (e.g. the same model at another path)",
+    )
     r.add_argument("--device", dest="replay_device", default=None, help="override the session's device")
     r.add_argument("--dtype", dest="replay_dtype", default=None, help="override the session's dtype")
     r.add_argument("--data-dir", dest="replay_data_dir", default=None, help="evaluation/calibration data folder")
     r.add_argument("--no-save-models", action="store_true", help="do not save each stage's model")
     r.set_defaults(func=replay_main)
 
-    c = sub.add_parser("compare", help="compare saved sessions as one table (md, csv, json)",
-                       description="Print one row per session (configuration, LoRA, quantization, TriviaQA "
-                                   "closed/open, perplexity per protocol, params, size). With no paths: every "
-                                   "session in ./runs and the user's session folder.")
-    c.add_argument("sessions", nargs="*", help="session files or folders (searched for session.json); a sweep "
-                                               "folder gives the thesis' tables (md, csv, json, LaTeX) and a Pareto plot")
-    c.add_argument("--format", dest="fmt", choices=("table", "md", "csv", "json"), default=None,
-                   help="output format (default: a table on a terminal, md when piped)")
+    c = sub.add_parser(
+        "compare",
+        help="compare saved sessions as one table (md, csv, json)",
+        description="Print one row per session (configuration, LoRA, quantization, TriviaQA "
+        "closed/open, perplexity per protocol, params, size). With no paths: every "
+        "session in ./runs and the user's session folder.",
+    )
+    c.add_argument(
+        "sessions",
+        nargs="*",
+        help="session files or folders (searched for session.json); a sweep "
+        "folder gives the thesis' tables (md, csv, json, LaTeX) and a Pareto plot",
+    )
+    c.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("table", "md", "csv", "json"),
+        default=None,
+        help="output format (default: a table on a terminal, md when piped)",
+    )
     c.add_argument("--all-stages", action="store_true", help="one row per finished stage, not only the final model")
     c.add_argument("--output", "-o", default=None, help="write to this file instead of the terminal")
     c.set_defaults(func=compare_main)
 
-    s = sub.add_parser("sessions", help="list saved sessions with their headline numbers",
-                       description="List sessions in ./runs and the user's session folder (or the given folders), "
-                                   "newest first; unreadable files are listed with the reason.")
+    s = sub.add_parser(
+        "sessions",
+        help="list saved sessions with their headline numbers",
+        description="List sessions in ./runs and the user's session folder (or the given folders), "
+        "newest first; unreadable files are listed with the reason.",
+    )
     s.add_argument("dirs", nargs="*", help="folders or files to look in")
     s.add_argument("--format", dest="fmt", choices=("table", "json"), default="table")
     s.add_argument("--schema", action="store_true", help="print the session file's JSON Schema and exit")
-    s.add_argument("--save", metavar="SESSION", default=None,
-                   help="copy this session (file or run folder) into the user's session folder and exit")
+    s.add_argument(
+        "--save",
+        metavar="SESSION",
+        default=None,
+        help="copy this session (file or run folder) into the user's session folder and exit",
+    )
     s.add_argument("--name", default=None, help="with --save: the label to save it under")
     s.set_defaults(func=sessions_main)
 
@@ -69,7 +106,7 @@ def register(sub) -> None:
 # -- helpers ---------------------------------------------------------------------------------------
 def _load_all(paths: list[str], console: Console):
     """Sessions named by paths (files, run folders, or folders of runs); unreadable ones reported."""
-    from sessions import SessionError, list_sessions, load_session
+    from frankenlab.sessions import SessionError, list_sessions, load_session
 
     found, problems = [], 0
     if not paths:
@@ -79,7 +116,7 @@ def _load_all(paths: list[str], console: Console):
         for p in paths:
             pp = Path(p).expanduser()
             if pp.is_file() or (pp / "session.json").is_file() or not pp.exists():
-                from sessions.store import SessionEntry
+                from frankenlab.sessions.store import SessionEntry
 
                 try:
                     entries.append(SessionEntry(pp, load_session(pp)))
@@ -114,8 +151,12 @@ def diff_table(result) -> Table:
             protocols.setdefault(d.name, set()).add(d.protocol)
     single = {n: next(iter(p)) for n, p in protocols.items() if len(p) == 1}
     caption = "; ".join(f"{n}: {p}" for n, p in single.items() if p)
-    t = Table(title=f"replay of {escape(result.saved.title)} ({result.saved.id}), tolerance "
-                    f"{100 * result.tolerance:g} % relative", caption=escape(caption) or None, box=box.SIMPLE_HEAD)
+    t = Table(
+        title=f"replay of {escape(result.saved.title)} ({result.saved.id}), tolerance "
+        f"{100 * result.tolerance:g} % relative",
+        caption=escape(caption) or None,
+        box=box.SIMPLE_HEAD,
+    )
     t.add_column("stage", no_wrap=True)
     t.add_column("metric", overflow="fold", min_width=14)
     for col in ("saved", "replayed", "diff", "relative"):
@@ -123,20 +164,29 @@ def diff_table(result) -> Table:
     t.add_column("", no_wrap=True)
     for d in result.diffs:
         rel = d.relative
-        flag = {"ok": "[green]ok[/green]", "changed": "[bold red]CHANGED[/bold red]",
-                "missing": "[yellow]missing[/yellow]", "new": "[yellow]new[/yellow]"}[d.status]
+        flag = {
+            "ok": "[green]ok[/green]",
+            "changed": "[bold red]CHANGED[/bold red]",
+            "missing": "[yellow]missing[/yellow]",
+            "new": "[yellow]new[/yellow]",
+        }[d.status]
         diff = d.diff
         metric = escape(d.name if d.protocol == "count" or d.name in single else f"{d.name} [{d.protocol}]")
-        t.add_row(f"{d.stage} {d.kind}", metric, _fmt(d.saved), _fmt(d.new),
-                  "-" if diff is None else (f"{diff:+.4g}" if diff else "0"),
-                  "-" if rel is None else f"{100 * rel:+.3g} %", flag)
+        t.add_row(
+            f"{d.stage} {d.kind}",
+            metric,
+            _fmt(d.saved),
+            _fmt(d.new),
+            "-" if diff is None else (f"{diff:+.4g}" if diff else "0"),
+            "-" if rel is None else f"{100 * rel:+.3g} %",
+            flag,
+        )
     return t
 
 
 def replay_main(args) -> int:
-    from sessions import DEFAULT_TOLERANCE, SessionError, load_session, replay
-
-    from .run import ProgressView
+    from frankenlab.sessions import DEFAULT_TOLERANCE, SessionError, load_session, replay
+    from frankenlab.tui.cli.run import ProgressView
 
     console = Console()
     try:
@@ -144,7 +194,7 @@ def replay_main(args) -> int:
     except SessionError as exc:
         console.print(f"[bold red]cannot replay:[/bold red] {escape(str(exc))}")
         return 2
-    from .run import default_out
+    from frankenlab.tui.cli.run import default_out
 
     out = Path(args.out) if args.out else default_out(str(saved.recipe.get("name") or "session"), "-replay")
     top_device = args.device if getattr(args, "device", "auto") != "auto" else None
@@ -152,20 +202,29 @@ def replay_main(args) -> int:
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     cancel, restore_sigint = ctrl_c_cancels(console, "cancelling")
-    from pipeline.runlock import RunFolderBusy
+    from frankenlab.pipeline.runlock import RunFolderBusy
 
-    console.print(f"replaying [bold]{escape(saved.title)}[/bold] ({saved.id}) from stage {args.from_stage} "
-                  f"into {escape(str(out))}")
+    console.print(
+        f"replaying [bold]{escape(saved.title)}[/bold] ({saved.id}) from stage {args.from_stage} "
+        f"into {escape(str(out))}"
+    )
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                      console=console) as progress:
-            result = replay(saved, out, from_stage=args.from_stage,
-                            tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
-                            model=args.replay_model or getattr(args, "model", None),
-                            device=args.replay_device or top_device, dtype=args.replay_dtype or top_dtype,
-                            data_dir=args.replay_data_dir or getattr(args, "data_dir", None),
-                            listener=ProgressView(console, progress), cancel=cancel,
-                            save_models=not args.no_save_models)
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
+            result = replay(
+                saved,
+                out,
+                from_stage=args.from_stage,
+                tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+                model=args.replay_model or getattr(args, "model", None),
+                device=args.replay_device or top_device,
+                dtype=args.replay_dtype or top_dtype,
+                data_dir=args.replay_data_dir or getattr(args, "data_dir", None),
+                listener=ProgressView(console, progress),
+                cancel=cancel,
+                save_models=not args.no_save_models,
+            )
     except (SessionError, RunFolderBusy) as exc:
         console.print(f"[bold red]cannot replay:[/bold red] {escape(str(exc))}")
         return 2
@@ -178,27 +237,31 @@ def replay_main(args) -> int:
     if result.ok:
         console.print(f"[green]every number is within {100 * result.tolerance:g} % of the saved session[/green]")
     else:
-        console.print(f"[bold red]{len(flagged)} number(s) differ beyond {100 * result.tolerance:g} %"
-                      f"{'' if result.new.status == 'done' else f'; the replay ended {result.new.status}'}"
-                      "[/bold red]")
+        console.print(
+            f"[bold red]{len(flagged)} number(s) differ beyond {100 * result.tolerance:g} %"
+            f"{'' if result.new.status == 'done' else f'; the replay ended {result.new.status}'}"
+            "[/bold red]"
+        )
     console.print(f"new session written to [bold]{escape(str(result.new.path))}[/bold]")
     return 0 if result.ok else 1
 
 
 # -- compare ---------------------------------------------------------------------------------------
 def compare_main(args) -> int:
-    from sessions import compare_table, format_table
-    from sessions.compare import format_value
+    from frankenlab.sessions import compare_table, format_table
+    from frankenlab.sessions.compare import format_value
 
     if len(args.sessions) == 1 and (Path(args.sessions[0]) / "sweep.json").is_file():  # a sweep folder
-        from tui.commands.sweep import compare_sweep
+        from frankenlab.tui.cli.sweep import compare_sweep
 
         return compare_sweep(args)
     err = Console(stderr=True)
     sessions, problems = _load_all(args.sessions, err)
     if not sessions:
-        err.print("[bold red]no sessions to compare[/bold red]" + ("" if args.sessions else
-                  " (none in ./runs or the user's session folder; pass session files or folders)"))
+        err.print(
+            "[bold red]no sessions to compare[/bold red]"
+            + ("" if args.sessions else " (none in ./runs or the user's session folder; pass session files or folders)")
+        )
         return 2
     table = compare_table(sessions, all_stages=args.all_stages)
     fmt = args.fmt or ("table" if sys.stdout.isatty() and not args.output else "md")
@@ -217,7 +280,7 @@ def compare_main(args) -> int:
     else:
         text = format_table(table, fmt)
         if args.output:
-            from sessions.record import atomic_write_text
+            from frankenlab.pipeline.atomic import atomic_write_text
 
             atomic_write_text(Path(args.output), text)
         else:
@@ -241,15 +304,19 @@ def sessions_table(columns, rows, width: int, looked: str) -> Table:
         keep.remove(columns.index("stages"))
         if all(r[columns.index("TriviaQA c/o")] == "- / -" for r in rows):
             keep.remove(columns.index("TriviaQA c/o"))  # nothing measured: room for the name
-    t = Table(title=f"sessions in {escape(looked)}", box=box.SIMPLE_HEAD if width < 140 else box.HEAVY_HEAD,
-              pad_edge=False)
+    t = Table(
+        title=f"sessions in {escape(looked)}", box=box.SIMPLE_HEAD if width < 140 else box.HEAVY_HEAD, pad_edge=False
+    )
     for i in keep:
         col = columns[i]
-        t.add_column(col if width >= 100 or col != "TriviaQA c/o" else "TQA c/o",
-                     justify="right" if col in ("perplexity", "params (nonzero)") else "left",
-                     overflow="fold", no_wrap=col not in ("name", "configuration", "path", "TriviaQA c/o"),
-                     min_width={"name": 12, "configuration": 14, "path": 20, "TriviaQA c/o": 6}.get(col),
-                     ratio={"name": 2, "configuration": 3, "path": 3}.get(col))
+        t.add_column(
+            col if width >= 100 or col != "TriviaQA c/o" else "TQA c/o",
+            justify="right" if col in ("perplexity", "params (nonzero)") else "left",
+            overflow="fold",
+            no_wrap=col not in ("name", "configuration", "path", "TriviaQA c/o"),
+            min_width={"name": 12, "configuration": 14, "path": 20, "TriviaQA c/o": 6}.get(col),
+            ratio={"name": 2, "configuration": 3, "path": 3}.get(col),
+        )
     protocols = set()
     for r in rows:
         cells = [escape(r[i]) for i in keep]
@@ -270,16 +337,16 @@ def sessions_table(columns, rows, width: int, looked: str) -> Table:
 
 
 def sessions_main(args) -> int:
-    from sessions import default_session_dirs, headline, list_sessions
+    from frankenlab.sessions import default_session_dirs, headline, list_sessions
 
     if args.schema:
-        from sessions.schema import SESSION_SCHEMA
+        from frankenlab.sessions.schema import SESSION_SCHEMA
 
         sys.stdout.write(json.dumps(SESSION_SCHEMA, indent=2) + "\n")
         return 0
     console = Console()
     if args.save:
-        from sessions import SessionError, load_session, save_to_user_dir
+        from frankenlab.sessions import SessionError, load_session, save_to_user_dir
 
         try:
             path = save_to_user_dir(load_session(args.save), args.name)
@@ -296,8 +363,7 @@ def sessions_main(args) -> int:
             item = {"path": str(e.path), "error": e.error}
             if e.session is not None:
                 s = e.session
-                item.update({"id": s.id, "name": s.title, "status": s.status, "created": s.created,
-                             **headline(s)})
+                item.update({"id": s.id, "name": s.title, "status": s.status, "created": s.created, **headline(s)})
             out.append(item)
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
         return 0
@@ -305,8 +371,17 @@ def sessions_main(args) -> int:
     if not entries:
         console.print(f"no sessions found in {escape(looked)}")
         return 0
-    columns = ("created", "name", "status", "stages", "configuration", "perplexity", "TriviaQA c/o",
-               "params (nonzero)", "path")
+    columns = (
+        "created",
+        "name",
+        "status",
+        "stages",
+        "configuration",
+        "perplexity",
+        "TriviaQA c/o",
+        "params (nonzero)",
+        "path",
+    )
     broken = [e for e in entries if e.session is None]
     rows = []
     for e in entries:
@@ -317,8 +392,19 @@ def sessions_main(args) -> int:
         qa = " / ".join("-" if h[k] is None else f"{100 * h[k]:.1f}%" for k in ("triviaqa_closed", "triviaqa_open"))
         params = "-" if h["params"] is None else f"{h['params']:,} ({h['params_nonzero'] or 0:,})"
         config = " + ".join(x for x in (h["configuration"], h["lora"], h["quantization"]) if x)
-        rows.append((time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created)), f"{s.title} ({s.id})", s.status,
-                     f"{h['stages_done']}/{h['stages']}", config, ppl, qa, params, str(e.path)))
+        rows.append(
+            (
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created)),
+                f"{s.title} ({s.id})",
+                s.status,
+                f"{h['stages_done']}/{h['stages']}",
+                config,
+                ppl,
+                qa,
+                params,
+                str(e.path),
+            )
+        )
     if not console.is_terminal:  # piped: plain tab-separated text, every column, nothing cut
         if rows:
             sys.stdout.write("\t".join(columns) + "\n" + "".join("\t".join(r) + "\n" for r in rows))

@@ -6,6 +6,7 @@ every missing node, one line per node, and ends with the thesis' tables and the 
 rerun of the same command does only what is missing. `frankenlab sweeps` lists the bundled sweeps;
 `frankenlab compare DIR` remakes the tables of a sweep folder.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,19 +14,25 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from tui.commands.common import ctrl_c_cancels
+from frankenlab.tui.cli.signals import ctrl_c_cancels
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sweep", help="run a grid of configurations sharing every common prefix (a sweep file)",
-                       description="Expand a sweep file (a base recipe plus axes), compute every shared prefix "
-                                   "once, write one session per configuration, the thesis' tables and a Pareto plot.")
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of configurations sharing every common prefix (a sweep file)",
+        description="Expand a sweep file (a base recipe plus axes), compute every shared prefix "
+        "once, write one session per configuration, the thesis' tables and a Pareto plot.",
+    )
     p.add_argument("sweep", help="sweep TOML file, or a bundled sweep name (see `frankenlab sweeps`)")
     p.add_argument("--out", required=True, help="sweep folder (a rerun into the same folder reuses finished work)")
     p.add_argument("--dry-run", action="store_true", help="print the configurations and what they share, run nothing")
     p.add_argument("--ray", action="store_true", help="run the jobs as Ray tasks on a local Ray instance")
-    p.add_argument("--ray-address", default=None, help="run the jobs on this Ray cluster (e.g. ray://host:10001 or "
-                                                       "auto); DIR must be on storage every node sees")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="run the jobs on this Ray cluster (e.g. ray://host:10001 or auto); DIR must be on storage every node sees",
+    )
     p.add_argument("--model", dest="sweep_model", default=None, help="override the base recipe's model source")
     p.add_argument("--data-dir", dest="sweep_data_dir", default=None, help="evaluation/calibration data folder")
     p.set_defaults(func=main)
@@ -34,7 +41,7 @@ def register(sub) -> None:
 
 
 def list_sweeps(args) -> int:
-    from sessions.sweep import bundled_sweeps, load_sweep
+    from frankenlab.sessions.sweep import bundled_sweeps, load_sweep
 
     console = Console()
     for name in bundled_sweeps():
@@ -45,23 +52,28 @@ def list_sweeps(args) -> int:
 
 
 def describe(console: Console, sweep, configs, out: Path) -> None:
-    from sessions.sweep import build_tree
-    from sessions.sweep.jobs import read_node
+    from frankenlab.sessions.sweep import build_tree
+    from frankenlab.sessions.sweep.jobs import read_node
 
     nodes, chains = build_tree(configs)
-    console.print(f"[bold]{escape(sweep.name)}[/bold]: {len(configs)} configuration(s), {len(nodes)} node(s) "
-                  f"(a node = the model after a prefix of stages, computed once)")
+    console.print(
+        f"[bold]{escape(sweep.name)}[/bold]: {len(configs)} configuration(s), {len(nodes)} node(s) "
+        f"(a node = the model after a prefix of stages, computed once)"
+    )
     for c in configs:
-        console.print(f"  {c.index:>3}  {escape(c.label)}  [dim]{' > '.join(s.kind for s in c.recipe.stages) or 'baseline'}"
-                      f"[/dim]")
+        console.print(
+            f"  {c.index:>3}  {escape(c.label)}  [dim]{' > '.join(s.kind for s in c.recipe.stages) or 'baseline'}[/dim]"
+        )
     shared = [n for n in nodes.values() if len(n.configs) > 1 and n.index > 0]
     if shared:
         console.print("shared prefixes:")
         for n in shared:
             console.print(f"  {n.key}  {escape(n.label)}  [dim]used by {len(n.configs)} configurations[/dim]")
     done = sum(1 for k in nodes if read_node(out, k) is not None)
-    console.print(f"{done} of {len(nodes)} node(s) already finished in {escape(str(out))}; "
-                  f"{len(nodes) - done} to compute", highlight=False)
+    console.print(
+        f"{done} of {len(nodes)} node(s) already finished in {escape(str(out))}; {len(nodes) - done} to compute",
+        highlight=False,
+    )
 
 
 class LineView:
@@ -72,7 +84,7 @@ class LineView:
         self.labels: dict[str, str] = {}
 
     def __call__(self, e) -> None:
-        from sessions import sweep as sw
+        from frankenlab.sessions import sweep as sw
 
         if isinstance(e, sw.SweepStarted):
             self.console.print(f"[bold]{escape(e.name)}[/bold]: {e.todo} node(s) to compute on {e.executor}")
@@ -90,7 +102,7 @@ class LineView:
 def main(args) -> int:
     from dataclasses import replace
 
-    from sessions.sweep import SweepError, load_sweep, run_sweep
+    from frankenlab.sessions.sweep import SweepError, load_sweep, run_sweep
 
     console = Console()
     err = Console(stderr=True)
@@ -110,20 +122,27 @@ def main(args) -> int:
         return 0
     executor = None
     if args.ray or args.ray_address:
-        from sessions.sweep import RayExecutor
+        from frankenlab.sessions.sweep import RayExecutor
 
         try:
             executor = RayExecutor(address=args.ray_address, device=configs[0].recipe.model.device)
         except RuntimeError as exc:
             err.print(f"[bold red]{escape(str(exc))}[/bold red]")
             return 2
-    from tui import noise
+    from frankenlab.tui import noise
 
     noise.attach(out / "sweep.log")
     cancel, restore = ctrl_c_cancels(console, "stopping the sweep")
     try:
-        record = run_sweep(sweep, out, executor=executor, listener=LineView(console), cancel=cancel,
-                           data_dir=args.sweep_data_dir or args.data_dir, configs=configs)
+        record = run_sweep(
+            sweep,
+            out,
+            executor=executor,
+            listener=LineView(console),
+            cancel=cancel,
+            data_dir=args.sweep_data_dir or args.data_dir,
+            configs=configs,
+        )
     except OSError as exc:
         err.print(f"[bold red]cannot write the sweep folder {escape(str(out))}: {exc.strerror or exc}[/bold red]")
         return 2
@@ -132,19 +151,32 @@ def main(args) -> int:
     report(console, out)
     for n in record["nodes"].values():
         if n["index"] > 0 and n["shared_by"] > 1:
-            console.print(f"shared node {escape(n['label'])}: computed {n['computed']} time(s) in all runs, "
-                          f"used by {n['shared_by']} configurations", highlight=False)
+            console.print(
+                f"shared node {escape(n['label'])}: computed {n['computed']} time(s) in all runs, "
+                f"used by {n['shared_by']} configurations",
+                highlight=False,
+            )
     run = record["runs"][-1]
-    console.print(f"{record['status']}: {run['nodes_computed']} node(s) computed, {run['nodes_reused']} reused from "
-                  f"earlier runs, {record['cache_hits']['shared']} shared-prefix hit(s); record: "
-                  f"{escape(str(out / 'sweep.json'))}", highlight=False)
+    console.print(
+        f"{record['status']}: {run['nodes_computed']} node(s) computed, {run['nodes_reused']} reused from "
+        f"earlier runs, {record['cache_hits']['shared']} shared-prefix hit(s); record: "
+        f"{escape(str(out / 'sweep.json'))}",
+        highlight=False,
+    )
     return {"done": 0, "cancelled": 130}.get(record["status"], 1)
 
 
 def report(console: Console, out: Path) -> None:
     """Write the tables and the Pareto plot; print Table 4.1 (or 4.2) and the front."""
-    from sessions.sweep.results import (budget_bytes, pareto_points, pareto_text, render, sweep_sessions,
-                                        thesis_tables, write_results)
+    from frankenlab.sessions.sweep.results import (
+        budget_bytes,
+        pareto_points,
+        pareto_text,
+        render,
+        sweep_sessions,
+        thesis_tables,
+        write_results,
+    )
 
     _, sessions = sweep_sessions(out)
     if not sessions:
@@ -161,7 +193,7 @@ def report(console: Console, out: Path) -> None:
 
 def compare_sweep(args) -> int:
     """`frankenlab compare DIR` on a sweep folder: the thesis' tables (all formats) and the Pareto plot."""
-    from sessions import SessionError
+    from frankenlab.sessions import SessionError
 
     out = Path(args.sessions[0])
     try:
@@ -170,10 +202,9 @@ def compare_sweep(args) -> int:
         Console(stderr=True).print(f"[bold red]{escape(str(exc))}[/bold red]")
         return 2
     if getattr(args, "fmt", None) in ("md", "csv", "json", "tex") and args.output:
-        from sessions.record import atomic_write_text
-        from sessions.sweep.results import render, sweep_sessions, thesis_tables
+        from frankenlab.pipeline.atomic import atomic_write_text
+        from frankenlab.sessions.sweep.results import render, sweep_sessions, thesis_tables
 
         tables = thesis_tables(sweep_sessions(out)[1])
         atomic_write_text(Path(args.output), "\n".join(render(t, args.fmt) for t in tables.values()))
     return 0
-

@@ -7,22 +7,23 @@ a replay says. During a run the session on screen is built in memory from the ru
 (a `SessionRecorder` that does not save); the session the runner returns, saved by its own
 recorder, replaces it at the end. Nobody re-reads session.json while a run goes.
 """
+
 from __future__ import annotations
 
 import copy
 import gc
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
-from pipeline import events as ev
-from pipeline.plans import LayerPlan
-from pipeline.sharing import model_lock
-from pipeline.stages import stage_kind
-from sessions import Session, SessionRecorder, load_session
-from tui.chat import ChatTarget
+from frankenlab.pipeline import events as ev
+from frankenlab.pipeline.plans import LayerPlan
+from frankenlab.pipeline.sharing import model_lock
+from frankenlab.pipeline.stages import stage_kind
+from frankenlab.sessions import Session, SessionRecorder, load_session
+from frankenlab.tui.chat import ChatTarget
 
 PROGRESS_EVERY = 0.1  # seconds: progress events closer than this are not forwarded to the screen
 
@@ -73,17 +74,29 @@ def replay_diff_line(d) -> tuple[str, str]:
 
 def replay_verdict(result) -> tuple[str, str]:
     """(text, level) summing up a replay."""
-    text = (f"replay {'reproduced' if result.ok else 'differs'}: {len(result.diffs)} metrics compared, "
-            f"{len(result.flagged)} outside tolerance {result.tolerance:.1%}")
+    text = (
+        f"replay {'reproduced' if result.ok else 'differs'}: {len(result.diffs)} metrics compared, "
+        f"{len(result.flagged)} outside tolerance {result.tolerance:.1%}"
+    )
     return text, "info" if result.ok else "warning"
 
 
 class LabState:
     """What the lab holds between events; methods marked "thread" run in a worker, the rest in the UI."""
 
-    def __init__(self, *, loader: Callable, runner: Callable, runs_dir: str | Path = "runs",
-                 data_dir: str | Path | None = None, model_ref: str = "default", device: str = "auto",
-                 dtype: str = "auto", trust_remote_code: bool = False, save_models: bool = True):
+    def __init__(
+        self,
+        *,
+        loader: Callable,
+        runner: Callable,
+        runs_dir: str | Path = "runs",
+        data_dir: str | Path | None = None,
+        model_ref: str = "default",
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        save_models: bool = True,
+    ):
         self.loader, self.runner = loader, runner
         self.runs_dir = Path(runs_dir)
         self.data_dir = Path(data_dir) if data_dir else None
@@ -120,14 +133,14 @@ class LabState:
     def n_layers(self) -> int | None:
         if self.loaded is None:
             return None
-        from pipeline.models import decoder_layers
+        from frankenlab.pipeline.loading import decoder_layers
 
         return len(decoder_layers(self.loaded.model))
 
     # -- runs ------------------------------------------------------------------------------------
     def new_run_dir(self, name: str, stamp: str | None = None) -> Path:
         """runs/<name>-<time>, as `frankenlab run` names them (suffixed -2, -3... when taken)."""
-        from pipeline.runlock import safe_slug
+        from frankenlab.pipeline.runlock import safe_slug
 
         stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
         name = safe_slug(name, "run")  # a typed name never leaves the runs folder ("../x", "/etc/x")
@@ -150,15 +163,32 @@ class LabState:
         """(thread) Run `recipe` on a copy of the loaded model; returns the runner's saved session."""
         with model_lock(self.loaded.model):  # the lab keeps its baseline; the run changes a copy
             model = copy.deepcopy(self.loaded.model)
-        return self.runner(recipe, out, listener=listener, cancel=self.cancel, loaded=replace(self.loaded, model=model),
-                           save_models=self.save_models, data_dir=self.data_dir)
+        return self.runner(
+            recipe,
+            out,
+            listener=listener,
+            cancel=self.cancel,
+            loaded=replace(self.loaded, model=model),
+            save_models=self.save_models,
+            data_dir=self.data_dir,
+        )
 
     def replay(self, saved: Session, out: Path, listener: Callable, on_diff: Callable):
         """(thread) Re-run a saved session's recipe into `out`; returns sessions.ReplayResult."""
-        from sessions import replay
+        from frankenlab.sessions import replay
 
-        return replay(saved, out, model=self.model_ref, device=self.device, dtype=self.dtype, data_dir=self.data_dir,
-                      listener=listener, cancel=self.cancel, save_models=self.save_models, on_diff=on_diff)
+        return replay(
+            saved,
+            out,
+            model=self.model_ref,
+            device=self.device,
+            dtype=self.dtype,
+            data_dir=self.data_dir,
+            listener=listener,
+            cancel=self.cancel,
+            save_models=self.save_models,
+            on_diff=on_diff,
+        )
 
     def forward(self, e: ev.Event) -> bool:
         """(thread) Whether the screen needs this event: progress is thinned to one per 0.1 s per stage."""
@@ -207,19 +237,22 @@ class LabState:
         if lm is not None:
             targets["base"] = ChatTarget("base", f"baseline ({lm.source.name})", lambda: (lm.model, lm.tokenizer))
             if plan is not None and not plan.is_identity:
-                targets["plan"] = ChatTarget("plan", f"baseline + plan {plan.to_text()}",
-                                             lambda: (lm.model, lm.tokenizer), plan=plan)
+                targets["plan"] = ChatTarget(
+                    "plan", f"baseline + plan {plan.to_text()}", lambda: (lm.model, lm.tokenizer), plan=plan
+                )
         s = self.session
         for st in s.stages if s is not None else ():
             if st.index > 0 and st.status == "done" and st.artifact:
                 path = s.artifact_path(st.index)
                 if path is not None:
                     targets[f"stage{st.index}:{st.artifact}"] = ChatTarget(
-                        f"stage{st.index}", f"stage {st.index} {st.name or st.kind}", self._artifact_loader(path))
+                        f"stage{st.index}", f"stage {st.index} {st.name or st.kind}", self._artifact_loader(path)
+                    )
         return targets
 
     def _artifact_loader(self, path: Path) -> Callable[[], tuple]:
         def get():
             lm = self.loader(str(path), device=self.device, dtype=self.dtype)
             return lm.model, lm.tokenizer
+
         return get

@@ -1,9 +1,10 @@
 """Pieces shared by the headless subcommands."""
+
 from __future__ import annotations
 
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 
 def ctrl_c_cancels(console, verb: str = "cancelling") -> tuple[threading.Event, Callable[[], None]]:
