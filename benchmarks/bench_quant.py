@@ -125,11 +125,12 @@ def kernel_crossover(model, rows=(1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
 
     The two run interleaved (exact, int4, exact, int4) on the same inputs; weights come from memory as
     in decoding (a layer's weights are evicted from cache by the time it runs again)."""
-    from frankenlab.pipeline import quant, quant_cpu
+    from frankenlab.pipeline import quant_cpu
+    from frankenlab.pipeline.quant_linear import quantized_linears
 
     mods = [
         m
-        for m in quant.quantized_linears(model).values()
+        for m in quantized_linears(model).values()
         if getattr(m, "_frankenlab_int4", None) is not None and getattr(m, "_frankenlab_weight", None) is not None
     ]
     table = {}

@@ -90,15 +90,16 @@ def main() -> None:
             rss[e.stage] = peak_rss_gib()
             print(
                 f"[{time.perf_counter() - t_start:7.1f}s] stage {e.stage} {e.kind} {e.status} in {e.seconds:.1f}s; "
-                f"peak RSS {rss[e.stage]:.2f} GiB; {e.summary}",
+                f"peak RSS {rss[e.stage]:.2f} GiB; {e.record.params_nonzero:,} nonzero params; "
+                + ", ".join(f"{m['name']} {m['value']!s:.8}" for m in e.record.metrics),
                 flush=True,
             )
         elif isinstance(e, ev.LogLine) and e.level in ("error", "warning"):
             print(f"  {e.level}: {e.message[-2000:]}", flush=True)
         elif isinstance(e, ev.LogLine):
             print(f"  {e.message}", flush=True)
-        elif isinstance(e, ev.RunFailed):
-            print(f"  run {e.status}: {e.message}", flush=True)
+        elif isinstance(e, (ev.RunFailed, ev.RunCancelled)):
+            print(f"  run {'cancelled' if isinstance(e, ev.RunCancelled) else 'failed'}: {e.message}", flush=True)
 
     recipe = Recipe.loads(recipe_text(args))
     session = record_run(recipe, out, listener=listener, data_dir=args.data_dir)

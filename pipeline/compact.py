@@ -22,7 +22,8 @@ from frankenlab.evals.config import require
 from frankenlab.evals.errors import RecipeError
 from frankenlab.pipeline.atomic import atomic_path
 from frankenlab.pipeline.footprint import Assume, footprint
-from frankenlab.pipeline.tensor_formats import Storage, g_idx_trivial, is_quantized_linear, parse_dtype, quant_codes
+from frankenlab.pipeline.quant_linear import g_idx_trivial, group_index, is_quantized_linear, quant_codes
+from frankenlab.pipeline.tensor_formats import Storage, parse_dtype
 
 COMPACT_FILE = "model.compact.safetensors"
 FORMAT = "frankenlab-compact"
@@ -113,7 +114,7 @@ def _encode_quant(name: str, module: nn.Module, s: Storage, out: dict, layouts: 
     bits, group = s.quant
     codes, zeros = quant_codes(module)  # (out, in), (groups, out)
     rows, cols = codes.shape
-    g_idx = module.g_idx.long().cpu() if getattr(module, "g_idx", None) is not None else torch.arange(cols) // group
+    g_idx = group_index(module).cpu()
     layout = {"kind": "quant", "bits": bits, "group": group, "shape": [rows, cols], "groups": zeros.shape[0]}
     codes = codes.cpu()
     if s.nm:

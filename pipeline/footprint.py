@@ -42,6 +42,7 @@ from torch import nn
 
 from frankenlab.evals.config import require
 from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.quant_linear import is_quantized_linear
 from frankenlab.pipeline.sharing import model_lock
 from frankenlab.pipeline.tensor_formats import (
     _DTYPE_NAMES,
@@ -53,7 +54,6 @@ from frankenlab.pipeline.tensor_formats import (
     cached,
     detect_storage,
     dtype_name,
-    is_quantized_linear,
     parse_dtype,
     quantized_storage,
 )

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from frankenlab.evals.hub import hub_endpoint_reachable, offline
+from frankenlab.pipeline.quant_linear import group_index, is_quantized_linear, quant_codes
 
 DEFAULT_MODEL = "default"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
@@ -325,8 +326,6 @@ def count_parameters(model: torch.nn.Module, *, nonzero: bool = False) -> int:
     A GPTQ linear holds its weight as packed integer buffers, not parameters: it counts as
     out x in parameters, and its nonzero ones are the codes that do not dequantize to zero.
     """
-    from frankenlab.pipeline.tensor_formats import is_quantized_linear
-
     seen: set[int] = set()
     total = 0
     for module in model.modules():
@@ -350,12 +349,6 @@ def _quantized_count(module: torch.nn.Module, nonzero: bool) -> int:
     weight = getattr(module, "_frankenlab_weight", None)  # dequantized once on CPU
     if weight is not None:
         return int(torch.count_nonzero(weight).item())
-    from frankenlab.pipeline.tensor_formats import _group_size, quant_codes
-
     codes, zeros = quant_codes(module)  # (out, in), (groups, out)
-    g_idx = (
-        module.g_idx.long()
-        if getattr(module, "g_idx", None) is not None
-        else torch.arange(cols, device=codes.device) // _group_size(module)
-    )
+    g_idx = group_index(module)
     return int((codes != zeros[g_idx].T).sum().item())

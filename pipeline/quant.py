@@ -12,7 +12,7 @@ quantized model is quantized or opened. What this module takes care of, measured
   `pipeline.quant_cpu`: decoding on aten's fused int4 kernel (bf16 activations), prefill and
   perplexity on the weights dequantized once to float32 (exact values); `FRANKENLAB_QUANT_KERNEL`
   chooses. Codes, scales and zero points are kept either way and remain what the memory
-  accounting reads;
+  accounting reads (what a quantized linear holds is read in `pipeline.quant_linear`);
 - masked GPTQ (zeros kept exactly) is `pipeline.quant_mask`;
 - it writes `./logs/` relative to the current directory and offloads finished modules to a temp
   folder; both are pointed into the stage's own work folder.
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from frankenlab.pipeline import quant_cpu
+from frankenlab.pipeline.quant_linear import quantized_linears
 
 QUANT_BITS = (2, 3, 4, 8)
 
@@ -259,25 +260,6 @@ def generate_eora(
     # gptq stage's `offload/` (see quantize): remove it again once done.
     _cleanup(Path(quant_dir).parent / "offload")
     return time.perf_counter() - t0
-
-
-def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    gptqmodel()
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, BaseQuantLinear)}
-
-
-@torch.no_grad()
-def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The (out, in) float weight a quantized linear computes with (int codes * scale, minus zero)."""
-    cached = getattr(module, "_frankenlab_weight", None)  # dequantized once on CPU (quant_cpu.set_kernel)
-    if cached is not None:
-        return cached
-    # gptqmodel's dequantize_weight() is always (in, out); guessing from the shape would leave
-    # square matrices (q_proj, o_proj) transposed.
-    w = module.dequantize_weight().t()
-    return w[: module.out_features, : module.in_features].float()
 
 
 def _read_json(path: Path) -> dict:

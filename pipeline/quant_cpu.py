@@ -18,6 +18,8 @@ import types
 
 import torch
 
+from frankenlab.pipeline.quant_linear import dequantized_weight, group_index, quant_codes, quantized_linears
+
 KERNELS = ("auto", "exact", "int4")
 KERNEL_ENV = "FRANKENLAB_QUANT_KERNEL"
 KERNEL_NOTES = {  # one line per kernel, for load notes and stage reports
@@ -100,19 +102,14 @@ def int4_pack(module: torch.nn.Module, weight: torch.Tensor | None = None):
         or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     ):
         return None
-    from frankenlab.pipeline.tensor_formats import _group_size, quant_codes
-
     _out_f, in_f = int(module.out_features), int(module.in_features)
     try:
         codes, zeros = quant_codes(module)  # (out, in), (groups, out)
     except Exception:  # noqa: BLE001 - a packing we do not read: the exact path serves it
         return None
-    g_idx = getattr(module, "g_idx", None)
-    g_idx = g_idx.long() if g_idx is not None else torch.arange(in_f) // _group_size(module)
+    g_idx = group_index(module)
     scales = module.scales.float()
     if weight is None:
-        from frankenlab.pipeline.quant import dequantized_weight
-
         weight = dequantized_weight(module)
     if not torch.equal(scales[g_idx].T * (codes - zeros[g_idx].T).float(), weight):
         return None
@@ -152,8 +149,6 @@ def set_kernel(model: torch.nn.Module, kernel: str | None = None) -> dict[str, i
     A module the kernel cannot take (not 4-bit, groups it does not accept) runs exact in every mode.
     The packed GPTQ buffers stay what the model stores and what the memory accounting prices.
     """
-    from frankenlab.pipeline.quant import dequantized_weight, quantized_linears
-
     kernel = kernel_choice(kernel)
     counts: collections.Counter[str] = collections.Counter()
     for mod in quantized_linears(model).values():

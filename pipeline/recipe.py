@@ -7,14 +7,14 @@ Everything kind-specific is asked of the stage registry (order rules, layers aft
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-import tomllib
 
-from frankenlab.evals.config import from_dict, require, to_dict
+from frankenlab.evals.config import from_dict, option, require, to_dict
 from frankenlab.evals.errors import RecipeError
 from frankenlab.evals.suite import EvalConfig
 from frankenlab.pipeline.atomic import atomic_write_text
@@ -26,10 +26,16 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    source: str = "default"  # "default", an HF folder, a .gguf file or a hub id
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
+    source: str = option(
+        "default",
+        help='"default" (the bundled SmolLM2-135M-Instruct), an HF folder, a .gguf file, a hub id, '
+        "or a GPTQ / EoRA stage folder",
+    )
+    dtype: str = option(
+        "auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16 (or fp32, bf16, fp16)"
+    )
+    device: str = option("auto", help="auto, cpu or cuda[:N]")
+    trust_remote_code: bool = option(False, help="allow model code from the hub")
 
     def __post_init__(self):
         require(

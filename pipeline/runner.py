@@ -1,11 +1,12 @@
 """Run a recipe: load, evaluate the baseline, then each stage followed by its evaluation.
 
 The runner only acts and tells: everything it learns goes to its listeners as events
-(`pipeline.events`), and `StageFinished` carries the whole stage record. It never writes the
-session: `sessions.recorder.SessionRecorder` is the listener that builds it and saves it after
-every stage (the CLI, the lab and sweeps attach one). It writes the run's artifacts: recipe.toml
-and each stage's model under OUT/stages/NN-kind. Cancellation is cooperative (a threading.Event
-checked between batches); a cancelled or failed run still reports every finished stage.
+(`pipeline.events`), and `StageFinished` carries the stage record (`pipeline.records.StageRecord`,
+built here). It never writes the session: `sessions.recorder.SessionRecorder` is the listener that
+builds it and saves it after every stage (the CLI, the lab and sweeps attach one). It writes the
+run's artifacts: recipe.toml (atomically) and each stage's model under OUT/stages/NN-kind.
+Cancellation is cooperative (a threading.Event checked between batches); a cancelled run ends
+with `RunCancelled`, a failed one with `RunFailed`, and both still report every finished stage.
 What a stage kind needs (calibration, layers after it) is asked of the stage registry.
 """
 
@@ -27,6 +28,7 @@ from frankenlab.evals.data import DataNotFound, load_dataset_records
 from frankenlab.evals.errors import RecipeError
 from frankenlab.evals.perplexity import Protocol
 from frankenlab.evals.suite import evaluate
+from frankenlab.pipeline.atomic import atomic_write_text
 from frankenlab.pipeline.context import StageContext
 from frankenlab.pipeline.events import (
     Event,
@@ -34,6 +36,7 @@ from frankenlab.pipeline.events import (
     LogLine,
     MetricMeasured,
     ModelReady,
+    RunCancelled,
     RunFailed,
     RunFinished,
     RunStarted,
@@ -51,6 +54,7 @@ from frankenlab.pipeline.loading import (
 )
 from frankenlab.pipeline.provenance import describe_zeros, weights_origin
 from frankenlab.pipeline.recipe import Recipe, StageSpec
+from frankenlab.pipeline.records import StageRecord
 from frankenlab.pipeline.runlock import RunLock
 from frankenlab.pipeline.stages import stage_kind
 
@@ -74,7 +78,7 @@ class RunResult:
     out_dir: Path
     message: str = ""
     model: torch.nn.Module | None = None  # the last finished stage's model (chat, memory)
-    records: list[dict] = field(default_factory=list)  # every StageFinished record, in order
+    records: list[StageRecord] = field(default_factory=list)  # every StageFinished record, in order
 
 
 def environment(loaded: LoadedModel | None, recipe: Recipe) -> dict:
@@ -161,7 +165,7 @@ class Runner:
         self.loaded = loaded
         self.cancel = options.cancel or threading.Event()
         self.out = Path(options.out_dir)
-        self.records: list[dict] = []
+        self.records: list[StageRecord] = []
         self.listener_errors: list[str] = []
 
     # -- events ----------------------------------------------------------------------------------
@@ -260,10 +264,12 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - any stage failure is reported, finished stages kept
             self.emit(LogLine(index, traceback.format_exc(), "error"))
             status, message = "failed", f"{type(exc).__name__}: {exc}"
-        if status != "done":
-            # a failure before the baseline (data, model, recipe checks) belongs to the baseline row
-            # a refused stage owns its refusal: the stage that was about to run, not the baseline
-            self.emit(RunFailed(max(index, 0), message, status, cause=cause))
+        # a failure before the baseline (data, model, recipe checks) belongs to the baseline row
+        # a refused stage owns its refusal: the stage that was about to run, not the baseline
+        if status == "cancelled":
+            self.emit(RunCancelled(max(index, 0), message))
+        elif status != "done":
+            self.emit(RunFailed(max(index, 0), message, cause=cause))
         lock.release()
         self.emit(RunFinished(max(index, 0), status, str(self.out)))
         return RunResult(status, self.out, message, model if status == "done" else None, self.records)
@@ -279,17 +285,17 @@ class Runner:
     def _write_recipe(self) -> None:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "recipe.toml").write_text(self.recipe.dumps())
+            atomic_write_text(self.out / "recipe.toml", self.recipe.dumps())
         except OSError as exc:
             raise RecipeError(write_problem(exc, self.out)) from None
 
-    def _measure(self, record: dict, model, ctx: StageContext, final: bool) -> None:
-        record["params_count"] = count_parameters(model)
-        record["params_nonzero"] = count_parameters(model, nonzero=True)
-        record["num_layers"] = len(decoder_layers(model)) if hasattr(getattr(model, "model", None), "layers") else None
-        record["footprint"] = footprint_summary(model)
+    def _measure(self, record: StageRecord, model, ctx: StageContext, final: bool) -> None:
+        record.params_count = count_parameters(model)
+        record.params_nonzero = count_parameters(model, nonzero=True)
+        record.num_layers = len(decoder_layers(model)) if hasattr(getattr(model, "model", None), "layers") else None
+        record.footprint = footprint_summary(model)
         when = self.recipe.evaluation.after
-        if when == "none" or (when == "last" and not final and record["index"] != 0):
+        if when == "none" or (when == "last" and not final and record.index != 0):
             return
         result = evaluate(
             model,
@@ -298,29 +304,27 @@ class Runner:
             data_dir=self.opt.data_dir,
             progress=lambda f, msg: ctx.progress(f, msg),
             cancelled=lambda: ctx.cancelled,
-            on_metric=lambda m: self.emit(
-                MetricMeasured(record["index"], m["name"], m["value"], m.get("protocol", ""))
-            ),
+            on_metric=lambda m: self.emit(MetricMeasured(record.index, m["name"], m["value"], m.get("protocol", ""))),
         )
-        record["metrics"], record["details"] = result.metrics, result.details
+        record.metrics, record.details = result.metrics, result.details
 
-    def _finish(self, record: dict, t0: float) -> None:
-        record["status"], record["seconds"] = "done", time.perf_counter() - t0
+    def _finish(self, record: StageRecord, t0: float) -> None:
+        record.status, record.seconds = "done", time.perf_counter() - t0
         self.records.append(record)
-        self.emit(StageFinished(record["index"], record["kind"], "done", record["seconds"], summary(record), record))
+        self.emit(StageFinished(record))
 
     def _baseline(self, model, ctx: StageContext) -> None:
         t0 = time.perf_counter()
         self.emit(StageStarted(0, "baseline", {}))
-        record = new_record(0, "baseline", "baseline", {})
+        record = StageRecord(0, "baseline", "baseline", {}, status="running")
         self._measure(record, model, ctx, final=not self.recipe.stages)
         # densities of later stages are relative to these: a dequantized GGUF already holds exact zeros
-        record["report"]["input_zeros"] = record["params_count"] - record["params_nonzero"]
-        record["report"]["input_density"] = record["params_nonzero"] / max(1, record["params_count"])
+        record.report["input_zeros"] = record.params_count - record.params_nonzero
+        record.report["input_density"] = record.params_nonzero / max(1, record.params_count)
         origin = weights_origin(self.loaded.source.to_dict()) if self.loaded is not None else None
         if origin:
-            record["report"]["weights_origin"] = origin["note"]
-            ctx.log(f"baseline: {origin['note']}; {describe_zeros(record['params_count'], record['params_nonzero'])}")
+            record.report["weights_origin"] = origin["note"]
+            ctx.log(f"baseline: {origin['note']}; {describe_zeros(record.params_count, record.params_nonzero)}")
         self._finish(record, t0)
 
     def _stage(self, index: int, spec: StageSpec, model, run_ctx: StageContext, source: Path | None):
@@ -331,15 +335,14 @@ class Runner:
         t0 = time.perf_counter()
         result = stage_kind(spec.kind).run(model, ctx, spec.config)
         model = result.model
-        record = new_record(index, spec.kind, spec.label, spec.params())
-        record["report"] = result.report
+        record = StageRecord(index, spec.kind, spec.label, spec.params(), status="running", report=result.report)
         stage_seconds = time.perf_counter() - t0
         saved = None
         if self.opt.save_models:
             saved = Path(result.artifacts.get("model") or self._save_model(model, ctx, spec, index))
-            record["artifact"] = str(saved)
+            record.artifact = str(saved)
         self._measure(record, model, ctx, final=index == len(self.recipe.stages))
-        record["report"].setdefault("stage_seconds", stage_seconds)
+        record.report.setdefault("stage_seconds", stage_seconds)
         self._finish(record, t0)
         return model, saved
 
@@ -349,7 +352,7 @@ class Runner:
         model.save_pretrained(d)
         ctx.tokenizer.save_pretrained(d)
         partial = replace(self.recipe, stages=self.recipe.stages[:index])
-        (d / "frankenlab-recipe.toml").write_text(partial.dumps())
+        atomic_write_text(d / "frankenlab-recipe.toml", partial.dumps())
         (d / "README.md").write_text(
             f"# {self.recipe.name}: after stage {index} ({spec.kind})\n\nMade by frankenlab from "
             f"`{self.recipe.model.source}` with the stages in `frankenlab-recipe.toml`.\n"
@@ -368,37 +371,6 @@ def write_problem(exc: OSError, out: Path) -> str:
             "folder (--out DIR); finished stages are kept"
         )
     return f"cannot write the run folder {out} ({exc.strerror or exc}): choose a folder you can write to (--out DIR)"
-
-
-def new_record(index: int, kind: str, name: str, params: dict) -> dict:
-    """A stage record as plain data (the fields of sessions.StageRecord)."""
-    return {
-        "index": index,
-        "kind": kind,
-        "name": name,
-        "params": params,
-        "status": "running",
-        "metrics": [],
-        "params_count": None,
-        "params_nonzero": None,
-        "num_layers": None,
-        "footprint": None,
-        "seconds": None,
-        "artifact": None,
-        "report": {},
-        "details": {},
-    }
-
-
-def summary(record: dict) -> dict:
-    out = {
-        "params": record.get("params_count"),
-        "params_nonzero": record.get("params_nonzero"),
-        "layers": record.get("num_layers"),
-    }
-    for m in record.get("metrics") or []:
-        out[f"{m['name']}[{m.get('protocol', '')}]"] = m["value"]
-    return out
 
 
 def run_recipe(

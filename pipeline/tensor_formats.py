@@ -1,8 +1,9 @@
 """How one tensor is stored, read off the tensor itself: dense, N:M sparse, bitmask sparse, GPTQ int4.
 
 The byte counts and the reasoning behind each format are in `pipeline/footprint.py`'s docstring;
-this module holds the per-tensor half (`Storage`, `detect_storage`, quantized linears),
-`memory.py` the per-model half (footprints, KV cache, what-if assumptions).
+this module holds the per-tensor half (`Storage`, `detect_storage`, the storage of a quantized
+linear), `footprint.py` the per-model half (footprints, KV cache, what-if assumptions). What a
+quantized linear holds (its codes, zero points, groups) is read in `pipeline/quant_linear.py`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from frankenlab.evals.config import require
 from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline.quant_linear import g_idx_trivial, group_index, group_size, quant_codes, unpack_rows
 
 NM_CANDIDATE_M = (2, 4, 8, 16, 32)
 BITMASK_MIN_SAVING = 0.10  # unstructured sparsity counts only when the bitmask form saves >= 10 %
@@ -178,45 +179,10 @@ def cached(tensor: torch.Tensor, compute):
     return value
 
 
-# -- GPTQ quantized linears (gptqmodel) ------------------------------------------------------------
-def is_quantized_linear(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, b, None), torch.Tensor) for b in ("qweight", "qzeros", "scales"))
-
-
-def _unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """gptqmodel packing: 32 // bits codes per int32 word along dim 0, lowest bits first."""
-    per = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
-    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << bits) - 1)
-    return codes.reshape(packed.shape[0] * per, packed.shape[1])[:n]  # (n, cols)
-
-
-def quant_codes(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes (out, in), zeros (groups, out)) of a gptqmodel linear with 2/4/8-bit packing."""
-    bits = int(module.bits)
-    require(bits in (2, 4, 8), f"{bits}-bit GPTQ packing is not supported by the memory accounting")
-    out_f, in_f = int(module.out_features), int(module.in_features)
-    codes = _unpack_rows(module.qweight, bits, in_f).T  # (out, in)
-    zeros = _unpack_rows(module.qzeros.T, bits, out_f).T  # (groups, out)
-    return codes, zeros
-
-
-def g_idx_trivial(module: nn.Module) -> bool:
-    g_idx = getattr(module, "g_idx", None)
-    if g_idx is None:
-        return True
-    expect = torch.arange(g_idx.numel(), device=g_idx.device) // _group_size(module)
-    return bool(torch.equal(g_idx.long(), expect))
-
-
-def _group_size(module: nn.Module) -> int:
-    g = int(getattr(module, "group_size", -1))
-    return g if g > 0 else int(module.in_features)
-
-
+# -- GPTQ quantized linears (pipeline.quant_linear reads their buffers) ------------------------------
 def quantized_storage(module: nn.Module) -> tuple[Storage, int]:
     """Storage of a gptqmodel linear and the bytes of its real buffers (qweight+qzeros+scales)."""
-    bits, group = int(module.bits), _group_size(module)
+    bits, group = int(module.bits), group_size(module)
     shape = (int(module.out_features), int(module.in_features))
     extra = 0
     bias = getattr(module, "bias", None)
@@ -240,14 +206,10 @@ def _quant_sparsity(module: nn.Module, storage: Storage, sample_rows: int = 64) 
     for any index but enough to defeat a zero-count fast path; a few output rows decide first.
     """
     bits, (rows, cols) = int(module.bits), storage.shape
-    g_idx = (
-        module.g_idx.long()
-        if getattr(module, "g_idx", None) is not None
-        else torch.arange(cols, device=module.qweight.device) // _group_size(module)
-    )
-    zeros = _unpack_rows(module.qzeros.T, bits, rows).T  # (groups, out)
+    g_idx = group_index(module)
+    zeros = unpack_rows(module.qzeros.T, bits, rows).T  # (groups, out)
     k = min(rows, sample_rows)
-    sample = _unpack_rows(module.qweight[:, :k], bits, cols).T != zeros[g_idx, :k].T  # (k, in) nonzero
+    sample = unpack_rows(module.qweight[:, :k], bits, cols).T != zeros[g_idx, :k].T  # (k, in) nonzero
     m = max(NM_CANDIDATE_M)
     nm_possible = cols % m == 0 and bool((~sample.reshape(k, cols // m, m)).any(-1).all())
     z = 1 - sample.float().mean().item()  # sampled zero fraction

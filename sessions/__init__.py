@@ -2,7 +2,8 @@
 
 The API the lab and the CLI use (none of it imports Textual; only `replay` imports torch, lazily):
 - `load_session(path) -> Session`, raising `SessionError` with a message for the user;
-  `Session.save(path)` writes atomically.
+  `Session.save(path)` writes atomically. `Session.stages` are `StageRecord`s, the class the
+  runner builds and sends in `StageFinished` (defined once, in `pipeline.records`).
 - `list_sessions(dirs=None) -> [SessionEntry]` (path, session or error), newest first;
   `user_sessions_dir()`, `default_session_dirs()`, `save_to_user_dir(session, name)`.
 - `compare_table(sessions) -> CompareTable` / `compare_rows(sessions) -> [dict]`,
@@ -12,6 +13,7 @@ The API the lab and the CLI use (none of it imports Textual; only `replay` impor
   `record_run(recipe, out_dir, ...) -> Session` runs a recipe with one attached.
 """
 
+from frankenlab.pipeline.records import StageRecord
 from frankenlab.sessions.compare import (
     CompareTable,
     compare_rows,
@@ -22,7 +24,7 @@ from frankenlab.sessions.compare import (
 )
 from frankenlab.sessions.recorder import SessionRecorder, record_run
 from frankenlab.sessions.replay import DEFAULT_TOLERANCE, MetricDiff, ReplayResult, compare_sessions, replay
-from frankenlab.sessions.session import SCHEMA_VERSION, Session, SessionError, StageRecord, load_session
+from frankenlab.sessions.session import SCHEMA_VERSION, Session, SessionError, load_session
 from frankenlab.sessions.store import (
     SessionEntry,
     default_session_dirs,

@@ -11,12 +11,14 @@ fails (disk full, folder removed) is kept in `save_error` and retried at the nex
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from frankenlab.pipeline import events as ev
 from frankenlab.pipeline.events import Listener
+from frankenlab.pipeline.records import StageRecord
 from frankenlab.sessions.hashing import weights_digest
-from frankenlab.sessions.session import SESSION_FILE, Session, StageRecord
+from frankenlab.sessions.session import SESSION_FILE, Session
 
 
 class SessionRecorder:
@@ -86,18 +88,22 @@ class SessionRecorder:
         self._save()
 
     def _on_StageFinished(self, e: ev.StageFinished) -> None:
-        record = StageRecord.from_dict(e.record) if e.record else None
+        record = replace(e.record)  # the session's own copy: the runner and other listeners hold the event's
         for i, st in enumerate(self.session.stages):
-            if st.index == e.stage:
-                if record is None:
-                    st.status, st.seconds = e.status, e.seconds
-                else:
-                    self.session.stages[i] = record
+            if st.index == record.index:
+                self.session.stages[i] = record
                 break
         self._save()
 
     def _on_RunFailed(self, e: ev.RunFailed) -> None:
-        status = e.error_type if e.error_type in ("failed", "cancelled") else "failed"
+        self._stopped("failed", e)
+
+    def _on_RunCancelled(self, e: ev.RunCancelled) -> None:
+        self._stopped("cancelled", e)
+
+    def _stopped(self, status: str, e: ev.RunFailed | ev.RunCancelled) -> None:
+        """The run stopped early: the stage it stopped in (or was about to start) gets `status` and
+        the message; stages that never started are skipped. The RunFinished that follows saves."""
         self.session.status = status
         for st in self.session.stages:
             if st.status == "running" or (st.index == e.stage and st.status == "pending"):
@@ -130,15 +136,26 @@ class SessionRecorder:
             )
 
 
-# what the records already hold in full is not copied into the event log a second time
-_LOGGED_ELSEWHERE = {"RunStarted": ("recipe", "stages"), "StageFinished": ("record",)}
-
-
 def log_entry(event: ev.Event) -> dict:
-    """The event as the session's event log keeps it (progress ticks are not logged at all)."""
+    """The event as the session's event log keeps it (progress ticks are not logged at all).
+
+    What the session already holds in full is not copied a second time: RunStarted is logged
+    without the recipe and the planned stages, StageFinished as its stage's kind, status and
+    seconds, without the record (sessions/SCHEMA.md, "Event")."""
+    if isinstance(event, ev.StageFinished):
+        r = event.record
+        return {
+            "event": "StageFinished",
+            "time": event.time,
+            "stage": r.index,
+            "kind": r.kind,
+            "status": r.status,
+            "seconds": r.seconds,
+        }
     d = event.to_dict()
-    for key in _LOGGED_ELSEWHERE.get(type(event).__name__, ()):
-        d.pop(key, None)
+    if isinstance(event, ev.RunStarted):
+        d.pop("recipe", None)
+        d.pop("stages", None)
     return d
 
 

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 FORMAT = "frankenlab-session"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _NUM = {"type": ["number", "null"]}
 _INT = {"type": ["integer", "null"]}
@@ -57,7 +57,11 @@ EVENT_SCHEMA = {
     "type": "object",
     "required": ["event", "stage"],
     "properties": {
-        "event": {"type": "string", "description": "StageStarted, MetricMeasured, LogLine, StageFinished, ..."},
+        "event": {
+            "type": "string",
+            "description": "RunStarted, ModelReady, StageStarted, MetricMeasured, LogLine, StageFinished, "
+            "RunFailed, RunCancelled, RunFinished",
+        },
         "stage": {"type": "integer", "description": "-1 = loading, 0 = baseline, 1.. = stages"},
         "time": {"type": "number", "description": "unix seconds"},
     },

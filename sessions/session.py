@@ -13,15 +13,15 @@ import json
 import math
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from frankenlab.pipeline.atomic import atomic_write_text
+from frankenlab.pipeline.records import StageRecord  # the stage record, built by the runner
 from frankenlab.sessions.schema import FORMAT, SCHEMA_VERSION, SESSION_SCHEMA, validate
 
 STATUSES = ("running", "done", "failed", "cancelled", "interrupted")
-STAGE_STATUSES = ("pending", "running", "done", "failed", "cancelled", "skipped", "interrupted")
 # "interrupted" is never written: it is how a reader sees a "running" session whose owner is gone
 SESSION_FILE = "session.json"
 
@@ -38,43 +38,6 @@ def _writer() -> dict:
     except Exception:  # noqa: BLE001 - running from a source tree without an install
         v = "unknown"
     return {"program": "frankenlab", "version": v}
-
-
-@dataclass
-class StageRecord:
-    index: int  # 0 = baseline (the model as loaded), 1.. = recipe stages
-    kind: str
-    name: str = ""
-    params: dict = field(default_factory=dict)
-    status: str = "pending"  # pending | running | done | failed | cancelled | skipped
-    metrics: list[dict] = field(default_factory=list)  # {"name", "value", "protocol", ...}
-    params_count: int | None = None
-    params_nonzero: int | None = None
-    num_layers: int | None = None
-    footprint: dict | None = None
-    seconds: float | None = None
-    artifact: str | None = None  # folder of the model saved after this stage
-    report: dict = field(default_factory=dict)
-    details: dict = field(default_factory=dict)
-    error: str | None = None
-    reused_from: str | None = None  # id of the session this record was copied from (replay --from-stage)
-    extra: dict = field(default_factory=dict)  # keys this version does not know, kept for the round trip
-
-    def metric(self, name: str, protocol: str | None = None) -> dict | None:
-        return next(
-            (m for m in self.metrics if m["name"] == name and (protocol is None or m.get("protocol", "") == protocol)),
-            None,
-        )
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        extra = d.pop("extra")
-        return {**extra, **d}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> StageRecord:
-        known = {f.name for f in fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
 
 
 @dataclass
@@ -306,6 +269,7 @@ def migrate(data: dict) -> dict:
     Each stage kind migrates its own params (its `migrate(params, version)` hook, e.g. width's
     1 -> 2: `sequential` appeared with the default "projection", so a version-1 WANDA stage is
     pinned to the "layer" statistics it ran); kinds this frankenlab does not know stay as they are.
+    The event log of versions 1 and 2 is rewritten by `migrate_event_log` (2 -> 3).
     """
     from frankenlab.pipeline.stages import known_kind
 
@@ -337,8 +301,32 @@ def migrate(data: dict) -> dict:
             else rec
             for rec in data["stages"]
         ]
+    if version < 3 and isinstance(data.get("events"), list):
+        data["events"] = migrate_event_log(data["events"])
     data["schema_version"] = SCHEMA_VERSION
     return data
+
+
+def migrate_event_log(events: list) -> list:
+    """Session schema 2 -> 3: the event log as the runner's events now read (pipeline/events.py).
+
+    - A cancelled run logged `RunFailed` with its status, "cancelled", in `error_type`: it becomes
+      `RunCancelled` (`stage`, `time`, `message`).
+    - `RunFailed` loses `error_type` (it only ever held "failed"); `message` and `cause` stay.
+    - `StageFinished` loses `summary` (parameter counts and headline metrics, copied from the stage
+      record, which the session holds in `stages`); `kind`, `status`, `seconds` stay.
+    Other entries, and keys this version does not know, are kept as they are.
+    """
+    out = []
+    for e in events:
+        if isinstance(e, dict) and e.get("event") == "RunFailed" and e.get("error_type") == "cancelled":
+            e = {"event": "RunCancelled", **{k: e[k] for k in ("stage", "time", "message") if k in e}}
+        elif isinstance(e, dict) and e.get("event") == "RunFailed":
+            e = {k: v for k, v in e.items() if k != "error_type"}
+        elif isinstance(e, dict) and e.get("event") == "StageFinished":
+            e = {k: v for k, v in e.items() if k != "summary"}
+        out.append(e)
+    return out
 
 
 def load_session(path: str | Path) -> Session:

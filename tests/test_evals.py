@@ -269,7 +269,7 @@ def test_side_by_side_cancel_and_errors(tiny, tmp_path, two_threads):
 def test_freed_memory_settings_hold_while_any_block_is_open(monkeypatch):
     """glibc's thresholds go up on the first open block, to glibc's own dynamic state (and free
     memory returned) when the last closes; nothing happens with FRANKENLAB_MALLOC_TUNING=0 or without glibc."""
-    from frankenlab.evals import memory
+    from frankenlab.evals import malloc
 
     calls = []
 
@@ -282,34 +282,34 @@ def test_freed_memory_settings_hold_while_any_block_is_open(monkeypatch):
             calls.append(("trim", pad))
             return 1
 
-    monkeypatch.setattr(memory, "_glibc", lambda: FakeLibc())
-    with memory.reuse_freed_memory():
+    monkeypatch.setattr(malloc, "_glibc", lambda: FakeLibc())
+    with malloc.reuse_freed_memory():
         opened = list(calls)
-        with memory.reuse_freed_memory():
+        with malloc.reuse_freed_memory():
             assert calls == opened  # nested: nothing more
         assert calls == opened
     assert dict((p, v) for _, p, v in opened) == {
-        memory.M_MMAP_THRESHOLD: memory.MMAP_THRESHOLD,
-        memory.M_TRIM_THRESHOLD: memory.KEEP_FREE,
-        memory.M_TOP_PAD: memory.TOP_PAD,
+        malloc.M_MMAP_THRESHOLD: malloc.MMAP_THRESHOLD,
+        malloc.M_TRIM_THRESHOLD: malloc.KEEP_FREE,
+        malloc.M_TOP_PAD: malloc.TOP_PAD,
     }
     closed = calls[len(opened) :]
     assert ("trim", 0) == closed[-1]
     # left where glibc's own dynamic rule lands once the 32 MiB mmap threshold is reached, not at
     # its 128 KiB starting trim threshold (which made later work in the process fault far more)
     assert {(p, v) for _, p, v in closed[:-1]} == {
-        (memory.M_TRIM_THRESHOLD, 2 * memory.MMAP_THRESHOLD),
-        (memory.M_TOP_PAD, 128 << 10),
+        (malloc.M_TRIM_THRESHOLD, 2 * malloc.MMAP_THRESHOLD),
+        (malloc.M_TOP_PAD, 128 << 10),
     }
-    assert memory._open == 0
+    assert malloc._open == 0
     calls.clear()
     monkeypatch.setenv("FRANKENLAB_MALLOC_TUNING", "0")
-    with memory.reuse_freed_memory():
+    with malloc.reuse_freed_memory():
         pass
     assert calls == []
     monkeypatch.delenv("FRANKENLAB_MALLOC_TUNING")
-    monkeypatch.setattr(memory, "_glibc", lambda: None)
-    with memory.reuse_freed_memory():
+    monkeypatch.setattr(malloc, "_glibc", lambda: None)
+    with malloc.reuse_freed_memory():
         pass
     assert calls == []
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from frankenlab.evals.errors import RecipeError
+from frankenlab.pipeline import footprint as footprint_module
 from frankenlab.pipeline.footprint import (
     Assume,
     Storage,
@@ -17,6 +18,15 @@ from frankenlab.pipeline.footprint import (
     footprint,
     footprint_summary,
     quantized_storage,
+)
+from frankenlab.pipeline.quant_linear import (
+    dequantized_weight,
+    g_idx_trivial,
+    group_index,
+    group_size,
+    is_quantized_linear,
+    quant_codes,
+    quantized_linears,
 )
 from frankenlab.pipeline.stages.width import nm_prune_mask
 from frankenlab.pipeline.targets import Target, load_targets, parse_size, parse_targets
@@ -65,11 +75,12 @@ class FakeQuantLinear(nn.Module):
         self.bias = None
 
     def dequantized(self) -> torch.Tensor:
-        from frankenlab.pipeline.tensor_formats import quant_codes
-
         codes, zeros = quant_codes(self)
         g = self.g_idx.long()
         return self.scales.float()[g].T * (codes.float() - zeros.float()[g].T)
+
+    def dequantize_weight(self) -> torch.Tensor:  # gptqmodel's orientation: (in, out)
+        return self.dequantized().T
 
     def forward(self, x):
         return x @ self.dequantized().to(x.dtype).T
@@ -180,12 +191,27 @@ def test_quantized_linear_counted_from_its_buffers():
     assert storage.bytes == -(-storage.nnz // 2) + 64 * 256 // 8 + 2 * 64 * 2 + 64
 
 
+def test_quantized_linear_facts(tiny):
+    model = quantize_decoder(tiny.model, 4, 32)
+    found = quantized_linears(model)
+    assert len(found) == 8 * 7 and not is_quantized_linear(model.model.layers[0].input_layernorm)
+    q, down = found["model.layers.0.self_attn.q_proj"], found["model.layers.0.mlp.down_proj"]  # 64x64, 64x160
+    assert group_size(down) == 32 and g_idx_trivial(down)
+    assert torch.equal(group_index(down), torch.tensor([0] * 32 + [1] * 32 + [2] * 32 + [3] * 32 + [4] * 32))
+    assert group_size(type("PerRow", (), {"group_size": -1, "in_features": 160})()) == 160  # -1: one group a row
+    # (out, in) even for a square matrix, where a transposed weight would have the right shape
+    assert torch.equal(dequantized_weight(q), q.dequantized()) and not torch.equal(q.dequantized(), q.dequantized().T)
+    assert dequantized_weight(down).shape == (64, 160)
+    q._frankenlab_weight = torch.zeros(64, 64)  # dequantized once on CPU: that copy is the weight
+    assert torch.equal(dequantized_weight(q), torch.zeros(64, 64))
+    reordered = FakeQuantLinear(torch.randn(8, 64), 4, 32, g_idx=torch.arange(64) % 2)
+    assert not g_idx_trivial(reordered) and torch.equal(group_index(reordered), torch.arange(64) % 2)
+
+
 @pytest.mark.slow  # only because importing gptqmodel takes ~20 s on a busy CPU
 def test_gptqmodel_unpacking_matches_its_dequantize():
-    pytest.importorskip("gptqmodel")
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear  # the set-up installs it: a broken install fails
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
-
-    from frankenlab.pipeline.tensor_formats import quant_codes
 
     torch.manual_seed(0)
     lin = nn.Linear(256, 64, bias=False)
@@ -206,6 +232,8 @@ def test_gptqmodel_unpacking_matches_its_dequantize():
     scale = (hi - lo) / 15
     q.pack(lin, scale.contiguous(), torch.round(-lo / scale).contiguous(), (torch.arange(256) // 128).int())
     q.post_init()
+    assert isinstance(q, BaseQuantLinear) and is_quantized_linear(q)  # gptqmodel's class and our test agree
+    assert not is_quantized_linear(lin)
     codes, zeros = quant_codes(q)
     g = torch.arange(256) // 128
     mine = q.scales.float()[g].T * (codes.float() - zeros.float()[g].T)
@@ -273,17 +301,25 @@ def test_assume_parsing():
             Assume.parse(bad)
 
 
-def test_summary_is_fast_on_repeat(tiny):
-    import time
+def test_summary_does_not_scan_unchanged_tensors_again(tiny, monkeypatch):
+    scanned = []
 
+    def counting(weight, **kw):
+        scanned.append(weight)
+        return detect_storage(weight, **kw)
+
+    monkeypatch.setattr(footprint_module, "detect_storage", counting)
     prune_nm(tiny.model, 2, 4)
     footprint_summary(tiny.model)
-    t0 = time.perf_counter()
+    # every tensor once: 8 layers x (7 linears + 2 norms) + embeddings + final norm (the head is tied)
+    assert len(scanned) == 8 * 9 + 2
+    scanned.clear()
     footprint_summary(tiny.model)
-    assert time.perf_counter() - t0 < 0.5  # unchanged tensors are not scanned again
-    with torch.no_grad():  # an in-place change is seen
+    assert scanned == []  # unchanged tensors are not scanned again
+    with torch.no_grad():  # an in-place change is seen, and only the changed tensor is scanned
         tiny.model.model.layers[0].mlp.up_proj.weight.fill_(1.0)
     assert footprint_summary(tiny.model)["formats"]["2:4 fp32"] == 7 * 8 - 1
+    assert len(scanned) == 1 and scanned[0].shape == tiny.model.model.layers[0].mlp.up_proj.weight.shape
 
 
 # -- targets ---------------------------------------------------------------------------------------
@@ -309,7 +345,9 @@ def test_sizes():
 def test_verdicts():
     s = Target("siracusa", weights=4 * 2**20, activations=4 * 2**20)
     w, a = s.checks(weights_bytes=269_030_016, runtime_bytes=2 * 2**20)
-    assert not w.fits and w.text == f"misses by {269_030_016 / 2**22:.1f}\u00d7" and a.fits
+    # 269,030,016 bytes against 4 MiB = 4,194,304 bytes: 64.14 times, shown with one decimal from 2x on
+    assert not w.fits and w.text == "misses by 64.1\u00d7" and a.fits
+    assert w.factor == pytest.approx(64.1418, abs=1e-4)
     assert a.text == "fits (50% of activations)"
     gpu = Target("gpu", memory=11 * 2**30)
     (c,) = gpu.verdict({"weights_bytes": 2 * 2**30, "runtime_bytes": 2**30})
@@ -388,10 +426,19 @@ def test_bundled_model_footprint():
     assert fp.cache.bytes == 2 * 30 * 3 * 64 * 512 * 4
     bf16 = fp.assuming(Assume.parse("bf16")).weights_bytes
     assert bf16 == n * 2
+    # 2:4 + int4 g128 + bf16 by hand (SmolLM2-135M: 30 layers, hidden 576, MLP 1536, k/v 3 of 9 heads
+    # = 192 wide, vocabulary 49152, head tied to the embeddings):
+    # - per layer q, o 576x576, k, v 192x576, gate, up 1536x576, down 576x1536 = 3,538,944 weights, each
+    #   half a 4-bit code kept + 4 index bits per group of 4 = 3/8 byte -> 1,327,104 bytes;
+    # - groups of 128 inputs (a row of 576 has 5, of 1536 has 12): 2*576*5 + 2*192*5 + 2*1536*5 + 576*12
+    #   = 29,952 per layer, each an fp16 scale + a 4-bit zero = 2.5 bytes -> 74,880 bytes;
+    # - 30 layers x 1,401,984 = 42,059,520; embeddings 49152 x 576 x 2 = 56,623,104; 61 norms x 576 x 2
+    #   = 70,272: 98,752,896 bytes, 23.54 times the 4 MiB (4,194,304 bytes) of siracusa's weight memory
     both = fp.assuming(Assume.parse("2:4+int4-g128+bf16")).weights_bytes
+    assert both == 98_752_896
     siracusa = load_targets()["siracusa"]
     (w, a) = siracusa.verdict(fp.assuming(Assume.parse("2:4+int4-g128+bf16")))
-    assert not w.fits and w.factor == both / 2**22
+    assert not w.fits and w.factor == pytest.approx(23.5445, abs=1e-4) and w.text == "misses by 23.5\u00d7"
 
 
 def test_runner_records_footprints(tiny, tmp_path, data_dir):

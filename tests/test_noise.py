@@ -23,9 +23,7 @@ logging.getLogger("torchao").warning("after attach")
 
 def test_third_party_noise_goes_to_the_log_not_the_terminal(tmp_path):
     log = tmp_path / "run" / "run.log"
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(log)], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(log)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     terminal = out.stdout + out.stderr
     for noise_line in ("Failed to load", "register_constant", "past_key_values", "after attach"):

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 from frankenlab.pipeline import events as ev
+from frankenlab.pipeline.recipe import Recipe
 from frankenlab.pipeline.runner import run_recipe
-from frankenlab.sessions import SessionRecorder, load_session, record_run
+from frankenlab.sessions import SessionRecorder, StageRecord, load_session, record_run
 from tests.test_runner import DEPTH_WIDTH, tiny_recipe
 
 VOLATILE = ("id", "created", "updated", "events")
@@ -42,11 +43,20 @@ def test_runner_alone_writes_no_session_and_events_rebuild_it(tiny_model_dir, tm
     assert saved.stages[2].footprint and saved.stages[2].artifact and saved.stages[1].metrics
     assert saved.model_source["weights"]["digest"]  # hashed by the recorder, not the runner
     finished = [e for e in seen if isinstance(e, ev.StageFinished)]
-    assert finished[2].record["artifact"] == saved.stages[2].artifact  # the event carries the whole record
-    assert finished[2].record["footprint"] == saved.stages[2].footprint
+    assert finished[2].record == saved.stages[2] == result.records[2]  # the event carries the whole record
+    assert isinstance(finished[2].record, StageRecord) and (finished[2].stage, finished[2].kind) == (2, "width")
+    assert finished[2].record is not saved.stages[2], "the session keeps its own copy"
     logged = {e["event"] for e in saved.events}
     assert {"RunStarted", "ModelReady", "StageFinished", "RunFinished"} <= logged
     assert not any("record" in e or "recipe" in e for e in saved.events), "records are not logged twice"
+    stage_log = [e for e in saved.events if e["event"] == "StageFinished"]
+    assert [(e["stage"], e["kind"], e["status"]) for e in stage_log] == [
+        (0, "baseline", "done"),
+        (1, "depth", "done"),
+        (2, "width", "done"),
+    ]
+    assert stage_log[2]["seconds"] == saved.stages[2].seconds
+    assert Recipe.load(tmp_path / "run" / "recipe.toml").to_dict() == saved.recipe
 
 
 def test_unwritable_run_folder_is_one_line(tiny_model_dir, tmp_path, data_dir):
@@ -62,7 +72,6 @@ def test_unwritable_run_folder_is_one_line(tiny_model_dir, tmp_path, data_dir):
         [sys.executable, "-m", "frankenlab.tui", "run", str(recipe), "--out", str(out), "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert cli.returncode == 2 and "Traceback" not in cli.stdout + cli.stderr
     assert "cannot write the run folder" in cli.stdout

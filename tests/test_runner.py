@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
@@ -67,8 +68,10 @@ def test_failing_stage_keeps_finished_stages(tiny_model_dir, tmp_path, data_dir)
 
 def test_cancel_between_batches(tiny_model_dir, tmp_path, data_dir):
     cancel = threading.Event()
+    seen = []
 
     def listener(e):
+        seen.append(e)
         if isinstance(e, ev.StageStarted) and e.kind == "width":
             cancel.set()
 
@@ -78,6 +81,11 @@ def test_cancel_between_batches(tiny_model_dir, tmp_path, data_dir):
     saved = json.loads((tmp_path / "session.json").read_text())
     assert session.status == "cancelled"
     assert [s["status"] for s in saved["stages"]] == ["done", "done", "cancelled"]
+    # a cancel is its own event, not a failure: RunCancelled(stage 2), then RunFinished("cancelled")
+    assert not any(isinstance(e, ev.RunFailed) for e in seen)
+    assert [(type(e).__name__, e.stage) for e in seen[-2:]] == [("RunCancelled", 2), ("RunFinished", 2)]
+    assert seen[-1].status == "cancelled" and saved["stages"][2]["error"] == seen[-2].message
+    assert [e["event"] for e in saved["events"][-2:]] == ["RunCancelled", "RunFinished"]
 
 
 def test_missing_data_fails_before_loading(tiny_model_dir, tmp_path, monkeypatch):
@@ -96,6 +104,28 @@ def test_missing_data_fails_before_loading(tiny_model_dir, tmp_path, monkeypatch
         and "hub" in err
     )
     assert not any(isinstance(e, ev.StageStarted) for e in seen)
+
+
+def test_recipe_toml_is_written_atomically(tiny_model_dir, tmp_path, monkeypatch):
+    from frankenlab.pipeline import runner
+    from frankenlab.pipeline.atomic import atomic_write_text
+
+    written = []
+
+    def spy(path, text, *args, **kwargs):
+        written.append(Path(path))
+        atomic_write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "atomic_write_text", spy)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "recipe.toml").write_text("an older run's recipe")
+    recipe = tiny_recipe(tiny_model_dir, DEPTH_WIDTH)
+    result = runner.run_recipe(recipe, out, data_dir=tmp_path / "empty")  # fails on the data, after the recipe
+    assert result.status == "failed"
+    assert written == [out / "recipe.toml"]
+    assert Recipe.load(out / "recipe.toml").to_dict() == recipe.to_dict()
 
 
 def test_recipe_checked_against_model_depth_before_loading(tiny_model_dir, tmp_path, data_dir):
@@ -124,7 +154,6 @@ def test_cli_run_headless(tiny_model_dir, tmp_path, data_dir):
         ],
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "perplexity" in out.stdout and "wikitext2-concat-64:first4" in out.stdout
@@ -137,7 +166,6 @@ def test_cli_bad_recipe_message(tmp_path):
         [sys.executable, "-m", "frankenlab.tui", "run", str(tmp_path / "bad.toml")],
         capture_output=True,
         text=True,
-        timeout=120,
     )
     assert out.returncode == 2
     assert "N must be smaller than M" in out.stdout

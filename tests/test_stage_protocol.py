@@ -144,6 +144,87 @@ def test_toy_params_migrate_from_older_sessions(toy):
     assert Recipe.from_dict(s.recipe).stages[0].config.factor == 0.3
 
 
+# -- a third-party stage: another distribution registers it with the `frankenlab.stages` entry point --
+# The same source is installed as a real wheel into a fresh venv by tests/test_install.py.
+PLUGIN_MODULE = "halve_stage"
+PLUGIN_SOURCE = '''"""Halve: scale the decoder's linear weights (a stage kind from another distribution)"""
+
+from dataclasses import dataclass
+
+import torch
+
+from frankenlab.evals.config import option, require
+from frankenlab.pipeline.context import StageResult
+
+
+@dataclass(frozen=True)
+class Config:
+    factor: float = option(0.5, help="multiply every decoder linear weight by this")
+
+    def __post_init__(self):
+        require(0 < self.factor <= 1, f"halve: factor must be in (0, 1], got {self.factor}")
+
+
+def run(model, ctx, config):
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for mod in layer.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    mod.weight.mul_(config.factor)
+    ctx.progress(1.0, "halved")
+    return StageResult(model, {"factor": config.factor, "plugin": __name__})
+'''
+
+
+@pytest.fixture
+def plugin_distribution(tmp_path, monkeypatch):
+    """An installed-looking distribution outside this project (a module and a .dist-info folder with
+    entry_points.txt on sys.path): importlib.metadata finds its entry point as it finds a pip-installed one."""
+    import sys
+
+    from frankenlab.pipeline import stages
+
+    site = tmp_path / "site"
+    info = site / "halve_stage-1.0.dist-info"
+    info.mkdir(parents=True)
+    (site / f"{PLUGIN_MODULE}.py").write_text(PLUGIN_SOURCE)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: halve-stage\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[frankenlab.stages]\nhalve = {PLUGIN_MODULE}\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(stages, "_ENTRY_POINTS_READ", False)  # read the entry points again, as a new process does
+    assert "halve" not in stages.STAGES
+    yield site
+    stages.STAGES.pop("halve", None)
+    sys.modules.pop(PLUGIN_MODULE, None)
+
+
+def test_an_entry_point_stage_from_another_distribution_runs(plugin_distribution, tiny_model_dir, tmp_path, data_dir):
+    from transformers import AutoModelForCausalLM
+
+    from frankenlab.pipeline.stages import stage_names
+    from frankenlab.sessions import load_session, record_run
+
+    assert "halve" in stage_names()
+    kind = stage_kind("halve")
+    assert kind.target == PLUGIN_MODULE  # registered by the entry point (a module path), not by register()
+    assert kind.description == "Halve: scale the decoder's linear weights (a stage kind from another distribution)"
+    assert kind.load().__file__ == str(plugin_distribution / f"{PLUGIN_MODULE}.py")  # outside this project
+    with pytest.raises(RecipeError, match=r"stage 1 \(halve\).*factor must be in \(0, 1\], got 3.0"):
+        Recipe.loads(recipe_text(tiny_model_dir, '[[stages]]\nkind = "halve"\nfactor = 3'))
+
+    recipe = Recipe.loads(recipe_text(tiny_model_dir, '[[stages]]\nkind = "halve"'))
+    session = record_run(recipe, tmp_path / "run", data_dir=data_dir)
+    assert session.status == "done", [s.error for s in session.stages]
+    saved = load_session(tmp_path / "run")
+    assert [s.kind for s in saved.stages] == ["baseline", "halve"]
+    halved = saved.stages[1]
+    assert halved.report["plugin"] == PLUGIN_MODULE and halved.metric("perplexity")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    after = AutoModelForCausalLM.from_pretrained(halved.artifact)
+    w0, w1 = base.model.layers[0].mlp.up_proj.weight, after.model.layers[0].mlp.up_proj.weight
+    assert torch.allclose(w1, w0 * 0.5, atol=1e-6)
+
+
 # -- the lab's form: built from the registry and the config metadata alone -------------------------
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):

@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from frankenlab.pipeline import events as ev
 from frankenlab.sessions import load_session
 from frankenlab.sessions.sweep import (
     NodeFinished,
@@ -159,6 +160,20 @@ def test_sweep_runs_each_prefix_once_and_resumes(tiny_model_dir, tmp_path, data_
 
     rec = run_sweep(sw, out, listener=stop_after_depth, cancel=cancel, data_dir=data_dir)
     assert rec["status"] == "cancelled"
+    # sweep events are events like the runner's: one base, its time stamp and its to_dict
+    assert all(isinstance(e, ev.Event) and not isinstance(e, ev.RunEvent) for e in seen)
+    assert type(seen[0]).__name__ == "SweepStarted" and type(seen[-1]).__name__ == "SweepFinished"
+    depth_done = next(e for e in seen if isinstance(e, NodeFinished) and e.label == "Depth 1")
+    assert depth_done.to_dict() == {
+        "event": "NodeFinished",
+        "time": depth_done.time,
+        "key": depth_done.key,
+        "label": "Depth 1",
+        "status": "done",
+        "seconds": depth_done.seconds,
+        "message": "",
+    }
+    assert seen[-1].to_dict()["status"] == "cancelled" and json.dumps([e.to_dict() for e in seen])
     first_done = {k for k, n in rec["nodes"].items() if n["status"] == "done"}
     assert len(first_done) == 4 and len([c for c in rec["configs"] if c["status"] == "done"]) == 2
     rec = run_sweep(sw, out, data_dir=data_dir)
@@ -237,7 +252,8 @@ def test_cli_dry_run_and_bad_sweep(tiny_model_dir, tmp_path, capsys):
 
 
 def test_ray_gives_the_local_numbers(tiny_model_dir, tmp_path, data_dir):
-    ray = pytest.importorskip("ray")
+    import ray  # a hard dependency: a broken install fails here instead of skipping
+
     from frankenlab.sessions.sweep import RayExecutor
 
     sw = parse_sweep(sweep_text(tiny_model_dir, '"width.pattern" = ["1:8", "2:4"]'))

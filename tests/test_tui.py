@@ -300,6 +300,8 @@ async def test_cancel_leaves_a_valid_session(loaded, tmp_path, data_dir):
         assert s.stages[0].status == "done" and s.stages[0].metric("perplexity")
         on_disk = json.loads(Path(s.path).read_text())
         assert on_disk["status"] == "cancelled"
+        assert app.query_one("#resultspanel").rows[1].status == "cancelled"
+        assert [e["event"] for e in on_disk["events"]][-2:] == ["RunCancelled", "RunFinished"]
 
 
 async def test_live_results_come_from_stage_records(loaded, tmp_path, data_dir, monkeypatch):

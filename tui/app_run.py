@@ -2,8 +2,9 @@
 
 A mixin of `tui.app.FrankenLab` (handlers by name: Textual's `@on` needs the app's own class).
 The run itself is `LabState.run` / `LabState.replay` in a thread worker; its events come back as
-`RunEventArrived` messages and feed the live session (`LabState.apply`), whose stage records give
-the Results and Memory panes their footprints and the chat its stage models as each stage ends.
+`RunEventArrived` messages: the Run and Results panes read them (a `StageFinished` holds the stage
+record: counts, footprint, metrics), and they feed the live session (`LabState.apply`), which gives
+the Memory pane its footprints and the chat its stage models as each stage ends.
 """
 
 from __future__ import annotations
@@ -76,23 +77,15 @@ class RunActions:
         what = getattr(e, "message", "") or getattr(e, "kind", "")
         self.probe.last_event = f"[{e.stage}] {type(e).__name__} {what}"[:80]
         self.query_one(RunPanel).handle(e)
+        self.query_one(ResultsPanel).handle(e)
         if self.lab.apply(e):  # a stage record arrived: footprint, artifact, scores
-            # the pane takes a footprint from the summary; the stage record carries it
-            self.query_one(ResultsPanel).handle(
-                replace(e, summary={**e.summary, "footprint": e.record.get("footprint")})
-            )
             self.query_one(MemoryPanel).set_session(self.lab.session)
             self._show_scores(self.lab.session)
             self._refresh_chat_targets()
-            return
-        self.query_one(ResultsPanel).handle(e)
-        if isinstance(e, ev.RunFailed):
-            self.notify(
-                e.message,
-                title=f"run {e.error_type or 'failed'}",
-                severity="warning" if e.error_type == "cancelled" else "error",
-                timeout=10,
-            )
+        elif isinstance(e, ev.RunCancelled):
+            self.notify(e.message, title="run cancelled", severity="warning", timeout=10)
+        elif isinstance(e, ev.RunFailed):
+            self.notify(e.message, title="run failed", severity="error", timeout=10)
 
     def on_run_ended(self, message: RunEnded) -> None:
         self.lab.end_run(message.session)

@@ -22,6 +22,7 @@ from frankenlab.evals.config import option, require
 from frankenlab.evals.errors import RecipeError
 from frankenlab.pipeline import quant
 from frankenlab.pipeline.context import StageContext, StageResult
+from frankenlab.pipeline.quant_linear import quantized_linears
 
 NEEDS_GPTQ = (
     "eora needs a gptq stage before it in the same recipe (it compensates that stage's quantization "
@@ -79,7 +80,7 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         raise RecipeError(NEEDS_GPTQ)
     if ctx.work_dir is None:
         raise RecipeError("the eora stage needs a work folder (run it through the runner)")
-    smallest = min(min(m.in_features, m.out_features) for m in quant.quantized_linears(model).values())
+    smallest = min(min(m.in_features, m.out_features) for m in quantized_linears(model).values())
     require(
         config.rank <= smallest,
         f"rank {config.rank} is larger than the smallest quantized matrix "
@@ -118,7 +119,7 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     qmodel.eval()
     if getattr(model, "generation_config", None) is not None:
         qmodel.generation_config = model.generation_config  # gptqmodel's loader turns do_sample on
-    applied = sum(1 for m in quant.quantized_linears(qmodel).values() if getattr(m, "adapter", None) is not None)
+    applied = sum(1 for m in quantized_linears(qmodel).values() if getattr(m, "adapter", None) is not None)
     if not applied:
         raise RecipeError(f"the EoRA adapter in {adapter} was not applied to any quantized layer")
     qmodel.frankenlab_quant = {**info, "adapter": str(adapter), "rank": config.rank}

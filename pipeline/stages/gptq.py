@@ -33,6 +33,7 @@ from frankenlab.evals.errors import RecipeError
 from frankenlab.pipeline import quant, quant_cpu, quant_mask
 from frankenlab.pipeline.context import StageContext, StageResult
 from frankenlab.pipeline.loading import decoder_layers
+from frankenlab.pipeline.quant_linear import dequantized_weight, quantized_linears
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,8 @@ def _linear_count(model: nn.Module) -> int:
 def sparsity_after(qmodel: nn.Module, zeros_before: dict[str, torch.Tensor]) -> dict:
     """Density of the dequantized weights and how many former zeros survived quantization."""
     nz = total = kept = 0
-    for name, mod in quant.quantized_linears(qmodel).items():
-        w = quant.dequantized_weight(mod)  # (out, in)
+    for name, mod in quantized_linears(qmodel).items():
+        w = dequantized_weight(mod)  # (out, in)
         zero = w == 0
         nz += int((~zero).sum())
         total += w.numel()
@@ -231,7 +232,7 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         "prequant_disk_bytes": quant.folder_bytes(prequant),
         "quantized_path": str(qdir),
         "prequant_path": str(prequant),
-        "quantized_linears": len(quant.quantized_linears(qmodel)),
+        "quantized_linears": len(quantized_linears(qmodel)),
         "density_before": density_before,
         **sparse,
         "sparsity_note": (

@@ -11,10 +11,9 @@ Bundled targets sit beside this file; users add their own with `--targets-file`.
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import tomllib
 
 from frankenlab.evals.config import require
 from frankenlab.evals.errors import RecipeError

@@ -6,7 +6,8 @@ record (`sweep.json`, atomic) and writes the session of every configuration whos
 finished (`configs/<slug>/session.json`, its stage records copied from the nodes, their artifact
 paths pointing into `nodes/`). Finished nodes are found from their node.json files, so a rerun of
 the same sweep reuses everything finished, whatever stopped the previous run. It tells a listener
-what happens through the small events below (the CLI's progress lines, the lab's Sweep pane).
+what happens through the small events below (the CLI's progress lines, the lab's Sweep pane):
+events like the runner's, derived from `pipeline.events.Event` (a `time`, and `to_dict`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from frankenlab.pipeline import events as ev
 from frankenlab.pipeline.atomic import atomic_write_text
-from frankenlab.sessions.session import Session, StageRecord
+from frankenlab.pipeline.records import StageRecord
+from frankenlab.sessions.session import Session
 from frankenlab.sessions.sweep.jobs import read_node
 from frankenlab.sessions.sweep.spec import Configuration, Sweep
 from frankenlab.sessions.sweep.tree import Node, build_tree, plan_jobs
@@ -31,13 +33,7 @@ FORMAT = "frankenlab-sweep"
 
 
 @dataclass(frozen=True)
-class SweepEvent:
-    def to_dict(self) -> dict:
-        return {"event": type(self).__name__, **asdict(self)}
-
-
-@dataclass(frozen=True)
-class SweepStarted(SweepEvent):
+class SweepStarted(ev.Event):
     name: str
     configs: list  # [{"index", "label", "slug"}]
     nodes: int
@@ -46,20 +42,20 @@ class SweepStarted(SweepEvent):
 
 
 @dataclass(frozen=True)
-class NodeStarted(SweepEvent):
+class NodeStarted(ev.Event):
     key: str
     label: str
 
 
 @dataclass(frozen=True)
-class NodeProgress(SweepEvent):
+class NodeProgress(ev.Event):
     key: str
     fraction: float
     message: str = ""
 
 
 @dataclass(frozen=True)
-class NodeFinished(SweepEvent):
+class NodeFinished(ev.Event):
     key: str
     label: str
     status: str  # done | failed | cancelled | blocked
@@ -68,7 +64,7 @@ class NodeFinished(SweepEvent):
 
 
 @dataclass(frozen=True)
-class ConfigFinished(SweepEvent):
+class ConfigFinished(ev.Event):
     index: int
     label: str
     status: str
@@ -76,7 +72,7 @@ class ConfigFinished(SweepEvent):
 
 
 @dataclass(frozen=True)
-class SweepFinished(SweepEvent):
+class SweepFinished(ev.Event):
     status: str
     record: str
 

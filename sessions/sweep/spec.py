@@ -21,10 +21,9 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-
-import tomllib
 
 from frankenlab.evals.errors import RecipeError
 from frankenlab.pipeline.recipe import Recipe

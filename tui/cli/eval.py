@@ -17,10 +17,12 @@ import json
 import time
 from pathlib import Path
 
-from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from frankenlab.tui.cli import options
+from frankenlab.tui.cli.console import make_console
 from frankenlab.tui.cli.signals import ctrl_c_cancels
 
 DEFAULT_PPL = ("wikitext2-rows-512", "wikitext2-concat-512")
@@ -35,13 +37,7 @@ def register(sub) -> None:
         "lines, non-overlapping windows, GPTQ/WANDA); <data> is wikitext2, c4, wiki or "
         "a local .txt/.jsonl file.",
     )
-    p.add_argument(
-        "--model",
-        dest="eval_model",
-        default=None,
-        metavar="MODEL",
-        help="HF folder, .gguf file, hub id, or omit for the bundled SmolLM2-135M-Instruct",
-    )
+    options.add(p, "model", "device", "dtype", "trust_remote_code")
     p.add_argument(
         "--ppl",
         action="append",
@@ -131,13 +127,7 @@ def register(sub) -> None:
     p.add_argument("--chat-template", action="store_true", help="wrap QA prompts in the model's chat template")
     p.add_argument("--samples", action="store_true", help="greedy generation samples on the fixed prompts")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the full results here")
-    p.add_argument(
-        "--data-dir",
-        dest="eval_data_dir",
-        default=None,
-        metavar="DIR",
-        help="evaluation data folder (or $FRANKENLAB_DATA_DIR)",
-    )
+    options.add(p, "data_dir")
     p.set_defaults(func=main)
 
 
@@ -224,24 +214,24 @@ def main(args) -> int:
     from frankenlab.pipeline.provenance import weights_origin
     from frankenlab.tui import noise
 
-    console = Console()
+    console = make_console()
     try:
         config = build_config(args)
     except (RecipeError, ValueError) as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}")
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return 2
     if args.json_out:
         noise.attach(str(args.json_out) + ".log")  # third-party warnings beside the results, not on screen
-    data_dir = args.eval_data_dir or args.data_dir
+    data_dir = args.data_dir
     try:
         lm = load_model(
-            args.eval_model or args.model,
+            args.model,
             device=args.device,
             dtype=args.dtype,
             trust_remote_code=args.trust_remote_code,
         )
     except ModelLoadError as exc:
-        console.print(f"[bold red]model error:[/bold red] {exc}")
+        console.print(f"[bold red]model error:[/bold red] {escape(str(exc))}")
         return 2
     console.print(f"[dim]{lm.source.name} on {lm.device} as {str(lm.dtype).replace('torch.', '')}[/dim]")
     origin = weights_origin(lm.source.to_dict())
@@ -252,7 +242,7 @@ def main(args) -> int:
     try:
         model_cm = _plan_context(lm.model, args.plan)
     except ValueError as exc:
-        console.print(f"[bold red]plan error:[/bold red] {exc}")
+        console.print(f"[bold red]plan error:[/bold red] {escape(str(exc))}")
         return 2
     cancel, restore_sigint = ctrl_c_cancels(console, "stopping")
     t0 = time.perf_counter()
@@ -279,7 +269,7 @@ def main(args) -> int:
                 on_metric=lambda m: console.print(metric_line(m)),
             )
     except (DataNotFound, ValueError) as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}")
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return 2
     except (Cancelled, KeyboardInterrupt):
         console.print("[yellow]cancelled[/yellow]")
@@ -292,7 +282,8 @@ def main(args) -> int:
         for r in wrong[: args.failures]:
             aliases = ", ".join(r["aliases"][:3]) + (" ..." if len(r["aliases"]) > 3 else "")
             console.print(
-                f"[red]x[/red] {name} #{r['index']}: {r['question']}\n    said {r['prediction']!r}; expected {aliases}",
+                f"[red]x[/red] {name} #{r['index']}: {escape(r['question'])}\n"
+                f"    said {escape(repr(r['prediction']))}; expected {escape(aliases)}",
                 highlight=False,
             )
     samples = result.details.get("samples")
@@ -301,7 +292,7 @@ def main(args) -> int:
 
         for item in samples["items"]:
             console.print(
-                f"[bold]{item['prompt']!r}[/bold] -> {item['output']!r}\n    [dim]"
+                f"[bold]{escape(repr(item['prompt']))}[/bold] -> {escape(repr(item['output']))}\n    [dim]"
                 f"{describe(item['degeneration'])}[/dim]",
                 highlight=False,
             )

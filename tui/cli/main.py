@@ -2,6 +2,8 @@
 
 Each subcommand lives in its own module under `tui/cli/` with `register(subparsers)`; the
 lab itself is imported only when it opens, so headless commands never import Textual widgets.
+Options several commands share are defined once (`tui/cli/options.py`); everything a command
+prints goes through one console factory (`tui/cli/console.py`: no hard wrapping into a pipe).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from frankenlab.tui import cli, noise
+from frankenlab.tui.cli import options
 
 
 def _quiet_libraries() -> None:
@@ -51,19 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="A terminal lab for compressing small LLaMA-architecture language models. "
         "With no subcommand, opens the lab.",
     )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="model to open: an HF folder, a .gguf file, a hub id, or omit for the bundled SmolLM2-135M-Instruct",
-    )
+    options.add(parser, "model", top=True)
     parser.add_argument("--session", default=None, help="reopen a saved session file in the lab")
     parser.add_argument("--recipe", default=None, help="start the lab with this recipe (TOML file or bundled name)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
-    parser.add_argument("--data-dir", default=None, help="folder with evaluation data (or $FRANKENLAB_DATA_DIR)")
-    parser.add_argument(
-        "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"
-    )
+    options.add(parser, "device", "dtype", "data_dir", "trust_remote_code", top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(cli.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"frankenlab.tui.cli.{info.name}")
@@ -76,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = model_ref_problem(getattr(args, "run_model", None) or args.model)
+    problem = model_ref_problem(args.model)
     if problem:
         print(f"frankenlab: {problem}", file=sys.stderr)
         return 2

@@ -14,8 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from frankenlab.tui.cli import options
+from frankenlab.tui.cli.console import make_console
 
 
 def register(sub) -> None:
@@ -24,15 +27,10 @@ def register(sub) -> None:
         help="footprint of a model by storage format, against hardware budgets",
         description="Bytes per component computed from how each tensor is stored (dense, N:M "
         "sparse with index metadata, int4 with group scales and zeros, adapters), "
-        "the KV cache at --context, and fits / misses-by verdicts for memory targets.",
+        "the KV cache at --context, and fits / misses-by verdicts for memory targets. --model also "
+        "opens a compact folder or .safetensors file (see --compact).",
     )
-    p.add_argument(
-        "--model",
-        dest="mem_model",
-        default=None,
-        help="HF folder, .gguf file, hub id, GPTQ folder, compact folder/file, or omit for the bundled model",
-    )
-    p.add_argument("--dtype", dest="mem_dtype", default=None, help="load dtype (default: the top-level --dtype)")
+    options.add(p, "model", "device", "dtype")
     p.add_argument(
         "--target",
         action="append",
@@ -85,7 +83,7 @@ def main(args) -> int:
     from frankenlab.pipeline.loading import ModelLoadError
     from frankenlab.pipeline.targets import load_targets
 
-    console = Console()
+    console = make_console()
     try:
         targets = load_targets(*args.targets_file)
         if args.list_targets:
@@ -101,7 +99,7 @@ def main(args) -> int:
 
         assumes = [Assume.parse(s) for s in args.what_if]
         with contextlib.redirect_stdout(sys.stderr):  # loaders print (gptqmodel dumps configs); keep --json clean
-            model, name = load_for_memory(args.mem_model or args.model, args.device, args.mem_dtype or args.dtype)
+            model, name = load_for_memory(args.model, args.device, args.dtype)
         base = footprint(model, context=args.context, batch=args.batch)
         columns = [("as is", base)] + [(a.label, base.assuming(a)) for a in assumes]
         compact = None
@@ -110,7 +108,7 @@ def main(args) -> int:
 
             compact = save_compact(model, args.compact, dtype=args.compact_dtype)
     except (RecipeError, ModelLoadError) as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}")
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return 2
     chosen = {n: targets[n] for n in names}
     if args.json:
@@ -130,7 +128,7 @@ def main(args) -> int:
         print(json.dumps(out, indent=2, default=str))
         return 0
     console.print(
-        f"[bold]{name}[/bold]: KV cache at {args.context} tokens x batch {args.batch}; N:M = N pruned of every M"
+        f"[bold]{escape(name)}[/bold]: KV cache at {args.context} tokens x batch {args.batch}; N:M = N pruned of every M"
     )
     console.print(components_table(columns))
     for label, fp in columns:

@@ -14,6 +14,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from frankenlab.pipeline import events as ev
+from frankenlab.tui.cli import options
+from frankenlab.tui.cli.console import make_console
 from frankenlab.tui.cli.signals import ctrl_c_cancels
 
 
@@ -24,10 +26,14 @@ def register(sub) -> None:
         description="Run a recipe (TOML file, or a bundled recipe name such as depth2) headless.",
     )
     p.add_argument("recipe", help="recipe TOML file, or the name of a bundled recipe (see `frankenlab recipes`)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>-<time>)")
-    p.add_argument("--model", dest="run_model", default=None, help="override the recipe's model source")
-    p.add_argument("--no-save-models", action="store_true", help="do not save each stage's model")
-    p.add_argument("--data-dir", dest="run_data_dir", default=None, help="evaluation/calibration data folder")
+    options.add(
+        p,
+        "out",
+        "model",
+        "no_save_models",
+        "data_dir",
+        notes={"out": "default: runs/<recipe name>-<time>", "model": "default: the recipe's model"},
+    )
     p.set_defaults(func=main)
     r = sub.add_parser("recipes", help="list the bundled example recipes")
     r.set_defaults(func=list_recipes)
@@ -36,6 +42,7 @@ def register(sub) -> None:
 def list_recipes(args) -> int:
     """One line per bundled recipe: name, stages, description (cut to the terminal's width)."""
     import tomllib
+
     from rich.text import Text
 
     import frankenlab.pipeline
@@ -43,7 +50,7 @@ def list_recipes(args) -> int:
     RECIPES_DIR = (
         Path(frankenlab.pipeline.__file__).parent / "recipes"
     )  # pipeline.recipe.RECIPES_DIR, without its imports
-    console = Console()  # the TOML is read as it is: validating would import every stage (and torch)
+    console = make_console()  # the TOML is read as it is: validating would import every stage (and torch)
     rows = []
     for path in sorted(RECIPES_DIR.glob("*.toml")):
         data = tomllib.loads(path.read_text())
@@ -95,7 +102,9 @@ class ProgressView:
             )
         elif isinstance(e, ev.RunFailed):
             self.failure_cause = e.cause
-            self.console.print(f"[bold red]{e.error_type}: {escape(e.message)}[/bold red]")
+            self.console.print(f"[bold red]failed: {escape(e.message)}[/bold red]")
+        elif isinstance(e, ev.RunCancelled):
+            self.console.print(f"[bold yellow]cancelled: {escape(e.message)}[/bold yellow]")
 
 
 def _value(m: dict) -> str:
@@ -131,16 +140,17 @@ def main(args) -> int:
     from frankenlab.pipeline.recipe import Recipe
     from frankenlab.sessions import record_run
 
-    console = Console()
+    console = make_console()
     try:
         recipe = Recipe.load(args.recipe)
     except RecipeError as exc:
-        console.print(f"[bold red]recipe error:[/bold red] {exc}")
+        console.print(f"[bold red]recipe error:[/bold red] {escape(str(exc))}")
         return 2
-    if args.run_model or args.model:
-        from dataclasses import replace
-
-        recipe.model = replace(recipe.model, source=args.run_model or args.model)
+    try:
+        recipe.model = model_overrides(recipe.model, args)
+    except RecipeError as exc:
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
+        return 2
     out = Path(args.out) if args.out else default_out(recipe.name)
     from frankenlab.tui import noise
 
@@ -159,7 +169,7 @@ def main(args) -> int:
                 listener=view,
                 cancel=cancel,
                 save_models=not args.no_save_models,
-                data_dir=args.run_data_dir or args.data_dir,
+                data_dir=args.data_dir,
             )
     except RunFolderBusy as exc:
         console.print(f"[bold red]cannot run:[/bold red] {escape(str(exc))}")
@@ -176,3 +186,18 @@ def main(args) -> int:
     if session.status == "failed" and view.failure_cause == "input":
         return 2  # bad input (recipe, data, model file, disk): fixable, not a crash
     return {"done": 0, "cancelled": 130}.get(session.status, 1)
+
+
+def model_overrides(model, args):
+    """The recipe's [model] with what the command line gave: --model, and --device, --dtype,
+    --trust-remote-code when set (their defaults, auto and off, keep the recipe's own)."""
+    from dataclasses import replace
+
+    changes = {"source": args.model} if args.model else {}
+    if getattr(args, "device", "auto") not in (None, "auto"):
+        changes["device"] = args.device
+    if getattr(args, "dtype", "auto") not in (None, "auto"):
+        changes["dtype"] = args.dtype
+    if getattr(args, "trust_remote_code", False):
+        changes["trust_remote_code"] = True
+    return replace(model, **changes) if changes else model

@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from frankenlab.tui.cli import options
+from frankenlab.tui.cli.console import make_console, piped
 from frankenlab.tui.cli.signals import ctrl_c_cancels
 
 
@@ -47,17 +49,21 @@ def register(sub) -> None:
         metavar="REL",
         help="relative tolerance before a difference is flagged (default 0.01 = 1 %%)",
     )
-    r.add_argument("--out", default=None, help="output folder (default: runs/<recipe>-replay-<time>)")
-    r.add_argument(
-        "--model",
-        dest="replay_model",
-        default=None,
-        help="use this model source instead of the session's (e.g. the same model at another path)",
+    options.add(
+        r,
+        "out",
+        "model",
+        "device",
+        "dtype",
+        "data_dir",
+        "no_save_models",
+        notes={
+            "out": "default: runs/<recipe>-replay-<time>",
+            "model": "default: the session's; give one for e.g. the same model at another path",
+            "device": "default, or auto: the session's",
+            "dtype": "default, or auto: the session's",
+        },
     )
-    r.add_argument("--device", dest="replay_device", default=None, help="override the session's device")
-    r.add_argument("--dtype", dest="replay_dtype", default=None, help="override the session's dtype")
-    r.add_argument("--data-dir", dest="replay_data_dir", default=None, help="evaluation/calibration data folder")
-    r.add_argument("--no-save-models", action="store_true", help="do not save each stage's model")
     r.set_defaults(func=replay_main)
 
     c = sub.add_parser(
@@ -73,12 +79,11 @@ def register(sub) -> None:
         help="session files or folders (searched for session.json); a sweep "
         "folder gives the thesis' tables (md, csv, json, LaTeX) and a Pareto plot",
     )
-    c.add_argument(
-        "--format",
-        dest="fmt",
-        choices=("table", "md", "csv", "json"),
-        default=None,
-        help="output format (default: a table on a terminal, md when piped)",
+    options.add(
+        c,
+        "fmt",
+        notes={"fmt": "default: a table on a terminal, md when piped"},
+        fmt={"choices": ("table", "md", "csv", "json")},
     )
     c.add_argument("--all-stages", action="store_true", help="one row per finished stage, not only the final model")
     c.add_argument("--output", "-o", default=None, help="write to this file instead of the terminal")
@@ -91,7 +96,12 @@ def register(sub) -> None:
         "newest first; unreadable files are listed with the reason.",
     )
     s.add_argument("dirs", nargs="*", help="folders or files to look in")
-    s.add_argument("--format", dest="fmt", choices=("table", "json"), default="table")
+    options.add(
+        s,
+        "fmt",
+        notes={"fmt": "default: a table on a terminal, tab-separated text when piped"},
+        fmt={"choices": ("table", "json")},
+    )
     s.add_argument("--schema", action="store_true", help="print the session file's JSON Schema and exit")
     s.add_argument(
         "--save",
@@ -188,7 +198,7 @@ def replay_main(args) -> int:
     from frankenlab.sessions import DEFAULT_TOLERANCE, SessionError, load_session, replay
     from frankenlab.tui.cli.run import ProgressView
 
-    console = Console()
+    console = make_console()
     try:
         saved = load_session(args.session)
     except SessionError as exc:
@@ -197,8 +207,8 @@ def replay_main(args) -> int:
     from frankenlab.tui.cli.run import default_out
 
     out = Path(args.out) if args.out else default_out(str(saved.recipe.get("name") or "session"), "-replay")
-    top_device = args.device if getattr(args, "device", "auto") != "auto" else None
-    top_dtype = args.dtype if getattr(args, "dtype", "auto") != "auto" else None
+    device = None if args.device == "auto" else args.device  # "auto" (the default): the session's own
+    dtype = None if args.dtype == "auto" else args.dtype
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     cancel, restore_sigint = ctrl_c_cancels(console, "cancelling")
@@ -217,10 +227,10 @@ def replay_main(args) -> int:
                 out,
                 from_stage=args.from_stage,
                 tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
-                model=args.replay_model or getattr(args, "model", None),
-                device=args.replay_device or top_device,
-                dtype=args.replay_dtype or top_dtype,
-                data_dir=args.replay_data_dir or getattr(args, "data_dir", None),
+                model=args.model,
+                device=device,
+                dtype=dtype,
+                data_dir=args.data_dir,
                 listener=ProgressView(console, progress),
                 cancel=cancel,
                 save_models=not args.no_save_models,
@@ -255,7 +265,7 @@ def compare_main(args) -> int:
         from frankenlab.tui.cli.sweep import compare_sweep
 
         return compare_sweep(args)
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     sessions, problems = _load_all(args.sessions, err)
     if not sessions:
         err.print(
@@ -274,9 +284,9 @@ def compare_main(args) -> int:
         text = None
         if args.output:
             with open(args.output, "w", encoding="utf-8") as f:
-                Console(file=f, width=240).print(t)
+                make_console(file=f).print(t)  # a file: as wide as the table
         else:
-            Console().print(t)
+            make_console().print(t)
     else:
         text = format_table(table, fmt)
         if args.output:
@@ -344,7 +354,7 @@ def sessions_main(args) -> int:
 
         sys.stdout.write(json.dumps(SESSION_SCHEMA, indent=2) + "\n")
         return 0
-    console = Console()
+    console = make_console()
     if args.save:
         from frankenlab.sessions import SessionError, load_session, save_to_user_dir
 
@@ -405,7 +415,7 @@ def sessions_main(args) -> int:
                 str(e.path),
             )
         )
-    if not console.is_terminal:  # piped: plain tab-separated text, every column, nothing cut
+    if piped(console):  # plain tab-separated text, every column, nothing cut
         if rows:
             sys.stdout.write("\t".join(columns) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
     elif rows:

@@ -14,6 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from frankenlab.tui.cli import options
+from frankenlab.tui.cli.console import make_console
 from frankenlab.tui.cli.signals import ctrl_c_cancels
 
 
@@ -25,7 +27,12 @@ def register(sub) -> None:
         "once, write one session per configuration, the thesis' tables and a Pareto plot.",
     )
     p.add_argument("sweep", help="sweep TOML file, or a bundled sweep name (see `frankenlab sweeps`)")
-    p.add_argument("--out", required=True, help="sweep folder (a rerun into the same folder reuses finished work)")
+    options.add(
+        p,
+        "out",
+        notes={"out": "required: the sweep folder; a rerun into it reuses finished work"},
+        out={"required": True},
+    )
     p.add_argument("--dry-run", action="store_true", help="print the configurations and what they share, run nothing")
     p.add_argument("--ray", action="store_true", help="run the jobs as Ray tasks on a local Ray instance")
     p.add_argument(
@@ -33,8 +40,7 @@ def register(sub) -> None:
         default=None,
         help="run the jobs on this Ray cluster (e.g. ray://host:10001 or auto); DIR must be on storage every node sees",
     )
-    p.add_argument("--model", dest="sweep_model", default=None, help="override the base recipe's model source")
-    p.add_argument("--data-dir", dest="sweep_data_dir", default=None, help="evaluation/calibration data folder")
+    options.add(p, "model", "data_dir", notes={"model": "default: the base recipe's model"})
     p.set_defaults(func=main)
     s = sub.add_parser("sweeps", help="list the bundled sweeps")
     s.set_defaults(func=list_sweeps)
@@ -43,7 +49,7 @@ def register(sub) -> None:
 def list_sweeps(args) -> int:
     from frankenlab.sessions.sweep import bundled_sweeps, load_sweep
 
-    console = Console()
+    console = make_console()
     for name in bundled_sweeps():
         sw = load_sweep(name)
         axes = " x ".join(f"{a.name}[{len(a.values)}]" for a in sw.axes)
@@ -104,15 +110,21 @@ def main(args) -> int:
 
     from frankenlab.sessions.sweep import SweepError, load_sweep, run_sweep
 
-    console = Console()
-    err = Console(stderr=True)
+    console = make_console()
+    err = make_console(stderr=True)
     out = Path(args.out)
     try:
         sweep = load_sweep(args.sweep)
-        if args.sweep_model or args.model:
+        overrides = {"source": args.model} if args.model else {}
+        for key in ("device", "dtype"):
+            if getattr(args, key, "auto") not in (None, "auto"):
+                overrides[key] = getattr(args, key)
+        if getattr(args, "trust_remote_code", False):
+            overrides["trust_remote_code"] = True
+        if overrides:  # the command line's model settings over the sweep's base (--model, --device, ...)
             model = sweep.base.get("model", {})
             model = {"source": model} if isinstance(model, str) else dict(model)
-            sweep = replace(sweep, base={**sweep.base, "model": {**model, "source": args.sweep_model or args.model}})
+            sweep = replace(sweep, base={**sweep.base, "model": {**model, **overrides}})
         configs = sweep.expand()
     except SweepError as exc:
         err.print(f"[bold red]sweep error:[/bold red] {escape(str(exc))}")
@@ -140,7 +152,7 @@ def main(args) -> int:
             executor=executor,
             listener=LineView(console),
             cancel=cancel,
-            data_dir=args.sweep_data_dir or args.data_dir,
+            data_dir=args.data_dir,
             configs=configs,
         )
     except OSError as exc:
@@ -197,9 +209,9 @@ def compare_sweep(args) -> int:
 
     out = Path(args.sessions[0])
     try:
-        report(Console(), out)
+        report(make_console(), out)
     except SessionError as exc:
-        Console(stderr=True).print(f"[bold red]{escape(str(exc))}[/bold red]")
+        make_console(stderr=True).print(f"[bold red]{escape(str(exc))}[/bold red]")
         return 2
     if getattr(args, "fmt", None) in ("md", "csv", "json", "tex") and args.output:
         from frankenlab.pipeline.atomic import atomic_write_text

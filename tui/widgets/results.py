@@ -99,18 +99,16 @@ class ResultsPanel(Vertical):
             if e.step is None:
                 row.metrics[e.name] = (e.value, e.protocol)
         elif isinstance(e, ev.StageFinished):
-            row.status, row.seconds = e.status, e.seconds
-            row.params = e.summary.get("params") or row.params
-            row.nonzero = e.summary.get("params_nonzero") or row.nonzero
-            row.layers = e.summary.get("layers") or row.layers
-            fp = e.summary.get("footprint")
-            row.footprint = (
-                footprint_total(fp) if isinstance(fp, dict) else (fp if isinstance(fp, (int, float)) else row.footprint)
-            )
-        elif isinstance(e, ev.RunFailed):
+            rec = e.record
+            row.status, row.seconds = rec.status, rec.seconds
+            row.params = rec.params_count or row.params
+            row.nonzero = rec.params_nonzero or row.nonzero
+            row.layers = rec.num_layers or row.layers
+            row.footprint = footprint_total(rec.footprint) if isinstance(rec.footprint, dict) else row.footprint
+        elif isinstance(e, (ev.RunFailed, ev.RunCancelled)):
             for r in self.rows.values():
                 if r.status in ("running", "pending"):
-                    r.status = e.error_type or "failed"
+                    r.status = "cancelled" if isinstance(e, ev.RunCancelled) else "failed"
         else:
             return
         self.redraw()

@@ -96,10 +96,11 @@ class RunPanel(Vertical):
             if row is not None:
                 row.finish(e.status, e.seconds)
             self.write(f"[{e.stage}] {e.kind} {e.status} in {e.seconds:.1f}s", "green")
-        elif isinstance(e, ev.RunFailed):
+        elif isinstance(e, (ev.RunFailed, ev.RunCancelled)):
+            status = "cancelled" if isinstance(e, ev.RunCancelled) else "failed"
             for row in self.query(StageRow):
                 if not row.done:
-                    row.finish(e.error_type or "failed")
-            self.write(f"{e.error_type or 'failed'}: {e.message}", "bold red")
+                    row.finish(status)
+            self.write(f"{status}: {e.message}", "bold red")
         elif isinstance(e, ev.RunFinished):
             self.status(f"run {e.status}: {e.out_dir}")
