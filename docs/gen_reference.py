@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 import types
 import typing
 from pathlib import Path
 
+from frankenlab.evals import toml
 from frankenlab.evals.config import FieldInfo, config_fields
 from frankenlab.evals.suite import EvalConfig
 from frankenlab.pipeline.calibration import CalibrationConfig
@@ -112,7 +112,7 @@ def bundled_recipes() -> list[str]:
     """One table row per bundled recipe (pipeline/recipes/*.toml): its name, stages and description."""
     lines = ["| recipe | stages | what it is |", "|---|---|---|"]
     for path in sorted(RECIPES_DIR.glob("*.toml")):
-        data = tomllib.loads(path.read_text())
+        data = toml.loads(path.read_text())
         kinds = " > ".join(stage["kind"] for stage in data.get("stages", []))
         lines.append(f"| `{data.get('name', path.stem)}` | {kinds} | {cell(data.get('description', ''))} |")
     return lines

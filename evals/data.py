@@ -5,16 +5,38 @@ Resolution order, for every dataset: an explicit file path, then a data director
 Face hub, or its local `datasets` cache when the hub cannot be reached. When none works the error
 names all three and what file is expected where. Local files are read directly (JSONL, JSONL.gz,
 or plain text one record per line); the hub path goes through `datasets.load_dataset`.
+
+Every row is checked against the fields and types its dataset needs (`ROW_CHECKS`: a `text`
+string, a TriviaQA question with a list of aliases, a HellaSwag context with its endings and
+label...): a bad row, a file that is not UTF-8 text or a broken .gz is a `DataError` naming the
+file and line, never a wrong number or a traceback later. `check_dataset` does that for a whole
+file before any weights load (the runner's and `frankenlab eval`'s preflight).
+
+`data_label(name, source)` says whether a local file is the standard data its name stands for:
+"" when its sha256 is the one in the shared data folder's SHA256SUMS (`KNOWN_SHA256`, kept here
+so that another folder's own SHA256SUMS cannot vouch for different files), else
+`@sha256:<first 8 hex digits>`, which protocol labels carry so a number on other data is never
+mistaken for the standard one. Both checks are cached per (path, size, mtime).
+
+A data folder or file the user may not read (PermissionError, or any other OSError while reading)
+is a `DataError` too, raised here where the file is touched, naming the path and what to do: every
+command that reads data (`eval`, `run`, `sweep`, the lab) reports it in one line. `check_dataset`
+returns how many rows a local file holds, so callers can refuse sizes the data cannot give
+(`evals.suite.check_data`, `pipeline.calibration.check_calibration`) before any weights load.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from frankenlab.evals.errors import DataError
 from frankenlab.evals.hub import hub_endpoint_reachable, offline
 
 DATA_DIR_ENV = "FRANKENLAB_DATA_DIR"
@@ -33,6 +55,7 @@ class DatasetInfo:
     hub_kwargs: tuple = ()  # extra keyword arguments as (key, value) pairs
     # (relpath, note): a lesser local copy, tried in the data directory only after the hub
     fallback: tuple[str, str] | None = None
+    rows: str = "text"  # which ROW_CHECKS entry every row must pass
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -65,27 +88,35 @@ DATASETS: dict[str, DatasetInfo] = {
         "triviaqa/triviaqa_validation_2000.jsonl",
         "TriviaQA validation questions with aliases",
         ("mandarjoshi/trivia_qa", "rc.nocontext", "validation"),
+        rows="triviaqa",
     ),
     "triviaqa-train": DatasetInfo(
         "triviaqa-train",
         "triviaqa/triviaqa_train_8825.jsonl",
         "TriviaQA train-split questions with aliases (LoRA training)",
         ("mandarjoshi/trivia_qa", "rc.nocontext", "train"),
+        rows="triviaqa",
     ),
     "hellaswag": DatasetInfo(
         "hellaswag",
         "hellaswag/hellaswag_val_10042.jsonl.gz",
         "HellaSwag validation (context, 4 endings, label)",
         ("Rowan/hellaswag", None, "validation"),
+        rows="hellaswag",
     ),
     "triviaqa-rc": DatasetInfo(
         "triviaqa-rc",
         "triviaqa/triviaqa_rc_validation.jsonl",
         "TriviaQA validation questions with evidence documents (open book)",
         ("mandarjoshi/trivia_qa", "rc", "validation"),
+        rows="triviaqa",
     ),
     "nq-open": DatasetInfo(
-        "nq-open", "nq_open/nq-open-oracle.jsonl.gz", "NQ-open questions with gold passages (open book)", None
+        "nq-open",
+        "nq_open/nq-open-oracle.jsonl.gz",
+        "NQ-open questions with gold passages (open book)",
+        None,
+        rows="nq-open",
     ),
     "wiki": DatasetInfo(
         "wiki",
@@ -96,6 +127,25 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+def unreadable_data(path: str | os.PathLike, exc: OSError) -> DataError:
+    """A `DataError` for a data file or folder that exists but cannot be read: which path, why, what to do."""
+    where = exc.filename if isinstance(exc.filename, str) and exc.filename else str(path)
+    if isinstance(exc, PermissionError):
+        fix = "check the permissions of the file and its folders (chmod, or run as their owner)"
+    else:
+        fix = "check the file and the disk it is on, or point --data-dir / $" + DATA_DIR_ENV + " at another copy"
+    return DataError(f"cannot read {where} ({exc.strerror or exc}): {fix}")
+
+
+def is_data_file(path: Path) -> bool:
+    """`path.is_file()`, except that a file the user may not even look at (a folder without read or
+    search permission on the way) is a `DataError`, not a PermissionError traceback."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise unreadable_data(path, exc) from None
+
+
 def default_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     if explicit:
         return Path(explicit).expanduser()
@@ -103,26 +153,154 @@ def default_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     return Path(env).expanduser() if env else None
 
 
-def read_records(path: Path, limit: int | None = None) -> list[dict]:
-    """JSONL (optionally .gz) as dicts; any other file as {"text": line} per non-empty line."""
+# -- row checks --------------------------------------------------------------------------------------
+def _show(value) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _fields(rec: dict) -> str:
+    return ", ".join(sorted(map(str, rec))) or "none"
+
+
+def _text_row(rec: dict) -> str | None:
+    if "text" not in rec:
+        return f'has no "text" field (its fields: {_fields(rec)})'
+    if not isinstance(rec["text"], str):
+        return f'"text" must be a string, got {_show(rec["text"])}'
+    return None
+
+
+def _triviaqa_row(rec: dict) -> str | None:
+    q, ctx = rec.get("question"), rec.get("context")
+    if q is not None and not isinstance(q, str):
+        return f'"question" must be a string, got {_show(q)}'
+    if not q:
+        if ctx is None:
+            return f'has no "question" (or "context") field (its fields: {_fields(rec)})'
+        if not isinstance(ctx, str):
+            return f'"context" must be a string, got {_show(ctx)}'
+    ans, aliases = rec.get("answer"), rec.get("aliases")
+    if isinstance(ans, dict):  # hub rows: answer = {"value", "aliases", ...}
+        aliases = aliases if aliases is not None else ans.get("aliases")
+        ans = ans.get("value")
+    if ans is not None and not isinstance(ans, str):
+        return f'"answer" must be a string, got {_show(ans)}'
+    if aliases is not None and not _is_str_list(aliases):
+        return f'"aliases" must be a list of strings, got {_show(aliases)}'
+    if not ans and not aliases:
+        return 'has no "answer" and no "aliases"'
+    return None
+
+
+def _hellaswag_row(rec: dict) -> str | None:
+    ctx = rec.get("ctx")
+    if ctx is None:
+        if not (isinstance(rec.get("ctx_a"), str) and isinstance(rec.get("ctx_b"), str)):
+            return f'needs a "ctx" string (or "ctx_a" and "ctx_b"); its fields: {_fields(rec)}'
+    elif not isinstance(ctx, str):
+        return f'"ctx" must be a string, got {_show(ctx)}'
+    if not isinstance(rec.get("activity_label", ""), str):
+        return f'"activity_label" must be a string, got {_show(rec["activity_label"])}'
+    endings = rec.get("endings")
+    if not _is_str_list(endings) or len(endings) < 2:
+        return f'"endings" must be a list of at least 2 strings, got {_show(endings)}'
+    label = rec.get("label")
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
+        return f'"label" must be the index of the right ending (0 to {len(endings) - 1}), got {_show(label)}'
+    return None
+
+
+def _nq_open_row(rec: dict) -> str | None:
+    if not isinstance(rec.get("question"), str) or not rec["question"]:
+        return f'"question" must be a non-empty string, got {_show(rec.get("question"))}'
+    answers = rec.get("answers")
+    if not _is_str_list(answers) or not answers:
+        return f'"answers" must be a non-empty list of strings, got {_show(answers)}'
+    ctxs = rec.get("ctxs")
+    if not isinstance(ctxs, list) or not ctxs or not isinstance(ctxs[0], dict):
+        return '"ctxs" must be a list of passages ({"text": ...}), the gold one first'
+    if not isinstance(ctxs[0].get("text"), str):
+        return f'"ctxs"[0]["text"] must be a string, got {_show(ctxs[0].get("text"))}'
+    return None
+
+
+# name -> (check, what a row must hold, for the message)
+ROW_CHECKS: dict[str, tuple[Callable[[dict], str | None], str]] = {
+    "text": (_text_row, 'each row must be a JSON object with a "text" string'),
+    "triviaqa": (
+        _triviaqa_row,
+        'each row needs a "question" (or "context" as "Question: ...\\nAnswer:") and an "answer" string '
+        'or an "aliases" list of strings',
+    ),
+    "hellaswag": (_hellaswag_row, 'each row needs "ctx", "endings" (a list of strings) and "label"'),
+    "nq-open": (_nq_open_row, 'each row needs "question", "answers" (a list of strings) and "ctxs"'),
+}
+
+
+def row_problem(rows: str | None, rec) -> str | None:
+    """What is wrong with one row for the dataset kind `rows` (None: only that it is an object)."""
+    if not isinstance(rec, dict):
+        return f"is not a JSON object but {_show(rec)}"
+    if rows is None:
+        return None
+    check, expect = ROW_CHECKS[rows]
+    problem = check(rec)
+    return f"{problem}; {expect}" if problem else None
+
+
+def read_records(path: Path, limit: int | None = None, rows: str | None = None) -> list[dict]:
+    """JSONL (optionally .gz) as dicts; any other file as {"text": line} per non-empty line.
+
+    Every JSONL row must be an object and pass `ROW_CHECKS[rows]`; a bad row, undecodable text or a
+    broken .gz raises `DataError` naming the file and the line."""
     opener = gzip.open if path.suffix == ".gz" else open
     records: list[dict] = []
     is_jsonl = ".jsonl" in path.suffixes or ".json" in path.suffixes
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if is_jsonl:
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            else:
-                line = line.rstrip("\n")
-                if line.strip():
-                    records.append({"text": line})
-            if limit is not None and len(records) >= limit:
-                break
+    lineno = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if is_jsonl:
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                    problem = row_problem(rows, rec)
+                    if problem:
+                        raise DataError(f"{path}:{lineno}: the row {problem}")
+                    records.append(rec)
+                else:
+                    line = line.rstrip("\n")
+                    if line.strip():
+                        records.append({"text": line})
+                if limit is not None and len(records) >= limit:
+                    break
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}:{lineno + 1}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line's block): "
+            "is this the right file?"
+        ) from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: not a readable .gz file ({exc.__class__.__name__}: {exc}); is it complete?") from None
+    except OSError as exc:  # permissions, an I/O error: one line naming the file
+        raise unreadable_data(path, exc) from None
+    return records
+
+
+def _check_hub_rows(records: list[dict], rows: str | None, where: str) -> list[dict]:
+    for i, rec in enumerate(records):
+        problem = row_problem(rows, rec)
+        if problem:
+            raise DataError(f"{where} row {i}: the row {problem}")
     return records
 
 
@@ -173,38 +351,47 @@ def load_dataset_records(
     path: str | os.PathLike | None = None,
     data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
+    rows: str | None = None,
 ) -> tuple[list[dict], str]:
-    """Records of dataset `name` and a label saying where they came from."""
+    """Records of dataset `name` and a label saying where they came from.
+
+    Rows are checked against `ROW_CHECKS[rows]` (default: the dataset's own kind; a "file" of
+    unknown kind is only checked to hold JSON objects)."""
+    info = DATASETS.get(name)
+    rows = rows or (info.rows if info is not None else None)
     if path:
         p = Path(path).expanduser()
-        if not p.is_file():
+        if not is_data_file(p):
             raise DataNotFound(f"{name}: the file {p} given explicitly does not exist")
-        return read_records(p, limit), str(p)
-    info = DATASETS.get(name)
+        return read_records(p, limit, rows), str(p)
     if info is None:
         raise DataNotFound(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or pass a file path)")
     tried = []
     ddir = default_data_dir(data_dir)
     if ddir is not None:
         p = ddir / info.relpath
-        if p.is_file():
-            return read_records(p, limit), str(p)
+        if is_data_file(p):
+            return read_records(p, limit, rows), str(p)
         tried.append(f"data directory: {p} does not exist")
     else:
         tried.append(f"data directory: none given (--data-dir or ${DATA_DIR_ENV}; it would hold {info.relpath})")
     if info.hub is not None:
         if _hub_reachable():
             try:
-                return _from_hub(info, limit), f"hub:{info.hub[0]}"
+                records = _from_hub(info, limit)
             except Exception as exc:  # noqa: BLE001 - any hub failure becomes a listed attempt
                 tried.append(f"Hugging Face hub: {info.hub[0]} failed ({exc.__class__.__name__}: {exc})")
+            else:
+                return _check_hub_rows(records, rows, f"hub:{info.hub[0]}"), f"hub:{info.hub[0]}"
         else:
             cached = _hub_cache_path(info)
             if cached is not None:
                 try:
-                    return _from_cache(info, limit), f"hf-cache:{info.hub[0]}"
+                    records = _from_cache(info, limit)
                 except Exception as exc:  # noqa: BLE001 - a broken cache becomes a listed attempt
                     tried.append(f"Hugging Face cache: {cached} could not be read ({exc.__class__.__name__}: {exc})")
+                else:
+                    return _check_hub_rows(records, rows, f"hf-cache:{info.hub[0]}"), f"hf-cache:{info.hub[0]}"
             else:
                 tried.append(
                     f"Hugging Face hub: {info.hub[0]} cannot be reached (offline) and is not in the "
@@ -214,8 +401,8 @@ def load_dataset_records(
         tried.append("Hugging Face hub: this dataset has no hub source")
     if ddir is not None and info.fallback is not None:
         p = ddir / info.fallback[0]
-        if p.is_file():
-            return read_records(p, limit), str(p)
+        if is_data_file(p):
+            return read_records(p, limit, rows), str(p)
         tried.append(f"data directory: {p} does not exist either")
     raise DataNotFound(
         f"{info.description} ({name}) not found. Tried: explicit file path: none given; "
@@ -233,5 +420,91 @@ def source_note(name: str, source: str) -> str:
 
 
 def load_texts(name: str, **kw) -> tuple[list[str], str]:
-    records, where = load_dataset_records(name, **kw)
-    return [r.get("text", "") for r in records], where
+    """The `text` of every row (each row checked to hold a `text` string)."""
+    records, where = load_dataset_records(name, rows="text", **kw)
+    return [r["text"] for r in records], where
+
+
+# -- whole-file checks and labels, cached per (path, size, mtime) ------------------------------------
+# The shared data folder's SHA256SUMS: the files the standard protocol names stand for.
+KNOWN_SHA256 = {
+    "c4/c4-en-train-first1000.jsonl": "cdd5b754119131d2934e3e799a059a9d64f53a6aac9e7e2ef79b43120bb01a32",
+    "nq_open/nq-open-oracle.jsonl.gz": "6a7f72b846f663a133ef952244e5a4e43f06bcf190afe34e8fbe687ce0d1653e",
+    "triviaqa/triviaqa_validation_2000.jsonl": "de2c9835f841dcd4c060e7adaa374b3fbdee4def84075b2f70af19a84d29c0fe",
+    "wiki/wiki_articles.txt": "69c0c4d067a95a1a65022f2ae1efff9654b1953b09f206f8832620ebbffa0daf",
+    "wikitext2/wikitext-2-raw-v1-test.jsonl": "9bce95eb77e24108988cfa34aadf318bd9a9d9135231c42447d5a3f712f59f1c",
+    "triviaqa/triviaqa_train_8825.jsonl": "fbeea24751d5bbc2b65e606c171595e7fe9f828aec2b35ac30487d03c73e04a6",
+    "wikitext2/wikitext-2-v1-train.jsonl.gz": "b46b2f436b758a08f0e8fc56c7197cf1c6c9b23289ab8887ec3de7f4c4b3daf1",
+    "hellaswag/hellaswag_val_10042.jsonl.gz": "6b7e264a7c88f876910a02e3c950e6e5bd5b2136addaf2a3220622f98e37a823",
+}
+_SHA_CACHE: dict[tuple, str] = {}
+_CHECKED: dict[tuple, int] = {}  # (path, size, mtime, row kind) -> rows
+
+
+def _file_key(path: Path) -> tuple:
+    try:
+        st = path.stat()
+        return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError as exc:
+        raise unreadable_data(path, exc) from None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise unreadable_data(path, exc) from None
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's sha256, computed once per (path, size, mtime)."""
+    p = Path(path)
+    key = _file_key(p)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = _sha256_file(p)
+    return _SHA_CACHE[key]
+
+
+def data_label(name: str, source: str) -> str:
+    """ "" when `source` is the standard data of dataset `name` (the hub, or a local file whose sha256
+    is the shared data folder's), else "@sha256:<8 hex digits>" for protocol labels to carry."""
+    info = DATASETS.get(name)
+    p = Path(source)
+    if info is None or source.startswith(("hub:", "hf-cache:")) or not is_data_file(p):
+        return ""
+    digest = file_sha256(p)
+    return "" if digest == KNOWN_SHA256.get(info.relpath) else f"@sha256:{digest[:8]}"
+
+
+def local_file(name: str, *, path=None, data_dir=None) -> Path | None:
+    """The local file dataset `name` would be read from (an explicit path, or the data directory)."""
+    if path:
+        return Path(path).expanduser()
+    info = DATASETS.get(name)
+    ddir = default_data_dir(data_dir)
+    if info is None or ddir is None:
+        return None
+    p = ddir / info.relpath
+    return p if is_data_file(p) else None
+
+
+def check_dataset(name: str, *, path=None, data_dir=None, rows: str | None = None) -> int | None:
+    """Fail now (DataNotFound, DataError naming file and line, or the path a user may not read) if
+    dataset `name` cannot be used: a local file is read and every row checked (once per path, size
+    and mtime); a hub source is only looked up (its first row).
+
+    Returns how many rows the local file holds (None for a hub source: not counted)."""
+    p = local_file(name, path=path, data_dir=data_dir)
+    if p is None or not is_data_file(p):
+        load_dataset_records(name, path=path, data_dir=data_dir, limit=1, rows=rows)
+        return None
+    info = DATASETS.get(name)
+    kind = rows or (info.rows if info is not None else None)
+    key = (*_file_key(p), kind)
+    if key not in _CHECKED:
+        _CHECKED[key] = len(read_records(p, None, kind))
+    return _CHECKED[key]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from frankenlab.evals import devices
 from frankenlab.evals.cancel import Cancelled
 from frankenlab.evals.packed import packed_linears
 
@@ -188,13 +189,25 @@ def generate_greedy(
     done = 0
     # CPU fp32: weights reordered once for oneDNN (evals.packed); at 8 rows per step the decoder's
     # linears took 41 instead of 70 ms per token on the bundled model's shapes
+    halve, rows = devices.retry_smaller_batches(device), None
     with packed_linears(model):
         for idx, ids, mask in prompt_batches(
             tokenizer, prompts, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens
         ):
             if cancelled and cancelled():
                 raise Cancelled("generation cancelled")
-            new = _decode(model, ids.to(device), mask.to(device), max_new_tokens, eos, classes, cancelled)
+            if halve:  # a batch that does not fit is decoded in halves, each row as before (its padding kept)
+                parts, rows = devices.halving_on_oom(
+                    lambda b, e, ids=ids, mask=mask: _decode(
+                        model, ids[b:e].to(device), mask[b:e].to(device), max_new_tokens, eos, classes, cancelled
+                    ),
+                    ids.shape[0],
+                    device=device,
+                    start=rows,
+                )
+                new = [row for part in parts for row in part]
+            else:
+                new = _decode(model, ids.to(device), mask.to(device), max_new_tokens, eos, classes, cancelled)
             for r, i in enumerate(idx):
                 out[i] = Generation(prompts[i], tokenizer.decode(new[r], skip_special_tokens=True), len(new[r]))
             done += len(idx)

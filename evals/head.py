@@ -51,9 +51,11 @@ def blocked_token_nll(
     each block (`evals.packed.Packs.linear` during an evaluation: weights reordered once).
     """
     lse = None  # (N,) running logsumexp over the blocks seen so far
+    x = x.float()  # a bf16/fp16 model (on a GPU): logits in fp32, like the label's logit below; fp32: no copy
     for v in range(0, weight.shape[0], block):
-        logits = linear(x, weight[v : v + block], None if bias is None else bias[v : v + block])  # (N, b)
-        part = _logsumexp_rows(logits.float())  # (N,)
+        w, b = weight[v : v + block].float(), None if bias is None else bias[v : v + block].float()  # one block
+        logits = linear(x, w, b)  # (N, b)
+        part = _logsumexp_rows(logits)  # (N,)
         lse = part if lse is None else torch.logaddexp(lse, part)
     target = (x.float() * weight[labels].float()).sum(dim=1)  # (N,) the label's logit
     if bias is not None:

@@ -8,7 +8,9 @@ ending's length in characters. One difference from the harness, forced by the lo
 file holds `ctx` = ctx_a + " " + ctx_b without the harness' capitalisation of ctx_b's first letter.
 
 Items are a seeded sample of the validation file (seed 0), in file order, like the QA questions;
-the protocol names it: `hellaswag-validation:500`. Layer plans (Franken mode) are scored by
+the protocol names it: `hellaswag-validation:500` (with `@sha256:<8 hex digits>` when the file
+is not the standard validation file). Every row is checked when read (`evals.data.ROW_CHECKS`:
+`ctx`, a list of `endings`, a `label` indexing them), a bad one named by file and line. Layer plans (Franken mode) are scored by
 running this under the plan: `with pipeline.plans.planned(model, plan) as m: hellaswag(m, ...)`.
 """
 
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from frankenlab.evals.data import load_dataset_records
+from frankenlab.evals.data import data_label, load_dataset_records
 from frankenlab.evals.loglik import continuation_logprobs
 from frankenlab.evals.stats import accuracy_fields
 
@@ -131,5 +133,11 @@ def hellaswag(
     acc = sum(r["pred"] == r["label"] for r in records) / len(records)
     acc_norm = sum(r["pred_norm"] == r["label"] for r in records) / len(records)
     return HellaSwagResult(
-        acc, acc_norm, len(records), protocol_name(n, seed, total), time.perf_counter() - t0, source, records
+        acc,
+        acc_norm,
+        len(records),
+        protocol_name(n, seed, total) + data_label("hellaswag", source),  # "@sha256:..." on other data
+        time.perf_counter() - t0,
+        source,
+        records,
     )

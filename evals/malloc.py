@@ -63,10 +63,11 @@ def enabled() -> bool:
 
 
 @contextlib.contextmanager
-def reuse_freed_memory():
-    """Inside the block, freed tensors are reused by the next batch instead of faulted in anew."""
+def reuse_freed_memory(on_cpu: bool = True):
+    """Inside the block, freed tensors are reused by the next batch instead of faulted in anew.
+    `on_cpu=False` (the model is on a GPU: its batches are not host memory) leaves glibc alone."""
     global _open
-    if not enabled():
+    if not on_cpu or not enabled():
         yield
         return
     libc = _glibc()

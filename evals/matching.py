@@ -17,7 +17,14 @@ almost any answer would contain one. Such aliases still count for rule 1.
 Match protocols say what text the rules see:
 - `first-line`: the first line of the answer that holds anything (generation stops there);
 - `thesis`: the whole generated answer, up to 50 new tokens (the thesis' protocol; more lenient,
-  since a rambling answer gets many chances to contain an alias).
+  since a rambling answer gets many chances to contain an alias);
+- `first-line-noecho`: `first-line`, scored only against the aliases the question does not itself
+  contain (as whole words, normalised), so that repeating the question is not an answer.
+
+Echo hits: a hit is an echo when the prediction matches only aliases that occur in the question
+("Which island group became known as The Friendly Islands?" -> "The Friendly Islands is ...",
+alias "The Friendly Islands"). Every protocol counts them (`is_echo`); `first-line` and `thesis`
+still score them correct, `first-line-noecho` does not.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from dataclasses import dataclass
 
 WORDS_THRESHOLD = 0.8
 RULES = ("exact", "substring", "words")
-MATCH_PROTOCOLS = ("first-line", "thesis")
+MATCH_PROTOCOLS = ("first-line", "thesis", "first-line-noecho")
+NOECHO = "first-line-noecho"
 _SPACE = re.compile(r"\s+")
 _SEPARATORS = {"/", "\\", "_"}
 ARTICLES = frozenset({"a", "an", "the"})
@@ -113,6 +121,23 @@ def match_answer(prediction: str, aliases: list[str] | tuple[str, ...]) -> Match
     return Match(False, None, None, best)
 
 
+def echoed_aliases(question: str, aliases: list[str] | tuple[str, ...]) -> set[str]:
+    """The aliases whose normalised words occur, as whole words, in the normalised question."""
+    q = f" {normalize(question)} "
+    return {a for a in aliases if (n := normalize(a)) and f" {n} " in q}
+
+
+def split_echo(prediction: str, question: str, aliases) -> tuple[Match, Match, bool]:
+    """(match against every alias, match against the aliases the question does not contain, is_echo):
+    an echo is a prediction that matches only aliases the question itself holds."""
+    full = match_answer(prediction, aliases)
+    echoed = echoed_aliases(question, aliases) if full.correct else set()
+    if not echoed:
+        return full, full, False
+    own = match_answer(prediction, [a for a in aliases if a not in echoed])
+    return full, own, not own.correct
+
+
 def first_line(text: str) -> str:
     """The answer a model gave: the first line of its generated text that holds anything, stripped."""
     return text.strip().split("\n", 1)[0].strip()
@@ -122,4 +147,4 @@ def answer_text(generated: str, protocol: str) -> str:
     """The text a match protocol scores: the first line, or the whole answer (thesis)."""
     if protocol not in MATCH_PROTOCOLS:
         raise ValueError(f"unknown match protocol {protocol!r}; use one of {', '.join(MATCH_PROTOCOLS)}")
-    return first_line(generated) if protocol == "first-line" else generated.strip()
+    return generated.strip() if protocol == "thesis" else first_line(generated)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frankenlab.evals import switched_off
+from frankenlab.evals.devices import cpu_fast_paths
 
 
 def available() -> bool:
@@ -194,6 +195,8 @@ def packed_linears(model: nn.Module, packs: Packs | None = None):
     is as before when the block ends, even on an exception."""
     packs = packs if packs is not None else Packs()
     patched: list[nn.Module] = []
+    if packs.enabled and not cpu_fast_paths(model):  # a GPU model's linears stay as they are
+        packs.enabled = False
     if packs.enabled:
         need = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
         room = available_memory()

@@ -7,6 +7,9 @@ Perplexity depends on how text is cut into sequences, so every number carries it
   WANDA papers, `wikitext2-concat-512`); a stride < L gives overlapping windows that score only the
   tokens not seen by the previous window.
 A sample limit is part of the name (`...:first16`), so partial numbers are never mistaken for full ones.
+A named data set read from a file that is not the standard one (its sha256 differs from the shared
+data folder's SHA256SUMS) gets `@sha256:<8 hex digits>` at the end of the label
+(`wikitext2-concat-512@sha256:1a2b3c4d`), so a number on other data never passes for the standard one.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from frankenlab.evals import devices
 from frankenlab.evals.cancel import Cancelled, cancel_between_layers
-from frankenlab.evals.data import load_texts
+from frankenlab.evals.data import data_label, load_texts
+from frankenlab.evals.errors import DataError
 from frankenlab.evals.head import head_token_nll, linear_head
 from frankenlab.evals.malloc import reuse_freed_memory
 from frankenlab.evals.packed import Packs, packed_linears
@@ -261,14 +266,28 @@ def score_sequences(
     if in_pool_thread() or any(hasattr(m, "_hf_hook") for m in model.modules()):
         workers = 1  # inside a batch (never wait on our own pool), or accelerate's hooks move weights per call
     results: list[tuple[float, int] | None] = [None] * len(batches)
-    with reuse_freed_memory(), packed_linears(model) as packs:  # CPU fp32: weights reordered once
+    on_cpu = devices.cpu_fast_paths(model)
+    halve = devices.retry_smaller_batches(device)
+    rows = None  # after an out of memory on a GPU: the rows per forward pass that fit
+    with reuse_freed_memory(on_cpu), packed_linears(model) as packs:  # CPU fp32: weights reordered once
         if workers == 1:
             done = 0
             for i, (ids, labels) in enumerate(batches):
                 if cancelled and cancelled():
                     raise Cancelled("perplexity cancelled")
                 with cancel_between_layers(model, cancelled):
-                    results[i] = nll_sum(model, ids.to(device), labels, packs)
+                    if halve:  # a batch that does not fit is scored in halves (the same sums)
+                        parts, rows = devices.halving_on_oom(
+                            lambda b, e, ids=ids, labels=labels: nll_sum(
+                                model, ids[b:e].to(device), labels[b:e], packs
+                            ),
+                            ids.shape[0],
+                            device=device,
+                            start=rows,
+                        )
+                        results[i] = (sum(p[0] for p in parts), sum(p[1] for p in parts))
+                    else:
+                        results[i] = nll_sum(model, ids.to(device), labels, packs)
                 done += ids.shape[0]
                 if progress:
                     progress(done / len(seqs))
@@ -295,9 +314,13 @@ def sequences_for(protocol: Protocol, tokenizer, *, data_dir=None) -> tuple[list
         path = Path(protocol.data).expanduser()
         if protocol.mode == "concat" and ".json" not in path.suffixes and path.suffix != ".gz" and path.is_file():
             # a plain text file is scored as written; joining its lines with "\n\n" would change it
-            return concat_windows(
-                tokenizer, [path.read_text(encoding="utf-8")], protocol.seq_len, protocol.stride, protocol.limit
-            ), str(path)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}): is this the right file?"
+                ) from None
+            return concat_windows(tokenizer, [text], protocol.seq_len, protocol.stride, protocol.limit), str(path)
         texts, source = load_texts("file", path=path)
     else:
         texts, source = load_texts(protocol.data, data_dir=data_dir)
@@ -325,7 +348,8 @@ def perplexity(
         raise ValueError(f"{protocol.name}: no sequence to score (text too short for length {protocol.seq_len}?)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nll, n = score_sequences(model, seqs, batch_size=batch_size, pad_id=pad, progress=progress, cancelled=cancelled)
-    return PerplexityResult(math.exp(nll / n), protocol.name, n, len(seqs), time.perf_counter() - t0, source)
+    label = protocol.name + data_label(protocol.data, source)  # "@sha256:..." unless the standard data
+    return PerplexityResult(math.exp(nll / n), label, n, len(seqs), time.perf_counter() - t0, source)
 
 
 def perplexity_of_ids(model, batches: Iterable[torch.Tensor], *, cancelled=None) -> float:

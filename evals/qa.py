@@ -2,8 +2,9 @@
 
 Closed book (thesis): "Question: {q}\\nAnswer:" on TriviaQA validation questions (or any question
 file in the same format, `path=`), greedy, 1 to 50 new tokens. What is scored is a named match
-protocol (`evals.matching`): `first-line` (generation stops at the end of the first line) or
-`thesis` (the whole answer, up to 50 new tokens). Open book: "Context: {c}\\nQuestion: {q}\\nAnswer:"
+protocol (`evals.matching`): `first-line` (generation stops at the end of the first line),
+`thesis` (the whole answer, up to 50 new tokens) or `first-line-noecho` (the first line, not
+counting a hit that only repeats an alias the question contains). Open book: "Context: {c}\\nQuestion: {q}\\nAnswer:"
 with the shortest context passage. TriviaQA's evidence documents need the hub; offline the open-book
 task uses the NQ-open questions with their gold Wikipedia passage (`ctxs[0]`, ~100 words) and is
 labelled `nq-open-oracle-openbook`, never as TriviaQA. `open_source="triviaqa-rc"` asks for TriviaQA
@@ -15,7 +16,10 @@ same set everywhere; the protocol string names it, the question file and the mat
 `triviaqa-closed-validation:200:first-line`. Every question keeps a record (prediction, aliases,
 matched alias, rule) so failures, and lenient matches, can be inspected; under `thesis` each
 record also says whether the first line alone would have been correct. Accuracies carry their
-question count and 95 % Wilson interval (`evals.stats`).
+question count and 95 % Wilson interval (`evals.stats`), and every result counts its echo hits
+(`echo_hits`: answers that only repeat an alias the question contains, `evals.matching`). A label
+that names the standard question set carries `@sha256:<8 hex digits>` when the file read is not
+the standard one (`evals.data.data_label`).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from frankenlab.evals.data import DATASETS, load_dataset_records
+from frankenlab.evals.data import DATASETS, data_label, load_dataset_records
 from frankenlab.evals.generate import apply_chat, generate_greedy
-from frankenlab.evals.matching import MATCH_PROTOCOLS, answer_text, first_line, match_answer
+from frankenlab.evals.matching import MATCH_PROTOCOLS, NOECHO, answer_text, first_line, match_answer, split_echo
 from frankenlab.evals.stats import accuracy_fields
 
 TASKS = ("closed", "open")
@@ -72,6 +76,8 @@ class QAResult:
             **accuracy_fields(sum(r["correct"] for r in self.records), self.n),
             "seconds": self.seconds,
             "rules": self.rules,
+            # hits that only repeat an alias the question contains (not counted correct under first-line-noecho)
+            "echo_hits": sum(bool(r.get("echo")) for r in self.records),
         }
         if self.match == "thesis" and self.records:
             out["first_line_accuracy"] = sum(r["first_line_correct"] for r in self.records) / len(self.records)
@@ -191,7 +197,8 @@ def score(items: list[QAItem], generations, match: str = "first-line") -> tuple[
     rules = {"exact": 0, "substring": 0, "words": 0, "none": 0}
     for item, g in zip(items, generations, strict=False):
         pred = answer_text(g.text, match)
-        m = match_answer(pred, item.aliases)
+        full, own, echo = split_echo(pred, item.question, item.aliases)
+        m = own if match == NOECHO else full  # no-echo: aliases the question holds are no evidence
         correct += m.correct
         exact += m.exact_match
         rules[m.rule or "none"] += 1
@@ -202,6 +209,7 @@ def score(items: list[QAItem], generations, match: str = "first-line") -> tuple[
             "generated": g.text,
             "new_tokens": g.new_tokens,
             **m.to_dict(),
+            "echo": echo,  # matched only aliases the question itself contains (counted under every protocol)
             "aliases": list(item.aliases),
         }
         if match == "thesis":
@@ -242,16 +250,19 @@ def run_qa(
         tokenizer,
         prompts,
         max_new_tokens=max_new_tokens,
-        stop_at_newline=match == "first-line",
+        stop_at_newline=match != "thesis",
         batch_size=batch_size,
         max_prompt_tokens=room,
         progress=progress,
         cancelled=cancelled,
     )
     records, acc, em, rules = score(items, gens, match)
+    label = protocol_name(task, n, seed, chat, total, open_source, match, path)
+    if question_set(task, path, open_source) == question_set(task, None, open_source):  # claims the standard set
+        label += data_label("triviaqa" if task == "closed" else open_source, source)
     return QAResult(
         task,
-        protocol_name(task, n, seed, chat, total, open_source, match, path),
+        label,
         acc,
         em,
         len(items),

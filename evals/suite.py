@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 from frankenlab.evals.cancel import Cancelled
 from frankenlab.evals.config import option, require
+from frankenlab.evals.data import check_dataset, local_file
 from frankenlab.evals.errors import RecipeError
 from frankenlab.evals.hellaswag import hellaswag
 from frankenlab.evals.matching import MATCH_PROTOCOLS
-from frankenlab.evals.perplexity import Protocol, perplexity
+from frankenlab.evals.perplexity import Protocol, is_file_protocol, perplexity
 from frankenlab.evals.qa import OPEN_SOURCES, run_qa
 from frankenlab.evals.samples import generation_samples
 
@@ -55,8 +56,9 @@ class EvalConfig:
         "first-line",
         choices=MATCH_PROTOCOLS,
         label="match",
-        help="what a QA answer is scored on: first-line (the answer's first line) or thesis "
-        "(the whole answer, up to 50 tokens; more lenient)",
+        help="what a QA answer is scored on: first-line (the answer's first line), thesis "
+        "(the whole answer, up to 50 tokens; more lenient) or first-line-noecho (the first line; an "
+        "answer that only repeats an alias the question contains does not count)",
     )
     triviaqa_file: str | None = option(
         None,
@@ -128,6 +130,68 @@ class EvalConfig:
         if self.ppl_stride and proto.mode == "concat":
             proto = Protocol.parse(name, limit=self.ppl_limit or None, stride=self.ppl_stride)
         return proto
+
+
+def data_needed(config: EvalConfig) -> set[tuple[str, str | None, str | None]]:
+    """(dataset name, explicit file or None, row kind) of every data set `config` evaluates on."""
+    needed: set[tuple[str, str | None, str | None]] = set()
+    for p in config.perplexity:
+        data = Protocol.parse(p).data
+        needed.add(("file", data, "text") if is_file_protocol(data) else (data, None, "text"))
+    if config.triviaqa_closed:
+        needed.add(("triviaqa", config.triviaqa_file, "triviaqa"))
+    if config.triviaqa_open:
+        needed.add((config.open_book, None, None))  # the source's own row kind
+    if config.hellaswag:
+        needed.add(("hellaswag", None, "hellaswag"))
+    return needed
+
+
+def check_data(config: EvalConfig, data_dir=None) -> None:
+    """Before any weights load: every data file `config` reads exists, every row of it is usable
+    (`evals.data.check_dataset`; DataNotFound or DataError naming the file and line, or the path a
+    user may not read), and the file holds as many questions or items as asked for (RecipeError)."""
+    sizes = {}
+    for name, path, rows in sorted(data_needed(config), key=str):
+        sizes[name] = check_dataset(name, path=path, data_dir=data_dir, rows=rows), path
+    asked = (
+        ("triviaqa_closed", "--triviaqa-closed", config.triviaqa_closed, "triviaqa", "questions"),
+        ("triviaqa_open", "--triviaqa-open", config.triviaqa_open, config.open_book, "questions"),
+        ("hellaswag", "--hellaswag", config.hellaswag, "hellaswag", "items"),
+    )
+    for key, flag, n, name, what in asked:
+        held, path = sizes.get(name, (None, None))
+        if n and held is not None and n > held:  # a hub source is not counted: its size is checked later
+            where = path or local_file(name, data_dir=data_dir) or name
+            raise RecipeError(
+                f"evaluation {key} ({flag}) = {n} asks for more {what} than {where} holds ({held}): "
+                f"ask for at most {held}"
+            )
+
+
+def max_positions(model_config: dict | None) -> int | None:
+    """The longest sequence the model takes (config.json's max_position_embeddings), if it says."""
+    if not isinstance(model_config, dict):
+        return None
+    value = model_config.get("max_position_embeddings")
+    if value is None and isinstance(model_config.get("text_config"), dict):
+        value = model_config["text_config"].get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_lengths(config: EvalConfig, model_config: dict | None) -> None:
+    """Before any weights load: no perplexity protocol reads sequences longer than the model takes
+    (RecipeError naming the protocol and the limit)."""
+    limit = max_positions(model_config)
+    if limit is None:
+        return
+    for name in config.perplexity:
+        length = Protocol.parse(name).seq_len
+        if length > limit:
+            raise RecipeError(
+                f"perplexity protocol {name} reads {length}-token sequences but the model takes at most "
+                f"{limit} (max_position_embeddings in its config.json): use a length up to {limit}"
+            )
 
 
 @dataclass

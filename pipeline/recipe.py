@@ -7,13 +7,13 @@ Everything kind-specific is asked of the stage registry (order rules, layers aft
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from frankenlab.evals import toml
 from frankenlab.evals.config import from_dict, option, require, to_dict
 from frankenlab.evals.errors import RecipeError
 from frankenlab.evals.suite import EvalConfig
@@ -109,9 +109,14 @@ class Recipe:
     @classmethod
     def loads(cls, text: str) -> Recipe:
         try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
+            data = toml.loads(text)
+        except toml.TOMLDecodeError as exc:
             raise RecipeError(f"not valid TOML: {exc}") from None
+        if not data:  # a 0-byte or comment-only file would run the default evaluation as "untitled"
+            raise RecipeError(
+                "the recipe is empty: give it at least a name and [[stages]] or an [evaluation] "
+                "(start from a bundled one: `frankenlab recipes`)"
+            )
         return cls.from_dict(data)
 
     @classmethod
@@ -122,7 +127,13 @@ class Recipe:
         if not p.is_file():
             raise RecipeError(f"recipe file {path} does not exist (bundled recipes: {', '.join(bundled_recipes())})")
         try:
-            return cls.loads(p.read_text())
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RecipeError(f"{p} is not a text file (not UTF-8): a recipe is a TOML text file") from None
+        except OSError as exc:
+            raise RecipeError(f"cannot read {p} ({exc.strerror or exc}): check its permissions") from None
+        try:
+            return cls.loads(text)
         except RecipeError as exc:
             raise RecipeError(f"{p}: {exc}") from None
 
@@ -156,6 +167,16 @@ class Recipe:
             except (RecipeError, ValueError) as exc:
                 err = RecipeError(f"stage {i} ({s.kind}): {exc}")
                 err.stage = i  # the refusal belongs to this stage (counted within this recipe)
+                raise err from None
+
+    def check_config(self, model_config: dict) -> None:
+        """Validate stage parameters against the model's config.json (matrix widths), before weights load."""
+        for i, s in enumerate(self.stages, 1):
+            try:
+                stage_kind(s.kind).check_config(s.config, model_config)
+            except (RecipeError, ValueError) as exc:
+                err = RecipeError(f"stage {i} ({s.kind}): {exc}")
+                err.stage = i
                 raise err from None
 
 

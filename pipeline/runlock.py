@@ -108,10 +108,12 @@ def describe_owner(owner: dict) -> str:
 
 
 class RunLock:
-    """The lock file of a run folder. `acquire()` returns a message when it took over a stale lock."""
+    """The lock file of a run folder (or, with what="sweep", of a sweep folder: `sessions.sweep.run`).
+    `acquire()` returns a message when it took over a stale lock."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, what: str = "run"):
         self.folder = Path(folder)
+        self.what = what
         self.path = self.folder / LOCK_FILE
         self.owner = process_identity()
         self.held = False
@@ -139,23 +141,28 @@ class RunLock:
             and other.get("host") == self.owner["host"]
         ):
             raise RunFolderBusy(
-                f"{self.folder} is already in use by another run of this process: choose another folder (--out DIR)"
+                f"{self.folder} is already in use by another {self.what} of this process: "
+                "choose another folder (--out DIR)"
             )
         alive = owner_alive(other)
         if alive is None and isinstance(other, dict):
             raise RunFolderBusy(
-                f"{self.folder} is in use by a run on another machine ({describe_owner(other)}): "
-                f"choose another folder (--out DIR), or delete {self.path} if that run is gone"
+                f"{self.folder} is in use by a {self.what} on another machine ({describe_owner(other)}): "
+                f"choose another folder (--out DIR), or delete {self.path} if that {self.what} is gone"
             )
         if alive:
             raise RunFolderBusy(
-                f"{self.folder} is in use by a live run ({describe_owner(other)}): wait for it "
+                f"{self.folder} is in use by a live {self.what} ({describe_owner(other)}): wait for it "
                 "to finish, or choose another folder (--out DIR)"
             )
         atomic_write_text(self.path, text)
         self.held = True
         who = describe_owner(other) if isinstance(other, dict) else "an unreadable lock file"
-        return f"took over the run folder from a run that is gone ({who}); its finished stages stay on disk"
+        kept = "stages" if self.what == "run" else "nodes"
+        return (
+            f"took over the {self.what} folder from a {self.what} that is gone ({who}); "
+            f"its finished {kept} stay on disk"
+        )
 
     def release(self) -> None:
         if not self.held:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import threading
 import time
 import traceback
@@ -24,11 +25,13 @@ from pathlib import Path
 import torch
 
 from frankenlab.evals.cancel import Cancelled
-from frankenlab.evals.data import DataNotFound, load_dataset_records
-from frankenlab.evals.errors import RecipeError
-from frankenlab.evals.perplexity import Protocol
-from frankenlab.evals.suite import evaluate
-from frankenlab.pipeline.atomic import atomic_write_text
+from frankenlab.evals.data import DataNotFound
+from frankenlab.evals.devices import free_cached_memory
+from frankenlab.evals.errors import DataError, ModelLoadError, RecipeError
+from frankenlab.evals.suite import check_data, check_lengths, evaluate
+from frankenlab.pipeline.atomic import atomic_write_text, guarded_path
+from frankenlab.pipeline.calibration import check_calibration, check_seq_len
+from frankenlab.pipeline.child_stage import StageProcessFailed, run_stage
 from frankenlab.pipeline.context import StageContext
 from frankenlab.pipeline.events import (
     Event,
@@ -44,14 +47,7 @@ from frankenlab.pipeline.events import (
     StageStarted,
 )
 from frankenlab.pipeline.footprint import footprint_summary
-from frankenlab.pipeline.loading import (
-    LoadedModel,
-    ModelLoadError,
-    count_parameters,
-    decoder_layers,
-    load_model,
-    resolve_source,
-)
+from frankenlab.pipeline.loading import LoadedModel, count_parameters, decoder_layers, load_model, resolve_source
 from frankenlab.pipeline.provenance import describe_zeros, weights_origin
 from frankenlab.pipeline.recipe import Recipe, StageSpec
 from frankenlab.pipeline.records import StageRecord
@@ -105,6 +101,14 @@ def environment(loaded: LoadedModel | None, recipe: Recipe) -> dict:
         env["dtype"] = str(loaded.dtype).replace("torch.", "")
         if loaded.device.type == "cuda":
             env["gpu"] = torch.cuda.get_device_name(loaded.device)
+            # the gptqmodel kernel quantized models run on this GPU (evals.devices.cuda_quant_kernel);
+            # a model it cannot run falls back to "torch", which the gptq stage's report says
+            from frankenlab.evals.devices import DeviceError, cuda_quant_kernel_choice
+
+            try:
+                env["quant_kernel"] = getattr(loaded.model, "frankenlab_backend", None) or cuda_quant_kernel_choice()
+            except DeviceError:
+                env["quant_kernel"] = None
         else:  # how quantized linears run on CPU (decoding fused int4 or exact): pipeline.quant_cpu.set_kernel
             from frankenlab.pipeline.quant_cpu import kernel_choice
 
@@ -115,27 +119,42 @@ def environment(loaded: LoadedModel | None, recipe: Recipe) -> dict:
     return env
 
 
-def preflight(recipe: Recipe, data_dir: Path | None) -> list[str]:
-    """Fail before any heavy work when data the run will need cannot be found, or when a stage
-    refuses the recipe (its `preflight` hook: LoRA training data that holds evaluated questions)."""
-    needed = set()
+def needs_calibration(recipe: Recipe) -> bool:
+    return any(stage_kind(s.kind).needs_calibration(s.config) for s in recipe.stages)
+
+
+def check_recipe_data(recipe: Recipe, data_dir: Path | None) -> None:
+    """Every data file the run reads is there and readable, every row of it usable (DataNotFound,
+    DataError), and it holds what the recipe asks of it (RecipeError: more TriviaQA questions than
+    the file, more calibration windows than the text can give), all before any weights load."""
+    if needs_calibration(recipe):  # calibration text first: a missing c4 is named before the evaluation data
+        check_calibration(recipe.calibration, data_dir)
     if recipe.evaluation.after != "none":
-        for p in recipe.evaluation.perplexity:
-            proto = Protocol.parse(p)
-            needed.add(("file", proto.data) if Path(proto.data).suffix else (proto.data, None))
-        if recipe.evaluation.triviaqa_closed:
-            needed.add(("triviaqa", recipe.evaluation.triviaqa_file))
-        if recipe.evaluation.hellaswag:
-            needed.add(("hellaswag", None))
-        if recipe.evaluation.triviaqa_open:
-            needed.add((recipe.evaluation.open_book, None))
-    if any(stage_kind(s.kind).needs_calibration(s.config) for s in recipe.stages):
-        ds = recipe.calibration.dataset
-        needed.add(("file", ds) if Path(ds).suffix else (ds, None))
-    for name, path in sorted(needed, key=str):
-        load_dataset_records(name, path=path, data_dir=data_dir, limit=1)
+        check_data(recipe.evaluation, data_dir)
+
+
+def check_sizes(recipe: Recipe, model_cfg: dict | None) -> None:
+    """Sequence lengths the model cannot take (its config.json's max_position_embeddings), refused
+    before any weights load: perplexity protocols and the calibration windows."""
+    if recipe.evaluation.after != "none":
+        check_lengths(recipe.evaluation, model_cfg)
+    if needs_calibration(recipe):
+        check_seq_len(recipe.calibration.seq_len, model_cfg)
+
+
+def preflight(recipe: Recipe, data_dir: Path | None, seen: set | None = None) -> list[str]:
+    """Fail before any heavy work when data the run will need cannot be found or read or cannot give
+    what is asked of it (`check_recipe_data`), or when a stage refuses the recipe (its `preflight`
+    hook: LoRA training data that holds evaluated questions). `seen` (a sweep checking many recipes)
+    skips a stage hook already asked about the same stage config and evaluation."""
+    check_recipe_data(recipe, data_dir)
     warnings = []
     for i, s in enumerate(recipe.stages, 1):  # e.g. LoRA: its training data holds nothing evaluated
+        if seen is not None:
+            key = (s.kind, repr(s.config), repr(recipe.evaluation))
+            if key in seen:
+                continue
+            seen.add(key)
         try:
             warnings += [
                 f"stage {i} ({s.kind}): {w}"
@@ -146,6 +165,16 @@ def preflight(recipe: Recipe, data_dir: Path | None) -> list[str]:
             err.stage = i
             raise err from None
     return warnings
+
+
+def model_config(source_ref: str) -> dict | None:
+    """The model's config.json as a dict, without loading weights (None when it cannot be read here)."""
+    try:
+        src = resolve_source(source_ref)
+        data = json.loads((Path(src.path) / "config.json").read_text())
+        return data if isinstance(data, dict) else None
+    except (ModelLoadError, OSError, ValueError, TypeError):
+        return None
 
 
 def model_depth(source_ref: str) -> int | None:
@@ -203,6 +232,7 @@ class Runner:
                 depth = model_depth(rec.model.source)
                 if depth is not None:
                     self._check_depth(remaining, depth, first)
+                self._check_config(remaining, model_config(rec.model.source), first)  # N:M widths, before loading
                 self.emit(LogLine(-1, f"loading model {rec.model.source!r}"))
                 self.loaded = load_model(
                     rec.model.source,
@@ -212,6 +242,7 @@ class Runner:
                 )
             lm = self.loaded
             self._check_depth(remaining, len(decoder_layers(lm.model)), first)
+            self._check_config(remaining, lm.model.config.to_dict(), first)  # before the baseline evaluation
             source_info = {"ref": rec.model.source, **lm.source.to_dict()}
             origin = weights_origin(source_info)
             if origin:  # e.g. the bundled Q4_1 GGUF: a quantization stage's cost on it is understated
@@ -243,12 +274,13 @@ class Runner:
                 model, source = self._stage(index, spec, model, run_ctx, source)
         except (Cancelled, KeyboardInterrupt):
             status = "cancelled"
+            who = "SIGTERM" if getattr(self.cancel, "reason", None) == "SIGTERM" else "the user"
             message = (
-                "cancelled by the user; finished stages are kept"
+                f"cancelled by {who}; finished stages are kept"
                 if self.records
-                else "cancelled by the user; no stage had finished"
+                else f"cancelled by {who}; no stage had finished"
             )
-        except (RecipeError, DataNotFound, ModelLoadError) as exc:
+        except (RecipeError, DataNotFound, DataError, ModelLoadError) as exc:
             status, message, cause = "failed", str(exc), "input"
             index = getattr(exc, "stage", None) or index  # a stage's refusal is that stage's row
         except torch.OutOfMemoryError:
@@ -261,6 +293,8 @@ class Runner:
             )
         except OSError as exc:  # a full disk, a read-only folder: the user can fix it, no traceback
             status, message, cause = "failed", write_problem(exc, self.out), "input"
+        except StageProcessFailed as exc:  # a stage's worker process failed: one line that names its log
+            status, message = "failed", str(exc)
         except Exception as exc:  # noqa: BLE001 - any stage failure is reported, finished stages kept
             self.emit(LogLine(index, traceback.format_exc(), "error"))
             status, message = "failed", f"{type(exc).__name__}: {exc}"
@@ -273,6 +307,17 @@ class Runner:
         lock.release()
         self.emit(RunFinished(max(index, 0), status, str(self.out)))
         return RunResult(status, self.out, message, model if status == "done" else None, self.records)
+
+    def _check_config(self, remaining: Recipe, config: dict | None, first: int) -> None:
+        if not config:
+            return
+        check_sizes(remaining, config)  # sequence lengths the model cannot take
+        try:
+            remaining.check_config(config)
+        except RecipeError as exc:
+            if getattr(exc, "stage", None):
+                exc.stage += first - 1  # the index in the whole recipe
+            raise
 
     def _check_depth(self, remaining: Recipe, depth: int, first: int) -> None:
         try:
@@ -311,6 +356,7 @@ class Runner:
     def _finish(self, record: StageRecord, t0: float) -> None:
         record.status, record.seconds = "done", time.perf_counter() - t0
         self.records.append(record)
+        free_cached_memory(self.loaded.device if self.loaded is not None else None)  # CUDA only: a no-op on CPU
         self.emit(StageFinished(record))
 
     def _baseline(self, model, ctx: StageContext) -> None:
@@ -333,7 +379,7 @@ class Runner:
         self.emit(StageStarted(index, spec.kind, spec.params()))
         ctx = run_ctx.for_stage(index, self.out / "stages" / f"{index:02d}-{spec.kind}", source)
         t0 = time.perf_counter()
-        result = stage_kind(spec.kind).run(model, ctx, spec.config)
+        result = run_stage(stage_kind(spec.kind), model, ctx, spec.config)  # RUNS_IN_CHILD: in a worker process
         model = result.model
         record = StageRecord(index, spec.kind, spec.label, spec.params(), status="running", report=result.report)
         stage_seconds = time.perf_counter() - t0
@@ -347,17 +393,22 @@ class Runner:
         return model, saved
 
     def _save_model(self, model, ctx: StageContext, spec: StageSpec, index: int) -> Path:
-        d = ctx.work_dir
+        d = guarded_path(self.out, "stages", ctx.work_dir.name)  # no linked stages/ folder is written through
         d.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(d)
-        ctx.tokenizer.save_pretrained(d)
-        partial = replace(self.recipe, stages=self.recipe.stages[:index])
-        atomic_write_text(d / "frankenlab-recipe.toml", partial.dumps())
-        (d / "README.md").write_text(
-            f"# {self.recipe.name}: after stage {index} ({spec.kind})\n\nMade by frankenlab from "
-            f"`{self.recipe.model.source}` with the stages in `frankenlab-recipe.toml`.\n"
-            f'Loads with `AutoModelForCausalLM.from_pretrained("{d}")`.\n'
-        )
+        try:
+            model.save_pretrained(d)
+            ctx.tokenizer.save_pretrained(d)
+            partial = replace(self.recipe, stages=self.recipe.stages[:index])
+            atomic_write_text(d / "frankenlab-recipe.toml", partial.dumps())
+            atomic_write_text(
+                d / "README.md",
+                f"# {self.recipe.name}: after stage {index} ({spec.kind})\n\nMade by frankenlab from "
+                f"`{self.recipe.model.source}` with the stages in `frankenlab-recipe.toml`.\n"
+                f'Loads with `AutoModelForCausalLM.from_pretrained("{d}")`.\n',
+            )
+        except BaseException:  # a full disk, a cancel: no half-written stage folder is left behind
+            shutil.rmtree(d, ignore_errors=True)
+            raise
         return d
 
 
@@ -365,6 +416,15 @@ def write_problem(exc: OSError, out: Path) -> str:
     """One line for an OSError while writing a run: what happened and what to do."""
     import errno
 
+    from frankenlab.pipeline.atomic import UnsafeOutputPath
+
+    if isinstance(exc, UnsafeOutputPath):  # a symbolic link or a path outside the folder: says what to do
+        return str(exc)
+    where = Path(exc.filename).absolute() if isinstance(exc.filename, str) else None
+    if exc.errno == errno.EACCES and where is not None and Path(out).absolute() not in (where, *where.parents):
+        from frankenlab.pipeline.loading import unreadable
+
+        return unreadable(where, exc)  # reading a data file or model, not writing the run
     if exc.errno == errno.ENOSPC:
         return (
             f"cannot write the run folder {out}: the disk is full; free some space or choose another "

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from frankenlab.evals.errors import RecipeError
-from frankenlab.pipeline.quant_linear import g_idx_trivial, group_index, group_size, quant_codes, unpack_rows
+from frankenlab.pipeline.quant_linear import (
+    g_idx_trivial,
+    group_index,
+    group_size,
+    packing,
+    quant_codes,
+    saved_packing,
+    unpack_rows,
+)
 
 NM_CANDIDATE_M = (2, 4, 8, 16, 32)
 BITMASK_MIN_SAVING = 0.10  # unstructured sparsity counts only when the bitmask form saves >= 10 %
@@ -181,7 +189,17 @@ def cached(tensor: torch.Tensor, compute):
 
 # -- GPTQ quantized linears (pipeline.quant_linear reads their buffers) ------------------------------
 def quantized_storage(module: nn.Module) -> tuple[Storage, int]:
-    """Storage of a gptqmodel linear and the bytes of its real buffers (qweight+qzeros+scales)."""
+    """Storage of a gptqmodel linear and the bytes of its packed tensors (qweight+qzeros+scales).
+
+    Read from the saved checkpoint when the module carries it (a GPU kernel's buffers are repacked,
+    `pipeline.quant_linear.packing`), else from the module's own buffers."""
+    saved = saved_packing(module)
+    if saved is not None:
+        return saved.remember("storage", lambda: _quantized_storage(saved))
+    return _quantized_storage(module)
+
+
+def _quantized_storage(module) -> tuple[Storage, int]:
     bits, group = int(module.bits), group_size(module)
     shape = (int(module.out_features), int(module.in_features))
     extra = 0
@@ -190,12 +208,16 @@ def quantized_storage(module: nn.Module) -> tuple[Storage, int]:
         extra += bias.numel() * bias.element_size()
     if not g_idx_trivial(module):
         extra += module.g_idx.numel() * module.g_idx.element_size()
-    buffers = sum(
-        getattr(module, b).numel() * getattr(module, b).element_size() for b in ("qweight", "qzeros", "scales")
-    )
+    buffers = 0
+    for b in ("qweight", "qzeros", "scales"):
+        t = getattr(module, b)
+        buffers += t.numel() * t.element_size()
     storage = Storage(shape, "float16", quant=(bits, group), extra_bytes=extra)
     if bits in (2, 4, 8):
-        storage = cached(module.qweight, lambda _q: _quant_sparsity(module, storage))
+        if module is packing(module):
+            storage = cached(module.qweight, lambda _q: _quant_sparsity(module, storage))
+        else:  # a SavedPacking: its own memo caches the result
+            storage = _quant_sparsity(module, storage)
     return storage, buffers + extra
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from frankenlab.evals.stats import wilson
 from frankenlab.pipeline.stages import generic_description, known_kind
 from frankenlab.pipeline.units import fmt_bytes
+from frankenlab.sessions.printable import printable
 from frankenlab.sessions.session import Session, StageRecord, finite
 
 NM_NOTE = "N:M = N of every M consecutive weights pruned (thesis notation: 1:8 removes 12.5 %)"
@@ -101,12 +102,16 @@ class CompareTable:
         return [{c.title: r.get(c.key) for c in self.columns} for r in self.rows]
 
 
-def _row(session: Session, stage: StageRecord, upto: list[StageRecord]) -> dict:
+def _row(session: Session, stage: StageRecord, upto: list[StageRecord], all_stages: bool = False) -> dict:
     row = {
         "session": session.title,
         "id": session.id,
         "stage": stage.index,
-        "status": session.status if stage is session.final_stage() else stage.status,
+        # the stage's own status: a finished stage is "done" even when the run was cancelled after it;
+        # a row standing for the whole session adds how the run ended: "done (run cancelled)"
+        "status": stage.status
+        if all_stages or stage is not session.final_stage() or session.status in (stage.status, "running")
+        else f"{stage.status} (run {session.status})",
         "configuration": configuration(upto),
         "lora": _join(upto, "adapter"),
         "quantization": _join(upto, "quant"),
@@ -115,7 +120,7 @@ def _row(session: Session, stage: StageRecord, upto: list[StageRecord]) -> dict:
         "layers": stage.num_layers,
         "size": footprint_bytes(stage.footprint, "weights"),
         "memory": footprint_bytes(stage.footprint, "total"),
-        "seconds": sum(s.seconds or 0.0 for s in upto if s.reused_from is None) or None,
+        "seconds": stage.seconds if stage.reused_from is None else None,  # this stage's own time
     }
     for m in stage.metrics:
         row[_metric_key(m)] = m.get("value")
@@ -178,7 +183,7 @@ def compare_table(sessions: list[Session], *, all_stages: bool = False) -> Compa
             )
         for st in targets:
             upto = [x for x in s.stages if x.index <= st.index and x.status == "done"]
-            rows.append(_row(s, st, upto))
+            rows.append(_row(s, st, upto, all_stages))
             for m in st.metrics:
                 metric_cols.setdefault(_metric_key(m), m)
     present = {k for r in rows for k, v in r.items() if v is not None}
@@ -224,7 +229,7 @@ def compare_table(sessions: list[Session], *, all_stages: bool = False) -> Compa
         Column("layers", "layers", "int"),
         Column("size", "size (weights)", "bytes"),
         Column("memory", "memory (total)", "bytes"),
-        Column("seconds", "seconds", "seconds"),
+        Column("seconds", "seconds (stage)", "seconds"),
     ]
     notes = [NM_NOTE] if any(":" in (r.get("configuration") or "") for r in rows) else []
     if "size" not in present:
@@ -256,11 +261,11 @@ def format_value(value, kind: str) -> str:
         return fmt_bytes(int(value))
     if kind == "seconds" and isinstance(value, (int, float)):
         return f"{value:.1f}"
-    return str(value)
+    return printable(value)  # a name from a file: no escape sequence reaches the terminal
 
 
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return printable(text).replace("|", "\\|")
 
 
 def to_markdown(table: CompareTable) -> str:
@@ -278,10 +283,14 @@ def to_markdown(table: CompareTable) -> str:
 def to_csv(table: CompareTable) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow([c.title for c in table.columns])
+    w.writerow([printable(c.title) for c in table.columns])
     for r in table.rows:
-        w.writerow(["" if r.get(c.key) is None else r.get(c.key) for c in table.columns])
+        w.writerow([_csv_cell(r.get(c.key)) for c in table.columns])
     return buf.getvalue()
+
+
+def _csv_cell(v):
+    return "" if v is None else printable(v) if isinstance(v, str) else v
 
 
 def _json_safe(v):

@@ -82,9 +82,34 @@ class ReplayResult:
         return [d for d in self.diffs if d.flagged]
 
     @property
+    def compared(self) -> list[MetricDiff]:
+        """The numbers set beside each other: saved and measured again."""
+        return [d for d in self.diffs if d.saved is not None and d.new is not None]
+
+    @property
+    def metrics_compared(self) -> list[MetricDiff]:
+        """The compared numbers that are metrics (not parameter or layer counts)."""
+        return [d for d in self.compared if d.protocol != "count"]
+
+    @property
     def ok(self) -> bool:
-        """The replay finished and every number is within tolerance."""
-        return self.new.status == "done" and not self.flagged
+        """The replay finished, compared at least one number, and every number is within tolerance."""
+        return self.new.status == "done" and bool(self.compared) and not self.flagged
+
+    def nothing_compared(self) -> str | None:
+        """Why nothing (or no metric) could be compared, or None when metrics were."""
+        if self.metrics_compared:
+            return None
+        since = f" from stage {self.from_stage} on" if self.from_stage > 1 else ""
+        if not self.compared:
+            return (
+                f"nothing to compare: the saved session holds no finished stage with numbers{since}, so the "
+                "replay's numbers have nothing to be set beside"
+            )
+        return (
+            f"no metric to compare{since}: the saved session measured none (is its evaluation off?); "
+            "only parameter and layer counts were compared"
+        )
 
 
 def _value(m: dict | None) -> float | None:
@@ -126,10 +151,31 @@ def compare_sessions(
     return diffs
 
 
+def recorded_settings(saved: Session, device: str, dtype: str, overrides: dict) -> dict:
+    """The saved run's actual device kind and dtype for a recipe that says "auto" (and no override):
+    a CPU session replayed on a GPU machine runs on the CPU in fp32 again, not in bf16 on the GPU.
+    A recorded CUDA device this machine lacks stays "auto" (the device note says so)."""
+    from frankenlab.evals.devices import DTYPES, cuda_available, device_kind
+
+    env = saved.environment or {}
+    pinned = {}
+    if overrides.get("dtype", dtype) == "auto" and env.get("dtype") in DTYPES:
+        pinned["dtype"] = env["dtype"]
+    kind = device_kind(env.get("device"))
+    if overrides.get("device", device) == "auto" and kind in ("cpu", "cuda"):
+        if kind == "cpu" or cuda_available():
+            pinned["device"] = kind
+    return pinned
+
+
 def environment_notes(saved: Session, new: Session) -> list[str]:
+    from frankenlab.evals.devices import device_kind
+
     notes = []
     for key in ENV_KEYS:
         a, b = saved.environment.get(key), new.environment.get(key)
+        if key == "device" and device_kind(a) == device_kind(b):  # cuda:0 then, cuda:1 now: the same kind
+            continue
         if a != b and (a is not None or b is not None):
             notes.append(f"{key}: saved {a if a is not None else '-'}, now {b if b is not None else '-'}")
     return notes
@@ -188,6 +234,32 @@ def resume_problem(saved: Session, k: int) -> str | None:
     return None
 
 
+def check_replay_out(saved: Session, out_dir: str | Path) -> None:
+    """A replay never writes into its source: `out_dir` equal to or inside the saved session's run
+    folder is refused, and so is a folder that already holds another session (never overwritten)."""
+    from frankenlab.sessions.session import SESSION_FILE, load_session
+
+    out = Path(out_dir).expanduser().resolve()
+    if saved.path:
+        source = Path(saved.path).expanduser().resolve().parent
+        if out == source or source in out.parents:
+            raise SessionError(
+                f"--out {out_dir} is the replayed session's own run folder ({source}) or inside it, and a "
+                "replay never writes into its source: choose another folder (--out DIR), or leave --out out"
+            )
+    existing = out / SESSION_FILE
+    if existing.is_file() or existing.is_symlink():
+        try:
+            live = load_session(existing).status == "running"  # a live run: its lock refuses, with its owner
+        except SessionError:
+            live = False
+        if not live:
+            raise SessionError(
+                f"{out_dir} already holds a session, which a replay does not overwrite: choose another "
+                "folder (--out DIR), or leave --out out"
+            )
+
+
 def replay(
     saved: Session,
     out_dir: str | Path,
@@ -209,19 +281,21 @@ def replay(
     `listener` gets the runner's events; `on_diff` gets each metric's comparison as soon as it is
     measured (a TUI can fill its table live). The new session records `replay_of`.
     """
-    from frankenlab.evals.errors import RecipeError
+    from frankenlab.evals.errors import ModelLoadError, RecipeError
     from frankenlab.pipeline.events import MetricMeasured, ignore
-    from frankenlab.pipeline.loading import ModelLoadError, load_model
+    from frankenlab.pipeline.loading import load_model
     from frankenlab.pipeline.recipe import Recipe
     from frankenlab.sessions.recorder import record_run
 
     if tolerance < 0:
         raise SessionError(f"tolerance must be 0 or more, got {tolerance}")
+    check_replay_out(saved, out_dir)
     try:
         recipe = Recipe.from_dict(saved.recipe)
     except RecipeError as exc:
         raise SessionError(f"the session's recipe cannot be run by this frankenlab: {exc}") from None
     overrides = {k: v for k, v in (("source", model), ("device", device), ("dtype", dtype)) if v}
+    overrides.update(recorded_settings(saved, recipe.model.device, recipe.model.dtype, overrides))
     if overrides:
         try:
             recipe.model = dc_replace(recipe.model, **overrides)
@@ -289,6 +363,9 @@ def replay(
             if st.index < from_stage and st.index in by_index:
                 copy = StageRecord.from_dict(by_index[st.index].to_dict())
                 copy.reused_from = saved.id
+                found = saved.artifact_path(st.index) if copy.artifact else None
+                if found is not None:  # where the model is now (the saved run folder may have moved)
+                    copy.artifact = str(found.resolve())
                 new.stages[i] = copy
     new.replay_of = {"session_id": saved.id, "path": saved.path, "from_stage": from_stage}
     if new.path:

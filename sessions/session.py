@@ -88,6 +88,9 @@ class Session:
             if not p.is_absolute():
                 candidates.append(here / p)
             candidates.append(here / "stages" / p.name)
+            if p.is_absolute():  # a moved folder: the old path's tail under the run folder or its parents
+                tails = [Path(*p.parts[-k:]) for k in range(2, min(len(p.parts) - 1, 4) + 1)]
+                candidates += [base / tail for base in (here, *list(here.parents)[:2]) for tail in tails]
         # a model folder, or an eora stage folder whose manifest names its quantized model and adapter
         return next(
             (c for c in candidates if (c / "config.json").exists() or (c / "frankenlab-quant.json").exists()), None

@@ -1,10 +1,12 @@
-"""`.ci/setup` says what it installs and roughly how long it takes, and hides the editable-install
-warnings; `.ci/test` runs the linters before pytest and fails on them (both run against a stand-in
+"""`.ci/setup` says what it installs and roughly how long it takes, hides the editable-install
+warnings, installs the torch gptqmodel 7.6.0 works with and warns about an installed one outside
+that range; `.ci/test` runs the linters before pytest and fails on them (both run against a stand-in
 venv whose python and ruff only pretend)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -93,3 +95,79 @@ def test_ci_test_exit_code_follows_pytest_and_no_tests_is_a_failure(tmp_path, py
     out = run_ci("test", venv, FAKE_PYTEST_RC=str(pytest_rc))
     assert out.returncode == expected, out.stderr
     assert ("collected no tests" in out.stderr) == (pytest_rc == 5)
+
+
+# A base Python (or venv) whose torch is $FAKE_TORCH (unset: no torch) and, for the version query,
+# "$FAKE_TORCH $FAKE_CUDA" as `print(torch.__version__, torch.version.cuda or "")` prints it.
+FAKE_PYTHON_WITH_TORCH = """#!/usr/bin/env bash
+echo "python $*" >> "$(dirname "$0")/calls.log"
+if [[ $1 == -c && $2 == *"import torch"* ]]; then
+  [[ -n ${FAKE_TORCH:-} ]] || exit 1
+  if [[ $2 == *__version__* ]]; then echo "$FAKE_TORCH ${FAKE_CUDA:-}"; fi
+fi
+exit 0
+"""
+SETUP_TOOLS = ("bash", "dirname", "cat", "sha256sum", "cut", "mktemp", "grep", "rm")
+
+
+def torch_venv(tmp_path, *, nvidia_smi: bool) -> tuple[Path, str]:
+    """A stand-in venv, and a PATH that has the tools .ci/setup uses and nvidia-smi only if asked."""
+    venv = fake_venv(tmp_path)
+    (venv / "bin" / "python").write_text(FAKE_PYTHON_WITH_TORCH)
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for name in SETUP_TOOLS:
+        (tools / name).symlink_to(shutil.which(name))
+    if nvidia_smi:
+        (tools / "nvidia-smi").write_text("#!/usr/bin/env bash\nexit 0\n")
+        (tools / "nvidia-smi").chmod(0o755)
+    return venv, str(tools)
+
+
+def torch_installs(venv: Path) -> list[str]:
+    return [line for line in calls(venv) if " install " in line and "torch" in line]
+
+
+@pytest.mark.parametrize("nvidia_smi", [True, False])
+def test_setup_installs_the_torch_gptqmodel_7_6_works_with(tmp_path, nvidia_smi):
+    venv, path = torch_venv(tmp_path, nvidia_smi=nvidia_smi)
+    out = run_ci("setup", venv, PATH=path)
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[-1] for line in torch_installs(venv)] == ["torch==2.13.0"]  # pinned, CUDA build or not
+    assert ("installing torch 2.13.0 with CUDA" in out.stderr) == nvidia_smi
+    assert "warning" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("torch", "cuda", "warned"),
+    [
+        ("2.13.0+cu128", "12.8", None),
+        ("2.8.0+cu126", "12.6", None),
+        ("2.14.1+cu130", "13.0", "newer"),
+        ("2.15.0", "13.0", "newer"),
+        ("2.10.0+cpu", "", None),
+    ],
+)
+def test_setup_keeps_an_installed_torch_and_warns_once_outside_gptqmodels_range(tmp_path, torch, cuda, warned):
+    venv, path = torch_venv(tmp_path, nvidia_smi=True)
+    out = run_ci("setup", venv, PATH=path, FAKE_TORCH=torch, FAKE_CUDA=cuda)
+    assert out.returncode == 0, out.stderr
+    assert torch_installs(venv) == []  # kept: nothing installs torch
+    warnings = [line for line in out.stderr.splitlines() if "warning" in line]
+    if warned is None:
+        assert warnings == []
+    else:
+        (line,) = warnings  # one line, naming the version, the build and the range
+        assert f"torch {torch} (CUDA {cuda})" in line and warned in line and ">=2.8,<2.14" in line
+        assert "it is kept" in line and "torch 2.13.0" in line
+
+
+def test_setup_replaces_a_torch_too_old_for_gptqmodel_7_6_with_the_pinned_one(tmp_path):
+    venv, path = torch_venv(tmp_path, nvidia_smi=True)
+    out = run_ci("setup", venv, PATH=path, FAKE_TORCH="2.6.0+cu124", FAKE_CUDA="12.4")
+    assert out.returncode == 0, out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if "warning" in line]
+    assert "torch 2.6.0+cu124 (CUDA 12.4) is older than gptqmodel 7.6.0 needs (>=2.8)" in line
+    # pip would take the newest torch for gptqmodel's torch>=2.8: the frankenlab install names the pinned one
+    (install,) = torch_installs(venv)
+    assert install.endswith(f"install -e {ROOT}[quant,test] torch==2.13.0")

@@ -236,14 +236,13 @@ def test_compare_table_into_a_pipe_and_a_file_keeps_the_name_whole(tmp_path, cap
 
 
 def test_recipes_and_memory_targets_are_not_cut_in_a_pipe(tmp_path):
-    import tomllib
-
     import frankenlab.pipeline
+    from frankenlab.evals import toml
 
     out = _cli("recipes", cwd=tmp_path)
     assert out.returncode == 0 and "…" not in out.stdout
     for path in (Path(frankenlab.pipeline.__file__).parent / "recipes").glob("*.toml"):
-        description = tomllib.loads(path.read_text())["description"]
+        description = toml.loads(path.read_text())["description"]
         assert any(line.startswith(path.stem + " ") and line.endswith(description) for line in out.stdout.splitlines())
     from frankenlab.pipeline.targets import load_targets
 

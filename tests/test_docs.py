@@ -135,9 +135,9 @@ def test_the_screenshot_is_a_real_lab_screen_and_small():
 
 
 def test_the_license_is_the_apache_license_pyproject_declares():
-    import tomllib
+    from frankenlab.evals import toml
 
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]
+    declared = toml.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]
     text = (ROOT / "LICENSE").read_text()
     assert declared == "Apache-2.0"
     assert "Apache License" in text and "Version 2.0, January 2004" in text

@@ -781,7 +781,7 @@ def test_eval_command_question_file_is_named_in_the_protocol(tiny_model_dir, dat
         == 2
     )
     printed = capsys.readouterr().out
-    assert "Each row needs a question" in printed and "Traceback" not in printed
+    assert f'{bad}:1: the row has no "question"' in printed and "Traceback" not in printed  # file and line
 
 
 def test_thesis_preset_expands_and_keys_beside_it_win():

@@ -18,15 +18,15 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
+from frankenlab.evals import toml
 from tests.test_stage_protocol import PLUGIN_MODULE, PLUGIN_SOURCE
 
 ROOT = Path(__file__).resolve().parents[1]
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PYPROJECT = toml.loads((ROOT / "pyproject.toml").read_text())
 PROJECT_DIRS = PYPROJECT["tool"]["setuptools"]["package-dir"]  # {"frankenlab.evals": "evals", ...}
 BARE_NAMES = ("evals", "pipeline", "sessions", "tui")
 USER_EVALS_MARKER = "the user's own evals package"

@@ -279,7 +279,14 @@ def test_open_session_validates_and_says_why(tmp_path):
     good.save(tmp_path / "run" / "session.json")
     s = lab.open_session(tmp_path / "run")  # a run folder works as well as its session.json
     assert lab.session is s and s.id == good.id and lab.run_dir == tmp_path / "run"
-    assert lab.save_session_default() == str(tmp_path / "run" / "session.json")
+    # Save-as offers a new file in the user's session folder, never the run's own session.json
+    from frankenlab.sessions.store import user_sessions_dir
+
+    default = Path(lab.save_session_default())
+    assert default.parent == user_sessions_dir() and default.name == f"r-{s.id}.json"
+    default.parent.mkdir(parents=True)
+    default.write_text("taken")
+    assert Path(lab.save_session_default()).name == f"r-{s.id}-2.json"  # a new name, nothing overwritten
     bad = tmp_path / "bad" / "session.json"
     bad.parent.mkdir()
     for text in ("{not json", json.dumps([1, 2]), json.dumps({"format": "frankenlab-session", "stages": "x"}), ""):

@@ -2,7 +2,8 @@ import os
 
 import pytest
 
-from frankenlab.pipeline.loading import ModelLoadError, count_parameters, load_model, resolve_source
+from frankenlab.evals.errors import ModelLoadError
+from frankenlab.pipeline.loading import count_parameters, load_model, resolve_source
 
 
 def test_load_local_folder(tiny):

@@ -455,7 +455,8 @@ def test_loader_opens_all_three_folder_kinds(chain):
 
 
 def test_broken_manifest_is_one_clear_line(tmp_path, capsys):
-    from frankenlab.pipeline.loading import ModelLoadError, load_model
+    from frankenlab.evals.errors import ModelLoadError
+    from frankenlab.pipeline.loading import load_model
     from frankenlab.tui.cli.main import main
 
     (tmp_path / "frankenlab-quant.json").write_text(json.dumps({"quantized": "../gone", "adapter": "eora"}))
@@ -570,8 +571,9 @@ print("STATUS", s.status, [st.status for st in s.stages])
 
 def test_cancel_inside_gptq_stops_cleanly(tiny_model_dir, tmp_path, data_dir):
     """A cancel raised inside gptqmodel's layer loop (where a worker error would os._exit the
-    process) ends the run as cancelled with the earlier stages kept, in a child process so that a
-    hard exit would show as a failure here instead of killing the test run."""
+    process) ends the run as cancelled with the earlier stages kept. The gptq stage runs in a worker
+    process of its own (pipeline.child_stage), so the run's process exits cleanly; the run itself is
+    in a child process here so that a hard exit would show as a failure instead of killing the tests."""
     import subprocess
     import sys
 
@@ -588,6 +590,6 @@ def test_cancel_inside_gptq_stops_cleanly(tiny_model_dir, tmp_path, data_dir):
     assert "cancelled" in lines[-1] and lines[-1].count("'done'") == 4, lines  # baseline, depth, width, lora
     saved = json.loads((tmp_path / "out" / "session.json").read_text())
     assert saved["status"] == "cancelled" and [st["status"] for st in saved["stages"]][:4] == ["done"] * 4
-    # gptqmodel's worker threads can abort the interpreter at exit ("terminate called without an
-    # active exception") after a cancel; the session is saved by then. Anything else is a failure.
-    assert proc.returncode in (0, -6), proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "stages" / "04-gptq").exists()  # the half-written stage folder is removed
+    # gptqmodel's threads could abort the interpreter at exit after a cancel (-6): they live in the worker now
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -204,7 +204,7 @@ def test_sweep_runs_each_prefix_once_and_resumes(tiny_model_dir, tmp_path, data_
     assert load_session(out / record["configs"][0]["session"]).status == "done"
 
 
-def test_tables_in_every_format_and_pareto_svg(tiny_model_dir, tmp_path, data_dir):
+def test_tables_in_every_format_and_pareto_figure(tiny_model_dir, tmp_path, data_dir):
     sw = parse_sweep(
         sweep_text(
             tiny_model_dir,
@@ -225,9 +225,12 @@ def test_tables_in_every_format_and_pareto_svg(tiny_model_dir, tmp_path, data_di
     assert len(csv) == 3 and csv[0].split(",")[0] == "Config"
     tex = (out / "tables" / "table-4.2.tex").read_text()
     assert "\\begin{tabular}" in tex and "\\toprule" in tex and tex.count("\\\\") == 3
-    svg = ET.parse(out / "tables" / "pareto.svg").getroot()
-    circles = svg.findall("{http://www.w3.org/2000/svg}circle")
-    assert len(circles) == 4
+    assert written["pareto"] == [str(out / "tables" / f"pareto.{ext}") for ext in ("svg", "png", "json")]
+    svg = ET.parse(out / "tables" / "pareto.svg").getroot()  # matplotlib's, text kept as text
+    words = " ".join(t.text or "" for t in svg.iter("{http://www.w3.org/2000/svg}text"))
+    assert "PPL [wikitext2-concat-64:first2] (lower is better)" in words
+    assert (out / "tables" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(json.loads((out / "tables" / "pareto.json").read_text())["points"]) == 4
     points, title, lower = pareto_points(sweep_sessions(out)[1])
     assert lower and title.startswith("PPL") and any(p.front for p in points)
     smallest = min(points, key=lambda p: (p.bytes, p.quality))

@@ -54,7 +54,24 @@ async def test_sweep_pane_runs_and_opens_a_row(loaded, tiny_model_dir, tmp_path,
         app.clear_notifications()  # the refusal's toast must not sit over the button clicked next
         await pilot.pause()
         app.query_one("#sweep-file", Input).value = str(f)
+        # Check lists every configuration in the pane's log
+        await pilot.click("#sweep-check")
+        log = app.query_one("#sweep-log")
+        await wait_for(pilot, lambda: len(log.lines) >= 3, timeout=20)
+        text = "\n".join(line.text for line in log.lines)
+        assert "1  width.pattern=1:8" in text and "2  width.pattern=2:4" in text, text
+        # Launch asks first: "no" starts nothing, "yes" starts the sweep
+        from frankenlab.tui.screens.confirm import ConfirmScreen
+
         await pilot.click("#sweep-launch")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=20)
+        assert "2 configuration(s)" in str(app.screen.query_one("#confirm-question").render())
+        await pilot.press("n")
+        await wait_for(pilot, lambda: not isinstance(app.screen, ConfirmScreen), timeout=20)
+        assert not pane.running and pane.out is None
+        await pilot.click("#sweep-launch")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=20)
+        await pilot.press("y")
         # the tiny sweep can finish within a frame: wait for its end, not for a glimpse of it running
         await wait_for(pilot, lambda: not pane.running and "sweep done" in str(app.query_one("#sweep-status").render()))
         table = app.query_one("#sweep-table", DataTable)
@@ -63,7 +80,10 @@ async def test_sweep_pane_runs_and_opens_a_row(loaded, tiny_model_dir, tmp_path,
         assert (tmp_path / "runs" / "sweep-tiny-sweep" / "tables" / "pareto.svg").is_file()
         status = str(app.query_one("#sweep-status").render())
         assert "sweep done: 2 configuration(s)" in status
-        assert "front:" in str(app.query_one("#sweep-pareto").render())
+        pareto = str(app.query_one("#sweep-pareto").render())
+        assert "front:" in pareto
+        png = tmp_path / "runs" / "sweep-tiny-sweep" / "tables" / "pareto.png"
+        assert png.is_file() and f"figure: {png} (and pareto.svg)" in pareto  # the pane says where the figure is
         table.focus()
         table.move_cursor(row=1)
         await pilot.press("enter")

@@ -38,6 +38,7 @@ def fixed_session(path):
             },
             "weights_bytes": 81920 + w,
             "runtime_bytes": 69632,
+            "cache": {"layers": 8, "kv_heads": 2, "head_dim": 16, "context": 64, "batch": 1, "dtype": "float32"},
             "total_bytes": 81920 + w + 69632,
         }
 
@@ -220,6 +221,154 @@ def test_help_screen(snap_compare, fixed_model, tmp_path, data_dir, size):
     async def before(pilot):
         await settle(pilot)
         await pilot.press("f1")
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=before)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_whatif_line_and_own_deltas(snap_compare, fixed_model, tmp_path, data_dir, size):
+    """The what-if line with its plan beside the number; cells with their own effects (issue 26)."""
+    from tests.test_tui_whatif import SlowEstimator
+
+    fake = SlowEstimator()
+    app = create_whatif_app(fixed_model, tmp_path, data_dir, lambda lm, d: fake)
+
+    def line_final(app) -> bool:
+        text = str(app.query_one("#whatif").render())
+        return "full slice" in text and "skip 2 repeat 3x2" in text and app.query_one("#grid").own_delta(3) is not None
+
+    async def before(pilot):
+        await settle(pilot, lambda app: fake.ready)
+        await pilot.press("right", "right", "space")
+        await settle(pilot, lambda app: pilot.app.query_one("#grid").own_delta(2) is not None)
+        await pilot.press("right", "plus")
+        await settle(pilot, line_final)
+
+    assert snap_compare(app, terminal_size=size, run_before=before)
+
+
+def create_whatif_app(fixed_model, tmp_path, data_dir, factory):
+    from frankenlab.tui.app import create_app
+
+    return create_app(
+        loaded=fixed_model,
+        model_ref="models/tiny-llama",
+        data_dir=data_dir,
+        runs_dir=tmp_path / "runs",
+        whatif=True,
+        estimator_factory=factory,
+    )
+
+
+# -- screens that say what they mean: memory, sessions, compare, sweep, run log (80x24 and 120x40) ----
+SIZES_2 = [(80, 24), (120, 40)]
+
+
+@pytest.mark.parametrize("size", SIZES_2, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_memory_pane(snap_compare, fixed_model, tmp_path, data_dir, size):
+    """Bars on a log scale past the budget, the cache line with its context and dtype, weights vs memory."""
+    app = make(fixed_model, tmp_path, data_dir, session_path=fixed_session(tmp_path / "s" / "session.json"))
+
+    async def before(pilot):
+        await settle(pilot, lambda app: app.query_one("#results-table").row_count == 3)
+        await settle(pilot, results_shown)
+        pilot.app.query_one("#memory-bars").scroll_visible(animate=False, top=True)
+        await settle(pilot, results_shown)
+
+    assert snap_compare(app, terminal_size=size, run_before=before)
+
+
+def listed_sessions(runs):
+    """Two sessions in `runs`: a finished one and a cancelled one (fixed ids, times and numbers)."""
+    from frankenlab.sessions import load_session
+
+    done = load_session(fixed_session(runs / "snap-done" / "session.json"))
+    cancelled = load_session(fixed_session(runs / "snap-cut" / "session.json"))
+    for s in (done, cancelled):
+        s.stages[1].params, s.stages[2].params = {"k": 1, "metric": "l1"}, {"pattern": "2:4"}
+    done.save(runs / "snap-done" / "session.json")
+    cancelled.status, cancelled.id, cancelled.created = "cancelled", "ba9876543210", 60.0
+    cancelled.stages[2].status, cancelled.stages[2].metrics = "cancelled", []
+    cancelled.save(runs / "snap-cut" / "session.json")
+    return [done, cancelled]
+
+
+@pytest.mark.parametrize("size", SIZES_2, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_sessions_list(snap_compare, fixed_model, tmp_path, data_dir, size, monkeypatch):
+    """Each session with its stages done of recorded (as the CLI counts) and its last perplexity."""
+    monkeypatch.chdir(tmp_path)  # the list shows paths: relative ones, the same on every machine
+    listed_sessions(tmp_path / "runs")
+    from frankenlab.tui.app import create_app
+
+    app = create_app(
+        loaded=fixed_model, model_ref="models/tiny-llama", data_dir=data_dir, runs_dir="runs", whatif=False
+    )
+
+    async def before(pilot):
+        await settle(pilot)
+        await pilot.press("6")
+        await settle(pilot, lambda app: app.query_one("#sessions-list").option_count == 2)
+        pilot.app.set_focus(None)
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=before)
+
+
+@pytest.mark.parametrize("size", SIZES_2, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_compare_screen(snap_compare, fixed_model, tmp_path, data_dir, size):
+    """PPL with its protocol on screen; the cancelled run's finished stages are "done"."""
+    from frankenlab.tui.screens.compare import CompareScreen
+
+    sessions = listed_sessions(tmp_path / "runs")
+    app = make(fixed_model, tmp_path, data_dir)
+
+    async def before(pilot):
+        await settle(pilot)
+        pilot.app.push_screen(CompareScreen(sessions))
+        await settle(pilot, lambda app: isinstance(app.screen, CompareScreen) and app.screen.query("#compare-table"))
+
+    assert snap_compare(app, terminal_size=size, run_before=before)
+
+
+@pytest.mark.parametrize("size", SIZES_2, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_sweep_pane_check(snap_compare, fixed_model, tmp_path, data_dir, size):
+    """The bundled sweep names in full; Check lists the configurations."""
+    app = make(fixed_model, tmp_path, data_dir)
+
+    async def before(pilot):
+        await settle(pilot)
+        await pilot.press("7")
+        await settle(pilot, lambda app: app.query_one("#tabs").active == "sweep")
+        pilot.app.query_one("#sweep-file").value = "thesis-table-4.1"
+        pilot.app.query_one("#sweeppane").check()
+        await settle(pilot, lambda app: len(app.query_one("#sweep-log").lines) > 3)
+        pilot.app.set_focus(None)
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=before)
+
+
+@pytest.mark.parametrize("size", SIZES_2, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_run_log(snap_compare, fixed_model, tmp_path, data_dir, size):
+    """Stage settings as k=v (only those that apply); long lines wrap whole beside the scrollbar."""
+    from frankenlab.pipeline import events as ev
+
+    app = make(fixed_model, tmp_path, data_dir)
+
+    async def before(pilot):
+        await settle(pilot)
+        await pilot.press("3")
+        await settle(pilot, lambda app: app.query_one("#tabs").active == "run")
+        panel = pilot.app.query_one("#runpanel")
+        panel.reset("running snap: depth + width -> runs/snap")
+        params = {"k": 1, "metric": "l1", "protected_first": 1, "protected_last": 1, "samples": 8}
+        for i in range(3):
+            panel.write(f"line {i}: " + " ".join(f"word{j:02d}" for j in range(24)))
+        panel.handle(ev.StageStarted(1, "depth", {**params, "layers": None, "plan": None}, time=0.0))
+        panel.handle(ev.StageStarted(2, "depth", {**params, "layers": None, "plan": "0-2,4,4,5-7"}, time=0.0))
+        panel.handle(ev.MetricMeasured(2, "perplexity", 455.25, "wikitext2-concat-64:first2", time=0.0))
+        pilot.app.set_focus(None)
         await settle(pilot)
 
     assert snap_compare(app, terminal_size=size, run_before=before)

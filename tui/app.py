@@ -16,11 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from textual import on, work
+from textual.actions import SkipAction
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.css.query import NoMatches
-from textual.widgets import Header, Static, TabbedContent, TabPane
+from textual.widgets import Header, Input, Static, TabbedContent, TabPane, TextArea
 
 from frankenlab.pipeline.plans import LayerPlan
 from frankenlab.sessions import SessionError, load_session
@@ -30,6 +31,7 @@ from frankenlab.tui.lab_state import LabState, layer_scores, protected_layers
 from frankenlab.tui.latency import TICK, LatencyProbe
 from frankenlab.tui.messages import AppLogHandler, EstimateReady, ModelLoaded, ModelLoadFailed
 from frankenlab.tui.palette import TABS, lab_commands
+from frankenlab.tui.screens.confirm import ConfirmScreen
 from frankenlab.tui.screens.help import HelpScreen
 from frankenlab.tui.widgets.chat_panel import ChatPanel
 from frankenlab.tui.widgets.footer import LabFooter
@@ -41,7 +43,26 @@ from frankenlab.tui.widgets.results import ResultsPanel
 from frankenlab.tui.widgets.run_panel import RunPanel
 from frankenlab.tui.widgets.sessions_panel import SessionsPanel
 from frankenlab.tui.widgets.sweep_pane import SweepPane
-from frankenlab.tui.widgets.whatif import WhatIf
+from frankenlab.tui.widgets.whatif import WhatIf, grid_legend
+
+
+class LabTabs(TabbedContent):
+    """TabbedContent that ignores a stale switch-back from the lab's own pane focus.
+
+    Focusing a widget inside a pane makes TabbedContent show that pane, one message later. When tab
+    keys come faster than the screen (ctrl+pageup four times), the focus the lab gave the pane just
+    left arrives after the next key and switched back to it. The lab numbers every pane request
+    (`_pane_seq`) and notes, per pane, the request at which it last focused that pane (`_auto_focus`):
+    a focus message for a pane the lab focused at an older request, no longer shown, is dropped. Code
+    that focuses a widget in another pane asks for that pane first (a new request), so such focus
+    switches panes as before, and so does a click."""
+
+    def on_tab_pane_focused(self, event: TabPane.Focused) -> None:
+        pane = event.tab_pane.id
+        seq = getattr(self.app, "_auto_focus", {}).get(pane)
+        if seq is not None and seq != getattr(self.app, "_pane_seq", seq) and self.active != pane:
+            event.prevent_default()  # TabbedContent's own handler would show the pane again
+            event.stop()
 
 
 class FrankenLab(RunActions, FileActions, App):
@@ -50,6 +71,13 @@ class FrankenLab(RunActions, FileActions, App):
     BINDINGS = [
         Binding("ctrl+r", "run", "Run", priority=True),
         Binding("ctrl+x", "cancel_run", "Cancel", priority=True),
+        # the first ctrl+c cancels a running job, as in `frankenlab run`; idle, it is Textual's (copy)
+        Binding("ctrl+c", "interrupt", "Cancel the run", show=False, priority=True),
+        # pane keys that arrive while typing, in xterm, tmux, GNOME, iTerm2 alike (alt+digit often
+        # arrives as ESC and a digit, which Textual reads as another character); any number of panes
+        Binding("ctrl+pagedown", "next_tab(1)", "Next pane", show=False, priority=True),
+        Binding("ctrl+pageup", "next_tab(-1)", "Previous pane", show=False, priority=True),
+        Binding("escape", "leave_input", "Leave the input", show=False),
         Binding("f1,question_mark", "help", "Help"),
         Binding("ctrl+s", "save_session", "Save session", show=False),
         Binding("ctrl+o", "open_session", "Open session", show=False),
@@ -63,10 +91,16 @@ class FrankenLab(RunActions, FileActions, App):
         "recipe": "#form",
         "run": "#run-log",
         "results": "#results-table",
-        "chat": "#chat-input",
+        "chat": "#transcript-a",  # not the prompt: a pane never grabs the keys on arrival (digits stay pane keys)
         "sessions": "#sessions-list",
-        "sweep": "#sweep-file",
+        "sweep": "#sweep-table",
     }
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout=None, markup: bool = False):
+        """Every notification is plain text: a message quoting a recipe (`add [[stages]] kind = "gptq"`)
+        or a path with brackets must show as written, not be eaten as Rich markup (widgets' `notify`
+        passes markup=True, so it is ignored here: no notification of the lab uses markup)."""
+        return super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def __init__(
         self,
@@ -89,6 +123,8 @@ class FrankenLab(RunActions, FileActions, App):
     ):
         super().__init__()
         self._widgets: dict = {}  # _cached
+        self._pane_seq = 0  # pane requests (keys, palette), numbered: LabTabs drops stale focus
+        self._auto_focus: dict[str, int] = {}  # pane -> the request at which the lab last focused it
         from frankenlab.pipeline.loading import load_model
         from frankenlab.sessions import record_run
 
@@ -111,20 +147,14 @@ class FrankenLab(RunActions, FileActions, App):
     # -- layout -------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
-        with TabbedContent(initial="layers", id="tabs"):
+        with LabTabs(initial="layers", id="tabs"):
             with TabPane("1 Layers", id="layers"):
                 with VerticalScroll(id="layers-body", can_focus=False):
                     yield ModelInfo(id="model-info")
                     yield LayerGrid(id="grid")
                     yield Static("", id="plan-text")
                     yield WhatIf(id="whatif", factory=self.estimator_factory, enabled=self.whatif_enabled)
-                    yield Static(
-                        "space/click keep·skip  +/- repeat  0 reset  u plan→depth stage  e estimate  "
-                        "i importance scan · underlined = protected · colour = importance rank "
-                        "(green = cheapest to remove) · +3.31 = ppl delta when the cell was tried",
-                        id="grid-legend",
-                        classes="hint",
-                    )
+                    yield Static(grid_legend(), id="grid-legend", classes="hint")
             with TabPane("2 Recipe", id="recipe"):
                 yield RecipeForm(id="form")
             with TabPane("3 Run", id="run"):
@@ -182,6 +212,7 @@ class FrankenLab(RunActions, FileActions, App):
             return
         target = self._cached(self.FOCUS[pane])
         if target is not None:
+            self._auto_focus[pane] = self._pane_seq
             target.focus()
 
     def _cached(self, selector):
@@ -233,7 +264,9 @@ class FrankenLab(RunActions, FileActions, App):
         plan_text = self.query_one(RecipeForm).grid_plan
         if plan_text:
             self._grid_plan_from(lambda n: LayerPlan.parse(plan_text, n))
-        self.query_one(WhatIf).set_model(lm, self.lab.data_dir)
+        whatif = self.query_one(WhatIf)
+        whatif.set_model(lm, self.lab.data_dir)
+        self.query_one("#grid-legend", Static).update(grid_legend(whatif.protocol))
         self.sub_title = f"{lm.source.name} · {n} layers"
         self._refresh_chat_targets()
         if self.lab.session is not None:
@@ -313,7 +346,75 @@ class FrankenLab(RunActions, FileActions, App):
         self.query_one(WhatIf).scan()
 
     def action_tab(self, tab: str) -> None:
+        self._pane_seq += 1
         self.query_one(TabbedContent).active = tab
+
+    def action_next_tab(self, step: int) -> None:
+        """The next (step 1) or previous (-1) pane, wrapping around: as many panes as there are."""
+        self._pane_seq += 1
+        tabs = self.query_one(TabbedContent)
+        panes = [p.id for p in tabs.query(TabPane) if p.id]
+        if tabs.active in panes:
+            tabs.active = panes[(panes.index(tabs.active) + step) % len(panes)]
+
+    def action_leave_input(self) -> None:
+        """Esc in a text field: focus leaves it (to the pane's main widget), so pane keys work again."""
+        focused = self.focused
+        if not isinstance(focused, Input | TextArea) or self.screen is not self.screen_stack[0]:
+            raise SkipAction()  # not typing (or in a dialog, whose esc is its own)
+        tabs = self._cached(TabbedContent)
+        target = self._cached(self.FOCUS[tabs.active]) if tabs is not None and tabs.active in self.FOCUS else None
+        if target is not None and target.focusable and not isinstance(target, Input | TextArea):
+            target.focus()
+        else:
+            self.set_focus(None)
+
+    # -- ctrl+c and quitting during a job -----------------------------------------------------------
+    def _busy(self) -> str | None:
+        """What would be lost by quitting now: "a run", "a sweep", or None."""
+        if self.lab.running:
+            return "a run"
+        sweep = self._cached(SweepPane)
+        return "a sweep" if sweep is not None and sweep.running else None
+
+    def action_interrupt(self) -> None:
+        """ctrl+c: cancel the running job (finished stages are kept); pressed again, ask to quit."""
+        sweep = self._cached(SweepPane)
+        if self.lab.running and not self.lab.cancel.is_set():
+            self.action_cancel_run(" (ctrl+c again asks to quit)")  # one toast, when the run has stopped
+        elif sweep is not None and sweep.running and not sweep.cancel.is_set():
+            sweep.stop()
+            self.notify("stopping the sweep after the current batch; ctrl+c again asks to quit", title="ctrl+c")
+        elif self._busy():
+            self.run_worker(self.action_quit(), exclusive=True, group="quit")
+        else:
+            raise SkipAction()  # nothing runs: copy in a text field, Textual's quit hint elsewhere
+
+    async def action_quit(self) -> None:
+        """Quit; during a run or a sweep, only after a yes (the job is cancelled, finished stages kept)."""
+        busy = self._busy()
+        if busy is None:
+            await super().action_quit()
+            return
+        if isinstance(self.screen, ConfirmScreen):
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.lab.cancel.set()
+                sweep = self._cached(SweepPane)
+                if sweep is not None:
+                    sweep.cancel.set()
+                self.exit()
+
+        self.push_screen(
+            ConfirmScreen(
+                f"{busy.capitalize()} is going. Quit anyway? It is cancelled; what finished stays in its session.",
+                yes="Quit",
+                no="Keep running",
+            ),
+            answer,
+        )
 
     def action_focus_memory(self) -> None:
         self.query_one(MemoryPanel).focus_selector()

@@ -15,6 +15,7 @@ from textual.widgets import TabbedContent
 
 from frankenlab.evals.errors import RecipeError
 from frankenlab.sessions import SessionError, load_session
+from frankenlab.sessions.store import remember_session, save_copy
 from frankenlab.tui.lab_state import grid_plan
 from frankenlab.tui.screens.compare import CompareScreen
 from frankenlab.tui.screens.prompt import PromptScreen
@@ -81,9 +82,23 @@ class FileActions:
         self.push_screen(
             PromptScreen("Save session as:", self.lab.save_session_default()),
             lambda path: (
-                path and self._write(session.save, path, "session saved to", "session not saved", "session.json")
+                path
+                and self._write(
+                    lambda target: self._save_session_copy(session, target),
+                    path,
+                    "session saved to",
+                    "session not saved",
+                    "session.json",
+                )
             ),
         )
+
+    def _save_session_copy(self, session, target: Path) -> Path:
+        """Save (stage models still found from the new place), remember it, and list it in Sessions."""
+        written = save_copy(session, target)
+        remember_session(written)
+        self.query_one(SessionsPanel).refresh_list()
+        return written
 
     def _write(self, save: Callable, path: str, done: str, failed: str, file_name: str) -> None:
         """Every save says where it wrote (the full path), or why it could not, in a notification and
@@ -114,6 +129,8 @@ class FileActions:
         except SessionError as exc:  # missing, unreadable, corrupted, not a session: one line
             self.notify(str(exc), title="session not opened", severity="error", timeout=10)
             return False
+        remember_session(s.path)  # listed in Sessions wherever it lives
+        self.query_one(SessionsPanel).refresh_list()
         self._show_session(s)
         problem = self._show_saved_recipe(s)
         if problem:

@@ -19,7 +19,9 @@ from textual.worker import Worker, WorkerState
 
 from frankenlab.evals.errors import RecipeError
 from frankenlab.pipeline import events as ev
+from frankenlab.pipeline.atomic import open_append
 from frankenlab.sessions import SessionError, load_session
+from frankenlab.tui import noise
 from frankenlab.tui.lab_state import replay_diff_line, replay_verdict
 from frankenlab.tui.messages import LogWritten, RunEnded, RunEventArrived
 from frankenlab.tui.widgets.memory import MemoryPanel
@@ -27,6 +29,15 @@ from frankenlab.tui.widgets.recipe_form import RecipeForm
 from frankenlab.tui.widgets.results import ResultsPanel
 from frankenlab.tui.widgets.run_panel import RunPanel
 from frankenlab.tui.widgets.sessions_panel import SessionsPanel
+
+
+def write_run_log(out: Path, line: str) -> None:
+    """One line into the run folder's run.log (beside the third-party noise); never raises."""
+    try:
+        with open_append(Path(out) / "run.log") as f:
+            f.write(line.rstrip() + "\n")
+    except OSError:
+        pass
 
 
 class RunActions:
@@ -47,10 +58,11 @@ class RunActions:
             return
         out = self.lab.begin_run(recipe.name)
         stages = " + ".join(s.kind for s in recipe.stages) or "baseline evaluation only"
-        self._show_run_start(f"running {recipe.name}: {stages} -> {out}")
+        self._show_run_start(f"running {recipe.name}: {stages} -> {out}", out)
         self.run_worker_thread(out, lambda: self.lab.run(recipe, out, self._listener))
 
-    def _show_run_start(self, title: str) -> None:
+    def _show_run_start(self, title: str, out: Path) -> None:
+        noise.attach(out / "run.log")  # third-party warnings of this run into its folder, not the screen
         self.probe.start()
         self.query_one(ResultsPanel).clear()
         panel = self.query_one(RunPanel)
@@ -82,8 +94,6 @@ class RunActions:
             self.query_one(MemoryPanel).set_session(self.lab.session)
             self._show_scores(self.lab.session)
             self._refresh_chat_targets()
-        elif isinstance(e, ev.RunCancelled):
-            self.notify(e.message, title="run cancelled", severity="warning", timeout=10)
         elif isinstance(e, ev.RunFailed):
             self.notify(e.message, title="run failed", severity="error", timeout=10)
 
@@ -96,18 +106,24 @@ class RunActions:
             self.notify(message.error, title="run failed", severity="error", timeout=10)
         if message.session is not None:
             self._show_session(message.session)
-            sev = "information" if message.session.status == "done" else "warning"
-            self.notify(f"run {message.session.status}; session in {message.out_dir}", severity=sev)
-        panel.write(self.probe.text(), "dim")
+            status = message.session.status
+            sev = "information" if status == "done" else "warning"
+            kept = sum(1 for st in message.session.stages if st.index > 0 and st.status == "done")
+            what = f"run {status}" + (f" ({kept} finished stage(s) kept)" if status == "cancelled" else "")
+            self.notify(f"{what}; session in {message.out_dir}", severity=sev)  # the one toast of a cancel
+        write_run_log(message.out_dir, self.probe.text())  # a measurement for developers: the file only
         self._refresh_chat_targets()
         self.query_one(SessionsPanel).refresh_list()
 
-    def action_cancel_run(self) -> None:
+    def action_cancel_run(self, hint: str = "") -> None:
+        """Ask the run to stop; said in the Run pane now, and in one notification once it has stopped."""
         if not self.lab.running:
             self.notify("no run is going", severity="warning")
             return
         self.lab.cancel.set()
-        self.query_one(RunPanel).write("cancelling after the current step; finished stages are kept", "yellow")
+        panel = self.query_one(RunPanel)
+        panel.write(f"cancelling after the current step; finished stages are kept{hint}", "yellow")
+        panel.status("cancelling after the current step…")
 
     def replay(self, path: Path) -> None:
         """Re-run a saved session's recipe and compare every metric with the saved one."""
@@ -125,7 +141,7 @@ class RunActions:
             return
         name = (saved.recipe or {}).get("name", "session")
         out = self.lab.begin_run(f"replay-{name}")
-        self._show_run_start(f"replaying {name} ({saved.id}) -> {out}")
+        self._show_run_start(f"replaying {name} ({saved.id}) -> {out}", out)
         self.run_worker_thread(out, lambda: self._replay_job(saved, out))
 
     def _replay_job(self, saved, out: Path):

@@ -9,6 +9,7 @@ never swap its layers under each other.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,23 @@ class ChatTarget:
         if self._cache is None:
             self._cache = self.get()
         return self._cache
+
+
+def release_unused(targets: dict[str, ChatTarget], in_use) -> list[str]:
+    """Drop the loaded models of every target not in `in_use` (the targets chosen for A and B), so the
+    chat keeps at most the two models in use; GPU memory they held goes back. Returns the keys freed."""
+    import gc
+
+    from frankenlab.evals import devices
+
+    keep = {id(t) for t in in_use}
+    freed = [k for k, t in targets.items() if id(t) not in keep and t._cache is not None]
+    for k in freed:
+        targets[k]._cache = None
+    if freed:
+        gc.collect()
+        devices.free_cached_memory()
+    return freed
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
@@ -92,6 +110,13 @@ class Sampling:
         return f"{head}{rep}, up to {self.max_new_tokens} new tokens"
 
 
+TOKEN_TIMEOUT_S = 120.0  # a reply that yields no token for this long is stopped with one line
+
+
+class ReplyTimeout(RuntimeError):
+    """No token came for TOKEN_TIMEOUT_S seconds; the message is one line that says what to do."""
+
+
 def stream_reply(
     model,
     tokenizer,
@@ -117,8 +142,10 @@ def stream_reply(
                 stats.tokens += int(value.numel())
             super().put(value)
 
-    streamer = CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
+    timeout = TOKEN_TIMEOUT_S
+    streamer = CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
     failure: list[BaseException] = []
+    gave_up = threading.Event()  # no token in time: generation stops at its next token
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def generate():
@@ -130,7 +157,7 @@ def stream_reply(
                     **sampling.generate_kwargs(),
                     pad_token_id=pad,
                     streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_Stop(cancelled)]),
+                    stopping_criteria=StoppingCriteriaList([_Stop(lambda: cancelled() or gave_up.is_set())]),
                 )
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             failure.append(exc)
@@ -145,10 +172,17 @@ def stream_reply(
             for piece in streamer:
                 if piece:
                     yield piece
+        except queue.Empty:
+            gave_up.set()
         finally:
-            thread.join()
+            thread.join()  # the model's lock and layer plan stay until generate has stopped
     if failure:
         raise failure[0]
+    if gave_up.is_set():
+        raise ReplyTimeout(
+            f"no token after {timeout:.0f} s: the model's first reply on {device} may still be compiling "
+            "kernels, or the model is too slow there; ask again, or choose a smaller model or another device"
+        )
 
 
 @dataclass

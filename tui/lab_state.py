@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from frankenlab.evals import devices
 from frankenlab.pipeline import events as ev
 from frankenlab.pipeline.plans import LayerPlan
 from frankenlab.pipeline.sharing import model_lock
@@ -26,6 +27,38 @@ from frankenlab.sessions import Session, SessionRecorder, load_session
 from frankenlab.tui.chat import ChatTarget
 
 PROGRESS_EVERY = 0.1  # seconds: progress events closer than this are not forwarded to the screen
+
+
+def run_copy(model):
+    """The copy of the baseline a run changes. On a GPU it is made on the CPU (each weight copied to
+    host memory, ties kept) and then moved to the model's device, so no second deep copy is built
+    on the GPU; a copy that does not fit there is a one-line out-of-memory error. On a CPU: deepcopy."""
+    import torch
+
+    device = devices.model_device(model)
+    if device.type != "cuda":
+        return copy.deepcopy(model)
+    memo: dict = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in memo:
+            continue
+        host = t.detach().to("cpu", copy=True)
+        memo[id(t)] = (
+            torch.nn.Parameter(host, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else host
+        )
+    twin = copy.deepcopy(model, memo)
+    try:
+        return twin.to(device)
+    except RuntimeError as exc:
+        if not devices.is_oom(exc):
+            raise
+        del twin
+        devices.free_cached_memory(device)
+        from frankenlab.evals.errors import ModelLoadError
+
+        raise ModelLoadError(
+            devices.oom_message(device, "copying the model for the run", "use a smaller model or --device cpu")
+        ) from None
 
 
 def protected_layers(n: int, first: int, last: int) -> set[int]:
@@ -74,6 +107,8 @@ def replay_diff_line(d) -> tuple[str, str]:
 
 def replay_verdict(result) -> tuple[str, str]:
     """(text, level) summing up a replay."""
+    if not result.diffs:  # never "reproduced" when nothing was set beside the saved numbers
+        return "replay had nothing to compare: the saved session holds no finished stage with numbers", "warning"
     text = (
         f"replay {'reproduced' if result.ok else 'differs'}: {len(result.diffs)} metrics compared, "
         f"{len(result.flagged)} outside tolerance {result.tolerance:.1%}"
@@ -162,16 +197,21 @@ class LabState:
     def run(self, recipe, out: Path, listener: Callable) -> Session:
         """(thread) Run `recipe` on a copy of the loaded model; returns the runner's saved session."""
         with model_lock(self.loaded.model):  # the lab keeps its baseline; the run changes a copy
-            model = copy.deepcopy(self.loaded.model)
-        return self.runner(
-            recipe,
-            out,
-            listener=listener,
-            cancel=self.cancel,
-            loaded=replace(self.loaded, model=model),
-            save_models=self.save_models,
-            data_dir=self.data_dir,
-        )
+            model = run_copy(self.loaded.model)
+        try:
+            return self.runner(
+                recipe,
+                out,
+                listener=listener,
+                cancel=self.cancel,
+                loaded=replace(self.loaded, model=model),
+                save_models=self.save_models,
+                data_dir=self.data_dir,
+            )
+        finally:
+            del model
+            gc.collect()
+            devices.free_cached_memory(self.loaded.device)  # the run's copy leaves the GPU with the run
 
     def replay(self, saved: Session, out: Path, listener: Callable, on_diff: Callable):
         """(thread) Re-run a saved session's recipe into `out`; returns sessions.ReplayResult."""
@@ -227,7 +267,11 @@ class LabState:
         return s
 
     def save_session_default(self) -> str:
-        return str(self.run_dir / "session.json") if self.run_dir else "session.json"
+        """A new file in the user's session folder (`<name>-<id>.json`, never the run's own
+        session.json, which the run keeps); "session.json" when there is no session."""
+        from frankenlab.sessions.store import user_copy_path
+
+        return str(user_copy_path(self.session)) if self.session is not None else "session.json"
 
     # -- chat ------------------------------------------------------------------------------------
     def chat_targets(self, plan: LayerPlan | None = None) -> dict[str, ChatTarget]:

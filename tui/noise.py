@@ -25,6 +25,8 @@ import time
 import warnings
 from pathlib import Path
 
+from frankenlab.pipeline.atomic import open_append
+
 OURS = ("evals", "pipeline", "sessions", "tui", "benchmarks", "tests")  # folders under _ROOT
 _ROOT = Path(__file__).resolve().parent.parent  # the checkout, or site-packages/frankenlab when installed
 
@@ -37,7 +39,7 @@ def _is_ours_file(filename: str) -> bool:
     return rel.parts[0] in OURS and "site-packages" not in rel.parts
 
 
-def _is_ours_logger(name: str) -> bool:
+def is_ours_logger(name: str) -> bool:
     return name.split(".")[0] in ("frankenlab", "benchmarks", "tests", "__main__")
 
 
@@ -56,7 +58,7 @@ class NoiseLog:
             self.lines.append(line)
             return
         try:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open_append(self.path) as f:  # never through a symbolic link
                 f.write(line)
         except OSError:
             self.lines.append(line)
@@ -66,8 +68,7 @@ class NoiseLog:
         the file cannot be written: the command reports its own folder problem."""
         p = Path(path)
         try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            with open(p, "a", encoding="utf-8") as f:
+            with open_append(p) as f:  # the output-path guard: a linked run.log is refused, not followed
                 f.writelines(self.lines)
         except OSError:
             return None
@@ -95,7 +96,7 @@ class _Router(logging.Handler):
         try:
             text = self.format(record)
             self.log.write(text)
-            if self.terminal and (record.levelno >= logging.ERROR or _is_ours_logger(record.name)):
+            if self.terminal and (record.levelno >= logging.ERROR or is_ours_logger(record.name)):
                 sys.stderr.write(text + "\n")
         except Exception:  # noqa: BLE001 - logging must never raise
             pass
@@ -109,7 +110,7 @@ class _Divert(logging.Filter):
         self.log = log
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR or _is_ours_logger(record.name):
+        if record.levelno >= logging.ERROR or is_ours_logger(record.name):
             return True
         self.log.write(f"{record.levelname} {record.name}: {record.getMessage()}")
         return False

@@ -11,7 +11,8 @@ migration of old sessions and the lab's form call instead of matching on kind na
 |---|---|---|
 | `SUMMARY` (str) | the module docstring's first line | `frankenlab recipes`, the lab's stage picker |
 | `needs_calibration(config) -> bool` | False | the runner's preflight (is the calibration text there?) |
-| `preflight(config, evaluation, data_dir) -> warnings` | none | the runner's preflight, before any weights load: raise RecipeError to refuse the run (LoRA refuses training data that holds evaluated questions or rows); warnings go to the run's log |
+| `preflight(config, evaluation, data_dir) -> warnings` | none | the runner's preflight, before any weights load: raise RecipeError to refuse the run (LoRA refuses training data that holds evaluated questions or rows; eora checks its own calibration text and `samples`); warnings go to the run's log |
+| `check_config(config, model_config)` | accepts any model | the runner, before weights load: raise RecipeError when the model's config.json (a dict) cannot take the stage (N:M against the matrix widths; lora's and eora's `seq_len` against max_position_embeddings) |
 | `layers_after(config, n_layers) -> int` | n_layers | recipe checks of the stages after it |
 | `layer_plan(config, n_layers) -> LayerPlan or None` | None | the lab's layer grid shows a depth plan |
 | `is_identity(config) -> bool` | False | sweeps: a stage that changes nothing (Depth k=0) is left out |
@@ -21,6 +22,7 @@ migration of old sessions and the lab's form call instead of matching on kind na
 | `resume_problem(record) -> str or None` | None (a saved model folder resumes) | replay --from-stage |
 | `migrate(params, version) -> params` | unchanged | loading sessions of older schema versions |
 | `FORM_CUSTOM` (set of field names) | empty | the lab's form: fields a custom widget edits |
+| `RUNS_IN_CHILD` (bool) | False | the runner: True runs the stage in a worker process (`pipeline.child_stage`) that reads its input model's saved folder and writes its own, for libraries that may exit or abort the process (gptq, eora) |
 
 Modules are imported lazily so that reading a recipe never imports gptqmodel or peft. Other
 packages can add kinds with the `frankenlab.stages` entry point group (name = kind,
@@ -118,6 +120,12 @@ class StageType:
         if check:
             check(n_layers)
 
+    def check_config(self, config, model_config: dict) -> None:
+        """Raise RecipeError when the model `model_config` (config.json) describes cannot take this stage."""
+        hook = self._hook("check_config")
+        if hook:
+            hook(config, model_config)
+
     def describe(self, params: dict) -> str:
         hook = self._hook("describe") if self._loadable() else None
         if hook:
@@ -136,6 +144,11 @@ class StageType:
     def migrate(self, params: dict, version: int) -> dict:
         hook = self._hook("migrate") if self._loadable() else None
         return hook(dict(params), version) if hook else params
+
+    @property
+    def runs_in_child(self) -> bool:
+        """The stage runs in a worker process (`pipeline.child_stage`): its library may exit or abort."""
+        return bool(getattr(self.load(), "RUNS_IN_CHILD", False))
 
     @property
     def form_custom(self) -> frozenset[str]:

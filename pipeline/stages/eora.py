@@ -53,10 +53,27 @@ class Config:
 
 # -- hooks the registry asks (pipeline/stages/__init__.py) -----------------------------------------
 ROLE = "quant"
+RUNS_IN_CHILD = True  # gptqmodel's worker threads os._exit(1) on any error: pipeline.child_stage
 
 
 def needs_calibration(config: Config) -> bool:
     return True
+
+
+def preflight(config: Config, evaluation, data_dir=None) -> list[str]:
+    """Its own calibration text is there, readable, and can give `samples` windows (before weights load)."""
+    from frankenlab.pipeline.calibration import CalibrationConfig, check_calibration
+
+    check_calibration(CalibrationConfig(dataset=config.dataset, samples=config.samples), data_dir, key="eora")
+    return []
+
+
+def check_config(config: Config, model_config: dict) -> None:
+    """Its own calibration windows no longer than the model takes (the recipe's are checked by the runner)."""
+    if config.seq_len:
+        from frankenlab.pipeline.calibration import check_seq_len
+
+        check_seq_len(config.seq_len, model_config, key="seq_len")
 
 
 def describe(params: dict) -> str:

@@ -13,6 +13,8 @@ its code lands exactly on the group's zero point. With `keep_sparsity` (the defa
 only when the model has exact zeros) the error is propagated onto kept weights only and pruned
 weights stay exactly zero (`pipeline.quant_mask`). The report measures it on the dequantized
 weights: `pattern_holds` (every former zero is still zero), density after, share of zeros kept.
+Those statistics are computed on the CPU from the saved checkpoint's codes whenever the reloaded
+model runs on a GPU kernel (`pipeline.quant_linear.packing`), against the zero masks kept on the CPU.
 
 Handing over to EoRA: the returned model carries `frankenlab_quant` (a dict with the quantized
 and pre-quantization folders and the settings), which the eora stage reads.
@@ -29,8 +31,10 @@ import torch
 from torch import nn
 
 from frankenlab.evals.config import option, require
+from frankenlab.evals.devices import dtype_name
 from frankenlab.evals.errors import RecipeError
 from frankenlab.pipeline import quant, quant_cpu, quant_mask
+from frankenlab.pipeline.atomic import atomic_write_text
 from frankenlab.pipeline.context import StageContext, StageResult
 from frankenlab.pipeline.loading import decoder_layers
 from frankenlab.pipeline.quant_linear import dequantized_weight, quantized_linears
@@ -73,6 +77,7 @@ class Config:
 
 # -- hooks the registry asks (pipeline/stages/__init__.py) -----------------------------------------
 ROLE = "quant"
+RUNS_IN_CHILD = True  # gptqmodel's worker threads os._exit(1) on any error: pipeline.child_stage
 QUANTIZED = "saved a quantized model that can no longer be opened"
 
 
@@ -119,11 +124,14 @@ def _linear_count(model: nn.Module) -> int:
 
 
 def sparsity_after(qmodel: nn.Module, zeros_before: dict[str, torch.Tensor]) -> dict:
-    """Density of the dequantized weights and how many former zeros survived quantization."""
+    """Density of the dequantized weights and how many former zeros survived quantization.
+
+    `zeros_before` is on the CPU; so are the weights read here (the saved checkpoint's under a GPU
+    kernel), and a weight a torch kernel dequantizes on its GPU comes to the CPU as its zero mask."""
     nz = total = kept = 0
     for name, mod in quantized_linears(qmodel).items():
         w = dequantized_weight(mod)  # (out, in)
-        zero = w == 0
+        zero = (w == 0).cpu()
         nz += int((~zero).sum())
         total += w.numel()
         before = zeros_before.get(name)
@@ -185,11 +193,12 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         on_layer=lambda i, n: _layer_started(ctx, i, n),
     )
     masked = quant_mask.stats() if keep else None
-    (work / "README.md").write_text(
+    atomic_write_text(
+        work / "README.md",
         f"# GPTQ {config.bits}-bit, group size {g}\n\n- `quantized/`: gptqmodel format; load with "
         "`frankenlab eval --model` on this folder, `pipeline.loading.load_model(path)` or `GPTQModel.load(path)`.\n"
         "- `prequant/`: the model as it entered this stage (plain HF folder; EoRA's input).\n"
-        "- `logs/`: gptqmodel's per-module quantization log.\n"
+        "- `logs/`: gptqmodel's per-module quantization log.\n",
     )
     ctx.check_cancel()
     ctx.progress(0.9, "reloading the quantized model")
@@ -221,10 +230,10 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
             f"CPU: calibration in float32; inference kernel {qmodel.frankenlab_kernel}: "
             f"{quant_cpu.KERNEL_NOTES[qmodel.frankenlab_kernel]}"
             if ctx.device.type != "cuda"
-            else "torch (TorchLinear)"
-            if not dims_fit
-            else "auto"
+            else f"CUDA: calibration in {dtype_name(quant.quant_dtype(ctx.device))}; inference kernel "
+            f"{quant.kernel_description(qmodel)}; statistics read from the saved checkpoint on CPU"
         ),
+        "backend": getattr(qmodel, "frankenlab_backend", None),
         "keep_sparsity": keep,
         "masked": masked,
         "seconds_quantize": seconds,

@@ -174,6 +174,13 @@ def preflight(config: Config, evaluation, data_dir=None) -> list[str]:
     )
 
 
+def check_config(config: Config, model_config: dict) -> None:
+    """Training windows no longer than the model takes, refused before any weights load."""
+    from frankenlab.pipeline.calibration import check_seq_len
+
+    check_seq_len(config.seq_len, model_config, key="seq_len")
+
+
 def training_windows(tokenizer, config: Config, data_dir=None, needed: int | None = None) -> tuple[torch.Tensor, str]:
     """(windows, seq_len) token ids from the dataset, documents joined with EOS, shuffled per seed."""
     records, source, _ = training_records(config, data_dir)
@@ -270,8 +277,12 @@ def _peft():
 def _autocast(device: torch.device, setting: str):
     if device.type != "cuda" or setting == "no":
         return None
-    if setting == "fp16" or (setting == "auto" and not torch.cuda.is_bf16_supported()):
+    if setting == "fp16":
         return torch.float16
+    if setting == "auto":
+        from frankenlab.evals.devices import half_dtype
+
+        return half_dtype(device)  # bf16 where the card computes it natively, else fp16
     return torch.bfloat16
 
 

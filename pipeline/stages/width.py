@@ -196,6 +196,35 @@ def check_dimensions(model: nn.Module, config: Config) -> None:
                 )
 
 
+def input_widths(model_config: dict) -> dict[str, int]:
+    """Inputs of each projection of a LLaMA-architecture decoder layer, from its config.json."""
+    cfg = model_config.get("text_config") or model_config
+    hidden = int(cfg["hidden_size"])
+    heads = int(cfg.get("num_attention_heads") or 1)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    widths = dict.fromkeys(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), hidden)
+    widths.update(o_proj=heads * head_dim, down_proj=int(cfg["intermediate_size"]))
+    return widths
+
+
+def check_config(config: Config, model_config: dict) -> None:
+    """N:M against the matrix widths config.json gives, before any weight loads (the same rule as
+    `check_dimensions`, which checks the loaded model)."""
+    if not config.structured:
+        return
+    try:
+        widths = input_widths(model_config)
+    except (KeyError, TypeError, ValueError):
+        return  # not a config we can read: the loaded model is checked when the stage runs
+    for name in config.targets:
+        if widths[name] % config.m:
+            raise RecipeError(
+                f"{config.n}:{config.m}: {name} has {widths[name]} inputs, not a multiple of M={config.m}; "
+                f"choose an M that divides the hidden size ({widths['q_proj']}) and the intermediate size "
+                f"({widths['down_proj']})"
+            )
+
+
 # -- stage -----------------------------------------------------------------------------------------
 def _mask_for(scores: torch.Tensor, config: Config) -> torch.Tensor:
     if config.structured:

@@ -11,10 +11,10 @@ Bundled targets sit beside this file; users add their own with `--targets-file`.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from frankenlab.evals import toml
 from frankenlab.evals.config import require
 from frankenlab.evals.errors import RecipeError
 
@@ -176,8 +176,8 @@ def _target(name: str, raw, where: str) -> Target:
 
 def parse_targets(text: str, where: str = "<text>") -> dict[str, Target]:
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        data = toml.loads(text)
+    except toml.TOMLDecodeError as exc:
         raise RecipeError(f"{where}: not valid TOML: {exc}") from None
     extra = sorted(set(data) - {"targets"})
     require(

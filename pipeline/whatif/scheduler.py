@@ -19,6 +19,11 @@ class EstimateScheduler:
     it (within one decoder layer's time). Estimates run one at a time; a stale one gives up the
     model at its next layer boundary, and whatever it computed stays cached. Known plans are
     answered without waiting for a running estimate.
+
+    Which request is newest is decided where the requests are made, not in the workers: the TUI
+    takes a `ticket()` on its main thread when the key is handled and hands it to `submit(...,
+    ticket=)` / `scan(..., ticket=)`. A ticket taken inside a worker (no `ticket=`) is only as
+    ordered as the workers happen to start, so an older request could take a newer ticket.
     """
 
     def __init__(self, estimator: WhatIfEstimator):
@@ -33,7 +38,8 @@ class EstimateScheduler:
     def _on_thread(self, fn, *args, **kwargs):
         return self._thread.submit(fn, *args, **kwargs).result()
 
-    def _ticket(self) -> int:
+    def ticket(self) -> int:
+        """A new request's ticket: every earlier one is stale from now on (take it where requests are ordered)."""
         with self._mutex:
             self._generation += 1
             return self._generation
@@ -43,7 +49,7 @@ class EstimateScheduler:
 
     def cancel(self) -> None:
         """Make whatever is running or waiting stale (e.g. the screen closes)."""
-        self._ticket()
+        self.ticket()
 
     def prepare(self, cancelled: CancelFn = None) -> None:
         """The estimator's baseline pass on the scheduler's thread (the lab warms up with it)."""
@@ -61,16 +67,30 @@ class EstimateScheduler:
             raise Cancelled("superseded by a newer what-if request")
 
     def submit(
-        self, plan: LayerPlan, cancelled: CancelFn = None, on_partial: Callable[[Estimate], None] | None = None
+        self,
+        plan: LayerPlan,
+        cancelled: CancelFn = None,
+        on_partial: Callable[[Estimate], None] | None = None,
+        *,
+        ticket: int | None = None,
+        record: bool = True,
     ) -> Estimate:
         """The plan's exact estimate; with `on_partial`, its first answer from part of the slice before it.
 
+        `ticket`: this request's place in line, from `ticket()` (a fresh one when None). A request
+        whose ticket is no longer the newest raises `Cancelled`, memo answers included.
         `on_partial` runs on the estimator's thread and only while this request is the newest.
+        `record=False` keeps the plan's states out of the cache (side estimates, as the scan's).
         """
-        stale = self._stale_fn(self._ticket(), cancelled)
+        stale = self._stale_fn(self.ticket() if ticket is None else ticket, cancelled)
+        if stale():
+            raise Cancelled("superseded by a newer what-if request")
         hit = self.estimator.known(plan)
         if hit is not None:
-            return self.estimator.estimate(plan)  # memo answer with restarted_at/seconds filled in
+            est = self.estimator.estimate(plan)  # memo answer with restarted_at/seconds filled in
+            if stale():
+                raise Cancelled("superseded by a newer what-if request")
+            return est
 
         def partial(est: Estimate) -> None:
             if not stale():
@@ -79,20 +99,29 @@ class EstimateScheduler:
         self._acquire(stale)
         try:
             return self._on_thread(
-                self.estimator.estimate, plan, stale, on_partial=None if on_partial is None else partial
+                self.estimator.estimate,
+                plan,
+                stale,
+                record=record,
+                on_partial=None if on_partial is None else partial,
             )
         finally:
             self._running.release()
 
     def scan(
-        self, cancelled: CancelFn = None, layers: Iterable[int] | None = None, *, coarse_first: bool = False
+        self,
+        cancelled: CancelFn = None,
+        layers: Iterable[int] | None = None,
+        *,
+        coarse_first: bool = False,
+        ticket: int | None = None,
     ) -> Iterator[tuple[int, Estimate]]:
-        """The estimator's scan, one layer at a time under the same latest-wins rule.
+        """The estimator's scan, one layer at a time under the same latest-wins rule (`ticket` as in `submit`).
 
         With `coarse_first`, every layer's first answer (from part of the slice) comes before
         every layer's exact one, so the grid fills in a fraction of the time, then sharpens.
         """
-        stale = self._stale_fn(self._ticket(), cancelled)
+        stale = self._stale_fn(self.ticket() if ticket is None else ticket, cancelled)
         self._acquire(stale)
         try:
             self._on_thread(self.estimator.prepare, stale)

@@ -1,11 +1,18 @@
-"""Where sweep jobs run: this machine (threads, one job per device) or a Ray cluster (one task per job).
+"""Where sweep jobs run: this machine (one job per device) or a Ray cluster (one task per job).
 
 Both hand back `concurrent.futures.Future`s of `run_job`'s result, so the sweep's scheduler waits
-on them the same way. The local executor runs one job at a time on CPU (a job already uses every
-core through torch) and one job per GPU where there are several; it streams the runner's events
-(progress bars in the CLI and the lab). Ray tasks report when they finish; each asks for one GPU
-when the job wants CUDA. Workers import the `frankenlab` package installed on their node (install
-it on every node), and the sweep folder must be on storage every node sees.
+on them the same way. The local executor runs one job at a time on a CPU or one GPU, in this
+process (a job already uses every core through torch), and with several GPUs one job per GPU, each
+in its own process (`sessions.sweep.worker`) that sees only its GPU (`CUDA_VISIBLE_DEVICES`):
+gptqmodel uses every GPU it sees, and patches and log folders are per process, so jobs never
+share one. It streams the runner's progress (bars in the CLI and the lab) either way. Ray tasks
+report when they finish; each asks for one GPU when the job wants CUDA and the cluster has GPUs
+(a recipe that names CUDA on a cluster without any is refused at once), and inside a task the
+recipe's `cuda:N` is the task's own GPU. Workers import the `frankenlab` package installed on
+their node (install it on every node), and the sweep folder must be on storage every node sees.
+
+Each executor's `resolve(device, dtype)` says what a recipe's device and dtype load as where its
+jobs run: the sweep's node keys hold that, never "auto" (`pipeline.devices`).
 """
 
 from __future__ import annotations
@@ -15,42 +22,46 @@ import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from frankenlab.evals import devices
 from frankenlab.sessions.sweep.jobs import run_job
 
 
 def local_devices(device: str) -> list[str | None]:
     """One slot per GPU when the recipe may use CUDA and there are several; otherwise one slot."""
-    if device in ("auto", "cuda"):
-        try:
-            import torch
-
-            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        except Exception:  # noqa: BLE001 - no usable CUDA
-            n = 0
-        if n > 1:
-            return [f"cuda:{i}" for i in range(n)]
-    return [None]
+    return devices.local_sweep_slots(device)
 
 
 class LocalExecutor:
     name = "local"
 
-    def __init__(self, device: str = "auto"):
+    def __init__(self, device: str = "auto", process_per_job: bool | None = None):
+        """`process_per_job`: None decides (several GPUs: yes; a CPU or one GPU: no), True or False forces."""
         self.devices = local_devices(device)
         self.slots = len(self.devices)
+        self.own_process = devices.process_per_job(self.devices, process_per_job)
         self._free: queue.Queue = queue.Queue()
         for d in self.devices:
             self._free.put(d)
         self._pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="sweep-job")
         self.streams_events = True
 
+    @staticmethod
+    def resolve(device: str, dtype: str) -> dict:
+        return devices.resolved(device, dtype)
+
     def submit(self, spec: dict, listener=None, cancel: threading.Event | None = None) -> Future:
         def job():
-            device = self._free.get()
+            slot = self._free.get()
             try:
-                return run_job({**spec, "device": device} if device else spec, listener=listener, cancel=cancel)
+                device = devices.slot_device(slot, self.own_process)
+                run = {**spec, "device": device} if device else spec
+                if self.own_process:
+                    from frankenlab.sessions.sweep.worker import run_in_process
+
+                    return run_in_process(run, devices.job_environment(slot), listener=listener, cancel=cancel)
+                return run_job(run, listener=listener, cancel=cancel)
             finally:
-                self._free.put(device)
+                self._free.put(slot)
 
         return self._pool.submit(job)
 
@@ -62,11 +73,26 @@ class LocalExecutor:
 
 
 def _ray_job(spec: dict) -> dict:
+    if spec.get("recipe", {}).get("model", {}).get("device"):  # Ray shows the task its one GPU as cuda:0
+        model = spec["recipe"]["model"]
+        spec = {
+            **spec,
+            "recipe": {**spec["recipe"], "model": {**model, "device": devices.task_device(model["device"])}},
+        }
     return run_job(spec)
 
 
+RAY_AUTH_MODE = "RAY_AUTH_MODE"
+TOKEN_HINT = "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to its token (`ray get-auth-token` on the head node)"
+
+
+def _ray_resolve(device: str, dtype: str) -> dict:
+    return devices.resolved(device, dtype)
+
+
 class RayExecutor:
-    """Jobs as Ray tasks on a local instance (started here, stopped by `close`) or on `address`."""
+    """Jobs as Ray tasks on a local instance (started here with token authentication, stopped by `close`)
+    or on `address` (a cluster that requires a token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN set here)."""
 
     name = "ray"
 
@@ -90,22 +116,50 @@ class RayExecutor:
             }
             if address:
                 kwargs["address"] = address
-            elif num_cpus:
-                kwargs["num_cpus"] = num_cpus
+            else:
+                # The local instance listens on every interface: only holders of its token may use it. Ray
+                # 2.59 and newer start a new local instance so (and write a token to ~/.ray/auth_token when
+                # there is none) while RAY_AUTH_MODE is unset: a "disabled" there is dropped for it. (Setting
+                # "token" here instead would not do: Ray reads its config once, at import.)
+                if os.environ.get(RAY_AUTH_MODE, "").lower() != "token":
+                    os.environ.pop(RAY_AUTH_MODE, None)
+                if num_cpus:
+                    kwargs["num_cpus"] = num_cpus
             try:
                 ray.init(**kwargs)
-            except Exception as exc:  # noqa: BLE001 - connection refused, bad address, ...
+            except Exception as exc:  # noqa: BLE001 - connection refused, bad address, wrong token, ...
+                hint = ""
+                if address and os.environ.get(RAY_AUTH_MODE, "").lower() != "token":
+                    hint = f" (a cluster that requires a token: {TOKEN_HINT})"
                 raise RuntimeError(
                     f"cannot start or reach Ray{f' at {address}' if address else ''}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}{hint}"
                 ) from None
+        if self.started_here and not address and os.environ.get(RAY_AUTH_MODE, "").lower() != "token":
+            self.close()  # an older Ray: its instance would let anyone who reaches this machine run code here
+            raise RuntimeError(
+                f"Ray {getattr(ray, '__version__', '?')} started its local instance without token authentication: "
+                "install ray>=2.59 (re-run the README's set-up)"
+            )
         resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        self.wants_gpu = gpus > 0 and device in ("auto", "cuda") or device.startswith("cuda")
+        num_gpus, problem = devices.ray_placement(device, resources)
+        if problem:
+            self.close()
+            raise devices.DeviceError(problem)
+        self.wants_gpu = num_gpus > 0
+        gpus = int(resources.get("GPU", 0) or 0)
         self.slots = max(1, gpus if self.wants_gpu else int(resources.get("CPU", 1)))
-        self._task = ray.remote(_ray_job).options(num_gpus=1 if self.wants_gpu else 0, num_cpus=1, max_retries=0)
+        self._task = ray.remote(_ray_job).options(num_gpus=num_gpus, num_cpus=1, max_retries=0)
+        self._resolver = ray.remote(_ray_resolve).options(num_gpus=num_gpus, num_cpus=1, max_retries=0)
+        self._resolved: dict = {}
         self._refs: list = []
         self.streams_events = False
+
+    def resolve(self, device: str, dtype: str) -> dict:
+        """What the recipe loads as on the cluster's workers: asked of one task placed like the jobs."""
+        if (device, dtype) not in self._resolved:
+            self._resolved[(device, dtype)] = self.ray.get(self._resolver.remote(devices.task_device(device), dtype))
+        return self._resolved[(device, dtype)]
 
     def submit(self, spec: dict, listener=None, cancel=None) -> Future:
         ref = self._task.remote(spec)

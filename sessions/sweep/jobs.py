@@ -40,8 +40,9 @@ def read_node(sweep_dir: Path, key: str) -> dict | None:
 def run_job(spec: dict, listener=None, cancel=None) -> dict:
     """Run one job (see `Job`); returns {"status", "message", "nodes": [keys finished], "seconds",
     "cpu_seconds", "pid"}. Never raises for a failed stage: the status says it."""
+    from frankenlab.evals.errors import ModelLoadError
     from frankenlab.pipeline.atomic import atomic_write_text
-    from frankenlab.pipeline.loading import ModelLoadError, load_model
+    from frankenlab.pipeline.loading import load_model
     from frankenlab.pipeline.recipe import Recipe
     from frankenlab.sessions.recorder import record_run
 

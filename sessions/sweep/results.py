@@ -4,19 +4,21 @@
 TriviaQA closed/open, PPL with its protocol, #params, size: the pruning grid) and Table 4.2 / A.2
 (the same with LoRA type and quantization: rows that have either) out of `sessions.compare`'s
 table, so the numbers are the ones `frankenlab compare` shows; `write_results` writes each as
-md, csv, json and LaTeX plus `pareto.svg` into DIR/tables. The Pareto front keeps configurations
-no other one beats on both size and quality; the budget line is a deployment target's weight
-memory (Siracusa's 4 MiB MRAM by default).
+md, csv, json and LaTeX plus the Pareto figure (`pareto.svg`, `pareto.png`, drawn with matplotlib,
+imported only when a figure is drawn) and its points (`pareto.json`) into DIR/tables. The Pareto
+front keeps configurations no other one beats on both size and quality; the budget is a
+deployment target's weight memory (Siracusa's 4 MiB MRAM by default).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from frankenlab.pipeline.atomic import atomic_write_text
+from frankenlab.pipeline.atomic import atomic_path, atomic_write_text, guarded_path
 from frankenlab.pipeline.units import fmt_bytes
 from frankenlab.sessions.compare import Column, CompareTable, compare_table, format_table, format_value
 from frankenlab.sessions.session import Session, SessionError, load_session
@@ -175,12 +177,13 @@ def _bounds(points: list[Point], budget: int | None) -> tuple[float, float, floa
 def pareto_text(
     points: list[Point], title: str, budget: tuple[str, int] | None, width: int = 64, height: int = 14
 ) -> str:
-    """A character plot: ● on the front, · off it, | the budget; log bytes across."""
+    """A character plot: ● on the front, · off it, | the budget (when near the points); log bytes across."""
     if not points:
         return "no configuration has both a size and a quality number yet\n"
-    x0, x1, y0, y1, ylog = _bounds(points, budget[1] if budget else None)
+    on_scale = budget is not None and budget_on_scale(points, budget[1])
+    x0, x1, y0, y1, ylog = _bounds(points, budget[1] if on_scale else None)
     grid = [[" "] * width for _ in range(height)]
-    if budget:
+    if on_scale:
         bx = round(_scale(budget[1], x0, x1, True) * (width - 1))
         for row in grid:
             row[bx] = "|"
@@ -193,8 +196,10 @@ def pareto_text(
     lines += [f"{ticks.get(i, ''):>9} ┤" + "".join(r) for i, r in enumerate(grid)]
     lines.append(" " * 10 + "└" + "─" * width)
     lines.append(" " * 11 + f"{fmt_bytes(int(x0))}".ljust(width - 10) + fmt_bytes(int(x1)))
-    if budget:
+    if on_scale:
         lines.append(f"| budget: {budget[0]}, {fmt_bytes(budget[1])} of weights")
+    elif budget:
+        lines.append(f"budget off the plot: {budget_note(points, budget)}")
     lines.append(
         "front: "
         + ", ".join(
@@ -206,69 +211,196 @@ def pareto_text(
     return "\n".join(lines) + "\n"
 
 
-def _esc(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+LABEL_CHARS = 28  # point labels longer than this are shortened in the middle
+# the budget is drawn as a line only when it lies within this many data spans (log bytes) of the
+# points; farther off it would squeeze every point into a sliver, so an arrow at the edge says it
+BUDGET_SPANS = 0.5
 
 
-def pareto_svg(points: list[Point], title: str, lower: bool, budget: tuple[str, int] | None) -> str:
-    """A self-contained SVG: points, the front as a step line, the budget as a dashed line."""
-    W, H, L, R, T, B = 720, 440, 80, 30, 40, 60
-    pw, ph = W - L - R, H - T - B
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
-        'font-family="sans-serif" font-size="11">',
-        f'<rect width="{W}" height="{H}" fill="white"/>',
-        f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="14">Pareto front: {_esc(title)} '
-        f"({'lower' if lower else 'higher'} is better) vs weight bytes</text>",
-        f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>',
-    ]
+def short_label(label: str, limit: int = LABEL_CHARS) -> str:
+    """`label`, or shorter when longer than `limit` characters: a sweep's dotted keys lose their
+    section ("width.pattern=2:4" -> "pattern=2:4"), then the middle gives way to "…"."""
+    if len(label) <= limit:
+        return label
+    label = re.sub(r"\b[\w-]+\.([\w-]+=)", r"\1", label)
+    if len(label) <= limit:
+        return label
+    head = (limit - 1) * 2 // 3
+    return label[:head] + "…" + label[len(label) - (limit - 1 - head) :]
+
+
+def _bytes_tick(v: float, _pos=None) -> str:
+    return fmt_bytes(v).replace(".00 ", " ")
+
+
+def _linear_bytes_ticks(ax) -> None:
+    """Ticks at round numbers of one binary unit (0.7 MiB, 0.8 MiB, ...) on a linear bytes axis."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    lo, hi = ax.get_xlim()
+    unit, name = next((1024**k, u) for k, u in reversed(list(enumerate(("B", "KiB", "MiB", "GiB")))) if hi >= 1024**k)
+    ticks = [t * unit for t in MaxNLocator(nbins=6).tick_values(lo / unit, hi / unit) if lo <= t * unit <= hi]
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v / unit:.4g} {name}"))
+
+
+def budget_on_scale(points: list[Point], budget: int) -> bool:
+    """Whether the budget line can share the x axis with the points without squeezing them."""
+    lo, hi = math.log10(min(p.bytes for p in points)), math.log10(max(p.bytes for p in points))
+    span = max(hi - lo, math.log10(2))
+    return lo - BUDGET_SPANS * span <= math.log10(budget) <= hi + BUDGET_SPANS * span
+
+
+def budget_note(points: list[Point], budget: tuple[str, int]) -> str:
+    """ "Siracusa: 4 MiB budget, 23.5x to the left of every point" (the budget is off-scale)."""
+    name, b = budget
+    lo, hi = min(p.bytes for p in points), max(p.bytes for p in points)
+    where = f"{lo / b:.1f}x to the left of every point" if b < lo else f"{b / hi:.1f}x to the right of every point"
+    return f"{name}: {_bytes_tick(b)} budget, {where}"
+
+
+def pareto_figure(points: list[Point], title: str, lower: bool, budget: tuple[str, int] | None):
+    """The Pareto front as a matplotlib Figure (Agg canvas; pyplot's global state is never touched).
+
+    Points (the front in blue, joined by a step line, the others grey), labelled with their
+    configuration (`short_label`; each label at the first place near its point that stays inside
+    the axes and off other labels and markers, the front's first: `_place_label`), bytes across (log
+    scale when the points span more than 4x) and the quality with its protocol up. The budget is a
+    dashed line when it is near the points (`budget_on_scale`), else an arrow at the axes' edge
+    with a note of how far off it is (`budget_note`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    from matplotlib.transforms import Bbox
+
+    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title("Pareto front: quality vs weight bytes", fontsize=12)
+    ax.set_xlabel("weights (bytes)")
+    ax.set_ylabel(f"{title} ({'lower' if lower else 'higher'} is better)" if title else "quality")
     if not points:
-        out.append(f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle">no results yet</text></svg>')
-        return "\n".join(out) + "\n"
-    x0, x1, y0, y1, ylog = _bounds(points, budget[1] if budget else None)
-    pad = (y1 - y0) * 0.08 or 1.0
-    y0, y1 = (y0 / 1.1, y1 * 1.1) if ylog else (y0 - pad, y1 + pad)
-
-    def px(b):
-        return L + _scale(b, x0, x1, True) * pw
-
-    def py(q):
-        return T + ph - _scale(q, y0, y1, ylog) * ph
-
-    for i in range(5):  # ticks
-        b = 10 ** (math.log10(x0) + i * (math.log10(x1) - math.log10(x0)) / 4)
-        q = 10 ** (math.log10(y0) + i * (math.log10(y1) - math.log10(y0)) / 4) if ylog else y0 + i * (y1 - y0) / 4
-        out.append(f'<text x="{px(b):.1f}" y="{T + ph + 16}" text-anchor="middle">{_esc(fmt_bytes(int(b)))}</text>')
-        out.append(f'<text x="{L - 6}" y="{py(q) + 4:.1f}" text-anchor="end">{q:.4g}</text>')
-    out.append(f'<text x="{L + pw / 2}" y="{H - 18}" text-anchor="middle">weights (log scale)</text>')
-    out.append(f'<text transform="translate(18 {T + ph / 2}) rotate(-90)" text-anchor="middle">{_esc(title)}</text>')
-    if budget:
-        bx = px(budget[1])
-        out.append(f'<line x1="{bx:.1f}" y1="{T}" x2="{bx:.1f}" y2="{T + ph}" stroke="#c00" stroke-dasharray="6 4"/>')
-        out.append(
-            f'<text x="{bx + 4:.1f}" y="{T + 12}" fill="#c00">{_esc(budget[0])}: {_esc(fmt_bytes(budget[1]))}</text>'
-        )
+        ax.text(0.5, 0.5, "no results yet", transform=ax.transAxes, ha="center", va="center")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return fig
+    xs = [p.bytes for p in points]
+    if max(xs) / min(xs) > 4:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=2, numticks=10))  # binary sizes: 64 MiB, 128 MiB, ...
+    ys = [p.quality for p in points]
+    if min(ys) > 0 and max(ys) / min(ys) > 10:
+        ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(_bytes_tick))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, pos: ""))
+    ax.grid(True, which="major", alpha=0.3)
     front = sorted((p for p in points if p.front), key=lambda p: p.bytes)
-    if len(front) > 1:
-        path = " ".join(f"{px(p.bytes):.1f},{py(p.quality):.1f}" for p in front)
-        out.append(f'<polyline points="{path}" fill="none" stroke="#1565c0" stroke-width="1.5"/>')
-    for p in points:
-        colour = "#1565c0" if p.front else "#999"
-        out.append(
-            f'<circle cx="{px(p.bytes):.1f}" cy="{py(p.quality):.1f}" r="4" fill="{colour}">'
-            f"<title>{_esc(p.label)}: {_esc(fmt_bytes(p.bytes))}, {p.quality:.4g}</title></circle>"
+    rest = [p for p in points if not p.front]
+    if rest:
+        ax.scatter(
+            [p.bytes for p in rest], [p.quality for p in rest], s=28, color="#9e9e9e", label="dominated", zorder=3
         )
-        if p.front:
-            out.append(
-                f'<text x="{px(p.bytes) + 6:.1f}" y="{py(p.quality) - 6:.1f}" fill="#1565c0">'
-                f"{_esc(p.label[:40])}</text>"
-            )
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+    ax.scatter(
+        [p.bytes for p in front], [p.quality for p in front], s=36, color="#1565c0", label="on the front", zorder=4
+    )
+    if len(front) > 1:
+        ax.step([p.bytes for p in front], [p.quality for p in front], where="post", color="#1565c0", lw=1.2, zorder=2)
+    ax.margins(x=0.08, y=0.12)
+    if budget and budget_on_scale(points, budget[1]):
+        ax.axvline(budget[1], color="#c62828", ls="--", lw=1.2, label=f"{budget[0]}: {_bytes_tick(budget[1])} budget")
+    if ax.get_xscale() == "linear":
+        _linear_bytes_ticks(ax)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    fig.canvas.draw()  # settle the layout: labels are placed in display coordinates
+    renderer = fig.canvas.get_renderer()
+    box = ax.get_window_extent(renderer).padded(-2)
+    taken = [  # the markers, as boxes the labels keep off
+        Bbox.from_bounds(x - 5, y - 5, 10, 10)
+        for x, y in ax.transData.transform([(p.bytes, p.quality) for p in points])
+    ]
+    if budget and not budget_on_scale(points, budget[1]):
+        left = budget[1] < min(xs)
+        note = ax.annotate(
+            budget_note(points, budget),
+            xy=(0.0 if left else 1.0, 0.03),
+            xycoords="axes fraction",
+            xytext=(16 if left else -16, 0),
+            textcoords="offset points",
+            ha="left" if left else "right",
+            va="bottom",
+            color="#c62828",
+            fontsize=8,
+            arrowprops={"arrowstyle": "->", "color": "#c62828"},
+            gid="budget-note",
+        )
+        taken.append(note.get_window_extent(renderer))
+    for p in front + rest:  # the front first: its labels get the free places
+        _place_label(ax, renderer, box, taken, p)
+    return fig
+
+
+# where a point's label may go, in order of preference: (dx, dy) in points from the marker
+LABEL_SPOTS = [(6, 5), (-6, 5), (0, 9), (0, -9), (6, -5), (-6, -5), (6, 15), (-6, 15), (6, -15), (-6, -15)]
+
+
+def _place_label(ax, renderer, box, taken: list, p: Point) -> None:
+    """Label `p` at the first spot inside `box` that overlaps no box in `taken` (then taken too).
+
+    A front point with no free spot takes the inside spot that overlaps least; a dominated point
+    with no free spot stays unlabelled (pareto.json lists every point)."""
+    best = None
+    for dx, dy in LABEL_SPOTS:
+        ann = ax.annotate(
+            short_label(p.label),
+            xy=(p.bytes, p.quality),
+            xytext=(dx, dy),
+            textcoords="offset points",
+            ha="left" if dx > 0 else "right" if dx < 0 else "center",
+            va="bottom" if dy > 0 else "top",
+            fontsize=8,
+            color="#0d47a1" if p.front else "#616161",
+            gid="point-label",
+        )
+        ext = ann.get_window_extent(renderer)
+        inside = box.x0 <= ext.x0 and ext.x1 <= box.x1 and box.y0 <= ext.y0 and ext.y1 <= box.y1
+        overlap = sum(_overlap(ext, t) for t in taken)
+        if inside and overlap == 0:
+            if best is not None:
+                best[0].remove()
+            taken.append(ext)
+            return
+        if inside and p.front and (best is None or overlap < best[1]):
+            if best is not None:
+                best[0].remove()
+            best = (ann, overlap, ext)
+        else:
+            ann.remove()
+    if best is not None:
+        taken.append(best[2])
+
+
+def _overlap(a, b) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def save_figure(fig, folder: str | Path, stem: str) -> list[Path]:
+    """`fig` as folder/stem.svg and folder/stem.png, each written atomically through the output guard."""
+    from matplotlib import rc_context
+
+    paths = []
+    for fmt in ("svg", "png"):
+        path = guarded_path(folder, f"{stem}.{fmt}")
+        # SVG text stays text (searchable, selectable, smaller), not glyph outlines
+        with atomic_path(path) as tmp, rc_context({"svg.fonttype": "none", "svg.hashsalt": "frankenlab"}):
+            fig.savefig(tmp, format=fmt, bbox_inches="tight", pad_inches=0.1, dpi=150 if fmt == "png" else None)
+        paths.append(path)
+    return paths
 
 
 def write_results(out: str | Path, sessions: list[Session] | None = None) -> dict:
-    """DIR/tables/<table>.<md|csv|json|tex> and DIR/tables/pareto.svg; returns {name: [paths]}."""
+    """DIR/tables/<table>.<md|csv|json|tex> and DIR/tables/pareto.<svg|png|json>; returns {name: [paths]}."""
     out = Path(out)
     if sessions is None:
         _, sessions = sweep_sessions(out)
@@ -285,8 +417,7 @@ def write_results(out: str | Path, sessions: list[Session] | None = None) -> dic
             atomic_write_text(p, render(table, fmt, captions.get(name, "")))
             written[name].append(str(p))
     points, title, lower = pareto_points(sessions)
-    svg = d / "pareto.svg"
-    atomic_write_text(svg, pareto_svg(points, title, lower, budget_bytes()))
+    svg, png = save_figure(pareto_figure(points, title, lower, budget_bytes()), d, "pareto")
     atomic_write_text(
         d / "pareto.json",
         json.dumps(
@@ -300,5 +431,5 @@ def write_results(out: str | Path, sessions: list[Session] | None = None) -> dic
             indent=2,
         ),
     )
-    written["pareto"] = [str(svg), str(d / "pareto.json")]
+    written["pareto"] = [str(svg), str(png), str(d / "pareto.json")]
     return written

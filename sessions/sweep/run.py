@@ -26,7 +26,7 @@ from frankenlab.pipeline.records import StageRecord
 from frankenlab.sessions.session import Session
 from frankenlab.sessions.sweep.jobs import read_node
 from frankenlab.sessions.sweep.spec import Configuration, Sweep
-from frankenlab.sessions.sweep.tree import Node, build_tree, plan_jobs
+from frankenlab.sessions.sweep.tree import Node, build_tree, find_node, plan_jobs
 
 RECORD_FILE = "sweep.json"
 FORMAT = "frankenlab-sweep"
@@ -39,6 +39,7 @@ class SweepStarted(ev.Event):
     nodes: int
     todo: int  # nodes to compute in this run
     executor: str
+    message: str = ""  # e.g. the lock of a sweep that is gone was taken over
 
 
 @dataclass(frozen=True)
@@ -95,21 +96,40 @@ def run_sweep(
     data_dir: str | Path | None = None,
     configs: list[Configuration] | None = None,
 ) -> dict:
-    """Run `sweep` into `out` (created; reused when it holds an earlier run) and return the sweep record."""
+    """Run `sweep` into `out` (created; reused when it holds an earlier run) and return the sweep record.
+
+    The folder is locked like a run folder (`pipeline.runlock`): a second sweep into a live sweep's
+    folder raises `RunFolderBusy` before anything is written; a dead sweep's lock is taken over."""
+    from frankenlab.pipeline.runlock import RunLock
+
     out = Path(out).resolve()
+    lock = RunLock(out, what="sweep")
+    took_over = lock.acquire()  # RunFolderBusy: a live sweep owns the folder
+    try:
+        return _run_locked(sweep, out, executor, listener, cancel, data_dir, configs, took_over or "")
+    finally:
+        lock.release()
+
+
+def _run_locked(sweep, out, executor, listener, cancel, data_dir, configs, took_over: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cancel = cancel or threading.Event()
     tell = listener or (lambda e: None)
     configs = configs if configs is not None else sweep.expand()
-    nodes, chains = build_tree(configs)
-    by_index = {c.index: c for c in configs}
-    previous = load_record(out)
-    finished: dict[str, dict] = {k: n for k in nodes if (n := read_node(out, k)) is not None}
-    reused = set(finished)
     if executor is None:
         from frankenlab.sessions.sweep.executors import LocalExecutor
 
         executor = LocalExecutor(configs[0].recipe.model.device if configs else "auto")
+    # node keys hold the device kind and dtype the jobs load the model as, where the executor runs them
+    try:
+        nodes, chains = build_tree(configs, resolve=getattr(executor, "resolve", None))
+    except BaseException:
+        executor.close()  # a Ray instance started for this sweep stops with it
+        raise
+    by_index = {c.index: c for c in configs}
+    previous = load_record(out)
+    finished: dict[str, dict] = {k: n for k, node in nodes.items() if (n := find_node(out, node)) is not None}
+    reused = set(finished)
     t_start = time.time()
     run_entry = {
         "started": t_start,
@@ -134,6 +154,7 @@ def run_sweep(
             len(nodes),
             len({k for j in jobs.values() for k in j.keys if k not in finished}),
             executor.name,
+            took_over,
         )
     )
     for c in configs:  # configurations already complete from an earlier run
@@ -218,6 +239,11 @@ def _job_spec(state, job, data_dir) -> dict:
     last = nodes[job.id]
     recipe = configs[last.configs[0]].recipe.to_dict()
     recipe["stages"] = recipe["stages"][: last.index]
+    settled = last.loads_as  # the job loads the model exactly as its keys say (never "auto" there)
+    if settled:
+        recipe["model"] = {**recipe["model"], "dtype": settled["dtype"]}
+        if recipe["model"].get("device", "auto") == "auto":
+            recipe["model"]["device"] = settled["device"]
     start = state["finished"][job.start]["record"]["artifact"] if job.start else None
     return {
         "sweep_dir": str(state["out"]),

@@ -21,10 +21,10 @@ from __future__ import annotations
 import copy
 import itertools
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from frankenlab.evals import toml
 from frankenlab.evals.errors import RecipeError
 from frankenlab.pipeline.recipe import Recipe
 from frankenlab.pipeline.stages import stage_kind
@@ -244,8 +244,8 @@ def _check_axis(axis: Axis, base: dict, where: str) -> None:
 
 def parse_sweep(text: str, source: str = "<sweep>") -> Sweep:
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        data = toml.loads(text)
+    except toml.TOMLDecodeError as exc:
         raise SweepError(f"{source}: not valid TOML: {exc}") from None
     known = {"name", "description", "base", "axes", "defaults"}
     unknown = sorted(set(data) - known)
@@ -292,7 +292,9 @@ def load_sweep(path: str | Path) -> Sweep:
     if not p.is_file():
         raise SweepError(f"sweep file {path} does not exist (bundled sweeps: {', '.join(bundled_sweeps())})")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SweepError(f"{p} is not a text file (not UTF-8): a sweep is a TOML text file") from None
     except OSError as exc:
         raise SweepError(f"{p}: cannot be read ({exc.strerror or exc})") from None
     return parse_sweep(text, str(p))

@@ -11,6 +11,11 @@ A job runs a chain of stages from the saved model of a node it can resume from: 
 saved model a run cannot start from (a GPTQ model: its kind's `resume_problem`) is computed again
 inside its child's job, together with it; a pending node of that kind that has a pending child is
 computed inside the child's job, not twice.
+
+The model spec in the key is the resolved one: the device kind (cpu, cuda) and the dtype the
+recipe's "auto" settles to where the jobs run. Sweep folders written before keys held them (the
+literal dtype, no device) stay readable: `find_node` takes a node finished under its old key
+when the environment it recorded ran on the same device kind and dtype.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class Node:
     stage: dict  # the stage's spec as plain data ({} for the baseline)
     label: str  # "Depth 1 > Width 2:4"
     configs: list[int] = field(default_factory=list)  # configuration indices using this node
+    legacy: str | None = None  # its key in the first sweep format (no device, literal dtype): `find_node`
+    loads_as: dict = field(default_factory=dict)  # {"device": kind, "dtype": name} its jobs load the model as
 
     @property
     def resumable(self) -> bool:
@@ -43,9 +50,14 @@ class Node:
         return stype is None or stype.resume_problem({"kind": self.kind, "params": params}) is None
 
 
-def model_identity(model: dict) -> dict:
-    """The model as content: its weights' sha256 when the source resolves here, else the reference."""
-    from frankenlab.pipeline.loading import ModelLoadError, resolve_source
+def model_identity(model: dict, resolved: dict | None = None) -> dict:
+    """The model as content: its weights' sha256 when the source resolves here, else the reference;
+    with `resolved` ({"device": "cpu" | "cuda", "dtype": "float32" | ...}: what the recipe's device and
+    dtype, "auto" included, load as where the jobs run), the device kind and the actual dtype, so a
+    sweep resumed on another machine never mixes fp32 and bf16 numbers under one key. Without it,
+    the identity of the first sweep format (the literal dtype, no device): `legacy_key`."""
+    from frankenlab.evals.errors import ModelLoadError
+    from frankenlab.pipeline.loading import resolve_source
     from frankenlab.sessions.hashing import weights_digest
 
     spec = {k: v for k, v in model.items() if k not in ("source", "device")}
@@ -53,7 +65,21 @@ def model_identity(model: dict) -> dict:
         digest = weights_digest(resolve_source(model.get("source")).path)
     except (ModelLoadError, OSError):
         digest = None
-    return {"weights": digest["digest"] if digest else None, "source": None if digest else model.get("source"), **spec}
+    identity = {
+        "weights": digest["digest"] if digest else None,
+        "source": None if digest else model.get("source"),
+        **spec,
+    }
+    if resolved is not None:
+        identity.update(dtype=resolved["dtype"], device=resolved["device"])
+    return identity
+
+
+def legacy_identity(identity: dict, model: dict) -> dict:
+    """The identity as the first sweep format keyed it: the recipe's literal dtype, no device."""
+    old = {k: v for k, v in identity.items() if k != "device"}
+    old["dtype"] = model.get("dtype", "auto")
+    return old
 
 
 def prefix_key(identity: dict, recipe: dict, i: int) -> str:
@@ -66,21 +92,29 @@ def prefix_key(identity: dict, recipe: dict, i: int) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_tree(configs: list[Configuration], identities: dict | None = None) -> tuple[dict, dict]:
-    """(nodes by key, each configuration's chain of node keys from the baseline to its last stage)."""
+def build_tree(configs: list[Configuration], identities: dict | None = None, resolve=None) -> tuple[dict, dict]:
+    """(nodes by key, each configuration's chain of node keys from the baseline to its last stage).
+
+    `resolve(device, dtype)` gives {"device", "dtype"} as the jobs will load the model
+    (the executor's `resolve`; by default this machine's `pipeline.devices.resolved`)."""
     from frankenlab.sessions.compare import describe_stage
 
+    if resolve is None:
+        from frankenlab.evals.devices import resolved as resolve
     identities = {} if identities is None else identities
     nodes: dict[str, Node] = {}
     chains: dict[int, list[str]] = {}
     for c in configs:
         data = c.recipe.to_dict()
-        src = c.recipe.model.source
+        src = (c.recipe.model.source, c.recipe.model.device, c.recipe.model.dtype)
         if src not in identities:
-            identities[src] = model_identity(data["model"])
+            settled = resolve(c.recipe.model.device, c.recipe.model.dtype)
+            identity = model_identity(data["model"], settled)
+            identities[src] = (identity, legacy_identity(identity, data["model"]), settled)
+        identity, old_identity, settled = identities[src]
         chain, parent, labels = [], None, []
         for i in range(len(data["stages"]) + 1):
-            key = prefix_key(identities[src], data, i)
+            key = prefix_key(identity, data, i)
             stage = data["stages"][i - 1] if i else {}
             if i:
                 labels.append(describe_stage(stage["kind"], {k: v for k, v in stage.items() if k != "kind"}))
@@ -88,6 +122,8 @@ def build_tree(configs: list[Configuration], identities: dict | None = None) -> 
                 nodes[key] = Node(
                     key, i, stage.get("kind", "baseline"), parent, stage, " > ".join(labels) or "Baseline"
                 )
+                nodes[key].legacy = prefix_key(old_identity, data, i)
+                nodes[key].loads_as = settled
             nodes[key].configs.append(c.index)
             chain.append(key)
             parent = key
@@ -129,3 +165,22 @@ def plan_jobs(nodes: dict[str, Node], done: set[str]) -> list[Job]:
         start = parent if parent is not None and nodes[parent].index > 0 else None
         jobs.append(Job(chain, start, start if start is not None and start not in done else None))
     return jobs
+
+
+def find_node(sweep_dir, node: Node) -> dict | None:
+    """The finished node's record under its key, or under its first-format key (`Node.legacy`) when
+    that node's recorded environment ran on the device kind and dtype this node loads as."""
+    from frankenlab.evals.devices import device_kind
+    from frankenlab.sessions.sweep.jobs import read_node
+
+    found = read_node(sweep_dir, node.key)
+    if found is not None or not node.legacy or node.legacy == node.key:
+        return found
+    old = read_node(sweep_dir, node.legacy)
+    if old is None:
+        return None
+    env = old.get("environment") or {}
+    same = device_kind(env.get("device")) == node.loads_as.get("device") and env.get("dtype") == node.loads_as.get(
+        "dtype"
+    )
+    return old if same else None

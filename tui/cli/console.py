@@ -12,6 +12,7 @@ is never wrapped.
 
 from __future__ import annotations
 
+import shutil
 from typing import IO
 
 from rich.console import Console
@@ -33,6 +34,8 @@ def make_console(*, stderr: bool = False, file: IO[str] | None = None) -> Consol
     """A Console on stdout (or stderr, or `file`) following the rules above."""
     console = Console(stderr=stderr, file=file)
     if not piped(console):
+        if console.width < 1:  # COLUMNS=0 says nothing: the terminal's own width (else 80), not zero
+            console.width = shutil.get_terminal_size().columns
         return console
     console.width = PIPE_WIDTH
     console.soft_wrap = True

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from frankenlab.tui.cli import options
 from frankenlab.tui.cli.console import make_console
-from frankenlab.tui.cli.signals import ctrl_c_cancels
+from frankenlab.tui.cli.signals import cancelled_exit_code, ctrl_c_cancels
 
 DEFAULT_PPL = ("wikitext2-rows-512", "wikitext2-concat-512")
 
@@ -77,9 +77,10 @@ def register(sub) -> None:
     p.add_argument(
         "--match",
         default=None,
-        choices=("first-line", "thesis"),
-        help="QA match protocol: first-line (default: the answer's first line) or thesis (the whole "
-        "answer, up to 50 new tokens, as the thesis scored it; more lenient)",
+        choices=("first-line", "thesis", "first-line-noecho"),
+        help="QA match protocol: first-line (default: the answer's first line), thesis (the whole "
+        "answer, up to 50 new tokens, as the thesis scored it; more lenient) or first-line-noecho (the "
+        "first line; an answer that only repeats an alias the question contains does not count)",
     )
     p.add_argument(
         "--triviaqa-file",
@@ -155,6 +156,8 @@ def results_table(metrics: list[dict]) -> Table:
             work += f"{n} {'items' if m['name'].startswith('hellaswag') else 'q'}, {secs:.1f} s"
             if m.get("first_line_accuracy") is not None:
                 work += f"; first line alone {100 * m['first_line_accuracy']:.1f} %"
+            if m.get("echo_hits") is not None:  # answers that only repeat an alias the question holds
+                work += f"; {m['echo_hits']} echo hit(s)"
         table.add_row(m["name"], value, em, m.get("protocol", ""), work)
     return table
 
@@ -167,12 +170,15 @@ def metric_line(m: dict) -> str:
         from frankenlab.evals.stats import format_accuracy
 
         value = format_accuracy(m["value"], m["n"], m.get("ci95"))
-    return f"  {m['name']} = {value}  [dim]({m['protocol']})[/dim]"
+        if m.get("echo_hits") is not None:
+            value += f", {m['echo_hits']} echo hit(s)"
+    return f"  {m['name']} = {value}  [dim]({escape(m['protocol'])})[/dim]"
 
 
 def build_config(args):
     """The EvalConfig from the options given (a preset's values under the ones given beside it)."""
     from frankenlab.evals.config import from_dict
+    from frankenlab.evals.errors import RecipeError
     from frankenlab.evals.suite import EvalConfig
 
     given = {
@@ -195,22 +201,42 @@ def build_config(args):
         data["ppl_limit"] = 0  # the command's default: the whole split
     if args.chat_template:
         data["chat_template"] = True
-    named = args.ppl or args.triviaqa_closed or args.triviaqa_open or args.samples or args.hellaswag or args.preset
+    counts = (args.triviaqa_closed, args.triviaqa_open, args.hellaswag)
+    named = args.ppl or args.samples or args.preset or any(c is not None for c in counts)  # --hellaswag 0 names it
     if args.ppl or not named:
         data["perplexity"] = list(args.ppl or DEFAULT_PPL)
     elif not args.preset:
         data["perplexity"] = []
     if args.samples or not args.preset:
         data["samples"] = bool(args.samples)
-    return from_dict(EvalConfig, data, "eval")
+    config = from_dict(EvalConfig, data, "eval")
+    if not (config.perplexity or config.triviaqa_closed or config.triviaqa_open or config.hellaswag or config.samples):
+        raise RecipeError(
+            "nothing to evaluate: every task named asks for 0 items; give a count above 0 (e.g. "
+            "--triviaqa-closed 200), --ppl PROTOCOL or --samples, or no task for the default perplexity"
+        )
+    return config
+
+
+def eval_oom_message(lm, config) -> str:
+    """One line for an evaluation that ran out of memory: which model, where, and what to lower."""
+    from frankenlab.evals.devices import free_cached_memory, oom_message
+
+    free_cached_memory(lm.device)
+    smaller = max(1, config.batch_size // 2)
+    return oom_message(
+        lm.device,
+        f"evaluating {lm.source.name} on {lm.device}",
+        f"try --batch-size {smaller} (and --qa-batch-size / --hellaswag-batch-size) or a smaller model",
+    )
 
 
 def main(args) -> int:
     from frankenlab.evals.cancel import Cancelled
     from frankenlab.evals.data import DataNotFound
-    from frankenlab.evals.errors import RecipeError
-    from frankenlab.evals.suite import PRESET_NOTES, evaluate
-    from frankenlab.pipeline.loading import ModelLoadError, load_model
+    from frankenlab.evals.errors import ModelLoadError, RecipeError
+    from frankenlab.evals.suite import PRESET_NOTES, check_data, check_lengths, evaluate
+    from frankenlab.pipeline.loading import load_model
     from frankenlab.pipeline.provenance import weights_origin
     from frankenlab.tui import noise
 
@@ -220,9 +246,23 @@ def main(args) -> int:
     except (RecipeError, ValueError) as exc:
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return 2
+    problem = json_out_problem(args.json_out)  # told now, not after an evaluation of minutes or hours
+    if problem:
+        console.print(f"[bold red]error:[/bold red] {escape(problem)}")
+        return 2
     if args.json_out:
         noise.attach(str(args.json_out) + ".log")  # third-party warnings beside the results, not on screen
     data_dir = args.data_dir
+    try:  # every data file read, its rows checked and the sizes asked of it, before any weights load
+        check_data(config, data_dir)  # an unreadable file or folder is a DataError (a ValueError) too
+    except (DataNotFound, ValueError) as exc:
+        console.print(f"[bold red]data error:[/bold red] {escape(str(exc))}")
+        return 2
+    try:  # sequence lengths the model cannot take, from its config.json, before any weights load
+        check_lengths(config, _model_config(args.model))
+    except RecipeError as exc:
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
+        return 2
     try:
         lm = load_model(
             args.model,
@@ -259,21 +299,29 @@ def main(args) -> int:
             ) as progress,
         ):
             task = progress.add_task("evaluating", total=1.0)
+            announce = job_announcer(console)
             result = evaluate(
                 model,
                 lm.tokenizer,
                 config,
                 data_dir=data_dir,
                 cancelled=cancel.is_set,
-                progress=lambda f, msg: progress.update(task, completed=f, description=msg[:60]),
+                progress=lambda f, msg: (progress.update(task, completed=f, description=msg[:60]), announce(msg)),
                 on_metric=lambda m: console.print(metric_line(m)),
             )
-    except (DataNotFound, ValueError) as exc:
+    except (DataNotFound, ValueError) as exc:  # DataError (an unreadable file too) is a ValueError
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return 2
     except (Cancelled, KeyboardInterrupt):
         console.print("[yellow]cancelled[/yellow]")
-        return 130
+        return cancelled_exit_code(cancel)
+    except RuntimeError as exc:  # torch.OutOfMemoryError and the libraries' "out of memory" RuntimeErrors
+        from frankenlab.evals.devices import is_oom
+
+        if not is_oom(exc):
+            raise
+        console.print(f"[bold red]error:[/bold red] {escape(eval_oom_message(lm, config))}")
+        return 2
     finally:
         restore_sigint()
     console.print(results_table(result.metrics))
@@ -297,8 +345,9 @@ def main(args) -> int:
                 highlight=False,
             )
     if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        from frankenlab.pipeline.atomic import atomic_write_text
+
+        out = Path(args.json_out).expanduser()
         payload = {
             "model": lm.source.to_dict(),
             "device": str(lm.device),
@@ -310,11 +359,62 @@ def main(args) -> int:
             "metrics": result.metrics,
             "details": result.details,
         }
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-        tmp.replace(out)
-        console.print(f"results written to [bold]{out}[/bold]")
+        try:  # through the output-path guard: atomic, never through a symbolic link
+            atomic_write_text(out, json.dumps(payload, indent=1, ensure_ascii=False))
+        except OSError as exc:  # UnsafeOutputPath's strerror is its whole one-line message
+            console.print(
+                f"[bold red]error:[/bold red] cannot write {escape(str(out))} ({escape(exc.strerror or str(exc))})"
+            )
+            return 2
+        console.print(f"results written to [bold]{escape(str(out))}[/bold]")
     return 0
+
+
+def json_out_problem(json_out: str | None) -> str | None:
+    """Why --json OUT cannot be written, checked before the model loads (None when it can)."""
+    import os
+
+    if not json_out:
+        return None
+    out = Path(json_out).expanduser()
+    if out.is_symlink():  # the guard would refuse it after the evaluation: told now
+        return (
+            f"--json {json_out} is a symbolic link (to {os.readlink(out)}): results are never written through "
+            "a link; remove it or choose another path"
+        )
+    if out.is_dir():
+        return f"--json {json_out} is a folder: give a file name, e.g. --json {out / 'results.json'}"
+    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"--json {json_out}: {parent} is a file, not a folder; choose another path"
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        return f"--json {json_out}: the folder {parent} is not writable; choose another path"
+    return None
+
+
+def _model_config(ref: str | None) -> dict | None:
+    """The model's config.json without loading weights (None when it cannot be read: loading tells why)."""
+    from frankenlab.evals.errors import ModelLoadError
+    from frankenlab.pipeline.loading import read_config, resolve_source
+
+    try:
+        return read_config(resolve_source(ref).path)
+    except ModelLoadError:
+        return None
+
+
+def job_announcer(console):
+    """Into a pipe the progress bar is not drawn: print one line as each job starts instead."""
+    from frankenlab.tui.cli.console import piped
+
+    last = [None]
+
+    def announce(label: str) -> None:
+        if piped(console) and label != last[0]:
+            last[0] = label
+            console.print(f"[dim]{escape(label)} ...[/dim]")
+
+    return announce
 
 
 def _plan_context(model, plan_text: str | None):

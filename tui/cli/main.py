@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; Ctrl-C before a command installs its own handling (during the seconds torch and
+    transformers take to import) ends it with one line and exit 130, never a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("frankenlab: cancelled (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -74,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"frankenlab: {problem}", file=sys.stderr)
         return 2
+    if args.command is None and args.session:  # a session that cannot be read: one line and exit 2, no lab
+        from frankenlab.sessions import SessionError, load_session
+
+        try:
+            load_session(args.session)
+        except SessionError as exc:
+            print(f"frankenlab: {exc}", file=sys.stderr)
+            return 2
     noise.route(terminal=args.command is not None)  # third-party warnings and log lines to a log file
     if args.command is None:
         from frankenlab.tui.app import run_lab

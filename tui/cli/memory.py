@@ -79,8 +79,7 @@ def load_for_memory(ref: str | None, device: str, dtype: str):
 
 
 def main(args) -> int:
-    from frankenlab.evals.errors import RecipeError
-    from frankenlab.pipeline.loading import ModelLoadError
+    from frankenlab.evals.errors import ModelLoadError, RecipeError
     from frankenlab.pipeline.targets import load_targets
 
     console = make_console()
@@ -98,6 +97,9 @@ def main(args) -> int:
         from frankenlab.pipeline.footprint import Assume, footprint
 
         assumes = [Assume.parse(s) for s in args.what_if]
+        problem = compact_out_problem(args.compact)  # told before the model loads
+        if problem:
+            raise RecipeError(problem)
         with contextlib.redirect_stdout(sys.stderr):  # loaders print (gptqmodel dumps configs); keep --json clean
             model, name = load_for_memory(args.model, args.device, args.dtype)
         base = footprint(model, context=args.context, batch=args.batch)
@@ -109,6 +111,9 @@ def main(args) -> int:
             compact = save_compact(model, args.compact, dtype=args.compact_dtype)
     except (RecipeError, ModelLoadError) as exc:
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
+        return 2
+    except OSError as exc:  # writing --compact: a full disk, a folder we may not write
+        console.print(f"[bold red]error:[/bold red] cannot write {escape(str(args.compact))} ({exc.strerror or exc})")
         return 2
     chosen = {n: targets[n] for n in names}
     if args.json:
@@ -136,7 +141,7 @@ def main(args) -> int:
             f"[dim]{label}: formats " + ", ".join(f"{k} x{v}" for k, v in sorted(fp.formats().items())) + "[/dim]"
         )
     for note in dict.fromkeys(base.notes):
-        console.print(f"[dim]note: {note}[/dim]")
+        console.print(f"[dim]note: {escape(note)}[/dim]")
     console.print(verdict_table(chosen, columns))
     if compact is not None:
         from frankenlab.pipeline.units import fmt_bytes
@@ -146,6 +151,23 @@ def main(args) -> int:
             f"{fmt_bytes(compact.computed_bytes)} computed ({compact.ratio - 1:+.2%})"
         )
     return 0
+
+
+def compact_out_problem(compact: str | None) -> str | None:
+    """Why --compact DIR cannot be written, checked before the model loads (None when it can)."""
+    import os
+
+    if not compact:
+        return None
+    out = Path(compact).expanduser()
+    if out.exists() and not out.is_dir():
+        return f"--compact {compact} is a file: give a folder (the compact form is written to DIR/model.compact.safetensors)"
+    parent = next((p for p in (out, *out.parents) if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"--compact {compact}: {parent} is a file, not a folder; choose another folder"
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        return f"--compact {compact}: the folder {parent} is not writable; choose another folder"
+    return None
 
 
 def components_table(columns) -> Table:

@@ -16,7 +16,7 @@ from rich.table import Table
 from frankenlab.pipeline import events as ev
 from frankenlab.tui.cli import options
 from frankenlab.tui.cli.console import make_console
-from frankenlab.tui.cli.signals import ctrl_c_cancels
+from frankenlab.tui.cli.signals import cancelled_exit_code, ctrl_c_cancels
 
 
 def register(sub) -> None:
@@ -34,6 +34,12 @@ def register(sub) -> None:
         "data_dir",
         notes={"out": "default: runs/<recipe name>-<time>", "model": "default: the recipe's model"},
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in an --out folder that holds a session: the old session, recipe, log and stage "
+        "folders are moved to OUT/previous-<time>/ (never deleted)",
+    )
     p.set_defaults(func=main)
     r = sub.add_parser("recipes", help="list the bundled example recipes")
     r.set_defaults(func=list_recipes)
@@ -41,11 +47,10 @@ def register(sub) -> None:
 
 def list_recipes(args) -> int:
     """One line per bundled recipe: name, stages, description (cut to the terminal's width)."""
-    import tomllib
-
     from rich.text import Text
 
     import frankenlab.pipeline
+    from frankenlab.evals import toml
 
     RECIPES_DIR = (
         Path(frankenlab.pipeline.__file__).parent / "recipes"
@@ -53,15 +58,19 @@ def list_recipes(args) -> int:
     console = make_console()  # the TOML is read as it is: validating would import every stage (and torch)
     rows = []
     for path in sorted(RECIPES_DIR.glob("*.toml")):
-        data = tomllib.loads(path.read_text())
+        data = toml.loads(path.read_text())
         kinds = ">".join(str(s.get("kind", "?")) for s in data.get("stages", []) if isinstance(s, dict))
         rows.append((path.stem, kinds or "-", str(data.get("description", ""))))
     wn, ws = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
+    narrow = console.width < wn + ws + 12  # too narrow for the names: whole lines, the terminal wraps them
     for name, stages, description in rows:
         line = Text(f"{name:<{wn}}  ", style="bold")
         line.append(f"{stages:<{ws}}  ", style="dim")
         line.append(description)
-        line.truncate(max(console.width, wn + ws + 12), overflow="ellipsis")
+        if narrow:
+            console.print(line, soft_wrap=True)
+            continue
+        line.truncate(console.width, overflow="ellipsis")
         console.print(line, no_wrap=True, overflow="ellipsis")
     return 0
 
@@ -89,13 +98,11 @@ class ProgressView:
         elif isinstance(e, ev.Progress) and e.stage in self.tasks:
             self.progress.update(self.tasks[e.stage], completed=e.fraction, description=f"[{e.stage}] {e.message[:60]}")
         elif isinstance(e, ev.MetricMeasured) and e.step is None:
-            self.console.print(f"  [{e.stage}] {e.name} = {e.value:.4g}  [dim]({e.protocol})[/dim]")
+            self.console.print(f"  [{e.stage}] {e.name} = {e.value:.4g}  [dim]({escape(e.protocol)})[/dim]")
         elif isinstance(e, ev.LogLine):
             style = "red" if e.level == "error" else "dim"
-            if e.level == "error" and "Traceback" in e.message:
-                self.console.print(f"[{style}]{e.message.strip().splitlines()[-1]}[/{style}]")
-            else:
-                self.console.print(f"[{style}]{e.message}[/{style}]")
+            text = e.message.strip().splitlines()[-1] if e.level == "error" and "Traceback" in e.message else e.message
+            self.console.print(f"[{style}]{escape(text)}[/{style}]")  # `[[stages]]` in a message stays as written
         elif isinstance(e, ev.StageFinished) and e.stage in self.tasks:
             self.progress.update(
                 self.tasks[e.stage], completed=1.0, description=f"[{e.stage}] {e.kind} done ({e.seconds:.1f}s)"
@@ -117,7 +124,9 @@ def _value(m: dict) -> str:
 
 
 def results_table(session) -> Table:
-    table = Table(title=f"session {session.id} ({session.status})")
+    from frankenlab.sessions.printable import printable
+
+    table = Table(title=escape(f"session {printable(session.id)} ({session.status})"))
     for col in ("#", "stage", "status", "layers", "params (nonzero)", "metrics", "seconds"):
         table.add_column(col)
     for st in session.stages:
@@ -125,7 +134,7 @@ def results_table(session) -> Table:
         params = f"{st.params_count:,} ({st.params_nonzero:,})" if st.params_count else "-"
         table.add_row(
             str(st.index),
-            st.name or st.kind,
+            escape(printable(st.name or st.kind)),
             st.status,
             str(st.num_layers or "-"),
             params,
@@ -152,11 +161,24 @@ def main(args) -> int:
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return 2
     out = Path(args.out) if args.out else default_out(recipe.name)
+    from frankenlab.pipeline.atomic import UnsafeOutputPath
+    from frankenlab.pipeline.runlock import RunFolderBusy
+    from frankenlab.sessions.store import claim_run_folder
+
+    try:  # a session already there is never replaced without a word (--force moves it aside)
+        moved = claim_run_folder(out, force=getattr(args, "force", False))
+    except (RunFolderBusy, UnsafeOutputPath) as exc:
+        console.print(f"[bold red]cannot run:[/bold red] {escape(str(exc))}")
+        return 2
+    except OSError as exc:
+        console.print(f"[bold red]cannot run:[/bold red] {escape(f'{out}: {exc.strerror or exc}')}")
+        return 2
+    if moved:
+        console.print(f"[dim]{escape(moved)}[/dim]")
     from frankenlab.tui import noise
 
     noise_log = noise.attach(out / "run.log")  # third-party warnings and log lines, not the terminal
     cancel, restore_sigint = ctrl_c_cancels(console, "cancelling")
-    from frankenlab.pipeline.runlock import RunFolderBusy
 
     try:
         with Progress(
@@ -185,7 +207,7 @@ def main(args) -> int:
         console.print(f"[dim]{noise.route().count} third-party log line(s) and warning(s) are in {noise_log}[/dim]")
     if session.status == "failed" and view.failure_cause == "input":
         return 2  # bad input (recipe, data, model file, disk): fixable, not a crash
-    return {"done": 0, "cancelled": 130}.get(session.status, 1)
+    return {"done": 0, "cancelled": cancelled_exit_code(cancel)}.get(session.status, 1)
 
 
 def model_overrides(model, args):

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from frankenlab.sessions.printable import printable
 from frankenlab.tui.cli import options
 from frankenlab.tui.cli.console import make_console, piped
 from frankenlab.tui.cli.signals import ctrl_c_cancels
@@ -137,7 +138,7 @@ def _load_all(paths: list[str], console: Console):
     for e in entries:
         if e.session is None:
             problems += 1
-            console.print(f"[red]skipped:[/red] {escape(e.error or str(e.path))}")
+            console.print(f"[red]skipped:[/red] {escape(printable(e.error or str(e.path)))}")
         else:
             found.append(e.session)
     return found, problems
@@ -162,7 +163,7 @@ def diff_table(result) -> Table:
     single = {n: next(iter(p)) for n, p in protocols.items() if len(p) == 1}
     caption = "; ".join(f"{n}: {p}" for n, p in single.items() if p)
     t = Table(
-        title=f"replay of {escape(result.saved.title)} ({result.saved.id}), tolerance "
+        title=f"replay of {escape(printable(result.saved.title))} ({escape(printable(result.saved.id))}), tolerance "
         f"{100 * result.tolerance:g} % relative",
         caption=escape(caption) or None,
         box=box.SIMPLE_HEAD,
@@ -215,7 +216,8 @@ def replay_main(args) -> int:
     from frankenlab.pipeline.runlock import RunFolderBusy
 
     console.print(
-        f"replaying [bold]{escape(saved.title)}[/bold] ({saved.id}) from stage {args.from_stage} "
+        f"replaying [bold]{escape(printable(saved.title))}[/bold] ({escape(printable(saved.id))}) "
+        f"from stage {args.from_stage} "
         f"into {escape(str(out))}"
     )
     try:
@@ -244,8 +246,16 @@ def replay_main(args) -> int:
     for note in result.notes:
         console.print(f"[dim]note: {escape(note)}[/dim]")
     flagged = result.flagged
-    if result.ok:
+    nothing = result.nothing_compared()
+    if nothing and not flagged:  # never "every number is within 1 %" of nothing
+        console.print(f"[yellow]{escape(nothing)}[/yellow]")
+        if not result.compared:
+            console.print(f"new session written to [bold]{escape(str(result.new.path))}[/bold]")
+            return 1
+    if result.ok and not nothing:
         console.print(f"[green]every number is within {100 * result.tolerance:g} % of the saved session[/green]")
+    elif result.ok:
+        console.print("[green]the counts match the saved session[/green]")
     else:
         console.print(
             f"[bold red]{len(flagged)} number(s) differ beyond {100 * result.tolerance:g} %"
@@ -278,13 +288,26 @@ def compare_main(args) -> int:
     if fmt == "table":
         t = Table(title=f"{len(sessions)} session(s)", caption="\n".join(table.notes) or None)
         for c in table.columns:
-            t.add_column(c.title, justify="left" if c.kind == "text" else "right")
+            t.add_column(escape(printable(c.title)), justify="left" if c.kind == "text" else "right")
         for r in table.rows:
             t.add_row(*(escape(format_value(r.get(c.key), c.kind)) for c in table.columns))
         text = None
-        if args.output:
-            with open(args.output, "w", encoding="utf-8") as f:
-                make_console(file=f).print(t)  # a file: as wide as the table
+        if args.output:  # a file: as wide as the table, written through the output-path guard
+            import io
+
+            from frankenlab.pipeline.atomic import atomic_write_text
+
+            buf = io.StringIO()
+            make_console(file=buf).print(t)
+            text = buf.getvalue()
+            try:
+                atomic_write_text(Path(args.output), text)
+            except OSError as exc:
+                err.print(
+                    f"[bold red]cannot write {escape(args.output)}:[/bold red] {escape(str(exc.strerror or exc))}"
+                )
+                return 2
+            text = None
         else:
             make_console().print(t)
     else:
@@ -292,7 +315,13 @@ def compare_main(args) -> int:
         if args.output:
             from frankenlab.pipeline.atomic import atomic_write_text
 
-            atomic_write_text(Path(args.output), text)
+            try:
+                atomic_write_text(Path(args.output), text)
+            except OSError as exc:
+                err.print(
+                    f"[bold red]cannot write {escape(args.output)}:[/bold red] {escape(str(exc.strerror or exc))}"
+                )
+                return 2
         else:
             sys.stdout.write(text)
     if args.output:
@@ -402,24 +431,23 @@ def sessions_main(args) -> int:
         qa = " / ".join("-" if h[k] is None else f"{100 * h[k]:.1f}%" for k in ("triviaqa_closed", "triviaqa_open"))
         params = "-" if h["params"] is None else f"{h['params']:,} ({h['params_nonzero'] or 0:,})"
         config = " + ".join(x for x in (h["configuration"], h["lora"], h["quantization"]) if x)
-        rows.append(
-            (
-                time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created)),
-                f"{s.title} ({s.id})",
-                s.status,
-                f"{h['stages_done']}/{h['stages']}",
-                config,
-                ppl,
-                qa,
-                params,
-                str(e.path),
-            )
+        row = (
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created)),
+            f"{s.title} ({s.id})",
+            s.status,
+            f"{h['stages_done']}/{h['stages']}",
+            config,
+            ppl,
+            qa,
+            params,
+            str(e.path),
         )
+        rows.append(tuple(printable(cell) for cell in row))  # no escape sequence, newline or tab in a cell
     if piped(console):  # plain tab-separated text, every column, nothing cut
         if rows:
             sys.stdout.write("\t".join(columns) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
     elif rows:
         console.print(sessions_table(columns, rows, console.width, looked))
     for e in broken:
-        console.print(f"[red]unreadable:[/red] {escape(e.error or str(e.path))}", soft_wrap=True)
+        console.print(f"[red]unreadable:[/red] {escape(printable(e.error or str(e.path)))}", soft_wrap=True)
     return 0

@@ -19,8 +19,9 @@ def ctrl_c_cancels(console, verb: str = "cancelling") -> tuple[threading.Event, 
     def on_signal(signum, frame):
         if cancel.is_set():
             raise KeyboardInterrupt
+        cancel.reason = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"  # the runner's message names it
         cancel.set()
-        what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        what = cancel.reason
         console.print(f"[yellow]{what}: {verb} after the current step (Ctrl-C again to stop now)...[/yellow]")
 
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -30,3 +31,9 @@ def ctrl_c_cancels(console, verb: str = "cancelling") -> tuple[threading.Event, 
             signal.signal(sig, handler)
 
     return cancel, restore
+
+
+def cancelled_exit_code(cancel: threading.Event | None) -> int:
+    """The exit status of a cancelled command: 143 (128 + 15) when SIGTERM cancelled it, as job
+    queues and `timeout` expect; 130 (128 + 2) for Ctrl-C."""
+    return 143 if getattr(cancel, "reason", None) == "SIGTERM" else 130

@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from frankenlab.tui.cli import options
 from frankenlab.tui.cli.console import make_console
-from frankenlab.tui.cli.signals import ctrl_c_cancels
+from frankenlab.tui.cli.signals import cancelled_exit_code, ctrl_c_cancels
 
 
 def register(sub) -> None:
@@ -59,7 +59,7 @@ def list_sweeps(args) -> int:
 
 def describe(console: Console, sweep, configs, out: Path) -> None:
     from frankenlab.sessions.sweep import build_tree
-    from frankenlab.sessions.sweep.jobs import read_node
+    from frankenlab.sessions.sweep.tree import find_node
 
     nodes, chains = build_tree(configs)
     console.print(
@@ -75,7 +75,7 @@ def describe(console: Console, sweep, configs, out: Path) -> None:
         console.print("shared prefixes:")
         for n in shared:
             console.print(f"  {n.key}  {escape(n.label)}  [dim]used by {len(n.configs)} configurations[/dim]")
-    done = sum(1 for k in nodes if read_node(out, k) is not None)
+    done = sum(1 for n in nodes.values() if find_node(out, n) is not None)  # old-format keys count too
     console.print(
         f"{done} of {len(nodes)} node(s) already finished in {escape(str(out))}; {len(nodes) - done} to compute",
         highlight=False,
@@ -93,6 +93,8 @@ class LineView:
         from frankenlab.sessions import sweep as sw
 
         if isinstance(e, sw.SweepStarted):
+            if e.message:
+                self.console.print(f"[yellow]{escape(e.message)}[/yellow]")
             self.console.print(f"[bold]{escape(e.name)}[/bold]: {e.todo} node(s) to compute on {e.executor}")
         elif isinstance(e, sw.NodeStarted):
             self.console.print(f"  start   {e.key}  {escape(e.label)}")
@@ -132,6 +134,10 @@ def main(args) -> int:
     describe(console, sweep, configs, out)
     if args.dry_run:
         return 0
+    problem = inputs_problem(configs, args.data_dir)  # as `run` does, before any job loads a model
+    if problem:
+        err.print(f"[bold red]cannot run the sweep:[/bold red] {escape(problem)}")
+        return 2
     executor = None
     if args.ray or args.ray_address:
         from frankenlab.sessions.sweep import RayExecutor
@@ -141,8 +147,13 @@ def main(args) -> int:
         except RuntimeError as exc:
             err.print(f"[bold red]{escape(str(exc))}[/bold red]")
             return 2
+    from frankenlab.pipeline.runlock import RunFolderBusy
     from frankenlab.tui import noise
 
+    busy = _live_sweep(out)
+    if busy:  # before the log is opened: a live sweep's folder is not touched at all
+        err.print(f"[bold red]cannot run the sweep:[/bold red] {escape(busy)}")
+        return 2
     noise.attach(out / "sweep.log")
     cancel, restore = ctrl_c_cancels(console, "stopping the sweep")
     try:
@@ -155,6 +166,9 @@ def main(args) -> int:
             data_dir=args.data_dir,
             configs=configs,
         )
+    except RunFolderBusy as exc:
+        err.print(f"[bold red]cannot run the sweep:[/bold red] {escape(str(exc))}")
+        return 2
     except OSError as exc:
         err.print(f"[bold red]cannot write the sweep folder {escape(str(out))}: {exc.strerror or exc}[/bold red]")
         return 2
@@ -175,7 +189,47 @@ def main(args) -> int:
         f"{escape(str(out / 'sweep.json'))}",
         highlight=False,
     )
-    return {"done": 0, "cancelled": 130}.get(record["status"], 1)
+    return {"done": 0, "cancelled": cancelled_exit_code(cancel)}.get(record["status"], 1)
+
+
+def inputs_problem(configs, data_dir) -> str | None:
+    """Why a configuration cannot run, checked for every one before any job starts (None when all can):
+    the data each reads (missing, unreadable, bad rows, fewer questions or documents than asked) and
+    its stages' preflight hooks, as `frankenlab run` checks them, then the sequence lengths against
+    the model's config.json."""
+    from frankenlab.evals.data import DataNotFound
+    from frankenlab.pipeline.runner import check_sizes, model_config, preflight
+
+    configs_of: dict[str, dict | None] = {}
+    seen: set = set()  # a stage hook asked once per stage config (LoRA's overlap check reads whole files)
+    for c in configs:
+        try:
+            preflight(c.recipe, data_dir, seen)
+            source = c.recipe.model.source
+            if source not in configs_of:
+                configs_of[source] = model_config(source)
+            check_sizes(c.recipe, configs_of[source])
+        except (DataNotFound, ValueError) as exc:  # RecipeError and DataError are ValueErrors
+            return f"configuration {c.index} ({c.label}): {exc}"
+    return None
+
+
+def _live_sweep(out: Path) -> str | None:
+    """Why `out` cannot be swept into now (a live sweep holds its lock), or None; takes nothing over."""
+    import json
+
+    from frankenlab.pipeline.runlock import LOCK_FILE, describe_owner, owner_alive
+
+    try:
+        other = json.loads((out / LOCK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(other, dict) and owner_alive(other) is not False:
+        return (
+            f"{out} is in use by a live sweep ({describe_owner(other)}): wait for it to finish, "
+            "or choose another folder (--out DIR)"
+        )
+    return None
 
 
 def report(console: Console, out: Path) -> None:
@@ -200,7 +254,10 @@ def report(console: Console, out: Path) -> None:
         console.print(escape(render(table, "md")), highlight=False, soft_wrap=True)
     points, title, _ = pareto_points(sessions)
     console.print(pareto_text(points, title, budget_bytes()), highlight=False, markup=False, soft_wrap=True)
-    console.print(f"tables and pareto.svg in {escape(str(Path(written['pareto'][0]).parent))}", highlight=False)
+    console.print(
+        f"tables and the Pareto figure (pareto.svg, pareto.png) in {escape(str(Path(written['pareto'][0]).parent))}",
+        highlight=False,
+    )
 
 
 def compare_sweep(args) -> int:

@@ -18,6 +18,7 @@ class LabFooter(Footer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._shown: tuple | None = None
+        self._fit_tries = 0
 
     def _signature(self, screen) -> tuple:
         return tuple(
@@ -45,3 +46,31 @@ class LabFooter(Footer):
             if self.compact and isinstance(widget, FooterKey):
                 widget.add_class("-compact", update=False)
             yield widget
+        self.call_after_refresh(self._fit)
+
+    # -- a narrow terminal: keys that do not fit are left out whole, never cut ("f1 H") ------------
+    def on_resize(self) -> None:
+        for child in self._keys():
+            child.display = True
+        self.call_after_refresh(self._fit)
+
+    def _keys(self) -> list:
+        return [c for c in self.children if not c.has_class("-command-palette")]
+
+    def _fit(self) -> None:
+        """Hide every key (or key group) from the first one that runs under the palette key or past
+        the edge: a narrow footer shows fewer keys, each whole (the palette, ctrl+p, lists them all)."""
+        palette = [c for c in self.children if c.has_class("-command-palette")]
+        keys = [c for c in self._keys() if c.display]
+        if not self.region.width or any(not c.region.width for c in keys + palette):  # not laid out yet
+            self._fit_tries += 1
+            if self._fit_tries < 20:
+                self.call_after_refresh(self._fit)
+            return
+        self._fit_tries = 0
+        limit = palette[0].region.x if palette else self.region.right
+        over = next((i for i, c in enumerate(keys) if c.region.right > limit), None)
+        if over is None:
+            return
+        for c in keys[over:]:
+            c.display = False

@@ -4,8 +4,10 @@ The grid holds per-layer run counts (0 = skip, 1 = keep, 2+ = repeat) and posts 
 with the resulting `LayerPlan` whenever they change. It is drawn as one widget (one line of text
 per grid row) so 30 or 100 layers cost the same; clicks are mapped back to cells by offset.
 Importance scores, when known, colour each cell from green (cheap to remove) to red (important).
-A cell that has been tried (changed, then estimated by the what-if line, or scanned) shows the
-perplexity delta against the unmodified model of the plan it produced.
+A cell shows its own effect: the perplexity delta against the unmodified model of that layer's
+change alone (every other layer kept once), for the state the cell is in: a skipped cell (and a
+kept one, once the importance scan has measured it) what skipping it alone costs, a repeated cell
+what that repeat alone costs. Never the delta of the whole plan (that is on the what-if line).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from textual.widget import Widget
 
 from frankenlab.pipeline.plans import LayerPlan
 
-CELL_W = 14  # " 14 ✗ +3.31  ": index, mark, the tried delta
+CELL_W = 14  # " 14 ✗ +3.31  ": index, mark, the layer's own delta
 MAX_REPEAT = 9
 
 
@@ -82,7 +84,8 @@ class LayerGrid(Widget, can_focus=True):
         self.counts: list[int] = [1] * n_layers
         self.protected: set[int] = set()
         self.scores: dict[int, float] = {}
-        self.tried: dict[int, float] = {}  # cell -> ppl delta of the plan its last change produced
+        # (cell, run count) -> ppl delta of that change alone: (i, 0) skipped, (i, n) run n times
+        self.tried: dict[tuple[int, int], float] = {}
 
     # -- attributes down ----------------------------------------------------------------------
     def set_layers(self, n: int, protected: set[int] | None = None) -> None:
@@ -103,10 +106,15 @@ class LayerGrid(Widget, can_focus=True):
         self.scores = dict(scores)
         self.refresh()
 
-    def set_tried(self, deltas: dict[int, float]) -> None:
-        """Perplexity deltas of tried cells (what-if estimates, scan results), shown beside them."""
-        self.tried.update({i: d for i, d in deltas.items() if 0 <= i < len(self.counts)})
+    def set_tried(self, deltas: dict[tuple[int, int], float]) -> None:
+        """One layer's own effects, (cell, run count) -> ppl delta of that change alone, shown beside the cell."""
+        self.tried.update({(i, c): d for (i, c), d in deltas.items() if 0 <= i < len(self.counts)})
         self.refresh()
+
+    def own_delta(self, i: int) -> float | None:
+        """The delta the cell shows: its current change alone (a kept cell: skipping it alone), if measured."""
+        c = self.counts[i]
+        return self.tried.get((i, 0 if c == 1 else c))
 
     def set_plan(self, plan: LayerPlan) -> None:
         self.counts = plan.counts()
@@ -172,7 +180,8 @@ class LayerGrid(Widget, can_focus=True):
     def _cell(self, i: int) -> Text:
         c = self.counts[i]
         mark = "✓ " if c == 1 else ("✗ " if c == 0 else f"×{c}")
-        label = f"{i:>3} {mark}{format_delta(self.tried[i]) if i in self.tried else '':>6}  "  # CELL_W wide
+        own = self.own_delta(i)
+        label = f"{i:>3} {mark}{'' if own is None else format_delta(own):>6}  "  # CELL_W wide
         style = Style()
         if self.scores and i in self.scores:
             # by rank, not value: one very important layer would otherwise paint every other one green

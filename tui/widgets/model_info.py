@@ -45,7 +45,9 @@ class ModelInfo(Static):
         kind = {"default": "bundled default", "folder": "HF folder", "gguf": "GGUF file", "hub": "hub"}.get(
             lm.source.kind, lm.source.kind
         )
-        t.append(f"  ({kind}: {lm.source.ref})\n", style="dim")
+        # the bundled model has no path worth showing: "(bundled default)", not "(bundled default: default)"
+        where = kind if lm.source.kind == "default" else f"{kind}: {lm.source.ref}"
+        t.append(f"  ({where})\n", style="dim")
         t.append(
             f"{count_parameters(lm.model) / 1e6:.1f}M parameters · {len(decoder_layers(lm.model))} layers · "
             f"hidden {getattr(cfg, 'hidden_size', '?')} · vocab {getattr(cfg, 'vocab_size', '?')} · "

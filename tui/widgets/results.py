@@ -60,7 +60,7 @@ class ResultsPanel(Vertical):
         "params",
         "nonzero",
         "layers",
-        "footprint",
+        "memory",  # weights + runtime (KV cache + activations), as in the memory pane and `frankenlab compare`
         "s",
     )
 

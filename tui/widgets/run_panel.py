@@ -13,6 +13,36 @@ from textual.widgets import Label, ProgressBar, RichLog, Static
 
 from frankenlab.pipeline import events as ev
 
+_RANKING = {"k", "metric", "protected_first", "protected_last", "samples"}
+# The fields a stage kind ignores, given the others: a depth stage with a layer plan (or explicit
+# layers) ranks nothing; ranked by L1 weight size it reads no calibration samples.
+NOT_APPLYING = {
+    "depth": lambda p: (
+        _RANKING if p.get("plan") or p.get("layers") else {"samples"} if p.get("metric") == "l1" else set()
+    ),
+}
+
+
+def settings_text(kind: str, params: dict | None) -> str:
+    """A stage's settings as `k=2, metric=perplexity`: the fields that apply, no raw dict.
+
+    Unset fields (None, empty) are left out, and so are those the kind ignores because another is
+    given (a depth stage with a layer plan does not rank layers: no k, metric or protection)."""
+    shown = {k: v for k, v in (params or {}).items() if v is not None and v != "" and v != [] and v != {}}
+    ignored = NOT_APPLYING[kind](shown) if kind in NOT_APPLYING else set()
+    shown = {k: v for k, v in shown.items() if k not in ignored}
+    return ", ".join(f"{k}={_value_text(v)}" for k, v in shown.items())
+
+
+def _value_text(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_value_text(x) for x in v)
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}={_value_text(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
 
 class StageRow(Horizontal):
     def __init__(self, index: int, kind: str):
@@ -53,7 +83,9 @@ class RunPanel(Vertical):
     def compose(self) -> ComposeResult:
         yield Static("no run yet: build a recipe (tab 2) and press ctrl+r", id="run-status")
         yield VerticalScroll(id="stage-rows")
-        yield RunLog(id="run-log", markup=False, wrap=True, max_lines=5000, highlight=False)
+        # min_width: RichLog renders at least 78 columns by default, wider than its region at 80
+        # columns, and the scrollbar then covered the wrapped lines' last characters
+        yield RunLog(id="run-log", markup=False, wrap=True, max_lines=5000, highlight=False, min_width=20)
 
     @property
     def log_widget(self) -> RunLog:
@@ -77,7 +109,8 @@ class RunPanel(Vertical):
         if isinstance(e, ev.StageStarted):
             if self._row(e.stage) is None:
                 self.query_one("#stage-rows").mount(StageRow(e.stage, e.kind))
-            self.write(f"[{e.stage}] {e.kind} started {e.params or ''}", "bold")
+            settings = settings_text(e.kind, e.params)
+            self.write(f"[{e.stage}] {e.kind} started" + (f": {settings}" if settings else ""), "bold")
         elif isinstance(e, ev.Progress):
             row = self._row(e.stage)
             if row is not None:

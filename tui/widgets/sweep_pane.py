@@ -23,6 +23,18 @@ from textual.widgets import Button, DataTable, Input, ProgressBar, RichLog, Stat
 COLUMNS = ("#", "configuration", "status", "PPL", "TriviaQA closed", "size", "params (nonzero)")
 
 
+def hint_text() -> str:
+    """The status line before anything ran: the bundled sweep names in full (they wrap, never cut)."""
+    try:
+        from frankenlab.sessions.sweep import bundled_sweeps
+
+        names = ", ".join(bundled_sweeps())
+    except Exception:  # noqa: BLE001 - the list is a hint; a broken install still shows the pane
+        names = ""
+    bundled = f"bundled sweeps: {names}. " if names else ""
+    return f"{bundled}Type a name or a sweep file, Check lists its configurations, Launch runs it."
+
+
 class SweepPane(Vertical):
     class OpenSession(Message):
         def __init__(self, path: Path):
@@ -47,16 +59,12 @@ class SweepPane(Vertical):
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="sweep-controls"):
-            yield Input(placeholder="sweep file or bundled name (demo, thesis-table-4.1, ...)", id="sweep-file")
+            yield Input(placeholder="sweep file or bundled name", id="sweep-file")
             yield Input(placeholder="output folder (default runs/sweep-NAME)", id="sweep-out")
             yield Button("Check", id="sweep-check")
             yield Button("Launch", id="sweep-launch", variant="primary")
             yield Button("Stop", id="sweep-stop", disabled=True)
-        yield Static(
-            "pick a sweep file (frankenlab sweeps lists the bundled ones), then Launch",
-            id="sweep-status",
-            classes="hint",
-        )
+        yield Static(hint_text(), id="sweep-status", classes="hint")
         yield ProgressBar(total=1.0, show_eta=False, id="sweep-progress")
         yield DataTable(id="sweep-table", cursor_type="row", zebra_stripes=True)
         with Horizontal(id="sweep-bottom"):
@@ -91,8 +99,13 @@ class SweepPane(Vertical):
             nodes, _ = build_tree(configs)
             shared = sum(1 for n in nodes.values() if n.index > 0 and len(n.configs) > 1)
             self._status(
-                f"{sweep.name}: {len(configs)} configuration(s), {len(nodes)} node(s), {shared} shared prefix(es)"
+                f"{sweep.name}: {len(configs)} configuration(s), {len(nodes)} node(s), {shared} shared "
+                "prefix(es); the configurations are listed below"
             )
+            log = self.query_one("#sweep-log", RichLog)
+            log.write(f"{sweep.name}: {len(configs)} configuration(s)")
+            for c in configs:
+                log.write(f"  {c.index:>3}  {c.label}")
 
     @on(Button.Pressed, "#sweep-launch")
     def launch(self) -> None:
@@ -103,8 +116,23 @@ class SweepPane(Vertical):
         if not loaded:
             return
         sweep, configs = loaded
-        out = self.query_one("#sweep-out", Input).value.strip()
-        self.out = Path(out) if out else self.runs_dir / f"sweep-{sweep.name}"
+        typed = self.query_one("#sweep-out", Input).value.strip()
+        out = Path(typed) if typed else self.runs_dir / f"sweep-{sweep.name}"
+        from frankenlab.tui.screens.confirm import ConfirmScreen
+
+        question = (
+            f"Launch the sweep {sweep.name}: {len(configs)} configuration(s) into {out}? It runs in the "
+            "background; Stop keeps what finished, and launching again into that folder does the rest."
+        )
+        self.app.push_screen(
+            ConfirmScreen(question, yes="Launch", no="Not now"),
+            lambda yes: yes and self._start(sweep, configs, out),
+        )
+
+    def _start(self, sweep, configs, out: Path) -> None:
+        if self.running:
+            return
+        self.out = out
         self.rows.clear()
         self.query_one("#sweep-table", DataTable).clear()
         self.cancel = threading.Event()
@@ -150,6 +178,8 @@ class SweepPane(Vertical):
             self._finished()
         elif isinstance(e, sw.SweepStarted):
             self.done_nodes, self.todo = 0, e.todo
+            if e.message:  # e.g. a dead sweep's lock taken over
+                log.write(f"{stamp} {e.message}")
             log.write(f"{stamp} {e.name}: {len(e.configs)} configurations, {e.nodes} nodes, {e.todo} to compute")
             self._status(f"{e.name}: 0 of {e.todo} node(s) computed")
         elif isinstance(e, sw.NodeStarted):
@@ -208,20 +238,35 @@ class SweepPane(Vertical):
         except SessionError:
             return
         points, title, _ = pareto_points(sessions)
-        self.query_one("#sweep-pareto", Static).update(
-            Text(pareto_text(points, title, budget_bytes(), width=40, height=10))
-        )
+        text = pareto_text(points, title, budget_bytes(), width=40, height=10)
+        figure = self.out / "tables" / "pareto.png" if self.out is not None else None
+        if figure is not None and figure.is_file():  # written when the sweep ends
+            text += f"figure: {figure} (and pareto.svg)\n"
+        self.query_one("#sweep-pareto", Static).update(Text(text))
 
     def _finished(self, status: str = "failed") -> None:
         self.running = False
         self._buttons()
         if self.out is not None and status in ("done", "cancelled", "failed"):
-            try:
-                from frankenlab.sessions.sweep.results import write_results
+            # drawing the figure takes seconds of CPU (matplotlib): off the event loop
+            self._status(f"sweep ended ({status}); writing the tables and the Pareto figure into {self.out / 'tables'}")
+            self.write_results_thread(self.out, status)
+        else:
+            self._written(status)
 
-                write_results(self.out)
-            except Exception:  # noqa: BLE001 - no finished configuration yet
-                pass
+    @work(thread=True, group="sweep-results")
+    def write_results_thread(self, out: Path, status: str) -> None:
+        try:
+            from frankenlab.sessions.sweep.results import write_results
+
+            write_results(out)
+        except Exception:  # noqa: BLE001 - no finished configuration yet
+            pass
+        self.app.call_from_thread(self._written, status)
+
+    def _written(self, status: str) -> None:
+        if self.rows:
+            self._pareto()  # now with the figure's path
         self._status(f"sweep {status}: {len(self.rows)} configuration(s) in {self.out}; select a row to open it")
 
     @on(DataTable.RowSelected, "#sweep-table")
