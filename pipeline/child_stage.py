@@ -18,7 +18,8 @@ stage wrote, so the runner evaluates what was saved, exactly as in-process.
   to its log, `stages/NN-kind.log` beside the stage folder.
 - Cancel: the parent writes `cancel` to the child's stdin; the child's `ctx.check_cancel()` sees it
   (a closed stdin, the parent gone, counts as a cancel too). A child that does not stop within
-  `CANCEL_GRACE_S` is ended. The half-written stage folder is removed and the run ends cancelled.
+  `CANCEL_GRACE_S` is ended. (The process and its JSON-lines protocol: `pipeline.worker_process`,
+  shared with the sweep's per-GPU jobs.) The half-written stage folder is removed and the run ends cancelled.
 - Failure: the run fails with one line naming the reason (the child's exception, or the last
   exception in its log when it died without a word) and its log. A RecipeError, missing data or an
   unloadable model in the child is the same input error as in-process.
@@ -29,15 +30,10 @@ The overhead is one model load in the child and one in the parent plus the child
 
 from __future__ import annotations
 
-import json
-import os
-import queue
 import shutil
 import signal
-import subprocess
 import sys
 import threading
-import time
 import types
 from pathlib import Path
 
@@ -46,6 +42,7 @@ import torch
 from frankenlab.evals.cancel import Cancelled
 from frankenlab.evals.errors import RecipeError
 from frankenlab.pipeline.context import StageContext, StageResult
+from frankenlab.pipeline.worker_process import child_channel, child_exit, supervise
 
 CANCEL_GRACE_S = 5.0  # how long a child may take to honour a cancel before it is ended
 
@@ -151,75 +148,20 @@ def _hand_over(model, ctx: StageContext, spare: Path) -> dict:
 def _supervise(job: dict, ctx: StageContext, log: Path) -> dict:
     """Start the child, replay its voice on `ctx`, pass on a cancel; returns its last word
     ({"event": "result" | "error" | "cancelled" | "died", ...}) with "returncode" and "asked_cancel"."""
-    with open(log, "w") as err:
-        err.write(f"frankenlab worker for stage {job['index']} ({job['kind']}), started {time.ctime()}\n")
-        err.flush()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "frankenlab.pipeline.child_stage"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            bufsize=1,
-        )
-    lines: queue.Queue = queue.Queue()
-
-    def read() -> None:
-        try:
-            for line in proc.stdout:
-                lines.put(line)
-        except (OSError, ValueError):
-            pass
-        lines.put(None)
-
-    reader = threading.Thread(target=read, name="child-stage-reader", daemon=True)
-    reader.start()
     last: dict = {"event": "died"}
-    asked = exited = None
-    try:
-        _tell(proc, json.dumps(job))  # a child that died at once is told by its log
-        while True:
-            try:
-                line = lines.get(timeout=0.1)
-            except queue.Empty:
-                line = ""
-                if proc.poll() is not None:  # a process it started may hold the pipe open: do not wait on it
-                    exited = exited or time.monotonic()
-                    if time.monotonic() - exited > 2.0:
-                        break
-            if line is None:
-                break
-            msg = _parse(line)
-            if msg.get("event") in ("progress", "log", "metric"):
-                _replay(msg, ctx)
-            elif msg.get("event") in ("result", "error", "cancelled"):
-                last = msg
-            if ctx.cancelled and asked is None:
-                asked = time.monotonic()
-                _tell(proc, "cancel")
-            if asked is not None and time.monotonic() - asked > CANCEL_GRACE_S and proc.poll() is None:
-                _end(proc)
-        proc.wait()
-    except BaseException:  # KeyboardInterrupt, a listener's error: the child must not outlive the run
-        _end(proc)
-        raise
-    finally:
-        try:
-            proc.stdin.close()
-        except OSError:
-            pass
-        reader.join(1.0)
-        if not reader.is_alive():  # else a process the child started still holds the pipe: left to the reader
-            proc.stdout.close()
-    return {**last, "returncode": proc.returncode, "asked_cancel": asked is not None}
 
+    def on_message(msg: dict) -> None:
+        nonlocal last
+        if msg.get("event") in ("progress", "log", "metric"):
+            _replay(msg, ctx)
+        elif msg.get("event") in ("result", "error", "cancelled"):
+            last = msg
 
-def _parse(line: str) -> dict:
-    try:
-        msg = json.loads(line)
-    except ValueError:
-        return {}
-    return msg if isinstance(msg, dict) else {}
+    header = f"frankenlab worker for stage {job['index']} ({job['kind']})"
+    returncode, asked, _pid = supervise(
+        "frankenlab.pipeline.child_stage", job, log, header, on_message, lambda: ctx.cancelled, grace=CANCEL_GRACE_S
+    )
+    return {**last, "returncode": returncode, "asked_cancel": asked}
 
 
 def _replay(msg: dict, ctx: StageContext) -> None:
@@ -230,25 +172,6 @@ def _replay(msg: dict, ctx: StageContext) -> None:
         ctx.log(str(msg.get("message", "")), str(msg.get("level", "info")))
     else:
         ctx.metric(str(msg["name"]), float(msg["value"]), str(msg.get("protocol", "")), msg.get("step"))
-
-
-def _tell(proc: subprocess.Popen, word: str) -> None:
-    try:
-        proc.stdin.write(word + "\n")
-        proc.stdin.flush()
-    except (OSError, ValueError):  # it has gone already
-        pass
-
-
-def _end(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(2)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _load_result(kind: str, outcome: dict, ctx: StageContext, dtype: str, log: Path) -> StageResult:
@@ -314,27 +237,7 @@ def _reason(log: Path) -> str:
 
 # -- the child -------------------------------------------------------------------------------------
 def _child() -> int:
-    channel = os.fdopen(os.dup(1), "w", buffering=1)  # the JSON lines to the parent
-    os.dup2(2, 1)  # whatever else is printed goes to the log
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to pass on, as a cancel
-    lock = threading.Lock()
-
-    def send(**msg) -> None:
-        with lock:
-            channel.write(json.dumps(msg, default=str) + "\n")
-            channel.flush()
-
-    job = json.loads(sys.stdin.readline())
-    sys.path[:0] = [p for p in job["sys_path"] if p not in sys.path]
-    cancel = threading.Event()
-
-    def listen() -> None:
-        for line in sys.stdin:
-            if line.strip() == "cancel":
-                cancel.set()
-        cancel.set()  # stdin closed: the parent is gone
-
-    threading.Thread(target=listen, name="cancel-listener", daemon=True).start()
+    send, job, cancel = child_channel()
     try:
         result = _child_run(job, cancel, send)
         send(event="result", report=result.report, artifacts=result.artifacts)
@@ -396,11 +299,7 @@ def _child_run(job: dict, cancel: threading.Event, send) -> StageResult:
 
 
 def main() -> None:
-    rc = _child()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # gptqmodel's threads can abort the interpreter at its normal exit; everything is written by now
-    os._exit(rc)
+    child_exit(_child)
 
 
 if __name__ == "__main__":
