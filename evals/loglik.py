@@ -7,7 +7,8 @@ encoding (a merge across the boundary is counted on the continuation side). No B
 special token is added (the harness' default for causal models).
 
 Rows are left padded and sorted by length; only the last positions' logits are computed
-(`logits_to_keep`), so the 49k-word output head runs on the continuation alone.
+(`logits_to_keep`), so the 49k-word output head runs on the continuation alone. On a GPU a batch
+that runs out of memory is scored in halves, down to one row (`evals.devices.halving_on_oom`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from frankenlab.evals import devices
 from frankenlab.evals.cancel import Cancelled
 
 
@@ -56,11 +58,10 @@ def continuation_logprobs(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out = [0.0] * len(rows)
-    done = 0
-    for b in range(0, len(order), batch_size):
-        if cancelled and cancelled():
-            raise Cancelled("log-likelihood scoring cancelled")
-        idx = order[b : b + batch_size]
+    halve = devices.retry_smaller_batches(device)
+    fits = None  # after an out of memory on a GPU: the rows per forward pass that fit
+
+    def score(idx: list[int]) -> None:
         width = len(rows[idx[0]][0])
         keep = max(rows[i][1] for i in idx) + 1  # logits at the positions that predict continuation tokens
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -83,6 +84,16 @@ def continuation_logprobs(
             target = ids[r, width - n :].to(device)  # the continuation's tokens, at the row's end
             scored = logp[r, keep - n - 1 : keep - 1]  # (n, V): position t predicts token t+1
             out[i] = float(scored.gather(1, target[:, None]).sum())
+
+    done = 0
+    for b in range(0, len(order), batch_size):
+        if cancelled and cancelled():
+            raise Cancelled("log-likelihood scoring cancelled")
+        idx = order[b : b + batch_size]
+        if halve:  # a batch that does not fit is scored in halves, down to one row (the same numbers)
+            _, fits = devices.halving_on_oom(lambda s, e, idx=idx: score(idx[s:e]), len(idx), device=device, start=fits)
+        else:
+            score(idx)
         done += len(idx)
         if progress:
             progress(done / len(rows))

@@ -205,12 +205,27 @@ def _failure(kind: str, outcome: dict, log: Path) -> BaseException:
 
             kinds = {"RecipeError": RecipeError, "DataNotFound": DataNotFound, "DataError": DataError}
             return {**kinds, "ModelLoadError": ModelLoadError}[name](message)
-        if name == "OutOfMemoryError":
-            return torch.OutOfMemoryError(message)
+        if name == "OutOfMemoryError" or (name == "RuntimeError" and "out of memory" in message.lower()):
+            return torch.OutOfMemoryError(oom_line(kind, message))
         return StageProcessFailed(f"{kind} stage failed in its worker process: {name}: {message} (log: {log})")
     return StageProcessFailed(
         f"{kind} stage: its worker process {_how(outcome['returncode'])}{_reason(log)} (log: {log})"
     )
+
+
+OOM_LOWER = {  # what each worker-process stage can lower when it runs out of memory
+    "gptq": "lower samples (calibration sequences) or seq_len",
+    "eora": "lower samples (calibration sequences), seq_len or rank",
+}
+
+
+def oom_line(kind: str, message: str) -> str:
+    """One line for a stage that ran out of memory in its worker: where, and what to lower."""
+    if message.startswith("out of ") and ": lower " in message:
+        return message  # the stage already said what to lower
+    where = "GPU memory" if "cuda" in message.lower() or "gpu" in message.lower() else "memory"
+    lower = OOM_LOWER.get(kind, "lower samples or seq_len")
+    return f"out of {where} in the {kind} stage: {lower}, or run on a device with more memory"
 
 
 def _how(rc: int | None) -> str:

@@ -283,11 +283,14 @@ class Runner:
         except (RecipeError, DataNotFound, DataError, ModelLoadError) as exc:
             status, message, cause = "failed", str(exc), "input"
             index = getattr(exc, "stage", None) or index  # a stage's refusal is that stage's row
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as exc:  # a stage's own one line ("out of ...: lower ...") when it has one
+            said = str(exc)
             status, message = (
                 "failed",
                 (
-                    "out of memory: lower the batch size or calibration samples, "
+                    f"{said}; finished stages are kept"
+                    if said.startswith("out of ") and ": lower " in said
+                    else "out of memory: lower the batch size or calibration samples, "
                     "or run on a device with more memory; finished stages are kept"
                 ),
             )

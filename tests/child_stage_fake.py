@@ -2,7 +2,8 @@
 
 `behaviour`: "ok" (talks, scales the embeddings by 2, returns), "exit" (os._exit(1) from a thread
 after printing a traceback, as gptqmodel's workers do), "abort" (SIGABRT), "raise" (a RuntimeError),
-"refuse" (a RecipeError), "wait" (checks the cancel flag until it is set), "deaf" (ignores a cancel).
+"oom" (torch.OutOfMemoryError), "refuse" (a RecipeError),
+"wait" (checks the cancel flag until it is set), "deaf" (ignores a cancel).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def run(model, ctx: StageContext, config: Config) -> StageResult:
         os.abort()
     elif b == "raise":
         raise RuntimeError("the fake stage broke")
+    elif b == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     elif b == "refuse":
         raise RecipeError("the fake stage refuses this model: choose another")
     elif b in ("wait", "deaf"):

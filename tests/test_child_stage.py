@@ -106,6 +106,21 @@ def test_a_worker_that_dies_or_raises_fails_the_run_in_one_line(tiny_model_dir, 
         assert "Traceback" in log.read_text()
 
 
+def test_out_of_memory_in_the_worker_is_one_line_that_says_what_to_lower(tiny_model_dir, tmp_path):
+    events = []
+    result = run_recipe(recipe(tiny_model_dir, "oom"), tmp_path / "out", listener=events.append)
+    assert result.status == "failed" and "\n" not in result.message
+    assert result.message.startswith("out of GPU memory in the fake stage: lower samples")
+    assert "finished stages are kept" in result.message
+    assert not any(isinstance(e, ev.LogLine) and e.level == "error" for e in events)  # no traceback in the run
+    from frankenlab.pipeline.child_stage import _failure
+
+    outcome = {"asked_cancel": False, "event": "error", "type": "OutOfMemoryError", "message": "CUDA out of memory"}
+    for kind, lower in (("gptq", "lower samples (calibration sequences) or seq_len"), ("eora", "seq_len or rank")):
+        exc = _failure(kind, outcome, tmp_path / "x.log")
+        assert isinstance(exc, torch.OutOfMemoryError) and f"in the {kind} stage: " in str(exc) and lower in str(exc)
+
+
 def test_a_refusal_in_the_worker_is_an_input_error(tiny_model_dir, tmp_path):
     events = []
     result = run_recipe(recipe(tiny_model_dir, "refuse"), tmp_path / "out", listener=events.append)

@@ -121,6 +121,36 @@ def test_hellaswag_acc_and_acc_norm_follow_the_harness(tiny, hs_file):
     assert acc["ci95"][0] <= acc["value"] <= acc["ci95"][1]
 
 
+def test_a_batch_that_runs_out_of_memory_is_scored_in_halves_with_the_same_numbers(tiny, hs_file, monkeypatch):
+    from frankenlab.evals import devices
+
+    want = hellaswag(tiny.model, tiny.tokenizer, 3, path=hs_file, batch_size=8)
+    real = type(tiny.model).forward
+    rows = []
+
+    def small_memory(self, *a, input_ids=None, **k):
+        rows.append(input_ids.shape[0])
+        if len(rows) == 1:  # the first batch does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *a, input_ids=input_ids, **k)
+
+    monkeypatch.setattr(type(tiny.model), "forward", small_memory)
+    monkeypatch.setattr(devices, "retry_smaller_batches", lambda device: True)  # as on a GPU
+    got = hellaswag(tiny.model, tiny.tokenizer, 3, path=hs_file, batch_size=8)
+    assert rows[:3] == [8, 4, 4] and max(rows[1:]) == 4, "halved after the OOM, later batches at the size that fit"
+    for g, w in zip(got.records, want.records, strict=True):
+        assert g["loglik"] == pytest.approx(w["loglik"], abs=1e-3)
+    assert [(r["pred"], r["pred_norm"]) for r in got.records] == [(r["pred"], r["pred_norm"]) for r in want.records]
+    assert (got.acc, got.acc_norm) == (want.acc, want.acc_norm)
+
+    def never_fits(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(type(tiny.model), "forward", never_fits)
+    with pytest.raises(torch.OutOfMemoryError):  # one row that does not fit is the caller's to report
+        hellaswag(tiny.model, tiny.tokenizer, 1, path=hs_file, batch_size=4)
+
+
 def test_items_are_a_seeded_sample_of_the_validation_file(data_dir):
     items, source, total = load_items(5, data_dir=data_dir)
     assert total == 10042 and source.endswith("hellaswag_val_10042.jsonl.gz")

@@ -51,6 +51,50 @@ def test_training_reduces_loss_and_saves_peft_adapter(tiny, tmp_path, text_file)
     assert not lora.is_peft(res.model) and r["merged"]
 
 
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny_model_dir, tmp_path, text_file):
+    from frankenlab.pipeline.loading import load_model
+
+    want_lm, got_lm = (load_model(str(tiny_model_dir), device="cpu", dtype="float32") for _ in range(2))
+    want = lora.run(want_lm.model, ctx_for(want_lm, tmp_path / "a"), quick(text_file, steps=3))
+    real = type(got_lm.model).forward
+    rows = []
+
+    def small_memory(self, *a, input_ids=None, **k):
+        rows.append(input_ids.shape[0])
+        if input_ids.shape[0] > 2:  # four sequences do not fit, two do
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(self, *a, input_ids=input_ids, **k)
+
+    logs = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(got_lm.model), "forward", small_memory)
+        got = lora.run(
+            got_lm.model,
+            ctx_for(got_lm, tmp_path / "b", lambda e: logs.append(e) if isinstance(e, ev.LogLine) else None),
+            quick(text_file, steps=3),
+        )
+    assert rows[0] == 4 and set(rows[1:]) == {2}, "halved once, then every step at the size that fit"
+    r = got.report
+    assert (r["batch_size"], r["grad_accum"], r["samples"]) == (2, 2, 12)
+    assert "effective batch stayed 4" in r["oom_note"]
+    assert any("out of memory" in e.message for e in logs)
+    assert r["loss_curve"] == pytest.approx(want.report["loss_curve"], rel=1e-4)
+    for (name, a), b in zip(want.model.named_parameters(), got.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_out_of_memory_at_one_sequence_says_what_to_lower(tiny, tmp_path, text_file, monkeypatch):
+    def never_fits(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(type(tiny.model), "forward", never_fits)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        lora.run(tiny.model, ctx_for(tiny, tmp_path), quick(text_file, steps=2, batch_size=2))
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("out of memory in LoRA training")
+    assert "lower seq_len (now 32) or rank (now" in text
+
+
 def test_mask_reapplied_after_merge_and_merged_model_loads(tiny, tmp_path, text_file):
     from transformers import AutoModelForCausalLM
 

@@ -297,3 +297,21 @@ def test_chat_without_a_token_in_time_is_one_line(tiny_model_dir, monkeypatch):
     assert message.startswith("no token after 0 s: ") and "\n" not in message
     assert "ask again, or choose a smaller model or another device" in message
     assert model.stopped  # generation was stopped, not left running under the model's lock
+
+
+class OutOfMemoryModel(SilentModel):
+    def generate(self, ids, *, streamer, stopping_criteria, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+
+
+def test_chat_out_of_memory_is_one_line_that_says_what_to_lower(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from frankenlab.tui import chat
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.raises(chat.ReplyOutOfMemory) as err:
+        list(chat.stream_reply(OutOfMemoryModel(), tok, [{"role": "user", "content": "hi"}], max_new_tokens=4))
+    message = str(err.value)
+    assert message.startswith("out of memory while generating the reply: lower max new tokens (now 4)")
+    assert "\n" not in message and "smaller model" in message

@@ -392,3 +392,34 @@ def test_scheduler_hands_out_the_first_answer_then_the_exact_one(tiny):
     coarse = [(i, e.final) for i, e in sched.scan(coarse_first=True)]
     assert coarse[:8] == [(i, i == 0) for i in range(7, -1, -1)]  # layer 0 is known exactly already
     assert all(final for _, final in coarse[8:])
+
+
+def test_out_of_memory_shrinks_the_cache_and_retries_once(tiny, monkeypatch):
+    from frankenlab.pipeline.whatif import estimator as estimator_module
+
+    plan = LayerPlan.parse("0-2,4-7", 8)
+    want = _est(tiny).estimate(plan)
+    est = _est(tiny, max_cache_bytes=1 << 20)
+    real = estimator_module.WhatIfEstimator._compute
+    calls = []
+
+    def first_fails(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(estimator_module.WhatIfEstimator, "_compute", first_fails)
+    got = est.estimate(plan)
+    assert got.ppl == pytest.approx(want.ppl, rel=1e-5) and got.delta == pytest.approx(want.delta, rel=1e-4, abs=1e-6)
+    assert est.max_cache_bytes == 1 << 19, "the cache budget was halved for the retry"
+
+    def never_fits(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(estimator_module.WhatIfEstimator, "_compute", never_fits)
+    with pytest.raises(estimator_module.WhatIfOutOfMemory) as err:
+        est.estimate(LayerPlan.parse("1-7", 8))
+    text = str(err.value)
+    assert text.startswith("out of memory in the what-if estimate: lower its slice") and "\n" not in text
+    assert est.max_cache_bytes == 1 << 18

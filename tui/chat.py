@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from frankenlab.evals import devices
 from frankenlab.pipeline.plans import LayerPlan, planned
 from frankenlab.pipeline.sharing import model_lock
 
@@ -117,6 +118,10 @@ class ReplyTimeout(RuntimeError):
     """No token came for TOKEN_TIMEOUT_S seconds; the message is one line that says what to do."""
 
 
+class ReplyOutOfMemory(RuntimeError):
+    """Generation ran out of memory; the message is one line that says what to lower."""
+
+
 def stream_reply(
     model,
     tokenizer,
@@ -177,6 +182,16 @@ def stream_reply(
         finally:
             thread.join()  # the model's lock and layer plan stay until generate has stopped
     if failure:
+        if devices.is_oom(failure[0]):
+            devices.free_cached_memory(device)
+            raise ReplyOutOfMemory(
+                devices.oom_message(
+                    device,
+                    "while generating the reply",
+                    f"lower max new tokens (now {sampling.max_new_tokens}), start a new chat (a shorter "
+                    "conversation), or chat with a smaller model",
+                )
+            ) from None
         raise failure[0]
     if gave_up.is_set():
         raise ReplyTimeout(

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from frankenlab.evals import devices
 from frankenlab.evals.cancel import Cancelled, cancel_between_layers
 from frankenlab.evals.config import option, require
 from frankenlab.evals.data import load_dataset_records, source_note
@@ -294,6 +295,34 @@ def _point_adapter_at_input(peft_model, ctx: StageContext) -> None:
             cfg.base_model_name_or_path = str(ctx.input_artifact)
 
 
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _accumulate(peft_model, windows, step_idx, micro: int, ctx: StageContext, amp, scaler) -> float:
+    """Forward and backward over one step's sequences in micro-batches of `micro`; each micro-batch's
+    mean loss is weighted by its share of the step, so the gradient does not depend on `micro`."""
+    step_loss = 0.0
+    for b in range(0, len(step_idx), micro):
+        if ctx.cancelled:
+            raise Cancelled("cancelled by the user")
+        chunk = step_idx[b : b + micro]
+        batch = windows[torch.stack(chunk)].to(ctx.device)  # (B, T)
+        with cancel_between_layers(peft_model, lambda: ctx.cancelled):  # within a step, not after it
+            with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
+                loss = peft_model(input_ids=batch, labels=batch).loss * (len(chunk) / len(step_idx))
+            (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += float(loss.detach())
+    return step_loss
+
+
 def source_note_for(config: Config, source: str) -> str:
     return "" if config.dataset.endswith(FILE_SUFFIXES) else source_note(TRAINING_SETS[config.dataset], source)
 
@@ -349,23 +378,42 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     peft_model.train()
     t_start = time.perf_counter()
     done = 0
+    micro = config.batch_size  # halves after an out of memory; accumulation grows to keep per_step
+    halvings: list[dict] = []
     try:
         for step in range(steps):
             t0 = time.perf_counter()
             for g in optim.param_groups:
                 g["lr"] = lr_at(step)
-            step_loss = 0.0
-            for _ in range(config.grad_accum):
-                if ctx.cancelled:
-                    raise Cancelled("cancelled by the user")
-                idx = [order[(cursor + i) % len(order)] for i in range(config.batch_size)]
-                cursor += config.batch_size
-                batch = windows[torch.stack(idx)].to(ctx.device)  # (B, T)
-                with cancel_between_layers(peft_model, lambda: ctx.cancelled):  # within a step, not after it
-                    with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
-                        loss = peft_model(input_ids=batch, labels=batch).loss / config.grad_accum
-                    (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += float(loss.detach())
+            step_idx = [order[(cursor + i) % len(order)] for i in range(per_step)]
+            cursor += per_step
+            rng = _rng_state(ctx.device)
+            while True:  # a step that runs out of memory is redone at half the micro-batch (same sequences)
+                try:
+                    step_loss = _accumulate(peft_model, windows, step_idx, micro, ctx, amp, scaler)
+                    break
+                except Exception as exc:
+                    if not devices.is_oom(exc):
+                        raise
+                    optim.zero_grad(set_to_none=True)
+                    devices.free_cached_memory(ctx.device)
+                    if micro == 1:
+                        raise torch.OutOfMemoryError(
+                            devices.oom_message(
+                                ctx.device,
+                                f"in LoRA training with one sequence of {config.seq_len} tokens per micro-batch",
+                                f"lower seq_len (now {config.seq_len}) or rank (now {config.rank}), "
+                                "or target fewer modules",
+                            )
+                        ) from None
+                    micro = max(1, micro // 2)
+                    halvings.append({"step": step + 1, "batch_size": micro, "grad_accum": -(-per_step // micro)})
+                    ctx.log(
+                        f"lora: out of memory at step {step + 1}; retrying with micro-batch {micro} x "
+                        f"{-(-per_step // micro)} accumulation steps (the same {per_step} sequences per step)",
+                        "warning",
+                    )
+                    _set_rng_state(ctx.device, rng)
             if scaler:
                 scaler.step(optim)
                 scaler.update()
@@ -432,7 +480,16 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         "density_before": density_before,
         "density_after": targeted_density(out, config.targets),
         "adapter": str(adapter_dir) if adapter_dir is not None else None,
+        "batch_size": micro,
+        "grad_accum": -(-per_step // micro),
+        "oom_retries": halvings,
     }
+    if halvings:
+        report["oom_note"] = (
+            f"out of memory: micro-batch lowered from {config.batch_size} to {micro} with "
+            f"{report['grad_accum']} accumulation steps; the effective batch stayed {per_step} sequences"
+        )
+        ctx.log(f"lora: {report['oom_note']}")
     ctx.log(
         f"lora: loss {report['first_loss']:.4f} -> {report['final_loss']:.4f} in {done} steps; {sparsity}; "
         f"targeted density {report['density_after']:.4f}"

@@ -20,7 +20,16 @@ from textual.message import Message
 from textual.widgets import Checkbox, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
-from frankenlab.tui.chat import ChatTarget, ReplyStats, Sampling, release_unused, stream_reply, timed
+from frankenlab.tui.chat import (
+    ChatTarget,
+    ReplyOutOfMemory,
+    ReplyStats,
+    ReplyTimeout,
+    Sampling,
+    release_unused,
+    stream_reply,
+    timed,
+)
 from frankenlab.tui.widgets.tickbox import TickBox
 
 # (key, label, default, tooltip): the sampling row, shared by the single and the A/B view
@@ -232,6 +241,8 @@ class ChatPanel(Vertical):
                     ):
                         text += piece
                         self.app.call_from_thread(reply.update, prefix + text)
+                except (ReplyOutOfMemory, ReplyTimeout) as exc:  # one line that says what to do
+                    error = str(exc)
                 except Exception as exc:  # noqa: BLE001 - shown in the transcript, the app keeps running
                     error = f"{type(exc).__name__}: {exc}"
             if worker.is_cancelled and not text:
