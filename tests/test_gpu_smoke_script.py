@@ -31,8 +31,7 @@ def run_script(venv: Path, *args: str, **env: str) -> subprocess.CompletedProces
         env={**os.environ, "FRANKENLAB_VENV": str(venv), **env},
         capture_output=True,
         text=True,
-        timeout=600,
-    )
+    )  # no per-call timeout: pytest-timeout (pyproject) is the hang guard
 
 
 def fake_venv(tmp_path) -> Path:

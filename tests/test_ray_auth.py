@@ -135,8 +135,7 @@ def client(address: str, home, **env) -> subprocess.CompletedProcess:
         env={**base, "HOME": str(home), **env},
         capture_output=True,
         text=True,
-        timeout=300,
-    )
+    )  # no per-call timeout: pytest-timeout (pyproject) is the hang guard
 
 
 @pytest.mark.slow
@@ -170,8 +169,10 @@ def test_a_started_local_instance_requires_its_token(tmp_path):
         assert accepted.returncode == 0, accepted.stdout + accepted.stderr[-2000:]
         assert "CONNECTED 1" in accepted.stdout
     finally:
-        head.stdin.close()
+        head.stdin.close()  # the head shuts Ray down and exits when its stdin closes
         try:
+            # Cleanup, never a verdict: a head still shutting down Ray after this long (a loaded machine
+            # takes seconds) is killed instead, and the test's result stands either way.
             head.wait(timeout=120)
         except subprocess.TimeoutExpired:
             head.kill()
