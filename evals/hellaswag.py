@@ -9,7 +9,7 @@ file holds `ctx` = ctx_a + " " + ctx_b without the harness' capitalisation of ct
 
 Items are a seeded sample of the validation file (seed 0), in file order, like the QA questions;
 the protocol names it: `hellaswag-validation:500` (with `@sha256:<8 hex digits>` when the file
-is not the standard validation file). Every row is checked when read (`evals.data.ROW_CHECKS`:
+is not the standard validation file). Every row is checked when read (`evals.data_checks.ROW_CHECKS`:
 `ctx`, a list of `endings`, a `label` indexing them), a bad one named by file and line. Layer plans (Franken mode) are scored by
 running this under the plan: `with pipeline.plans.planned(model, plan) as m: hellaswag(m, ...)`.
 """

@@ -118,7 +118,7 @@ def _model_dtype(model) -> str:
 
 
 def _opens(folder: Path | None) -> bool:
-    from frankenlab.pipeline.quant import describe_folder
+    from frankenlab.pipeline.quant_folders import describe_folder
 
     if folder is None or not Path(folder).is_dir():
         return False
@@ -131,7 +131,7 @@ def _opens(folder: Path | None) -> bool:
 def _hand_over(model, ctx: StageContext, spare: Path) -> dict:
     """How the child gets the model: the saved folder it came from, or a folder saved for it
     (safetensors through `save_pretrained`; an unmerged adapter merged first, its mask kept)."""
-    from frankenlab.pipeline.stages.lora import is_peft, merge_keeping_mask
+    from frankenlab.pipeline.lora_adapters import is_peft, merge_keeping_mask
 
     if _opens(ctx.input_artifact) and not is_peft(model):  # an unmerged adapter: not the folder
         return {"folder": str(ctx.input_artifact)}

@@ -23,7 +23,7 @@ quantized model is quantized or opened. What this module takes care of, measured
 - it writes `./logs/` relative to the current directory and offloads finished modules to a temp
   folder; both are pointed into the stage's own work folder.
 
-Folders that open (`describe_folder`): a gptqmodel folder (`quantize_config.json`), a gptq stage
+Folders that open (`pipeline.quant_folders.describe_folder`): a gptqmodel folder (`quantize_config.json`), a gptq stage
 folder holding one (`quantized/`), and an EoRA manifest folder (`frankenlab-quant.json`, written by
 the eora stage) naming a quantized folder and its adapter.
 """
@@ -40,7 +40,7 @@ import torch
 
 from frankenlab.evals import devices
 from frankenlab.pipeline import quant_cpu
-from frankenlab.pipeline.atomic import atomic_write_text
+from frankenlab.pipeline.quant_folders import _dims_fit_groups, _read_json
 from frankenlab.pipeline.quant_linear import attach_saved, quantized_linears
 
 QUANT_BITS = (2, 3, 4, 8)
@@ -333,128 +333,7 @@ def generate_eora(
     return time.perf_counter() - t0
 
 
-def _read_json(path: Path) -> dict:
-    import json
-
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _dims_fit_groups(path: Path) -> bool:
-    import json
-
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-        group = int(json.loads((path / "quantize_config.json").read_text()).get("group_size", 128))
-    except (OSError, ValueError):
-        return False
-    if group <= 0:
-        return True
-    dims = [cfg.get("hidden_size", 0), cfg.get("intermediate_size", 0)]
-    return all(d % group == 0 for d in dims)
-
-
-# -- folders that hold quantized models ------------------------------------------------------------
-MANIFEST = "frankenlab-quant.json"
-
-
-def write_manifest(
-    folder: Path, quantized: Path, *, adapter: Path | None = None, rank: int | None = None, prequant: Path | None = None
-) -> Path:
-    """`folder/frankenlab-quant.json`: which quantized folder (and adapter) this folder stands for.
-
-    Paths are stored relative to `folder` so a run folder can be moved or copied as a whole.
-    """
-    import json
-    import os
-
-    folder = Path(folder)
-
-    def rel(p: Path | None) -> str | None:
-        return None if p is None else os.path.relpath(Path(p).resolve(), folder.resolve())
-
-    data = {
-        "format": "gptqmodel",
-        "quantized": rel(quantized),
-        "adapter": rel(adapter),
-        "adapter_type": "eora" if adapter is not None else None,
-        "rank": rank,
-        "prequant": rel(prequant),
-    }
-    path = folder / MANIFEST
-    atomic_write_text(path, json.dumps({k: v for k, v in data.items() if v is not None}, indent=2))
-    return path
-
-
-def describe_folder(path: str | Path) -> dict | None:
-    """What a folder holds if it is a quantized model, else None.
-
-    {"kind": "gptq" | "gptq+eora", "quantized": folder, "adapter": folder | None, "rank": int | None,
-    "prequant": folder | None}; raises ValueError (with what to do) for a broken manifest.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    manifest = path / MANIFEST
-    if manifest.is_file():
-        data = _read_json(manifest)
-        if not data.get("quantized"):
-            raise ValueError(f"{manifest} is not a valid frankenlab quantization manifest (no 'quantized' folder)")
-
-        def resolve(key: str) -> Path | None:
-            value = data.get(key)
-            return None if not value else (path / value).resolve() if not Path(value).is_absolute() else Path(value)
-
-        qdir, adapter = resolve("quantized"), resolve("adapter")
-        if not (qdir / "quantize_config.json").is_file():
-            raise ValueError(
-                f"{manifest} names the quantized folder {qdir}, which holds no quantize_config.json "
-                "(was the gptq stage's folder moved or deleted?)"
-            )
-        if adapter is not None and not (adapter / "adapter_config.json").is_file():
-            raise ValueError(f"{manifest} names the adapter folder {adapter}, which holds no adapter_config.json")
-        prequant = resolve("prequant") or _sibling_prequant(qdir)
-        return {
-            "kind": "gptq+eora" if adapter is not None else "gptq",
-            "quantized": qdir,
-            "adapter": adapter,
-            "rank": data.get("rank"),
-            "prequant": prequant,
-        }
-    for qdir in (path, path / "quantized"):  # a gptqmodel folder, or a gptq stage folder holding one
-        if (qdir / "quantize_config.json").is_file() and (qdir / "config.json").is_file():
-            return {
-                "kind": "gptq",
-                "quantized": qdir.resolve(),
-                "adapter": None,
-                "rank": None,
-                "prequant": _sibling_prequant(qdir),
-            }
-    return None
-
-
-def _sibling_prequant(qdir: Path) -> Path | None:
-    pre = Path(qdir).resolve().parent / "prequant"
-    return pre if (pre / "config.json").is_file() else None
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 def _cleanup(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
-
-
-def saved_folder_problem(artifact: str | None, label: str) -> str | None:
-    """Why a later stage cannot resume from a quantization stage's saved folder (None: it can).
-    `label` starts the message for a missing folder ("its saved model folder")."""
-    try:
-        found = describe_folder(artifact) if artifact else None
-    except ValueError as exc:
-        return str(exc)
-    return None if found else f"{label} {artifact} is missing"

@@ -7,13 +7,12 @@ builds it and saves it after every stage (the CLI, the lab and sweeps attach one
 run's artifacts: recipe.toml (atomically) and each stage's model under OUT/stages/NN-kind.
 Cancellation is cooperative (a threading.Event checked between batches); a cancelled run ends
 with `RunCancelled`, a failed one with `RunFailed`, and both still report every finished stage.
-What a stage kind needs (calibration, layers after it) is asked of the stage registry.
+What a stage kind needs (calibration, layers after it) is asked of the stage registry; the checks
+before any weights load, the environment record and write errors' messages are `pipeline.preflight`'s.
 """
 
 from __future__ import annotations
 
-import json
-import platform
 import shutil
 import threading
 import time
@@ -28,9 +27,8 @@ from frankenlab.evals.cancel import Cancelled
 from frankenlab.evals.data import DataNotFound
 from frankenlab.evals.devices import free_cached_memory
 from frankenlab.evals.errors import DataError, ModelLoadError, RecipeError
-from frankenlab.evals.suite import check_data, check_lengths, evaluate
+from frankenlab.evals.suite import evaluate
 from frankenlab.pipeline.atomic import atomic_write_text, guarded_path
-from frankenlab.pipeline.calibration import check_calibration, check_seq_len
 from frankenlab.pipeline.child_stage import StageProcessFailed, run_stage
 from frankenlab.pipeline.context import StageContext
 from frankenlab.pipeline.events import (
@@ -47,7 +45,8 @@ from frankenlab.pipeline.events import (
     StageStarted,
 )
 from frankenlab.pipeline.footprint import footprint_summary
-from frankenlab.pipeline.loading import LoadedModel, count_parameters, decoder_layers, load_model, resolve_source
+from frankenlab.pipeline.loading import LoadedModel, count_parameters, decoder_layers, load_model
+from frankenlab.pipeline.preflight import check_sizes, environment, model_config, model_depth, preflight, write_problem
 from frankenlab.pipeline.provenance import describe_zeros, weights_origin
 from frankenlab.pipeline.recipe import Recipe, StageSpec
 from frankenlab.pipeline.records import StageRecord
@@ -75,116 +74,6 @@ class RunResult:
     message: str = ""
     model: torch.nn.Module | None = None  # the last finished stage's model (chat, memory)
     records: list[StageRecord] = field(default_factory=list)  # every StageFinished record, in order
-
-
-def environment(loaded: LoadedModel | None, recipe: Recipe) -> dict:
-    import transformers
-
-    env = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
-        "seed": recipe.calibration.seed,
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-    }
-    for pkg in ("peft", "gptqmodel", "datasets"):
-        try:
-            from importlib.metadata import version
-
-            env[pkg] = version(pkg)
-        except Exception:  # noqa: BLE001 - optional packages
-            env[pkg] = None
-    if loaded is not None:
-        env["device"] = str(loaded.device)
-        env["dtype"] = str(loaded.dtype).replace("torch.", "")
-        if loaded.device.type == "cuda":
-            env["gpu"] = torch.cuda.get_device_name(loaded.device)
-            # the gptqmodel kernel quantized models run on this GPU (evals.devices.cuda_quant_kernel);
-            # a model it cannot run falls back to "torch", which the gptq stage's report says
-            from frankenlab.evals.devices import DeviceError, cuda_quant_kernel_choice
-
-            try:
-                env["quant_kernel"] = getattr(loaded.model, "frankenlab_backend", None) or cuda_quant_kernel_choice()
-            except DeviceError:
-                env["quant_kernel"] = None
-        else:  # how quantized linears run on CPU (decoding fused int4 or exact): pipeline.quant_cpu.set_kernel
-            from frankenlab.pipeline.quant_cpu import kernel_choice
-
-            try:
-                env["quant_kernel"] = kernel_choice()
-            except ValueError:
-                env["quant_kernel"] = None
-    return env
-
-
-def needs_calibration(recipe: Recipe) -> bool:
-    return any(stage_kind(s.kind).needs_calibration(s.config) for s in recipe.stages)
-
-
-def check_recipe_data(recipe: Recipe, data_dir: Path | None) -> None:
-    """Every data file the run reads is there and readable, every row of it usable (DataNotFound,
-    DataError), and it holds what the recipe asks of it (RecipeError: more TriviaQA questions than
-    the file, more calibration windows than the text can give), all before any weights load."""
-    if needs_calibration(recipe):  # calibration text first: a missing c4 is named before the evaluation data
-        check_calibration(recipe.calibration, data_dir)
-    if recipe.evaluation.after != "none":
-        check_data(recipe.evaluation, data_dir)
-
-
-def check_sizes(recipe: Recipe, model_cfg: dict | None) -> None:
-    """Sequence lengths the model cannot take (its config.json's max_position_embeddings), refused
-    before any weights load: perplexity protocols and the calibration windows."""
-    if recipe.evaluation.after != "none":
-        check_lengths(recipe.evaluation, model_cfg)
-    if needs_calibration(recipe):
-        check_seq_len(recipe.calibration.seq_len, model_cfg)
-
-
-def preflight(recipe: Recipe, data_dir: Path | None, seen: set | None = None) -> list[str]:
-    """Fail before any heavy work when data the run will need cannot be found or read or cannot give
-    what is asked of it (`check_recipe_data`), or when a stage refuses the recipe (its `preflight`
-    hook: LoRA training data that holds evaluated questions). `seen` (a sweep checking many recipes)
-    skips a stage hook already asked about the same stage config and evaluation."""
-    check_recipe_data(recipe, data_dir)
-    warnings = []
-    for i, s in enumerate(recipe.stages, 1):  # e.g. LoRA: its training data holds nothing evaluated
-        if seen is not None:
-            key = (s.kind, repr(s.config), repr(recipe.evaluation))
-            if key in seen:
-                continue
-            seen.add(key)
-        try:
-            warnings += [
-                f"stage {i} ({s.kind}): {w}"
-                for w in stage_kind(s.kind).preflight(s.config, recipe.evaluation, data_dir)
-            ]
-        except RecipeError as exc:
-            err = RecipeError(f"stage {i} ({s.kind}): {exc}")
-            err.stage = i
-            raise err from None
-    return warnings
-
-
-def model_config(source_ref: str) -> dict | None:
-    """The model's config.json as a dict, without loading weights (None when it cannot be read here)."""
-    try:
-        src = resolve_source(source_ref)
-        data = json.loads((Path(src.path) / "config.json").read_text())
-        return data if isinstance(data, dict) else None
-    except (ModelLoadError, OSError, ValueError, TypeError):
-        return None
-
-
-def model_depth(source_ref: str) -> int | None:
-    """Number of decoder layers from config.json, without loading weights."""
-    try:
-        src = resolve_source(source_ref)
-        cfg = json.loads((Path(src.path) / "config.json").read_text())
-        return int(cfg.get("num_hidden_layers") or cfg.get("text_config", {}).get("num_hidden_layers"))
-    except (ModelLoadError, OSError, ValueError, TypeError):
-        return None
 
 
 class Runner:
@@ -413,27 +302,6 @@ class Runner:
             shutil.rmtree(d, ignore_errors=True)
             raise
         return d
-
-
-def write_problem(exc: OSError, out: Path) -> str:
-    """One line for an OSError while writing a run: what happened and what to do."""
-    import errno
-
-    from frankenlab.pipeline.atomic import UnsafeOutputPath
-
-    if isinstance(exc, UnsafeOutputPath):  # a symbolic link or a path outside the folder: says what to do
-        return str(exc)
-    where = Path(exc.filename).absolute() if isinstance(exc.filename, str) else None
-    if exc.errno == errno.EACCES and where is not None and Path(out).absolute() not in (where, *where.parents):
-        from frankenlab.pipeline.loading import unreadable
-
-        return unreadable(where, exc)  # reading a data file or model, not writing the run
-    if exc.errno == errno.ENOSPC:
-        return (
-            f"cannot write the run folder {out}: the disk is full; free some space or choose another "
-            "folder (--out DIR); finished stages are kept"
-        )
-    return f"cannot write the run folder {out} ({exc.strerror or exc}): choose a folder you can write to (--out DIR)"
 
 
 def run_recipe(

@@ -218,7 +218,7 @@ def resume_problem(saved: Session, k: int) -> str | None:
                 "(e.g. an unmerged LoRA adapter)"
             )
         return f"the model saved after stage {k - 1} ({prev.kind}) is not here (looked for {prev.artifact})"
-    from frankenlab.pipeline.quant import describe_folder
+    from frankenlab.pipeline.quant_folders import describe_folder
 
     try:
         if describe_folder(path) is not None:  # a gptqmodel folder (+ EoRA manifest): load_model opens it

@@ -159,7 +159,7 @@ def test_an_unmerged_adapter_is_handed_over_merged_as_safetensors(tiny_model_dir
     from types import SimpleNamespace
 
     from frankenlab.pipeline.loading import load_model
-    from frankenlab.pipeline.stages.lora import _peft
+    from frankenlab.pipeline.lora_adapters import _peft
 
     LoraConfig, get_peft_model = _peft()  # peft, usable beside gptqmodel without optimum
 

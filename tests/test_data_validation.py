@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from frankenlab.evals import data as evdata
+from frankenlab.evals import data_checks
 from frankenlab.evals.errors import DataError, RecipeError
 from frankenlab.evals.generate import Generation
 from frankenlab.evals.qa import QAItem, QAResult, score
@@ -248,8 +249,8 @@ def test_protocol_label_names_non_standard_data(tiny, data_dir, tmp_path, monkey
 
     digest = hashlib.sha256(f.read_bytes()).hexdigest()[:8]
     hashed = []
-    real = evdata._sha256_file
-    monkeypatch.setattr(evdata, "_sha256_file", lambda p: hashed.append(p) or real(p))
+    real = data_checks._sha256_file
+    monkeypatch.setattr(data_checks, "_sha256_file", lambda p: hashed.append(p) or real(p))
     other = perplexity(tiny.model, tiny.tokenizer, "wikitext2-concat-32", data_dir=tmp_path, limit=1)
     assert other.protocol == f"wikitext2-concat-32:first1@sha256:{digest}"
     assert other.value == pytest.approx(std.value)  # same first window: same number, other label

@@ -73,7 +73,7 @@ def test_depth_width_lora_gptq_eora_on_bundled_model(tmp_path, data_dir):
     assert (Path(eora_st.report["adapter_path"]) / "adapter_model.safetensors").is_file()
     assert eora_st.report["layers_with_adapter"] == 28 * 7
     # the EoRA artifact is its stage folder: a manifest naming the quantized model and the adapter,
-    # so that it opens with the adapter applied (pipeline.quant.describe_folder)
+    # so that it opens with the adapter applied (pipeline.quant_folders.describe_folder)
     assert (Path(eora_st.artifact) / "frankenlab-quant.json").is_file()
     assert gptq_st.report["pattern_holds"] is True  # masked GPTQ kept the 2:4 zeros
     base, final = session.stages[0].metric("perplexity"), eora_st.metric("perplexity")

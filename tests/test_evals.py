@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from frankenlab.evals import data as evdata
+from frankenlab.evals import data_checks
 from frankenlab.evals.cancel import Cancelled
 from frankenlab.evals.generate import generate_greedy, newline_token_ids
 from frankenlab.evals.perplexity import Protocol, concat_windows, perplexity, row_sequences
@@ -577,17 +578,17 @@ def test_data_resolution_order(tmp_path, monkeypatch, data_dir):
     # 2. then the data directory (argument, or the environment variable)
     texts, where = evdata.load_texts("wikitext2", data_dir=data_dir, limit=2)
     assert where == str(data_dir / "wikitext2/wikitext-2-raw-v1-test.jsonl") and len(texts) == 2
-    monkeypatch.setenv(evdata.DATA_DIR_ENV, str(data_dir))
+    monkeypatch.setenv(data_checks.DATA_DIR_ENV, str(data_dir))
     assert evdata.load_texts("wikitext2", limit=1)[1] == where
     # 3. then the hub
-    monkeypatch.delenv(evdata.DATA_DIR_ENV)
+    monkeypatch.delenv(data_checks.DATA_DIR_ENV)
     assert evdata.load_texts("wikitext2", data_dir=tmp_path / "empty") == (["from the hub"], "hub:wikitext")
 
 
 def test_data_not_found_names_all_three_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(evdata, "_hub_reachable", lambda: False)
     monkeypatch.setattr(evdata, "_hub_cache_path", lambda info: None)
-    monkeypatch.delenv(evdata.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(data_checks.DATA_DIR_ENV, raising=False)
     with pytest.raises(evdata.DataNotFound) as e:
         evdata.load_dataset_records("triviaqa", data_dir=tmp_path)
     msg = str(e.value)
@@ -667,7 +668,7 @@ def test_hub_cache_is_used_when_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(evdata, "_hub_reachable", lambda: False)
     monkeypatch.setattr(evdata, "_hub_cache_path", lambda info: tmp_path)
     monkeypatch.setattr(evdata, "_from_hub", lambda info, limit: [{"text": "cached"}])
-    monkeypatch.delenv(evdata.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(data_checks.DATA_DIR_ENV, raising=False)
     assert evdata.load_texts("wikitext2", data_dir=tmp_path / "nothing") == (["cached"], "hf-cache:wikitext")
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from frankenlab.evals import data as evdata
+from frankenlab.evals import data_checks
 from frankenlab.evals.hellaswag import hellaswag, load_items, parse, pick, preprocess
 from frankenlab.evals.loglik import continuation_logprobs, encode_pair
 
@@ -102,7 +102,7 @@ def test_hellaswag_acc_and_acc_norm_follow_the_harness(tiny, hs_file):
     r = hellaswag(tiny.model, tiny.tokenizer, 3, path=hs_file, batch_size=4)
     assert (r.n, r.source) == (3, str(hs_file))
     # a hand-made file is not the validation split: the label says so (issue 25, case 15)
-    assert r.protocol == "hellaswag-validation:3@sha256:" + evdata.file_sha256(hs_file)[:8]
+    assert r.protocol == "hellaswag-validation:3@sha256:" + data_checks.file_sha256(hs_file)[:8]
     correct = correct_norm = 0
     for rec, row in zip(r.records, ROWS, strict=False):
         item = parse(row, row["idx"])

@@ -9,6 +9,7 @@ from frankenlab.evals.cancel import Cancelled
 from frankenlab.evals.config import from_dict
 from frankenlab.evals.errors import RecipeError
 from frankenlab.pipeline import events as ev
+from frankenlab.pipeline import lora_adapters
 from frankenlab.pipeline.context import StageContext
 from frankenlab.pipeline.stages import lora, width
 from tests.tiny import TRAIN_TEXT
@@ -48,7 +49,7 @@ def test_training_reduces_loss_and_saves_peft_adapter(tiny, tmp_path, text_file)
     assert any(isinstance(e, ev.MetricMeasured) and e.name == "lora_tokens_per_second" for e in seen)
     adapter = tmp_path / "stage" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
-    assert not lora.is_peft(res.model) and r["merged"]
+    assert not lora_adapters.is_peft(res.model) and r["merged"]
 
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny_model_dir, tmp_path, text_file):
@@ -116,14 +117,14 @@ def test_mask_reapplied_after_merge_and_merged_model_loads(tiny, tmp_path, text_
 def test_unmerged_adapter_keeps_base_zeros(tiny, tmp_path, text_file):
     prune_2of4(tiny.model)
     res = lora.run(tiny.model, ctx_for(tiny, tmp_path), quick(text_file, steps=2, merge=False))
-    assert lora.is_peft(res.model)
+    assert lora_adapters.is_peft(res.model)
     assert res.report["sparsity"].startswith("adapter kept separate")
     assert res.report["density_after"] == pytest.approx(0.5)
     logits = res.model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 3, dtype=torch.long)).logits
     assert torch.isfinite(logits).all()
-    merged, remasked = lora.merge_keeping_mask(res.model)  # what the gptq stage does with it
+    merged, remasked = lora_adapters.merge_keeping_mask(res.model)  # what the gptq stage does with it
     assert remasked == 4 * 8
-    assert lora.targeted_density(merged, ("q_proj",)) == pytest.approx(0.5)
+    assert lora_adapters.targeted_density(merged, ("q_proj",)) == pytest.approx(0.5)
 
 
 def test_cancel_keeps_last_completed_step(tiny, tmp_path, text_file):

@@ -193,7 +193,7 @@ def test_wikitext2_train_prefers_the_raw_split_where_it_exists(tmp_path, monkeyp
 
 
 def test_runner_preflight_passes_near_duplicate_warnings_on(tmp_path, data_dir):
-    from frankenlab.pipeline.runner import preflight
+    from frankenlab.pipeline.preflight import preflight
 
     items, _, _ = load_items("closed", 200, data_dir=data_dir)
     long_q = next(it for it in items if len(words(it.question)) >= 8)

@@ -294,18 +294,18 @@ def test_reasonable_sizes_pass_at_their_limits(data_dir):
 
 def test_the_bundled_recipes_and_sweeps_pass_the_size_checks(data_dir, monkeypatch):
     """Never refuse what the thesis recipes use (the bundled model takes 8192 positions)."""
-    from frankenlab.pipeline import runner
+    from frankenlab.pipeline import preflight
     from frankenlab.pipeline.recipe import Recipe, bundled_recipes
     from frankenlab.sessions.sweep import load_sweep
     from frankenlab.sessions.sweep.spec import SWEEPS_DIR
     from frankenlab.tui.cli.sweep import inputs_problem
 
-    monkeypatch.setattr(runner, "model_config", lambda ref: dict(SMOLLM2))
+    monkeypatch.setattr(preflight, "model_config", lambda ref: dict(SMOLLM2))
     seen: set = set()
     for name in bundled_recipes():
         recipe = Recipe.load(name)
-        runner.preflight(recipe, data_dir, seen)
-        runner.check_sizes(recipe, SMOLLM2)
+        preflight.preflight(recipe, data_dir, seen)
+        preflight.check_sizes(recipe, SMOLLM2)
         recipe.check_config(SMOLLM2)
     sweeps = sorted(Path(SWEEPS_DIR).glob("*.toml"))
     assert len(sweeps) >= 3

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from frankenlab.evals import devices
-from frankenlab.pipeline import quant
+from frankenlab.pipeline import quant, quant_folders
 from frankenlab.pipeline.footprint import footprint
 from frankenlab.pipeline.loading import count_parameters
 from frankenlab.pipeline.quant_linear import (
@@ -160,7 +160,7 @@ def test_quantized_models_never_run_in_emulated_bf16(monkeypatch):
 
 
 def test_the_session_records_the_gpu_kernel(monkeypatch):
-    from frankenlab.pipeline.runner import environment
+    from frankenlab.pipeline.preflight import environment
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     loaded = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, model=nn.Linear(2, 2))
@@ -250,13 +250,13 @@ def test_manifest_is_written_through_the_output_guard(tmp_path):
     victim.write_text("precious")
     folder = tmp_path / "stage"
     folder.mkdir()
-    (folder / quant.MANIFEST).symlink_to(victim)
+    (folder / quant_folders.MANIFEST).symlink_to(victim)
     with pytest.raises(UnsafeOutputPath, match="symbolic link"):
-        quant.write_manifest(folder, tmp_path / "quantized")
+        quant_folders.write_manifest(folder, tmp_path / "quantized")
     assert victim.read_text() == "precious"
-    (folder / quant.MANIFEST).unlink()
-    quant.write_manifest(folder, tmp_path / "quantized", rank=4)
-    assert json.loads((folder / quant.MANIFEST).read_text()) == {
+    (folder / quant_folders.MANIFEST).unlink()
+    quant_folders.write_manifest(folder, tmp_path / "quantized", rank=4)
+    assert json.loads((folder / quant_folders.MANIFEST).read_text()) == {
         "format": "gptqmodel",
         "quantized": "../quantized",
         "rank": 4,

@@ -82,7 +82,7 @@ def test_a_dropped_layer_an_unexpected_and_a_misshaped_tensor_are_refused(tiny_m
 
 
 def test_tied_embeddings_load_and_an_untied_config_without_a_head_is_refused(tiny_model_dir, tmp_path):
-    from frankenlab.pipeline.loading import check_model_folder
+    from frankenlab.pipeline.checkpoint_check import check_model_folder
 
     check_model_folder(tiny_model_dir)  # tied: lm_head.weight is absent from the file, and that is fine
     lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")

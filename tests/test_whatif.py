@@ -396,6 +396,7 @@ def test_scheduler_hands_out_the_first_answer_then_the_exact_one(tiny):
 
 def test_out_of_memory_shrinks_the_cache_and_retries_once(tiny, monkeypatch):
     from frankenlab.pipeline.whatif import estimator as estimator_module
+    from frankenlab.pipeline.whatif.oom import WhatIfOutOfMemory
 
     plan = LayerPlan.parse("0-2,4-7", 8)
     want = _est(tiny).estimate(plan)
@@ -418,7 +419,7 @@ def test_out_of_memory_shrinks_the_cache_and_retries_once(tiny, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(estimator_module.WhatIfEstimator, "_compute", never_fits)
-    with pytest.raises(estimator_module.WhatIfOutOfMemory) as err:
+    with pytest.raises(WhatIfOutOfMemory) as err:
         est.estimate(LayerPlan.parse("1-7", 8))
     text = str(err.value)
     assert text.startswith("out of memory in the what-if estimate: lower its slice") and "\n" not in text

@@ -3,7 +3,8 @@
 What the lab holds and decides (the model, the session, run folders, chat targets, replay text)
 is `tui.lab_state.LabState`, free of Textual; the app hands its data down to the panes and turns what
 the panes and the thread workers say (messages, `tui/messages.py`) into calls on it. Runs and
-replays are wired in `tui/app_run.py`, recipe and session files in `tui/app_files.py`, the
+replays are wired in `tui/app_run.py`, recipe and session files in `tui/app_files.py`, panes and
+their focus in `tui/app_panes.py`, ctrl+c and quitting during a job in `tui/app_quit.py`, the
 command palette's entries are `tui/palette.py`. All torch work happens in thread workers.
 `create_app` takes the dependencies (a loaded model or a loader, the runner function, data and
 runs folders) so tests run it on a tiny model.
@@ -16,22 +17,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from textual import on, work
-from textual.actions import SkipAction
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.css.query import NoMatches
-from textual.widgets import Header, Input, Static, TabbedContent, TabPane, TextArea
+from textual.widgets import Header, Static, TabbedContent, TabPane
 
 from frankenlab.pipeline.plans import LayerPlan
 from frankenlab.sessions import SessionError, load_session
 from frankenlab.tui.app_files import FileActions
+from frankenlab.tui.app_panes import LabTabs, PaneActions
+from frankenlab.tui.app_quit import QuitActions
 from frankenlab.tui.app_run import RunActions
 from frankenlab.tui.lab_state import LabState, layer_scores, protected_layers
 from frankenlab.tui.latency import TICK, LatencyProbe
 from frankenlab.tui.messages import AppLogHandler, EstimateReady, ModelLoaded, ModelLoadFailed
 from frankenlab.tui.palette import TABS, lab_commands
-from frankenlab.tui.screens.confirm import ConfirmScreen
 from frankenlab.tui.screens.help import HelpScreen
 from frankenlab.tui.widgets.chat_panel import ChatPanel
 from frankenlab.tui.widgets.footer import LabFooter
@@ -46,26 +47,7 @@ from frankenlab.tui.widgets.sweep_pane import SweepPane
 from frankenlab.tui.widgets.whatif import WhatIf, grid_legend
 
 
-class LabTabs(TabbedContent):
-    """TabbedContent that ignores a stale switch-back from the lab's own pane focus.
-
-    Focusing a widget inside a pane makes TabbedContent show that pane, one message later. When tab
-    keys come faster than the screen (ctrl+pageup four times), the focus the lab gave the pane just
-    left arrives after the next key and switched back to it. The lab numbers every pane request
-    (`_pane_seq`) and notes, per pane, the request at which it last focused that pane (`_auto_focus`):
-    a focus message for a pane the lab focused at an older request, no longer shown, is dropped. Code
-    that focuses a widget in another pane asks for that pane first (a new request), so such focus
-    switches panes as before, and so does a click."""
-
-    def on_tab_pane_focused(self, event: TabPane.Focused) -> None:
-        pane = event.tab_pane.id
-        seq = getattr(self.app, "_auto_focus", {}).get(pane)
-        if seq is not None and seq != getattr(self.app, "_pane_seq", seq) and self.active != pane:
-            event.prevent_default()  # TabbedContent's own handler would show the pane again
-            event.stop()
-
-
-class FrankenLab(RunActions, FileActions, App):
+class FrankenLab(RunActions, FileActions, PaneActions, QuitActions, App):
     CSS_PATH = "app.tcss"
     TITLE = "frankenlab"
     BINDINGS = [
@@ -86,15 +68,6 @@ class FrankenLab(RunActions, FileActions, App):
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         *[Binding(f"{i + 1},alt+{i + 1}", f"tab('{t}')", t.capitalize(), show=False) for i, t in enumerate(TABS)],
     ]
-    FOCUS = {
-        "layers": "#grid",
-        "recipe": "#form",
-        "run": "#run-log",
-        "results": "#results-table",
-        "chat": "#transcript-a",  # not the prompt: a pane never grabs the keys on arrival (digits stay pane keys)
-        "sessions": "#sessions-list",
-        "sweep": "#sweep-table",
-    }
 
     def notify(self, message: str, *, title: str = "", severity="information", timeout=None, markup: bool = False):
         """Every notification is plain text: a message quoting a recipe (`add [[stages]] kind = "gptq"`)
@@ -197,23 +170,6 @@ class FrankenLab(RunActions, FileActions, App):
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if (event.pane.id or "") in self.FOCUS:
             self.call_after_refresh(self._focus_pane, event.pane.id)
-
-    def _focus_pane(self, pane: str) -> None:
-        """Focus the pane's main widget, if that pane is still the one shown and focus is not in it yet.
-
-        TabbedContent switches to the pane of any widget focused in code. Without these checks a
-        focus scheduled for a tab the user has already left switched back to it, whose own focus
-        switched back again: fast tab keys (5 4 5 3) ping-ponged between two panes forever."""
-        tabs = self._cached(TabbedContent)
-        if tabs is None or tabs.active != pane or self.screen is not tabs.screen:
-            return
-        focused = self.focused
-        if focused is not None and any(a.id == pane for a in focused.ancestors_with_self):
-            return
-        target = self._cached(self.FOCUS[pane])
-        if target is not None:
-            self._auto_focus[pane] = self._pane_seq
-            target.focus()
 
     def _cached(self, selector):
         """The one widget `selector` names, looked up once: a DOM query walks every widget of the
@@ -344,77 +300,6 @@ class FrankenLab(RunActions, FileActions, App):
 
     def action_scan(self) -> None:
         self.query_one(WhatIf).scan()
-
-    def action_tab(self, tab: str) -> None:
-        self._pane_seq += 1
-        self.query_one(TabbedContent).active = tab
-
-    def action_next_tab(self, step: int) -> None:
-        """The next (step 1) or previous (-1) pane, wrapping around: as many panes as there are."""
-        self._pane_seq += 1
-        tabs = self.query_one(TabbedContent)
-        panes = [p.id for p in tabs.query(TabPane) if p.id]
-        if tabs.active in panes:
-            tabs.active = panes[(panes.index(tabs.active) + step) % len(panes)]
-
-    def action_leave_input(self) -> None:
-        """Esc in a text field: focus leaves it (to the pane's main widget), so pane keys work again."""
-        focused = self.focused
-        if not isinstance(focused, Input | TextArea) or self.screen is not self.screen_stack[0]:
-            raise SkipAction()  # not typing (or in a dialog, whose esc is its own)
-        tabs = self._cached(TabbedContent)
-        target = self._cached(self.FOCUS[tabs.active]) if tabs is not None and tabs.active in self.FOCUS else None
-        if target is not None and target.focusable and not isinstance(target, Input | TextArea):
-            target.focus()
-        else:
-            self.set_focus(None)
-
-    # -- ctrl+c and quitting during a job -----------------------------------------------------------
-    def _busy(self) -> str | None:
-        """What would be lost by quitting now: "a run", "a sweep", or None."""
-        if self.lab.running:
-            return "a run"
-        sweep = self._cached(SweepPane)
-        return "a sweep" if sweep is not None and sweep.running else None
-
-    def action_interrupt(self) -> None:
-        """ctrl+c: cancel the running job (finished stages are kept); pressed again, ask to quit."""
-        sweep = self._cached(SweepPane)
-        if self.lab.running and not self.lab.cancel.is_set():
-            self.action_cancel_run(" (ctrl+c again asks to quit)")  # one toast, when the run has stopped
-        elif sweep is not None and sweep.running and not sweep.cancel.is_set():
-            sweep.stop()
-            self.notify("stopping the sweep after the current batch; ctrl+c again asks to quit", title="ctrl+c")
-        elif self._busy():
-            self.run_worker(self.action_quit(), exclusive=True, group="quit")
-        else:
-            raise SkipAction()  # nothing runs: copy in a text field, Textual's quit hint elsewhere
-
-    async def action_quit(self) -> None:
-        """Quit; during a run or a sweep, only after a yes (the job is cancelled, finished stages kept)."""
-        busy = self._busy()
-        if busy is None:
-            await super().action_quit()
-            return
-        if isinstance(self.screen, ConfirmScreen):
-            return
-
-        def answer(yes: bool | None) -> None:
-            if yes:
-                self.lab.cancel.set()
-                sweep = self._cached(SweepPane)
-                if sweep is not None:
-                    sweep.cancel.set()
-                self.exit()
-
-        self.push_screen(
-            ConfirmScreen(
-                f"{busy.capitalize()} is going. Quit anyway? It is cancelled; what finished stays in its session.",
-                yes="Quit",
-                no="Keep running",
-            ),
-            answer,
-        )
 
     def action_focus_memory(self) -> None:
         self.query_one(MemoryPanel).focus_selector()

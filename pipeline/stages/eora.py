@@ -20,7 +20,7 @@ from torch import nn
 
 from frankenlab.evals.config import option, require
 from frankenlab.evals.errors import RecipeError
-from frankenlab.pipeline import quant
+from frankenlab.pipeline import quant, quant_folders
 from frankenlab.pipeline.context import StageContext, StageResult
 from frankenlab.pipeline.quant_linear import quantized_linears
 
@@ -83,7 +83,7 @@ def describe(params: dict) -> str:
 
 def resume_problem(record: dict) -> str | None:
     """A later stage can resume from the saved manifest folder when it still opens."""
-    return quant.saved_folder_problem(record.get("artifact"), "its saved model folder")
+    return quant_folders.saved_folder_problem(record.get("artifact"), "its saved model folder")
 
 
 def check_order(kinds_before: list[str]) -> None:
@@ -141,13 +141,13 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         raise RecipeError(f"the EoRA adapter in {adapter} was not applied to any quantized layer")
     qmodel.frankenlab_quant = {**info, "adapter": str(adapter), "rank": config.rank}
     prequant = Path(info["prequant"]) if info.get("prequant") else None
-    quant.write_manifest(work, qdir, adapter=adapter, rank=config.rank, prequant=prequant)
+    quant_folders.write_manifest(work, qdir, adapter=adapter, rank=config.rank, prequant=prequant)
     report = {
         "rank": config.rank,
         "calibration": {"dataset": cal.dataset, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
         "seconds_generate": seconds,
         "adapter_path": str(adapter),
-        "adapter_bytes": quant.folder_bytes(adapter),
+        "adapter_bytes": quant_folders.folder_bytes(adapter),
         "quantized_path": str(qdir),
         "layers_with_adapter": applied,
     }

@@ -33,7 +33,7 @@ from torch import nn
 from frankenlab.evals.config import option, require
 from frankenlab.evals.devices import dtype_name
 from frankenlab.evals.errors import RecipeError
-from frankenlab.pipeline import quant, quant_cpu, quant_mask
+from frankenlab.pipeline import quant, quant_cpu, quant_folders, quant_mask
 from frankenlab.pipeline.atomic import atomic_write_text
 from frankenlab.pipeline.context import StageContext, StageResult
 from frankenlab.pipeline.loading import decoder_layers
@@ -92,7 +92,7 @@ def describe(params: dict) -> str:
 
 def resume_problem(record: dict) -> str | None:
     """A later stage can resume from the saved quantized folder when it is still there."""
-    return quant.saved_folder_problem(record.get("artifact"), f"{QUANTIZED}: its folder")
+    return quant_folders.saved_folder_problem(record.get("artifact"), f"{QUANTIZED}: its folder")
 
 
 def check_order(kinds_before: list[str]) -> None:
@@ -147,7 +147,7 @@ def sparsity_after(qmodel: nn.Module, zeros_before: dict[str, torch.Tensor]) -> 
 
 
 def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
-    from frankenlab.pipeline.stages.lora import is_peft, merge_keeping_mask
+    from frankenlab.pipeline.lora_adapters import is_peft, merge_keeping_mask
 
     if ctx.work_dir is None:
         raise RecipeError("the gptq stage needs a work folder (run it through the runner)")
@@ -237,8 +237,8 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         "keep_sparsity": keep,
         "masked": masked,
         "seconds_quantize": seconds,
-        "disk_bytes": quant.folder_bytes(qdir),
-        "prequant_disk_bytes": quant.folder_bytes(prequant),
+        "disk_bytes": quant_folders.folder_bytes(qdir),
+        "prequant_disk_bytes": quant_folders.folder_bytes(prequant),
         "quantized_path": str(qdir),
         "prequant_path": str(prequant),
         "quantized_linears": len(quantized_linears(qmodel)),

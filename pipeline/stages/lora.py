@@ -40,6 +40,7 @@ from frankenlab.evals.data import load_dataset_records, source_note
 from frankenlab.evals.errors import RecipeError
 from frankenlab.evals.overlap import check_training_data
 from frankenlab.pipeline.context import StageContext, StageResult
+from frankenlab.pipeline.lora_adapters import _peft, is_peft, merge_keeping_mask, sparse_masks, targeted_density
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -202,79 +203,7 @@ def training_windows(tokenizer, config: Config, data_dir=None, needed: int | Non
     return torch.tensor(ids[: n * config.seq_len]).view(n, config.seq_len), source
 
 
-# -- sparsity --------------------------------------------------------------------------------------
-def sparse_masks(model: nn.Module, targets: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Keep-masks (weight != 0) of targeted linears that hold zeros; dense ones need none."""
-    masks = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.split(".")[-1] in targets:
-            keep = mod.weight.detach() != 0
-            if not bool(keep.all()):
-                masks[name] = keep
-    return masks
-
-
-def targeted_density(model: nn.Module, targets: tuple[str, ...]) -> float:
-    nz = total = 0
-    for name, mod in model.named_modules():
-        parts = name.split(".")
-        short = parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]
-        if isinstance(mod, nn.Linear) and short in targets and "lora_" not in name:
-            w = mod.weight.detach()
-            nz += int(torch.count_nonzero(w))
-            total += w.numel()
-    return nz / total if total else 1.0
-
-
-@torch.no_grad()
-def merge_keeping_mask(peft_model) -> tuple[nn.Module, int]:
-    """Merge a PEFT LoRA model into its base weights and re-zero what was zero before.
-
-    The base weights of an unmerged adapter still hold the pruning zeros, so the masks are read
-    from them just before merging. Returns the plain model and how many matrices were re-masked.
-    """
-    masks = {}
-    for name, mod in peft_model.named_modules():
-        base = getattr(mod, "base_layer", None)
-        if isinstance(base, nn.Linear) and hasattr(mod, "lora_A"):
-            keep = base.weight != 0
-            if not bool(keep.all()):
-                masks[name] = keep
-    model = peft_model.merge_and_unload()
-    modules = dict(model.named_modules())
-    for name, keep in masks.items():
-        short = name.removeprefix("base_model.model.")
-        modules[short].weight.mul_(keep.to(modules[short].weight.dtype))
-    return model, len(masks)
-
-
-def is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
-
-
 # -- training --------------------------------------------------------------------------------------
-def _peft():
-    """peft's LoraConfig and get_peft_model, usable when gptqmodel is installed without optimum.
-
-    peft 0.17+ refuses to build any LoRA layer when gptqmodel is installed but optimum is not: a
-    version gate only (nothing imports optimum). Our LoRA never wraps quantized layers (the recipe
-    forbids lora after gptq), so where the probe fails we answer "gptqmodel not available" to peft.
-    """
-    import sys
-
-    import peft.import_utils as iu
-    from peft import LoraConfig, get_peft_model
-
-    try:
-        iu.is_gptqmodel_available()
-    except ImportError:
-        probe = iu.is_gptqmodel_available
-        for name, mod in list(sys.modules.items()):
-            if name.startswith("peft") and getattr(mod, "is_gptqmodel_available", None) is probe:
-                mod.is_gptqmodel_available = lambda: False
-    return LoraConfig, get_peft_model
-
-
 def _autocast(device: torch.device, setting: str):
     if device.type != "cuda" or setting == "no":
         return None

@@ -10,6 +10,7 @@ and reuses work, all of it exactly:
 - `cache`: which states are kept inside `max_cache_bytes` (checkpoints every k-th position when
   the baseline does not fit, recent plans least recently used first out).
 - `scheduler`: `EstimateScheduler`, "latest toggle wins" for the TUI's thread workers.
+- `oom`: after an out of memory, one retry with half the cache, then one line that says what to lower.
 - `progressive`: the first answer from the slice's first sample (its coverage and standard error)
   that a toggle shows while the rest of the slice refines it to the exact number.
 

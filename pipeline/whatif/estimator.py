@@ -32,7 +32,6 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from frankenlab.evals import devices
 from frankenlab.evals.cancel import Cancelled
 from frankenlab.evals.head import head_token_nll
 from frankenlab.evals.perplexity import Protocol, sequences_for
@@ -41,6 +40,7 @@ from frankenlab.pipeline.loading import decoder_layers
 from frankenlab.pipeline.plans import LayerPlan, PlanError, PlanSlot
 from frankenlab.pipeline.sharing import borrowed, model_lock
 from frankenlab.pipeline.whatif.cache import StateCache, kwargs_bytes
+from frankenlab.pipeline.whatif.oom import retry_on_oom
 from frankenlab.pipeline.whatif.progressive import Estimate, partial_ppl
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
@@ -48,10 +48,6 @@ MEMO_SIZE = 4096
 PART_MEMO_SIZE = 1024  # plans whose per-batch results (per-token NLL, 4 KiB for 1020 tokens) are kept
 
 CancelFn = Callable[[], bool] | None
-
-
-class WhatIfOutOfMemory(RuntimeError):
-    """An estimate ran out of memory twice (the second time with half the cache): one line, what to lower."""
 
 
 class WhatIfEstimator:
@@ -340,31 +336,6 @@ class WhatIfEstimator:
             while len(self._memo) > MEMO_SIZE:
                 self._memo.popitem(last=False)
 
-    def _retry_on_oom(self, run: Callable[[], object]):
-        """`run()`; after an out of memory, once more with half the state cache (cached states are
-        recomputed), then one line that says what to lower."""
-        for attempt in range(2):
-            try:
-                return run()
-            except Exception as exc:
-                if not devices.is_oom(exc):
-                    raise
-                device = devices.model_device(self.model)
-                with self._lock:
-                    if attempt == 0:
-                        self._cache.max_bytes = max(0, (self._cache.max_bytes or self._cache.held) // 2)
-                    self.reset()
-                devices.free_cached_memory(device)
-                if attempt == 1:
-                    raise WhatIfOutOfMemory(
-                        devices.oom_message(
-                            device,
-                            "in the what-if estimate",
-                            f"lower its slice (samples {self.samples}, seq_len {self.seq_len}), its batch size "
-                            f"({self.batch_size}) or its cache (now {self._cache.max_bytes} bytes)",
-                        )
-                    ) from None
-
     def _check_plan(self, plan: LayerPlan) -> None:
         n = self.n_layers
         if plan.n_source != n:
@@ -401,7 +372,7 @@ class WhatIfEstimator:
         t0 = time.perf_counter()
         if use_memo and (hit := self._memo_answer(plan, t0)) is not None:
             return hit
-        return self._retry_on_oom(lambda: self._estimate(plan, cancelled, record, use_memo, on_partial))
+        return retry_on_oom(self, lambda: self._estimate(plan, cancelled, record, use_memo, on_partial))
 
     def _estimate(self, plan, cancelled, record, use_memo, on_partial) -> Estimate:
         with self._lock:
@@ -439,7 +410,7 @@ class WhatIfEstimator:
         t0 = time.perf_counter()
         if (hit := self._memo_answer(plan, t0)) is not None:
             return hit
-        return self._retry_on_oom(lambda: self._estimate_first(plan, cancelled))
+        return retry_on_oom(self, lambda: self._estimate_first(plan, cancelled))
 
     def _estimate_first(self, plan: LayerPlan, cancelled: CancelFn) -> Estimate:
         with self._lock:
@@ -466,7 +437,7 @@ class WhatIfEstimator:
         `coarse_first`, every layer first gets its estimate from the slice's first part (not
         `final`), then every layer its exact one (which only computes the rest of the slice).
         """
-        self._retry_on_oom(lambda: self.prepare(cancelled))
+        retry_on_oom(self, lambda: self.prepare(cancelled))
         n = len(self._layers)
         if n < 2:
             return

@@ -93,7 +93,7 @@ class Sweep:
                 if check_depth:
                     src = recipe.model.source
                     if src not in depth_cache:
-                        from frankenlab.pipeline.runner import model_depth
+                        from frankenlab.pipeline.preflight import model_depth
 
                         depth_cache[src] = model_depth(src)
                     if depth_cache[src] is not None:

@@ -8,6 +8,9 @@ A SESSION is a session.json file or the run folder holding one. With no paths, c
 sessions look in ./runs and the user's session folder ($FRANKENLAB_SESSIONS, else
 $XDG_DATA_HOME/frankenlab/sessions, else ~/.local/share/frankenlab/sessions).
 Exit codes: 0 fine, 1 a replay number out of tolerance (or the replay did not finish), 2 unusable input.
+
+This module registers all three subcommands (keeping their order in --help) and holds the
+listing/saving job; the replay job lives in `tui/cli/replay.py`, the comparison table in `tui/cli/compare.py`.
 """
 
 from __future__ import annotations
@@ -15,17 +18,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 from rich import box
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from frankenlab.sessions.printable import printable
 from frankenlab.tui.cli import options
+from frankenlab.tui.cli.compare import compare_main
 from frankenlab.tui.cli.console import make_console, piped
-from frankenlab.tui.cli.signals import ctrl_c_cancels
+from frankenlab.tui.cli.replay import replay_main
 
 
 def register(sub) -> None:
@@ -112,221 +114,6 @@ def register(sub) -> None:
     )
     s.add_argument("--name", default=None, help="with --save: the label to save it under")
     s.set_defaults(func=sessions_main)
-
-
-# -- helpers ---------------------------------------------------------------------------------------
-def _load_all(paths: list[str], console: Console):
-    """Sessions named by paths (files, run folders, or folders of runs); unreadable ones reported."""
-    from frankenlab.sessions import SessionError, list_sessions, load_session
-
-    found, problems = [], 0
-    if not paths:
-        entries = list_sessions(None)
-    else:
-        entries = []
-        for p in paths:
-            pp = Path(p).expanduser()
-            if pp.is_file() or (pp / "session.json").is_file() or not pp.exists():
-                from frankenlab.sessions.store import SessionEntry
-
-                try:
-                    entries.append(SessionEntry(pp, load_session(pp)))
-                except SessionError as exc:
-                    entries.append(SessionEntry(pp, None, str(exc)))
-            else:
-                entries += sorted(list_sessions([pp]), key=lambda e: e.sort_time)
-    for e in entries:
-        if e.session is None:
-            problems += 1
-            console.print(f"[red]skipped:[/red] {escape(printable(e.error or str(e.path)))}")
-        else:
-            found.append(e.session)
-    return found, problems
-
-
-def _fmt(v, digits: int = 6) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1000):
-        return f"{int(v):,}"
-    return f"{v:.{digits}g}"
-
-
-# -- replay ----------------------------------------------------------------------------------------
-def diff_table(result) -> Table:
-    """New beside saved. A metric measured under one protocol names it in the caption (keeps the
-    table inside 80 columns); a metric under several protocols names it in each row."""
-    protocols: dict[str, set] = {}
-    for d in result.diffs:
-        if d.protocol != "count":
-            protocols.setdefault(d.name, set()).add(d.protocol)
-    single = {n: next(iter(p)) for n, p in protocols.items() if len(p) == 1}
-    caption = "; ".join(f"{n}: {p}" for n, p in single.items() if p)
-    t = Table(
-        title=f"replay of {escape(printable(result.saved.title))} ({escape(printable(result.saved.id))}), tolerance "
-        f"{100 * result.tolerance:g} % relative",
-        caption=escape(caption) or None,
-        box=box.SIMPLE_HEAD,
-    )
-    t.add_column("stage", no_wrap=True)
-    t.add_column("metric", overflow="fold", min_width=14)
-    for col in ("saved", "replayed", "diff", "relative"):
-        t.add_column(col, justify="right", no_wrap=True)
-    t.add_column("", no_wrap=True)
-    for d in result.diffs:
-        rel = d.relative
-        flag = {
-            "ok": "[green]ok[/green]",
-            "changed": "[bold red]CHANGED[/bold red]",
-            "missing": "[yellow]missing[/yellow]",
-            "new": "[yellow]new[/yellow]",
-        }[d.status]
-        diff = d.diff
-        metric = escape(d.name if d.protocol == "count" or d.name in single else f"{d.name} [{d.protocol}]")
-        t.add_row(
-            f"{d.stage} {d.kind}",
-            metric,
-            _fmt(d.saved),
-            _fmt(d.new),
-            "-" if diff is None else (f"{diff:+.4g}" if diff else "0"),
-            "-" if rel is None else f"{100 * rel:+.3g} %",
-            flag,
-        )
-    return t
-
-
-def replay_main(args) -> int:
-    from frankenlab.sessions import DEFAULT_TOLERANCE, SessionError, load_session, replay
-    from frankenlab.tui.cli.run import ProgressView
-
-    console = make_console()
-    try:
-        saved = load_session(args.session)
-    except SessionError as exc:
-        console.print(f"[bold red]cannot replay:[/bold red] {escape(str(exc))}")
-        return 2
-    from frankenlab.tui.cli.run import default_out
-
-    out = Path(args.out) if args.out else default_out(str(saved.recipe.get("name") or "session"), "-replay")
-    device = None if args.device == "auto" else args.device  # "auto" (the default): the session's own
-    dtype = None if args.dtype == "auto" else args.dtype
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
-    cancel, restore_sigint = ctrl_c_cancels(console, "cancelling")
-    from frankenlab.pipeline.runlock import RunFolderBusy
-
-    console.print(
-        f"replaying [bold]{escape(printable(saved.title))}[/bold] ({escape(printable(saved.id))}) "
-        f"from stage {args.from_stage} "
-        f"into {escape(str(out))}"
-    )
-    try:
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console
-        ) as progress:
-            result = replay(
-                saved,
-                out,
-                from_stage=args.from_stage,
-                tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
-                model=args.model,
-                device=device,
-                dtype=dtype,
-                data_dir=args.data_dir,
-                listener=ProgressView(console, progress),
-                cancel=cancel,
-                save_models=not args.no_save_models,
-            )
-    except (SessionError, RunFolderBusy) as exc:
-        console.print(f"[bold red]cannot replay:[/bold red] {escape(str(exc))}")
-        return 2
-    finally:
-        restore_sigint()
-    console.print(diff_table(result))
-    for note in result.notes:
-        console.print(f"[dim]note: {escape(note)}[/dim]")
-    flagged = result.flagged
-    nothing = result.nothing_compared()
-    if nothing and not flagged:  # never "every number is within 1 %" of nothing
-        console.print(f"[yellow]{escape(nothing)}[/yellow]")
-        if not result.compared:
-            console.print(f"new session written to [bold]{escape(str(result.new.path))}[/bold]")
-            return 1
-    if result.ok and not nothing:
-        console.print(f"[green]every number is within {100 * result.tolerance:g} % of the saved session[/green]")
-    elif result.ok:
-        console.print("[green]the counts match the saved session[/green]")
-    else:
-        console.print(
-            f"[bold red]{len(flagged)} number(s) differ beyond {100 * result.tolerance:g} %"
-            f"{'' if result.new.status == 'done' else f'; the replay ended {result.new.status}'}"
-            "[/bold red]"
-        )
-    console.print(f"new session written to [bold]{escape(str(result.new.path))}[/bold]")
-    return 0 if result.ok else 1
-
-
-# -- compare ---------------------------------------------------------------------------------------
-def compare_main(args) -> int:
-    from frankenlab.sessions import compare_table, format_table
-    from frankenlab.sessions.compare import format_value
-
-    if len(args.sessions) == 1 and (Path(args.sessions[0]) / "sweep.json").is_file():  # a sweep folder
-        from frankenlab.tui.cli.sweep import compare_sweep
-
-        return compare_sweep(args)
-    err = make_console(stderr=True)
-    sessions, problems = _load_all(args.sessions, err)
-    if not sessions:
-        err.print(
-            "[bold red]no sessions to compare[/bold red]"
-            + ("" if args.sessions else " (none in ./runs or the user's session folder; pass session files or folders)")
-        )
-        return 2
-    table = compare_table(sessions, all_stages=args.all_stages)
-    fmt = args.fmt or ("table" if sys.stdout.isatty() and not args.output else "md")
-    if fmt == "table":
-        t = Table(title=f"{len(sessions)} session(s)", caption="\n".join(table.notes) or None)
-        for c in table.columns:
-            t.add_column(escape(printable(c.title)), justify="left" if c.kind == "text" else "right")
-        for r in table.rows:
-            t.add_row(*(escape(format_value(r.get(c.key), c.kind)) for c in table.columns))
-        text = None
-        if args.output:  # a file: as wide as the table, written through the output-path guard
-            import io
-
-            from frankenlab.pipeline.atomic import atomic_write_text
-
-            buf = io.StringIO()
-            make_console(file=buf).print(t)
-            text = buf.getvalue()
-            try:
-                atomic_write_text(Path(args.output), text)
-            except OSError as exc:
-                err.print(
-                    f"[bold red]cannot write {escape(args.output)}:[/bold red] {escape(str(exc.strerror or exc))}"
-                )
-                return 2
-            text = None
-        else:
-            make_console().print(t)
-    else:
-        text = format_table(table, fmt)
-        if args.output:
-            from frankenlab.pipeline.atomic import atomic_write_text
-
-            try:
-                atomic_write_text(Path(args.output), text)
-            except OSError as exc:
-                err.print(
-                    f"[bold red]cannot write {escape(args.output)}:[/bold red] {escape(str(exc.strerror or exc))}"
-                )
-                return 2
-        else:
-            sys.stdout.write(text)
-    if args.output:
-        err.print(f"wrote {len(table.rows)} row(s) to {escape(args.output)}")
-    return 1 if problems and args.sessions else 0  # a named file that could not be read is an error
 
 
 # -- sessions --------------------------------------------------------------------------------------

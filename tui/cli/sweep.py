@@ -198,7 +198,7 @@ def inputs_problem(configs, data_dir) -> str | None:
     its stages' preflight hooks, as `frankenlab run` checks them, then the sequence lengths against
     the model's config.json."""
     from frankenlab.evals.data import DataNotFound
-    from frankenlab.pipeline.runner import check_sizes, model_config, preflight
+    from frankenlab.pipeline.preflight import check_sizes, model_config, preflight
 
     configs_of: dict[str, dict | None] = {}
     seen: set = set()  # a stage hook asked once per stage config (LoRA's overlap check reads whole files)
