@@ -7,7 +7,6 @@ the runner module holds only the act of running, and sweeps can check inputs wit
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
@@ -112,23 +111,27 @@ def preflight(recipe: Recipe, data_dir: Path | None, seen: set | None = None) ->
 
 
 def model_config(source_ref: str) -> dict | None:
-    """The model's config.json as a dict, without loading weights (None when it cannot be read here)."""
+    """The model's config.json as a dict, without loading weights (None when it cannot be read here:
+    loading then says why)."""
+    from frankenlab.pipeline.checkpoint_check import read_config
+
     try:
-        src = resolve_source(source_ref)
-        data = json.loads((Path(src.path) / "config.json").read_text())
-        return data if isinstance(data, dict) else None
-    except (ModelLoadError, OSError, ValueError, TypeError):
+        return read_config(resolve_source(source_ref).path)
+    except (ModelLoadError, TypeError):  # TypeError: a source with no local folder
+        return None
+
+
+def config_depth(cfg: dict | None) -> int | None:
+    """Number of decoder layers a config.json dict declares (None when it says none)."""
+    try:
+        return int(cfg.get("num_hidden_layers") or cfg.get("text_config", {}).get("num_hidden_layers"))
+    except (AttributeError, TypeError, ValueError):
         return None
 
 
 def model_depth(source_ref: str) -> int | None:
     """Number of decoder layers from config.json, without loading weights."""
-    try:
-        src = resolve_source(source_ref)
-        cfg = json.loads((Path(src.path) / "config.json").read_text())
-        return int(cfg.get("num_hidden_layers") or cfg.get("text_config", {}).get("num_hidden_layers"))
-    except (ModelLoadError, OSError, ValueError, TypeError):
-        return None
+    return config_depth(model_config(source_ref))
 
 
 def write_problem(exc: OSError, out: Path) -> str:

@@ -46,7 +46,7 @@ from frankenlab.pipeline.events import (
 )
 from frankenlab.pipeline.footprint import footprint_summary
 from frankenlab.pipeline.loading import LoadedModel, count_parameters, decoder_layers, load_model
-from frankenlab.pipeline.preflight import check_sizes, environment, model_config, model_depth, preflight, write_problem
+from frankenlab.pipeline.preflight import check_sizes, config_depth, environment, model_config, preflight, write_problem
 from frankenlab.pipeline.provenance import describe_zeros, weights_origin
 from frankenlab.pipeline.recipe import Recipe, StageSpec
 from frankenlab.pipeline.records import StageRecord
@@ -118,10 +118,11 @@ class Runner:
             for warning in preflight(rec, self.opt.data_dir):
                 self.emit(LogLine(-1, warning, "warning"))
             if self.loaded is None:
-                depth = model_depth(rec.model.source)
+                cfg = model_config(rec.model.source)  # read once: depth and widths, before loading
+                depth = config_depth(cfg)
                 if depth is not None:
                     self._check_depth(remaining, depth, first)
-                self._check_config(remaining, model_config(rec.model.source), first)  # N:M widths, before loading
+                self._check_config(remaining, cfg, first)
                 self.emit(LogLine(-1, f"loading model {rec.model.source!r}"))
                 self.loaded = load_model(
                     rec.model.source,

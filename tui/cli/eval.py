@@ -394,14 +394,9 @@ def json_out_problem(json_out: str | None) -> str | None:
 
 def _model_config(ref: str | None) -> dict | None:
     """The model's config.json without loading weights (None when it cannot be read: loading tells why)."""
-    from frankenlab.evals.errors import ModelLoadError
-    from frankenlab.pipeline.checkpoint_check import read_config
-    from frankenlab.pipeline.loading import resolve_source
+    from frankenlab.pipeline.preflight import model_config
 
-    try:
-        return read_config(resolve_source(ref).path)
-    except ModelLoadError:
-        return None
+    return model_config(ref or "default")
 
 
 def job_announcer(console):
