@@ -101,6 +101,7 @@ def test_ci_test_exit_code_follows_pytest_and_no_tests_is_a_failure(tmp_path, py
 # "$FAKE_TORCH $FAKE_CUDA" as `print(torch.__version__, torch.version.cuda or "")` prints it.
 FAKE_PYTHON_WITH_TORCH = """#!/usr/bin/env bash
 echo "python $*" >> "$(dirname "$0")/calls.log"
+if [[ " $* " == *" --index-url "* ]]; then exit "${FAKE_INDEX_RC:-0}"; fi
 if [[ $1 == -c && $2 == *"import torch"* ]]; then
   [[ -n ${FAKE_TORCH:-} ]] || exit 1
   if [[ $2 == *__version__* ]]; then echo "$FAKE_TORCH ${FAKE_CUDA:-}"; fi
@@ -135,6 +136,35 @@ def test_setup_installs_the_torch_gptqmodel_7_6_works_with(tmp_path, nvidia_smi)
     assert out.returncode == 0, out.stderr
     assert [line.split()[-1] for line in torch_installs(venv)] == ["torch==2.13.0"]  # pinned, CUDA build or not
     assert ("installing torch 2.13.0 with CUDA" in out.stderr) == nvidia_smi
+    assert "warning" not in out.stderr
+
+
+def test_setup_without_a_gpu_takes_the_cpu_build_from_pytorchs_cpu_index(tmp_path):
+    venv, path = torch_venv(tmp_path, nvidia_smi=False)
+    out = run_ci("setup", venv, PATH=path)
+    assert out.returncode == 0, out.stderr
+    (install,) = torch_installs(venv)  # the registry's torch for Linux would be the CUDA build (GBs)
+    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in install and "warning" not in out.stderr
+
+
+def test_setup_falls_back_to_the_registrys_torch_in_one_line_when_the_cpu_index_fails(tmp_path):
+    venv, path = torch_venv(tmp_path, nvidia_smi=False)
+    out = run_ci("setup", venv, PATH=path, FAKE_INDEX_RC="1", FRANKENLAB_TORCH_CPU_INDEX="https://mirror.example/cpu")
+    assert out.returncode == 0, out.stderr
+    tried, fallback = torch_installs(venv)
+    assert "--index-url https://mirror.example/cpu torch==2.13.0" in tried and "--timeout 20" in tried
+    assert "--index-url" not in fallback and fallback.endswith("install torch==2.13.0")
+    (line,) = [line for line in out.stderr.splitlines() if "warning" in line]
+    assert (
+        "https://mirror.example/cpu gave no CPU build of torch 2.13.0" in line and "FRANKENLAB_TORCH_CPU_INDEX" in line
+    )
+
+
+def test_setup_with_an_empty_cpu_index_asks_the_registry_only(tmp_path):
+    venv, path = torch_venv(tmp_path, nvidia_smi=False)
+    out = run_ci("setup", venv, PATH=path, FRANKENLAB_TORCH_CPU_INDEX="")
+    assert out.returncode == 0, out.stderr
+    assert [line.split(" -q ")[-1] for line in torch_installs(venv)] == ["install torch==2.13.0"]
     assert "warning" not in out.stderr
 
 

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -20,39 +21,38 @@ import torch
 from frankenlab.evals import devices
 from frankenlab.pipeline.plans import LayerPlan, planned
 from frankenlab.pipeline.sharing import model_lock
+from frankenlab.tui.model_cache import ModelCache
 
 
 @dataclass
 class ChatTarget:
-    """Something to chat with: a label, how to get (model, tokenizer), and an optional layer plan."""
+    """Something to chat with: a label, how to get (model, tokenizer), and an optional layer plan.
+
+    With a `cache` (the lab's `ModelCache`), the model is held there under `cache_key`: loaded on first
+    use, dropped when the lab needs room for another (least recently used first, never while it answers)
+    and loaded again when chosen again. Without one (the lab's baseline, which the lab holds anyway),
+    `get` is called each time."""
 
     key: str
     label: str
     get: Callable[[], tuple]  # () -> (model, tokenizer); may load from disk (call in a thread)
     plan: LayerPlan | None = None
-    _cache: tuple | None = field(default=None, repr=False)
+    cache: ModelCache | None = field(default=None, repr=False, compare=False)
+    cache_key: str | None = None
 
     def resolve(self) -> tuple:
-        if self._cache is None:
-            self._cache = self.get()
-        return self._cache
+        if self.cache is None:
+            return self.get()
+        return self.cache.get(self.cache_key or self.key, self.get)
 
-
-def release_unused(targets: dict[str, ChatTarget], in_use) -> list[str]:
-    """Drop the loaded models of every target not in `in_use` (the targets chosen for A and B), so the
-    chat keeps at most the two models in use; GPU memory they held goes back. Returns the keys freed."""
-    import gc
-
-    from frankenlab.evals import devices
-
-    keep = {id(t) for t in in_use}
-    freed = [k for k, t in targets.items() if id(t) not in keep and t._cache is not None]
-    for k in freed:
-        targets[k]._cache = None
-    if freed:
-        gc.collect()
-        devices.free_cached_memory()
-    return freed
+    @contextmanager
+    def use(self) -> Iterator[tuple]:
+        """(model, tokenizer), kept loaded while the block runs (a reply): never dropped from under it."""
+        if self.cache is None:
+            yield self.get()
+            return
+        with self.cache.use(self.cache_key or self.key, self.get) as value:
+            yield value
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:

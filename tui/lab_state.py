@@ -25,8 +25,14 @@ from frankenlab.pipeline.sharing import model_lock
 from frankenlab.pipeline.stages import stage_kind
 from frankenlab.sessions import Session, SessionRecorder, load_session
 from frankenlab.tui.chat import ChatTarget
+from frankenlab.tui.model_cache import ModelCache
 
 PROGRESS_EVERY = 0.1  # seconds: progress events closer than this are not forwarded to the screen
+# keys of the lab's model cache (LabState.models)
+BASELINE = "baseline"
+RUN_COPY = "run copy: "
+REPLAY = "replay: "
+CHAT_MODEL = "chat: "
 
 
 def run_copy(model):
@@ -131,6 +137,7 @@ class LabState:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         save_models: bool = True,
+        models: ModelCache | None = None,
     ):
         self.loader, self.runner = loader, runner
         self.runs_dir = Path(runs_dir)
@@ -139,6 +146,9 @@ class LabState:
         self.device, self.dtype, self.trust_remote_code = device, dtype, trust_remote_code
         self.save_models = save_models
         self.loaded = None  # the LoadedModel the lab shows; runs change a copy of it
+        # every model the lab holds (baseline, a run's copy, a replay's, chat models), at most
+        # FRANKENLAB_MAX_MODELS at once, least recently used dropped first (tui/model_cache.py)
+        self.models = models if models is not None else ModelCache()
         self.session: Session | None = None  # the current run's (live), the last run's or the opened one
         self.run_dir: Path | None = None
         self.running = False
@@ -149,12 +159,15 @@ class LabState:
 
     # -- the model -------------------------------------------------------------------------------
     def load(self, ref: str):
-        """(thread) Load a model with the lab's device options; raises whatever the loader raises."""
+        """(thread) Load a model with the lab's device options; raises whatever the loader raises.
+        Chat models not in use make room first (the old baseline stays until the new one is ready)."""
+        self.models.make_room()
         return self.loader(ref, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
 
     def model_ready(self, lm) -> int:
         """Keep `lm` as the lab's model; returns its number of decoder layers."""
         self.loaded = lm
+        self.models.put(BASELINE, lm, keep=True)  # replaces (and lets go of) the previous baseline
         # torch, transformers and textual leave ~1M long-lived objects; a full garbage collection walks
         # them all (measured up to 300 ms, the screen frozen meanwhile). Collect once now, while the
         # user waits for the model anyway, and move the survivors out of the collector's sight
@@ -196,39 +209,47 @@ class LabState:
 
     def run(self, recipe, out: Path, listener: Callable) -> Session:
         """(thread) Run `recipe` on a copy of the loaded model; returns the runner's saved session."""
-        with model_lock(self.loaded.model):  # the lab keeps its baseline; the run changes a copy
-            model = run_copy(self.loaded.model)
-        try:
-            return self.runner(
-                recipe,
-                out,
-                listener=listener,
-                cancel=self.cancel,
-                loaded=replace(self.loaded, model=model),
-                save_models=self.save_models,
-                data_dir=self.data_dir,
-            )
-        finally:
-            del model
-            gc.collect()
-            devices.free_cached_memory(self.loaded.device)  # the run's copy leaves the GPU with the run
+        baseline = self.loaded
+
+        def copy_baseline():
+            with model_lock(baseline.model):  # the lab keeps its baseline; the run changes a copy
+                return run_copy(baseline.model)
+
+        # the copy counts among the lab's models while the run goes (room is made for it first, it is
+        # never dropped from under the run) and leaves memory, the GPU's included, with the run
+        with self.models.held(f"{RUN_COPY}{out}", copy_baseline) as model:
+            try:
+                return self.runner(
+                    recipe,
+                    out,
+                    listener=listener,
+                    cancel=self.cancel,
+                    loaded=replace(baseline, model=model),
+                    save_models=self.save_models,
+                    data_dir=self.data_dir,
+                )
+            finally:
+                del model
 
     def replay(self, saved: Session, out: Path, listener: Callable, on_diff: Callable):
         """(thread) Re-run a saved session's recipe into `out`; returns sessions.ReplayResult."""
         from frankenlab.sessions import replay
 
-        return replay(
-            saved,
-            out,
-            model=self.model_ref,
-            device=self.device,
-            dtype=self.dtype,
-            data_dir=self.data_dir,
-            listener=listener,
-            cancel=self.cancel,
-            save_models=self.save_models,
-            on_diff=on_diff,
-        )
+        # the replay loads its own model (the runner does): a place among the lab's models is kept for
+        # it while it runs, so chat models make room for it first
+        with self.models.held(f"{REPLAY}{out}", lambda: None):
+            return replay(
+                saved,
+                out,
+                model=self.model_ref,
+                device=self.device,
+                dtype=self.dtype,
+                data_dir=self.data_dir,
+                listener=listener,
+                cancel=self.cancel,
+                save_models=self.save_models,
+                on_diff=on_diff,
+            )
 
     def forward(self, e: ev.Event) -> bool:
         """(thread) Whether the screen needs this event: progress is thinned to one per 0.1 s per stage."""
@@ -290,7 +311,11 @@ class LabState:
                 path = s.artifact_path(st.index)
                 if path is not None:
                     targets[f"stage{st.index}:{st.artifact}"] = ChatTarget(
-                        f"stage{st.index}", f"stage {st.index} {st.name or st.kind}", self._artifact_loader(path)
+                        f"stage{st.index}",
+                        f"stage {st.index} {st.name or st.kind}",
+                        self._artifact_loader(path),
+                        cache=self.models,
+                        cache_key=f"{CHAT_MODEL}{path} ({self.device}, {self.dtype})",
                     )
         return targets
 

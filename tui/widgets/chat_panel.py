@@ -26,7 +26,6 @@ from frankenlab.tui.chat import (
     ReplyStats,
     ReplyTimeout,
     Sampling,
-    release_unused,
     stream_reply,
     timed,
 )
@@ -134,12 +133,7 @@ class ChatPanel(Vertical):
 
     # -- attributes down -------------------------------------------------------------------------
     def set_targets(self, targets: dict[str, ChatTarget]) -> None:
-        old = {k: self.targets.get(k) for k in targets}
-        # keep cached models of targets that did not change
-        for k, t in targets.items():
-            if old.get(k) is not None and old[k].label == t.label:
-                t._cache = old[k]._cache
-        self.targets = targets
+        self.targets = targets  # their models stay in the lab's model cache, under the same keys
         options = [(t.label, k) for k, t in targets.items()]
         keys = [k for _, k in options]
         # defaults: A the baseline, B the latest model other than A's (the latest stage's, else the grid's
@@ -225,22 +219,23 @@ class ChatPanel(Vertical):
             prefix = f"{target.label}: "
             if not worker.is_cancelled:
                 try:
-                    release_unused(self.targets, [t for _, t, _ in jobs])  # at most the two models in use
-                    model, tokenizer = target.resolve()
-                    for piece in timed(
-                        stream_reply(
-                            model,
-                            tokenizer,
-                            messages,
-                            plan=target.plan,
-                            sampling=sampling,
-                            stats=stats,
-                            cancelled=lambda: worker.is_cancelled,
-                        ),
-                        stats,
-                    ):
-                        text += piece
-                        self.app.call_from_thread(reply.update, prefix + text)
+                    # the lab's model cache: loaded (room made first), kept while it answers, then the
+                    # least recently used of the lab's models goes when another needs room
+                    with target.use() as (model, tokenizer):
+                        for piece in timed(
+                            stream_reply(
+                                model,
+                                tokenizer,
+                                messages,
+                                plan=target.plan,
+                                sampling=sampling,
+                                stats=stats,
+                                cancelled=lambda: worker.is_cancelled,
+                            ),
+                            stats,
+                        ):
+                            text += piece
+                            self.app.call_from_thread(reply.update, prefix + text)
                 except (ReplyOutOfMemory, ReplyTimeout) as exc:  # one line that says what to do
                     error = str(exc)
                 except Exception as exc:  # noqa: BLE001 - shown in the transcript, the app keeps running
