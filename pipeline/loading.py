@@ -331,6 +331,12 @@ def _load_quantized_source(source: ModelSource, dev: torch.device, t0: float) ->
     dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     notes = [
         f"GPTQ {qcfg.get('bits', '?')}-bit g{qcfg.get('group_size', '?')} (gptqmodel)"
+        + (
+            f"; per layer: {quant.format_text(quant.folder_formats(qcfg))}"
+            + (", some layers unquantized" if any(str(k).startswith("-:") for k in qcfg["dynamic"]) else "")
+            if qcfg.get("dynamic")
+            else ""
+        )
         + (" + EoRA adapter" if source.adapter else "")
         + (f"; CPU kernel {kernel}: {quant_cpu.KERNEL_NOTES[kernel]}" if kernel else "")
         + (f"; GPU kernel {quant.kernel_description(model)}" if dev.type == "cuda" else "")

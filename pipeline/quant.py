@@ -20,6 +20,11 @@ quantized model is quantized or opened. What this module takes care of, measured
   quantized linears carry the saved checkpoint's tensors (`pipeline.quant_linear.attach_saved`), and
   the reports, parameter counts and memory accounting read those, on CPU;
 - masked GPTQ (zeros kept exactly) is `pipeline.quant_mask`;
+- per-layer formats (the gptq stage's `layer_bits` / `layer_group_size`) go to gptqmodel as
+  `QuantizeConfig.dynamic`, which `quantize_config.json` keeps; such a folder opens on CPU through
+  gptqmodel's torch linear when some module is not 4-bit (the fused one takes 4-bit only), and its
+  float tensors (unquantized layers, norms, embeddings, scales), which that kernel's bf16 load
+  rounded, are read back from the checkpoint at full precision (`restore_saved_floats`);
 - it writes `./logs/` relative to the current directory and offloads finished modules to a temp
   folder; both are pointed into the stage's own work folder.
 
@@ -140,12 +145,15 @@ def quantize(
     on_layer=None,
     keep_sparsity: bool = False,
     dtype: torch.dtype | None = None,
+    dynamic: dict | None = None,
 ) -> float:
     """GPTQ-quantize the HF folder `src_dir` into `out_dir` (gptqmodel format); returns seconds.
 
     `keep_sparsity` keeps every exact zero of the weights (masked GPTQ, `pipeline.quant_mask`).
     `dtype` overrides the calibration dtype (float32 on CPU). `on_layer(i, n)` is called whenever
-    decoder layer i starts a forward pass (gptqmodel has no progress callback).
+    decoder layer i starts a forward pass (gptqmodel has no progress callback). `dynamic` is
+    gptqmodel's per-module override map (regex -> {"bits", "group_size"}; "-:regex" leaves modules
+    unquantized), e.g. from the gptq stage's `Config.dynamic`.
     """
     from frankenlab.pipeline.quant_mask import masking
 
@@ -159,6 +167,7 @@ def quantize(
         damp_percent=damp_percent,
         offload_to_disk=True,
         offload_to_disk_path=str(work_dir / "offload"),
+        dynamic=dynamic or None,
     )
     if os.environ.get(FAIL_ENV):  # tests only: an error inside gptqmodel's worker threads (docs/stages/gptq.md)
         _fail_inside_gptqmodel(os.environ[FAIL_ENV])
@@ -230,6 +239,7 @@ def load_quantized(
         kwargs["adapter"] = Lora(rank=rank or 0, path=str(adapter))
     cfg = _read_json(path / "config.json")
     features = tuple(int(cfg[k]) for k in ("hidden_size", "intermediate_size") if isinstance(cfg.get(k), int))
+    formats = folder_formats(qcfg)
     name, note = kernel_for(
         device,
         dims_fit_groups,
@@ -238,6 +248,10 @@ def load_quantized(
         sym=bool(qcfg.get("sym", True)),
         features=features,
     )
+    if len(formats) > 1 and name != "torch":  # per-layer formats: the one kernel every bit width opens with
+        fused_ok = device.type != "cuda" and all(b == 4 and g in (-1, 16, 32, 64, 128) for b, g in formats)
+        if not fused_ok:
+            name, note = "torch", f"per-layer formats ({format_text(formats)}): gptqmodel's torch kernel"
     backend = getattr(gm.BACKEND, BACKENDS[name])
     dtype = quant_dtype(device)
     if device.type != "cuda" and backend != gm.BACKEND.TORCH_FUSED:
@@ -245,6 +259,9 @@ def load_quantized(
     with logs_inside(path.parent):
         wrapper = gm.GPTQModel.load(str(path), backend=backend, device=_device_arg(device), dtype=dtype, **kwargs)
     model = wrapper.model
+    if device.type == "cpu" and dtype != torch.float32:  # the torch kernel's bf16 load rounded the floats
+        model.float()
+        restore_saved_floats(model, path)
     eager_dequantize(model)  # on any device: the torch kernel's compiled dequantize recompiles per module
     model.frankenlab_backend = name
     model.frankenlab_backend_note = note
@@ -253,6 +270,56 @@ def load_quantized(
         quant_cpu.prepare_for_cpu(model, kernel)
     _restore_generation_config(model, path)
     return wrapper
+
+
+def folder_formats(qcfg: dict) -> list[tuple[int, int]]:
+    """The (bits, group size) pairs a quantized folder's `quantize_config.json` uses: its own, then
+    those of its `dynamic` overrides (negative `-:` entries leave modules unquantized: no format)."""
+    base = (int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128)))
+    out = [base]
+    for key, over in (qcfg.get("dynamic") or {}).items():
+        if str(key).startswith("-:") or not isinstance(over, dict):
+            continue
+        fmt = (int(over.get("bits", base[0])), int(over.get("group_size", base[1])))
+        if fmt not in out:
+            out.append(fmt)
+    return out
+
+
+def format_text(formats: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{b}-bit g{g}" for b, g in formats)
+
+
+@torch.no_grad()
+def restore_saved_floats(model: torch.nn.Module, folder: str | Path) -> int:
+    """Copy every floating-point tensor of the saved checkpoint into `model` (float32 by now) at full
+    precision: a load in bf16 rounded the unquantized layers, norms, embeddings and the fp16 scales.
+    Returns how many tensors were restored."""
+    from safetensors import safe_open
+
+    from frankenlab.pipeline.quant_linear import checkpoint_tensors
+
+    by_file: dict[str, list[str]] = {}
+    for key, file in checkpoint_tensors(folder).items():
+        by_file.setdefault(file, []).append(key)
+    done = 0
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in keys:
+                module_name, _, local = key.rpartition(".")
+                try:
+                    module = model.get_submodule(module_name) if module_name else model
+                except AttributeError:
+                    continue
+                target = getattr(module, local, None)
+                if not isinstance(target, torch.Tensor) or not target.is_floating_point():
+                    continue
+                saved = f.get_tensor(key)
+                if not saved.is_floating_point() or saved.shape != target.shape:
+                    continue
+                target.data.copy_(saved.to(target.dtype))
+                done += 1
+    return done
 
 
 def _plain_torch_linear(module: torch.nn.Module) -> bool:
@@ -316,7 +383,7 @@ def generate_eora(
     # Reading the quantized model in bf16 and the native one in fp32 runs, but was not faster on
     # the bundled model (108 s fp32 vs 95 s bf16, 8 x 128 tokens, rank 8), so it is not done.
     dtype = quant_dtype(device) if device.type == "cuda" else torch.bfloat16
-    with logs_inside(Path(work_dir)):
+    with logs_inside(Path(work_dir)), _eora_skips_unquantized():
         gm.GPTQModel.adapter.generate(
             adapter=Lora(rank=rank, path=str(adapter_dir)),
             model_id_or_path=str(native_dir),
@@ -331,6 +398,31 @@ def generate_eora(
     # gptq stage's `offload/` (see quantize): remove it again once done.
     _cleanup(Path(quant_dir).parent / "offload")
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _eora_skips_unquantized() -> Iterator[None]:
+    """EoRA on a folder with layers left unquantized (a `-:` dynamic entry, the gptq stage's
+    `layer_bits` 16): gptqmodel 7.6's de-quantize step looks every decoder linear up among the
+    quantized ones and raises KeyError for the others, although its EoRA step then skips them
+    (`dynamic_get(...) == False`). A module it does not hold is left alone here: it has no
+    quantization error to compensate and gets no adapter."""
+    from gptqmodel.looper.dequantize_processor import DequantizeProcessor
+
+    original = DequantizeProcessor.process
+
+    def process(self, module, *args, **kwargs):
+        with self.lock:
+            held = module.full_name in self.quantized_modules
+        if not held:
+            return None
+        return original(self, module, *args, **kwargs)
+
+    DequantizeProcessor.process = process
+    try:
+        yield
+    finally:
+        DequantizeProcessor.process = original
 
 
 def _cleanup(path: Path) -> None:

@@ -28,13 +28,15 @@ def _dims_fit_groups(path: Path) -> bool:
 
     try:
         cfg = json.loads((path / "config.json").read_text())
-        group = int(json.loads((path / "quantize_config.json").read_text()).get("group_size", 128))
-    except (OSError, ValueError):
+        qcfg = json.loads((path / "quantize_config.json").read_text())
+        groups = {int(qcfg.get("group_size", 128))}
+        for key, over in (qcfg.get("dynamic") or {}).items():  # per-layer group sizes (the gptq stage's maps)
+            if not str(key).startswith("-:") and isinstance(over, dict) and "group_size" in over:
+                groups.add(int(over["group_size"]))
+    except (OSError, ValueError, TypeError, AttributeError):
         return False
-    if group <= 0:
-        return True
     dims = [cfg.get("hidden_size", 0), cfg.get("intermediate_size", 0)]
-    return all(d % group == 0 for d in dims)
+    return all(group <= 0 or d % group == 0 for group in groups for d in dims)
 
 
 # -- folders that hold quantized models ------------------------------------------------------------

@@ -16,6 +16,13 @@ weights: `pattern_holds` (every former zero is still zero), density after, share
 Those statistics are computed on the CPU from the saved checkpoint's codes whenever the reloaded
 model runs on a GPU kernel (`pipeline.quant_linear.packing`), against the zero masks kept on the CPU.
 
+Per layer: `layer_bits = { "0-3" = 8, "4-25" = 4, "26-29" = 16 }` and `layer_group_size` (layer-range
+maps, `evals.layer_map`) give named layers their own bits and group size; 16 leaves a layer
+unquantized, in the float dtype the model runs in. Layers not named take `bits` / `group_size`.
+gptqmodel applies them through `QuantizeConfig.dynamic` (one regex per group of layers that share a
+format, `-:` for the unquantized ones), which the saved `quantize_config.json` keeps, so the folder
+reopens with each module at its own bits (`pipeline.quant.load_quantized`).
+
 Handing over to EoRA: the returned model carries `frankenlab_quant` (a dict with the quantized
 and pre-quantization folders and the settings), which the eora stage reads.
 """
@@ -33,11 +40,12 @@ from torch import nn
 from frankenlab.evals.config import option, require
 from frankenlab.evals.devices import dtype_name
 from frankenlab.evals.errors import RecipeError
+from frankenlab.evals.layer_map import IntLayerMap, TextLayerMap
 from frankenlab.pipeline import quant, quant_cpu, quant_folders, quant_mask
 from frankenlab.pipeline.atomic import atomic_write_text
 from frankenlab.pipeline.context import StageContext, StageResult
 from frankenlab.pipeline.loading import decoder_layers
-from frankenlab.pipeline.quant_linear import dequantized_weight, quantized_linears
+from frankenlab.pipeline.quant_linear import dequantized_weight, is_quantized_linear, quantized_linears
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,17 @@ class Config:
         help="keep pruned weights exactly zero (masked GPTQ); only matters when the "
         "model has zeros (after width pruning)",
     )
+    layer_bits: IntLayerMap | None = option(
+        None,
+        label="bits per layer",
+        help="bits per layer, e.g. 0-3=8, 4-25=4, 26-29=16 (16 = left unquantized, in the model's float "
+        "dtype); layers not named take bits",
+    )
+    layer_group_size: IntLayerMap | None = option(
+        None,
+        label="group per layer",
+        help="group size per layer, e.g. 0-3=64 (-1 = one group per row); layers not named take group size",
+    )
 
     def __post_init__(self):
         require(
@@ -73,6 +92,82 @@ class Config:
         require(self.samples is None or self.samples >= 1, "samples must be at least 1")
         require(self.seq_len is None or self.seq_len >= 8, "seq_len must be at least 8 tokens")
         require(self.batch_size >= 1, "batch_size must be at least 1")
+        if self.layer_bits is not None:
+            object.__setattr__(self, "layer_bits", self.layer_bits.map_values(_layer_bits, "layer_bits"))
+        if self.layer_group_size is not None:
+            groups = self.layer_group_size.map_values(_layer_group, "layer_group_size")
+            object.__setattr__(self, "layer_group_size", groups)
+
+    def check_for(self, n_layers: int) -> None:
+        """Every layer the maps name exists in the model this stage receives, and at least one
+        layer is quantized (before weights load)."""
+        for name in ("layer_bits", "layer_group_size"):
+            value = getattr(self, name)
+            if value is not None:
+                value.check_layers(n_layers, name)
+        require(
+            n_layers == 0 or any(self.layer_format(i) is not None for i in range(n_layers)),
+            "layer_bits leaves every layer unquantized (16): remove the gptq stage instead",
+        )
+
+    @property
+    def mixed(self) -> bool:
+        return self.layer_bits is not None or self.layer_group_size is not None
+
+    def layer_format(self, layer: int) -> tuple[int, int] | None:
+        """(bits, group_size) of layer `layer`, or None when it stays unquantized (16)."""
+        bits = self.layer_bits.for_layer(layer, self.bits) if self.layer_bits is not None else self.bits
+        if bits == FLOAT_BITS:
+            return None
+        group = self.group_size
+        if self.layer_group_size is not None:
+            group = self.layer_group_size.for_layer(layer, group)
+        return bits, group
+
+    def dynamic(self, n_layers: int) -> dict | None:
+        """gptqmodel's `QuantizeConfig.dynamic` for a model of `n_layers` decoder layers: one regex per
+        set of layers sharing a format other than (bits, group_size), `-:` (skip) for the unquantized."""
+        if not self.mixed:
+            return None
+        by_format: dict = {}
+        for i in range(n_layers):
+            fmt = self.layer_format(i)
+            if fmt != (self.bits, self.group_size):
+                by_format.setdefault(fmt, []).append(i)
+        out: dict = {}
+        for fmt, layers in sorted(by_format.items(), key=lambda kv: kv[1][0]):
+            pattern = layer_regex(layers)
+            if fmt is None:
+                out[f"-:{pattern}"] = {}
+            else:
+                out[pattern] = {"bits": fmt[0], "group_size": fmt[1]}
+        return out or None
+
+
+FLOAT_BITS = 16  # in layer_bits: the layer is left unquantized
+
+
+def _layer_bits(value: int, where: str) -> int:
+    require(
+        value == FLOAT_BITS or value in quant.QUANT_BITS,
+        f"{where}: bits must be one of {', '.join(map(str, quant.QUANT_BITS))} or {FLOAT_BITS} "
+        f"(left unquantized), got {value}",
+    )
+    return value
+
+
+def _layer_group(value: int, where: str) -> int:
+    require(
+        value == -1 or (value > 0 and value & (value - 1) == 0),
+        f"{where}: group_size must be -1 (per row) or a positive power of 2 (32, 64, 128...), got {value}",
+    )
+    return value
+
+
+def layer_regex(layers: list[int]) -> str:
+    """A regex matching every module inside the decoder layers `layers` (gptqmodel matches from the
+    start of the module's full name, e.g. model.layers.3.self_attn.q_proj)."""
+    return r"^(?:.*\.)?layers\.(" + "|".join(str(i) for i in sorted(layers)) + r")\."
 
 
 # -- hooks the registry asks (pipeline/stages/__init__.py) -----------------------------------------
@@ -87,7 +182,27 @@ def needs_calibration(config: Config) -> bool:
 
 def describe(params: dict) -> str:
     bits, group = params.get("bits", 4), params.get("group_size", 128)
+    if params.get("layer_bits") or params.get("layer_group_size"):
+        return _describe_mixed(params, bits, group)
     return f"GPTQ {bits}-bit" + (f" g{group}" if group not in (None, -1, 0) else "")
+
+
+def _describe_mixed(params: dict, bits, group) -> str:
+    """ "GPTQ mixed 8/4-bit g128 (2 layers 16-bit)": the bit widths the map names (widest first), the
+    default's among them; layers it leaves unquantized counted."""
+    try:
+        bmap = IntLayerMap.parse(params["layer_bits"], "layer_bits") if params.get("layer_bits") else None
+    except RecipeError:
+        return "GPTQ per layer"
+    named = bmap.values() if bmap is not None else []
+    widths = sorted({int(b) for b in [*named, bits] if b != FLOAT_BITS}, reverse=True)
+    text = f"GPTQ mixed {'/'.join(map(str, widths))}-bit" + (f" g{group}" if group not in (None, -1, 0) else "")
+    if params.get("layer_group_size"):
+        text += " (groups per layer)"
+    left = [i for i in (bmap.layers() if bmap is not None else []) if bmap.for_layer(i) == FLOAT_BITS]
+    if left:
+        text += f" ({len(left)} layer{'s' if len(left) != 1 else ''} 16-bit)"
+    return text
 
 
 def resume_problem(record: dict) -> str | None:
@@ -129,8 +244,14 @@ def sparsity_after(qmodel: nn.Module, zeros_before: dict[str, torch.Tensor]) -> 
     `zeros_before` is on the CPU; so are the weights read here (the saved checkpoint's under a GPU
     kernel), and a weight a torch kernel dequantizes on its GPU comes to the CPU as its zero mask."""
     nz = total = kept = 0
-    for name, mod in quantized_linears(qmodel).items():
-        w = dequantized_weight(mod)  # (out, in)
+    quantized = quantized_linears(qmodel)
+    for li, layer in enumerate(decoder_layers(qmodel)):  # a layer left unquantized keeps its float weights
+        for name, mod in layer.named_modules():
+            full = f"model.layers.{li}.{name}"
+            if isinstance(mod, nn.Linear) and full not in quantized and full in zeros_before:
+                quantized[full] = mod
+    for name, mod in quantized.items():
+        w = dequantized_weight(mod) if is_quantized_linear(mod) else mod.weight.detach()  # (out, in)
         zero = (w == 0).cpu()
         nz += int((~zero).sum())
         total += w.numel()
@@ -165,9 +286,17 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     hidden = model.config.hidden_size
     inter = getattr(model.config, "intermediate_size", hidden)
     g = config.group_size
-    dims_fit = g == -1 or (hidden % g == 0 and inter % g == 0)
+    n_layers = len(decoder_layers(model))
+    config.check_for(n_layers)
+    formats = [config.layer_format(i) for i in range(n_layers)]
+    groups = sorted({f[1] for f in formats if f is not None})
+    dims_fit = all(gs == -1 or (hidden % gs == 0 and inter % gs == 0) for gs in groups)
     if not dims_fit and ctx.device.type == "cuda":
-        notes.append(f"hidden {hidden} / intermediate {inter} not multiples of group size {g}: torch kernel")
+        notes.append(
+            f"hidden {hidden} / intermediate {inter} not multiples of group size "
+            f"{'/'.join(map(str, groups))}: torch kernel"
+        )
+    dynamic = config.dynamic(n_layers)
 
     ctx.progress(0.02, "saving the model for gptqmodel")
     prequant = work / "prequant"
@@ -175,7 +304,8 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     ctx.tokenizer.save_pretrained(prequant)
     ctx.check_cancel()
     qdir = work / "quantized"
-    ctx.progress(0.05, f"GPTQ {config.bits}-bit, group {g}: {ids.shape[0]} x {ids.shape[1]} calibration tokens")
+    what = describe(config_params(config)) if config.mixed else f"GPTQ {config.bits}-bit, group {g}"
+    ctx.progress(0.05, f"{what}: {ids.shape[0]} x {ids.shape[1]} calibration tokens")
     keep = config.keep_sparsity and bool(zeros_before)
     seconds = quant.quantize(
         prequant,
@@ -191,11 +321,14 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         work_dir=work,
         keep_sparsity=keep,
         on_layer=lambda i, n: _layer_started(ctx, i, n),
+        dynamic=dynamic,
     )
     masked = quant_mask.stats() if keep else None
     atomic_write_text(
         work / "README.md",
-        f"# GPTQ {config.bits}-bit, group size {g}\n\n- `quantized/`: gptqmodel format; load with "
+        f"# GPTQ {config.bits}-bit, group size {g}\n\n"
+        + (f"Per layer (quantize_config.json's `dynamic`): {_formats_text(formats)}\n\n" if config.mixed else "")
+        + "- `quantized/`: gptqmodel format; load with "
         "`frankenlab eval --model` on this folder, `pipeline.loading.load_model(path)` or `GPTQModel.load(path)`.\n"
         "- `prequant/`: the model as it entered this stage (plain HF folder; EoRA's input).\n"
         "- `logs/`: gptqmodel's per-module quantization log.\n",
@@ -220,9 +353,23 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
         "group_size": g,
         "dims_fit_groups": dims_fit,
     }
+    if config.mixed:
+        qmodel.frankenlab_quant["layer_formats"] = [list(f) if f else None for f in formats]
     report = {
         "bits": config.bits,
         "group_size": g,
+        **(
+            {
+                "by_layer": [
+                    {"layer": i, "bits": f[0] if f else FLOAT_BITS, "group_size": f[1] if f else None}
+                    for i, f in enumerate(formats)
+                ],
+                "dynamic": dynamic,
+                "layers_unquantized": sum(f is None for f in formats),
+            }
+            if config.mixed
+            else {}
+        ),
         "desc_act": config.desc_act,
         "sym": config.sym,
         "calibration": {"dataset": cal.dataset, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
@@ -257,13 +404,26 @@ def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
     }
     kept = sparse["zeros_kept_fraction"]
     ctx.log(
-        f"gptq: {config.bits}-bit g{g} in {seconds:.0f}s, {report['disk_bytes'] / 2**20:.1f} MiB on disk; "
+        f"gptq: {_formats_text(formats) if config.mixed else f'{config.bits}-bit g{g}'} in {seconds:.0f}s, "
+        f"{report['disk_bytes'] / 2**20:.1f} MiB on disk; "
         f"density {density_before:.4f} -> {sparse['density_after']:.4f}"
         + (f" ({kept:.1%} of zeros kept{', masked' if keep else ''})" if kept is not None else "")
     )
     if not math.isfinite(sparse["density_after"]):
         raise RecipeError("quantized weights could not be read back")
     return StageResult(qmodel, report, {"model": str(qdir), "prequant": str(prequant)})
+
+
+def config_params(config: Config) -> dict:
+    from frankenlab.evals.config import to_dict
+
+    return to_dict(config)
+
+
+def _formats_text(formats: list) -> str:
+    """ "0-1: 8-bit g32, 2-5: 4-bit g32, 6-7: 16-bit (unquantized)": the per-layer formats as ranges."""
+    text = {i: f"{f[0]}-bit g{f[1]}" if f else "16-bit (unquantized)" for i, f in enumerate(formats)}
+    return ", ".join(f"{k}: {v}" for k, v in TextLayerMap.from_layers(text).to_dict().items())
 
 
 def _layer_started(ctx, i: int, n: int) -> None:

@@ -3,8 +3,10 @@
 TOML on disk (sessions/SCHEMA.md, "Sweep files"): `[base]` is a recipe (or `base = "NAME"`, a
 bundled recipe or a recipe file), `[axes]` maps an axis to its list of values. Axis kinds:
 - `"STAGE.FIELD"` (`depth.k`, `width.pattern`, `lora.dataset`): one stage parameter; STAGE is a
-  stage kind or a stage's name in the base recipe. The value "none" leaves the stage out, and so
-  does a value that makes the stage change nothing (its kind's `is_identity` hook: Depth k=0).
+  stage kind or a stage's name in the base recipe. A per-layer map field takes tables as values
+  (`"width.patterns" = [{ "0-3" = "none", "4-7" = "2:4" }, ...]`); node keys use its canonical form.
+  The value "none" leaves the stage out, and so does a value that makes the stage change nothing
+  (its kind's `is_identity` hook: Depth k=0).
 - `"calibration.FIELD"`, `"evaluation.FIELD"`, `"model.FIELD"`: a recipe section's field.
 - `plan`: Franken-LLaMA layer plans ("0-3,5,5,6-29") for the depth stage (added first if the base
   has none); "none" leaves it out.
@@ -18,6 +20,7 @@ and an error names the configuration and the field.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import re
@@ -79,29 +82,105 @@ class Sweep:
     source: str = ""  # the file it was read from
     text: str = ""  # the file's text, copied into the sweep folder
 
+    @property
+    def size(self) -> int:
+        """How many configurations the axes make (their product), without making any."""
+        n = 1
+        for a in self.axes:
+            n *= len(a.values)
+        return n
+
     def expand(self, check_depth: bool = True) -> list[Configuration]:
         """Every configuration, validated; raises SweepError naming the configuration and field."""
-        combos = list(itertools.product(*(a.values for a in self.axes))) if self.axes else [()]
-        out, depth_cache = [], {}
-        for i, combo in enumerate(combos, 1):
-            values = {a.name: v for a, v in zip(self.axes, combo, strict=False)}
-            where = f"configuration {i} ({' '.join(f'{k}={_text(v)}' for k, v in values.items()) or 'base'})"
-            try:
-                data = self._apply(values)
-                data["name"] = f"{self.name}: {' '.join(f'{k}={_text(v)}' for k, v in values.items()) or 'base'}"
-                recipe = Recipe.from_dict(data)
-                if check_depth:
-                    src = recipe.model.source
-                    if src not in depth_cache:
-                        from frankenlab.pipeline.preflight import model_depth
+        combos = itertools.product(*(a.values for a in self.axes)) if self.axes else [()]
+        depth_cache: dict = {}
+        return [self._configuration(i, combo, depth_cache, check_depth) for i, combo in enumerate(combos, 1)]
 
-                        depth_cache[src] = model_depth(src)
-                    if depth_cache[src] is not None:
-                        recipe.check_for(depth_cache[src])
-            except (RecipeError, ValueError) as exc:
-                raise SweepError(f"{self.source or self.name}: {where}: {exc}") from None
-            out.append(Configuration(i, values, recipe))
+    def configurations(self, indices, check_depth: bool = True) -> list[Configuration]:
+        """Only configurations `indices` (1-based, the order `expand` gives), validated, made
+        without walking the product: for a look at a huge grid (`frankenlab sweep --dry-run`)."""
+        depth_cache: dict = {}
+        out = []
+        for i in indices:
+            rest, combo = i - 1, []
+            for a in reversed(self.axes):  # the last axis varies fastest, as itertools.product does
+                rest, j = divmod(rest, len(a.values))
+                combo.append(a.values[j])
+            out.append(self._configuration(i, tuple(reversed(combo)), depth_cache, check_depth))
         return out
+
+    def sample_indices(self, first: int = 20) -> list[int]:
+        """The first `first` configurations, the last, and enough others that every value of every
+        axis appears at least once (each axis varied alone from the first configuration)."""
+        n = self.size
+        picked = set(range(1, min(n, first) + 1)) | {n}
+        stride = 1
+        for a in reversed(self.axes):
+            picked.update(1 + j * stride for j in range(len(a.values)))
+            stride *= len(a.values)
+        return sorted(picked)
+
+    def _configuration(self, i: int, combo: tuple, depth_cache: dict, check_depth: bool) -> Configuration:
+        values = {a.name: v for a, v in zip(self.axes, combo, strict=False)}
+        where = f"configuration {i} ({' '.join(f'{k}={_text(v)}' for k, v in values.items()) or 'base'})"
+        try:
+            data = self._apply(values)
+            data["name"] = f"{self.name}: {' '.join(f'{k}={_text(v)}' for k, v in values.items()) or 'base'}"
+            recipe = Recipe.from_dict(data)
+            if check_depth:
+                src = recipe.model.source
+                if src not in depth_cache:
+                    from frankenlab.pipeline.preflight import model_depth
+
+                    depth_cache[src] = model_depth(src)
+                if depth_cache[src] is not None:
+                    recipe.check_for(depth_cache[src])
+        except (RecipeError, ValueError) as exc:
+            raise SweepError(f"{self.source or self.name}: {where}: {exc}") from None
+        return Configuration(i, values, recipe)
+
+    def node_bound(self) -> int:
+        """At most how many nodes (shared prefixes) the grid has, counted from the axes alone: the
+        baseline once per combination of section axes, then for each stage position the product of
+        the axes that shape it or an earlier one (a sequence axis adds each value's stages). Exact
+        when no two combinations give the same stages ("none" and identity values can)."""
+        sections = [a for a in self.axes if a.kind == "section"]
+        base = 1
+        for a in sections:
+            base *= len(a.values)
+        stages = list(self.base.get("stages", []))
+        where: dict[str, int] = {}
+        for a in self.axes:
+            if a.kind == "stage":
+                with contextlib.suppress(RecipeError):
+                    where[a.name] = _find(stages, a.name.split(".", 1)[0], a.name)
+            elif a.kind == "plan":
+                i = _find(stages, "depth", a.name, required=False)
+                where[a.name] = -1 if i is None else i
+        positions: list[tuple[float, str | None]] = []  # (order, sequence axis or None)
+        if any(v == -1 for v in where.values()):
+            positions.append((-1, None))
+        for j, st in enumerate(stages):
+            slot = st.get("slot") if isinstance(st, dict) else None
+            positions.append((j, slot))
+        for a in self.axes:  # sequence axes without a slot go last, in file order
+            if a.kind == "sequence" and not any(slot == a.name for _, slot in positions):
+                positions.append((len(stages) + len(positions), a.name))
+        total, shaping = base, base
+        for order, slot in positions:
+            if slot is not None:
+                axis = next((a for a in self.axes if a.name == slot), None)
+                if axis is None:
+                    continue
+                lengths = [len(self._sequence(axis.name, v)) for v in axis.values]
+                total += shaping * sum(lengths)
+                shaping *= len(axis.values)
+                continue
+            for a in self.axes:
+                if where.get(a.name) == order:
+                    shaping *= len(a.values)
+            total += shaping
+        return total
 
     # -- applying one combination of axis values to the base --------------------------------------
     def _apply(self, values: dict) -> dict:
@@ -165,6 +244,8 @@ class Sweep:
 
 
 def _text(v) -> str:
+    if isinstance(v, dict):  # a layer-range map (width.patterns, gptq.layer_bits): "0-3=none,4-7=2:4"
+        return ",".join(f"{k}={x}" for k, x in v.items()) or NONE
     if isinstance(v, (list, tuple)):
         return "+".join(s.get("kind", "?") if isinstance(s, dict) else str(s) for s in v) or NONE
     return str(v)

@@ -10,7 +10,7 @@ sections from `EvalConfig` and `CalibrationConfig` the same way (`form_fields.py
 `frankenlab run` uses, so the form accepts exactly what the runner accepts and refuses with the
 same words. `load(recipe)` fills the form, keeping every field it does not show.
 The app talks to it through attributes and a few calls (attributes down, messages up):
-`grid_plan` / `set_grid_plan()`, `use_grid_plan()`, `set_width()`, `protected`, `model_source`,
+`grid_plan` / `set_grid_plan()`, `use_grid_plan()`, `set_width()`, `set_stage_fields()`, `protected`, `model_source`,
 `build()`, `load()`, and the `Changed` message.
 """
 
@@ -302,6 +302,21 @@ class RecipeForm(VerticalScroll):
         editor = self._first("width") or self.add_stage("width", index=self._natural_index("width"))
         editor.custom.set_pattern(pattern)
         self._structure_changed()
+
+    def set_stage_fields(self, kind: str, values: dict) -> StageEditor:
+        """Set fields of the (first) `kind` stage, adding one if the recipe has none: a planner's plan
+        fills `width.patterns` ({"0-3": "none", ...}) and `gptq.layer_bits` this way. Values are plain
+        data; a width stage's `pattern` (None = only the map's layers) goes to its N:M picker."""
+        editor = self._first(kind) or self.add_stage(kind, index=self._natural_index(kind))
+        for name, value in values.items():
+            if name == "pattern" and editor.custom is not None and hasattr(editor.custom, "set_pattern"):
+                editor.custom.set_pattern(value)
+            elif name in editor.generic.fields:
+                editor.generic.fields[name].set_value(value)
+            else:
+                raise RecipeError(f"the form shows no field {name!r} for a {kind} stage")
+        self._structure_changed()
+        return editor
 
     @property
     def protected(self) -> tuple[int, int]:

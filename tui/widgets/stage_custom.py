@@ -45,7 +45,8 @@ def _check(cls: type, data: dict, where: str) -> None:
 
 
 class NMPicker(Vertical):
-    """Width pruning's pattern: a thesis ratio, a custom N:M, or an unstructured ratio."""
+    """Width pruning's pattern: a thesis ratio, a custom N:M, an unstructured ratio, or none (only the
+    layers the per-layer map names are pruned; the map itself is the generic `patterns` field)."""
 
     FIELDS = frozenset({"pattern", "n", "m", "ratio"})
     START = {"pattern": "1:8"}
@@ -57,6 +58,8 @@ class NMPicker(Vertical):
         unstructured = config is not None and getattr(config, "ratio", None) is not None
         pattern = f"{config.n}:{config.m}" if config is not None and not unstructured and config.n else "1:8"
         self.choice = "unstructured" if unstructured else pattern if pattern in THESIS_RATIOS else "custom"
+        if config is not None and not unstructured and not config.n and getattr(config, "patterns", None):
+            self.choice = "none"  # only the per-layer map's layers
         self._select: Select | None = None
         custom = FieldInfo(
             "custom",
@@ -82,6 +85,7 @@ class NMPicker(Vertical):
             yield Label(self.infos["pattern"].label, classes="field-label")
             options = [(f"{r}  ({nm_text(r).split(' (')[0]})", r) for r in THESIS_RATIOS]
             options += [("custom N:M", "custom"), ("unstructured ratio", "unstructured")]
+            options += [("none: only the layers the per-layer map names", "none")]
             self._select = Select(
                 options, value=self.choice, allow_blank=False, compact=True, id=f"{self.prefix}-ratio"
             )
@@ -106,12 +110,18 @@ class NMPicker(Vertical):
         choice = self.current
         if choice == "unstructured":
             return {"pattern": None, "n": None, "m": None, "ratio": self.unstructured.value}
+        if choice == "none":
+            return {"pattern": None, "n": None, "m": None, "ratio": None}
         pattern = self.custom.value if choice == "custom" else choice
         return {"pattern": pattern, "n": None, "m": None, "ratio": None}
 
-    def set_pattern(self, pattern: str) -> None:
-        self.choice = pattern if pattern in THESIS_RATIOS else "custom"
-        self.custom.set_value(pattern)
+    def set_pattern(self, pattern: str | None) -> None:
+        """Show `pattern` ("2:4"), or "none" (None): only the per-layer map's layers are pruned."""
+        if pattern is None or pattern == "none":
+            self.choice = "none"
+        else:
+            self.choice = pattern if pattern in THESIS_RATIOS else "custom"
+            self.custom.set_value(pattern)
         if self._select is not None and self._select.is_mounted:
             self._select.value = self.choice
 
@@ -126,6 +136,8 @@ class NMPicker(Vertical):
                 says = f"prunes {float(self.unstructured.value):.1%} of each row's weights (unstructured)"
             except (RecipeError, TypeError, ValueError):
                 says = "the fraction of each row's weights pruned, between 0 and 1"
+        elif choice == "none":
+            says = "only the layers 'per layer' names are pruned; the others stay dense"
         else:
             try:
                 says = nm_text(self.custom.value if choice == "custom" else choice)
