@@ -2,11 +2,12 @@
 
 depth 2 + width 2:4 (WANDA) + LoRA (defaults, `--lora-steps` steps) + GPTQ (defaults: 4-bit,
 group 128) + EoRA (defaults: rank 32, 64 C4 samples), through the runner, evaluating after every
-stage. Prints seconds per stage, seconds per LoRA step, peak RSS after each stage, and
-perplexity before/after each stage with its protocol; writes `bench_recovery.json` in the output.
+stage. Prints seconds per stage, peak RSS after each stage, and perplexity before/after each
+stage with its protocol; writes `bench_recovery.json` in the output.
 
 The thesis' LoRA budget (8192 samples in batches of 8 = 1024 steps) takes hours on a CPU; the
-default here runs a few steps and reports the seconds per step, from which the full run follows.
+default here runs a few steps. LoRA's speed (per step, per CPU-second, against a plain PEFT loop,
+Trainer and the GEMM ceiling) is measured by `benchmarks.bench_lora`, not here.
 
 Usage: python -m benchmarks.bench_recovery [--data-dir DIR] [--out DIR] [--lora-steps N]
        [--ppl-limit N] [--skip-eora] [--gptq-samples N] [--quant-only MODEL_DIR]
@@ -119,7 +120,6 @@ def main() -> None:
                 "params": st.params_count,
                 "params_nonzero": st.params_nonzero,
                 "peak_rss_gib": rss.get(st.index),
-                "seconds_per_lora_step": r.get("seconds_per_step"),
                 "lora_loss": [r.get("first_loss"), r.get("final_loss")] if st.kind == "lora" else None,
                 "density": [r.get("density_before"), r.get("density_after")] if "density_after" in r else None,
                 "zeros_kept_fraction": r.get("zeros_kept_fraction"),
@@ -144,7 +144,7 @@ def main() -> None:
     print("\n| stage | ppl | protocol | seconds | peak RSS GiB | notes |\n|---|---|---|---|---|---|")
     for r in rows:
         note = {
-            "lora": f"{r['seconds_per_lora_step'] or 0:.2f} s/step, loss {r['lora_loss']}",
+            "lora": f"loss {r['lora_loss']} (speed: python -m benchmarks.bench_lora)",
             "gptq": f"quantize {r['gptq_seconds'] or 0:.0f}s, {(r['disk_bytes'] or 0) / 2**20:.1f} MiB, "
             f"density {r['density']}, zeros kept {r['zeros_kept_fraction']}",
             "eora": f"generate {r['eora_seconds'] or 0:.0f}s, adapter {(r['adapter_bytes'] or 0) / 2**20:.1f} MiB",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from frankenlab.evals import toml
 from frankenlab.evals.config import FieldInfo, config_fields
+from frankenlab.evals.layer_map import IntLayerMap, LayerMap
 from frankenlab.evals.suite import EvalConfig
 from frankenlab.pipeline.calibration import CalibrationConfig
 from frankenlab.pipeline.recipe import RECIPES_DIR, ModelSpec
@@ -60,6 +61,10 @@ pattern = "1:8"
 ```
 
 "Lab form" says whether the lab's Recipe pane shows the field (the others are set in the TOML).
+A "layer map" is a per-layer setting: a table whose keys are layer numbers or inclusive ranges of
+the model the stage receives (`"0-3"`, `"7"`, `"4-13,20"`), e.g. `patterns = { "0-3" = "none",
+"4-13" = "1:8" }`; no layer may be named twice, and a layer not named takes the stage's single
+setting. The form shows it as text: `0-3=none, 4-13=1:8`.
 The lab takes the model from `frankenlab --model` rather than from its form.
 """
 
@@ -74,6 +79,10 @@ def type_name(tp) -> str:
     if origin in (tuple, list):
         (inner, *_) = typing.get_args(tp) or (str,)
         return f"list of {type_name(inner)}"
+    if origin is typing.Literal:  # a word beside the type: steps = "auto"
+        return " or ".join(f'"{w}"' for w in typing.get_args(tp))
+    if isinstance(tp, type) and issubclass(tp, LayerMap):  # { "0-3" = ..., "4-13" = ... }
+        return f"layer map of {'int' if issubclass(tp, IntLayerMap) else 'str'}"
     return getattr(tp, "__name__", str(tp))
 
 

@@ -19,6 +19,7 @@ import typing
 from typing import Any, TypeVar
 
 from frankenlab.evals.errors import RecipeError
+from frankenlab.evals.layer_map import LayerMap, is_layer_map_type
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
@@ -37,7 +38,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except RecipeError:
                 continue
-        raise RecipeError(f"{where}: {value!r} is not a valid value")
+        raise RecipeError(f"{where}: expected {' or '.join(_expected(a) for a in args)}, got {value!r}")
+    if origin is typing.Literal:  # a word a field takes beside its type: steps = "auto"
+        if isinstance(value, str) and value in typing.get_args(tp):
+            return value
+        raise RecipeError(f"{where}: expected {_expected(tp)}, got {value!r}")
+    if is_layer_map_type(tp):  # a layer-range map (evals.layer_map): a table or its text form
+        return tp.parse(value, where)
     if origin in (tuple, list):
         (inner, *_) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
@@ -67,6 +74,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _expected(tp: Any) -> str:
+    """What a value of type `tp` is, for a message: "a whole number", "text", "\"auto\""."""
+    if typing.get_origin(tp) is typing.Literal:
+        return " or ".join(f'"{w}"' for w in typing.get_args(tp))
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+    return names.get(tp, "a list" if typing.get_origin(tp) in (tuple, list) else getattr(tp, "__name__", str(tp)))
+
+
+def literal_words(tp: Any) -> tuple:
+    """The words a field takes beside its type (`int | Literal["auto"] | None`: ("auto",))."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return tuple(typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return tuple(w for a in typing.get_args(tp) for w in literal_words(a))
+    return ()
+
+
 def from_dict(cls: type[T], data: dict | None, where: str) -> T:
     """Build a config dataclass from plain data, refusing unknown keys."""
     data = dict(data or {})
@@ -94,7 +119,7 @@ def to_dict(config: Any) -> dict:
         v = getattr(config, f.name)
         if v is None:
             continue
-        out[f.name] = list(v) if isinstance(v, tuple) else v
+        out[f.name] = list(v) if isinstance(v, tuple) else v.to_dict() if isinstance(v, LayerMap) else v
     return out
 
 
@@ -136,12 +161,14 @@ class FieldInfo:
     default: Any
     form: bool = True
     choices: tuple | None = None
+    words: tuple = ()  # words taken beside the type (steps: "auto"); a form's text input accepts them
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        args = [a for a in typing.get_args(tp) if a is not type(None) and typing.get_origin(a) is not typing.Literal]
+        args = args or [str]
         inner, _ = _base_type(args[0]) if len(args) == 1 else (str, False)
         return inner, type(None) in typing.get_args(tp)
     if origin in (tuple, list):
@@ -178,6 +205,7 @@ def config_fields(cls: type) -> list[FieldInfo]:
                 default,
                 bool(meta.get("form", True)),
                 meta.get("choices"),
+                literal_words(hints[f.name]),
             )
         )
     return out

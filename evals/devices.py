@@ -13,6 +13,8 @@ availability, device count and capability and check each decision on a CPU-only 
 - `is_oom`, `free_cached_memory`, `oom_message`: out of memory, on any device, as one line.
 - `local_sweep_slots`, `process_per_job`, `job_environment`: where a local sweep's jobs run.
 - `ray_placement`, `task_device`: what a Ray task asks for, and the device it uses inside the task.
+- `cpu_bf16_units`, `cpu_bf16_speedup`, `lora_precision`: what LoRA's `mixed_precision` runs as; on a CPU
+  bf16 autocast only where it has bf16 matmul units (AMX, AVX-512-bf16) and a measurement says it pays.
 - `cuda_quant_kernel`: which gptqmodel kernel a quantized model runs on a GPU (never gptqmodel's
   own "auto", which compiles and picks differently from box to box).
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from frankenlab.evals.errors import ModelLoadError
+from frankenlab.evals.errors import ModelLoadError, RecipeError
 
 CPU_DTYPE = torch.float32
 DTYPES = {
@@ -139,6 +141,100 @@ def cpu_fast_paths(model_or_device) -> bool:
         return torch.device(model_or_device).type == "cpu"
     params = list(model_or_device.parameters()) + list(model_or_device.buffers())
     return all(p.device.type == "cpu" for p in params)
+
+
+# -- LoRA's mixed precision: bf16 on a CPU only where it pays --------------------------------------
+BF16_MIN_SPEEDUP = 1.5  # on the measured linear; a whole LoRA step gains less (casts, attention, element-wise)
+_BF16_SPEEDUP: dict[str, float] = {}  # measured once per process
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_units() -> str | None:
+    """The CPU's bf16 matrix units by name ("AMX", "AVX-512-bf16"), or None where it has none
+    (an AVX2 CPU: torch then emulates bf16 and it is slower than fp32)."""
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX-512-bf16"
+    if flags:  # Linux listed the flags: none of them
+        return None
+    try:  # elsewhere: oneDNN's own check
+        return "bf16 (oneDNN)" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    except Exception:  # noqa: BLE001 - unknown: no units
+        return None
+
+
+def cpu_bf16_speedup(tokens: int = 1024, hidden: int = 576, out: int = 1536, reps: int = 4) -> float:
+    """fp32 time / bf16-autocast time of a training-sized frozen linear on this CPU: its forward and
+    the backward to its input (the two GEMMs of a frozen layer in LoRA training), the weight cast per
+    call as autocast does. Best of `reps` each, interleaved, in CPU seconds of this process (other
+    processes on a busy machine stretch wall time, not these); measured once per process (~1 s)."""
+    key = f"{tokens}x{hidden}x{out}"
+    if key not in _BF16_SPEEDUP:
+        import time
+
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, hidden, generator=gen).requires_grad_(True)
+        w = torch.randn(out, hidden, generator=gen)
+        best = {False: float("inf"), True: float("inf")}
+        for rep in range(reps + 1):
+            for bf16 in (False, True):
+                t0 = time.process_time()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    y = torch.nn.functional.linear(x, w)
+                y.float().sum().backward()
+                x.grad = None
+                if rep:  # the first round warms up
+                    best[bf16] = min(best[bf16], time.process_time() - t0)
+        _BF16_SPEEDUP[key] = best[False] / max(best[True], 1e-9)
+    return _BF16_SPEEDUP[key]
+
+
+def lora_precision(device: torch.device | str, setting: str) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype or None for fp32, why) for LoRA's `mixed_precision` on `device`. Adapters and
+    optimizer state stay fp32 either way. On a CPU "fp16" is refused (RecipeError); "bf16" runs as
+    asked (and says when the CPU has no bf16 units); "auto" picks bf16 only where the CPU has bf16
+    matmul units AND `cpu_bf16_speedup` measures it faster, else fp32."""
+    device = torch.device(device)
+    if setting == "no":
+        return None, "mixed_precision = no"
+    if device.type == "cuda":
+        if setting == "fp16":
+            return torch.float16, "asked for"
+        if setting == "bf16":
+            return torch.bfloat16, "asked for"
+        half = half_dtype(device)
+        why = "the GPU computes bf16 natively" if half is torch.bfloat16 else "the GPU has no native bf16"
+        return half, f"auto: {why}"
+    if device.type != "cpu":
+        return None, f"auto: no mixed precision on {device.type}"
+    if setting == "fp16":
+        raise RecipeError('mixed_precision = "fp16" is not supported on a CPU: use "bf16", "auto" or "no"')
+    units = cpu_bf16_units()
+    if setting == "bf16":
+        if units:
+            return torch.bfloat16, f"asked for; this CPU has {units}"
+        return torch.bfloat16, "asked for; this CPU has no bf16 matmul units, so it runs slower than fp32"
+    if not units:
+        return None, "auto: this CPU has no bf16 matmul units (AMX, AVX-512-bf16)"
+    speedup = cpu_bf16_speedup()
+    if speedup < BF16_MIN_SPEEDUP:
+        return (
+            None,
+            f"auto: this CPU has {units} but bf16 measured {speedup:.2f}x fp32 here (needs {BF16_MIN_SPEEDUP}x)",
+        )
+    return torch.bfloat16, f"auto: this CPU has {units}; bf16 measured {speedup:.2f}x faster than fp32"
 
 
 # -- out of memory ----------------------------------------------------------------------------------

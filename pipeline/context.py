@@ -41,6 +41,9 @@ class StageContext:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     index: int = 0
     input_artifact: Path | None = None  # the saved folder of the model this stage receives, when known
+    # the run's model before its first stage, as the recipe loads it (LoRA's distillation teacher):
+    # {"source", "device", "dtype", "trust_remote_code"}; None outside a run
+    source_model: dict | None = None
     _calib_cache: dict = field(default_factory=dict, repr=False)
 
     def for_stage(self, index: int, work_dir: Path | None = None, input_artifact: Path | None = None) -> StageContext:

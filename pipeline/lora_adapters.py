@@ -82,3 +82,20 @@ def _peft():
             if name.startswith("peft") and getattr(mod, "is_gptqmodel_available", None) is probe:
                 mod.is_gptqmodel_available = lambda: False
     return LoraConfig, get_peft_model
+
+
+def add_adapter(model: nn.Module, *, rank: int, alpha: float, dropout: float, targets, seed: int):
+    """`model` as a PEFT model with a fresh LoRA adapter on the `targets` projections, initialised
+    from `seed` (the stage's, and the plain PEFT loop `benchmarks.bench_lora` compares it with)."""
+    LoraConfig, get_peft_model = _peft()
+    torch.manual_seed(seed)
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=list(targets),
+            task_type="CAUSAL_LM",
+        ),
+    )

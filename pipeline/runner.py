@@ -153,6 +153,12 @@ class Runner:
                 self.opt.data_dir,
                 listener=self.emit,
                 cancel_event=self.cancel,
+                source_model={
+                    "source": rec.model.source,
+                    "device": rec.model.device,
+                    "dtype": rec.model.dtype,
+                    "trust_remote_code": rec.model.trust_remote_code,
+                },
             )
             index = 0
             if first == 1 and self.opt.baseline:

@@ -17,7 +17,7 @@ from pathlib import Path
 from frankenlab.pipeline import events as ev
 from frankenlab.pipeline.events import Listener
 from frankenlab.pipeline.records import StageRecord
-from frankenlab.sessions.hashing import weights_digest
+from frankenlab.pipeline.weight_hashes import weights_digest
 from frankenlab.sessions.session import SESSION_FILE, Session
 
 

@@ -348,6 +348,10 @@ def replay(
             except Exception:  # noqa: BLE001 - a broken callback must not stop the run
                 pass
 
+    from frankenlab.pipeline.lora_progress import carry_checkpoints
+
+    # a stage killed or cancelled after a checkpoint (LoRA) continues from it, in the replay's own folder
+    carried = carry_checkpoints(Path(saved.path).parent if saved.path else None, out_dir, from_stage)
     new = record_run(
         recipe,
         out_dir,
@@ -370,7 +374,7 @@ def replay(
     new.replay_of = {"session_id": saved.id, "path": saved.path, "from_stage": from_stage}
     if new.path:
         new.save(new.path)
-    notes = environment_notes(saved, new)
+    notes = environment_notes(saved, new) + carried
     if from_stage == 1:
         w = weights_note(saved, new)
         if w:

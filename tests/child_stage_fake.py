@@ -3,7 +3,8 @@
 `behaviour`: "ok" (talks, scales the embeddings by 2, returns), "exit" (os._exit(1) from a thread
 after printing a traceback, as gptqmodel's workers do), "abort" (SIGABRT), "raise" (a RuntimeError),
 "oom" (torch.OutOfMemoryError), "refuse" (a RecipeError),
-"wait" (checks the cancel flag until it is set), "deaf" (ignores a cancel).
+"wait" (checks the cancel flag until it is set), "deaf" (ignores a cancel), "noisy" (prints to stdout and
+stderr, from Python and from C, draws a tqdm bar and logs a warning, as gptqmodel does per layer, then returns).
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def run(model, ctx: StageContext, config: Config) -> StageResult:
 
         threading.Thread(target=worker).start()
         time.sleep(60)
+    elif b == "noisy":
+        import logging
+
+        from tqdm import tqdm
+
+        print("NOISY-STDOUT quantizing layer 3/30")
+        print("NOISY-STDERR a library's warning", file=sys.stderr)
+        os.write(1, b"NOISY-FD1 written below Python\n")
+        for _ in tqdm(range(3), desc="NOISY-TQDM"):
+            pass
+        logging.getLogger("gptqmodel").warning("NOISY-LOGGING per-layer line")
     elif b == "abort":
         os.abort()
     elif b == "raise":

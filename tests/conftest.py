@@ -37,6 +37,9 @@ def pytest_collection_modifyitems(config, items):
 
 # Quantized models run on the default CPU kernel ("auto") in tests; tests that want another set it.
 os.environ.pop("FRANKENLAB_QUANT_KERNEL", None)
+# `frankenlab run` and `sweep` print no duration estimate in tests (its probes would cost every run test
+# time and write the user's rate cache); tests/test_estimate.py turns it on with its own cache folder.
+os.environ["FRANKENLAB_ESTIMATE"] = "0"
 
 
 def shared_data_dir() -> Path:

@@ -67,11 +67,11 @@ def test_every_shared_option_comes_from_its_one_definition():
             assert action.option_strings == [o.flag] and action.dest == o.dest, (command, action)
             assert action.help.startswith(o.help), (command, action.help)
             where.setdefault(o.flag, set()).add(command)
-    assert where["--model"] == {"frankenlab", "run", "eval", "memory", "replay", "sweep"}
-    assert where["--data-dir"] == {"frankenlab", "run", "eval", "replay", "sweep"}
-    assert where["--device"] == where["--dtype"] == {"frankenlab", "eval", "memory", "replay"}
-    assert where["--trust-remote-code"] == {"frankenlab", "eval"}
-    assert where["--out"] == {"run", "replay", "sweep"}
+    assert where["--model"] == {"frankenlab", "run", "eval", "memory", "replay", "sweep", "plan"}
+    assert where["--data-dir"] == {"frankenlab", "run", "eval", "replay", "sweep", "plan"}
+    assert where["--device"] == where["--dtype"] == {"frankenlab", "eval", "memory", "replay", "plan"}
+    assert where["--trust-remote-code"] == {"frankenlab", "eval", "plan"}
+    assert where["--out"] == {"run", "replay", "sweep", "plan"}
     assert where["--no-save-models"] == {"run", "replay"}
     assert where["--format"] == {"compare", "sessions"}
 

@@ -63,6 +63,7 @@ def test_lora_autocast_asks_the_same_decision(monkeypatch):
     assert _autocast(torch.device("cuda"), "auto") == torch.float16
     fake_cuda(monkeypatch, capability=(8, 0))
     assert _autocast(torch.device("cuda"), "auto") == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_bf16_units", lambda: None)  # a CPU without bf16 units (test_lora_precision.py)
     assert _autocast(torch.device("cpu"), "auto") is None
 
 
@@ -536,20 +537,24 @@ def test_a_cuda_model_loads_in_the_auto_dtype_and_evaluates(tiny_model_dir, data
     assert r.value == pytest.approx(want.value, rel=0.05)
 
 
-def test_chat_keeps_at_most_the_two_models_in_use(monkeypatch):
-    from frankenlab.tui.chat import ChatTarget, release_unused
+def test_chat_models_beyond_the_labs_limit_leave_the_gpu(monkeypatch):
+    """The chat's models live in the lab's model cache: one too many drops the least recently used and
+    empties CUDA's cache; chosen again, it loads again (tests/test_model_cache.py has the rest)."""
+    from frankenlab.tui.chat import ChatTarget
+    from frankenlab.tui.model_cache import ModelCache
 
     calls = fake_cuda(monkeypatch)
     loads = []
+    cache = ModelCache(2)
     targets = {
-        k: ChatTarget(k, k, lambda k=k: loads.append(k) or (f"model {k}", "tok")) for k in ("base", "s1", "s2", "s3")
+        k: ChatTarget(k, k, lambda k=k: loads.append(k) or (f"model {k}", "tok"), cache=cache)
+        for k in ("s1", "s2", "s3")
     }
     for t in targets.values():
         t.resolve()
-    assert release_unused(targets, [targets["s2"], targets["s3"]]) == ["base", "s1"]
-    assert [k for k, t in targets.items() if t._cache is not None] == ["s2", "s3"] and calls == ["empty_cache"]
-    targets["base"].resolve()  # chosen again: loaded again
-    assert loads.count("base") == 2
+    assert cache.keys() == ["s2", "s3"] and calls == ["empty_cache"]
+    targets["s1"].resolve()  # chosen again: loaded again, and s2 (now the oldest) leaves
+    assert loads == ["s1", "s2", "s3", "s1"] and cache.keys() == ["s3", "s1"] and calls == ["empty_cache"] * 2
 
 
 def test_gpu_smoke_on_a_cpu_machine_says_so_and_passes(capsys):

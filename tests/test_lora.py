@@ -28,6 +28,7 @@ def ctx_for(tiny, tmp_path, listener=ev.ignore, **kw):
 
 def quick(text_file, **kw):
     base = dict(dataset=str(text_file), steps=8, batch_size=4, seq_len=32, lr=3e-2, dropout=0.0, seed=0)
+    base["mixed_precision"] = "no"  # fp32 whatever this CPU measures under "auto" (tests/test_lora_precision.py)
     return lora.Config(**{**base, **kw})
 
 
@@ -57,7 +58,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny
 
     want_lm, got_lm = (load_model(str(tiny_model_dir), device="cpu", dtype="float32") for _ in range(2))
     want = lora.run(want_lm.model, ctx_for(want_lm, tmp_path / "a"), quick(text_file, steps=3))
-    real = type(got_lm.model).forward
+    real = type(got_lm.model.model).forward  # the decoder body: the training loss runs it, not the LM's forward
     rows = []
 
     def small_memory(self, *a, input_ids=None, **k):
@@ -68,7 +69,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny
 
     logs = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(type(got_lm.model), "forward", small_memory)
+        mp.setattr(type(got_lm.model.model), "forward", small_memory)
         got = lora.run(
             got_lm.model,
             ctx_for(got_lm, tmp_path / "b", lambda e: logs.append(e) if isinstance(e, ev.LogLine) else None),
@@ -88,7 +89,7 @@ def test_out_of_memory_at_one_sequence_says_what_to_lower(tiny, tmp_path, text_f
     def never_fits(self, *a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(type(tiny.model), "forward", never_fits)
+    monkeypatch.setattr(type(tiny.model.model), "forward", never_fits)
     with pytest.raises(torch.OutOfMemoryError) as err:
         lora.run(tiny.model, ctx_for(tiny, tmp_path), quick(text_file, steps=2, batch_size=2))
     text = str(err.value)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from frankenlab.pipeline.weight_hashes import weights_digest
 from frankenlab.sessions import (
     Session,
     SessionError,
@@ -29,7 +30,6 @@ from frankenlab.sessions import (
     save_to_user_dir,
     user_sessions_dir,
 )
-from frankenlab.sessions.hashing import weights_digest
 from frankenlab.sessions.schema import SESSION_SCHEMA, STAGE_SCHEMA, validate
 from frankenlab.sessions.session import SCHEMA_VERSION, loads_session
 

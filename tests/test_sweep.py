@@ -262,12 +262,18 @@ def test_ray_gives_the_local_numbers(tiny_model_dir, tmp_path, data_dir):
     sw = parse_sweep(sweep_text(tiny_model_dir, '"width.pattern" = ["1:8", "2:4"]'))
     run_sweep(sw, tmp_path / "local", data_dir=data_dir)
     executor = RayExecutor(num_cpus=2)
+    seen = []
     try:
-        remote = run_sweep(sw, tmp_path / "ray", executor=executor, data_dir=data_dir)
+        remote = run_sweep(sw, tmp_path / "ray", executor=executor, data_dir=data_dir, listener=seen.append)
     finally:
         executor.close()
     assert not ray.is_initialized()
     assert remote["status"] == "done" and remote["runs"][-1]["executor"] == "ray"
+    # progress from inside the Ray tasks reached the sweep (their polled progress files), for every job
+    from frankenlab.sessions.sweep import NodeProgress
+
+    progressed = {e.key for e in seen if isinstance(e, NodeProgress)}
+    assert len(progressed) >= remote["runs"][-1]["jobs"] and progressed <= set(remote["nodes"])
     assert remote["runs"][-1]["nodes_computed"] == len(remote["nodes"]) == 4
     a, b = sweep_sessions(tmp_path / "local")[1], sweep_sessions(tmp_path / "ray")[1]
     for sa, sb in zip(a, b, strict=False):

@@ -114,6 +114,8 @@ async def test_ctrl_pagedown_and_pageup_switch_panes_while_typing(loaded, tmp_pa
         await on_pane(pilot, "results")
         for _ in range(4):  # wraps around: as many panes as there are
             await pilot.press("ctrl+pageup")
+        await on_pane(pilot, "plan")
+        await pilot.press("ctrl+pageup")
         await on_pane(pilot, "sweep")
         assert app.query_one("#chat-input").value == "h"
 

@@ -39,6 +39,7 @@ from frankenlab.tui.widgets.footer import LabFooter
 from frankenlab.tui.widgets.layer_grid import LayerGrid
 from frankenlab.tui.widgets.memory import MemoryPanel
 from frankenlab.tui.widgets.model_info import ModelInfo, describe_plan
+from frankenlab.tui.widgets.plan_pane import PlanPane
 from frankenlab.tui.widgets.recipe_form import RecipeForm
 from frankenlab.tui.widgets.results import ResultsPanel
 from frankenlab.tui.widgets.run_panel import RunPanel
@@ -142,6 +143,8 @@ class FrankenLab(RunActions, FileActions, PaneActions, QuitActions, App):
                 yield SessionsPanel(self.lab.runs_dir, id="sessionspanel")
             with TabPane("7 Sweep", id="sweep"):
                 yield SweepPane(self.lab.runs_dir, self.lab.data_dir, id="sweeppane")
+            with TabPane("8 Plan", id="plan"):
+                yield PlanPane(id="planpane")
         yield LabFooter(compact=True)  # at 80 columns the keys that matter on every pane still show
 
     def on_mount(self) -> None:
@@ -191,6 +194,8 @@ class FrankenLab(RunActions, FileActions, PaneActions, QuitActions, App):
     def on_unmount(self) -> None:
         logging.getLogger().removeHandler(self._log_handler)
         self.lab.cancel.set()
+        for pane in self.query(PlanPane):  # a sensitivity pass stops at its next layer (its entries are cached)
+            pane.cancel.set()
         for line in self.query(WhatIf):  # an estimate in flight stops at its next layer, so exit is prompt
             if line.scheduler is not None:
                 line.scheduler.cancel()
@@ -228,6 +233,7 @@ class FrankenLab(RunActions, FileActions, PaneActions, QuitActions, App):
         if self.lab.session is not None:
             self._show_scores(self.lab.session)
         self.query_one(MemoryPanel).set_model("baseline", lm.model)
+        self.query_one(PlanPane).set_model(lm, self.lab.data_dir, self.lab.model_ref)
 
     def _protected(self, n: int) -> set[int]:
         return protected_layers(n, *self.query_one(RecipeForm).protected)
@@ -270,6 +276,19 @@ class FrankenLab(RunActions, FileActions, PaneActions, QuitActions, App):
             return
         self.query_one(RecipeForm).use_grid_plan()
         self.notify(f"depth stage uses the plan {plan.to_text()}")
+
+    @on(PlanPane.UsePlan)
+    def _use_planner_plan(self, message: PlanPane.UsePlan) -> None:
+        """The Plan pane's `u`: its plan into the recipe form, as a recipe file is loaded (`_show_recipe`)."""
+        self._show_recipe(message.recipe)
+        self.notify(message.summary)
+
+    def action_cancel_run(self, hint: str = "") -> None:
+        """ctrl+x: the run; with no run going, the Plan pane's sensitivity pass."""
+        plan = self._cached(PlanPane)
+        if not self.lab.running and plan is not None and plan.cancel_pass():
+            return
+        super().action_cancel_run(hint)
 
     @on(EstimateReady)
     def _estimate_ready(self, message: EstimateReady) -> None:
@@ -327,6 +346,15 @@ def run_lab(args) -> int:
     # (bundled model, WANDA 2:4 run + evaluation): event-loop p99 extra delay 35 ms with 2 threads
     # vs 20 ms with 1, while the run took 37 s instead of 53 s and what-if toggles half the time.
     # OMP_NUM_THREADS still caps it for users who want a core left free.
+    import sys
+
+    from frankenlab.tui.model_cache import max_models
+
+    try:
+        max_models()  # a bad FRANKENLAB_MAX_MODELS is one line before the screen opens
+    except ValueError as exc:
+        print(f"frankenlab: {exc}", file=sys.stderr)
+        return 2
     model_ref = args.model
     if model_ref is None and args.session:
         try:  # reopen on the session's own model unless --model says otherwise

@@ -40,6 +40,7 @@ class PaneActions:
         "chat": "#transcript-a",  # not the prompt: a pane never grabs the keys on arrival (digits stay pane keys)
         "sessions": "#sessions-list",
         "sweep": "#sweep-table",
+        "plan": "#plan-body",  # not the budget field: digits stay pane keys on arrival
     }
 
     def _focus_pane(self, pane: str) -> None:

@@ -59,7 +59,23 @@ class RunActions:
         out = self.lab.begin_run(recipe.name)
         stages = " + ".join(s.kind for s in recipe.stages) or "baseline evaluation only"
         self._show_run_start(f"running {recipe.name}: {stages} -> {out}", out)
-        self.run_worker_thread(out, lambda: self.lab.run(recipe, out, self._listener))
+        self.run_worker_thread(out, lambda: (self._estimate(recipe), self.lab.run(recipe, out, self._listener))[1])
+
+    def _estimate(self, recipe) -> None:
+        """In the run's worker thread, before it starts: the estimated duration on the Run pane
+        (`pipeline.estimate`, probing the loaded model when the rate cache is cold; FRANKENLAB_ESTIMATE=0: none)."""
+        import os
+
+        if os.environ.get("FRANKENLAB_ESTIMATE", "1") == "0":
+            return
+        try:
+            from frankenlab.pipeline.estimate import estimate_recipe
+
+            estimate = estimate_recipe(recipe, self.lab.data_dir, loaded=self.lab.loaded)
+        except Exception as exc:  # noqa: BLE001 - an estimate never stops a run
+            self.call_from_thread(self.query_one(RunPanel).write, f"no duration estimate: {type(exc).__name__}", "dim")
+            return
+        self.call_from_thread(self.query_one(RunPanel).show_estimate, estimate)
 
     def _show_run_start(self, title: str, out: Path) -> None:
         noise.attach(out / "run.log")  # third-party warnings of this run into its folder, not the screen

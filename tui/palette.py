@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-TABS = ("layers", "recipe", "run", "results", "chat", "sessions", "sweep")
+TABS = ("layers", "recipe", "run", "results", "chat", "sessions", "sweep", "plan")
 
 
 def lab_commands(app) -> Iterator[tuple[str, str, Callable]]:
@@ -35,6 +35,16 @@ def lab_commands(app) -> Iterator[tuple[str, str, Callable]]:
             "Run a sweep",
             "a grid of configurations sharing prefixes, in the background (Sweep pane, 7)",
             lambda: app.action_tab("sweep"),
+        ),
+        (
+            "Plan for a memory budget",
+            "the best per-layer skip / N:M / bits plan within a budget (Plan pane, 8)",
+            lambda: app.action_tab("plan"),
+        ),
+        (
+            "Use the planner's plan",
+            "the Plan pane's chosen plan into the recipe form (u in the Plan pane)",
+            lambda: app.query_one("#planpane").action_use_plan(),
         ),
         ("Toggle dark/light theme", "ctrl+t", app.action_toggle_theme),
         ("Help", "keys and panes (f1)", app.action_help),

@@ -20,27 +20,30 @@ with the measured density. The adapter is always saved in PEFT's format under `<
 Cancelling takes effect within a step, at the next decoder layer of its forward or backward pass
 (a step of the bundled model takes ~20 s on a CPU); the unfinished step is dropped, the adapter of
 the last completed step is saved and recorded, then the run ends as cancelled.
+
+This module holds the Config, the registry's hooks and the training data; `run` prepares the
+windows and hands them to `pipeline/lora_train.py`, which trains, merges and reports.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from frankenlab.evals import devices
-from frankenlab.evals.cancel import Cancelled, cancel_between_layers
-from frankenlab.evals.config import option, require
+from frankenlab.evals.config import option, require, to_dict
 from frankenlab.evals.data import load_dataset_records, source_note
 from frankenlab.evals.errors import RecipeError
 from frankenlab.evals.overlap import check_training_data
+from frankenlab.pipeline import lora_progress, lora_train
 from frankenlab.pipeline.context import StageContext, StageResult
-from frankenlab.pipeline.lora_adapters import _peft, is_peft, merge_keeping_mask, sparse_masks, targeted_density
+from frankenlab.pipeline.lora_adapters import is_peft
+from frankenlab.pipeline.lora_loss import LOSSES
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -66,13 +69,60 @@ class Config:
         "questions), wiki (30 Wikipedia articles), or a .txt/.jsonl file",
     )
     samples: int = option(8192, help="training sequences in all (thesis: 8192 in batches of 8)")
-    steps: int | None = option(None, help="optimizer steps; when given it replaces samples")
+    steps: int | Literal["auto"] | None = option(
+        None,
+        help='optimizer steps; when given it replaces samples; "auto": stop when the validation loss '
+        "stops improving (at most max_steps)",
+    )
+    max_steps: int | None = option(
+        None, form=False, help='the cap of steps = "auto" (empty: the steps that samples make)'
+    )
+    eval_every: int = option(
+        lora_progress.EVAL_EVERY,
+        form=False,
+        help="optimizer steps between validation losses on held-out training windows (0: none)",
+    )
+    val_windows: int = option(
+        lora_progress.VAL_WINDOWS,
+        form=False,
+        help="training windows held out for validation (the last ones, at most a quarter; never evaluation data)",
+    )
+    patience: int = option(
+        lora_progress.PATIENCE,
+        form=False,
+        help='validations without a min_delta improvement before steps = "auto" stops',
+    )
+    min_delta: float = option(
+        lora_progress.MIN_DELTA,
+        form=False,
+        help="relative validation-loss improvement that counts for patience (0.005 = 0.5 %)",
+    )
+    checkpoint_every: int = option(
+        lora_progress.CHECKPOINT_EVERY,
+        form=False,
+        help="optimizer steps between checkpoints a killed run resumes from (0: only when cancelled)",
+    )
     batch_size: int = option(8, form=False, help="sequences per micro-batch")
     grad_accum: int = option(1, form=False, help="micro-batches per optimizer step")
     lr: float = option(2e-4, form=False, help="peak learning rate (linear decay to 10 %)")
     warmup_steps: int = option(0, form=False, help="linear warm-up steps")
     seq_len: int = option(256, form=False, help="tokens per training window")
-    mixed_precision: str = option("auto", form=False, choices=PRECISIONS, help="auto: bf16/fp16 on GPU, fp32 on CPU")
+    mixed_precision: str = option(
+        "auto",
+        form=False,
+        choices=PRECISIONS,
+        help="auto: bf16/fp16 on GPU; on CPU bf16 where it has bf16 matmul units and measures faster, else fp32",
+    )
+    loss: str = option(
+        "ce",
+        choices=LOSSES,
+        help="ce: the plain LM loss; kd: distil the source model (the one before the first stage); ce+kd: both",
+    )
+    temperature: float = option(2.0, form=False, help="distillation temperature T (the KL is scaled by T^2)")
+    kd_weight: float = option(0.5, form=False, help="weight of the distillation term in ce+kd (CE gets 1 - it)")
+    teacher_top_k: int = option(
+        64, form=False, help="teacher logits kept per token, cached on disk for reuse; 0: the full distribution, live"
+    )
     merge: bool = option(
         True, form=False, help="merge into the weights and re-apply the sparsity mask; false keeps the adapter separate"
     )
@@ -91,7 +141,20 @@ class Config:
             f"unknown training dataset {self.dataset!r}: use {', '.join(TRAINING_SETS)}, or a .txt/.jsonl file path",
         )
         require(self.samples >= 1, f"samples must be at least 1, got {self.samples}")
-        require(self.steps is None or self.steps >= 1, f"steps must be at least 1, got {self.steps}")
+        require(
+            self.steps is None or self.steps == "auto" or self.steps >= 1,
+            f'steps must be at least 1 (or "auto"), got {self.steps}',
+        )
+        require(self.max_steps is None or self.max_steps >= 1, f"max_steps must be at least 1, got {self.max_steps}")
+        require(self.eval_every >= 0, f"eval_every must be 0 (no validation) or more, got {self.eval_every}")
+        require(self.val_windows >= 0, f"val_windows cannot be negative, got {self.val_windows}")
+        require(self.patience >= 1, f"patience must be at least 1 validation, got {self.patience}")
+        require(0.0 <= self.min_delta < 1.0, f"min_delta must be in [0, 1), got {self.min_delta}")
+        require(self.checkpoint_every >= 0, f"checkpoint_every must be 0 or more, got {self.checkpoint_every}")
+        require(
+            self.steps != "auto" or (self.eval_every >= 1 and self.val_windows >= 1),
+            'steps = "auto" stops on the validation loss: set eval_every and val_windows to at least 1',
+        )
         require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
         require(self.grad_accum >= 1, f"grad_accum must be at least 1, got {self.grad_accum}")
         require(self.lr > 0, f"lr (learning rate) must be positive, got {self.lr}")
@@ -101,10 +164,20 @@ class Config:
             self.mixed_precision in PRECISIONS,
             f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}",
         )
+        require(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        require(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
+        require(0.0 < self.kd_weight < 1.0, f"kd_weight must be in (0, 1), got {self.kd_weight}")
+        require(
+            self.teacher_top_k >= 0, f"teacher_top_k must be 0 (full distribution) or more, got {self.teacher_top_k}"
+        )
 
     @property
     def total_steps(self) -> int:
-        return self.steps or max(1, math.ceil(self.samples / (self.batch_size * self.grad_accum)))
+        """The steps to run; for steps = "auto" the cap (max_steps, else what samples make)."""
+        from_samples = max(1, math.ceil(self.samples / (self.batch_size * self.grad_accum)))
+        if self.steps == "auto":
+            return self.max_steps or from_samples
+        return self.steps or from_samples
 
 
 # -- hooks the registry asks (pipeline/stages/__init__.py) -----------------------------------------
@@ -203,224 +276,41 @@ def training_windows(tokenizer, config: Config, data_dir=None, needed: int | Non
     return torch.tensor(ids[: n * config.seq_len]).view(n, config.seq_len), source
 
 
-# -- training --------------------------------------------------------------------------------------
-def _autocast(device: torch.device, setting: str):
-    if device.type != "cuda" or setting == "no":
-        return None
-    if setting == "fp16":
-        return torch.float16
-    if setting == "auto":
-        from frankenlab.evals.devices import half_dtype
-
-        return half_dtype(device)  # bf16 where the card computes it natively, else fp16
-    return torch.bfloat16
-
-
-def _point_adapter_at_input(peft_model, ctx: StageContext) -> None:
-    """adapter_config.json names the model the adapter was trained on: this stage's input (the
-    previous stage's saved folder, a pruned model, or the source model), not the original hub id."""
-    if ctx.input_artifact:
-        for cfg in peft_model.peft_config.values():
-            cfg.base_model_name_or_path = str(ctx.input_artifact)
-
-
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(device: torch.device, state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def _accumulate(peft_model, windows, step_idx, micro: int, ctx: StageContext, amp, scaler) -> float:
-    """Forward and backward over one step's sequences in micro-batches of `micro`; each micro-batch's
-    mean loss is weighted by its share of the step, so the gradient does not depend on `micro`."""
-    step_loss = 0.0
-    for b in range(0, len(step_idx), micro):
-        if ctx.cancelled:
-            raise Cancelled("cancelled by the user")
-        chunk = step_idx[b : b + micro]
-        batch = windows[torch.stack(chunk)].to(ctx.device)  # (B, T)
-        with cancel_between_layers(peft_model, lambda: ctx.cancelled):  # within a step, not after it
-            with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
-                loss = peft_model(input_ids=batch, labels=batch).loss * (len(chunk) / len(step_idx))
-            (scaler.scale(loss) if scaler else loss).backward()
-        step_loss += float(loss.detach())
-    return step_loss
-
-
 def source_note_for(config: Config, source: str) -> str:
     return "" if config.dataset.endswith(FILE_SUFFIXES) else source_note(TRAINING_SETS[config.dataset], source)
 
 
+# -- the run (the training loop: pipeline/lora_train.py) ----------------------------------------------
+def _autocast(device: torch.device, setting: str):
+    """The autocast dtype of `mixed_precision` on `device` (None: fp32); `devices.lora_precision` decides."""
+    return devices.lora_precision(device, setting)[0]
+
+
 def run(model: nn.Module, ctx: StageContext, config: Config) -> StageResult:
-    LoraConfig, get_peft_model = _peft()
+    """The stage: the training windows (the last ones held out for validation), then `lora_train.train`."""
     if is_peft(model):
         raise RecipeError(
             "the model already carries an unmerged LoRA adapter: use merge = true in the first "
             "lora stage, or only one lora stage"
         )
-    work = Path(ctx.work_dir) if ctx.work_dir else None
     steps = config.total_steps
     per_step = config.batch_size * config.grad_accum
-    windows, source = training_windows(ctx.tokenizer, config, ctx.data_dir, needed=steps * per_step)
+    val_asked = config.val_windows if config.eval_every else 0
+    windows, source = training_windows(ctx.tokenizer, config, ctx.data_dir, needed=steps * per_step + val_asked)
+    expect = lora_progress.fingerprint(to_dict(config), windows, model, config.targets)  # what a checkpoint must match
+    windows, val = lora_progress.split_windows(windows, val_asked)  # held out before the order is drawn
+    auto = config.steps == "auto"
     note = source_note_for(config, source)
     ctx.log(
-        f"lora: {windows.shape[0]} windows of {config.seq_len} tokens from {source}; "
-        f"{steps} steps x {per_step} sequences" + (f" ({note})" if note else "")
+        f"lora: {windows.shape[0]} windows of {config.seq_len} tokens from {source}"
+        + (f" and the last {val.shape[0]} held out for validation" if val.shape[0] else "")
+        + f"; {'at most ' if auto else ''}{steps} steps x {per_step} sequences"
+        + (f' (steps = "auto": stops after {config.patience} validations without improvement)' if auto else "")
+        + (f" ({note})" if note else "")
     )
-    density_before = targeted_density(model, config.targets)
-    masks_before = len(sparse_masks(model, config.targets))
-
-    torch.manual_seed(config.seed)
-    peft_model = get_peft_model(
-        model,
-        LoraConfig(
-            r=config.rank,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            target_modules=list(config.targets),
-            task_type="CAUSAL_LM",
-        ),
-    )
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    optim = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    warm = config.warmup_steps
-
-    def lr_at(step: int) -> float:  # linear warm-up, then linear decay to 10 % of lr
-        if warm and step < warm:
-            return config.lr * (step + 1) / warm
-        frac = (step - warm) / max(1, steps - warm)
-        return config.lr * (1.0 - 0.9 * frac)
-
-    amp = _autocast(ctx.device, config.mixed_precision)
-    scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
-    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(config.seed))
-    cursor = 0
-    losses: list[float] = []
-    tokens_total = 0
-    adapter_dir = work / "adapter" if work else None
-    peft_model.train()
-    t_start = time.perf_counter()
-    done = 0
-    micro = config.batch_size  # halves after an out of memory; accumulation grows to keep per_step
-    halvings: list[dict] = []
-    try:
-        for step in range(steps):
-            t0 = time.perf_counter()
-            for g in optim.param_groups:
-                g["lr"] = lr_at(step)
-            step_idx = [order[(cursor + i) % len(order)] for i in range(per_step)]
-            cursor += per_step
-            rng = _rng_state(ctx.device)
-            while True:  # a step that runs out of memory is redone at half the micro-batch (same sequences)
-                try:
-                    step_loss = _accumulate(peft_model, windows, step_idx, micro, ctx, amp, scaler)
-                    break
-                except Exception as exc:
-                    if not devices.is_oom(exc):
-                        raise
-                    optim.zero_grad(set_to_none=True)
-                    devices.free_cached_memory(ctx.device)
-                    if micro == 1:
-                        raise torch.OutOfMemoryError(
-                            devices.oom_message(
-                                ctx.device,
-                                f"in LoRA training with one sequence of {config.seq_len} tokens per micro-batch",
-                                f"lower seq_len (now {config.seq_len}) or rank (now {config.rank}), "
-                                "or target fewer modules",
-                            )
-                        ) from None
-                    micro = max(1, micro // 2)
-                    halvings.append({"step": step + 1, "batch_size": micro, "grad_accum": -(-per_step // micro)})
-                    ctx.log(
-                        f"lora: out of memory at step {step + 1}; retrying with micro-batch {micro} x "
-                        f"{-(-per_step // micro)} accumulation steps (the same {per_step} sequences per step)",
-                        "warning",
-                    )
-                    _set_rng_state(ctx.device, rng)
-            if scaler:
-                scaler.step(optim)
-                scaler.update()
-            else:
-                optim.step()
-            optim.zero_grad(set_to_none=True)
-            done = step + 1
-            dt = time.perf_counter() - t0
-            tokens = per_step * config.seq_len
-            tokens_total += tokens
-            losses.append(step_loss)
-            ctx.metric("lora_loss", step_loss, "train", step=done)
-            ctx.metric("lora_tokens_per_second", tokens / dt if dt else 0.0, "train", step=done)
-            ctx.progress(done / steps, f"LoRA step {done}/{steps}: loss {step_loss:.4f}, {tokens / dt:.0f} tok/s")
-    except Cancelled:
-        optim.zero_grad(set_to_none=True)
-        if adapter_dir is not None and done:
-            _point_adapter_at_input(peft_model, ctx)
-            peft_model.save_pretrained(str(adapter_dir))
-            ctx.log(f"lora: cancelled after {done} completed steps; their adapter is saved in {adapter_dir}")
-        else:
-            ctx.log(f"lora: cancelled after {done} completed steps; nothing to keep", "warning")
-        raise
-    finally:
-        peft_model.eval()
-    seconds = time.perf_counter() - t_start
-
-    if adapter_dir is not None:
-        _point_adapter_at_input(peft_model, ctx)
-        peft_model.save_pretrained(str(adapter_dir))
-    artifacts = {"adapter": str(adapter_dir)} if adapter_dir is not None else {}
-    if config.merge:
-        out, remasked = merge_keeping_mask(peft_model)
-        if masks_before:
-            sparsity = f"mask re-applied after merge ({remasked} sparse matrices)"
-        else:
-            sparsity = "merged; the targeted matrices had no zeros to keep"
-    else:
-        out = peft_model
-        sparsity = "adapter kept separate (not merged): base weights keep their zeros"
-        if adapter_dir is not None:
-            artifacts["model"] = str(adapter_dir)
-    report = {
-        "rank": config.rank,
-        "alpha": config.alpha,
-        "dropout": config.dropout,
-        "targets": list(config.targets),
-        "dataset": source,  # the training file, as read
-        "dataset_name": config.dataset,
-        "dataset_note": source_note_for(config, source),
-        "steps": done,
-        "samples": done * per_step,
-        "tokens": tokens_total,
-        "trainable_params": n_trainable,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "loss_curve": losses if len(losses) <= 512 else losses[:: math.ceil(len(losses) / 512)],
-        "seconds_training": seconds,
-        "seconds_per_step": seconds / max(1, done),
-        "tokens_per_second": tokens_total / seconds if seconds else 0.0,
-        "mixed_precision": str(amp).replace("torch.", "") if amp else "fp32" if ctx.device.type == "cpu" else "off",
-        "merged": config.merge,
-        "sparsity": sparsity,
-        "density_before": density_before,
-        "density_after": targeted_density(out, config.targets),
-        "adapter": str(adapter_dir) if adapter_dir is not None else None,
-        "batch_size": micro,
-        "grad_accum": -(-per_step // micro),
-        "oom_retries": halvings,
-    }
-    if halvings:
-        report["oom_note"] = (
-            f"out of memory: micro-batch lowered from {config.batch_size} to {micro} with "
-            f"{report['grad_accum']} accumulation steps; the effective batch stayed {per_step} sequences"
+    if auto and not val.shape[0]:
+        raise RecipeError(
+            f'steps = "auto" needs held-out windows, but {source} makes only {windows.shape[0]}: '
+            "use more training text or a number of steps"
         )
-        ctx.log(f"lora: {report['oom_note']}")
-    ctx.log(
-        f"lora: loss {report['first_loss']:.4f} -> {report['final_loss']:.4f} in {done} steps; {sparsity}; "
-        f"targeted density {report['density_after']:.4f}"
-    )
-    return StageResult(out, report, artifacts)
+    return lora_train.train(model, ctx, config, windows, val, source=source, note=note, expect=expect)

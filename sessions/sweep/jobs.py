@@ -16,6 +16,49 @@ import time
 from pathlib import Path
 
 NODE_FILE = "node.json"
+PROGRESS_EVERY_S = 1.0  # a job's progress file is rewritten at most this often (and on each new stage)
+
+
+def progress_path(sweep_dir: Path, last_key: str) -> Path:
+    """Where a job that cannot stream its events (a Ray task) leaves its latest progress for the
+    scheduler to poll: `nodes/<last key>.progress.json`, on the storage every node sees."""
+    return Path(sweep_dir) / "nodes" / f"{last_key}.progress.json"
+
+
+class ProgressFile:
+    """A runner listener that keeps the job's latest progress in its progress file, rate-limited:
+    {"stage", "fraction", "message", "time", "seq"}; `listener` (if any) still hears every event."""
+
+    def __init__(self, path: Path, listener=None, every: float = PROGRESS_EVERY_S):
+        self.path, self.listener, self.every = Path(path), listener, every
+        self.last, self.stage, self.seq = 0.0, None, 0
+
+    def __call__(self, e) -> None:
+        from frankenlab.pipeline import events as ev
+
+        if self.listener is not None:
+            self.listener(e)
+        if not isinstance(e, ev.Progress):
+            return
+        now = time.monotonic()
+        if e.stage == self.stage and now - self.last < self.every and e.fraction < 1.0:
+            return
+        self.last, self.stage, self.seq = now, e.stage, self.seq + 1
+        from frankenlab.pipeline.atomic import atomic_write_text
+
+        record = {"stage": e.stage, "fraction": e.fraction, "message": e.message, "time": time.time(), "seq": self.seq}
+        try:
+            atomic_write_text(self.path, json.dumps(record))
+        except OSError:
+            pass  # progress is a courtesy: the job goes on
+
+
+def read_progress(sweep_dir: Path, last_key: str) -> dict | None:
+    try:
+        data = json.loads(progress_path(sweep_dir, last_key).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "stage" in data else None
 
 
 def node_dir(sweep_dir: Path, key: str) -> Path:
@@ -57,6 +100,9 @@ def run_job(spec: dict, listener=None, cancel=None) -> dict:
     if out.exists():  # a job killed before: start clean
         shutil.rmtree(out / "stages", ignore_errors=True)
     first = spec["first"]  # index of the first node: 0 = the baseline evaluation only
+    if spec.get("progress_file"):  # an executor that cannot stream events: the scheduler polls this file
+        progress_path(sweep_dir, spec["keys"][-1]).unlink(missing_ok=True)  # a killed job's, from before
+        listener = ProgressFile(progress_path(sweep_dir, spec["keys"][-1]), listener)
     loaded = None
     if spec.get("start_artifact"):
         try:

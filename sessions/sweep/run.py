@@ -24,12 +24,68 @@ from frankenlab.pipeline import events as ev
 from frankenlab.pipeline.atomic import atomic_write_text
 from frankenlab.pipeline.records import StageRecord
 from frankenlab.sessions.session import Session
-from frankenlab.sessions.sweep.jobs import read_node
+from frankenlab.sessions.sweep.jobs import read_node, read_progress
 from frankenlab.sessions.sweep.spec import Configuration, Sweep
 from frankenlab.sessions.sweep.tree import Node, build_tree, find_node, plan_jobs
 
 RECORD_FILE = "sweep.json"
+LOG_FILE = "sweep.log"
 FORMAT = "frankenlab-sweep"
+LOG_PROGRESS_EVERY_S = 30.0  # a running node's progress line in sweep.log, at most this often (and each new stage)
+
+
+class Throttle:
+    """Which progress lines to show: a node's first, a new stage's first (the message's words before
+    its first digit or colon change), its last (fraction 1), and otherwise one per `every` seconds."""
+
+    def __init__(self, every: float):
+        self.every = every
+        self.seen: dict[str, tuple[float, str]] = {}
+
+    @staticmethod
+    def _phase(message: str) -> str:
+        import re
+
+        return re.split(r"[\d:]", message, maxsplit=1)[0].strip()
+
+    def due(self, key: str, message: str, fraction: float) -> bool:
+        now, phase = time.monotonic(), self._phase(message)
+        last = self.seen.get(key)
+        if last is not None and last[1] == phase and now - last[0] < self.every and fraction < 1.0:
+            return False
+        self.seen[key] = (now, phase)
+        return True
+
+
+def progress_text(e: NodeProgress) -> str:
+    return f"{e.message or 'running'} ({e.fraction:.0%})"
+
+
+class SweepLog:
+    """A listener that writes the sweep's node lines, and its nodes' progress (throttled), to sweep.log."""
+
+    def __init__(self, path: Path, labels: dict[str, str], every: float = LOG_PROGRESS_EVERY_S):
+        self.path, self.labels, self.throttle = path, labels, Throttle(every)
+
+    def __call__(self, e) -> None:
+        if isinstance(e, NodeStarted):
+            line = f"start    {e.key}  {e.label}"
+        elif isinstance(e, NodeProgress):
+            if not self.throttle.due(e.key, e.message, e.fraction):
+                return
+            line = f"progress {e.key}  {self.labels.get(e.key, '')}: {progress_text(e)}"
+        elif isinstance(e, NodeFinished):
+            secs = f" ({e.seconds:.1f}s)" if e.seconds else ""
+            line = f"{e.status:<8} {e.key}  {e.label}{secs}{': ' + e.message if e.message else ''}"
+        else:
+            return
+        from frankenlab.pipeline.atomic import open_append
+
+        try:
+            with open_append(self.path) as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+        except OSError:
+            pass  # the log is a courtesy: the sweep goes on
 
 
 @dataclass(frozen=True)
@@ -127,6 +183,13 @@ def _run_locked(sweep, out, executor, listener, cancel, data_dir, configs, took_
         executor.close()  # a Ray instance started for this sweep stops with it
         raise
     by_index = {c.index: c for c in configs}
+    log = SweepLog(out / LOG_FILE, {k: n.label for k, n in nodes.items()})
+    outer = tell
+
+    def tell(e) -> None:  # noqa: F811 - the caller's listener, and sweep.log
+        log(e)
+        outer(e)
+
     previous = load_record(out)
     finished: dict[str, dict] = {k: n for k, node in nodes.items() if (n := find_node(out, node)) is not None}
     reused = set(finished)
@@ -144,7 +207,16 @@ def _run_locked(sweep, out, executor, listener, cancel, data_dir, configs, took_
         record["nodes"][k].update(status="done", reused=True, seconds=finished[k].get("seconds"))
     if sweep.text:
         atomic_write_text(out / "sweep.toml", sweep.text)
-    state = {"record": record, "out": out, "nodes": nodes, "finished": finished, "chains": chains, "configs": by_index}
+    state = {
+        "record": record,
+        "out": out,
+        "nodes": nodes,
+        "finished": finished,
+        "chains": chains,
+        "configs": by_index,
+        "polled": {},  # job id -> the last progress seq read from its file (executors that cannot stream)
+        "streams": executor.streams_events,
+    }
     _save(state)
     jobs = {j.id: j for j in plan_jobs(nodes, set(finished))}
     tell(
@@ -168,6 +240,8 @@ def _run_locked(sweep, out, executor, listener, cancel, data_dir, configs, took_
             if not running:
                 break
             done_futures, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+            for job in running.values():
+                _poll_progress(state, job, tell)
             for fut in done_futures:
                 job = running.pop(fut)
                 try:
@@ -223,6 +297,8 @@ def _submit_ready(state, jobs, running, failed, executor, data_dir, tell, cancel
         if len(running) >= executor.slots:
             break
         spec = _job_spec(state, job, data_dir)
+        if not executor.streams_events:  # a Ray task: its progress comes through a file it rewrites
+            spec["progress_file"] = True
         listener = _progress_listener(job, nodes, tell) if executor.streams_events else None
         for k in job.keys:
             if k not in finished:
@@ -266,8 +342,26 @@ def _progress_listener(job, nodes: dict[str, Node], tell):
     return listen
 
 
+def _poll_progress(state, job, tell) -> None:
+    """A job that cannot stream its events (`streams_events` False: Ray): its progress file, when it changed."""
+    if state["streams"]:
+        return
+    got = read_progress(state["out"], job.id)
+    if got is None or got.get("seq") == state["polled"].get(job.id):
+        return
+    state["polled"][job.id] = got.get("seq")
+    first = state["nodes"][job.keys[0]].index
+    stage = int(got.get("stage") or 0)
+    i = min(max(stage - first, 0), len(job.keys) - 1)
+    tell(NodeProgress(job.keys[i], float(got.get("fraction") or 0.0), str(got.get("message") or "")))
+
+
 def _job_done(state, job, result: dict, failed: dict, tell) -> None:
     nodes, finished, record = state["nodes"], state["finished"], state["record"]
+    _poll_progress(state, job, tell)  # its last word, however short the job was
+    from frankenlab.sessions.sweep.jobs import progress_path
+
+    progress_path(state["out"], job.id).unlink(missing_ok=True)
     for k in job.keys:
         entry = record["nodes"][k]
         node = read_node(state["out"], k) if k in result.get("nodes", []) else None

@@ -35,6 +35,11 @@ def register(sub) -> None:
         notes={"out": "default: runs/<recipe name>-<time>", "model": "default: the recipe's model"},
     )
     p.add_argument(
+        "--no-estimate",
+        action="store_true",
+        help="start at once, without printing the estimated duration per stage (pipeline.estimate)",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="start over in an --out folder that holds a session: the old session, recipe, log and stage "
@@ -178,6 +183,13 @@ def main(args) -> int:
     from frankenlab.tui import noise
 
     noise_log = noise.attach(out / "run.log")  # third-party warnings and log lines, not the terminal
+    from frankenlab.tui.cli.bars import bars_to_log
+
+    bars_to_log(out / "run.log")  # and third-party progress bars
+    estimate = None if no_estimate(args) else print_estimate(console, recipe, args.data_dir)
+    from frankenlab.pipeline.estimate import StageClock
+
+    clock = StageClock()
     cancel, restore_sigint = ctrl_c_cancels(console, "cancelling")
 
     try:
@@ -189,6 +201,7 @@ def main(args) -> int:
                 recipe,
                 out,
                 listener=view,
+                listeners=(clock,),
                 cancel=cancel,
                 save_models=not args.no_save_models,
                 data_dir=args.data_dir,
@@ -199,6 +212,8 @@ def main(args) -> int:
     finally:
         restore_sigint()
     console.print(results_table(session))
+    if estimate is not None and not session.save_error:
+        keep_outcome(console, session, out, estimate, clock)
     if session.save_error:
         console.print(f"[bold red]{escape(session.save_error)}[/bold red]")
         return 2
@@ -208,6 +223,49 @@ def main(args) -> int:
     if session.status == "failed" and view.failure_cause == "input":
         return 2  # bad input (recipe, data, model file, disk): fixable, not a crash
     return {"done": 0, "cancelled": cancelled_exit_code(cancel)}.get(session.status, 1)
+
+
+def no_estimate(args) -> bool:
+    """--no-estimate, or FRANKENLAB_ESTIMATE=0 in the environment (the test suite sets it)."""
+    import os
+
+    return bool(getattr(args, "no_estimate", False)) or os.environ.get("FRANKENLAB_ESTIMATE", "1") == "0"
+
+
+def print_estimate(console: Console, recipe, data_dir):
+    """Print the estimated duration per stage and in all (`pipeline.estimate`); None when it cannot."""
+    from frankenlab.pipeline.estimate import estimate_recipe
+
+    try:
+        with console.status("estimating the duration: measuring this machine's rates once (cached)"):
+            estimate = estimate_recipe(recipe, data_dir)
+    except Exception as exc:  # noqa: BLE001 - an estimate never stops a run
+        console.print(f"[dim]no duration estimate: {escape(f'{type(exc).__name__}: {exc}'.splitlines()[0])}[/dim]")
+        return None
+    for s in estimate.stages:
+        console.print(f"  [dim]{escape(s.line())}[/dim]", highlight=False)
+    console.print(f"[bold]{escape(estimate.total_line())}[/bold]", highlight=False)
+    console.print(f"  [dim]{escape(estimate.probe_line())}[/dim]", highlight=False)
+    return estimate
+
+
+def keep_outcome(console: Console, session, out: Path, estimate, clock) -> None:
+    """The estimate beside the measured seconds in the session (`estimate`), and the cache corrected."""
+    from frankenlab.pipeline.estimate import record_outcome
+
+    try:
+        session.extra["estimate"] = record_outcome(estimate, clock.seconds, estimate.cache)
+        session.save(out / "session.json")
+    except OSError as exc:
+        console.print(f"[dim]the estimate was not kept: {escape(str(exc))}[/dim]")
+        return
+    cpu = sum(v[1] for v in clock.seconds.values())
+    wall = sum(v[0] for v in clock.seconds.values())
+    console.print(
+        f"[dim]estimated {estimate.wall:,.0f} s wall, {estimate.cpu:,.0f} CPU-s; measured {wall:,.0f} s wall, "
+        f"{cpu:,.0f} CPU-s[/dim]",
+        highlight=False,
+    )
 
 
 def model_overrides(model, args):

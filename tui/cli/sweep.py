@@ -34,6 +34,11 @@ def register(sub) -> None:
         out={"required": True},
     )
     p.add_argument("--dry-run", action="store_true", help="print the configurations and what they share, run nothing")
+    p.add_argument(
+        "--no-estimate",
+        action="store_true",
+        help="print no estimated duration (it measures this machine's rates once, then reads them from the cache)",
+    )
     p.add_argument("--ray", action="store_true", help="run the jobs as Ray tasks on a local Ray instance")
     p.add_argument(
         "--ray-address",
@@ -57,37 +62,125 @@ def list_sweeps(args) -> int:
     return 0
 
 
-def describe(console: Console, sweep, configs, out: Path) -> None:
+LIST_LIMIT = 200  # configurations listed one a line; beyond it the grid is summarised
+SAMPLE_FIRST = 20  # a summarised grid lists its first configurations (and validates one per axis value)
+WARN_CONFIGS = 1000  # a grid bigger than this is warned about
+WARN_SECONDS = 7 * 86400  # and one estimated to take longer than this
+
+
+def describe(console: Console, sweep, configs, out: Path, *, estimate: bool = False, data_dir=None) -> None:
+    """The configurations, the shared prefixes and what is left to compute; with `estimate`, each
+    node's estimated duration and the grid's total (`pipeline.estimate`). `configs` None: the grid
+    is too big to list, so a sample is validated and listed and the nodes are counted from the axes."""
     from frankenlab.sessions.sweep import build_tree
     from frankenlab.sessions.sweep.tree import find_node
 
+    total = sweep.size
+    sample = configs is None
+    if sample:
+        configs = sweep.configurations(sweep.sample_indices(SAMPLE_FIRST))
     nodes, chains = build_tree(configs)
+    count = sweep.node_bound() if sample else len(nodes)
     console.print(
-        f"[bold]{escape(sweep.name)}[/bold]: {len(configs)} configuration(s), {len(nodes)} node(s) "
-        f"(a node = the model after a prefix of stages, computed once)"
+        f"[bold]{escape(sweep.name)}[/bold]: {total:,} configuration(s), {'at most ' if sample else ''}{count:,} "
+        f"node(s) (a node = the model after a prefix of stages, computed once)",
+        highlight=False,
     )
-    for c in configs:
+    if sample:
+        axes = " x ".join(f"{a.name}[{len(a.values)}]" for a in sweep.axes)
+        console.print(
+            f"  [dim]too many to list: {escape(axes)}; {len(configs)} configuration(s) checked (the first "
+            f"{min(SAMPLE_FIRST, total)}, the last, every value of every axis), the first shown[/dim]",
+            highlight=False,
+        )
+    for c in configs[: SAMPLE_FIRST if sample else None]:
         console.print(
             f"  {c.index:>3}  {escape(c.label)}  [dim]{' > '.join(s.kind for s in c.recipe.stages) or 'baseline'}[/dim]"
         )
+    if sample and total > SAMPLE_FIRST:
+        console.print(f"  ... {total - SAMPLE_FIRST:,} more", highlight=False)
     shared = [n for n in nodes.values() if len(n.configs) > 1 and n.index > 0]
-    if shared:
+    if shared and not sample:
         console.print("shared prefixes:")
-        for n in shared:
+        for n in shared[:LIST_LIMIT]:
             console.print(f"  {n.key}  {escape(n.label)}  [dim]used by {len(n.configs)} configurations[/dim]")
+        if len(shared) > LIST_LIMIT:
+            console.print(f"  ... {len(shared) - LIST_LIMIT:,} more shared prefixes", highlight=False)
     done = sum(1 for n in nodes.values() if find_node(out, n) is not None)  # old-format keys count too
+    if not sample:
+        console.print(
+            f"{done} of {len(nodes)} node(s) already finished in {escape(str(out))}; {len(nodes) - done} to compute",
+            highlight=False,
+        )
+    seconds = None
+    if estimate:
+        seconds = print_grid_estimate(console, nodes, chains, configs, data_dir, count if sample else None, out)
+    if total > WARN_CONFIGS or (seconds is not None and seconds > WARN_SECONDS):
+        from frankenlab.pipeline.estimate import human
+
+        why = f"{total:,} configurations" + (f", {human(seconds)} of work" if seconds is not None else "")
+        console.print(
+            f"[yellow]warning: a big grid ({why}): narrow an axis, or run it on a cluster (--ray-address)[/yellow]",
+            highlight=False,
+        )
+
+
+def no_estimate(args) -> bool:
+    from frankenlab.tui.cli.run import no_estimate as off
+
+    return off(args)
+
+
+def print_grid_estimate(console: Console, nodes, chains, configs, data_dir, node_count, out: Path) -> float | None:
+    """Each node's estimated duration (a sample's nodes, for a big grid) and the total, nodes already
+    finished in `out` not counted; the estimated wall seconds, or None when no estimate could be made."""
+    from frankenlab.pipeline.estimate import estimate_grid, human
+    from frankenlab.sessions.sweep.tree import find_node
+
+    todo = {k: n for k, n in nodes.items() if node_count is not None or find_node(out, n) is None}
+    try:
+        with console.status("estimating the duration: measuring this machine's rates once (cached)"):
+            grid = estimate_grid(todo, chains, configs, data_dir, node_count)
+    except Exception as exc:  # noqa: BLE001 - an estimate never stops a sweep
+        console.print(f"[dim]no duration estimate: {escape(f'{type(exc).__name__}: {exc}'.splitlines()[0])}[/dim]")
+        return None
+    console.print("estimate per node to compute (each shared prefix once):")
+    rows = [(k, grid.nodes[k]) for k in todo if k in grid.nodes]
+    for k, st in rows[:LIST_LIMIT]:
+        console.print(
+            f"  {k}  {escape(nodes[k].label)}  [dim]{human(st.wall)} ({st.wall:,.0f} s, {st.cpu:,.0f} CPU-s)[/dim]",
+            highlight=False,
+        )
+    if len(rows) > LIST_LIMIT:
+        console.print(f"  ... {len(rows) - LIST_LIMIT:,} more nodes", highlight=False)
+    scaled = f", scaled from {grid.scaled_from} sampled node(s) to {node_count:,}" if grid.scaled_from else ""
     console.print(
-        f"{done} of {len(nodes)} node(s) already finished in {escape(str(out))}; {len(nodes) - done} to compute",
+        f"[bold]estimate: {human(grid.wall)} for the grid ({grid.wall:,.0f} s wall, {grid.cpu:,.0f} CPU-s, one job "
+        f"at a time{scaled})[/bold]",
         highlight=False,
     )
+    if grid.measured:
+        console.print(
+            f"  [dim]rates measured now ({', '.join(grid.measured)}): {grid.probe_wall:.0f} s wall, "
+            f"{grid.probe_cpu:.0f} CPU-s; cached[/dim]",
+            highlight=False,
+        )
+    return grid.wall
+
+
+PROGRESS_EVERY_S = 10.0  # a running node's progress line, at most this often (and at each new stage)
 
 
 class LineView:
-    """One line per node start and finish; the running node's progress on one updating status line."""
+    """One line per node start and finish, and the running nodes' progress lines between them
+    (each node's first, each new stage's first, then one per `PROGRESS_EVERY_S`)."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, every: float = PROGRESS_EVERY_S):
+        from frankenlab.sessions.sweep.run import Throttle
+
         self.console = console
         self.labels: dict[str, str] = {}
+        self.throttle = Throttle(every)
 
     def __call__(self, e) -> None:
         from frankenlab.sessions import sweep as sw
@@ -97,7 +190,16 @@ class LineView:
                 self.console.print(f"[yellow]{escape(e.message)}[/yellow]")
             self.console.print(f"[bold]{escape(e.name)}[/bold]: {e.todo} node(s) to compute on {e.executor}")
         elif isinstance(e, sw.NodeStarted):
+            self.labels[e.key] = e.label
             self.console.print(f"  start   {e.key}  {escape(e.label)}")
+        elif isinstance(e, sw.NodeProgress):
+            if self.throttle.due(e.key, e.message, e.fraction):
+                from frankenlab.sessions.sweep.run import progress_text
+
+                label = escape(self.labels.get(e.key, ""))
+                self.console.print(
+                    f"  [dim]...     {e.key}  {label}: {escape(progress_text(e))}[/dim]", highlight=False
+                )
         elif isinstance(e, sw.NodeFinished):
             style = "green" if e.status == "done" else "red"
             secs = f" ({e.seconds:.1f}s)" if e.seconds else ""
@@ -127,13 +229,15 @@ def main(args) -> int:
             model = sweep.base.get("model", {})
             model = {"source": model} if isinstance(model, str) else dict(model)
             sweep = replace(sweep, base={**sweep.base, "model": {**model, **overrides}})
-        configs = sweep.expand()
+        big = args.dry_run and sweep.size > LIST_LIMIT  # summarised: never made one by one
+        configs = None if big else sweep.expand()
+        if args.dry_run:
+            describe(console, sweep, configs, out, estimate=not no_estimate(args), data_dir=args.data_dir)
+            return 0
     except SweepError as exc:
         err.print(f"[bold red]sweep error:[/bold red] {escape(str(exc))}")
         return 2
-    describe(console, sweep, configs, out)
-    if args.dry_run:
-        return 0
+    describe(console, sweep, configs, out, estimate=not no_estimate(args), data_dir=args.data_dir)
     problem = inputs_problem(configs, args.data_dir)  # as `run` does, before any job loads a model
     if problem:
         err.print(f"[bold red]cannot run the sweep:[/bold red] {escape(problem)}")
@@ -155,6 +259,9 @@ def main(args) -> int:
         err.print(f"[bold red]cannot run the sweep:[/bold red] {escape(busy)}")
         return 2
     noise.attach(out / "sweep.log")
+    from frankenlab.tui.cli.bars import bars_to_log
+
+    bars_to_log(out / "sweep.log")  # third-party progress bars too
     cancel, restore = ctrl_c_cancels(console, "stopping the sweep")
     try:
         record = run_sweep(

@@ -12,7 +12,7 @@ HELP = """\
 # frankenlab
 
 Compress a small LLaMA model and see what each step costs and buys.
-Switch panes with **1-7**, **ctrl+pagedown**/**ctrl+pageup** (next/previous, also while typing) or a click on the tabs; **esc** leaves a text field; **ctrl+p** opens the command palette with every action.
+Switch panes with **1-8**, **ctrl+pagedown**/**ctrl+pageup** (next/previous, also while typing) or a click on the tabs; **esc** leaves a text field; **ctrl+p** opens the command palette with every action.
 
 | pane | what it does |
 |---|---|
@@ -23,6 +23,7 @@ Switch panes with **1-7**, **ctrl+pagedown**/**ctrl+pageup** (next/previous, als
 | 5 Chat | chat with the baseline, the grid's plan or any finished stage; A/B: both models answer the same conversation, one after the other; **esc** leaves the prompt, **esc** again stops a reply |
 | 6 Sessions | saved runs: open, compare several, replay; **ctrl+s** save the session as, **ctrl+o** open a session file |
 | 7 Sweep | a sweep file (a grid of configurations sharing prefixes): Check, Launch in the background, Stop; rows fill as configurations finish, the Pareto front redraws; **enter** on a row opens its session |
+| 8 Plan | the best per-layer plan (skip, N:M, bits) within a weight budget: type `60MiB`, `45%` or a target name and press **enter**; the first plan measures each layer's sensitivities (cached), **esc** or **ctrl+x** cancels; shows the verdict, the plan per layer, the predicted front and the heat map; **u** puts the plan into the recipe form |
 
 | key | action |
 |---|---|

@@ -27,13 +27,19 @@ from textual.widgets import Checkbox, Input, Label, Select, Static
 
 from frankenlab.evals.config import FieldInfo, config_fields, from_dict
 from frankenlab.evals.errors import RecipeError
+from frankenlab.evals.layer_map import LayerMap, is_layer_map_type
 from frankenlab.tui.widgets.tickbox import TickBox
 
 
 def field_text(value: Any) -> str:
-    """How a value reads in a text input: empty for None, a comma list for a tuple."""
+    """How a value reads in a text input: empty for None, a comma list for a tuple, "0-3=none, 4-13=1:8"
+    for a layer-range map (or its table)."""
     if value is None:
         return ""
+    if isinstance(value, LayerMap):
+        return value.text()
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, (tuple, list)):
         return ", ".join(str(v) for v in value)
     return str(value)
@@ -47,11 +53,11 @@ def _list_item_type(tp: Any) -> Any:
     return str
 
 
-def _number(text: str, tp: type, label: str) -> Any:
+def _number(text: str, tp: type, label: str, words: tuple = ()) -> Any:
     try:
         return tp(text)
     except ValueError:
-        kind = "a whole number" if tp is int else "a number"
+        kind = " or ".join(["a whole number" if tp is int else "a number", *(f'"{w}"' for w in words)])
         raise RecipeError(f"{label}: expected {kind}, got {text!r}") from None
 
 
@@ -64,8 +70,12 @@ def parse_text(info: FieldInfo, text: str) -> Any:
         if info.base in (str, tuple):
             return "" if info.base is str else []
         raise RecipeError(f"{info.label}: give a value")
+    if text in info.words:  # a word the field takes beside its type (steps: "auto")
+        return text
     if info.base in (int, float):
-        return _number(text, info.base, info.label)
+        return _number(text, info.base, info.label, info.words)
+    if is_layer_map_type(info.base):  # "0-3=none, 4-13=1:8": checked here, kept as plain data (a table)
+        return info.base.parse(text, info.label).to_dict()
     if info.base is tuple:
         item = _list_item_type(info.type)
         items = [v.strip() for v in text.split(",") if v.strip()]
@@ -129,7 +139,7 @@ class FieldEditor(Vertical):
             else:
                 widget = Input(
                     field_text(self._value),
-                    placeholder="empty" if info.optional else "",
+                    placeholder=" or ".join((["empty"] if info.optional else []) + list(info.words)),
                     validators=[FnValidator(self._check_text)],
                     validate_on=["changed", "submitted"],
                     compact=True,

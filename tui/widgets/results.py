@@ -1,5 +1,9 @@
 """Live results: the stage table, perplexity per stage and the LoRA loss curve.
 
+A LoRA stage's validation curve also gets one line under the table (`#lora-curve`, hidden while
+there is none): `val loss ▇▆▅▄▃▃▃ 3.41 -> 3.02 (stopped at 96/512: plateau)`, from the
+`lora_val_loss` events during a run and from the stage report (`val_curve`, `stop`) after it.
+
 Rows are fed from runner events during a run (`handle`) and from a session record when one is
 opened or a run ends (`show_session`). Every perplexity is printed with its protocol.
 """
@@ -11,7 +15,7 @@ from dataclasses import dataclass, field
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import DataTable
+from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from frankenlab.pipeline import events as ev
@@ -35,6 +39,12 @@ class Row:
     layers: int | None = None
     footprint: float | None = None
     seconds: float | None = None
+
+
+def _curve_text(report: dict) -> str:
+    from frankenlab.pipeline.lora_progress import curve_text  # imports torch: only once a curve is there
+
+    return curve_text(report)
 
 
 def footprint_total(fp: dict | None) -> float | None:
@@ -68,9 +78,14 @@ class ResultsPanel(Vertical):
         super().__init__(id=id)
         self.rows: dict[int, Row] = {}
         self.loss: list[tuple[int, float]] = []
+        self.val: dict[int, list[tuple[int, float]]] = {}  # stage -> LoRA validation curve, live
+        self.curves: dict[int, str] = {}  # stage -> the curve's line, from its report once it finished
 
     def compose(self) -> ComposeResult:
         yield DataTable(id="results-table", zebra_stripes=True, cursor_type="row")
+        curve = Static("", id="lora-curve", markup=False)
+        curve.display = False
+        yield curve
         with Horizontal(id="plots"):
             yield PlotextPlot(id="ppl-plot")
             yield PlotextPlot(id="loss-plot")
@@ -82,7 +97,7 @@ class ResultsPanel(Vertical):
 
     # -- feeding ------------------------------------------------------------------------------
     def clear(self) -> None:
-        self.rows, self.loss = {}, []
+        self.rows, self.loss, self.val, self.curves = {}, [], {}, {}
         self.redraw()
 
     def handle(self, e: ev.Event) -> None:
@@ -96,6 +111,11 @@ class ResultsPanel(Vertical):
                 self.loss.append((e.step, e.value))
                 self._plot_loss()
                 return
+            if e.name == "lora_val_loss" and e.step is not None:
+                self.val.setdefault(e.stage, []).append((e.step, e.value))
+                self._plot_loss()
+                self._draw_curves()
+                return
             if e.step is None:
                 row.metrics[e.name] = (e.value, e.protocol)
         elif isinstance(e, ev.StageFinished):
@@ -105,6 +125,7 @@ class ResultsPanel(Vertical):
             row.nonzero = rec.params_nonzero or row.nonzero
             row.layers = rec.num_layers or row.layers
             row.footprint = footprint_total(rec.footprint) if isinstance(rec.footprint, dict) else row.footprint
+            self._curve_from(rec.index, rec.report)
         elif isinstance(e, (ev.RunFailed, ev.RunCancelled)):
             for r in self.rows.values():
                 if r.status in ("running", "pending"):
@@ -115,7 +136,7 @@ class ResultsPanel(Vertical):
 
     def show_session(self, session) -> None:
         """Fill from a session record (keeps the loss curve collected live, or rebuilds it from events)."""
-        self.rows = {}
+        self.rows, self.val, self.curves = {}, {}, {}
         for st in session.stages:
             r = Row(
                 st.index,
@@ -130,6 +151,7 @@ class ResultsPanel(Vertical):
             for m in st.metrics:
                 r.metrics[m["name"]] = (m["value"], m.get("protocol", ""))
             self.rows[st.index] = r
+            self._curve_from(st.index, st.report)
         loss = [
             (e["step"], e["value"])
             for e in session.events
@@ -137,7 +159,19 @@ class ResultsPanel(Vertical):
         ]
         if loss:
             self.loss = loss
+        val: dict[int, list] = {}  # a stage that did not finish has no report: its curve is in the events
+        for e in session.events:
+            if e.get("event") == "MetricMeasured" and e.get("name") == "lora_val_loss" and e.get("step") is not None:
+                val.setdefault(e.get("stage", -1), []).append((e["step"], e["value"]))
+        for i, pts in val.items():
+            self.val.setdefault(i, pts)
         self.redraw()
+
+    def _curve_from(self, index: int, report: dict | None) -> None:
+        """A finished stage's validation curve (LoRA's report: `val_curve`, `stop`), as the live one."""
+        if isinstance(report, dict) and report.get("val_curve"):
+            self.val[index] = [(int(s), float(v)) for s, v in report["val_curve"]]
+            self.curves[index] = _curve_text(report)
 
     # -- drawing ------------------------------------------------------------------------------
     def redraw(self) -> None:
@@ -165,6 +199,25 @@ class ResultsPanel(Vertical):
             )
         self._plot_ppl()
         self._plot_loss()
+        self._draw_curves()
+
+    def curve_lines(self) -> list[str]:
+        """One line per stage with a validation curve: its report's when finished, else the live one."""
+        out = []
+        for i in sorted(self.val):
+            text = self.curves.get(i) or _curve_text({"val_curve": self.val[i]})
+            if text:
+                kind = self.rows[i].kind if i in self.rows else "lora"
+                out.append(f"stage {i} {kind}: {text}")
+        return out
+
+    def _draw_curves(self) -> None:
+        if not self.is_mounted:
+            return
+        lines = self.curve_lines()
+        widget = self.query_one("#lora-curve", Static)
+        widget.update("\n".join(lines))
+        widget.display = bool(lines)
 
     def _redraw(self, selector: str, draw) -> None:
         """Clear the plot at `selector` (if mounted), let `draw(plt)` fill it, then repaint."""
@@ -193,6 +246,8 @@ class ResultsPanel(Vertical):
         def draw(plt):
             plt.title("LoRA loss" if self.loss else "LoRA loss (no LoRA stage yet)")
             if self.loss:
-                plt.plot([s for s, _ in self.loss], [v for _, v in self.loss])
+                plt.plot([s for s, _ in self.loss], [v for _, v in self.loss], label="train" if self.val else None)
+            for i, pts in sorted(self.val.items()):  # the held-out validation loss, same axes
+                plt.plot([s for s, _ in pts], [v for _, v in pts], label="val" if len(self.val) == 1 else f"val {i}")
 
         self._redraw("#loss-plot", draw)

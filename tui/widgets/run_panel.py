@@ -96,10 +96,20 @@ class RunPanel(Vertical):
 
     def reset(self, title: str) -> None:
         self.query_one("#stage-rows").remove_children()
+        self.title_text = title
         self.query_one("#run-status", Static).update(title)
 
     def status(self, text: str) -> None:
         self.query_one("#run-status", Static).update(text)
+
+    def show_estimate(self, estimate) -> None:
+        """The run's estimated duration per stage and in all (`pipeline.estimate.RunEstimate`), before it starts."""
+        for s in estimate.stages:
+            self.write("  " + s.line(), "dim")
+        self.write(estimate.total_line(), "bold")
+        self.write("  " + estimate.probe_line(), "dim")
+        about = estimate.total_line().split(" in all", 1)[0].removeprefix("estimate: ")
+        self.status(f"{getattr(self, 'title_text', 'running')} ({about})")
 
     def _row(self, index: int) -> StageRow | None:
         rows = self.query(f"#stage-row-{index}")

@@ -20,6 +20,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, DataTable, Input, ProgressBar, RichLog, Static
 
+PROGRESS_LOG_EVERY_S = 10.0  # a running node's progress line in the pane's log, at most this often
 COLUMNS = ("#", "configuration", "status", "PPL", "TriviaQA closed", "size", "params (nonzero)")
 
 
@@ -56,6 +57,8 @@ class SweepPane(Vertical):
         self.out: Path | None = None
         self.rows: dict[int, Path] = {}  # configuration index -> its session file
         self.done_nodes = self.todo = 0
+        self.labels: dict[str, str] = {}  # running node key -> label
+        self.throttle = None  # sessions.sweep.run.Throttle, made at the sweep's start
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="sweep-controls"):
@@ -183,11 +186,19 @@ class SweepPane(Vertical):
             log.write(f"{stamp} {e.name}: {len(e.configs)} configurations, {e.nodes} nodes, {e.todo} to compute")
             self._status(f"{e.name}: 0 of {e.todo} node(s) computed")
         elif isinstance(e, sw.NodeStarted):
+            self.labels[e.key] = e.label
             log.write(f"{stamp} start  {e.label}")
             bar.update(progress=0.0)
             self._status(f"{self.done_nodes} of {self.todo} node(s) computed; running {e.label}")
         elif isinstance(e, sw.NodeProgress):
+            from frankenlab.sessions.sweep.run import Throttle, progress_text
+
             bar.update(progress=e.fraction)
+            label = self.labels.get(e.key, e.key)
+            self._status(f"{self.done_nodes} of {self.todo} node(s) computed; {label}: {progress_text(e)}")
+            self.throttle = self.throttle or Throttle(PROGRESS_LOG_EVERY_S)
+            if self.throttle.due(e.key, e.message, e.fraction):
+                log.write(f"{stamp}   ...  {label}: {progress_text(e)}")
         elif isinstance(e, sw.NodeFinished):
             self.done_nodes += e.status == "done"
             secs = f" ({e.seconds:.1f}s)" if e.seconds else ""

@@ -1,0 +1,442 @@
+"""`frankenlab plan`: the best model that fits a weight budget, from per-layer choices.
+
+    frankenlab plan [--model M] (--budget 60MiB | --budget 45% | --target NAME) [--choices patterns=none,1:8,2:4 bits=16,4]
+                    [--allow-protected] [--max-ppl X] [--validate K] [--out DIR]
+
+Measures each layer's sensitivities (cached on disk: a second run reads them), solves the multiple-
+choice knapsack exactly (pipeline/planner/search.py), prints the predicted front (a table and a small
+plot), the chosen plan's per-layer map and the verdict, and writes DIR/recipe.toml (the plan as a
+recipe) and DIR/plan.json (front, choices, predictions). `--validate K` runs the K front points
+nearest the budget as a sweep (DIR/validation; `--ray`/`--ray-address` as `frankenlab sweep`) and
+prints predicted against measured perplexity. Ctrl-C stops the measuring or the sweep cleanly.
+The drawings (front table and plot, per-layer map, verdict) are `tui/plan_render.py`, shared with the
+lab's Plan pane.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from frankenlab.tui.cli import options
+from frankenlab.tui.cli.console import make_console, piped
+from frankenlab.tui.cli.signals import cancelled_exit_code, ctrl_c_cancels
+from frankenlab.tui.plan_render import front_plot, front_table, layer_map, make_verdict
+
+FORMAT = "frankenlab-plan"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="find the best per-layer plan (skip / N:M / bits) that fits a weight budget",
+        description="Measure per-layer sensitivities (cached), solve the multiple-choice knapsack exactly, "
+        "print the predicted front, the chosen plan and the verdict; write recipe.toml and plan.json.",
+    )
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="weight bytes: 60MiB, 1.5GiB, 500MB, a number of bytes, or 45%% (of the model's dense bf16 weights)",
+    )
+    p.add_argument("--target", default=None, help="a memory target (pipeline/targets, e.g. siracusa, gtx1080ti)")
+    p.add_argument("--targets-file", default=None, metavar="FILE", help="extra targets (TOML [targets.NAME])")
+    p.add_argument(
+        "--choices",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUES",
+        help="the per-layer choice set: patterns=none,1:8,1:4,2:4 bits=16,8,4,3 (the defaults; 16 = unquantized)",
+    )
+    p.add_argument(
+        "--group-size", type=int, default=128, help="GPTQ group size of every quantized option (default 128)"
+    )
+    p.add_argument(
+        "--embed-format",
+        default="bf16",
+        choices=("bf16", "int8", "int4"),
+        help="how the embeddings and head are counted (default bf16, what every stage leaves them at)",
+    )
+    p.add_argument("--allow-protected", action="store_true", help="allow skipping the first 4 and last 2 layers")
+    p.add_argument(
+        "--max-ppl", type=float, default=None, help="the smallest plan whose predicted perplexity is at most X"
+    )
+    p.add_argument("--validate", type=int, default=0, metavar="K", help="run the K front points nearest the budget")
+    p.add_argument("--eval-windows", type=int, default=32, help="wikitext2-concat-512 windows scored (default 32)")
+    p.add_argument("--ray", action="store_true", help="validation: run the jobs as Ray tasks on a local Ray instance")
+    p.add_argument("--ray-address", default=None, help="validation: run the jobs on this Ray cluster")
+    p.add_argument(
+        "--method",
+        default="gptq",
+        choices=("gptq", "rtn"),
+        help="how a quantized option is measured: gptq (as the stage does) or rtn (round to nearest, faster)",
+    )
+    p.add_argument(
+        "--cache-dir", default=None, metavar="DIR", help="sensitivity cache folder (default: the model cache)"
+    )
+    options.add(
+        p,
+        "model",
+        "device",
+        "dtype",
+        "data_dir",
+        "trust_remote_code",
+        "out",
+        notes={"out": "recipe.toml, plan.json and validation/ go there; nothing is written without it"},
+    )
+    p.set_defaults(func=main)
+
+
+class Fail(Exception):
+    """A one-line refusal (exit 2)."""
+
+
+def parse_choices(items: list[str]) -> tuple[list[str], list[int]]:
+    from frankenlab.pipeline.planner.options import OptionError, parse_choice_words
+
+    try:
+        patterns, bits, _ = parse_choice_words(
+            items, "write patterns=none,1:8,2:4 and/or bits=16,8,4", what="--choices"
+        )
+    except OptionError as exc:
+        raise Fail(str(exc)) from None
+    return list(patterns), list(bits)
+
+
+class ProgressLine:
+    """One updating line on a terminal; into a pipe, a line per tenth of the work."""
+
+    def __init__(self, console):
+        self.console = console
+        self.tty = not piped(console)
+        self.last = -1
+
+    def __call__(self, fraction: float, message: str) -> None:
+        text = f"sensitivities {fraction:6.1%}  {message}"
+        if self.tty:
+            self.console.file.write("\r" + text[: max(10, self.console.width - 1)].ljust(self.console.width - 1))
+            self.console.file.flush()
+            if fraction >= 1:
+                self.console.file.write("\n")
+        elif int(fraction * 10) > self.last or fraction >= 1:
+            self.last = int(fraction * 10)
+            self.console.print(text, highlight=False, markup=False)
+
+
+def main(args) -> int:
+    console = make_console()
+    err = make_console(stderr=True)
+    cancel, restore = ctrl_c_cancels(console, "stopping the planner")
+    try:
+        return _main(args, console, cancel)
+    except Fail as exc:
+        err.print(f"[bold red]plan:[/bold red] {escape(str(exc))}", highlight=False)
+        return 2
+    finally:
+        restore()
+
+
+def _main(args, console, cancel) -> int:
+    from frankenlab.evals.errors import RecipeError
+    from frankenlab.pipeline.planner import budget as bd
+    from frankenlab.pipeline.planner.options import valid_group_size
+    from frankenlab.pipeline.preflight import model_config
+
+    if args.validate < 0 or args.eval_windows < 1:
+        raise Fail("--validate K needs K >= 0 and --eval-windows at least 1")
+    if not valid_group_size(args.group_size):
+        raise Fail(f"--group-size {args.group_size}: give -1 (one group per row) or a power of 2 such as 32, 64, 128")
+    if args.validate and not args.out:
+        raise Fail("--validate runs a sweep: give --out DIR for its folder")
+    if args.max_ppl is not None and not (args.max_ppl > 0 and math.isfinite(args.max_ppl)):
+        raise Fail(f"--max-ppl {args.max_ppl}: give a positive perplexity")
+    if args.budget is None and args.target is None and args.max_ppl is None:
+        raise Fail("give a budget (--budget 60MiB, --budget 45% or --target NAME) or a quality bound (--max-ppl X)")
+    if args.budget is not None and args.target is not None:
+        raise Fail("give one budget: --budget or --target, not both")
+    patterns, bits = parse_choices(args.choices)
+    model_ref = args.model or "default"
+    cfg = model_config(model_ref)
+    try:
+        facts = bd.ModelFacts.from_config(cfg) if cfg else None
+        budget = None
+        if facts is not None and (args.budget is not None or args.target is not None):
+            budget = bd.parse_budget(args.budget, args.target, facts, targets_file=args.targets_file)
+        fixed = bd.embed_bytes(facts, args.embed_format, args.group_size) if facts else 0
+    except RecipeError as exc:
+        raise Fail(str(exc)) from None
+    table, facts, budget, fixed = _sensitivities(args, console, cancel, patterns, bits, facts, budget, fixed)
+    if table is None:
+        return cancelled_exit_code(cancel)
+    return _plan(args, console, cancel, table, facts, budget, fixed, model_ref)
+
+
+def _sensitivities(args, console, cancel, patterns, bits, facts, budget, fixed):
+    from frankenlab.evals.cancel import Cancelled
+    from frankenlab.evals.errors import ModelLoadError, RecipeError
+    from frankenlab.pipeline.loading import load_model
+    from frankenlab.pipeline.planner import budget as bd
+    from frankenlab.pipeline.planner.sensitivity import measure_sensitivities
+
+    t0 = time.perf_counter()
+    try:
+        loaded = load_model(
+            args.model,
+            device=args.device or "auto",
+            dtype=args.dtype or "auto",
+            trust_remote_code=args.trust_remote_code,
+        )
+    except (ModelLoadError, OSError, ValueError) as exc:
+        raise Fail(f"cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+    if facts is None:  # no config.json on disk (a GGUF): the loaded model's
+        try:
+            facts = bd.ModelFacts.from_config(loaded.model.config.to_dict())
+            if args.budget is not None or args.target is not None:
+                budget = bd.parse_budget(args.budget, args.target, facts, targets_file=args.targets_file)
+            fixed = bd.embed_bytes(facts, args.embed_format, args.group_size)
+        except RecipeError as exc:
+            raise Fail(str(exc)) from None
+    console.print(
+        f"model {escape(str(loaded.source.path if hasattr(loaded.source, 'path') else args.model))}: "
+        f"{facts.layers} layers, {facts.params / 1e6:.1f} M parameters; loaded in {time.perf_counter() - t0:.1f} s",
+        highlight=False,
+    )
+    try:
+        table = measure_sensitivities(
+            loaded.model,
+            loaded.tokenizer,
+            patterns=patterns,
+            bits=bits,
+            group_size=args.group_size,
+            method=args.method,
+            cache_dir=args.cache_dir,
+            progress=ProgressLine(console),
+            cancel=cancel.is_set,
+            log=lambda m: console.print(escape(m), highlight=False),
+            data_dir=args.data_dir,
+        )
+    except Cancelled:
+        console.print("[yellow]cancelled: the sensitivities measured so far are kept in the cache[/yellow]")
+        return None, facts, budget, fixed
+    except RecipeError as exc:
+        raise Fail(str(exc)) from None
+    console.print(
+        f"sensitivities: {table.layers} layers x {len(table.options)} options on {escape(table.windows)}, "
+        f"baseline NLL {table.baseline_nll:.4f} (ppl {math.exp(table.baseline_nll):.4g}); "
+        f"{time.perf_counter() - t0:.1f} s so far",
+        highlight=False,
+    )
+    return table, facts, budget, fixed
+
+
+def search_table(table, facts, args, fixed: int, scale=None):
+    from frankenlab.pipeline.planner.search import solve_table
+
+    return solve_table(table, facts, args.group_size, fixed, allow_protected=args.allow_protected, scale=scale)
+
+
+def choose(front, budget, max_ppl):
+    """The chosen point: least predicted loss within the budget, or the smallest within --max-ppl (and the budget)."""
+    if max_ppl is not None:
+        point = front.smallest_within(max_ppl)
+        if point is not None and budget is not None and point.bytes > budget.bytes:
+            return None
+        return point
+    return front.best_within(budget.bytes)
+
+
+def _plan(args, console, cancel, table, facts, budget, fixed, model_ref) -> int:
+    t0 = time.perf_counter()
+    front = search_table(table, facts, args, fixed)
+    console.print(
+        f"search: {len(front.points)} front point(s) from {table.layers} layers x {len(table.options)} options "
+        f"in {time.perf_counter() - t0:.2f} s (exact{'' if not front.bucket else ', bytes bucketed'})",
+        highlight=False,
+    )
+    for note in front.notes:
+        console.print(f"[yellow]{escape(note)}[/yellow]")
+    chosen = choose(front, budget, args.max_ppl)
+    console.print(front_table(front, budget, chosen))
+    console.print(
+        front_plot(front, None if budget is None else budget.bytes, chosen, width=60, height=8), soft_wrap=True
+    )
+    if chosen is not None:
+        title = "chosen plan, per source layer:"
+        console.print(layer_map(chosen, front.layers, table.options, title=title, described=True), soft_wrap=True)
+    verdict = make_verdict(
+        front,
+        facts,
+        budget,
+        chosen,
+        options=table.options,
+        embed_format=args.embed_format,
+        group_size=args.group_size,
+        max_ppl=args.max_ppl,
+    )
+    for line in verdict["lines"]:
+        console.print(escape(line), highlight=False, soft_wrap=True)
+    plan = {
+        "format": FORMAT,
+        "version": 1,
+        "model": model_ref,
+        "budget": None if budget is None else budget.__dict__,
+        "max_ppl": args.max_ppl,
+        "embed_format": args.embed_format,
+        "group_size": args.group_size,
+        "allow_protected": args.allow_protected,
+        "options": list(table.options),
+        "sensitivities": {
+            "windows": table.windows,
+            "baseline_nll": table.baseline_nll,
+            "method": table.method,
+            "tokens": table.tokens,
+        },
+        "predicted_on": "the sensitivity windows (calibration text): ppl = exp(baseline NLL + sum of deltas)",
+        "verdict": verdict,
+        "chosen": None if chosen is None else chosen.to_dict(),
+        "front": front.to_dict(),
+    }
+    if not args.out:
+        if chosen is not None:
+            console.print("no --out DIR: nothing written (give --out to get recipe.toml and plan.json)")
+        return 0 if chosen is not None else 1
+    out = Path(args.out)
+    written = write(out, plan, chosen, args, model_ref, budget)
+    if args.validate and chosen is not None:
+        status = validate(args, console, cancel, table, facts, front, chosen, budget, fixed, plan, model_ref, out)
+        if status:
+            return status
+    elif args.validate:
+        console.print("nothing to validate: no plan meets the budget")
+    if written:
+        console.print(f"wrote {escape(str(written[0]))} and {escape(str(written[1]))}", highlight=False)
+    else:
+        console.print(f"wrote {escape(str(out / 'plan.json'))} (no plan fits: no recipe)", highlight=False)
+    return 0 if chosen is not None else 1
+
+
+def write(out: Path, plan: dict, chosen, args, model_ref, budget):
+    import tomli_w
+
+    from frankenlab.pipeline.atomic import atomic_write_text
+    from frankenlab.pipeline.planner.recipe_out import PLAN_FILE, write_plan
+
+    try:
+        if chosen is None:
+            out.mkdir(parents=True, exist_ok=True)
+            import json
+
+            atomic_write_text(out / PLAN_FILE, json.dumps(plan, indent=2, default=str) + "\n")
+            return None
+        recipe = user_recipe(chosen, args, model_ref, budget)
+        return write_plan(out, tomli_w.dumps(recipe), plan)
+    except OSError as exc:
+        raise Fail(f"cannot write to {out}: {exc.strerror or exc}") from None
+
+
+def model_extra(args) -> dict:
+    extra = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None) not in (None, "auto")}
+    if getattr(args, "trust_remote_code", False):
+        extra["trust_remote_code"] = True
+    return extra
+
+
+def user_recipe(point, args, model_ref, budget, samples: bool = True) -> dict:
+    from frankenlab.pipeline.planner.recipe_out import plan_recipe
+    from frankenlab.pipeline.units import fmt_bytes
+
+    what = f"within {budget.label}" if budget is not None else f"predicted ppl <= {args.max_ppl:g}"
+    return plan_recipe(
+        point.choices,
+        model=model_ref,
+        group_size=args.group_size,
+        name=f"plan {fmt_bytes(point.bytes)}",
+        description=f"frankenlab plan: {what}; {fmt_bytes(point.bytes)} of weights "
+        f"(embeddings {args.embed_format}), predicted ppl {point.ppl:.4g} on the sensitivity windows",
+        eval_windows=args.eval_windows,
+        model_extra=model_extra(args),
+        samples=samples,
+    )
+
+
+# -- validation -----------------------------------------------------------------------------------------
+def validate(args, console, cancel, table, facts, front, chosen, budget, fixed, plan, model_ref, out: Path) -> int:
+    from frankenlab.pipeline.planner.validate import VALIDATION_DIR, calibrate, spearman
+    from frankenlab.pipeline.runlock import RunFolderBusy
+    from frankenlab.pipeline.units import fmt_bytes
+    from frankenlab.sessions.plan_validation import run_validation
+    from frankenlab.tui.cli.sweep import LineView
+
+    target = budget.bytes if budget is not None else chosen.bytes
+    points = front.nearest(target, args.validate, always=chosen)
+    recipes = [user_recipe(p, args, model_ref, budget, samples=False) for p in points]
+    executor = None
+    if args.ray or args.ray_address:
+        from frankenlab.sessions.sweep import RayExecutor
+
+        try:
+            executor = RayExecutor(address=args.ray_address, device=args.device or "auto")
+        except RuntimeError as exc:
+            raise Fail(str(exc)) from None
+    console.print(f"[bold]validation[/bold]: {len(points)} front point(s) nearest {fmt_bytes(target)} as a sweep")
+    try:
+        measured, record = run_validation(
+            points,
+            recipes,
+            out / VALIDATION_DIR,
+            executor=executor,
+            listener=LineView(console),
+            cancel=cancel,
+            data_dir=args.data_dir,
+        )
+    except RunFolderBusy as exc:
+        raise Fail(str(exc)) from None
+    t = Table(title="predicted vs measured (wikitext2-concat-512)")
+    for col in ("plan", "bytes", "measured bytes", "pred. ppl", "measured ppl", "status"):
+        t.add_column(col, justify="right" if col not in ("plan", "status") else "left")
+    for m in measured:
+        t.add_row(
+            escape(m.label),
+            fmt_bytes(m.point.bytes),
+            fmt_bytes(m.measured_bytes),
+            "-" if m.predicted_ppl is None else f"{m.predicted_ppl:.4g}",
+            "-" if m.measured_ppl is None else f"{m.measured_ppl:.4g}",
+            ("[bold]chosen[/bold] " if m.point is chosen else "") + m.status,
+        )
+    console.print(t)
+    ok = [m for m in measured if m.ok]
+    rho = spearman([m.predicted_ppl for m in ok], [m.measured_ppl for m in ok])
+    console.print(f"Spearman rank correlation (predicted vs measured ppl, {len(ok)} plans): {rho:.3f}", highlight=False)
+    plan["validation"] = {
+        "plans": [m.to_dict() for m in measured],
+        "spearman": rho,
+        "folder": str(out / VALIDATION_DIR),
+    }
+    cal = calibrate(measured, lambda pos, o: table.delta(front.layers[pos], o))
+    if cal is not None:
+        console.print(escape(cal.text), highlight=False)
+        plan["calibration"] = cal.to_dict()
+        if cal.off:
+            refit = search_table(table, facts, args, fixed, scale=cal.scale)
+            new = choose(refit, budget, None if args.max_ppl is None else args.max_ppl)
+            same = new is not None and new.choices == chosen.choices
+            console.print(
+                f"the additive model was off (RMS {cal.rms_before:.3f} > threshold): front re-ranked with the fit; "
+                + ("the chosen plan stays" if same else "the chosen plan changes (not yet measured)")
+                + ("" if new is None else f"; its predicted ppl on the sensitivity windows {new.ppl:.4g}"),
+                highlight=False,
+            )
+            plan["calibrated"] = {"front": refit.to_dict(), "chosen": None if new is None else new.to_dict()}
+            if new is not None and not same:
+                plan["chosen_before_calibration"] = plan["chosen"]
+                plan["chosen"] = new.to_dict()
+                chosen = new
+        else:
+            console.print("the additive model is within the threshold: the front stays as predicted", highlight=False)
+    write(out, plan, chosen, args, model_ref, budget)
+    if record.get("status") == "cancelled":
+        return cancelled_exit_code(cancel)
+    return 0
