@@ -7,7 +7,7 @@ its JSON form (`to_dict`: its fields plus `"event"`, the class name). A run's ev
 builds the whole session from them), so nobody has to read a file the run wrote to learn what
 happened: RunStarted (the recipe and the stages it will run), ModelReady (source, environment),
 StageStarted, Progress, MetricMeasured, LogLine, StageFinished (the stage record, nothing else),
-RunFailed, RunCancelled, RunFinished. A sweep's events (`sessions.sweep.run`: SweepStarted,
+RunFailed, RunCancelled, RunFinished. A sweep's events (`sessions.sweep.events`: SweepStarted,
 NodeStarted, ...) derive from `Event` too.
 """
 

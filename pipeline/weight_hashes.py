@@ -4,7 +4,7 @@ sha256 over the weight files (name and digest of each, in name order). A 1B mode
 each file's digest is cached by (real path, size, mtime) in the frankenlab cache folder and
 computed once. Files inside a Hugging Face cache snapshot are links to blobs already named by
 their sha256; those names are used directly. Sessions record it (`sessions/recorder.py`), the
-distillation teacher's cache is keyed by it (`pipeline/distill.py`); `sessions/hashing.py` re-exports it.
+distillation teacher's cache is keyed by it (`pipeline/distill.py`).
 """
 
 from __future__ import annotations

@@ -422,7 +422,8 @@ def test_weights_digest(tmp_path, monkeypatch):
 
 def test_core_imports_no_textual_and_no_torch():
     code = (
-        "import sys, sessions, sessions.replay, sessions.compare, sessions.store, sessions.hashing; "
+        "import sys, frankenlab.sessions, frankenlab.sessions.replay, frankenlab.sessions.compare, "
+        "frankenlab.sessions.store, frankenlab.pipeline.weight_hashes; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('textual', 'torch')]; print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

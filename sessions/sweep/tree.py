@@ -58,7 +58,7 @@ def model_identity(model: dict, resolved: dict | None = None) -> dict:
     the identity of the first sweep format (the literal dtype, no device): `legacy_key`."""
     from frankenlab.evals.errors import ModelLoadError
     from frankenlab.pipeline.loading import resolve_source
-    from frankenlab.sessions.hashing import weights_digest
+    from frankenlab.pipeline.weight_hashes import weights_digest
 
     spec = {k: v for k, v in model.items() if k not in ("source", "device")}
     try:

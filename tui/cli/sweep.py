@@ -176,7 +176,7 @@ class LineView:
     (each node's first, each new stage's first, then one per `PROGRESS_EVERY_S`)."""
 
     def __init__(self, console: Console, every: float = PROGRESS_EVERY_S):
-        from frankenlab.sessions.sweep.run import Throttle
+        from frankenlab.sessions.sweep.events import Throttle
 
         self.console = console
         self.labels: dict[str, str] = {}
@@ -194,7 +194,7 @@ class LineView:
             self.console.print(f"  start   {e.key}  {escape(e.label)}")
         elif isinstance(e, sw.NodeProgress):
             if self.throttle.due(e.key, e.message, e.fraction):
-                from frankenlab.sessions.sweep.run import progress_text
+                from frankenlab.sessions.sweep.events import progress_text
 
                 label = escape(self.labels.get(e.key, ""))
                 self.console.print(

@@ -43,7 +43,7 @@ class SweepPane(Vertical):
             self.path = path
 
     class Event(Message):
-        """One sweep event (sessions.sweep.run), carried from the worker thread."""
+        """One sweep event (sessions.sweep.events), carried from the worker thread."""
 
         def __init__(self, event):
             super().__init__()
@@ -58,7 +58,7 @@ class SweepPane(Vertical):
         self.rows: dict[int, Path] = {}  # configuration index -> its session file
         self.done_nodes = self.todo = 0
         self.labels: dict[str, str] = {}  # running node key -> label
-        self.throttle = None  # sessions.sweep.run.Throttle, made at the sweep's start
+        self.throttle = None  # sessions.sweep.events.Throttle, made at the sweep's start
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="sweep-controls"):
@@ -191,7 +191,7 @@ class SweepPane(Vertical):
             bar.update(progress=0.0)
             self._status(f"{self.done_nodes} of {self.todo} node(s) computed; running {e.label}")
         elif isinstance(e, sw.NodeProgress):
-            from frankenlab.sessions.sweep.run import Throttle, progress_text
+            from frankenlab.sessions.sweep.events import Throttle, progress_text
 
             bar.update(progress=e.fraction)
             label = self.labels.get(e.key, e.key)
