@@ -122,7 +122,7 @@ def _run_locked(sweep, out, executor, listener, cancel, data_dir, configs, took_
         "chains": chains,
         "configs": by_index,
         "polled": {},  # job id -> the last progress seq read from its file (executors that cannot stream)
-        "streams": executor.streams_events,
+        "streams": getattr(executor, "streams_events", True),  # an executor without the attribute streams events
     }
     _save(state)
     jobs = {j.id: j for j in plan_jobs(nodes, set(finished))}
@@ -204,9 +204,9 @@ def _submit_ready(state, jobs, running, failed, executor, data_dir, tell, cancel
         if len(running) >= executor.slots:
             break
         spec = _job_spec(state, job, data_dir)
-        if not executor.streams_events:  # a Ray task: its progress comes through a file it rewrites
+        if not state["streams"]:  # a Ray task: its progress comes through a file it rewrites
             spec["progress_file"] = True
-        listener = _progress_listener(job, nodes, tell) if executor.streams_events else None
+        listener = _progress_listener(job, nodes, tell) if state["streams"] else None
         for k in job.keys:
             if k not in finished:
                 record["nodes"][k].update(status="running", started=time.time())
