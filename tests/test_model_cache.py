@@ -128,18 +128,18 @@ def test_two_threads_asking_for_the_same_model_load_it_once():
     def slow():
         calls.append(1)
         started.set()
-        release.wait(60)
+        release.wait()
         return "model"
 
     got = []
     first = threading.Thread(target=lambda: got.append(cache.get("a", slow)))
     first.start()
-    started.wait(60)
+    started.wait()
     second = threading.Thread(target=lambda: got.append(cache.get("a", slow)))
     second.start()
     release.set()
-    first.join(60)
-    second.join(60)
+    first.join()
+    second.join()
     assert got == ["model", "model"] and calls == [1]
 
 
