@@ -21,6 +21,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import platform
 import time
 from dataclasses import replace
@@ -78,6 +79,22 @@ def model_fingerprint(source: str | None) -> dict:
     return {"model": ref}
 
 
+def _numbers(value) -> dict:
+    """The entries of a cached mapping that are finite non-negative numbers, or lists or mappings of
+    them (a damaged or hand-edited rates.json costs a probe, never a crash)."""
+
+    def ok(v) -> bool:
+        if isinstance(v, bool):
+            return False
+        if isinstance(v, (int, float)):
+            return math.isfinite(v) and v >= 0
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and ok(x) for k, x in v.items())
+        return isinstance(v, list) and all(ok(x) for x in v)
+
+    return {k: v for k, v in value.items() if isinstance(k, str) and ok(v)} if isinstance(value, dict) else {}
+
+
 class RateCache:
     """The rates of one (machine, model, dtype), read from and written to the shared rates file."""
 
@@ -85,9 +102,10 @@ class RateCache:
         self.key = key
         self.id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.path = path or rates_path()
-        entry = self._read().get(self.id, {})
-        self.rates: dict = dict(entry.get("rates", {}))
-        self.corrections: dict = dict(entry.get("corrections", {}))
+        entry = self._read().get(self.id)
+        entry = entry if isinstance(entry, dict) else {}
+        self.rates: dict = _numbers(entry.get("rates"))
+        self.corrections: dict = _numbers(entry.get("corrections"))
 
     def _read(self) -> dict:
         try:

@@ -379,3 +379,27 @@ async def test_run_pane_shows_the_estimate_before_the_run():
         assert any(line.startswith("estimate: about 84 min in all") for line in lines), lines
         status = str(panel.query_one("#run-status", Static).render())
         assert status == "running r: lora -> runs/r (about 84 min)"
+
+
+def test_a_damaged_rate_cache_costs_a_probe_never_a_crash(tmp_path):
+    from frankenlab.pipeline.rates import RateCache
+
+    path = tmp_path / "rates.json"
+    key = {"machine": "m", "model": "x"}
+    good = RateCache(key, path)
+    good.rates.update({"load": [1.0, 2.0], "shape": {"layers": 2, "hidden": 8}})
+    good.save()
+    data = json.loads(path.read_text())
+    (entry,) = data["entries"].values()
+    entry["rates"]["fwd"] = "fast"  # not a number
+    entry["rates"]["gen"] = [-1.0, 1.0]  # negative
+    entry["corrections"] = ["not", "a", "mapping"]
+    path.write_text(json.dumps(data))
+    again = RateCache(key, path)
+    assert again.rates == {"load": [1.0, 2.0], "shape": {"layers": 2, "hidden": 8}}
+    assert again.corrections == {} and again.correction("lora") == 1.0
+    data["entries"] = {again.id: ["an", "entry", "that", "is", "a", "list"]}
+    path.write_text(json.dumps(data))
+    assert RateCache(key, path).rates == {}
+    path.write_text("{not json")
+    assert RateCache(key, path).rates == {}
