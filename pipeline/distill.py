@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from frankenlab.pipeline.lora_loss import CHUNK_TOKENS, TeacherBatch, causal_lm,
 
 CACHE_FOLDER = "teacher-topk"
 CACHE_VERSION = 1
+TOPK_KEYS = ("values", "indices", "lse")  # what a cached top-k file holds
 
 
 def cache_folder() -> Path:
@@ -134,11 +136,13 @@ class Teacher:
         self.cache_file = cache_folder() / f"{key}.pt" if self.digest else None
         if self.cache_file is not None and self.cache_file.is_file():
             try:
-                self.cache = torch.load(self.cache_file, mmap=True, weights_only=True)
-                self.how = "top-k cached (reused)"
-                log(f"lora: teacher top-{self.top_k} logits reused from {self.cache_file}")
-                return
-            except (OSError, RuntimeError, ValueError):  # unreadable: compute it again
+                cache = torch.load(self.cache_file, mmap=True, weights_only=True)
+                if self._fits(cache):
+                    self.cache, self.how = cache, "top-k cached (reused)"
+                    log(f"lora: teacher top-{self.top_k} logits reused from {self.cache_file}")
+                    return
+                log(f"lora: the teacher's cached logits in {self.cache_file} do not fit this run; computing them again")
+            except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):  # unreadable: compute it again
                 self.cache = None
         self._load()
         self.cache = self._compute_top_k(batch_size, amp)
@@ -154,6 +158,32 @@ class Teacher:
                 log(f"lora: could not cache the teacher's logits ({exc}); they stay in memory")
                 self.how = "top-k in memory (cache not writable)"
         self.release()
+
+    def _fits(self, cache) -> bool:
+        """A cache file read back has the tensors, shapes and token ids this run's windows need (a
+        damaged or foreign file is computed again, never half-used)."""
+        if not isinstance(cache, dict) or not all(isinstance(cache.get(k), torch.Tensor) for k in TOPK_KEYS):
+            return False
+        n, t = self.windows.shape
+        values, indices, lse = (cache[k] for k in TOPK_KEYS)
+        k = values.shape[-1] if values.dim() == 3 else -1
+        if values.shape != (n, t - 1, k) or indices.shape != values.shape or lse.shape != (n, t - 1) or k < 1:
+            return False
+        if indices.is_floating_point() or values.dtype != torch.float16:
+            return False
+        vocab = self.model_vocab()
+        top = int(indices.max()) if indices.numel() else -1
+        return bool(indices.numel() == 0 or (int(indices.min()) >= 0 and (vocab is None or top < vocab)))
+
+    def model_vocab(self) -> int | None:
+        """The teacher's vocabulary size, from the loaded model or its config.json (None: unknown)."""
+        if self.model is not None:
+            return self._vocab()
+        try:
+            cfg = json.loads((Path(self.path) / "config.json").read_text())
+            return int((cfg.get("text_config") or cfg)["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
 
     def _compute_top_k(self, batch_size: int, amp: torch.dtype | None) -> dict:
         n, t = self.windows.shape
@@ -178,7 +208,7 @@ class Teacher:
             values[b : b + batch_size] = torch.cat(v_out).view(-1, t - 1, k).half().cpu()
             indices[b : b + batch_size] = torch.cat(i_out).view(-1, t - 1, k).to(index_dtype).cpu()
             lse[b : b + batch_size] = torch.cat(l_out).view(-1, t - 1).cpu()
-        return {"values": values, "indices": indices, "lse": lse}
+        return dict(zip(TOPK_KEYS, (values, indices, lse), strict=True))
 
     def _vocab(self) -> int:
         head = self.head if self.head is not None else getattr(self.model, "lm_head", None)

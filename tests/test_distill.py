@@ -117,3 +117,41 @@ def test_runner_hands_the_recipe_source_to_the_stage(tiny_model_dir, tmp_path, d
     assert session.status == "done", session
     report = json.loads((tmp_path / "run" / "session.json").read_text())["stages"][2]["report"]
     assert report["teacher"]["source"] == str(tiny_model_dir) and report["first_loss"] > 0.05
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "other shapes", "ids past the vocabulary"],
+)
+def test_a_damaged_top_k_cache_is_computed_again_never_half_used(
+    tiny_model_dir,
+    tmp_path,
+    text_file,  # noqa: F811
+    cache,
+    monkeypatch,
+    damage,
+):
+    import torch
+
+    from frankenlab.pipeline.loading import load_model
+
+    def run(name):
+        lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+        ctx = ctx_for(lm, tmp_path / name, source_model=source(tiny_model_dir))
+        return lora.run(lm.model, ctx, quick(text_file, steps=1, loss="kd", teacher_top_k=8)).report
+
+    first = run("a")
+    path = cache / distill.CACHE_FOLDER / first["teacher_cache"].rsplit("/", 1)[-1]
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        data = torch.load(path, weights_only=True)
+        if damage == "other shapes":
+            data = {k: v[:1] for k, v in data.items()}
+        else:
+            data["indices"] = data["indices"].clone().fill_(30000)
+        torch.save(data, path)
+    loads = counting_loads(monkeypatch)
+    second = run("b")
+    assert len(loads) == 1 and second["teacher_logits"] == "top-k cached (computed now)"
+    assert second["loss_curve"] == pytest.approx(first["loss_curve"], rel=1e-5)
