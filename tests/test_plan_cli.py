@@ -176,8 +176,9 @@ def test_validate_runs_front_points_as_a_sweep(tiny_model_dir, cache, tmp_path, 
     assert len(plans) == 2 and all(p["status"] == "done" for p in plans)
     for p in plans:
         assert p["measured_ppl"] > 0 and p["predicted_ppl"] > 0
-        # the planner's bytes are the footprint's (dense floats as bf16) of the model each plan made
-        assert p["measured_bytes"] == p["bytes"], p
+        # the planner's bytes are the footprint's (dense floats as bf16) of the model each plan made, or
+        # an upper bound where low-bit GPTQ codes let the footprint find a cheaper mask (pipeline/weight_bytes.py)
+        assert 0.97 * p["bytes"] <= p["measured_bytes"] <= p["bytes"], p
     assert data["calibration"]["plans"] == 2 and set(data["calibration"]["multipliers"]) == {"skip", "sparse", "quant"}
     assert (out / "validation" / "sweep.json").is_file()
     Recipe.load(out / "recipe.toml").check_for(8)
