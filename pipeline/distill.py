@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from frankenlab.evals.errors import RecipeError
 from frankenlab.pipeline.lora_loss import CHUNK_TOKENS, TeacherBatch, causal_lm, chunked_head
@@ -133,16 +134,16 @@ class Teacher:
         dtype = str(pick_dtype(self.source.get("dtype") or "auto", self.device)).replace("torch.", "")
         amp_name = str(amp).replace("torch.", "") if amp else "none"
         key = self.cache_key(f"{dtype}/{amp_name}")
-        self.cache_file = cache_folder() / f"{key}.pt" if self.digest else None
+        self.cache_file = cache_folder() / f"{key}.safetensors" if self.digest else None
         if self.cache_file is not None and self.cache_file.is_file():
             try:
-                cache = torch.load(self.cache_file, mmap=True, weights_only=True)
+                cache = load_file(str(self.cache_file))  # tensors only: nothing in the file can run
                 if self._fits(cache):
                     self.cache, self.how = cache, "top-k cached (reused)"
                     log(f"lora: teacher top-{self.top_k} logits reused from {self.cache_file}")
                     return
                 log(f"lora: the teacher's cached logits in {self.cache_file} do not fit this run; computing them again")
-            except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):  # unreadable: compute it again
+            except (OSError, RuntimeError, ValueError, SafetensorError):  # unreadable: compute it again
                 self.cache = None
         self._load()
         self.cache = self._compute_top_k(batch_size, amp)
@@ -152,7 +153,7 @@ class Teacher:
 
             try:
                 with atomic_path(self.cache_file) as tmp:
-                    torch.save(self.cache, tmp)
+                    save_file({k: v.contiguous() for k, v in self.cache.items()}, str(tmp))
                 log(f"lora: teacher top-{self.top_k} logits cached in {self.cache_file}")
             except OSError as exc:  # a read-only cache only costs time
                 log(f"lora: could not cache the teacher's logits ({exc}); they stay in memory")
