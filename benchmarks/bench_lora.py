@@ -138,7 +138,12 @@ def run_ours(base, lm, args, data_dir, steps: int, clock: StepClock) -> dict:
 
     ctx = StageContext(lm.tokenizer, lm.device, data_dir=Path(data_dir) if data_dir else None, listener=listener)
     result = lora.run(copy.deepcopy(base), ctx, stage_config(args, steps))
-    return {"mixed_precision": result.report.get("mixed_precision"), "loss": result.report.get("loss")}
+    report = result.report
+    return {
+        "mixed_precision": report.get("mixed_precision"),
+        "loss": report.get("loss"),
+        "speed_ups": report.get("speed_ups"),
+    }
 
 
 def run_plain(base, lm, args, windows, batches, clock: StepClock) -> dict:
@@ -373,7 +378,9 @@ def main(argv=None) -> dict:
             print(
                 f"[{rep}] {name:8s} {r['seconds_per_step']:.2f} s/step, {r['cpu_seconds_per_step']:.2f} CPU-s/step, "
                 f"{r['tokens_per_cpu_s']:.0f} tok per CPU-s; loss {r['losses'][0]:.4f} -> {r['final_loss']:.4f}; "
-                f"peak RSS {r['peak_rss_gib']:.2f} GiB (from {r['rss_before_gib']:.2f}); {r.get('mixed_precision')}; "
+                f"peak RSS {r['peak_rss_gib']:.2f} GiB (from {r['rss_before_gib']:.2f}); {r.get('mixed_precision')}"
+                + (f" + {', '.join(r['speed_ups'])}" if r.get("speed_ups") else "")
+                + "; "
                 f"load {load_average()}",
                 flush=True,
             )

@@ -10,6 +10,8 @@ distillation teacher (`pipeline.distill`), the merge (`pipeline.lora_adapters`) 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from torch import nn
 
 from frankenlab.evals import devices
 from frankenlab.evals.cancel import Cancelled, cancel_between_layers
-from frankenlab.pipeline import distill, lora_progress
+from frankenlab.pipeline import distill, lora_progress, lora_speed
 from frankenlab.pipeline.context import StageContext, StageResult
 from frankenlab.pipeline.lora_adapters import add_adapter, merge_keeping_mask, sparse_masks, targeted_density
 from frankenlab.pipeline.lora_loss import LossSpec, micro_batch_loss
@@ -218,6 +220,11 @@ def train(
         ctx.metric("lora_val_loss", loss, "train", step=at)
         return loss
 
+    speed = contextlib.ExitStack()  # CPU bf16: frozen weights in bf16, cheaper dropout and attention, kept heap
+    applied = speed.enter_context(lora_speed.fast_training(peft_model, ctx.device, amp, micro, config.seq_len))
+    if applied:
+        spec = dataclasses.replace(spec, chunk_tokens=lora_speed.head_chunk(peft_model))
+        ctx.log(f"lora: CPU speed-ups: {', '.join(applied)}")
     try:
         if val.shape[0] and config.eval_every and not val_curve:
             validate(0)  # where the curve starts
@@ -298,6 +305,7 @@ def train(
             ctx.log(f"lora: cancelled after {done} completed steps; nothing to keep", "warning")
         raise
     finally:
+        speed.close()  # the fp32 frozen weights back before the merge
         peft_model.eval()
         if teacher is not None:
             teacher.release()
@@ -337,6 +345,7 @@ def train(
         "seconds_per_step": seconds / max(1, done - start),  # this process's steps (a resumed run: since then)
         "tokens_per_second": (done - start) * per_step * config.seq_len / seconds if seconds else 0.0,
         "mixed_precision": precision,  # what ran, and why
+        "speed_ups": applied,  # pipeline.lora_speed: what applied (CPU, bf16)
         "compute_dtype": devices.dtype_name(amp) if amp else "float32",
         "loss": config.loss,
         "ce_curve": ce_curve if len(ce_curve) <= 512 else ce_curve[:: math.ceil(len(ce_curve) / 512)],
