@@ -139,6 +139,8 @@ def test_max_ppl_picks_the_smallest_plan_within_the_bound(tiny_model_dir, cache,
         (["--budget", "1MiB", "--choices", "colours=red"], "write patterns="),
         (["--budget", "1MiB", "--validate", "2"], "give --out DIR"),
         (["--budget", "1MiB", "--group-size", "100"], "power of 2"),
+        (["--budget", "1MiB", "--validate-within", "150%"], "between 0 and 100%"),
+        (["--budget", "1MiB", "--validate-within", "wide"], "between 0 and 100%"),
     ],
 )
 def test_bad_input_is_one_line_before_any_model_loads(tiny_model_dir, tmp_path, capsys, args, message):

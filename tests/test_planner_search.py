@@ -194,3 +194,33 @@ def test_budgets():
         bd.embed_bytes(facts, "fp8")
     with pytest.raises(RecipeError, match="N:M"):
         bd.layer_bytes(facts, "4:2/4")
+
+
+def test_pruning_that_stores_no_fewer_bytes_is_never_offered():
+    """3-bit codes over an N:M pattern are stored dense: as large as none/3, so a lower measured delta
+    for 1:8/3 can only be noise; the search leaves it out (and keeps patterns that do save bytes)."""
+    facts = bd.ModelFacts.from_config(SMOL)
+    opts = ["skip", "none/16", "none/4", "none/3", "1:8/4", "1:8/3", "2:4/3"]
+    assert bd.layer_bytes(facts, "1:8/3") >= bd.layer_bytes(facts, "none/3")
+    table = FakeTable(8, opts, lambda i, o: -0.5 if o in ("1:8/3", "2:4/3") else 0.1)
+    layers = layer_options(table, lambda o: bd.layer_bytes(facts, o))
+    assert all("1:8/3" not in lo.options and "2:4/3" not in lo.options for lo in layers)
+    assert all("1:8/4" in lo.options for lo in layers) == (
+        bd.layer_bytes(facts, "1:8/4") < bd.layer_bytes(facts, "none/4")
+    )
+    plan = solve(layers, fixed_bytes=0).best_within(10**12)
+    assert "1:8/3" not in plan.choices and "2:4/3" not in plan.choices
+
+
+def test_spread_takes_points_across_the_band_with_the_chosen_one():
+    layers = [LayerOptions(i, ("a", "b", "c", "d"), (0, 3, 5, 9), (3.0, 1.0, 0.5, 0.0)) for i in range(4)]
+    front = solve(layers)
+    budget = 20
+    chosen = front.best_within(budget)
+    near = front.nearest(budget, 4, always=chosen)
+    spread = front.spread(budget, 4, 0.5, always=chosen)
+    assert chosen in spread and len(spread) == 4 and spread == sorted(spread, key=lambda p: p.bytes)
+    assert all(10 <= p.bytes <= 30 for p in spread)
+    width = lambda pts: max(p.bytes for p in pts) - min(p.bytes for p in pts)  # noqa: E731
+    assert width(spread) > width(near)
+    assert front.spread(budget, 4, 0.01) == [p for p in front.points if 19.8 <= p.bytes <= 20.2]  # fewer in band

@@ -235,6 +235,23 @@ def make_verdict(
     return out
 
 
+def validation_table(measured, chosen) -> Table:
+    """`frankenlab plan --validate`: each front point's bytes, predicted and measured perplexity."""
+    t = Table(title="predicted vs measured (wikitext2-concat-512)")
+    for col in ("plan", "bytes", "measured bytes", "pred. ppl", "measured ppl", "status"):
+        t.add_column(col, justify="right" if col not in ("plan", "status") else "left")
+    for m in measured:
+        t.add_row(
+            escape(m.label),
+            fmt_bytes(m.point.bytes),
+            fmt_bytes(m.measured_bytes),
+            "-" if m.predicted_ppl is None else f"{m.predicted_ppl:.4g}",
+            "-" if m.measured_ppl is None else f"{m.measured_ppl:.4g}",
+            ("[bold]chosen[/bold] " if m.point is chosen else "") + escape(m.status),
+        )
+    return t
+
+
 def _count(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:

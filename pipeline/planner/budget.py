@@ -113,6 +113,19 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def parse_share(text: str | None, what: str = "--validate-within") -> float | None:
+    """ "10%" or "0.1" -> 0.1 (strictly between 0 and 1); None stays None; else a one-line RecipeError."""
+    if text is None:
+        return None
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        value = math.nan
+    require(0 < value < 1, f"{what} {text!r}: give a share of the budget between 0 and 100%, e.g. 10%")
+    return value
+
+
 def runtime_reserve(facts: ModelFacts, context: int = RESERVE_CONTEXT) -> int:
     """KV cache + decode activations at `context` tokens, batch 1, bf16 (pipeline.footprint's formulas)."""
     from types import SimpleNamespace

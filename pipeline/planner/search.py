@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from frankenlab.evals.config import require
-from frankenlab.pipeline.planner.options import SKIP
+from frankenlab.pipeline.planner.options import SKIP, option_name, parse_option
 
 PROTECTED_FIRST = 4  # as the depth stage's defaults: never skipped unless --allow-protected
 PROTECTED_LAST = 2
@@ -90,6 +90,33 @@ class Front:
         picked = ranked[:k]
         if always is not None and always not in picked and k > 0:
             picked = [*picked[: k - 1], always]
+        return sorted(picked, key=lambda p: p.bytes)
+
+    def spread(self, budget: int, k: int, within: float, always: FrontPoint | None = None) -> list[FrontPoint]:
+        """Up to `k` front points with bytes in budget x (1 +- `within`), spaced evenly in bytes (for each
+        of k evenly spaced byte targets the nearest point not yet taken), `always` among them, by bytes.
+        Plans that differ only by noise-sized choices (the k nearest) cannot show whether the predicted
+        ranking holds; plans spread over the band can."""
+        lo, hi = budget * (1 - within), budget * (1 + within)
+        band = [p for p in self.points if lo <= p.bytes <= hi]
+        picked: list[FrontPoint] = []
+        if always is not None and always in band and k > 0:
+            picked.append(always)
+        targets = [lo + (hi - lo) * j / max(1, k - 1) for j in range(k)] if k > 1 else [budget]
+        for t in sorted(targets, key=lambda t: abs(t - (always.bytes if always else budget))):
+            if len(picked) >= k:
+                break
+            free = [p for p in band if p not in picked]
+            if not free:
+                break
+            if picked and min(abs(t - q.bytes) for q in picked) <= (hi - lo) / max(1, 2 * (k - 1)):
+                continue  # a target already covered (by the always-kept point)
+            picked.append(min(free, key=lambda p: (abs(p.bytes - t), p.bytes)))
+        for p in sorted(band, key=lambda p: abs(p.bytes - budget)):  # fewer targets met than k: fill, nearest first
+            if len(picked) >= k:
+                break
+            if p not in picked:
+                picked.append(p)
         return sorted(picked, key=lambda p: p.bytes)
 
     def to_dict(self) -> dict:
@@ -199,6 +226,7 @@ def layer_options(
     left out for the first 4 and last 2 layers unless `allow_protected`. `scale(option)` multiplies
     a delta (the calibration of a validated front)."""
     names = list(options if options is not None else table.options)
+    names = [o for o in names if not _no_saving(o, names, bytes_of)]
     layers = range(table.layers) if isinstance(table.layers, int) else table.layers
     n = len(layers)
     out = []
@@ -207,6 +235,19 @@ def layer_options(
         deltas = tuple(float(table.delta(layer, o)) * (scale(o) if scale else 1.0) for o in allowed)
         out.append(LayerOptions(int(layer), tuple(allowed), tuple(bytes_of(o) for o in allowed), deltas))
     return out
+
+
+def _no_saving(option: str, names: Sequence[str], bytes_of: Callable[[str], int]) -> bool:
+    """An N:M option that stores no fewer bytes than the dense option of its bits (3-bit codes over a
+    pattern are stored dense): pruning that saves nothing can only lose quality, so a lower measured
+    delta for it is measurement noise and the search never offers it."""
+    if option == SKIP:
+        return False
+    opt = parse_option(option)
+    if opt.pattern == "none":
+        return False
+    dense = option_name("none", opt.bits)
+    return dense in names and bytes_of(dense) <= bytes_of(option)
 
 
 def solve_table(table, facts, group_size: int, fixed_bytes: int, *, allow_protected: bool = False, scale=None) -> Front:

@@ -6,11 +6,10 @@
 Measures each layer's sensitivities (cached on disk: a second run reads them), solves the multiple-
 choice knapsack exactly (pipeline/planner/search.py), prints the predicted front (a table and a small
 plot), the chosen plan's per-layer map and the verdict, and writes DIR/recipe.toml (the plan as a
-recipe) and DIR/plan.json (front, choices, predictions). `--validate K` runs the K front points
-nearest the budget as a sweep (DIR/validation; `--ray`/`--ray-address` as `frankenlab sweep`) and
-prints predicted against measured perplexity. Ctrl-C stops the measuring or the sweep cleanly.
-The drawings (front table and plot, per-layer map, verdict) are `tui/plan_render.py`, shared with the
-lab's Plan pane.
+recipe) and DIR/plan.json. `--validate K` runs the K front points nearest the budget (or spread over
+budget +- `--validate-within`) as a sweep (DIR/validation; `--ray`/`--ray-address` as `frankenlab
+sweep`), prints predicted against measured perplexity. Ctrl-C stops cleanly. The drawings are
+`tui/plan_render.py`, shared with the lab's Plan pane.
 """
 
 from __future__ import annotations
@@ -20,12 +19,11 @@ import time
 from pathlib import Path
 
 from rich.markup import escape
-from rich.table import Table
 
 from frankenlab.tui.cli import options
 from frankenlab.tui.cli.console import make_console, piped
 from frankenlab.tui.cli.signals import cancelled_exit_code, ctrl_c_cancels
-from frankenlab.tui.plan_render import front_plot, front_table, layer_map, make_verdict
+from frankenlab.tui.plan_render import front_plot, front_table, layer_map, make_verdict, validation_table
 
 FORMAT = "frankenlab-plan"
 
@@ -65,6 +63,12 @@ def register(sub) -> None:
         "--max-ppl", type=float, default=None, help="the smallest plan whose predicted perplexity is at most X"
     )
     p.add_argument("--validate", type=int, default=0, metavar="K", help="run the K front points nearest the budget")
+    p.add_argument(
+        "--validate-within",
+        default=None,
+        metavar="PCT",
+        help="validation: the K points spread evenly in bytes over budget +- PCT (e.g. 10%%), not the K nearest",
+    )
     p.add_argument("--eval-windows", type=int, default=32, help="wikitext2-concat-512 windows scored (default 32)")
     p.add_argument("--ray", action="store_true", help="validation: run the jobs as Ray tasks on a local Ray instance")
     p.add_argument("--ray-address", default=None, help="validation: run the jobs on this Ray cluster")
@@ -104,6 +108,16 @@ def parse_choices(items: list[str]) -> tuple[list[str], list[int]]:
     except OptionError as exc:
         raise Fail(str(exc)) from None
     return list(patterns), list(bits)
+
+
+def parse_within(text: str | None) -> float | None:
+    from frankenlab.evals.errors import RecipeError
+    from frankenlab.pipeline.planner.budget import parse_share
+
+    try:
+        return parse_share(text)
+    except RecipeError as exc:
+        raise Fail(str(exc)) from None
 
 
 class ProgressLine:
@@ -149,6 +163,7 @@ def _main(args, console, cancel) -> int:
         raise Fail("--validate K needs K >= 0 and --eval-windows at least 1")
     if not valid_group_size(args.group_size):
         raise Fail(f"--group-size {args.group_size}: give -1 (one group per row) or a power of 2 such as 32, 64, 128")
+    parse_within(args.validate_within)  # refused before anything loads
     if args.validate and not args.out:
         raise Fail("--validate runs a sweep: give --out DIR for its folder")
     if args.max_ppl is not None and not (args.max_ppl > 0 and math.isfinite(args.max_ppl)):
@@ -371,7 +386,11 @@ def validate(args, console, cancel, table, facts, front, chosen, budget, fixed, 
     from frankenlab.tui.cli.sweep import LineView
 
     target = budget.bytes if budget is not None else chosen.bytes
-    points = front.nearest(target, args.validate, always=chosen)
+    within = parse_within(args.validate_within)
+    if within is None:
+        points = front.nearest(target, args.validate, always=chosen)
+    else:
+        points = front.spread(target, args.validate, within, always=chosen)
     recipes = [user_recipe(p, args, model_ref, budget, samples=False) for p in points]
     executor = None
     if args.ray or args.ray_address:
@@ -381,7 +400,8 @@ def validate(args, console, cancel, table, facts, front, chosen, budget, fixed, 
             executor = RayExecutor(address=args.ray_address, device=args.device or "auto")
         except RuntimeError as exc:
             raise Fail(str(exc)) from None
-    console.print(f"[bold]validation[/bold]: {len(points)} front point(s) nearest {fmt_bytes(target)} as a sweep")
+    where = "nearest" if within is None else f"spread over +-{within:.0%} of"
+    console.print(f"[bold]validation[/bold]: {len(points)} front point(s) {where} {fmt_bytes(target)} as a sweep")
     try:
         measured, record = run_validation(
             points,
@@ -394,19 +414,7 @@ def validate(args, console, cancel, table, facts, front, chosen, budget, fixed, 
         )
     except RunFolderBusy as exc:
         raise Fail(str(exc)) from None
-    t = Table(title="predicted vs measured (wikitext2-concat-512)")
-    for col in ("plan", "bytes", "measured bytes", "pred. ppl", "measured ppl", "status"):
-        t.add_column(col, justify="right" if col not in ("plan", "status") else "left")
-    for m in measured:
-        t.add_row(
-            escape(m.label),
-            fmt_bytes(m.point.bytes),
-            fmt_bytes(m.measured_bytes),
-            "-" if m.predicted_ppl is None else f"{m.predicted_ppl:.4g}",
-            "-" if m.measured_ppl is None else f"{m.measured_ppl:.4g}",
-            ("[bold]chosen[/bold] " if m.point is chosen else "") + m.status,
-        )
-    console.print(t)
+    console.print(validation_table(measured, chosen))
     ok = [m for m in measured if m.ok]
     rho = spearman([m.predicted_ppl for m in ok], [m.measured_ppl for m in ok])
     console.print(f"Spearman rank correlation (predicted vs measured ppl, {len(ok)} plans): {rho:.3f}", highlight=False)
