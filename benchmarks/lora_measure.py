@@ -155,12 +155,17 @@ def bf16_rate(model, tokens: int = 2048, seconds: float = 1.0) -> dict:
 
 
 # -- where the time goes ---------------------------------------------------------------------------
+# attention computed as batched GEMMs + softmax (pipeline.lora_speed.bf16_attention, eager attention):
+# in a LLaMA decoder only attention uses batched matmuls and a plain softmax
+ATTENTION_OPS = {"aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data"}
+
+
 def classify(event, vocab: int, under_optimizer: bool) -> str:
     name = event.key if hasattr(event, "key") else event.name
     low = name.lower()
     if under_optimizer:
         return "optimizer"
-    if "attention" in low or "scaled_dot_product" in low:
+    if "attention" in low or "scaled_dot_product" in low or name in ATTENTION_OPS:
         return "attention"
     shapes = getattr(event, "input_shapes", None) or []
     touches_vocab = any(isinstance(s, (list, tuple)) and vocab in s for s in shapes)

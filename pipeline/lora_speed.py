@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import math
 
 import torch
@@ -104,28 +105,50 @@ def fast_dropout(peft_model: nn.Module) -> int:
 
 
 # -- attention -------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _causal_bias(t: int, s: int, g: int, device: str) -> torch.Tensor:
+    """(g*t, s) bf16: 0 where query row i (of each of g heads) may see key j, -inf after it."""
+    future = torch.ones(t, s, dtype=torch.bool, device=device).triu(s - t + 1)
+    bias = torch.zeros(t, s, dtype=torch.bfloat16, device=device).masked_fill_(future, float("-inf"))
+    return bias.repeat(g, 1)
+
+
 def bf16_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """Attention as bf16 GEMMs: query (B, H, T, D), key/value (B, KV, S, D); returns (B, T, H, D), None.
-    Grouped-query heads share their key/value head by folding the group into the rows of one GEMM."""
+    Grouped-query heads share their key/value head by folding the group into the rows of one GEMM; the
+    scale and the mask ride in the scores' GEMM (`baddbmm`: no separate scaling or masking pass)."""
     b, h, t, d = query.shape
     kv, s = key.shape[1], key.shape[2]
+    if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward  # a per-head mask
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     g = h // kv
     dt = torch.bfloat16
     scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
-    q = query.to(dt).reshape(b, kv, g * t, d)
-    scores = torch.matmul(q, key.to(dt).transpose(-1, -2)).view(b, kv, g, t, s) * scale
-    if attention_mask is None:
-        if t > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
-            future = torch.ones(t, s, dtype=torch.bool, device=query.device).triu(s - t + 1)
-            scores = scores.masked_fill(future, float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[:, :, None], float("-inf"))
+    q = query.to(dt).reshape(b * kv, g * t, d)
+    k_t = key.to(dt).reshape(b * kv, s, d).transpose(1, 2)
+    causal = t > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if attention_mask is not None:  # (B, 1, T, S): bool (True = attend) or additive floats
+        m = attention_mask
+        bias = (
+            torch.zeros(m.shape, dtype=dt, device=m.device).masked_fill_(~m, float("-inf"))
+            if m.dtype == torch.bool
+            else m.to(dt)
+        )
+        bias = bias[:, :, None].expand(b, kv, g, t, s).reshape(b * kv, g * t, s)
+    elif causal:
+        bias = _causal_bias(t, s, g, str(query.device))
     else:
-        scores = scores + attention_mask[:, :, None].to(dt)
+        bias = None
+    if bias is None:
+        scores = torch.bmm(q, k_t) * scale
+    else:
+        scores = torch.baddbmm(bias, q, k_t, alpha=scale)  # (B*KV, g*T, S)
     probs = scores.softmax(-1)
     if dropout and module.training:
         probs = F.dropout(probs, dropout, True)
-    out = torch.matmul(probs.view(b, kv, g * t, s), value.to(dt))  # (B, KV, g*T, D)
+    out = torch.bmm(probs, value.to(dt).reshape(b * kv, s, d))  # (B*KV, g*T, D)
     return out.view(b, h, t, d).transpose(1, 2).contiguous(), None
 
 
