@@ -129,7 +129,6 @@ def run_uniform(rows: list[tuple[int, str, int]], out: Path, windows: int, data_
                 if final.status == "done":
                     res["measured_ppl"] = _ppl(final)
                     res["measured_bytes"] = ((final.footprint or {}).get("what_if_weights_bytes") or {}).get("bf16")
-                    res["artifact"] = final.artifact
         results.append(res)
     return results
 
@@ -144,10 +143,10 @@ def chosen_compact(plan: dict, plan_dir: Path, scratch: Path) -> dict | None:
     for p in (plan.get("validation") or {}).get("plans", []):
         if p.get("choices") == chosen and p.get("session") and Path(p["session"]).is_file():
             final = load_session(Path(p["session"])).stages[-1]
-            folder = final.artifact
-            if not folder or not Path(folder).is_dir():
+            folder = Path(p["session"]).parent / final.artifact if final.artifact else None  # relative to the session
+            if folder is None or not folder.is_dir():
                 return {"error": "the chosen plan's validation left no saved model"}
-            lm = load_model(folder, device="cpu")
+            lm = load_model(str(folder), device="cpu")
             c = save_compact(lm.model, scratch)
             return {"file_bytes": c.file_bytes, "computed_bytes": c.computed_bytes, "path": str(c.path)}
     return None

@@ -119,8 +119,9 @@ async def test_run_log_wraps_long_lines_without_losing_characters(loaded, tmp_pa
         words = " ".join(f"w{i:03d}" for i in range(60))  # 299 characters, several wrapped lines
         for _ in range(30):  # enough lines for the scrollbar to show
             panel.write(words)
+        log = panel.log_widget  # its writes render once its size is known: on a loaded machine, later
+        await wait_for(pilot, lambda: len(log.lines) >= 30)
         await pilot.pause()
-        log = panel.log_widget
         width = log.scrollable_content_region.width
         assert width > 0 and all(line.cell_length <= width for line in log.lines)
         shown = " ".join("".join(seg.text for seg in line).strip() for line in log.lines[: len(log.lines) // 30])
