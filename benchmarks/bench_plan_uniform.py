@@ -147,7 +147,7 @@ def chosen_compact(plan: dict, plan_dir: Path, scratch: Path) -> dict | None:
             if folder is None or not folder.is_dir():
                 return {"error": "the chosen plan's validation left no saved model"}
             lm = load_model(str(folder), device="cpu")
-            c = save_compact(lm.model, scratch)
+            c = save_compact(lm.model, scratch, dtype="bfloat16")  # dense floats as bf16: the planner's convention
             return {"file_bytes": c.file_bytes, "computed_bytes": c.computed_bytes, "path": str(c.path)}
     return None
 

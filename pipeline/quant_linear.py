@@ -172,18 +172,27 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """gptqmodel packing: 32 // bits codes per int32 word along dim 0, lowest bits first."""
-    per = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
-    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << bits) - 1)
-    return codes.reshape(packed.shape[0] * per, packed.shape[1])[:n]  # (n, cols)
+    """gptqmodel packing along dim 0, lowest bits first: 32 // bits codes per int32 word for 2/4/8 bits;
+    for 3 bits the words of a column are one little-endian bit stream (32 codes in 3 words, a code may
+    straddle two words: GPTQ's 3-bit layout)."""
+    if 32 % bits == 0:
+        per = 32 // bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        codes = (packed.to(torch.int32).unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << bits) - 1)
+        return codes.reshape(packed.shape[0] * per, packed.shape[1])[:n]  # (n, cols)
+    words, cols = packed.shape
+    shifts = torch.arange(32, dtype=torch.int32, device=packed.device).view(1, -1, 1)
+    stream = ((packed.to(torch.int32).unsqueeze(1) >> shifts) & 1).reshape(words * 32, cols)  # bit i of the stream
+    stream = stream[: n * bits].reshape(n, bits, cols)
+    weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).view(1, -1, 1)
+    return (stream * weights).sum(1, dtype=torch.int32)  # (n, cols)
 
 
 def quant_codes(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes (out, in), zeros (groups, out)) of a quantized linear with 2/4/8-bit packing."""
+    """(codes (out, in), zeros (groups, out)) of a quantized linear with 2/3/4/8-bit packing."""
     module = packing(module)
     bits = int(module.bits)
-    if bits not in (2, 4, 8):
+    if bits not in (2, 3, 4, 8):
         raise RecipeError(f"{bits}-bit GPTQ packing is not supported by the memory accounting")
     out_f, in_f = int(module.out_features), int(module.in_features)
     codes = unpack_rows(module.qweight, bits, in_f).T  # (out, in)

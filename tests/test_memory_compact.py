@@ -151,3 +151,43 @@ def test_cli_compact(tiny_model_dir, tmp_path, capsys):
     assert main(["memory", "--model", str(out), "--target", "siracusa", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["footprints"]["as is"]["weights_bytes"] == report["computed_bytes"]
+
+
+def _gptq_pack_3bit(codes: torch.Tensor) -> torch.Tensor:
+    """GPTQ's 3-bit layout (GPTQ-for-LLaMa's `pack`, as gptqmodel writes it): 32 rows of codes into 3
+    int32 words per column, code 10 split over words 0/1 and code 21 over words 1/2."""
+    rows, cols = codes.shape
+    c = codes.long()
+    out = torch.zeros(rows // 32 * 3, cols, dtype=torch.int64)
+    i = row = 0
+    while row < out.shape[0]:
+        for j in range(i, i + 10):
+            out[row] |= c[j] << (3 * (j - i))
+        i += 10
+        out[row] |= c[i] << 30
+        row += 1
+        out[row] |= (c[i] >> 2) & 1
+        i += 1
+        for j in range(i, i + 10):
+            out[row] |= c[j] << (3 * (j - i) + 1)
+        i += 10
+        out[row] |= c[i] << 31
+        row += 1
+        out[row] |= (c[i] >> 1) & 0x3
+        i += 1
+        for j in range(i, i + 10):
+            out[row] |= c[j] << (3 * (j - i) + 2)
+        i += 10
+        row += 1
+    out &= 0xFFFFFFFF
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def test_3bit_gptq_codes_unpack_exactly():
+    """3-bit codes straddle int32 words; unpacking them (for the footprint and the compact form) is
+    exact (checked here against GPTQ's packer; on a real GPTQ model against gptqmodel's kernel)."""
+    from frankenlab.pipeline.quant_linear import unpack_rows
+
+    codes = torch.randint(0, 8, (128, 5), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    assert torch.equal(unpack_rows(_gptq_pack_3bit(codes), 3, 128), codes)
+    assert torch.equal(unpack_rows(_gptq_pack_3bit(codes), 3, 100), codes[:100])
