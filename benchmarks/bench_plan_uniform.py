@@ -104,8 +104,7 @@ def predicted(table, baseline_ppl: float | None, depth: int, pattern: str, bits:
 
 def run_uniform(rows: list[tuple[int, str, int]], out: Path, windows: int, data_dir) -> list[dict]:
     from frankenlab.pipeline.recipe import Recipe
-    from frankenlab.sessions import load_session
-    from frankenlab.sessions.plan_validation import _ppl
+    from frankenlab.sessions.plan_validation import session_figures
     from frankenlab.sessions.sweep import Configuration, Sweep, run_sweep
     from frankenlab.tui.cli.console import make_console
     from frankenlab.tui.cli.sweep import LineView
@@ -119,17 +118,16 @@ def run_uniform(rows: list[tuple[int, str, int]], out: Path, windows: int, data_
     record = run_sweep(sweep, out, listener=LineView(make_console()), data_dir=data_dir, configs=configs)
     results = []
     for r, entry in zip(rows, record["configs"], strict=True):
-        res = {"label": label(*r), "status": entry.get("status"), "measured_ppl": None, "baseline_ppl": None}
-        path = out / entry["session"]
-        if path.is_file():
-            session = load_session(path)
-            if session.stages:
-                res["baseline_ppl"] = _ppl(session.stages[0])
-                final = session.stages[-1]
-                if final.status == "done":
-                    res["measured_ppl"] = _ppl(final)
-                    res["measured_bytes"] = ((final.footprint or {}).get("what_if_weights_bytes") or {}).get("bf16")
-        results.append(res)
+        baseline, measured, weights = session_figures(out / entry["session"])
+        results.append(
+            {
+                "label": label(*r),
+                "status": entry.get("status"),
+                "baseline_ppl": baseline,
+                "measured_ppl": measured,
+                "measured_bytes": weights,
+            }
+        )
     return results
 
 

@@ -182,17 +182,16 @@ def attention_as_gemms(model: nn.Module, micro: int, seq_len: int):
         and _attention_bytes(config, micro, seq_len) <= ATTENTION_BYTES
         and _register_attention()
     )
-    configs = [
-        m.config for m in base.modules() if getattr(getattr(m, "config", None), "_attn_implementation", None) == before
-    ]
+    found = (getattr(m, "config", None) for m in base.modules())
+    configs = list({id(c): c for c in found if getattr(c, "_attn_implementation", None) == before}.values())
     try:
         if use:
-            for c in {id(c): c for c in configs}.values():
+            for c in configs:
                 c._attn_implementation = ATTENTION_NAME
         yield use
     finally:
         if use:
-            for c in {id(c): c for c in configs}.values():
+            for c in configs:
                 c._attn_implementation = before
 
 

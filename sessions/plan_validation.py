@@ -50,22 +50,29 @@ def run_validation(
 
 
 def read_measured(points, configs, out: Path, record: dict) -> list[Measured]:
-    from frankenlab.sessions import load_session
-
     results = []
     for p, c, entry in zip(points, configs, record["configs"], strict=True):
         m = Measured(p, c.label, entry.get("status", "pending"), session=str(out / entry["session"]))
-        path = out / entry["session"]
-        if path.is_file():
-            session = load_session(path)
-            if session.stages:
-                m.baseline_ppl = _ppl(session.stages[0])
-                final = session.stages[-1]
-                if final.status == "done":
-                    m.measured_ppl = _ppl(final)
-                    m.measured_bytes = ((final.footprint or {}).get("what_if_weights_bytes") or {}).get("bf16")
+        m.baseline_ppl, m.measured_ppl, m.measured_bytes = session_figures(out / entry["session"])
         results.append(m)
     return results
+
+
+def session_figures(path: Path) -> tuple[float | None, float | None, int | None]:
+    """(baseline perplexity, final perplexity, final weight bytes with dense floats as bf16) of a sweep
+    configuration's session; None for what it does not hold (no file, no stages, the last not done)."""
+    from frankenlab.sessions import load_session
+
+    if not path.is_file():
+        return None, None, None
+    session = load_session(path)
+    if not session.stages:
+        return None, None, None
+    final = session.stages[-1]
+    if final.status != "done":
+        return _ppl(session.stages[0]), None, None
+    weights = ((final.footprint or {}).get("what_if_weights_bytes") or {}).get("bf16")
+    return _ppl(session.stages[0]), _ppl(final), weights
 
 
 def _ppl(stage) -> float | None:
