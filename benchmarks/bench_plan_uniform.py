@@ -87,8 +87,11 @@ def uniform_recipe(depth: int, pattern: str, bits: int, windows: int) -> dict:
     }
 
 
-def predicted(table, baseline_ppl: float | None, depth: int, pattern: str, bits: int) -> float | None:
-    """baseline x exp(sum of deltas) where the sensitivities can price the uniform plan, else None."""
+def predicted(
+    table, baseline_ppl: float | None, depth: int, pattern: str, bits: int, shifts: dict | None = None
+) -> float | None:
+    """baseline x exp(offset + sum of (delta + its interaction correction)) where the sensitivities can
+    price the uniform plan, else None."""
     from frankenlab.pipeline.planner.options import option_name
 
     if table is None or baseline_ppl is None or depth:
@@ -99,7 +102,26 @@ def predicted(table, baseline_ppl: float | None, depth: int, pattern: str, bits:
         return None
     if opt not in table.options:
         return None
-    return baseline_ppl * math.exp(sum(table.delta(i, opt) for i in range(table.layers)))
+    shift = (shifts or {}).get(opt, 0.0)
+    return baseline_ppl * math.exp(table.offset + sum(table.delta(i, opt) + shift for i in range(table.layers)))
+
+
+def plan_table(plan: dict, digest: str, n_layers: int):
+    """The sensitivity table the plan was searched on (its choice set, group size and reference), or None."""
+    from frankenlab.pipeline.planner.options import SKIP, parse_option
+    from frankenlab.pipeline.planner.sensitivity import load_cached
+
+    opts = [parse_option(o) for o in plan.get("options", []) if o != SKIP]
+    if not opts:
+        return None
+    return load_cached(
+        digest,
+        n_layers=n_layers,
+        patterns=list(dict.fromkeys(o.pattern for o in opts)),
+        bits=list(dict.fromkeys(o.bits for o in opts)),
+        group_size=int(plan.get("group_size", GROUP)),
+        around=(plan.get("sensitivities") or {}).get("around"),
+    )
 
 
 def run_uniform(rows: list[tuple[int, str, int]], out: Path, windows: int, data_dir) -> list[dict]:
@@ -194,9 +216,9 @@ def main(argv=None) -> dict:
     plan = json.loads((plan_dir / "plan.json").read_text())  # read after the sweep: validation may have run beside it
     table = None
     try:
-        from frankenlab.pipeline.planner.sensitivity import load_cached, model_digest
+        from frankenlab.pipeline.planner.sensitivity import model_digest
 
-        table = load_cached(model_digest(lm.model), n_layers=shape.layers)  # the plan's default choice set
+        table = plan_table(plan, model_digest(lm.model), shape.layers)
     except Exception as exc:  # noqa: BLE001 - a missing table only costs the uniform predictions
         print(f"(no cached sensitivities for uniform predictions: {str(exc).splitlines()[0] if str(exc) else exc})")
     rows = []
@@ -220,7 +242,9 @@ def main(argv=None) -> dict:
                 "what": f"uniform Depth {d} + {pat} + {b}-bit",
                 "bytes": by_label[u["label"]],
                 "measured_ppl": u["measured_ppl"],
-                "predicted_ppl": predicted(table, u.get("baseline_ppl"), d, pat, b),
+                "predicted_ppl": predicted(
+                    table, u.get("baseline_ppl"), d, pat, b, (plan.get("sensitivities") or {}).get("corrections")
+                ),
                 "kind": "uniform",
             }
         )

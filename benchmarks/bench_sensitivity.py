@@ -2,12 +2,15 @@
 
     FRANKENLAB_DATA_DIR=/work/shared/data .venv/bin/python -m benchmarks.bench_sensitivity [--layers 0,10,20,29]
 
-The pass runs on the bundled model with the default choice set (skip + none/1:8/1:4/2:4 x 16/8/4/3)
-and default windows, into a fresh temporary cache. With `--layers` only those layers are measured
-and the full pass is extrapolated: an entry of layer l costs a constant (the edit, the head) plus
-the layers after l, so per-layer seconds are fitted as a + b * (layers after l) and summed over all
-layers. Cancel latency: the pass is started again on a fresh cache and cancelled at a random moment;
-the time from the moment the cancel is asked for to `Cancelled` reaching the caller is printed.
+The pass runs on the bundled model with the default choice set (skip + none x 16/8/4/3 +
+1:8/1:4/2:4/8:16 x 16/8/4: N:M at 3 bits is stored dense and never offered), the default scoring windows
+(WikiText-2 train 8 x 128) and calibration windows (C4 32 x 128, the stages'), into a fresh temporary
+cache; `--around 8:16/4` times a pass around that reference (its build included), as `frankenlab plan
+--around auto` runs. With `--layers` only those layers are measured and the full pass is extrapolated:
+an entry of layer l costs a constant (the edit, the head) plus the layers after l, so per-layer seconds
+are fitted as a + b * (layers after l) and summed over all layers. Cancel latency: the pass is started
+again on a fresh cache and cancelled at a random moment; the time from the moment the cancel is asked
+for to `Cancelled` reaching the caller is printed.
 `--compare` measures "none/4" and "none/3" at a few layers with RTN, with this module's GPTQ and with
 gptqmodel's own GPTQ task on each projection (the GPTQ stage's quantizer) as the reference.
 Printed, not asserted; process CPU seconds (all threads) beside wall seconds, and the load.
@@ -29,7 +32,13 @@ from frankenlab.evals.cancel import Cancelled
 from frankenlab.pipeline.loading import decoder_layers, load_model
 from frankenlab.pipeline.planner import layer_edit
 from frankenlab.pipeline.planner.options import parse_option
-from frankenlab.pipeline.planner.sensitivity import DEFAULT_WINDOWS, _Pass, measure_sensitivities, windows_description
+from frankenlab.pipeline.planner.sensitivity import (
+    DEFAULT_CALIBRATION,
+    DEFAULT_WINDOWS,
+    _Pass,
+    measure_sensitivities,
+    windows_description,
+)
 
 
 def cpu_seconds() -> float:
@@ -37,11 +46,11 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def timed_pass(lm, layers, data_dir, method):
+def timed_pass(lm, layers, data_dir, method, around=None):
     with tempfile.TemporaryDirectory() as cache:
         t0, c0 = time.perf_counter(), cpu_seconds()
         table = measure_sensitivities(
-            lm.model, lm.tokenizer, method=method, cache_dir=cache, data_dir=data_dir, layers=layers
+            lm.model, lm.tokenizer, method=method, cache_dir=cache, data_dir=data_dir, layers=layers, around=around
         )
         return table, time.perf_counter() - t0, cpu_seconds() - c0
 
@@ -59,7 +68,7 @@ def extrapolate(table, measured: list[int]) -> float:
     return table.baseline_seconds + sum(a + b * (n - 1 - li) for li in range(n))
 
 
-def cancel_latency(lm, data_dir, method, after: float) -> tuple[float, int]:
+def cancel_latency(lm, data_dir, method, after: float, around=None) -> tuple[float, int]:
     """Seconds from the moment a cancel is asked for (`after` s into the pass, as a user's key press
     sets a flag) to `Cancelled` reaching the caller: the wait for the next check plus the unwinding."""
     asked = time.perf_counter() + after
@@ -70,7 +79,7 @@ def cancel_latency(lm, data_dir, method, after: float) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as cache:
         try:
             measure_sensitivities(
-                lm.model, lm.tokenizer, method=method, cache_dir=cache, data_dir=data_dir, cancel=cancel
+                lm.model, lm.tokenizer, method=method, cache_dir=cache, data_dir=data_dir, cancel=cancel, around=around
             )
         except Cancelled:
             return time.perf_counter() - asked, 0
@@ -103,15 +112,17 @@ def compare_methods(lm, data_dir, layers: list[int]) -> None:
     from frankenlab.pipeline.planner.sensitivity_table import SensitivityTable
 
     ids = calibration_ids(lm.tokenizer, DEFAULT_WINDOWS, data_dir=data_dir)
+    calib = calibration_ids(lm.tokenizer, DEFAULT_CALIBRATION, data_dir=data_dir)
     table = SensitivityTable("x", len(decoder_layers(lm.model)), ("none",), (4, 3), 128, "gptq", True, "", 1)
     with torch.inference_mode():
-        work = _Pass(lm.model, ids, table, cancel=None, damp_percent=0.05)
+        work = _Pass(lm.model, ids, calib, table, cancel=None, damp_percent=0.05)
         table.baseline_nll = work.baseline()
+        work.build(None, 128, None)  # every layer's calibration input
         print(f"{'layer':>5} {'option':>7} {'rtn':>9} {'gptq':>9} {'gptqmodel':>10}")
         errs = {"rtn": [], "gptq": []}
         for li in layers:
             layer = work.layers[li]
-            stats = layer_edit.layer_stats(layer, work.inputs[li], work.kwargs, need_h=True)
+            stats = layer_edit.layer_stats(layer, work.calib_inputs[li], work.calib_kwargs, need_h=True)
             for bits in (4, 3):
                 opt = parse_option(f"none/{bits}")
                 row = {}
@@ -138,18 +149,22 @@ def main() -> None:
     ap.add_argument("--cancels", type=int, default=3, help="cancel-latency trials")
     ap.add_argument("--compare", default="", help="layers for the RTN / GPTQ / gptqmodel comparison (comma list)")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--around", default=None, help="measure around every layer at this option (e.g. 8:16/4)")
     args = ap.parse_args()
     lm = load_model(args.model)
     n = len(decoder_layers(lm.model))
     print(machine_line(lm))
-    print(f"load average before: {load_average()}; windows {windows_description(None)}; method {args.method}")
+    print(
+        f"load average before: {load_average()}; windows {windows_description(None)}; calibration "
+        f"{windows_description(None, DEFAULT_CALIBRATION)}; method {args.method}; around {args.around or 'the unmodified model'}"
+    )
     layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
-    table, wall, cpu = timed_pass(lm, layers, args.data_dir, args.method)
+    table, wall, cpu = timed_pass(lm, layers, args.data_dir, args.method, args.around)
     entries = sum(map(len, table.deltas.values()))
     print(
         f"pass ({'all' if layers is None else len(layers)}/{n} layers, {entries} entries): wall {wall:.1f} s, "
         f"CPU {cpu:.1f} s, {entries / wall:.3f} entries/s wall, {entries / cpu:.3f} entries/CPU-s; "
-        f"baseline {table.baseline_seconds:.1f} s; load {load_average()}"
+        f"baseline{' and reference build' if args.around else ''} {table.baseline_seconds:.1f} s; load {load_average()}"
     )
     if layers is not None:
         full = extrapolate(table, sorted(set(layers)))
@@ -164,7 +179,7 @@ def main() -> None:
     lat = []
     for _ in range(args.cancels):
         after = rng.uniform(2.0, 30.0)
-        seconds, finished = cancel_latency(lm, args.data_dir, args.method, after)
+        seconds, finished = cancel_latency(lm, args.data_dir, args.method, after, args.around)
         lat.append(seconds)
         print(
             f"cancel at {after:.1f} s: returned after {seconds * 1000:.0f} ms"

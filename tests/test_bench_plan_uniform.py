@@ -33,3 +33,17 @@ def test_uniform_recipes_load_and_evaluate_like_the_plans(depth, pattern, bits):
     raw = b.uniform_recipe(depth, pattern, bits, 32)
     assert raw["evaluation"] == {"perplexity": ["wikitext2-concat-512"], "ppl_limit": 32, "samples": False}
     assert raw["stages"][-1] == {"kind": "gptq", "bits": bits, "group_size": 128}
+
+
+def test_uniform_prediction_adds_the_reference_offset_and_the_corrections():
+    import math
+    from types import SimpleNamespace
+
+    from benchmarks.bench_plan_uniform import predicted
+
+    table = SimpleNamespace(
+        options=["skip", "8:16/4", "none/3"], layers=3, offset=0.5, delta=lambda i, o: 0.0 if o == "8:16/4" else 0.1
+    )
+    assert predicted(table, 10.0, 0, "8:16", 4) == 10.0 * math.exp(0.5)  # the reference itself: its offset
+    assert predicted(table, 10.0, 0, "none", 3, {"none/3": 0.05}) == pytest.approx(10.0 * math.exp(0.5 + 3 * 0.15))
+    assert predicted(table, 10.0, 2, "none", 3) is None and predicted(table, 10.0, 0, "2:4", 4) is None

@@ -43,11 +43,21 @@ def test_index_round_trip_and_size(n, m):
     assert torch.equal(decode_index(packed, kind, n, m, 16, 64 // m), keep)
 
 
+def assert_file_within_plan_reserve(model, report):
+    """The planner keeps `header_reserve` free for this file's header (and byte rounding): a plan of
+    computed bytes B within budget - reserve writes a file within the budget."""
+    from frankenlab.pipeline.planner.budget import ModelFacts, header_reserve
+
+    reserve = header_reserve(ModelFacts.from_config(model.config.to_dict()))
+    assert report.file_bytes - report.computed_bytes <= reserve, (report.header_bytes, reserve)
+
+
 def test_2to4_compact_size_and_logits(tiny, tmp_path, ids):
     model = prune_nm(tiny.model, 2, 4)
     computed = footprint(model).weights_bytes
     report = save_compact(model, tmp_path / "c", tokenizer=tiny.tokenizer)
     assert report.computed_bytes == computed
+    assert_file_within_plan_reserve(model, report)
     assert abs(report.file_bytes / computed - 1) < 0.05  # whole file, headers included
     assert abs(report.payload_bytes - computed) <= 8 * 80  # tensor bytes: exact up to byte rounding
     assert (tmp_path / "c" / "tokenizer_config.json").exists()
@@ -76,6 +86,7 @@ def test_other_sparsity_in_bf16(tiny, tmp_path, ids, pattern):
     report = save_compact(model, tmp_path, dtype="bfloat16")
     computed = footprint(model, assume=Assume(dtype="bfloat16"))
     assert report.computed_bytes == computed.weights_bytes
+    assert_file_within_plan_reserve(model, report)
     assert abs(report.payload_bytes - computed.weights_bytes) <= 8 * 80
     formats = read_header(tmp_path)["formats"]
     label = "sparse" if pattern == "unstructured" else f"{pattern} bf16"  # sparse 59% / 60% bf16 by row width
@@ -112,6 +123,7 @@ def test_quantized_compact(tiny, tmp_path, ids, sparse):
         assert all(k.startswith("sparse") for k in quantized)
     report = save_compact(model, tmp_path)
     assert report.computed_bytes == fp.weights_bytes
+    assert_file_within_plan_reserve(model, report)
     assert abs(report.payload_bytes - fp.weights_bytes) <= 8 * 56 * 4  # byte rounding per packed tensor
     restored = load_compact(tmp_path, dtype="float32")
     assert torch.allclose(logits(restored, ids), expected, atol=1e-4)

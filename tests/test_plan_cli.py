@@ -12,7 +12,7 @@ from frankenlab.pipeline.planner.recipe_out import plan_layers, plan_stages
 from frankenlab.pipeline.recipe import Recipe
 from frankenlab.tui.cli.main import main
 
-CHOICES = ["--choices", "patterns=none,2:4", "bits=16,4", "--method", "rtn"]
+CHOICES = ["--choices", "patterns=none,2:4", "bits=16,4", "--method", "rtn", "--around", "none/16"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def facts(tiny_model_dir):
 
 def test_fitting_budget_writes_a_recipe_that_loads_with_the_chosen_layers(tiny_model_dir, cache, tmp_path, capsys):
     f = facts(tiny_model_dir)
-    budget = bd.embed_bytes(f) + 5 * bd.layer_bytes(f, "2:4/4") + 2 * bd.layer_bytes(f, "none/4")
+    budget = bd.header_reserve(f) + bd.embed_bytes(f) + 5 * bd.layer_bytes(f, "2:4/4") + 2 * bd.layer_bytes(f, "none/4")
     out = tmp_path / "plan"
     capsys.readouterr()
     assert plan(tiny_model_dir, cache, "--budget", str(budget), "--out", str(out)) == 0
@@ -50,13 +50,15 @@ def test_fitting_budget_writes_a_recipe_that_loads_with_the_chosen_layers(tiny_m
     assert "predicted ppl vs weight bytes" in text and "◆" in text  # the Plan pane's braille plot (plan_render)
     data = json.loads((out / "plan.json").read_text())
     chosen = data["chosen"]["choices"]
-    assert len(chosen) == 8 and data["chosen"]["bytes"] <= budget
+    reserve = bd.header_reserve(f)  # kept free for the compact file's header
+    assert data["budget"]["header"] == reserve and f"{reserve / 1024:.2f} KiB of it kept for the compact file" in text
+    assert len(chosen) == 8 and data["chosen"]["bytes"] <= budget - reserve
     assert data["chosen"]["bytes"] == bd.embed_bytes(f) + sum(bd.layer_bytes(f, c) for c in chosen)
     assert all(c != "skip" for c in chosen[:4] + chosen[-2:]), "protected layers are never skipped"
     pts = data["front"]["points"]
     assert all(a["bytes"] < b["bytes"] and a["delta"] > b["delta"] for a, b in zip(pts, pts[1:], strict=False))
     # the best plan within the budget: the largest front point that fits
-    assert data["chosen"] == [p for p in pts if p["bytes"] <= budget][-1]
+    assert data["chosen"] == [p for p in pts if p["bytes"] <= budget - reserve][-1]
     # the recipe round-trips through the loader into the intended per-layer choices
     recipe = Recipe.load(out / "recipe.toml")
     recipe.check_for(8)
@@ -119,8 +121,10 @@ def test_no_fit_verdict_names_the_smallest_footprint_and_the_largest_dense_model
 
 def test_max_ppl_picks_the_smallest_plan_within_the_bound(tiny_model_dir, cache, tmp_path, capsys):
     out = tmp_path / "q"
-    assert plan(tiny_model_dir, cache, "--budget", "100%", "--out", str(out)) == 0
-    front = json.loads((out / "plan.json").read_text())["front"]["points"]
+    assert plan(tiny_model_dir, cache, "--max-ppl", "1e9", "--out", str(out)) == 0  # no budget: no corrections
+    data = json.loads((out / "plan.json").read_text())
+    front = data["front"]["points"]
+    assert data["chosen"] == front[0] and data["sensitivities"]["corrections"] == {}
     bound = sorted(p["ppl"] for p in front)[len(front) // 2]
     assert plan(tiny_model_dir, cache, "--max-ppl", str(bound), "--out", str(out)) == 0
     chosen = json.loads((out / "plan.json").read_text())["chosen"]
@@ -141,6 +145,9 @@ def test_max_ppl_picks_the_smallest_plan_within_the_bound(tiny_model_dir, cache,
         (["--budget", "1MiB", "--group-size", "100"], "power of 2"),
         (["--budget", "1MiB", "--validate-within", "150%"], "between 0 and 100%"),
         (["--budget", "1MiB", "--validate-within", "wide"], "between 0 and 100%"),
+        (["--budget", "1MiB", "--around", "skip"], "cannot be 'skip'"),
+        (["--budget", "1MiB", "--around", "12:16/4"], "not in the choice set"),
+        (["--budget", "1MiB", "--around", "4:2/4"], "N:M needs"),
     ],
 )
 def test_bad_input_is_one_line_before_any_model_loads(tiny_model_dir, tmp_path, capsys, args, message):
@@ -153,7 +160,7 @@ def test_bad_input_is_one_line_before_any_model_loads(tiny_model_dir, tmp_path, 
 
 def test_validate_runs_front_points_as_a_sweep(tiny_model_dir, cache, tmp_path, capsys, data_dir):
     f = facts(tiny_model_dir)
-    budget = bd.embed_bytes(f) + 8 * bd.layer_bytes(f, "2:4/4") + 1000
+    budget = bd.header_reserve(f) + bd.embed_bytes(f) + 8 * bd.layer_bytes(f, "2:4/4") + 1000
     out = tmp_path / "val"
     capsys.readouterr()
     rc = plan(
@@ -175,7 +182,14 @@ def test_validate_runs_front_points_as_a_sweep(tiny_model_dir, cache, tmp_path, 
     assert "predicted vs measured" in text and "Spearman rank correlation" in text
     data = json.loads((out / "plan.json").read_text())
     plans = data["validation"]["plans"]
-    assert len(plans) == 2 and all(p["status"] == "done" for p in plans)
+    # two front points, and the plan the refitted front would choose when it is not one of them
+    assert len(plans) == (3 if "calibrated" in data and "its plan is measured too" in text else 2)
+    assert all(p["status"] == "done" for p in plans)
+    # the plan kept is the best measured one within the budget (what a plan may take)
+    fits = [p for p in plans if p["bytes"] <= budget - bd.header_reserve(f)]
+    best = min(fits, key=lambda p: (p["measured_ppl"], p["bytes"]))
+    assert data["chosen"]["choices"] == best["choices"] and "the best measured plan within the budget" in text
+    assert plan_layers(Recipe.load(out / "recipe.toml").to_dict()["stages"], 8) == best["choices"]
     for p in plans:
         assert p["measured_ppl"] > 0 and p["predicted_ppl"] > 0
         # the planner's bytes are the footprint's (dense floats as bf16) of the model each plan made, or
@@ -184,6 +198,80 @@ def test_validate_runs_front_points_as_a_sweep(tiny_model_dir, cache, tmp_path, 
     assert data["calibration"]["plans"] == 2 and set(data["calibration"]["multipliers"]) == {"skip", "sparse", "quant"}
     assert (out / "validation" / "sweep.json").is_file()
     Recipe.load(out / "recipe.toml").check_for(8)
+
+
+def test_a_refitted_choice_is_measured_too_and_the_best_measured_plan_is_kept(
+    tiny_model_dir, cache, tmp_path, capsys, data_dir, monkeypatch
+):
+    from frankenlab.pipeline.planner import validate as val
+
+    def off(measured, delta_of, offset=0.0):  # a fit that makes skipping nearly free: the refit plan differs
+        return val.Calibration({"skip": 0.01, "sparse": 1.0, "quant": 1.0}, 1.0, 0.5, len(measured), False)
+
+    monkeypatch.setattr(val, "calibrate", off)
+    f = facts(tiny_model_dir)
+    budget = bd.header_reserve(f) + bd.embed_bytes(f) + 8 * bd.layer_bytes(f, "2:4/4") + 1000
+    out = tmp_path / "refit"
+    capsys.readouterr()
+    args = ["--budget", str(budget), "--validate", "2", "--eval-windows", "2", "--allow-protected"]
+    assert plan(tiny_model_dir, cache, *args, "--out", str(out), "--data-dir", str(data_dir)) == 0
+    text = capsys.readouterr().out
+    data = json.loads((out / "plan.json").read_text())
+    plans = data["validation"]["plans"]
+    assert "its plan is measured too" in text and len(plans) == 3 and all(p["status"] == "done" for p in plans)
+    assert plans[2]["choices"] == data["calibrated"]["chosen"]["choices"] and "skip" in plans[2]["choices"]
+    best = min(
+        (p for p in plans if p["bytes"] <= budget - bd.header_reserve(f)), key=lambda p: (p["measured_ppl"], p["bytes"])
+    )
+    assert data["chosen"]["choices"] == best["choices"], "the plan kept is a measured one, the best within the budget"
+    assert plan_layers(Recipe.load(out / "recipe.toml").to_dict()["stages"], 8) == best["choices"]
+
+
+def test_around_auto_measures_the_uniform_options_in_the_budget_and_plans_around_the_best(
+    tiny_model_dir, tmp_path, capsys
+):
+    import math
+    import re
+
+    from frankenlab.pipeline.planner.options import choice_set
+    from frankenlab.pipeline.planner.reference import candidates as reference_candidates
+
+    f = facts(tiny_model_dir)
+    budget = bd.header_reserve(f) + bd.embed_bytes(f) + 8 * bd.layer_bytes(f, "none/8")
+    args = ["plan", "--model", str(tiny_model_dir), "--budget", str(budget), "--method", "rtn"]
+    args += [
+        "--choices",
+        "patterns=none,1:8",
+        "bits=16,8",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    cands = reference_candidates(f, budget, bd.embed_bytes(f), choice_set(["none", "1:8"], [16, 8]), 128)
+    assert [c for c, _ in cands] == ["none/8", "1:8/8"]  # what fits, within 90 % of the largest
+    capsys.readouterr()
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    nll = {m[0]: float(m[1]) for m in re.findall(r"every layer at (\S+): .*?, NLL ([0-9.]+) \(ppl", text)}
+    assert set(nll) == {"none/8", "1:8/8"}
+    data = json.loads((tmp_path / "o" / "plan.json").read_text())
+    best = min(nll, key=nll.get)
+    assert data["sensitivities"]["around"] == best and f"every layer at {best} (lowest loss)" in text
+    ref_nll = data["sensitivities"]["reference_nll"]
+    assert ref_nll == pytest.approx(nll[best], abs=1e-4)
+    # the reference itself is on the table as a plan: the chosen one is predicted no worse
+    assert data["chosen"]["bytes"] <= budget - bd.header_reserve(f)
+    assert data["chosen"]["ppl"] <= math.exp(ref_nll) * (1 + 1e-9)
+    assert data["front"]["offset"] == pytest.approx(ref_nll - data["sensitivities"]["baseline_nll"])
+    # the other candidate, measured uniform, corrects its one-layer deltas for how they compound
+    other = ({"none/8", "1:8/8"} - {best}).pop()
+    assert other in data["sensitivities"]["corrections"] and f"  {other}: " in text and "interactions:" in text
+    # a second run reads every reference and the table from the cache
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert "entries read from" in again and "sensitivities  10.0%" not in again
+    assert json.loads((tmp_path / "o" / "plan.json").read_text())["chosen"] == data["chosen"]
 
 
 def test_ctrl_c_while_measuring_exits_130_and_keeps_the_cache(tiny_model_dir, tmp_path, capsys, monkeypatch):

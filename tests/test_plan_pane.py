@@ -114,8 +114,20 @@ async def test_plan_pane_plans_shows_and_uses_the_plan(loaded, tmp_path, data_di
         r = pane.result
         assert r is not None, pane.message
         assert r.measured == ENTRIES and r.table.complete and stored_entries(cache) == ENTRIES
-        assert r.chosen is not None and r.chosen.bytes <= r.request.budget.bytes
-        assert r.chosen == r.front.best_within(r.request.budget.bytes)
+        # --around auto, as the CLI: the uniform option within 60 % with the lowest loss is the reference
+        from frankenlab.pipeline.planner import reference
+        from frankenlab.pipeline.planner.options import choice_set
+
+        cands = reference.candidates(
+            r.request.facts, r.request.budget.bytes, r.fixed, choice_set(("none", "2:4"), (16, 4)), 32
+        )
+        known = reference.cached(r.table.model_digest, cands, patterns=("none", "2:4"), bits=(16, 4), group_size=32)
+        assert len(known) == len(cands) >= 1 and r.table.around == min(known, key=known.get)
+        assert f"around {r.table.around}" in pane.message
+        assert r.front.offset == r.table.reference_nll - r.table.baseline_nll
+        assert r.request.budget.header > 0  # the compact file's header is kept free
+        assert r.chosen is not None and r.chosen.bytes <= r.request.budget.bytes - r.request.budget.header
+        assert r.chosen == r.front.best_within(r.request.budget.plan_bytes)
         # the verdict, the per-layer map, the front and the heat map, with the expected content
         verdict = text_of(app, "#plan-verdict")
         assert verdict.startswith("fits: ") and "predicted ppl" in verdict

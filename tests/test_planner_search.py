@@ -9,7 +9,7 @@ import pytest
 
 from frankenlab.evals.errors import RecipeError
 from frankenlab.pipeline.planner import budget as bd
-from frankenlab.pipeline.planner.search import LayerOptions, layer_options, solve
+from frankenlab.pipeline.planner.search import FrontPoint, LayerOptions, layer_options, solve
 
 SMOL = {
     "hidden_size": 576,
@@ -224,3 +224,38 @@ def test_spread_takes_points_across_the_band_with_the_chosen_one():
     width = lambda pts: max(p.bytes for p in pts) - min(p.bytes for p in pts)  # noqa: E731
     assert width(spread) > width(near)
     assert front.spread(budget, 4, 0.01) == [p for p in front.points if 19.8 <= p.bytes <= 20.2]  # fewer in band
+
+
+def test_pattern_bits_are_the_widths_whose_stored_form_saves_bytes():
+    """options.PATTERN_BITS (what the choice set offers with a pattern) agrees with the byte rules: at
+    other widths a pattern is stored dense (the same bytes); at these a sparse enough one saves bytes
+    (whether a given pattern does is the search's check: 2:4 at 2 bits costs what dense 2-bit does)."""
+    from frankenlab.pipeline.planner.options import FLOAT_BITS, PATTERN_BITS, QUANT_BITS
+
+    facts = bd.ModelFacts.from_config(SMOL)
+    for bits in (FLOAT_BITS, *QUANT_BITS):
+        dense = bd.layer_bytes(facts, f"none/{bits}")
+        if bits in PATTERN_BITS:
+            assert bd.layer_bytes(facts, f"12:16/{bits}") < dense, bits
+        else:
+            assert bd.layer_bytes(facts, f"12:16/{bits}") == bd.layer_bytes(facts, f"2:4/{bits}") == dense, bits
+
+
+def test_an_offset_moves_every_point_and_the_calibration_leaves_it_unscaled():
+    from frankenlab.pipeline.planner.validate import Measured, calibrate
+
+    layers = [LayerOptions(i, ("a", "b"), (1, 2), (0.2, -0.1)) for i in range(3)]
+    plain, moved = solve(layers, baseline_nll=1.0), solve(layers, baseline_nll=1.0, offset=0.5)
+    assert [p.choices for p in plain.points] == [p.choices for p in moved.points] and moved.offset == 0.5
+    for a, b in zip(plain.points, moved.points, strict=True):
+        assert b.delta == pytest.approx(a.delta + 0.5) and b.ppl == pytest.approx(math.exp(1.5 + a.delta))
+    # measured changes of exactly offset + 2 x the deltas: a common multiplier of 2, the offset untouched
+    deltas = {"skip": 0.3, "none/4": 0.1}
+    points = [FrontPoint(0, 0.5 + 2 * 0.3 * k, 0.0, ("skip",) * k + ("none/4",) * (3 - k)) for k in range(3)]
+    rows = []
+    for k, p in enumerate(points):
+        y = 0.5 + 2 * (0.3 * k + 0.1 * (3 - k))
+        rows.append(Measured(p, f"p{k}", "done", measured_ppl=10 * math.exp(y), baseline_ppl=10.0))
+    cal = calibrate(rows, lambda pos, o: deltas[o], offset=0.5)
+    assert cal.multipliers["skip"] == pytest.approx(2) and cal.multipliers["quant"] == pytest.approx(2)
+    assert cal.rms_after == pytest.approx(0, abs=1e-9)

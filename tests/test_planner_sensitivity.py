@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -33,6 +34,11 @@ SMALL = {"patterns": ("none", "2:4"), "bits": (16, 4), "group_size": 32}  # 5 op
 
 def _ids(tiny, n=3, t=40, seed=0):
     return torch.randint(0, len(tiny.tokenizer), (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _cal(tiny):
+    """Calibration windows (the edits' statistics), other text than the scored windows."""
+    return _ids(tiny, n=4, seed=7)
 
 
 def _same(a: SensitivityTable, b: SensitivityTable) -> bool:
@@ -69,6 +75,10 @@ def test_option_names_round_trip_and_refuse_bad_ones():
     assert parse_option("skip").skip and parse_option("none/16").unchanged and parse_option("none/3").quantized
     assert choice_set(["none", "2:4"], [16, 4]) == ["skip", "none/16", "none/4", "2:4/16", "2:4/4"]
     assert choice_set(["dense"], [8], skip=False) == ["none/8"]
+    # N:M at 3 bits is stored dense (pipeline.weight_bytes): never offered, never measured
+    assert choice_set(["none", "2:4", "8:16"], [4, 3]) == ["skip", "none/4", "none/3", "2:4/4", "8:16/4"]
+    with pytest.raises(OptionError, match="stored dense"):
+        choice_set(["2:4"], [3])
     for bad in ("2:4", "4:2/4", "2:4/5", "x/4", "2:4/four", ""):
         with pytest.raises(OptionError, match="skip|pattern|bits|N:M"):
             parse_option(bad)
@@ -151,7 +161,9 @@ def test_layer_options_are_the_width_stage_then_quantization_and_the_model_is_re
 # -- the pass ----------------------------------------------------------------------------------------
 def test_entries_equal_a_full_recompute_of_the_changed_model(tiny, tmp_path):
     model, ids = tiny.model, _ids(tiny)
-    table = measure_sensitivities(model, tiny.tokenizer, windows=ids, method="rtn", cache_dir=tmp_path, **SMALL)
+    table = measure_sensitivities(
+        model, tiny.tokenizer, windows=ids, calibration=_cal(tiny), method="rtn", cache_dir=tmp_path, **SMALL
+    )
     base = _nll(model, ids)
     assert table.baseline_nll == pytest.approx(base, rel=1e-5)
     assert table.options == ["skip", "none/16", "none/4", "2:4/16", "2:4/4"] and table.layers == 8
@@ -176,18 +188,27 @@ def test_cached_table_is_reused_and_refused_when_hostile(tiny, tmp_path, monkeyp
     monkeypatch.setattr(
         sensitivity._Pass, "entry", lambda self, li, o, w: computed.append((li, o.name)) or real(self, li, o, w)
     )
-    first = measure_sensitivities(model, tok, windows=ids, cache_dir=tmp_path, **SMALL)
+    first = measure_sensitivities(model, tok, windows=ids, calibration=_cal(tiny), cache_dir=tmp_path, **SMALL)
     assert len(computed) == 8 * 4
     files = list((tmp_path / "sensitivity").glob("*.json"))
     assert len(files) == 1 and files[0].name.startswith(model_digest(model)[:16])
     computed.clear()
-    again = measure_sensitivities(model, tok, windows=ids, cache_dir=tmp_path, **SMALL)
+    again = measure_sensitivities(model, tok, windows=ids, calibration=_cal(tiny), cache_dir=tmp_path, **SMALL)
     assert computed == [] and again == first
-    got = load_cached(model_digest(model), n_layers=8, tokens=3 * 39, windows=ids, cache_dir=tmp_path, **SMALL)
+    got = load_cached(
+        model_digest(model), n_layers=8, tokens=3 * 39, windows=ids, calibration=_cal(tiny), cache_dir=tmp_path, **SMALL
+    )
     assert got == first
-    assert load_cached(model_digest(model), windows=ids, cache_dir=tmp_path, **SMALL) == first  # the key alone
-    assert load_cached(model_digest(model), n_layers=9, windows=ids, cache_dir=tmp_path, **SMALL) is None
-    other = measure_sensitivities(model, tok, windows=ids, cache_dir=tmp_path, method="rtn", **SMALL)
+    assert (
+        load_cached(model_digest(model), windows=ids, calibration=_cal(tiny), cache_dir=tmp_path, **SMALL) == first
+    )  # the key alone
+    assert (
+        load_cached(model_digest(model), n_layers=9, windows=ids, calibration=_cal(tiny), cache_dir=tmp_path, **SMALL)
+        is None
+    )
+    other = measure_sensitivities(
+        model, tok, windows=ids, calibration=_cal(tiny), cache_dir=tmp_path, method="rtn", **SMALL
+    )
     assert len(computed) == 32 and other.method == "rtn"  # another method: another key, another file
     path = files[0]
     for hostile in (
@@ -198,19 +219,28 @@ def test_cached_table_is_reused_and_refused_when_hostile(tiny, tmp_path, monkeyp
     ):
         path.write_text(hostile)
         lines, computed[:] = [], []
-        table = measure_sensitivities(model, tok, windows=ids, cache_dir=tmp_path, log=lines.append, **SMALL)
+        table = measure_sensitivities(
+            model, tok, windows=ids, calibration=_cal(tiny), cache_dir=tmp_path, log=lines.append, **SMALL
+        )
         assert len(computed) == 32 and _same(table, first)
         assert len(lines) == 1 and "refusing the cache file" in lines[0] and "measuring again" in lines[0]
     bad = first.to_dict()
     bad["deltas"]["3"]["skip"] = float("nan")
     path.write_text(json.dumps(bad))
-    assert load_cached(first.model_digest, n_layers=8, tokens=117, windows=ids, cache_dir=tmp_path, **SMALL) is None
+    assert (
+        load_cached(
+            first.model_digest, n_layers=8, tokens=117, windows=ids, calibration=_cal(tiny), cache_dir=tmp_path, **SMALL
+        )
+        is None
+    )
     path.unlink()
     target = tmp_path / "elsewhere.json"
     target.write_text(json.dumps(first.to_dict()))
     path.symlink_to(target)  # a link is neither read nor written through
     lines, computed[:] = [], []
-    table = measure_sensitivities(model, tok, windows=ids, cache_dir=tmp_path, log=lines.append, **SMALL)
+    table = measure_sensitivities(
+        model, tok, windows=ids, calibration=_cal(tiny), cache_dir=tmp_path, log=lines.append, **SMALL
+    )
     assert len(computed) == 32 and _same(table, first) and json.loads(target.read_text()) == first.to_dict()
     assert any("symbolic link" in line for line in lines)
 
@@ -221,9 +251,18 @@ def test_evaluation_text_and_unfit_choices_are_refused(tiny, tmp_path):
             tiny.model, tiny.tokenizer, windows=CalibrationConfig("wikitext2", 2, 32), cache_dir=tmp_path
         )
     with pytest.raises(RecipeError, match="multiples of M=3"):
-        measure_sensitivities(tiny.model, tiny.tokenizer, windows=_ids(tiny), patterns=("1:3",), cache_dir=tmp_path)
+        measure_sensitivities(
+            tiny.model,
+            tiny.tokenizer,
+            windows=_ids(tiny),
+            calibration=_cal(tiny),
+            patterns=("1:3",),
+            cache_dir=tmp_path,
+        )
     with pytest.raises(RecipeError, match="method"):
-        measure_sensitivities(tiny.model, tiny.tokenizer, windows=_ids(tiny), method="awq", cache_dir=tmp_path)
+        measure_sensitivities(
+            tiny.model, tiny.tokenizer, windows=_ids(tiny), calibration=_cal(tiny), method="awq", cache_dir=tmp_path
+        )
 
 
 def test_calibration_windows_are_recorded(tiny, tmp_path, data_dir):
@@ -237,7 +276,169 @@ def test_calibration_windows_are_recorded(tiny, tmp_path, data_dir):
         **SMALL,
     )
     assert table.windows == "c4 2x32 seed 3 (calibration)" and table.tokens == 62
+    assert table.calibration == "c4 32x128 seed 0 (calibration)"  # the stages' own calibration, by default
     assert not table.complete and set(table.deltas) == {7}
+
+
+def _rtn_all(model, bits: int, group_size: int = 32):
+    """A copy of `model` with every decoder projection rounded to nearest (RTN needs no statistics)."""
+    ref = copy.deepcopy(model)
+    for layer in decoder_layers(ref):
+        for lin in linear_modules(layer, ALL_PROJECTIONS).values():
+            lin.weight.data = layer_edit.rtn(lin.weight.data, bits=bits, group_size=group_size, sym=True)
+    return ref
+
+
+def test_around_a_reference_each_entry_changes_one_layer_of_it(tiny, tmp_path):
+    model, ids = tiny.model, _ids(tiny)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    table = measure_sensitivities(
+        model,
+        tiny.tokenizer,
+        windows=ids,
+        calibration=_cal(tiny),
+        method="rtn",
+        around="none/4",
+        cache_dir=tmp_path,
+        **SMALL,
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the model is given back"
+    ref = _rtn_all(model, 4)
+    base, ref_nll = _nll(model, ids), _nll(ref, ids)
+    assert table.around == "none/4" and table.reference_nll == pytest.approx(ref_nll, abs=2e-5)
+    assert table.baseline_nll == pytest.approx(base, abs=2e-5) and table.offset == pytest.approx(
+        ref_nll - base, abs=4e-5
+    )
+    assert table.complete and table.delta(3, "none/4") == 0.0 and "none/4" not in table.measured_options()
+    for li in (0, 5, 7):
+        with planned(ref, LayerPlan.without(8, [li])):
+            assert table.delta(li, "skip") == pytest.approx(_nll(ref, ids) - ref_nll, abs=2e-5)
+        own = copy.deepcopy(ref)  # layer li back at its own weights, the others at the reference
+        for name, lin in linear_modules(decoder_layers(own)[li], ALL_PROJECTIONS).items():
+            lin.weight.data = linear_modules(decoder_layers(model)[li], ALL_PROJECTIONS)[name].weight.data.clone()
+        assert table.delta(li, "none/16") == pytest.approx(_nll(own, ids) - ref_nll, abs=2e-5)
+    # the search: the uniform reference is a plan whose predicted change is the offset alone
+    from frankenlab.pipeline.planner import budget as bd
+    from frankenlab.pipeline.planner.search import solve_table
+
+    facts = bd.ModelFacts.from_config(model.config.to_dict())
+    front = solve_table(table, facts, 32, 0)
+    uniform = 8 * bd.layer_bytes(facts, "none/4", 32)
+    best = front.best_within(uniform)
+    assert front.offset == table.offset and best.delta <= table.offset + 1e-12
+    assert best.ppl <= math.exp(table.reference_nll) * (1 + 1e-9)
+    # its own cache file, read back whole; the reference is not the unmodified model's table
+    again = load_cached(
+        model_digest(model),
+        windows=ids,
+        calibration=_cal(tiny),
+        method="rtn",
+        around="none/4",
+        cache_dir=tmp_path,
+        **SMALL,
+    )
+    assert _same(again, table) and again.reference_nll == table.reference_nll
+    assert (
+        load_cached(model_digest(model), windows=ids, calibration=_cal(tiny), method="rtn", cache_dir=tmp_path, **SMALL)
+        is None
+    )
+    with pytest.raises(RecipeError, match="not one of the choice set"):
+        measure_sensitivities(
+            model, tiny.tokenizer, windows=ids, calibration=_cal(tiny), around="1:8/4", cache_dir=tmp_path, **SMALL
+        )
+    with pytest.raises(RecipeError, match="cannot be 'skip'"):
+        measure_sensitivities(
+            model, tiny.tokenizer, windows=ids, calibration=_cal(tiny), around="skip", cache_dir=tmp_path, **SMALL
+        )
+
+
+def test_plans_are_built_as_the_stages_would_and_measured_whole(tiny, tmp_path):
+    from frankenlab.pipeline.planner import reference
+    from frankenlab.pipeline.planner.search import layer_options
+    from frankenlab.pipeline.planner.sensitivity import measure_plans
+
+    model, ids = tiny.model, _ids(tiny)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plans = [["none/4"] * 8, ["none/16"] * 3 + ["skip"] + ["none/16"] * 4]
+    base, (rtn4, skip3) = measure_plans(
+        model, tiny.tokenizer, plans, windows=ids, calibration=_cal(tiny), method="rtn", group_size=32
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert base == pytest.approx(_nll(model, ids), abs=2e-5) and rtn4 == pytest.approx(
+        _nll(_rtn_all(model, 4), ids), abs=2e-5
+    )
+    with planned(model, LayerPlan.without(8, [3])):
+        assert skip3 == pytest.approx(_nll(model, ids), abs=2e-5)
+    with pytest.raises(RecipeError, match="one option per decoder layer"):
+        measure_plans(model, tiny.tokenizer, [["none/4"] * 7], windows=ids, calibration=_cal(tiny))
+    # interaction corrections: with each option's share added, the additive model is exact at both ends
+    table = measure_sensitivities(
+        model,
+        tiny.tokenizer,
+        windows=ids,
+        calibration=_cal(tiny),
+        method="rtn",
+        around="none/4",
+        cache_dir=tmp_path,
+        **SMALL,
+    )
+    uniform = {
+        "none/16": base,
+        "2:4/4": measure_plans(
+            model, tiny.tokenizer, [["2:4/4"] * 8], windows=ids, calibration=_cal(tiny), method="rtn", group_size=32
+        )[1][0],
+    }
+    shifts = reference.corrections(table, uniform)
+    assert set(shifts) == {"none/16", "2:4/4"}
+    from frankenlab.pipeline.planner import budget as bd
+
+    facts = bd.ModelFacts.from_config(model.config.to_dict())
+    sizes = lambda o: bd.layer_bytes(facts, o, 32)  # noqa: E731
+    layers = layer_options(table, sizes, allow_protected=True, shift=lambda o: shifts.get(o, 0.0))
+    for option, nll in uniform.items():
+        predicted = table.offset + math.fsum(lo.deltas[lo.options.index(option)] for lo in layers)
+        assert predicted == pytest.approx(nll - table.baseline_nll, abs=1e-9)
+    assert table.reference_nll == pytest.approx(rtn4, abs=1e-6)  # the reference is the uniform plan, measured
+
+
+def test_reference_alone_is_measured_with_no_layers(tiny, tmp_path):
+    model, ids = tiny.model, _ids(tiny)
+    table = measure_sensitivities(
+        model,
+        tiny.tokenizer,
+        windows=ids,
+        calibration=_cal(tiny),
+        around="2:4/4",
+        layers=[],
+        cache_dir=tmp_path,
+        **SMALL,
+    )
+    assert not table.deltas and math.isfinite(table.reference_nll) and table.reference_nll != table.baseline_nll
+    stored = load_cached(
+        model_digest(model), windows=ids, calibration=_cal(tiny), around="2:4/4", cache_dir=tmp_path, **SMALL
+    )
+    assert stored.reference_nll == table.reference_nll  # stored for --around auto's next run
+    full = measure_sensitivities(
+        model, tiny.tokenizer, windows=ids, calibration=_cal(tiny), around="2:4/4", cache_dir=tmp_path, **SMALL
+    )
+    assert full.complete and full.reference_nll == pytest.approx(table.reference_nll, abs=1e-9)
+
+
+def test_statistics_come_from_the_calibration_windows_never_the_scored_ones(tiny, tmp_path):
+    model, ids = tiny.model, _ids(tiny)
+    with pytest.raises(RecipeError, match="share a window"):
+        measure_sensitivities(
+            model, tiny.tokenizer, windows=ids, calibration=torch.cat([_cal(tiny), ids[1:2]]), **SMALL
+        )
+    a = measure_sensitivities(
+        model, tiny.tokenizer, windows=ids, calibration=_cal(tiny), layers=[6], store=False, **SMALL
+    )
+    b = measure_sensitivities(
+        model, tiny.tokenizer, windows=ids, calibration=_ids(tiny, n=4, seed=11), layers=[6], store=False, **SMALL
+    )
+    assert a.delta(6, "skip") == b.delta(6, "skip")  # no statistics in a skip
+    assert a.delta(6, "2:4/4") != b.delta(6, "2:4/4") and a.delta(6, "none/4") != b.delta(6, "none/4")
+    assert a.calibration != b.calibration and a.key_hash() != b.key_hash()
 
 
 def test_cancel_keeps_finished_entries_and_the_model(tiny, tmp_path):
@@ -249,6 +450,7 @@ def test_cancel_keeps_finished_entries_and_the_model(tiny, tmp_path):
             model,
             tiny.tokenizer,
             windows=ids,
+            calibration=_cal(tiny),
             cache_dir=tmp_path,
             cancel=lambda: len(seen) >= 7,
             progress=lambda f, text: seen.append((f, text)),
@@ -260,10 +462,18 @@ def test_cancel_keeps_finished_entries_and_the_model(tiny, tmp_path):
         (1 / 32, "layer 1/8, option none/4"),
     ]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    partial = load_cached(model_digest(model), n_layers=8, tokens=117, windows=ids, cache_dir=tmp_path, **SMALL)
+    partial = load_cached(
+        model_digest(model), n_layers=8, tokens=117, windows=ids, calibration=_cal(tiny), cache_dir=tmp_path, **SMALL
+    )
     assert sum(map(len, partial.deltas.values())) == 4  # layer 1's four; layer 2's skip was cancelled inside
     full = measure_sensitivities(
-        model, tiny.tokenizer, windows=ids, cache_dir=tmp_path, progress=lambda f, t: None, **SMALL
+        model,
+        tiny.tokenizer,
+        windows=ids,
+        calibration=_cal(tiny),
+        cache_dir=tmp_path,
+        progress=lambda f, t: None,
+        **SMALL,
     )
     assert full.complete and all(
         full.delta(li, o) == partial.delta(li, o) for li, row in partial.deltas.items() for o in row
@@ -277,7 +487,8 @@ from frankenlab.pipeline.planner.sensitivity import measure_sensitivities
 torch.set_num_threads(1)
 lm = load_model(sys.argv[1], device="cpu", dtype="float32")
 ids = torch.randint(0, len(lm.tokenizer), (3, 40), generator=torch.Generator().manual_seed(0))
-measure_sensitivities(lm.model, lm.tokenizer, windows=ids, cache_dir=sys.argv[2], patterns=("none", "2:4"),
+cal = torch.randint(0, len(lm.tokenizer), (4, 40), generator=torch.Generator().manual_seed(7))
+measure_sensitivities(lm.model, lm.tokenizer, windows=ids, calibration=cal, cache_dir=sys.argv[2], patterns=("none", "2:4"),
                       bits=(16, 4), group_size=32, progress=lambda f, t: time.sleep(0.3))
 """
 
@@ -311,9 +522,13 @@ def test_resumes_after_kill_9_without_recomputing_finished_entries(tiny, tiny_mo
         sensitivity._Pass, "entry", lambda self, li, o, w: computed.append((li, o.name)) or real(self, li, o, w)
     )
     ids = _ids(tiny)
-    resumed = measure_sensitivities(tiny.model, tiny.tokenizer, windows=ids, cache_dir=cache, **SMALL)
+    resumed = measure_sensitivities(
+        tiny.model, tiny.tokenizer, windows=ids, calibration=_cal(tiny), cache_dir=cache, **SMALL
+    )
     assert resumed.complete and not done & set(computed) and len(computed) == 32 - len(done)
-    fresh = measure_sensitivities(tiny.model, tiny.tokenizer, windows=ids, cache_dir=tmp_path / "fresh", **SMALL)
+    fresh = measure_sensitivities(
+        tiny.model, tiny.tokenizer, windows=ids, calibration=_cal(tiny), cache_dir=tmp_path / "fresh", **SMALL
+    )
     for li in range(8):
         for o in fresh.options:
             assert resumed.delta(li, o) == pytest.approx(fresh.delta(li, o), abs=1e-6)

@@ -206,7 +206,8 @@ def make_verdict(
     lines = []
     embed = f"embeddings and head at {embed_format}{' (tied: counted once)' if facts.tied else ''}"
     if budget is not None:
-        lines.append(f"budget: {budget.label} = {fmt_bytes(budget.bytes)} of weights; {embed}")
+        header = f" ({fmt_bytes(budget.header)} of it kept for the compact file's header)" if budget.header else ""
+        lines.append(f"budget: {budget.label} = {fmt_bytes(budget.bytes)} of weights{header}; {embed}")
         if budget.note:
             lines.append(budget.note)
     if embed_format != "bf16":

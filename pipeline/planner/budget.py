@@ -100,6 +100,12 @@ class Budget:
     label: str  # "60.00 MiB", "45% of the dense bf16 weights (X)", "siracusa weights (4 MiB MRAM)"
     note: str = ""  # the runtime reserve a shared-memory target keeps, when there is one
     reserve: int = 0
+    header: int = 0  # kept free for the compact file's header (`header_reserve`): plans fit `plan_bytes`
+
+    @property
+    def plan_bytes(self) -> int:
+        """The weight bytes a plan may take: the budget less the compact file's header, so the file fits too."""
+        return self.bytes - self.header
 
 
 def parse_size(text: str) -> int:
@@ -148,10 +154,41 @@ def runtime_reserve(facts: ModelFacts, context: int = RESERVE_CONTEXT) -> int:
     return (cache.bytes if cache else 0) + decode_activation_bytes(stub, context, 1, DENSE_DTYPE)
 
 
+# The compact file's header (pipeline/compact.py: safetensors entries of every stored part, the layouts
+# and the config in its metadata) measured 119,152 bytes for the bundled model's 254 tensors at 3/4-bit
+# with N:M layers (~470 bytes a tensor). The bound: 2 x the name's length + 560 per tensor, plus 8 KiB.
+HEADER_PER_TENSOR = 560
+HEADER_FIXED = 8192
+
+
+def tensor_names(facts: ModelShape) -> list[str]:
+    """The weights a LLaMA-architecture checkpoint of this shape stores (Hugging Face names)."""
+    per_layer = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+    per_layer += ["input_layernorm", "post_attention_layernorm"]
+    names = [f"model.layers.{i}.{n}.weight" for i in range(facts.layers) for n in per_layer]
+    return ["model.embed_tokens.weight", "model.norm.weight", *names] + ([] if facts.tied else ["lm_head.weight"])
+
+
+def header_reserve(facts: ModelShape) -> int:
+    """An upper bound on the compact file's header for a model of this shape (any per-layer formats;
+    skipped layers only shrink it): what a plan keeps free so its compact file fits the budget."""
+    return HEADER_FIXED + sum(2 * len(n) + HEADER_PER_TENSOR for n in tensor_names(facts))
+
+
 def parse_budget(
     budget: str | None, target: str | None, facts: ModelFacts, *, targets_file: str | None = None
 ) -> Budget:
-    """The weight-byte budget from `--budget` or `--target` (exactly one)."""
+    """The weight-byte budget from `--budget` or `--target` (exactly one), with the compact file's
+    header kept free (`Budget.header`)."""
+    import dataclasses
+
+    got = _parse_budget(budget, target, facts, targets_file=targets_file)
+    return dataclasses.replace(got, header=header_reserve(facts))
+
+
+def _parse_budget(
+    budget: str | None, target: str | None, facts: ModelFacts, *, targets_file: str | None = None
+) -> Budget:
     from frankenlab.pipeline.units import fmt_bytes
 
     require(

@@ -16,9 +16,13 @@ SKIP = "skip"
 DENSE = "none"
 FLOAT_BITS = 16
 UNCHANGED = f"{DENSE}/{FLOAT_BITS}"
-DEFAULT_PATTERNS = (DENSE, "1:8", "1:4", "2:4")
+DEFAULT_PATTERNS = (DENSE, "1:8", "1:4", "2:4", "8:16")
 DEFAULT_BITS = (16, 8, 4, 3)
 QUANT_BITS = (2, 3, 4, 8)  # the GPTQ stage's (pipeline.quant.QUANT_BITS), without importing gptqmodel's wrapper
+# Bit widths whose stored form keeps an N:M pattern (pipeline.weight_bytes' `_CODE_PATTERN_BITS`, plus
+# floats): 3-bit codes over a pattern are stored dense, so an N:M option at 3 bits costs what the
+# dense one does and can only lose quality; the choice set leaves it out (nothing measures it).
+PATTERN_BITS = (FLOAT_BITS, 2, 4, 8)
 
 _NM = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*")
 
@@ -99,12 +103,19 @@ def parse_option(name: str) -> Option:
 
 
 def choice_set(patterns: Iterable[str], bits: Iterable[int], *, skip: bool = True) -> list[str]:
-    """Every option of one layer, in order: "skip" (if asked), then each pattern x each bits."""
+    """Every option of one layer, in order: "skip" (if asked), then each pattern x each bits, except
+    N:M patterns at bit widths that store them dense (`PATTERN_BITS`)."""
     pats = list(dict.fromkeys(normalize_pattern(p) for p in patterns))
     bs = list(dict.fromkeys(normalize_bits(b) for b in bits))
     if not pats or not bs:
         raise OptionError("the choice set needs at least one pattern and one bit width")
-    return ([SKIP] if skip else []) + [f"{p}/{b}" for p in pats for b in bs]
+    names = [f"{p}/{b}" for p in pats for b in bs if p == DENSE or b in PATTERN_BITS]
+    if not names:
+        raise OptionError(
+            f"N:M patterns at {', '.join(map(str, bs))} bits are stored dense (no bytes saved): "
+            f"add pattern none or bits {', '.join(map(str, PATTERN_BITS))}"
+        )
+    return ([SKIP] if skip else []) + names
 
 
 def valid_group_size(group_size: int) -> bool:

@@ -83,7 +83,12 @@ def plan_layers(stages: Sequence[dict], n_layers: int) -> list[str]:
     bits: dict = {}
     for s in stages:
         if s["kind"] == "depth":
-            skipped = set(s.get("layers") or [])
+            if s.get("plan"):  # the recipe form writes the kept layers as a plan ("0-4,6-7")
+                from frankenlab.pipeline.plans import LayerPlan
+
+                skipped = set(range(n_layers)) - set(LayerPlan.parse(s["plan"], n_layers).order)
+            else:
+                skipped = set(s.get("layers") or [])
         elif s["kind"] == "width":
             patterns = s["patterns"]
         elif s["kind"] == "gptq":

@@ -70,6 +70,7 @@ class Front:
     fixed_bytes: int = 0
     bucket: int | None = None  # bytes were rounded up to multiples of this (None: exact)
     notes: list[str] = field(default_factory=list)
+    offset: float = 0.0  # every point's delta includes this (the reference's, for a table measured around one)
 
     @property
     def smallest(self) -> FrontPoint:
@@ -125,6 +126,7 @@ class Front:
             "baseline_nll": self.baseline_nll,
             "fixed_bytes": self.fixed_bytes,
             "bucket": self.bucket,
+            "offset": self.offset,
             "notes": list(self.notes),
             "points": [p.to_dict() for p in self.points],
         }
@@ -149,18 +151,21 @@ def solve(
     fixed_bytes: int = 0,
     max_states: int = MAX_STATES,
     bucket: int | None = None,
+    offset: float = 0.0,
 ) -> Front:
-    """The exact predicted front of the multiple-choice knapsack over `layers` (see the module docstring)."""
+    """The exact predicted front of the multiple-choice knapsack over `layers` (see the module docstring).
+    `offset` is added to every plan's delta (the reference's change, when the deltas are measured
+    around one: `SensitivityTable.offset`)."""
     require(len(layers) > 0, "the planner needs at least one decoder layer")
     while True:
-        front = _solve(layers, baseline_nll, fixed_bytes, max_states, bucket)
+        front = _solve(layers, baseline_nll, fixed_bytes, max_states, bucket, offset)
         if front is not None:
             return front
         top = sum(max(lo.bytes) for lo in layers)
         bucket = max(1, math.ceil(top / max_states) * 2 if bucket is None else bucket * 2)
 
 
-def _solve(layers, baseline_nll, fixed_bytes, max_states, bucket) -> Front | None:
+def _solve(layers, baseline_nll, fixed_bytes, max_states, bucket, offset) -> Front | None:
     states_b = np.zeros(1, dtype=np.int64)
     states_l = np.zeros(1, dtype=np.float64)
     trail: list[tuple[np.ndarray, np.ndarray]] = []
@@ -181,7 +186,7 @@ def _solve(layers, baseline_nll, fixed_bytes, max_states, bucket) -> Front | Non
         picks.reverse()
         choices = tuple(lo.options[j] for lo, j in zip(layers, picks, strict=True))
         true_bytes = fixed_bytes + sum(lo.bytes[j] for lo, j in zip(layers, picks, strict=True))
-        delta = math.fsum(lo.deltas[j] for lo, j in zip(layers, picks, strict=True))
+        delta = math.fsum([offset, *(lo.deltas[j] for lo, j in zip(layers, picks, strict=True))])
         points.append(FrontPoint(int(true_bytes), delta, _ppl(baseline_nll, delta), choices))
     notes = []
     if bucket:
@@ -192,7 +197,7 @@ def _solve(layers, baseline_nll, fixed_bytes, max_states, bucket) -> Front | Non
             f"({bucket} bytes) to keep the Pareto sets under {max_states} points"
         )
         points = _pareto(points)
-    return Front(points, tuple(lo.layer for lo in layers), baseline_nll, fixed_bytes, bucket, notes)
+    return Front(points, tuple(lo.layer for lo in layers), baseline_nll, fixed_bytes, bucket, notes, offset)
 
 
 def _pareto(points: list[FrontPoint]) -> list[FrontPoint]:
@@ -220,11 +225,13 @@ def layer_options(
     options: Sequence[str] | None = None,
     allow_protected: bool = False,
     scale: Callable[[str], float] | None = None,
+    shift: Callable[[str], float] | None = None,
 ) -> list[LayerOptions]:
     """Per source layer, the options of `table` (a SensitivityTable: `.layers`, `.options`, `.delta`)
     with their bytes (`bytes_of(option)`: one decoder layer's stored bytes) and deltas; "skip" is
-    left out for the first 4 and last 2 layers unless `allow_protected`. `scale(option)` multiplies
-    a delta (the calibration of a validated front)."""
+    left out for the first 4 and last 2 layers unless `allow_protected`. `shift(option)` is added to a
+    delta (the interaction correction of `pipeline.planner.reference.corrections`), and `scale(option)`
+    multiplies the sum (the calibration of a validated front)."""
     names = list(options if options is not None else table.options)
     names = [o for o in names if not _no_saving(o, names, bytes_of)]
     layers = range(table.layers) if isinstance(table.layers, int) else table.layers
@@ -232,7 +239,10 @@ def layer_options(
     out = []
     for pos, layer in enumerate(layers):
         allowed = [o for o in names if o != SKIP or allow_protected or not is_protected(pos, n)]
-        deltas = tuple(float(table.delta(layer, o)) * (scale(o) if scale else 1.0) for o in allowed)
+        deltas = tuple(
+            (float(table.delta(layer, o)) + (shift(o) if shift else 0.0)) * (scale(o) if scale else 1.0)
+            for o in allowed
+        )
         out.append(LayerOptions(int(layer), tuple(allowed), tuple(bytes_of(o) for o in allowed), deltas))
     return out
 
@@ -250,11 +260,14 @@ def _no_saving(option: str, names: Sequence[str], bytes_of: Callable[[str], int]
     return dense in names and bytes_of(dense) <= bytes_of(option)
 
 
-def solve_table(table, facts, group_size: int, fixed_bytes: int, *, allow_protected: bool = False, scale=None) -> Front:
+def solve_table(
+    table, facts, group_size: int, fixed_bytes: int, *, allow_protected: bool = False, scale=None, shift=None
+) -> Front:
     """The predicted front of a sensitivity table: every option priced for the model (`facts`, a
     `pipeline.planner.budget.ModelFacts`) at `group_size`, the knapsack solved exactly."""
     from frankenlab.pipeline.planner.budget import layer_bytes
 
     sizes = {o: layer_bytes(facts, o, group_size) for o in table.options}
-    layers = layer_options(table, sizes.__getitem__, allow_protected=allow_protected, scale=scale)
-    return solve(layers, baseline_nll=table.baseline_nll, fixed_bytes=fixed_bytes)
+    layers = layer_options(table, sizes.__getitem__, allow_protected=allow_protected, scale=scale, shift=shift)
+    offset = float(getattr(table, "offset", 0.0))
+    return solve(layers, baseline_nll=table.baseline_nll, fixed_bytes=fixed_bytes, offset=offset)

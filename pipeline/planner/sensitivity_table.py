@@ -18,7 +18,7 @@ from frankenlab.pipeline.atomic import UnsafeOutputPath, atomic_write_text, guar
 from frankenlab.pipeline.planner.options import SKIP, UNCHANGED, OptionError, choice_set, parse_option
 
 FORMAT = "frankenlab-sensitivities"
-VERSION = 1
+VERSION = 2  # 2: separate calibration windows, an optional reference option ("around")
 MAX_FILE_BYTES = 16 * 2**20  # a table of 100 layers x 50 options is ~0.5 MiB
 
 
@@ -44,7 +44,10 @@ class SensitivityTable:
     windows: str  # e.g. "c4 8x256 seed 0 (calibration)"
     tokens: int  # tokens scored per entry
     skip: bool = True
+    around: str | None = None  # the reference option of every layer (None: the unmodified model)
+    calibration: str = ""  # the windows the pruning and quantization statistics come from
     baseline_nll: float = math.nan
+    reference_nll: float = math.nan  # with `around`: every layer at that option
     deltas: dict[int, dict[str, float]] = field(default_factory=dict)
     seconds: dict[int, dict[str, float]] = field(default_factory=dict)
     baseline_seconds: float = 0.0
@@ -58,10 +61,21 @@ class SensitivityTable:
     def options(self) -> list[str]:
         return choice_set(self.patterns, self.bits, skip=self.skip)
 
+    @property
+    def zero_option(self) -> str:
+        """The option whose delta is 0 by definition: the reference's ("none/16" without `around`)."""
+        return self.around or UNCHANGED
+
+    @property
+    def offset(self) -> float:
+        """The reference's NLL minus the unmodified model's (0 without `around`)."""
+        return 0.0 if self.around is None else self.reference_nll - self.baseline_nll
+
     def delta(self, layer: int, option: str) -> float:
-        """Delta log-perplexity of `option` at `layer` (0.0 for "none/16"); KeyError if not measured."""
+        """Delta log-perplexity of `option` at `layer` from the reference (0.0 for the reference's own
+        option); KeyError if not measured."""
         name = parse_option(option).name
-        if name == UNCHANGED and 0 <= layer < self.n_layers:
+        if name == self.zero_option and 0 <= layer < self.n_layers:
             return 0.0
         try:
             return self.deltas[layer][name]
@@ -69,11 +83,11 @@ class SensitivityTable:
             raise KeyError(f"no sensitivity measured for layer {layer}, option {name}") from None
 
     def has(self, layer: int, option: str) -> bool:
-        return option == UNCHANGED or option in self.deltas.get(layer, {})
+        return option == self.zero_option or option in self.deltas.get(layer, {})
 
     def measured_options(self) -> list[str]:
-        """The options that are measured (every one but "none/16")."""
-        return [o for o in self.options if o != UNCHANGED]
+        """The options that are measured (every one but the reference's own)."""
+        return [o for o in self.options if o != self.zero_option]
 
     def missing(self) -> list[tuple[int, str]]:
         return [(li, o) for li in range(self.n_layers) for o in self.measured_options() if not self.has(li, o)]
@@ -102,6 +116,8 @@ class SensitivityTable:
             "method": self.method,
             "sym": self.sym,
             "windows": self.windows,
+            "calibration": self.calibration,
+            "around": self.around,
         }
 
     def key_hash(self) -> str:
@@ -116,6 +132,7 @@ class SensitivityTable:
             "tokens": self.tokens,
             "baseline_nll": self.baseline_nll,
             "baseline_seconds": self.baseline_seconds,
+            "reference_nll": None if math.isnan(self.reference_nll) else self.reference_nll,
             "deltas": {str(li): dict(row) for li, row in sorted(self.deltas.items())},
             "seconds": {str(li): dict(row) for li, row in sorted(self.seconds.items())},
         }
@@ -140,9 +157,14 @@ class SensitivityTable:
                 windows=str(key["windows"]),
                 tokens=_int(data["tokens"], 1),
                 skip=bool(key["skip"]),
+                around=None if key["around"] is None else parse_option(str(key["around"])).name,
+                calibration=str(key["calibration"]),
                 baseline_nll=_finite(data["baseline_nll"]),
+                reference_nll=math.nan if data.get("reference_nll") is None else _finite(data["reference_nll"]),
                 baseline_seconds=_finite(data.get("baseline_seconds", 0.0)),
             )
+            if table.around is not None and table.around not in table.options:
+                raise CacheRefused(f"its reference option {table.around!r} is not in the choice set")
             allowed = set(table.measured_options())
             for name, target in (("deltas", table.deltas), ("seconds", table.seconds)):
                 rows = data[name]

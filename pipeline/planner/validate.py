@@ -147,12 +147,16 @@ def kind_sums(point: FrontPoint, delta_of: Callable[[int, str], float]) -> dict[
     return out
 
 
-def calibrate(measured: Sequence[Measured], delta_of: Callable[[int, str], float]) -> Calibration | None:
-    """Fit measured delta log-ppl ~ sum over kinds of multiplier x predicted delta (None: nothing measured)."""
+def calibrate(
+    measured: Sequence[Measured], delta_of: Callable[[int, str], float], offset: float = 0.0
+) -> Calibration | None:
+    """Fit measured delta log-ppl ~ `offset` + sum over kinds of multiplier x predicted delta (None:
+    nothing measured). `offset` is the reference's change for deltas measured around one (it is
+    measured, not predicted, so it is not scaled)."""
     rows = [m for m in measured if m.ok and m.measured_ppl > 0 and m.baseline_ppl > 0]
     if not rows:
         return None
-    y = np.array([math.log(m.measured_ppl / m.baseline_ppl) for m in rows])
+    y = np.array([math.log(m.measured_ppl / m.baseline_ppl) - offset for m in rows])
     sums = [kind_sums(m.point, delta_of) for m in rows]
     X = np.array([[s[k] for k in KINDS] for s in sums])
     pred = X.sum(1)

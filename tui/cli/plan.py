@@ -1,9 +1,11 @@
 """`frankenlab plan`: the best model that fits a weight budget, from per-layer choices.
 
     frankenlab plan [--model M] (--budget 60MiB | --budget 45% | --target NAME) [--choices patterns=none,1:8,2:4 bits=16,4]
-                    [--allow-protected] [--max-ppl X] [--validate K] [--out DIR]
+                    [--around auto|OPTION] [--allow-protected] [--max-ppl X] [--validate K] [--out DIR]
 
-Measures each layer's sensitivities (cached on disk: a second run reads them), solves the multiple-
+Measures each layer's sensitivities (cached on disk: a second run reads them) around a reference (every
+layer at one option: `--around auto` measures the uniform options that fit the budget and takes the best),
+solves the multiple-
 choice knapsack exactly (pipeline/planner/search.py), prints the predicted front (a table and a small
 plot), the chosen plan's per-layer map and the verdict, and writes DIR/recipe.toml (the plan as a
 recipe) and DIR/plan.json. `--validate K` runs the K front points nearest the budget (or spread over
@@ -47,7 +49,7 @@ def register(sub) -> None:
         nargs="+",
         default=[],
         metavar="KEY=VALUES",
-        help="the per-layer choice set: patterns=none,1:8,1:4,2:4 bits=16,8,4,3 (the defaults; 16 = unquantized)",
+        help="the per-layer choice set: patterns=none,1:8,1:4,2:4,8:16 bits=16,8,4,3 (the defaults; 16 = unquantized)",
     )
     p.add_argument(
         "--group-size", type=int, default=128, help="GPTQ group size of every quantized option (default 128)"
@@ -57,6 +59,13 @@ def register(sub) -> None:
         default="bf16",
         choices=("bf16", "int8", "int4"),
         help="how the embeddings and head are counted (default bf16, what every stage leaves them at)",
+    )
+    p.add_argument(
+        "--around",
+        default="auto",
+        metavar="OPTION",
+        help="measure sensitivities around every layer at OPTION (e.g. 8:16/4), 'none/16' for the unmodified "
+        "model, or 'auto' (the default): the uniform option within the budget with the lowest measured loss",
     )
     p.add_argument("--allow-protected", action="store_true", help="allow skipping the first 4 and last 2 layers")
     p.add_argument(
@@ -110,6 +119,25 @@ def parse_choices(items: list[str]) -> tuple[list[str], list[int]]:
     return list(patterns), list(bits)
 
 
+def check_around(text: str, patterns, bits) -> None:
+    """--around: 'auto', or an option of the choice set (refused in one line before the model loads)."""
+    from frankenlab.evals.errors import RecipeError
+    from frankenlab.pipeline.planner.options import choice_set
+    from frankenlab.pipeline.planner.sensitivity import reference_option
+
+    if text.strip().lower() == "auto":
+        return
+    try:
+        ref = reference_option(text)
+    except RecipeError as exc:
+        raise Fail(f"--around {text!r}: {exc}") from None
+    options = choice_set(patterns, bits)
+    if ref is not None and ref not in options:
+        raise Fail(
+            f"--around {ref}: not in the choice set ({', '.join(options[1:])}); add its pattern and bits to --choices"
+        )
+
+
 def parse_within(text: str | None) -> float | None:
     from frankenlab.evals.errors import RecipeError
     from frankenlab.pipeline.planner.budget import parse_share
@@ -135,6 +163,9 @@ class ProgressLine:
             self.console.file.flush()
             if fraction >= 1:
                 self.console.file.write("\n")
+        elif int(fraction * 10) < self.last:  # a new phase (the reference, then the entries) starts over
+            self.last = int(fraction * 10)
+            self.console.print(text, highlight=False, markup=False)
         elif int(fraction * 10) > self.last or fraction >= 1:
             self.last = int(fraction * 10)
             self.console.print(text, highlight=False, markup=False)
@@ -173,6 +204,7 @@ def _main(args, console, cancel) -> int:
     if args.budget is not None and args.target is not None:
         raise Fail("give one budget: --budget or --target, not both")
     patterns, bits = parse_choices(args.choices)
+    check_around(args.around, patterns, bits)
     model_ref = args.model or "default"
     cfg = model_config(model_ref)
     try:
@@ -183,10 +215,10 @@ def _main(args, console, cancel) -> int:
         fixed = bd.embed_bytes(facts, args.embed_format, args.group_size) if facts else 0
     except RecipeError as exc:
         raise Fail(str(exc)) from None
-    table, facts, budget, fixed = _sensitivities(args, console, cancel, patterns, bits, facts, budget, fixed)
+    table, facts, budget, fixed, shifts = _sensitivities(args, console, cancel, patterns, bits, facts, budget, fixed)
     if table is None:
         return cancelled_exit_code(cancel)
-    return _plan(args, console, cancel, table, facts, budget, fixed, model_ref)
+    return _plan(args, console, cancel, table, facts, budget, fixed, model_ref, shifts)
 
 
 def _sensitivities(args, console, cancel, patterns, bits, facts, budget, fixed):
@@ -194,7 +226,7 @@ def _sensitivities(args, console, cancel, patterns, bits, facts, budget, fixed):
     from frankenlab.evals.errors import ModelLoadError, RecipeError
     from frankenlab.pipeline.loading import load_model
     from frankenlab.pipeline.planner import budget as bd
-    from frankenlab.pipeline.planner.sensitivity import measure_sensitivities
+    from frankenlab.pipeline.planner.sensitivity import measure_sensitivities, model_digest
 
     t0 = time.perf_counter()
     try:
@@ -219,53 +251,122 @@ def _sensitivities(args, console, cancel, patterns, bits, facts, budget, fixed):
         f"{facts.layers} layers, {facts.params / 1e6:.1f} M parameters; loaded in {time.perf_counter() - t0:.1f} s",
         highlight=False,
     )
+    say = lambda m: console.print(escape(m), highlight=False)  # noqa: E731
+    common = dict(
+        patterns=patterns,
+        bits=bits,
+        group_size=args.group_size,
+        method=args.method,
+        cache_dir=args.cache_dir,
+        cancel=cancel.is_set,
+        log=say,
+        data_dir=args.data_dir,
+        digest=model_digest(loaded.model),
+    )
     try:
+        around = args.around
+        if around.strip().lower() == "auto":
+            around = pick_reference(loaded, facts, budget, fixed, args, console, common)
         table = measure_sensitivities(
-            loaded.model,
-            loaded.tokenizer,
-            patterns=patterns,
-            bits=bits,
-            group_size=args.group_size,
-            method=args.method,
-            cache_dir=args.cache_dir,
-            progress=ProgressLine(console),
-            cancel=cancel.is_set,
-            log=lambda m: console.print(escape(m), highlight=False),
-            data_dir=args.data_dir,
+            loaded.model, loaded.tokenizer, around=around, progress=ProgressLine(console), **common
         )
+        shifts = interaction_corrections(loaded, table, facts, budget, fixed, args, console, common)
     except Cancelled:
         console.print("[yellow]cancelled: the sensitivities measured so far are kept in the cache[/yellow]")
-        return None, facts, budget, fixed
+        return None, facts, budget, fixed, {}
     except RecipeError as exc:
         raise Fail(str(exc)) from None
+    around_text = (
+        ""
+        if table.around is None
+        else f", around every layer at {table.around} (NLL {table.reference_nll:.4f}, ppl {math.exp(table.reference_nll):.4g})"
+    )
     console.print(
-        f"sensitivities: {table.layers} layers x {len(table.options)} options on {escape(table.windows)}, "
-        f"baseline NLL {table.baseline_nll:.4f} (ppl {math.exp(table.baseline_nll):.4g}); "
-        f"{time.perf_counter() - t0:.1f} s so far",
+        f"sensitivities: {table.layers} layers x {len(table.options)} options on {escape(table.windows)} "
+        f"(statistics from {escape(table.calibration)}), baseline NLL {table.baseline_nll:.4f} "
+        f"(ppl {math.exp(table.baseline_nll):.4g}){around_text}; {time.perf_counter() - t0:.1f} s so far",
         highlight=False,
     )
-    return table, facts, budget, fixed
+    return table, facts, budget, fixed, shifts
 
 
-def search_table(table, facts, args, fixed: int, scale=None):
+def interaction_corrections(loaded, table, facts, budget, fixed, args, console, common) -> dict[str, float]:
+    """pipeline/planner/reference.py's corrections: each option a plan may mix in near the budget,
+    measured with every layer at it (or read from the cache), against the sum of its one-layer deltas."""
+    from frankenlab.pipeline.planner import reference
+    from frankenlab.pipeline.units import fmt_bytes
+
+    opts = reference.uniform_options(
+        facts, None if budget is None else budget.bytes, fixed, table.options, args.group_size
+    )
+    opts = [(o, b) for o, b in opts if o != table.zero_option]
+    if not opts:
+        return {}
+
+    def report(option, size, nll, seconds):
+        console.print(
+            f"  every layer at {option}: {fmt_bytes(size)}, NLL {nll:.4f} in {seconds:.1f} s", highlight=False
+        )
+
+    console.print(
+        f"interactions: every layer at each of {', '.join(o for o, _ in opts)} (the sum of one-layer deltas misses them)"
+    )
+    uniform = reference.measure_uniform(loaded.model, loaded.tokenizer, opts, report=report, **common)
+    shifts = reference.corrections(table, uniform)
+    for option, c in shifts.items():
+        console.print(f"  {option}: {c:+.4f} nats per layer at it", highlight=False)
+    return shifts
+
+
+def pick_reference(loaded, facts, budget, fixed, args, console, common) -> str | None:
+    """--around auto (pipeline/planner/reference.py): each uniform option within the budget measured as a
+    reference (or read from the cache), the lowest loss taken."""
+    from frankenlab.pipeline.planner import reference
+    from frankenlab.pipeline.planner.options import choice_set
+    from frankenlab.pipeline.units import fmt_bytes
+
+    options = choice_set(common["patterns"], common["bits"])
+    cands = reference.candidates(facts, None if budget is None else budget.bytes, fixed, options, args.group_size)
+    if not reference.needs_reference(cands):
+        why = reference.why_none(cands, budget is not None)
+        console.print(f"reference: the unmodified model ({why})", highlight=False)
+        return None
+    names = ", ".join(c for c, _ in cands)
+    console.print(f"reference: measuring {len(cands)} uniform option(s) within the budget: {names}", highlight=False)
+
+    def report(option, size, nll, seconds):
+        console.print(
+            f"  every layer at {option}: {fmt_bytes(size)}, NLL {nll:.4f} (ppl {math.exp(nll):.4g}) in {seconds:.1f} s",
+            highlight=False,
+        )
+
+    best, _ = reference.pick(loaded.model, loaded.tokenizer, cands, report=report, **common)
+    console.print(f"reference: every layer at {best} (lowest loss); each plan changes layers from it", highlight=False)
+    return best
+
+
+def search_table(table, facts, args, fixed: int, scale=None, shifts: dict[str, float] | None = None):
     from frankenlab.pipeline.planner.search import solve_table
 
-    return solve_table(table, facts, args.group_size, fixed, allow_protected=args.allow_protected, scale=scale)
+    shift = (lambda o: shifts.get(o, 0.0)) if shifts else None
+    return solve_table(
+        table, facts, args.group_size, fixed, allow_protected=args.allow_protected, scale=scale, shift=shift
+    )
 
 
 def choose(front, budget, max_ppl):
     """The chosen point: least predicted loss within the budget, or the smallest within --max-ppl (and the budget)."""
     if max_ppl is not None:
         point = front.smallest_within(max_ppl)
-        if point is not None and budget is not None and point.bytes > budget.bytes:
+        if point is not None and budget is not None and point.bytes > budget.plan_bytes:
             return None
         return point
-    return front.best_within(budget.bytes)
+    return front.best_within(budget.plan_bytes)
 
 
-def _plan(args, console, cancel, table, facts, budget, fixed, model_ref) -> int:
+def _plan(args, console, cancel, table, facts, budget, fixed, model_ref, shifts=None) -> int:
     t0 = time.perf_counter()
-    front = search_table(table, facts, args, fixed)
+    front = search_table(table, facts, args, fixed, shifts=shifts)
     console.print(
         f"search: {len(front.points)} front point(s) from {table.layers} layers x {len(table.options)} options "
         f"in {time.perf_counter() - t0:.2f} s (exact{'' if not front.bucket else ', bytes bucketed'})",
@@ -305,11 +406,16 @@ def _plan(args, console, cancel, table, facts, budget, fixed, model_ref) -> int:
         "options": list(table.options),
         "sensitivities": {
             "windows": table.windows,
+            "calibration": table.calibration,
+            "around": table.around,
+            "reference_nll": None if table.around is None else table.reference_nll,
+            "corrections": dict(shifts or {}),
             "baseline_nll": table.baseline_nll,
             "method": table.method,
             "tokens": table.tokens,
         },
-        "predicted_on": "the sensitivity windows (calibration text): ppl = exp(baseline NLL + sum of deltas)",
+        "predicted_on": "the sensitivity windows (train text): ppl = exp(baseline NLL + offset + sum of deltas), "
+        "offset = the reference's NLL - the baseline's (0 around the unmodified model)",
         "verdict": verdict,
         "chosen": None if chosen is None else chosen.to_dict(),
         "front": front.to_dict(),
@@ -321,7 +427,9 @@ def _plan(args, console, cancel, table, facts, budget, fixed, model_ref) -> int:
     out = Path(args.out)
     written = write(out, plan, chosen, args, model_ref, budget)
     if args.validate and chosen is not None:
-        status = validate(args, console, cancel, table, facts, front, chosen, budget, fixed, plan, model_ref, out)
+        status = validate(
+            args, console, cancel, table, facts, front, chosen, budget, fixed, plan, model_ref, out, shifts
+        )
         if status:
             return status
     elif args.validate:
@@ -378,7 +486,20 @@ def user_recipe(point, args, model_ref, budget, samples: bool = True) -> dict:
 
 
 # -- validation -----------------------------------------------------------------------------------------
-def validate(args, console, cancel, table, facts, front, chosen, budget, fixed, plan, model_ref, out: Path) -> int:
+def best_measured(measured, budget, max_ppl: float | None = None):
+    """The validated plan to keep: with `max_ppl`, the smallest whose measured perplexity is within it,
+    else the lowest measured perplexity; either within the budget (what a plan may take:
+    `Budget.plan_bytes`) when there is one. None when no measured plan qualifies."""
+    fits = [m for m in measured if m.ok and (budget is None or m.point.bytes <= budget.plan_bytes)]
+    if max_ppl is not None:
+        fits = [m for m in fits if m.measured_ppl <= max_ppl]
+        return min(fits, key=lambda m: (m.point.bytes, m.measured_ppl), default=None)
+    return min(fits, key=lambda m: (m.measured_ppl, m.point.bytes), default=None)
+
+
+def validate(
+    args, console, cancel, table, facts, front, chosen, budget, fixed, plan, model_ref, out: Path, shifts=None
+) -> int:
     from frankenlab.pipeline.planner.validate import VALIDATION_DIR, calibrate, spearman
     from frankenlab.pipeline.runlock import RunFolderBusy
     from frankenlab.pipeline.units import fmt_bytes
@@ -402,48 +523,66 @@ def validate(args, console, cancel, table, facts, front, chosen, budget, fixed, 
             raise Fail(str(exc)) from None
     where = "nearest" if within is None else f"spread over +-{within:.0%} of"
     console.print(f"[bold]validation[/bold]: {len(points)} front point(s) {where} {fmt_bytes(target)} as a sweep")
-    try:
-        measured, record = run_validation(
-            points,
-            recipes,
-            out / VALIDATION_DIR,
-            executor=executor,
-            listener=LineView(console),
-            cancel=cancel,
-            data_dir=args.data_dir,
-        )
-    except RunFolderBusy as exc:
-        raise Fail(str(exc)) from None
+
+    def run(points, recipes):
+        try:
+            return run_validation(
+                points,
+                recipes,
+                out / VALIDATION_DIR,
+                executor=executor,
+                listener=LineView(console),
+                cancel=cancel,
+                data_dir=args.data_dir,
+            )
+        except RunFolderBusy as exc:
+            raise Fail(str(exc)) from None
+
+    measured, record = run(points, recipes)
+    extra = shifts or {}
+    cal = calibrate(measured, lambda pos, o: table.delta(front.layers[pos], o) + extra.get(o, 0.0), offset=front.offset)
+    if cal is not None:
+        console.print(escape(cal.text), highlight=False)
+        plan["calibration"] = cal.to_dict()
+        if cal.off:
+            refit = search_table(table, facts, args, fixed, scale=cal.scale, shifts=shifts)
+            new = choose(refit, budget, None if args.max_ppl is None else args.max_ppl)
+            fresh = new is not None and all(new.choices != p.choices for p in points)
+            console.print(
+                f"the additive model was off (RMS {cal.rms_before:.3f} > threshold): front re-ranked with the fit; "
+                + ("its plan is measured too" if fresh else "its plan is one of those measured")
+                + ("" if new is None else f" (predicted ppl on the sensitivity windows {new.ppl:.4g})"),
+                highlight=False,
+            )
+            plan["calibrated"] = {"front": refit.to_dict(), "chosen": None if new is None else new.to_dict()}
+            if fresh and record.get("status") != "cancelled":
+                points = [*points, new]
+                recipes = [*recipes, user_recipe(new, args, model_ref, budget, samples=False)]
+                measured, record = run(points, recipes)  # the finished nodes are reused
+        else:
+            console.print("the additive model is within the threshold: the front stays as predicted", highlight=False)
+    best = best_measured(measured, budget, args.max_ppl)
+    if best is not None and best.point.choices != chosen.choices:
+        plan["chosen_predicted"] = plan["chosen"]
+        plan["chosen"] = best.point.to_dict()
+        chosen = best.point
     console.print(validation_table(measured, chosen))
     ok = [m for m in measured if m.ok]
     rho = spearman([m.predicted_ppl for m in ok], [m.measured_ppl for m in ok])
     console.print(f"Spearman rank correlation (predicted vs measured ppl, {len(ok)} plans): {rho:.3f}", highlight=False)
+    if best is not None:
+        what = "the smallest measured plan within --max-ppl" if args.max_ppl is not None else "the best measured plan"
+        console.print(
+            f"chosen: {best.label}, {what}{' within the budget' if budget is not None else ''} "
+            f"(ppl {best.measured_ppl:.4g}"
+            + (", the predicted choice)" if "chosen_predicted" not in plan else "; the predicted choice was another)"),
+            highlight=False,
+        )
     plan["validation"] = {
         "plans": [m.to_dict() for m in measured],
         "spearman": rho,
         "folder": str(out / VALIDATION_DIR),
     }
-    cal = calibrate(measured, lambda pos, o: table.delta(front.layers[pos], o))
-    if cal is not None:
-        console.print(escape(cal.text), highlight=False)
-        plan["calibration"] = cal.to_dict()
-        if cal.off:
-            refit = search_table(table, facts, args, fixed, scale=cal.scale)
-            new = choose(refit, budget, None if args.max_ppl is None else args.max_ppl)
-            same = new is not None and new.choices == chosen.choices
-            console.print(
-                f"the additive model was off (RMS {cal.rms_before:.3f} > threshold): front re-ranked with the fit; "
-                + ("the chosen plan stays" if same else "the chosen plan changes (not yet measured)")
-                + ("" if new is None else f"; its predicted ppl on the sensitivity windows {new.ppl:.4g}"),
-                highlight=False,
-            )
-            plan["calibrated"] = {"front": refit.to_dict(), "chosen": None if new is None else new.to_dict()}
-            if new is not None and not same:
-                plan["chosen_before_calibration"] = plan["chosen"]
-                plan["chosen"] = new.to_dict()
-                chosen = new
-        else:
-            console.print("the additive model is within the threshold: the front stays as predicted", highlight=False)
     write(out, plan, chosen, args, model_ref, budget)
     if record.get("status") == "cancelled":
         return cancelled_exit_code(cancel)

@@ -294,7 +294,8 @@ class PlanPane(Vertical):
         heat.show(r.table)
         how = "from the cache" if not r.measured else f"{r.measured} entries measured now"
         note = f" ({r.request.budget.note})" if r.request.budget.note else ""
+        ref = f" around {r.table.around}" if r.table.around is not None else ""
         self._status(
-            f"budget {r.request.budget.label}{note} · sensitivities {how} "
+            f"budget {r.request.budget.label}{note} · sensitivities{ref} {how} "
             f"({r.table.layers} layers x {len(r.table.options)} options) · u puts the plan into the recipe form"
         )

@@ -61,7 +61,8 @@ class PlanRequest:
     choices: Choices
     data_dir: object = None
     cache_dir: object = None
-    windows: object = None  # None: the sensitivity pass's default calibration windows
+    windows: object = None  # None: the sensitivity pass's default scoring windows
+    around: str = "auto"  # the reference (pipeline/planner/reference.py): auto, or an option such as 8:16/4
     seq: int = 0
 
 
@@ -88,11 +89,20 @@ def compute_plan(
     log: Callable[[str], None] | None = None,
     previous=None,
 ) -> PlanResult:
-    """Sensitivities (cache, else measured on a copy), then the search. Raises Cancelled, RecipeError.
+    """The reference (`req.around`; auto: the best uniform option within the budget), sensitivities
+    around it (cache, else measured on a copy), then the search. Raises Cancelled, RecipeError.
 
     On a cancel the entries measured so far are in the cache; `Cancelled.table` (set here) holds them."""
     from frankenlab.evals.cancel import Cancelled
-    from frankenlab.pipeline.planner.sensitivity import measure_sensitivities, model_digest
+    from frankenlab.pipeline.planner import reference
+    from frankenlab.pipeline.planner.budget import embed_bytes
+    from frankenlab.pipeline.planner.options import choice_set
+    from frankenlab.pipeline.planner.sensitivity import (
+        load_cached,
+        measure_sensitivities,
+        model_digest,
+        reference_option,
+    )
     from frankenlab.pipeline.sharing import borrowed
     from frankenlab.tui.lab_state import run_copy
 
@@ -106,33 +116,92 @@ def compute_plan(
         data_dir=req.data_dir,
         log=log,
     )
+    key = {k: kw[k] for k in ("patterns", "bits", "group_size", "windows", "cache_dir")}
+    notes: list[str] = []
+    auto = str(req.around).strip().lower() == reference.AUTO
+    cands = []
+    fixed = embed_bytes(req.facts, "bf16", ch.group_size)
+    options = choice_set(ch.patterns, ch.bits)
+    uniform_all = reference.uniform_options(req.facts, req.budget.bytes, fixed, options, ch.group_size)
+
+    def uniform_for(ref: str | None) -> list[tuple[str, int]]:  # measured for the interaction corrections
+        return [(o, b) for o, b in uniform_all if o != (ref or "none/16")]
+
+    if auto:
+        cands = reference.candidates(req.facts, req.budget.bytes, fixed, options, ch.group_size)
+        if not reference.needs_reference(cands):
+            auto, around = False, None
+            if not cands and previous is not None and previous.complete:
+                around = previous.around  # nothing fits: the verdict needs a front, the one at hand serves
+            notes.append(
+                f"reference: {'kept' if around else 'the unmodified model'} ({reference.why_none(cands, True)})"
+            )
+    else:
+        around = reference_option(req.around)
     table, copy, before = None, None, 0
     with borrowed(lm.model, cancelled):  # chat swaps the layer list while it answers: read the model whole
         digest = _DIGESTS.get(lm.model)
         if digest is None:
             digest = _DIGESTS[lm.model] = model_digest(lm.model)
-        if previous is not None and _same_key(previous, digest, ch, req.windows) and previous.complete:
-            table, before = previous, sum(map(len, previous.deltas.values()))
+        if auto:
+            known = reference.cached(digest, cands, **key)
+            around = min(known, key=known.get) if len(known) == len(cands) else None
+            resolved = len(known) == len(cands)
         else:
-            table = measure_sensitivities(lm.model, lm.tokenizer, digest=digest, layers=[], **kw)  # the cache only
-            before = sum(map(len, table.deltas.values()))
-            if not table.complete:
-                copy = run_copy(lm.model)  # the pass edits one layer at a time: never the lab's own model
+            resolved = True
+        if (
+            resolved
+            and previous is not None
+            and _same_key(previous, digest, ch, req.windows, around)
+            and previous.complete
+        ):
+            table, before = previous, sum(map(len, previous.deltas.values()))
+        elif resolved:
+            table = load_cached(digest, around=around, **key)
+            before = 0 if table is None else sum(map(len, table.deltas.values()))
+        uniform = reference.cached(digest, uniform_for(around), **key) if table is not None else {}
+        if table is None or not table.complete or len(uniform) < len(uniform_for(around)):
+            copy = run_copy(lm.model)  # the pass edits one layer at a time: never the lab's own model
     if copy is not None:
         try:
-            table = measure_sensitivities(copy, lm.tokenizer, digest=digest, progress=progress, cancel=cancelled, **kw)
+            if auto and not resolved:
+                if progress is not None:
+                    progress(0.0, f"measuring {len(cands)} uniform reference(s): {', '.join(c for c, _ in cands)}")
+                around, _ = reference.pick(copy, lm.tokenizer, cands, digest=digest, cancel=cancelled, **kw)
+                table = load_cached(digest, around=around, **key)
+                before = 0 if table is None else sum(map(len, table.deltas.values()))
+            table = measure_sensitivities(
+                copy, lm.tokenizer, digest=digest, around=around, progress=progress, cancel=cancelled, **kw
+            )
+            opts = uniform_for(around)
+            if progress is not None and opts:
+                progress(1.0, f"interactions: every layer at {', '.join(o for o, _ in opts)}")
+            uniform = reference.measure_uniform(copy, lm.tokenizer, opts, digest=digest, cancel=cancelled, **kw)
         except Cancelled as exc:
-            exc.table = measure_sensitivities(copy, lm.tokenizer, digest=digest, layers=[], **kw)
+            exc.table = None if auto and around is None else load_cached(digest, around=around, **key)
             raise
         finally:
             del copy
-    result = PlanResult(req, table, measured=sum(map(len, table.deltas.values())) - before)
-    result.front, result.fixed = search(table, req.facts, ch.group_size)
-    result.chosen = result.front.best_within(req.budget.bytes)
+    if table.around is not None:
+        notes.append(
+            f"reference: every layer at {table.around} (ppl {_exp(table.reference_nll)} on the sensitivity windows)"
+        )
+    shifts = reference.corrections(table, uniform)
+    if shifts:
+        notes.append("interactions: " + ", ".join(f"{o} {c:+.4f}" for o, c in shifts.items()) + " nats per layer")
+    result = PlanResult(req, table, measured=sum(map(len, table.deltas.values())) - before, notes=notes)
+    result.front, result.fixed = search(table, req.facts, ch.group_size, shifts)
+    result.chosen = result.front.best_within(req.budget.plan_bytes)
     return result
 
 
-def _same_key(table, digest: str, ch: Choices, windows) -> bool:
+def _exp(nll: float) -> str:
+    import math
+
+    return f"{math.exp(nll):.4g}"
+
+
+def _same_key(table, digest: str, ch: Choices, windows, around=None) -> bool:
     from frankenlab.pipeline.planner.sensitivity import windows_description
 
     return (
@@ -141,16 +210,19 @@ def _same_key(table, digest: str, ch: Choices, windows) -> bool:
         and tuple(table.bits) == ch.bits
         and table.group_size == ch.group_size
         and table.windows == windows_description(windows)
+        and table.around == around
     )
 
 
-def search(table, facts, group_size: int):
-    """(the predicted front, the fixed bytes): every layer's options priced, the knapsack solved exactly."""
+def search(table, facts, group_size: int, shifts: dict[str, float] | None = None):
+    """(the predicted front, the fixed bytes): every layer's options priced (`shifts`: the interaction
+    corrections), the knapsack solved exactly."""
     from frankenlab.pipeline.planner.budget import embed_bytes
     from frankenlab.pipeline.planner.search import solve_table
 
     fixed = embed_bytes(facts, "bf16", group_size)
-    return solve_table(table, facts, group_size, fixed), fixed
+    shift = (lambda o: shifts.get(o, 0.0)) if shifts else None
+    return solve_table(table, facts, group_size, fixed, shift=shift), fixed
 
 
 def plan_recipe_data(result: PlanResult, model_ref: str) -> dict:
