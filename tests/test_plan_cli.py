@@ -272,6 +272,24 @@ def test_around_auto_measures_the_uniform_options_in_the_budget_and_plans_around
     again = capsys.readouterr().out
     assert "entries read from" in again and "sensitivities  10.0%" not in again
     assert json.loads((tmp_path / "o" / "plan.json").read_text())["chosen"] == data["chosen"]
+    # a budget no uniform option fits: the verdict reads the stored table instead of a new pass
+    targets = tmp_path / "targets.toml"
+    targets.write_text('[targets.mcu]\nweights = "64 KiB"\n')
+    nofit = [
+        "plan",
+        "--model",
+        str(tiny_model_dir),
+        "--target",
+        "mcu",
+        "--targets-file",
+        str(targets),
+        "--method",
+        "rtn",
+    ]
+    assert main([*nofit, "--choices", "patterns=none,1:8", "bits=16,8", "--cache-dir", str(tmp_path / "c")]) == 1
+    text = capsys.readouterr().out
+    assert f"reference: {best}, whose table is stored" in text and "no plan fits 64.00 KiB" in text
+    assert "sensitivities  10.0%" not in text and "entries read from" in text
 
 
 def test_ctrl_c_while_measuring_exits_130_and_keeps_the_cache(tiny_model_dir, tmp_path, capsys, monkeypatch):

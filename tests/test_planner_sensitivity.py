@@ -289,19 +289,24 @@ def _rtn_all(model, bits: int, group_size: int = 32):
     return ref
 
 
-def test_around_a_reference_each_entry_changes_one_layer_of_it(tiny, tmp_path):
-    model, ids = tiny.model, _ids(tiny)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    table = measure_sensitivities(
-        model,
+def _rtn_around(tiny, tmp_path, around="none/4"):
+    """The tiny model's table around every layer at `around`, by RTN (no statistics: easy to recompute)."""
+    return measure_sensitivities(
+        tiny.model,
         tiny.tokenizer,
-        windows=ids,
+        windows=_ids(tiny),
         calibration=_cal(tiny),
         method="rtn",
-        around="none/4",
+        around=around,
         cache_dir=tmp_path,
         **SMALL,
     )
+
+
+def test_around_a_reference_each_entry_changes_one_layer_of_it(tiny, tmp_path):
+    model, ids = tiny.model, _ids(tiny)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    table = _rtn_around(tiny, tmp_path)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the model is given back"
     ref = _rtn_all(model, 4)
     base, ref_nll = _nll(model, ids), _nll(ref, ids)
@@ -372,16 +377,7 @@ def test_plans_are_built_as_the_stages_would_and_measured_whole(tiny, tmp_path):
     with pytest.raises(RecipeError, match="one option per decoder layer"):
         measure_plans(model, tiny.tokenizer, [["none/4"] * 7], windows=ids, calibration=_cal(tiny))
     # interaction corrections: with each option's share added, the additive model is exact at both ends
-    table = measure_sensitivities(
-        model,
-        tiny.tokenizer,
-        windows=ids,
-        calibration=_cal(tiny),
-        method="rtn",
-        around="none/4",
-        cache_dir=tmp_path,
-        **SMALL,
-    )
+    table = _rtn_around(tiny, tmp_path)
     uniform = {
         "none/16": base,
         "2:4/4": measure_plans(

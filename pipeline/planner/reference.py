@@ -72,6 +72,21 @@ def pick(
     return min(nll, key=lambda o: (nll[o], -dict(cands)[o])), nll
 
 
+def any_cached(digest: str, options, **key) -> str | None:
+    """A reference whose table is stored complete for this key (`key`: load_cached's arguments), or None.
+    When no uniform option fits the budget, the verdict needs a front, not an operating point near
+    the budget: a table at hand serves it in seconds instead of a pass around the unmodified model."""
+    from frankenlab.pipeline.planner.sensitivity import load_cached
+
+    for option in options:
+        if option == SKIP:
+            continue
+        table = load_cached(digest, around=option, **key)
+        if table is not None and table.complete and not math.isnan(table.reference_nll):
+            return option
+    return None
+
+
 def why_none(cands: list[tuple[str, int]], has_budget: bool) -> str:
     """Why the pass runs around the unmodified model (when `needs_reference` is False)."""
     if not has_budget:

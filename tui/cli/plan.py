@@ -329,6 +329,13 @@ def pick_reference(loaded, facts, budget, fixed, args, console, common) -> str |
     cands = reference.candidates(facts, None if budget is None else budget.bytes, fixed, options, args.group_size)
     if not reference.needs_reference(cands):
         why = reference.why_none(cands, budget is not None)
+        kept = None
+        if budget is not None and not cands:
+            keys = ("patterns", "bits", "group_size", "method", "cache_dir")
+            kept = reference.any_cached(common["digest"], options, **{k: common[k] for k in keys})
+        if kept is not None:
+            console.print(f"reference: {kept}, whose table is stored ({why}: any measured table serves the verdict)")
+            return kept
         console.print(f"reference: the unmodified model ({why})", highlight=False)
         return None
     names = ", ".join(c for c, _ in cands)
