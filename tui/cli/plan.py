@@ -334,7 +334,10 @@ def pick_reference(loaded, facts, budget, fixed, args, console, common) -> str |
             keys = ("patterns", "bits", "group_size", "method", "cache_dir")
             kept = reference.any_cached(common["digest"], options, **{k: common[k] for k in keys})
         if kept is not None:
-            console.print(f"reference: {kept}, whose table is stored ({why}: any measured table serves the verdict)")
+            console.print(
+                f"reference: {kept}, whose table is stored ({why}: any measured table serves the verdict)",
+                highlight=False,
+            )
             return kept
         console.print(f"reference: the unmodified model ({why})", highlight=False)
         return None
@@ -557,7 +560,11 @@ def validate(
             fresh = new is not None and all(new.choices != p.choices for p in points)
             console.print(
                 f"the additive model was off (RMS {cal.rms_before:.3f} > threshold): front re-ranked with the fit; "
-                + ("its plan is measured too" if fresh else "its plan is one of those measured")
+                + (
+                    "no plan fits with it"
+                    if new is None
+                    else ("its plan is measured too" if fresh else "its plan is one of those measured")
+                )
                 + ("" if new is None else f" (predicted ppl on the sensitivity windows {new.ppl:.4g})"),
                 highlight=False,
             )
